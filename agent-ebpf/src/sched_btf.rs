@@ -1,0 +1,393 @@
+//! Off-CPU time on kernels with BTF tracepoints (5.18+): the time from a thread's
+//! switch-out to its switch-in, by the state it left the CPU in, with stacks for sampled
+//! waits.
+//!
+//! Fast path: switch-out writes a timestamp and state into the thread's task-local
+//! storage; switch-in computes the wait and adds it to the exact totals. Stacks are taken
+//! for waits at or above a threshold, and for shorter waits with probability
+//! `wait / threshold` (threshold sampling: stack totals stay unbiased). A selected wait
+//! takes the kernel stack of the thread at switch-in (`bpf_get_task_stack`: where it
+//! blocked) and its user stack in the thread's own context when it next returns to user
+//! space (tracepoint `rseq_update`, which fires on that return for every thread that
+//! registered rseq, as glibc 2.35+ does for all threads), or at its next switch-out if it
+//! blocks again first. Threads without rseq have their user stack walked at every
+//! switch-out instead (exact, more expensive).
+
+use agent_common::{
+    EST_COUNT_FP_SHIFT, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_USER_LEAF_ONLY,
+    FLAG_USTACK_FAILED, Loss, NO_STACK, OffCpuState, PendingWait, SampleKey, SampleValue, Signal,
+    StackTrace, THREAD_HAS_RSEQ, THREAD_KERNEL, THREAD_PENDING, THREAD_USER_SNAPSHOT, ThreadState,
+};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_USER_STACK, task_struct},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack, bpf_get_task_stack,
+            bpf_task_pt_regs,
+        },
+    },
+    macros::{btf_map, btf_tracepoint, map},
+    maps::{HashMap, PerCpuArray},
+    programs::BtfTracePointContext,
+};
+
+use crate::{
+    maps::{
+        SLOT_RSEQ, SLOT_SCHED, add_offcpu_total, add_sample, capture_current_stack, config,
+        count_loss, generation, scratch, set_len, store_stack, wanted,
+    },
+    task_storage::TaskStorage,
+};
+
+#[btf_map]
+static THREAD_STATE: TaskStorage<ThreadState> = TaskStorage::new();
+
+/// User stacks walked at switch-out, for threads whose return to user space is not seen.
+#[btf_map]
+static USER_SNAPSHOT: TaskStorage<StackTrace> = TaskStorage::new();
+
+/// Sampled waits whose user stack is still to be taken, keyed by thread id.
+#[map]
+static PENDING: HashMap<u32, PendingWait> = HashMap::with_max_entries(4096, 0);
+
+/// Per-CPU scratch for building a [`PendingWait`] (too big for the BPF stack).
+#[map]
+static PENDING_SCRATCH: PerCpuArray<PendingWait> = PerCpuArray::with_max_entries(1, 0);
+
+/// `TASK_DEAD` in `task->__state`: the thread's final switch-out.
+const TASK_DEAD: u32 = 0x80;
+/// `PF_KTHREAD` in `task->flags`.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+#[cfg(bpf_target_arch = "aarch64")]
+mod regs {
+    /// `struct user_pt_regs`: regs[31], sp, pc.
+    pub const SP_OFFSET: usize = 31 * 8;
+    pub const IP_OFFSET: usize = 32 * 8;
+}
+#[cfg(not(bpf_target_arch = "aarch64"))]
+mod regs {
+    /// `struct pt_regs` on x86-64 (uapi layout): ip and sp.
+    pub const IP_OFFSET: usize = 16 * 8;
+    pub const SP_OFFSET: usize = 19 * 8;
+}
+
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+/// unsigned int prev_state)`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
+    let preempt: u64 = ctx.arg(0);
+    let prev: *mut task_struct = ctx.arg(1);
+    let next: *mut task_struct = ctx.arg(2);
+    let prev_state: u64 = ctx.arg(3);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let generation = generation();
+    switch_out(
+        &ctx,
+        generation,
+        now,
+        prev,
+        preempt & 0xff != 0,
+        prev_state as u32,
+    );
+    switch_in(&ctx, generation, now, next);
+    0
+}
+
+/// `rseq_update(struct task_struct *t)`: the current thread is about to return to user
+/// space after having been switched out; its user registers are those of the wait.
+#[btf_tracepoint(function = "rseq_update")]
+pub fn rseq_update_btf(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: helper without arguments; the current task is always valid.
+    let task = unsafe { bpf_get_current_task_btf() };
+    let Some(thread) = THREAD_STATE.lookup(task) else {
+        return 0;
+    };
+    // SAFETY: task-local storage of the current task, touched only from its own context
+    // or while it is being switched, which the scheduler serialises.
+    let thread = unsafe { &mut *thread };
+    if thread.flags & THREAD_PENDING != 0 {
+        thread.flags &= !THREAD_PENDING;
+        let ustack = capture_current_stack(&ctx, generation(), SLOT_RSEQ, true);
+        finalize_pending(&ctx, generation(), thread.tid, ustack, 0);
+    }
+    0
+}
+
+#[inline(always)]
+fn switch_out(
+    ctx: &BtfTracePointContext,
+    generation: u32,
+    now: u64,
+    prev: *mut task_struct,
+    preempt: bool,
+    raw_state: u32,
+) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    if tid == 0 || !wanted(tgid) || prev.is_null() {
+        return;
+    }
+    let dying = !preempt && raw_state & TASK_DEAD != 0;
+    let Some(thread) = (if dying {
+        THREAD_STATE.lookup(prev)
+    } else {
+        THREAD_STATE.get_or_create(prev)
+    }) else {
+        if !dying {
+            count_loss(ctx, Loss::ThreadTableFull);
+        }
+        return;
+    };
+    // SAFETY: see `rseq_update_btf`.
+    let thread = unsafe { &mut *thread };
+    if thread.flags & THREAD_PENDING != 0 {
+        // Blocked again before returning to user space: the user registers are still the
+        // wait's, unless rseq was unregistered meanwhile (checked against the saved ones).
+        thread.flags &= !THREAD_PENDING;
+        if dying {
+            let _ = PENDING.remove(tid);
+        } else {
+            finalize_at_switch_out(ctx, generation, tid);
+        }
+    }
+    if dying {
+        return;
+    }
+    let cfg = config();
+    if thread.tgid == 0 {
+        thread.tgid = tgid;
+        thread.tid = tid;
+        if read_u32(prev, cfg.task_flags_offset) & PF_KTHREAD != 0 {
+            thread.flags |= THREAD_KERNEL;
+        }
+    }
+    thread.off_since_ns = now;
+    thread.state = OffCpuState::from_task_state(preempt, raw_state) as u8;
+    if thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
+        return;
+    }
+    if cfg.task_rseq_offset != 0 && read_u64(prev, cfg.task_rseq_offset) != 0 {
+        thread.flags |= THREAD_HAS_RSEQ;
+        thread.flags &= !THREAD_USER_SNAPSHOT;
+        return;
+    }
+    // No rseq: this thread's return to user space is invisible, so walk its user stack
+    // now, in its own context.
+    thread.flags &= !THREAD_USER_SNAPSHOT;
+    if let Some(snapshot) = USER_SNAPSHOT.get_or_create(prev) {
+        // SAFETY: the thread's own storage; the buffer size is the array's size.
+        let snapshot = unsafe { &mut *snapshot };
+        let written = unsafe {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                snapshot.ips.as_mut_ptr().cast(),
+                core::mem::size_of_val(&snapshot.ips) as u32,
+                u64::from(BPF_F_USER_STACK),
+            )
+        };
+        if written > 0 {
+            set_len(snapshot, written as usize / 8, true);
+            thread.flags |= THREAD_USER_SNAPSHOT;
+        }
+    }
+}
+
+#[inline(always)]
+fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut task_struct) {
+    if next.is_null() {
+        return;
+    }
+    let Some(thread) = THREAD_STATE.lookup(next) else {
+        return;
+    };
+    // SAFETY: see `rseq_update_btf`.
+    let thread = unsafe { &mut *thread };
+    if thread.off_since_ns == 0 || thread.off_since_ns > now {
+        return;
+    }
+    let wait_ns = now - thread.off_since_ns;
+    thread.off_since_ns = 0;
+    let threshold = config().offcpu_stack_threshold_ns;
+    let (est_ns, est_count_fp) = if wait_ns >= threshold {
+        (0, 0)
+    } else {
+        // Threshold sampling: keep with probability wait/threshold; a kept sample then
+        // stands for `threshold` nanoseconds and `threshold / wait` waits.
+        // SAFETY: helper without arguments.
+        let draw = (u64::from(unsafe { bpf_get_prandom_u32() }) * threshold) >> 32;
+        if draw >= wait_ns {
+            add_offcpu_total(
+                ctx,
+                generation,
+                thread.tgid,
+                thread.tid,
+                thread.state,
+                wait_ns,
+            );
+            return;
+        }
+        (
+            threshold,
+            (threshold << EST_COUNT_FP_SHIFT) / wait_ns.max(1),
+        )
+    };
+    let Some(pending) = PENDING_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch of this program.
+    let pending = unsafe { &mut *pending };
+    pending.wait_ns = wait_ns;
+    pending.est_ns = est_ns;
+    pending.est_count_fp = est_count_fp;
+    pending.tgid = thread.tgid;
+    pending.state = thread.state;
+    pending.flags = 0;
+    // SAFETY: `next` is a BTF task pointer; the buffer is the scratch stack's array.
+    let written = unsafe {
+        bpf_get_task_stack(
+            next,
+            pending.kstack.ips.as_mut_ptr().cast(),
+            core::mem::size_of_val(&pending.kstack.ips) as u32,
+            0,
+        )
+    };
+    if written < 0 {
+        count_loss(ctx, Loss::KernelStackFailed);
+        pending.flags |= FLAG_KSTACK_FAILED;
+        pending.kstack.len = 0;
+    } else {
+        set_len(&mut pending.kstack, written as usize / 8, false);
+    }
+    let tid = thread.tid;
+    if thread.flags & THREAD_KERNEL != 0 {
+        pending.flags |= FLAG_KERNEL_THREAD;
+        emit(ctx, generation, tid, pending, NO_STACK);
+    } else if thread.flags & THREAD_USER_SNAPSHOT != 0 {
+        let ustack = match USER_SNAPSHOT.lookup(next) {
+            // SAFETY: the thread's storage; it is off CPU, nobody else writes it.
+            Some(snapshot) => store_stack(ctx, generation, unsafe { &*snapshot }),
+            None => NO_STACK,
+        };
+        emit(ctx, generation, tid, pending, ustack);
+    } else if thread.flags & THREAD_HAS_RSEQ != 0 {
+        // SAFETY: `next` is a BTF task pointer.
+        let regs = unsafe { bpf_task_pt_regs(next) } as *const u8;
+        (pending.user_ip, pending.user_sp) = read_user_regs(regs);
+        if PENDING.insert(tid, &*pending, 0).is_err() {
+            count_loss(ctx, Loss::PendingFull);
+            pending.flags |= FLAG_USTACK_FAILED;
+            emit(ctx, generation, tid, pending, NO_STACK);
+            return;
+        }
+        thread.flags |= THREAD_PENDING;
+    } else {
+        pending.flags |= FLAG_USTACK_FAILED;
+        emit(ctx, generation, tid, pending, NO_STACK);
+    }
+}
+
+/// A pending wait of the current thread, which blocks again before having returned to
+/// user space.
+#[inline(always)]
+fn finalize_at_switch_out(ctx: &BtfTracePointContext, generation: u32, tid: u32) {
+    let Some(pending) = PENDING.get_ptr(tid) else {
+        return;
+    };
+    // SAFETY: the entry is this thread's; only it removes it.
+    let (saved_ip, saved_sp) = unsafe { ((*pending).user_ip, (*pending).user_sp) };
+    // SAFETY: helpers on the current task, which is always valid.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if read_user_regs(regs) == (saved_ip, saved_sp) {
+        let ustack = capture_current_stack(ctx, generation, SLOT_SCHED, true);
+        finalize_pending(ctx, generation, tid, ustack, 0);
+        return;
+    }
+    // The thread ran user code since (rseq unregistered): only the leaf frame is known.
+    count_loss(ctx, Loss::UserLeafOnly);
+    let ustack = match scratch(SLOT_SCHED) {
+        Some(leaf) => {
+            leaf.ips[0] = saved_ip;
+            set_len(leaf, usize::from(saved_ip != 0), true);
+            store_stack(ctx, generation, leaf)
+        }
+        None => NO_STACK,
+    };
+    finalize_pending(ctx, generation, tid, ustack, FLAG_USER_LEAF_ONLY);
+}
+
+#[inline(always)]
+fn finalize_pending<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, ustack: u64, flags: u8) {
+    let Some(pending) = PENDING.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: the entry is this thread's and is removed right after its last use.
+    let pending = unsafe { &mut *pending };
+    pending.flags |= flags;
+    emit(ctx, generation, tid, pending, ustack);
+    let _ = PENDING.remove(tid);
+}
+
+/// Adds a sampled wait with its stacks, and its exact amount to the totals.
+#[inline(always)]
+fn emit<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, pending: &PendingWait, ustack: u64) {
+    let kstack = store_stack(ctx, generation, &pending.kstack);
+    let key = SampleKey {
+        tgid: pending.tgid,
+        tid,
+        kstack,
+        ustack,
+        signal: Signal::OffCpu as u8,
+        class: pending.state,
+        flags: pending.flags,
+        ..SampleKey::default()
+    };
+    let exact = pending.est_count_fp == 0;
+    let value = SampleValue {
+        ns: if exact { pending.wait_ns } else { 0 },
+        count: u64::from(exact),
+        est_ns: pending.est_ns,
+        est_count_fp: pending.est_count_fp,
+    };
+    add_sample(ctx, generation, &key, &value);
+    add_offcpu_total(
+        ctx,
+        generation,
+        pending.tgid,
+        tid,
+        pending.state,
+        pending.wait_ns,
+    );
+}
+
+#[inline(always)]
+fn read_u32(task: *mut task_struct, offset: u32) -> u32 {
+    // SAFETY: fault-tolerant read of a kernel object.
+    unsafe { bpf_probe_read_kernel(task.cast::<u8>().add(offset as usize).cast::<u32>()) }
+        .unwrap_or(0)
+}
+
+#[inline(always)]
+fn read_u64(task: *mut task_struct, offset: u32) -> u64 {
+    // SAFETY: fault-tolerant read of a kernel object.
+    unsafe { bpf_probe_read_kernel(task.cast::<u8>().add(offset as usize).cast::<u64>()) }
+        .unwrap_or(0)
+}
+
+#[inline(always)]
+fn read_user_regs(regs: *const u8) -> (u64, u64) {
+    if regs.is_null() {
+        return (0, 0);
+    }
+    // SAFETY: fault-tolerant reads of the saved user registers.
+    unsafe {
+        (
+            bpf_probe_read_kernel(regs.add(regs::IP_OFFSET).cast::<u64>()).unwrap_or(0),
+            bpf_probe_read_kernel(regs.add(regs::SP_OFFSET).cast::<u64>()).unwrap_or(0),
+        )
+    }
+}

@@ -1,0 +1,188 @@
+//! The few raw kernel calls aya 0.14 does not wrap: draining a hash map in batches
+//! (`BPF_MAP_LOOKUP_AND_DELETE_BATCH`, one syscall per few thousand entries) with a
+//! per-element fallback for kernels before 5.6, and the RCU grace period that makes a
+//! generation flip safe to drain behind.
+
+use std::{
+    io,
+    mem::{MaybeUninit, size_of},
+    os::fd::{AsRawFd, BorrowedFd},
+    time::Duration,
+};
+
+use aya::Pod;
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+
+/// `union bpf_attr` as used by the element commands.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value_or_next_key: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` as used by the batch commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is a properly laid out prefix of `union bpf_attr` for `cmd`, and its
+    // pointers refer to buffers that outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads and deletes every entry of a hash map. Only call it when no program writes to the
+/// map any more (after a generation flip and [`rcu_barrier`]).
+pub fn drain_hash_map<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    max_entries: u32,
+) -> io::Result<Vec<(K, V)>> {
+    match drain_batched(fd, max_entries) {
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => drain_one_by_one(fd),
+        other => other,
+    }
+}
+
+fn drain_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<(K, V)>> {
+    // A batch must hold at least one whole hash bucket; a full map is always enough.
+    let chunk = max_entries.clamp(1, 4096) as usize;
+    let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk);
+    let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(chunk);
+    keys.resize_with(chunk, MaybeUninit::uninit);
+    values.resize_with(chunk, MaybeUninit::uninit);
+    let mut out = Vec::new();
+    let mut in_batch = 0u64;
+    let mut out_batch = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_mut(&mut in_batch) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, &mut attr);
+        let got = attr.count as usize;
+        for i in 0..got.min(chunk) {
+            // SAFETY: the kernel initialised the first `count` keys and values.
+            out.push(unsafe { (keys[i].assume_init(), values[i].assume_init()) });
+        }
+        match result {
+            Ok(()) => {
+                first = false;
+                in_batch = out_batch;
+            }
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(err)
+                if err.raw_os_error() == Some(libc::ENOSPC) && chunk < max_entries as usize =>
+            {
+                // One bucket holds more than a chunk: fall back rather than loop.
+                let mut rest = drain_one_by_one(fd)?;
+                out.append(&mut rest);
+                return Ok(out);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn drain_one_by_one<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    loop {
+        let mut key = MaybeUninit::<K>::uninit();
+        let mut attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: 0,
+            value_or_next_key: key.as_mut_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(err) => return Err(err),
+        }
+        // SAFETY: GET_NEXT_KEY succeeded and wrote a whole key.
+        let key = unsafe { key.assume_init() };
+        let mut value = MaybeUninit::<V>::uninit();
+        let mut lookup = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: std::ptr::from_ref(&key) as u64,
+            value_or_next_key: value.as_mut_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        let found = bpf(BPF_MAP_LOOKUP_ELEM, &mut lookup).is_ok();
+        let mut delete = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: std::ptr::from_ref(&key) as u64,
+            ..ElemAttr::default()
+        };
+        bpf(BPF_MAP_DELETE_ELEM, &mut delete)?;
+        if found {
+            // SAFETY: LOOKUP succeeded and wrote a whole value.
+            out.push((key, unsafe { value.assume_init() }));
+        }
+    }
+}
+
+/// How a drain knows that no program still writes into the generation it just retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Barrier {
+    /// `membarrier(MEMBARRIER_CMD_GLOBAL)`, which waits for an RCU grace period; every BPF
+    /// tracing program runs inside an RCU read-side section.
+    Membarrier,
+    /// `nohz_full` kernels refuse that command; BPF programs run for microseconds, so a
+    /// generous sleep stands in for the grace period.
+    Sleep,
+}
+
+const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+const QUIESCENCE_SLEEP: Duration = Duration::from_millis(20);
+
+/// Waits until every program that may have read the previous generation has returned.
+pub fn rcu_barrier(preferred: Barrier) -> Barrier {
+    if preferred == Barrier::Membarrier {
+        // SAFETY: membarrier takes no pointers.
+        let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+        if ret == 0 {
+            return Barrier::Membarrier;
+        }
+    }
+    std::thread::sleep(QUIESCENCE_SLEEP);
+    Barrier::Sleep
+}
