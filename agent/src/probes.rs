@@ -244,14 +244,21 @@ impl Probes {
             // user-stack path, which is correct, only slower.
             config.task_rseq_offset = ours.member_offset("task_struct", "rseq").unwrap_or(0);
         }
-        if settings.offcpu && !use_btf {
-            let fields =
-                tracefs::field_offsets("sched", "sched_switch").ok_or(ProbeError::NoSchedSwitch)?;
-            if let (Some((state, _)), Some((next_pid, _))) =
-                (fields.get("prev_state"), fields.get("next_pid"))
-            {
-                config.tp_prev_state_offset = *state;
-                config.tp_next_pid_offset = *next_pid;
+        if settings.offcpu {
+            if !use_btf {
+                ensure_tracefs();
+            }
+            match tracefs::field_offsets("sched", "sched_switch") {
+                Some(fields) => {
+                    if let (Some((state, _)), Some((next_pid, _))) =
+                        (fields.get("prev_state"), fields.get("next_pid"))
+                    {
+                        config.tp_prev_state_offset = *state;
+                        config.tp_next_pid_offset = *next_pid;
+                    }
+                }
+                None if !use_btf => return Err(ProbeError::NoSchedSwitch),
+                None => {}
             }
         }
 
@@ -286,6 +293,7 @@ impl Probes {
                 }
             }
             if sched_hook.is_none() {
+                ensure_tracefs();
                 attach_tracepoint(&mut ebpf, "sched_switch_tp", "sched", "sched_switch")?;
                 sched_hook = Some(SchedHook::Tracepoint);
             }
@@ -399,6 +407,12 @@ impl Probes {
             stacks,
             losses,
         })
+    }
+}
+
+fn ensure_tracefs() {
+    if let Err(err) = tracefs::ensure_mounted() {
+        tracing::warn!("tracefs is not mounted and mounting it failed: {err}");
     }
 }
 

@@ -8,6 +8,36 @@ use std::{
 
 const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
+/// Mounts tracefs at `/sys/kernel/tracing` if no tracefs is mounted yet (classic
+/// tracepoints are attached through it). Many hosts mount it at boot; minimal ones do not.
+pub fn ensure_mounted() -> std::io::Result<()> {
+    if TRACEFS_ROOTS
+        .iter()
+        .any(|root| Path::new(root).join("events").is_dir())
+    {
+        return Ok(());
+    }
+    let source = c"nodev";
+    let target = c"/sys/kernel/tracing";
+    let fstype = c"tracefs";
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret == 0 {
+        tracing::info!("mounted tracefs at /sys/kernel/tracing");
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The directory of tracepoint `category:name`, if this kernel exposes it.
 pub fn event_dir(category: &str, name: &str) -> Option<PathBuf> {
     TRACEFS_ROOTS

@@ -1,1 +1,286 @@
-//! placeholder
+//! Harness for stallscope's end-to-end runs: finding the built binaries, starting the
+//! bundled workload with its ready/go handshake, running the agent until its probes are
+//! attached, and the rule for privileged tests (run as root; in CI never skip).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The line the agent logs (at info level) once its probes are attached.
+pub const READY_LOG: &str = "probes attached";
+
+/// Whether this runs in CI (`CI=true`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Whether the process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Privileged tests call this first: true if they can run. Outside CI a non-root run
+/// skips with a message; in CI it fails, because a skipped privileged test proves nothing.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test} needs root to load eBPF probes, and CI=true forbids skipping it"
+    );
+    eprintln!("skipping {test}: needs root to load eBPF probes (run `sudo cargo xtask test`)");
+    false
+}
+
+/// The directory holding the workspace's binaries for the profile the tests were built
+/// with (`target/debug` or `target/release`): the parent of the test executable's `deps/`.
+pub fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// A binary of the workspace, which must have been built (`cargo xtask test` does).
+pub fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the workspace binaries first (`cargo xtask test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The bundled workload, started and waiting for `go`.
+pub struct Workload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    pub pid: u32,
+}
+
+impl Workload {
+    pub fn start(binary: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("workload stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().context("workload exited before `ready`")??;
+        let pid = first
+            .strip_prefix("ready ")
+            .and_then(|pid| pid.trim().parse().ok())
+            .with_context(|| format!("unexpected first line from workload: {first}"))?;
+        // Keep draining stdout so the workload never blocks on a full pipe.
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stdout);
+        thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(mut lines) = sink.lock() {
+                    lines.push(line);
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        })
+    }
+
+    /// Starts the scenario.
+    pub fn go(&mut self) -> anyhow::Result<()> {
+        let stdin = self.stdin.as_mut().context("workload stdin closed")?;
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Waits until the scenario printed `done` (the process stays alive).
+    pub fn wait_done(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self
+                .stdout
+                .lock()
+                .is_ok_and(|lines| lines.iter().any(|l| l == "done"))
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("workload exited ({status}) before finishing its scenario");
+            }
+            if Instant::now() > deadline {
+                bail!("workload scenario not done within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lets the workload exit and waits for it.
+    pub fn finish(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        drop(self.stdin.take());
+        wait_with_timeout(&mut self.child, timeout)
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process {} did not finish within {timeout:?}", child.id());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `stallscope-agent` whose stderr is collected line by line.
+pub struct AgentRun {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+/// How an agent run ended.
+#[derive(Debug)]
+pub struct AgentExit {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+impl AgentRun {
+    /// Starts the agent with `args` (info-level logs, so readiness is visible).
+    pub fn start(binary: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut lines) = sink.lock() {
+                    lines.push(line);
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stderr: lines,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits until the agent logs that its probes are attached.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stderr_text().contains(READY_LOG) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("agent exited ({status}) before attaching: {}", self.stderr_text());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready within {timeout:?}: {}", self.stderr_text());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks the agent to stop (SIGINT), as Ctrl-C would.
+    pub fn interrupt(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+    }
+
+    /// Waits for the agent to exit.
+    pub fn wait(mut self, timeout: Duration) -> anyhow::Result<AgentExit> {
+        let status = wait_with_timeout(&mut self.child, timeout)?;
+        // Give the reader thread a moment to collect the last lines.
+        thread::sleep(Duration::from_millis(50));
+        Ok(AgentExit {
+            status,
+            stderr: self.stderr_text(),
+        })
+    }
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Records a scenario of the bundled workload: starts it, starts `stallscope-agent record`
+/// on its pid (with `agent_args`, which must include `-o FILE`), starts the scenario once
+/// the probes are attached, and stops the agent (SIGINT, like Ctrl-C) when the scenario is
+/// done. Returns the agent's exit.
+pub fn record_workload(
+    bin_dir: &Path,
+    scenario: &[&str],
+    agent_args: &[&str],
+) -> anyhow::Result<AgentExit> {
+    let mut workload = Workload::start(&binary(bin_dir, "stallscope-workload")?, scenario)?;
+    let pid = workload.pid.to_string();
+    let mut args = vec!["record", "--pid", pid.as_str(), "--duration", "10m"];
+    args.extend_from_slice(agent_args);
+    let mut agent = AgentRun::start(&binary(bin_dir, "stallscope-agent")?, &args)?;
+    agent.wait_ready(Duration::from_secs(60))?;
+    workload.go()?;
+    workload.wait_done(Duration::from_secs(120))?;
+    agent.interrupt();
+    let exit = agent.wait(Duration::from_secs(120))?;
+    let status = workload.finish(Duration::from_secs(10))?;
+    if !status.success() {
+        bail!("workload failed: {status}");
+    }
+    Ok(exit)
+}

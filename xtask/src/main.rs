@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's own bootstrap, build, demo, test and bench tasks, so
+//! a fresh machine needs nothing installed by hand.
+
+mod bench;
+mod bootstrap;
+mod debian;
+mod demo;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  bootstrap   install the eBPF toolchain (nightly rust-src, bpf-linker) into .toolchain/
+  build       bootstrap, then build everything in release mode
+  demo        (root) profile a bundled workload and write a flame graph to out/
+  test        bootstrap, build, run unit and end-to-end tests (root for the latter)
+  bench [offcpu]  (root) measure the agent's overhead against a baseline, interleaved
+  lint        rustfmt check and clippy (host crates and the eBPF crate)
+  fmt         format the workspace with nightly rustfmt (import grouping)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::FAILURE;
+    };
+    let rest = &args[1..];
+    let result = match task.as_str() {
+        "bootstrap" => bootstrap::ensure(),
+        "build" => bootstrap::ensure().and_then(|()| util::cargo(&["build", "--release", "--bins"])),
+        "demo" => demo::run(rest),
+        "test" => test::run(rest),
+        "bench" => bench::run(rest),
+        "lint" => util::lint(),
+        "fmt" => util::fmt(),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(anyhow::anyhow!("unknown task `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask {task}: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

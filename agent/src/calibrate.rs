@@ -1,0 +1,182 @@
+//! Calibration of threshold-sampled stacks against exact totals.
+//!
+//! For one (thread, state) group the probes report the exact total of every wait, plus
+//! stack samples: waits at or above the threshold exactly, shorter waits as
+//! Horvitz-Thompson estimates (each kept with probability `wait / threshold`, counted as
+//! `threshold`). The estimate is unbiased; calibration rescales it so that the group's
+//! short waits add up exactly to the measured remainder (total minus exact waits). The
+//! flame graph then sums to the exact total, long waits keep their exact stacks, and
+//! short waits keep the sampled stack distribution. A group with short waits but no
+//! sampled stack gets an explicit `[short waits, no stack sampled]` frame.
+
+use agent_common::{EST_COUNT_FP_SHIFT, SampleValue};
+
+pub const UNSAMPLED_FRAME: &str = "[short waits, no stack sampled]";
+
+/// One stack sample of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Part {
+    pub exact_ns: u64,
+    pub exact_count: u64,
+    pub est_ns: u64,
+    /// Fixed point, [`EST_COUNT_FP_SHIFT`] fractional bits.
+    pub est_count_fp: u64,
+}
+
+impl Part {
+    pub fn from_value(value: &SampleValue) -> Self {
+        Self {
+            exact_ns: value.ns,
+            exact_count: value.count,
+            est_ns: value.est_ns,
+            est_count_fp: value.est_count_fp,
+        }
+    }
+
+    /// The sample's own estimate, when no exact total is there to calibrate against.
+    pub fn uncalibrated(self) -> (u64, u64) {
+        (
+            self.exact_ns + self.est_ns,
+            self.exact_count + (self.est_count_fp >> EST_COUNT_FP_SHIFT),
+        )
+    }
+}
+
+/// The calibrated (ns, count) of each part, and what no part accounts for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Calibrated {
+    pub parts: Vec<(u64, u64)>,
+    pub unattributed_ns: u64,
+    pub unattributed_count: u64,
+}
+
+/// Splits `amount` in proportion to `weights` with whole units, exactly (largest
+/// remainder first).
+fn apportion(amount: u64, weights: &[u64]) -> Vec<u64> {
+    let sum: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    if sum == 0 {
+        return vec![0; weights.len()];
+    }
+    let mut shares: Vec<u64> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(weights.len());
+    for (index, &weight) in weights.iter().enumerate() {
+        let product = u128::from(amount) * u128::from(weight);
+        shares.push((product / sum) as u64);
+        remainders.push((product % sum, index));
+    }
+    let given: u64 = shares.iter().sum();
+    let mut left = amount - given;
+    remainders.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, index) in remainders {
+        if left == 0 {
+            break;
+        }
+        shares[index] += 1;
+        left -= 1;
+    }
+    shares
+}
+
+/// Calibrates one group: `total_ns`/`total_count` are exact, `parts` its stack samples.
+pub fn calibrate(total_ns: u64, total_count: u64, parts: &[Part]) -> Calibrated {
+    let exact_ns: u64 = parts.iter().map(|p| p.exact_ns).sum();
+    let exact_count: u64 = parts.iter().map(|p| p.exact_count).sum();
+    let short_ns = total_ns.saturating_sub(exact_ns);
+    let short_count = total_count.saturating_sub(exact_count);
+    let est_ns: Vec<u64> = parts.iter().map(|p| p.est_ns).collect();
+    let est_count: Vec<u64> = parts.iter().map(|p| p.est_count_fp).collect();
+    let sampled = est_ns.iter().any(|&w| w > 0);
+    let (ns_shares, count_shares) = if sampled {
+        (apportion(short_ns, &est_ns), apportion(short_count, &est_count))
+    } else {
+        (vec![0; parts.len()], vec![0; parts.len()])
+    };
+    Calibrated {
+        parts: parts
+            .iter()
+            .zip(ns_shares.iter().zip(&count_shares))
+            .map(|(part, (ns, count))| (part.exact_ns + ns, part.exact_count + count))
+            .collect(),
+        unattributed_ns: if sampled { 0 } else { short_ns },
+        unattributed_count: if sampled { 0 } else { short_count },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: u64 = 1 << EST_COUNT_FP_SHIFT;
+
+    fn sum(c: &Calibrated) -> (u64, u64) {
+        let (ns, count) = c
+            .parts
+            .iter()
+            .fold((0, 0), |(a, b), (ns, count)| (a + ns, b + count));
+        (ns + c.unattributed_ns, count + c.unattributed_count)
+    }
+
+    #[test]
+    fn exact_waits_pass_through() {
+        let parts = [Part {
+            exact_ns: 1_000,
+            exact_count: 2,
+            ..Part::default()
+        }];
+        let c = calibrate(1_000, 2, &parts);
+        assert_eq!(c.parts, vec![(1_000, 2)]);
+        assert_eq!((c.unattributed_ns, c.unattributed_count), (0, 0));
+    }
+
+    #[test]
+    fn sampled_short_waits_add_up_to_the_exact_remainder() {
+        // 3 long waits (exact) + short waits measured 1_234_567 ns over 1000 waits, of
+        // which two stacks were sampled with estimates 2:1.
+        let parts = [
+            Part {
+                exact_ns: 3_000_000,
+                exact_count: 3,
+                ..Part::default()
+            },
+            Part {
+                est_ns: 2_000_000,
+                est_count_fp: 600 * ONE,
+                ..Part::default()
+            },
+            Part {
+                est_ns: 1_000_000,
+                est_count_fp: 300 * ONE,
+                ..Part::default()
+            },
+        ];
+        let c = calibrate(3_000_000 + 1_234_567, 3 + 1000, &parts);
+        assert_eq!(sum(&c), (4_234_567, 1003));
+        assert_eq!(c.parts[0], (3_000_000, 3));
+        // 2:1 split of the short remainder, within one unit.
+        assert!((c.parts[1].0 as i64 - 823_045).abs() <= 1, "{c:?}");
+        assert!((c.parts[2].0 as i64 - 411_522).abs() <= 1, "{c:?}");
+    }
+
+    #[test]
+    fn unsampled_short_waits_are_explicit() {
+        let parts = [Part {
+            exact_ns: 5_000,
+            exact_count: 1,
+            ..Part::default()
+        }];
+        let c = calibrate(5_900, 10, &parts);
+        assert_eq!(c.parts, vec![(5_000, 1)]);
+        assert_eq!((c.unattributed_ns, c.unattributed_count), (900, 9));
+        let c = calibrate(700, 3, &[]);
+        assert_eq!((c.unattributed_ns, c.unattributed_count), (700, 3));
+    }
+
+    #[test]
+    fn apportion_is_exact() {
+        assert_eq!(apportion(10, &[1, 1, 1]), vec![4, 3, 3]);
+        assert_eq!(apportion(0, &[5, 5]), vec![0, 0]);
+        assert_eq!(apportion(7, &[0, 0]), vec![0, 0]);
+        let shares = apportion(u64::MAX / 2, &[u64::MAX, 1, 3]);
+        assert_eq!(shares.iter().map(|&s| u128::from(s)).sum::<u128>(), u128::from(u64::MAX / 2));
+    }
+}

@@ -1,0 +1,394 @@
+//! The agent's validated configuration: a TOML file (optional) merged with command-line
+//! flags, checked once, so the rest of the agent never sees an invalid value.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::probes::{MapSizes, ProbeSettings, SchedHookChoice};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("unknown signal `{0}`: choose from {names}", names = SignalName::NAMES.join(", "))]
+    UnknownSignal(String),
+    #[error("no signal selected: pass --signals with at least one of {names}", names = SignalName::NAMES.join(", "))]
+    NoSignals,
+    #[error("invalid duration `{0}`: use a number with a unit, e.g. 500ms, 10s, 2m, 1h")]
+    Duration(String),
+    #[error("{what} must be {rule}, got {value}")]
+    OutOfRange {
+        what: &'static str,
+        rule: &'static str,
+        value: String,
+    },
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("no process with pid {0}: check the pid (for example with `ps -p {0}`)")]
+    NoSuchProcess(u32),
+}
+
+/// A signal the agent can capture, by its command-line name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SignalName {
+    OffCpu,
+    OnCpu,
+}
+
+impl SignalName {
+    pub const ALL: [Self; 2] = [Self::OffCpu, Self::OnCpu];
+    pub const NAMES: [&'static str; 2] = ["offcpu", "oncpu"];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::OffCpu => "offcpu",
+            Self::OnCpu => "oncpu",
+        }
+    }
+}
+
+impl fmt::Display for SignalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SignalName {
+    type Err = ConfigError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name.trim().to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "offcpu" => Ok(Self::OffCpu),
+            "oncpu" => Ok(Self::OnCpu),
+            _ => Err(ConfigError::UnknownSignal(name.trim().to_owned())),
+        }
+    }
+}
+
+/// Parses a comma-separated signal list such as `offcpu,oncpu`.
+pub fn parse_signals(list: &str) -> Result<BTreeSet<SignalName>, ConfigError> {
+    let signals = list
+        .split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(SignalName::from_str)
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    if signals.is_empty() {
+        return Err(ConfigError::NoSignals);
+    }
+    Ok(signals)
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h`, `250us` (a bare number means seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| ConfigError::Duration(text.to_owned()))?;
+    let seconds_per_unit = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(ConfigError::Duration(text.to_owned())),
+    };
+    let seconds = number * seconds_per_unit;
+    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+        return Err(ConfigError::Duration(text.to_owned()));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    let text = Option::<String>::deserialize(deserializer)?;
+    text.map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// The TOML configuration file. Every field is optional; flags override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Signals to capture, e.g. `["offcpu", "oncpu"]`.
+    pub signals: Option<Vec<String>>,
+    #[serde(default)]
+    pub offcpu: OffCpuFile,
+    #[serde(default)]
+    pub oncpu: OnCpuFile,
+    #[serde(default)]
+    pub probes: ProbesFile,
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub drain_interval: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffCpuFile {
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub stack_threshold: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnCpuFile {
+    pub frequency_hz: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbesFile {
+    pub sched_hook: Option<SchedHookChoice>,
+    pub btf: Option<PathBuf>,
+    pub max_threads: Option<u32>,
+    pub max_totals: Option<u32>,
+    pub max_samples: Option<u32>,
+    pub max_stacks: Option<u32>,
+    pub max_pending: Option<u32>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.message().to_owned(),
+        })
+    }
+}
+
+/// Flags that can override the file, as the command line gives them (all optional).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub signals: Option<String>,
+    pub pid: Option<u32>,
+    pub offcpu_threshold: Option<String>,
+    pub frequency_hz: Option<u64>,
+    pub sched_hook: Option<SchedHookChoice>,
+    pub btf: Option<PathBuf>,
+    pub max_threads: Option<u32>,
+    pub max_totals: Option<u32>,
+    pub max_samples: Option<u32>,
+    pub max_stacks: Option<u32>,
+    pub max_pending: Option<u32>,
+    pub drain_interval: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub signals: BTreeSet<SignalName>,
+    pub target_pid: Option<u32>,
+    pub offcpu_stack_threshold: Duration,
+    pub oncpu_frequency_hz: u64,
+    pub sched_hook: SchedHookChoice,
+    pub btf: Option<PathBuf>,
+    pub map_sizes: MapSizes,
+    pub drain_interval: Duration,
+}
+
+pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
+pub const DEFAULT_FREQUENCY_HZ: u64 = 49;
+pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+
+fn check_range(what: &'static str, rule: &'static str, ok: bool, value: impl fmt::Display) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            what,
+            rule,
+            value: value.to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Merges `file` and `flags` (flags win) and validates the result.
+    pub fn build(file: FileConfig, flags: Overrides) -> Result<Self, ConfigError> {
+        let signals = match (&flags.signals, &file.signals) {
+            (Some(list), _) => parse_signals(list)?,
+            (None, Some(list)) => parse_signals(&list.join(","))?,
+            (None, None) => SignalName::ALL.into_iter().collect(),
+        };
+        let offcpu_stack_threshold = match &flags.offcpu_threshold {
+            Some(text) => parse_duration(text)?,
+            None => file.offcpu.stack_threshold.unwrap_or(DEFAULT_STACK_THRESHOLD),
+        };
+        check_range(
+            "the off-CPU stack threshold",
+            "between 1us and 10s",
+            (Duration::from_micros(1)..=Duration::from_secs(10)).contains(&offcpu_stack_threshold),
+            format!("{offcpu_stack_threshold:?}"),
+        )?;
+        let oncpu_frequency_hz = flags
+            .frequency_hz
+            .or(file.oncpu.frequency_hz)
+            .unwrap_or(DEFAULT_FREQUENCY_HZ);
+        check_range(
+            "the on-CPU frequency",
+            "between 1 and 10000 Hz",
+            (1..=10_000).contains(&oncpu_frequency_hz),
+            oncpu_frequency_hz,
+        )?;
+        let drain_interval = match &flags.drain_interval {
+            Some(text) => parse_duration(text)?,
+            None => file.drain_interval.unwrap_or(DEFAULT_DRAIN_INTERVAL),
+        };
+        check_range(
+            "the drain interval",
+            "between 100ms and 10m",
+            (Duration::from_millis(100)..=Duration::from_secs(600)).contains(&drain_interval),
+            format!("{drain_interval:?}"),
+        )?;
+        let defaults = MapSizes::default();
+        let size = |what: &'static str, flag: Option<u32>, file: Option<u32>, default: u32| {
+            let value = flag.or(file).unwrap_or(default);
+            check_range(what, "between 16 and 4194304 entries", (16..=4_194_304).contains(&value), value)
+                .map(|()| value)
+        };
+        let map_sizes = MapSizes {
+            threads: size("max_threads", flags.max_threads, file.probes.max_threads, defaults.threads)?,
+            totals: size("max_totals", flags.max_totals, file.probes.max_totals, defaults.totals)?,
+            samples: size("max_samples", flags.max_samples, file.probes.max_samples, defaults.samples)?,
+            stacks: size("max_stacks", flags.max_stacks, file.probes.max_stacks, defaults.stacks)?,
+            pending: size("max_pending", flags.max_pending, file.probes.max_pending, defaults.pending)?,
+        };
+        if let Some(pid) = flags.pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            return Err(ConfigError::NoSuchProcess(pid));
+        }
+        Ok(Self {
+            signals,
+            target_pid: flags.pid,
+            offcpu_stack_threshold,
+            oncpu_frequency_hz,
+            sched_hook: flags.sched_hook.or(file.probes.sched_hook).unwrap_or_default(),
+            btf: flags.btf.or(file.probes.btf),
+            map_sizes,
+            drain_interval,
+        })
+    }
+
+    pub fn wants(&self, signal: SignalName) -> bool {
+        self.signals.contains(&signal)
+    }
+
+    pub fn probe_settings(&self) -> ProbeSettings {
+        ProbeSettings {
+            offcpu: self.wants(SignalName::OffCpu),
+            oncpu: self.wants(SignalName::OnCpu),
+            offcpu_stack_threshold: self.offcpu_stack_threshold,
+            oncpu_frequency_hz: self.oncpu_frequency_hz,
+            target_tgid: self.target_pid,
+            sched_hook: self.sched_hook,
+            btf_path: self.btf.clone(),
+            map_sizes: self.map_sizes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").expect("10s"), Duration::from_secs(10));
+        assert_eq!(parse_duration("500ms").expect("ms"), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").expect("m"), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").expect("bare"), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250us").expect("us"), Duration::from_micros(250));
+        for bad in ["", "ten", "5 parsecs", "-1s", "1e400s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signals() {
+        let all = parse_signals("offcpu, on-cpu").expect("valid");
+        assert_eq!(all.len(), 2);
+        let err = parse_signals("offcpu,bogus").expect_err("invalid");
+        assert!(err.to_string().contains("unknown signal `bogus`"), "{err}");
+        assert!(matches!(parse_signals(" , "), Err(ConfigError::NoSignals)));
+    }
+
+    #[test]
+    fn flags_override_file_and_ranges_are_checked() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            signals = ["oncpu"]
+            drain_interval = "2s"
+            [offcpu]
+            stack_threshold = "5ms"
+            [oncpu]
+            frequency_hz = 99
+            [probes]
+            max_threads = 1024
+            "#,
+        )
+        .expect("valid toml");
+        let config = Config::build(
+            file,
+            Overrides {
+                signals: Some("offcpu".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect("valid config");
+        assert!(config.wants(SignalName::OffCpu) && !config.wants(SignalName::OnCpu));
+        assert_eq!(config.offcpu_stack_threshold, Duration::from_millis(5));
+        assert_eq!(config.oncpu_frequency_hz, 99);
+        assert_eq!(config.map_sizes.threads, 1024);
+        assert_eq!(config.drain_interval, Duration::from_secs(2));
+
+        let bad = Config::build(
+            FileConfig::default(),
+            Overrides {
+                frequency_hz: Some(0),
+                ..Overrides::default()
+            },
+        );
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let err = toml::from_str::<FileConfig>("sampling = 3").expect_err("unknown key");
+        assert!(err.to_string().contains("sampling"), "{err}");
+    }
+
+    #[test]
+    fn missing_pid_is_reported() {
+        let err = Config::build(
+            FileConfig::default(),
+            Overrides {
+                pid: Some(u32::MAX - 1),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("no such pid");
+        assert!(err.to_string().contains("no process with pid"), "{err}");
+    }
+}

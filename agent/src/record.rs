@@ -1,0 +1,174 @@
+//! `stallscope-agent record`: profile for a while, like `perf record`, and write one file.
+
+use std::{
+    io::{IsTerminal, Write},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agent_common::Signal;
+use stallscope_profile::{Meta, Profile};
+
+use crate::{
+    accumulate::Accumulator,
+    config::{Config, SignalName},
+    output::StagedOutput,
+    probes::{ProbeError, Probes},
+    shutdown, system,
+};
+
+/// What a recording produced, for the closing line.
+pub struct RecordSummary {
+    pub profile: Profile,
+    pub elapsed: Duration,
+}
+
+pub fn signals_of(config: &Config) -> Vec<Signal> {
+    config
+        .signals
+        .iter()
+        .map(|signal| match signal {
+            SignalName::OffCpu => Signal::OffCpu,
+            SignalName::OnCpu => Signal::OnCpu,
+        })
+        .collect()
+}
+
+/// Records for `duration` (or until SIGINT/SIGTERM) and writes `output`.
+pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Result<RecordSummary> {
+    let staged = StagedOutput::create(output)?;
+    if !crate::probes::privileged() {
+        return Err(ProbeError::NotPrivileged.into());
+    }
+    shutdown::install();
+    let mut probes = Probes::load(&config.probe_settings())?;
+    if let Some(hook) = probes.sched_hook {
+        tracing::info!("off-CPU: {}", hook.describe());
+    }
+    // Tests and scripts wait for this line (at info level) before starting a workload.
+    tracing::info!("probes attached; recording for {duration:?}");
+    let mut accumulator = Accumulator::new(&signals_of(config));
+    let start_ns = system::unix_now_ns();
+    let started = Instant::now();
+    let progress = std::io::stderr().is_terminal();
+    let mut next_drain = started + config.drain_interval;
+    loop {
+        let now = Instant::now();
+        let elapsed = now - started;
+        if elapsed >= duration || shutdown::requested() {
+            break;
+        }
+        let wake = next_drain.min(started + duration);
+        std::thread::sleep(wake.saturating_duration_since(now).min(Duration::from_millis(100)));
+        if Instant::now() >= next_drain {
+            accumulator.ingest(probes.drain()?);
+            next_drain += config.drain_interval;
+            if progress {
+                print_progress(&accumulator, started.elapsed(), duration);
+            }
+        }
+    }
+    accumulator.ingest(probes.drain()?);
+    let elapsed = started.elapsed();
+    let probes_facts = ProbeFacts {
+        sched_hook: probes.sched_hook.map(|hook| hook.describe()),
+        oncpu_cpus: probes.oncpu_cpus,
+    };
+    drop(probes);
+    if progress {
+        eprint!("\r\x1b[2K");
+    }
+    let meta = Meta {
+        start_unix_ns: start_ns,
+        duration_ns: i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX),
+        host: system::hostname(),
+        notes: notes(config, &probes_facts),
+        ..Meta::default()
+    };
+    let profile = accumulator.finish(meta);
+    let title = format!(
+        "stallscope {} on {}, {:.1}s",
+        config
+            .signals
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        profile.meta.host,
+        elapsed.as_secs_f64()
+    );
+    staged.commit(&profile, &title)?;
+    Ok(RecordSummary { profile, elapsed })
+}
+
+/// What the loaded probes turned out to use.
+struct ProbeFacts {
+    sched_hook: Option<&'static str>,
+    oncpu_cpus: usize,
+}
+
+fn notes(config: &Config, facts: &ProbeFacts) -> Vec<String> {
+    let mut notes = vec![
+        system::AGENT_VERSION.to_owned(),
+        format!("kernel {}", system::kernel_release()),
+    ];
+    if let Some(hook) = facts.sched_hook {
+        notes.push(format!("off-CPU hook: {hook}"));
+    }
+    if config.wants(SignalName::OffCpu) {
+        notes.push(format!(
+            "off-CPU stacks: every wait >= {:?}, shorter waits threshold-sampled and calibrated to exact totals",
+            config.offcpu_stack_threshold
+        ));
+    }
+    if config.wants(SignalName::OnCpu) {
+        notes.push(format!(
+            "on-CPU: {} Hz per CPU on {} CPUs",
+            config.oncpu_frequency_hz, facts.oncpu_cpus
+        ));
+    }
+    if let Some(pid) = config.target_pid {
+        notes.push(format!("only pid {pid}"));
+    }
+    notes
+}
+
+fn print_progress(accumulator: &Accumulator, elapsed: Duration, duration: Duration) {
+    let (waits, samples) = accumulator.event_counts();
+    eprint!(
+        "\r\x1b[2Krecording {:.0}s/{:.0}s: {waits} off-CPU waits, {samples} on-CPU samples, {} lost",
+        elapsed.as_secs_f64(),
+        duration.as_secs_f64(),
+        accumulator.lost_events()
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// The closing line of a recording.
+pub fn summary_line(summary: &RecordSummary, output: &Path) -> String {
+    let profile = &summary.profile;
+    let mut parts = vec![format!(
+        "wrote {} ({} stacks, {:.1}s)",
+        output.display(),
+        profile.samples.len(),
+        summary.elapsed.as_secs_f64()
+    )];
+    for signal in [Signal::OffCpu, Signal::OnCpu] {
+        let [time, events] = crate::accumulate::sample_types(signal);
+        if let (Some(t), Some(e)) = (
+            profile.sample_type_index(&time.kind, &time.unit),
+            profile.sample_type_index(&events.kind, &events.unit),
+        ) {
+            parts.push(format!(
+                "{}: {:.3}s over {} {}",
+                crate::accumulate::signal_label(signal),
+                profile.total(t) as f64 / 1e9,
+                profile.total(e),
+                if signal == Signal::OffCpu { "waits" } else { "samples" }
+            ));
+        }
+    }
+    let lost: u64 = profile.meta.losses.values().sum();
+    parts.push(format!("{lost} events lost"));
+    parts.join(", ")
+}

@@ -1,0 +1,26 @@
+//! Facts about the host the agent runs on, for profile metadata.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The host name (`/proc/sys/kernel/hostname`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned())
+}
+
+/// The running kernel's release, e.g. `6.18.44`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
+}
+
+pub const AGENT_VERSION: &str = concat!("stallscope-agent ", env!("CARGO_PKG_VERSION"));

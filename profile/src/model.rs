@@ -1,0 +1,326 @@
+//! The profile model: a table of interned frames and samples that point into it, each with
+//! labels (signal, process, thread, state...) and one value per sample type.
+//!
+//! Stacks are stored innermost frame first, as pprof and the kernel do.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+/// Index into [`Profile::frames`].
+pub type FrameId = u32;
+
+/// Sample labels, sorted by key so equal label sets compare equal.
+pub type Labels = BTreeMap<String, String>;
+
+/// What kind of code a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FrameKind {
+    User,
+    Kernel,
+    /// Not code: a marker such as `[unsampled short waits]` or `[unknown]`.
+    Synthetic,
+}
+
+/// One symbolized frame.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Frame {
+    /// Function name (demangled), or a hex address when no symbol was found.
+    pub function: String,
+    /// The binary or kernel module the code lives in.
+    pub module: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Address in the module (file offset for user code, kernel address for kernel code).
+    pub address: u64,
+    pub kind: FrameKind,
+}
+
+impl Frame {
+    pub fn synthetic(name: impl Into<String>) -> Self {
+        Self {
+            function: name.into(),
+            module: None,
+            file: None,
+            line: None,
+            address: 0,
+            kind: FrameKind::Synthetic,
+        }
+    }
+}
+
+/// A sample type: what a value counts and in which unit, e.g. `off_cpu`/`nanoseconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SampleType {
+    pub kind: String,
+    pub unit: String,
+}
+
+impl SampleType {
+    pub fn new(kind: impl Into<String>, unit: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            unit: unit.into(),
+        }
+    }
+}
+
+/// One aggregated sample: a stack, its labels and one value per sample type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Frame ids, innermost first.
+    pub stack: Vec<FrameId>,
+    pub values: Vec<i64>,
+    pub labels: Labels,
+}
+
+/// Facts about how a profile was taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Wall-clock start, nanoseconds since the Unix epoch.
+    pub start_unix_ns: i64,
+    pub duration_ns: i64,
+    pub host: String,
+    /// Free-form facts, one line each (hooks used, thresholds, kernel, agent version).
+    pub notes: Vec<String>,
+    /// Events the probes could not record or attribute, by reason.
+    pub losses: BTreeMap<String, u64>,
+    /// Index of the sample type a viewer should show first.
+    pub default_sample_type: usize,
+}
+
+/// A profile: frames, samples and metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    pub meta: Meta,
+    pub sample_types: Vec<SampleType>,
+    pub frames: Vec<Frame>,
+    pub samples: Vec<Sample>,
+    #[serde(skip)]
+    frame_index: HashMap<Frame, FrameId>,
+    #[serde(skip)]
+    sample_index: HashMap<(Vec<FrameId>, Labels), usize>,
+}
+
+impl Profile {
+    pub fn new(sample_types: Vec<SampleType>) -> Self {
+        Self {
+            sample_types,
+            ..Self::default()
+        }
+    }
+
+    /// Interns `frame`, returning its id.
+    pub fn intern(&mut self, frame: Frame) -> FrameId {
+        if self.frame_index.len() != self.frames.len() {
+            self.rebuild_indexes();
+        }
+        if let Some(&id) = self.frame_index.get(&frame) {
+            return id;
+        }
+        let id = self.frames.len() as FrameId;
+        self.frames.push(frame.clone());
+        self.frame_index.insert(frame, id);
+        id
+    }
+
+    /// Adds `values` to the sample with this stack and labels, creating it if needed.
+    /// `values` must have one entry per sample type.
+    pub fn add(&mut self, stack: Vec<FrameId>, labels: Labels, values: &[i64]) {
+        debug_assert_eq!(values.len(), self.sample_types.len());
+        if self.sample_index.len() != self.samples.len() {
+            self.rebuild_indexes();
+        }
+        let key = (stack, labels);
+        if let Some(&index) = self.sample_index.get(&key) {
+            for (total, value) in self.samples[index].values.iter_mut().zip(values) {
+                *total += value;
+            }
+            return;
+        }
+        let mut padded = values.to_vec();
+        padded.resize(self.sample_types.len(), 0);
+        self.sample_index.insert(key.clone(), self.samples.len());
+        self.samples.push(Sample {
+            stack: key.0,
+            values: padded,
+            labels: key.1,
+        });
+    }
+
+    /// Index of the sample type `kind`/`unit`, if present.
+    pub fn sample_type_index(&self, kind: &str, unit: &str) -> Option<usize> {
+        self.sample_types
+            .iter()
+            .position(|t| t.kind == kind && t.unit == unit)
+    }
+
+    /// Sum of one value column over all samples.
+    pub fn total(&self, value_index: usize) -> i64 {
+        self.samples
+            .iter()
+            .filter_map(|sample| sample.values.get(value_index))
+            .sum()
+    }
+
+    /// Sum of one value column over the samples `keep` accepts.
+    pub fn total_where(&self, value_index: usize, keep: impl Fn(&Sample) -> bool) -> i64 {
+        self.samples
+            .iter()
+            .filter(|sample| keep(sample))
+            .filter_map(|sample| sample.values.get(value_index))
+            .sum()
+    }
+
+    /// The frames of a sample's stack, innermost first.
+    pub fn stack_frames<'a>(&'a self, sample: &'a Sample) -> impl Iterator<Item = &'a Frame> + 'a {
+        sample
+            .stack
+            .iter()
+            .filter_map(|&id| self.frames.get(id as usize))
+    }
+
+    /// Whether any frame of `sample` has a function name containing `needle`.
+    pub fn stack_contains(&self, sample: &Sample, needle: &str) -> bool {
+        self.stack_frames(sample)
+            .any(|frame| frame.function.contains(needle))
+    }
+
+    /// Adds every sample of `other` into this profile, matching sample types by kind and
+    /// unit (types this profile lacks are appended). Metadata losses add up; notes are
+    /// kept once; the time range grows to cover both.
+    pub fn merge(&mut self, other: &Self) {
+        let mapping: Vec<usize> = other
+            .sample_types
+            .iter()
+            .map(|t| {
+                self.sample_type_index(&t.kind, &t.unit).unwrap_or_else(|| {
+                    self.sample_types.push(t.clone());
+                    for sample in &mut self.samples {
+                        sample.values.push(0);
+                    }
+                    self.sample_types.len() - 1
+                })
+            })
+            .collect();
+        for sample in &other.samples {
+            let stack = sample
+                .stack
+                .iter()
+                .filter_map(|&id| other.frames.get(id as usize))
+                .map(|frame| self.intern(frame.clone()))
+                .collect();
+            let mut values = vec![0; self.sample_types.len()];
+            for (from, &to) in mapping.iter().enumerate() {
+                values[to] = sample.values.get(from).copied().unwrap_or(0);
+            }
+            self.add(stack, sample.labels.clone(), &values);
+        }
+        for (loss, count) in &other.meta.losses {
+            *self.meta.losses.entry(loss.clone()).or_default() += count;
+        }
+        for note in &other.meta.notes {
+            if !self.meta.notes.contains(note) {
+                self.meta.notes.push(note.clone());
+            }
+        }
+        if self.meta.host.is_empty() {
+            self.meta.host.clone_from(&other.meta.host);
+        }
+        merge_time_range(&mut self.meta, &other.meta);
+    }
+
+    fn rebuild_indexes(&mut self) {
+        self.frame_index = self
+            .frames
+            .iter()
+            .enumerate()
+            .map(|(id, frame)| (frame.clone(), id as FrameId))
+            .collect();
+        self.sample_index = self
+            .samples
+            .iter()
+            .enumerate()
+            .map(|(index, sample)| ((sample.stack.clone(), sample.labels.clone()), index))
+            .collect();
+    }
+}
+
+fn merge_time_range(into: &mut Meta, other: &Meta) {
+    if other.duration_ns == 0 && other.start_unix_ns == 0 {
+        return;
+    }
+    if into.duration_ns == 0 && into.start_unix_ns == 0 {
+        into.start_unix_ns = other.start_unix_ns;
+        into.duration_ns = other.duration_ns;
+        return;
+    }
+    let start = into.start_unix_ns.min(other.start_unix_ns);
+    let end = (into.start_unix_ns + into.duration_ns).max(other.start_unix_ns + other.duration_ns);
+    into.start_unix_ns = start;
+    into.duration_ns = end - start;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> Frame {
+        Frame {
+            function: name.to_owned(),
+            module: Some("/bin/app".to_owned()),
+            file: None,
+            line: None,
+            address: 0x10,
+            kind: FrameKind::User,
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn interning_and_adding_merge_equal_samples() {
+        let mut profile = Profile::new(vec![SampleType::new("off_cpu", "nanoseconds")]);
+        let a = profile.intern(user("a"));
+        let b = profile.intern(user("b"));
+        assert_eq!(profile.intern(user("a")), a);
+        profile.add(vec![a, b], labels(&[("state", "S")]), &[10]);
+        profile.add(vec![a, b], labels(&[("state", "S")]), &[5]);
+        profile.add(vec![a, b], labels(&[("state", "D")]), &[7]);
+        assert_eq!(profile.samples.len(), 2);
+        assert_eq!(profile.total(0), 22);
+        assert!(profile.stack_contains(&profile.samples[0], "b"));
+    }
+
+    #[test]
+    fn merge_aligns_sample_types_and_adds_losses() {
+        let mut left = Profile::new(vec![SampleType::new("off_cpu", "nanoseconds")]);
+        let frame = left.intern(user("a"));
+        left.add(vec![frame], Labels::new(), &[1]);
+        left.meta.losses.insert("map_full".into(), 2);
+        left.meta.start_unix_ns = 100;
+        left.meta.duration_ns = 10;
+
+        let mut right = Profile::new(vec![
+            SampleType::new("on_cpu", "nanoseconds"),
+            SampleType::new("off_cpu", "nanoseconds"),
+        ]);
+        let frame = right.intern(user("a"));
+        right.add(vec![frame], Labels::new(), &[3, 4]);
+        right.meta.losses.insert("map_full".into(), 1);
+        right.meta.start_unix_ns = 105;
+        right.meta.duration_ns = 20;
+
+        left.merge(&right);
+        assert_eq!(left.sample_types.len(), 2);
+        assert_eq!(left.samples.len(), 1);
+        assert_eq!(left.samples[0].values, vec![5, 3]);
+        assert_eq!(left.meta.losses["map_full"], 3);
+        assert_eq!((left.meta.start_unix_ns, left.meta.duration_ns), (100, 25));
+    }
+}

@@ -1,0 +1,23 @@
+//! `cargo xtask test`: bootstrap the toolchain, install the test peers, build every binary,
+//! run unit and end-to-end tests. End-to-end tests load real probes and need root; with
+//! `CI=true` they fail rather than skip.
+
+use crate::{bootstrap, debian, util};
+
+/// Debian packages the tests use as real peers: `go tool pprof` reads our pprof files.
+const TEST_PACKAGES: &[&str] = &["golang-go"];
+
+pub fn run(extra: &[String]) -> anyhow::Result<()> {
+    bootstrap::ensure()?;
+    if util::is_root() || util::in_ci() {
+        debian::ensure(TEST_PACKAGES)?;
+    } else {
+        eprintln!(
+            "xtask: not root: end-to-end tests will skip (they load eBPF probes); run `sudo -E cargo xtask test` for all"
+        );
+    }
+    util::cargo(&["build", "--bins"])?;
+    let mut args = vec!["test", "--no-fail-fast"];
+    args.extend(extra.iter().map(String::as_str));
+    util::cargo(&args)
+}
