@@ -20,7 +20,7 @@ pub const EST_COUNT_FP_SHIFT: u32 = 10;
 pub enum Signal {
     /// Time a thread spent switched out, from switch-out to switch-in.
     OffCpu = 0,
-    /// Sampled on-CPU time (perf_event).
+    /// Sampled on-CPU time (`perf_event`).
     OnCpu = 1,
 }
 
@@ -132,7 +132,7 @@ pub struct TotalKey {
     pub signal: u8,
     /// Signal-specific class: the [`OffCpuState`] for off-CPU.
     pub class: u8,
-    pub _pad: u16,
+    pub pad: u16,
     /// Signal-specific small attribute (reserved for syscall numbers, lock kinds, devices).
     pub aux: u32,
 }
@@ -161,7 +161,7 @@ pub struct SampleKey {
     pub class: u8,
     /// `FLAG_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    pub pad: u8,
     /// Signal-specific small attribute (reserved for syscall numbers, lock kinds, devices).
     pub aux: u32,
     /// Signal-specific object (reserved for lock addresses and peer addresses).
@@ -260,7 +260,7 @@ pub struct ThreadState {
     pub state: u8,
     /// `THREAD_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    pub pad: [u8; 6],
 }
 
 /// [`ThreadState::flags`]: a sampled wait of this thread waits in the pending table for
@@ -283,7 +283,7 @@ pub struct TpThreadState {
     pub off_since_ns: u64,
     pub tgid: u32,
     pub state: u8,
-    pub _pad: [u8; 3],
+    pub pad: [u8; 3],
     pub kstack: u64,
     pub ustack: u64,
 }
@@ -305,7 +305,7 @@ pub struct PendingWait {
     pub tgid: u32,
     pub state: u8,
     pub flags: u8,
-    pub _pad: u16,
+    pub pad: u16,
     /// The kernel stack of the thread where it blocked, taken at switch-in.
     pub kstack: StackTrace,
 }

@@ -278,7 +278,12 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
         // SAFETY: `next` is a BTF task pointer.
         let regs = unsafe { bpf_task_pt_regs(next) } as *const u8;
         (pending.user_ip, pending.user_sp) = read_user_regs(regs);
-        if PENDING.insert(tid, &*pending, 0).is_err() {
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value, the 1 KiB entry would be copied onto the 512-byte BPF stack"
+        )]
+        let inserted = PENDING.insert(tid, &*pending, 0);
+        if inserted.is_err() {
             count_loss(ctx, Loss::PendingFull);
             pending.flags |= FLAG_USTACK_FAILED;
             emit(ctx, generation, tid, pending, NO_STACK);

@@ -54,6 +54,9 @@ pub fn sample_types(signal: Signal) -> [SampleType; 2] {
     }
 }
 
+/// An off-CPU calibration group: (tgid, tid, state).
+type GroupKey = (u32, u32, u8);
+
 /// Sums of everything drained so far.
 pub struct Accumulator {
     profile: Profile,
@@ -74,7 +77,10 @@ pub struct Accumulator {
 
 impl Accumulator {
     pub fn new(signals: &[Signal]) -> Self {
-        let types = signals.iter().flat_map(|&signal| sample_types(signal)).collect();
+        let types = signals
+            .iter()
+            .flat_map(|&signal| sample_types(signal))
+            .collect();
         Self {
             profile: Profile::new(types),
             signals: signals.to_vec(),
@@ -146,50 +152,48 @@ impl Accumulator {
     }
 
     fn remember_identity(&mut self, tgid: u32, tid: u32) {
-        if !self.process_names.contains_key(&tgid) {
-            let name = read_comm(&Path::new("/proc").join(tgid.to_string()))
-                .unwrap_or_else(|| format!("[pid {tgid}]"));
-            self.process_names.insert(tgid, name);
-        }
-        if !self.thread_names.contains_key(&tid) {
+        self.process_names.entry(tgid).or_insert_with(|| {
+            read_comm(&Path::new("/proc").join(tgid.to_string()))
+                .unwrap_or_else(|| format!("[pid {tgid}]"))
+        });
+        self.thread_names.entry(tid).or_insert_with(|| {
             let path = Path::new("/proc")
                 .join(tgid.to_string())
                 .join("task")
                 .join(tid.to_string());
-            let name = read_comm(&path).unwrap_or_else(|| format!("[tid {tid}]"));
-            self.thread_names.insert(tid, name);
-        }
+            read_comm(&path).unwrap_or_else(|| format!("[tid {tid}]"))
+        });
+    }
+
+    /// Symbolized frames of a raw stack, or a lost-stack marker if it is gone.
+    fn symbolize_raw(
+        &mut self,
+        hash: u64,
+        user_pid: Option<u32>,
+        leaf_exact: bool,
+    ) -> Vec<FrameId> {
+        let frames = if let Some(stack) = self.raw_stacks.get(&hash) {
+            let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
+            match user_pid {
+                Some(pid) => self.symbolizer.user_frames(pid, ips, leaf_exact),
+                None => self.symbolizer.kernel_frames(ips, leaf_exact),
+            }
+        } else {
+            self.unresolved_stacks += 1;
+            vec![Frame::synthetic(LOST_STACK_FRAME)]
+        };
+        frames.into_iter().map(|f| self.profile.intern(f)).collect()
     }
 
     /// Symbolizes the stacks of a sample the first time they are seen.
     fn resolve_stacks(&mut self, key: &SampleKey) {
         let leaf_exact = key.signal == Signal::OnCpu as u8;
         if key.kstack != NO_STACK && !self.kernel_stacks.contains_key(&(key.kstack, leaf_exact)) {
-            let frames = match self.raw_stacks.get(&key.kstack) {
-                Some(stack) => {
-                    let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
-                    self.symbolizer.kernel_frames(ips, leaf_exact)
-                }
-                None => {
-                    self.unresolved_stacks += 1;
-                    vec![Frame::synthetic(LOST_STACK_FRAME)]
-                }
-            };
-            let ids = frames.into_iter().map(|f| self.profile.intern(f)).collect();
+            let ids = self.symbolize_raw(key.kstack, None, leaf_exact);
             self.kernel_stacks.insert((key.kstack, leaf_exact), ids);
         }
         if key.ustack != NO_STACK && !self.user_stacks.contains_key(&(key.tgid, key.ustack)) {
-            let frames = match self.raw_stacks.get(&key.ustack) {
-                Some(stack) => {
-                    let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
-                    self.symbolizer.user_frames(key.tgid, ips, true)
-                }
-                None => {
-                    self.unresolved_stacks += 1;
-                    vec![Frame::synthetic(LOST_STACK_FRAME)]
-                }
-            };
-            let ids = frames.into_iter().map(|f| self.profile.intern(f)).collect();
+            let ids = self.symbolize_raw(key.ustack, Some(key.tgid), true);
             self.user_stacks.insert((key.tgid, key.ustack), ids);
         }
     }
@@ -242,8 +246,7 @@ impl Accumulator {
         let samples = std::mem::take(&mut self.samples);
 
         // Off-CPU: calibrate each (thread, state) group against its exact totals.
-        let mut groups: HashMap<(u32, u32, u8), Vec<(&SampleKey, &SampleValue)>> =
-            HashMap::new();
+        let mut groups: HashMap<GroupKey, Vec<(&SampleKey, &SampleValue)>> = HashMap::new();
         for (key, value) in &samples {
             if key.signal == Signal::OffCpu as u8 {
                 groups
@@ -296,7 +299,8 @@ impl Accumulator {
             for (key, value) in members {
                 if let Some(index) = time_index {
                     let (ns, count) = calibrate::Part::from_value(value).uncalibrated();
-                    let labels = self.labels(Signal::OffCpu, key.tgid, key.tid, key.class, key.flags);
+                    let labels =
+                        self.labels(Signal::OffCpu, key.tgid, key.tid, key.class, key.flags);
                     add_values(&mut profile, self.stack_of(key), labels, index, ns, count);
                 }
             }
@@ -306,7 +310,14 @@ impl Accumulator {
             for (key, value) in &samples {
                 if key.signal == Signal::OnCpu as u8 {
                     let labels = self.labels(Signal::OnCpu, key.tgid, key.tid, 0, key.flags);
-                    add_values(&mut profile, self.stack_of(key), labels, index, value.ns, value.count);
+                    add_values(
+                        &mut profile,
+                        self.stack_of(key),
+                        labels,
+                        index,
+                        value.ns,
+                        value.count,
+                    );
                 }
             }
         }
@@ -319,15 +330,18 @@ impl Accumulator {
             meta.losses.insert(loss.name().to_owned(), delta);
         }
         self.reported_losses = self.losses;
-        meta.losses
-            .insert("stack_unresolved".to_owned(), std::mem::take(&mut self.unresolved_stacks));
+        meta.losses.insert(
+            "stack_unresolved".to_owned(),
+            std::mem::take(&mut self.unresolved_stacks),
+        );
         let offcpu_total: u64 = totals
             .iter()
             .filter(|(key, _)| key.signal == Signal::OffCpu as u8)
             .map(|(_, value)| value.ns)
             .sum();
         if self.signals.contains(&Signal::OffCpu) {
-            meta.notes.push(format!("off-CPU exact total: {offcpu_total} ns"));
+            meta.notes
+                .push(format!("off-CPU exact total: {offcpu_total} ns"));
         }
         profile.meta = meta;
         profile

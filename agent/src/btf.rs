@@ -2,7 +2,7 @@
 //! the argument lists of BTF tracepoints. Rust eBPF has no CO-RE relocations, so the agent
 //! reads the offsets it needs here and hands them to the probes as read-only globals.
 
-use std::{collections::HashMap, path::Path};
+use std::path::Path;
 
 use thiserror::Error;
 
@@ -40,27 +40,27 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
-struct Member {
-    name: String,
-    type_id: u32,
-    bit_offset: u32,
-}
-
-#[derive(Debug, Clone)]
-struct Type {
-    kind: u32,
-    name: String,
-    /// Referenced type (pointers, typedefs, modifiers, func protos' return).
-    ref_type: u32,
-    /// Struct/union members or func-proto parameters (offset unused).
-    members: Vec<Member>,
-}
-
-/// Parsed kernel BTF: enough to find member offsets and tracepoint prototypes.
+/// Parsed kernel BTF: the raw bytes and where each type starts. Names and members are
+/// read on demand, so parsing the kernel's ~6 MB of BTF allocates one offset per type.
 pub struct Btf {
-    types: Vec<Type>,
-    by_name: HashMap<(u32, String), u32>,
+    data: Vec<u8>,
+    /// Byte range of the string section in `data`.
+    strings: std::ops::Range<usize>,
+    /// Offset in `data` of each type's record; index 0 stands for `void`.
+    offsets: Vec<u32>,
+}
+
+/// A type record's header.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    name_off: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    /// Size, or referenced type for pointers, typedefs, modifiers and func protos.
+    size_or_type: u32,
+    /// Offset in `data` of the kind-specific part.
+    body: usize,
 }
 
 fn u32_at(data: &[u8], offset: usize) -> Result<u32, BtfError> {
@@ -68,6 +68,17 @@ fn u32_at(data: &[u8], offset: usize) -> Result<u32, BtfError> {
         .and_then(|bytes| bytes.try_into().ok())
         .map(u32::from_le_bytes)
         .ok_or(BtfError::Malformed("truncated"))
+}
+
+/// Size of a type record's kind-specific part.
+const fn body_len(kind: u32, vlen: usize) -> usize {
+    match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+        _ => 0,
+    }
 }
 
 impl Btf {
@@ -80,114 +91,83 @@ impl Btf {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&data)
+        Self::parse(data)
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+    pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
         let magic = data
             .get(..2)
             .ok_or(BtfError::Malformed("truncated header"))?;
         if magic != [0x9f, 0xeb] {
             return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
         }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
-        let types_data = data
-            .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or(BtfError::Malformed("type section out of bounds"))?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?;
-        let string_at = |offset: u32| -> String {
-            let start = offset as usize;
-            strings
-                .get(start..)
-                .and_then(|rest| rest.split(|&b| b == 0).next())
-                .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
-                .unwrap_or_default()
-        };
-
-        // Type id 0 is `void`.
-        let mut types = vec![Type {
-            kind: 0,
-            name: String::new(),
-            ref_type: 0,
-            members: Vec::new(),
-        }];
-        let mut pos = 0;
-        while pos < types_data.len() {
-            let name_off = u32_at(types_data, pos)?;
-            let info = u32_at(types_data, pos + 4)?;
-            let size_or_type = u32_at(types_data, pos + 8)?;
-            pos += 12;
-            let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 != 0;
-            let mut members = Vec::new();
-            match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => pos += 4,
-                KIND_ARRAY => pos += 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for _ in 0..vlen {
-                        let offset = u32_at(types_data, pos + 8)?;
-                        members.push(Member {
-                            name: string_at(u32_at(types_data, pos)?),
-                            type_id: u32_at(types_data, pos + 4)?,
-                            bit_offset: if kind_flag {
-                                offset & 0x00ff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                        pos += 12;
-                    }
-                }
-                KIND_ENUM => pos += 8 * vlen,
-                KIND_FUNC_PROTO => {
-                    for _ in 0..vlen {
-                        members.push(Member {
-                            name: string_at(u32_at(types_data, pos)?),
-                            type_id: u32_at(types_data, pos + 4)?,
-                            bit_offset: 0,
-                        });
-                        pos += 8;
-                    }
-                }
-                KIND_DATASEC | KIND_ENUM64 => pos += 12 * vlen,
-                _ => {}
-            }
-            let ref_type = match kind {
-                KIND_PTR | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-                | KIND_FUNC_PROTO | KIND_TYPE_TAG => size_or_type,
-                _ => 0,
-            };
-            types.push(Type {
-                kind,
-                name: string_at(name_off),
-                ref_type,
-                members,
-            });
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let type_off = u32_at(&data, 8)? as usize;
+        let type_len = u32_at(&data, 12)? as usize;
+        let str_off = u32_at(&data, 16)? as usize;
+        let str_len = u32_at(&data, 20)? as usize;
+        let types = hdr_len + type_off..hdr_len + type_off + type_len;
+        let strings = hdr_len + str_off..hdr_len + str_off + str_len;
+        if data.get(types.clone()).is_none() || data.get(strings.clone()).is_none() {
+            return Err(BtfError::Malformed("section out of bounds"));
         }
-        let by_name = types
-            .iter()
-            .enumerate()
-            .filter(|(_, ty)| !ty.name.is_empty())
-            .map(|(id, ty)| ((ty.kind, ty.name.clone()), id as u32))
-            .collect();
-        Ok(Self { types, by_name })
+        let mut offsets = vec![0];
+        let mut pos = types.start;
+        while pos < types.end {
+            let info = u32_at(&data, pos + 4)?;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            offsets.push(u32::try_from(pos).map_err(|_| BtfError::Malformed("too large"))?);
+            pos += 12 + body_len(kind, vlen);
+        }
+        if pos != types.end {
+            return Err(BtfError::Malformed("type section ends inside a type"));
+        }
+        Ok(Self {
+            data,
+            strings,
+            offsets,
+        })
+    }
+
+    fn header(&self, id: u32) -> Option<Header> {
+        let pos = *self.offsets.get(id as usize)? as usize;
+        if id == 0 {
+            return None;
+        }
+        let info = u32_at(&self.data, pos + 4).ok()?;
+        Some(Header {
+            name_off: u32_at(&self.data, pos).ok()?,
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 != 0,
+            size_or_type: u32_at(&self.data, pos + 8).ok()?,
+            body: pos + 12,
+        })
+    }
+
+    fn name(&self, name_off: u32) -> &[u8] {
+        let start = self.strings.start + name_off as usize;
+        self.data
+            .get(start..self.strings.end)
+            .and_then(|rest| rest.split(|&b| b == 0).next())
+            .unwrap_or_default()
+    }
+
+    fn find(&self, kind: u32, name: &str) -> Option<u32> {
+        (1..self.offsets.len() as u32).find(|&id| {
+            self.header(id)
+                .is_some_and(|h| h.kind == kind && self.name(h.name_off) == name.as_bytes())
+        })
     }
 
     /// Byte offset of `member` in `struct strukt`, looking through anonymous structs and
     /// unions the way C does.
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
         let id = self
-            .by_name
-            .get(&(KIND_STRUCT, strukt.to_owned()))
+            .find(KIND_STRUCT, strukt)
             .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
-        self.find_member(*id, member, 0)
+        self.find_member(id, member, 0, 0)
             .map(|bits| bits / 8)
             .ok_or_else(|| BtfError::NoMember {
                 strukt: strukt.to_owned(),
@@ -195,20 +175,34 @@ impl Btf {
             })
     }
 
-    fn find_member(&self, type_id: u32, member: &str, base_bits: u32) -> Option<u32> {
-        let ty = self.types.get(type_id as usize)?;
-        for m in &ty.members {
-            if m.name == member {
-                return Some(base_bits + m.bit_offset);
+    fn find_member(&self, type_id: u32, member: &str, base_bits: u32, depth: u32) -> Option<u32> {
+        let header = self.header(type_id)?;
+        if depth > 8 || !matches!(header.kind, KIND_STRUCT | KIND_UNION) {
+            return None;
+        }
+        for index in 0..header.vlen {
+            let at = header.body + 12 * index;
+            let name_off = u32_at(&self.data, at).ok()?;
+            let member_type = u32_at(&self.data, at + 4).ok()?;
+            let raw_offset = u32_at(&self.data, at + 8).ok()?;
+            let bits = if header.kind_flag {
+                raw_offset & 0x00ff_ffff
+            } else {
+                raw_offset
+            };
+            let name = self.name(name_off);
+            if name == member.as_bytes() {
+                return Some(base_bits + bits);
             }
-            if m.name.is_empty() {
-                let inner = self.skip_modifiers(m.type_id);
-                let inner_kind = self.types.get(inner as usize).map(|t| t.kind);
-                if matches!(inner_kind, Some(KIND_STRUCT | KIND_UNION))
-                    && let Some(found) = self.find_member(inner, member, base_bits + m.bit_offset)
-                {
-                    return Some(found);
-                }
+            if name.is_empty()
+                && let Some(found) = self.find_member(
+                    self.skip_modifiers(member_type),
+                    member,
+                    base_bits + bits,
+                    depth + 1,
+                )
+            {
+                return Some(found);
             }
         }
         None
@@ -216,14 +210,14 @@ impl Btf {
 
     fn skip_modifiers(&self, mut type_id: u32) -> u32 {
         for _ in 0..16 {
-            match self.types.get(type_id as usize) {
-                Some(ty)
+            match self.header(type_id) {
+                Some(h)
                     if matches!(
-                        ty.kind,
+                        h.kind,
                         KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
                     ) =>
                 {
-                    type_id = ty.ref_type;
+                    type_id = h.size_or_type;
                 }
                 _ => break,
             }
@@ -234,13 +228,14 @@ impl Btf {
     /// Number of arguments of BTF tracepoint `name` (its `btf_trace_<name>` typedef, minus
     /// the leading context pointer), or `None` if this kernel has no such tracepoint.
     pub fn tracepoint_arg_count(&self, name: &str) -> Option<usize> {
-        let typedef = *self
-            .by_name
-            .get(&(KIND_TYPEDEF, format!("btf_trace_{name}")))?;
-        let ptr = self.types.get(typedef as usize)?.ref_type;
-        let proto_id = self.types.get(ptr as usize)?.ref_type;
-        let proto = self.types.get(proto_id as usize)?;
-        (proto.kind == KIND_FUNC_PROTO).then(|| proto.members.len().saturating_sub(1))
+        let typedef = self.find(KIND_TYPEDEF, &format!("btf_trace_{name}"))?;
+        let ptr = self.header(typedef)?;
+        let ptr = self.header(ptr.size_or_type)?;
+        if ptr.kind != KIND_PTR {
+            return None;
+        }
+        let proto = self.header(ptr.size_or_type)?;
+        (proto.kind == KIND_FUNC_PROTO).then(|| proto.vlen.saturating_sub(1))
     }
 }
 
@@ -301,7 +296,7 @@ mod tests {
 
     #[test]
     fn finds_members_through_anonymous_unions() {
-        let btf = Btf::parse(&sample_btf()).expect("parses");
+        let btf = Btf::parse(sample_btf()).expect("parses");
         assert_eq!(btf.member_offset("outer", "a").expect("a"), 0);
         assert_eq!(btf.member_offset("outer", "c").expect("c"), 4);
         assert!(btf.member_offset("outer", "zz").is_err());
@@ -310,15 +305,15 @@ mod tests {
 
     #[test]
     fn counts_tracepoint_arguments() {
-        let btf = Btf::parse(&sample_btf()).expect("parses");
+        let btf = Btf::parse(sample_btf()).expect("parses");
         assert_eq!(btf.tracepoint_arg_count("demo"), Some(2));
         assert_eq!(btf.tracepoint_arg_count("missing"), None);
     }
 
     #[test]
     fn rejects_garbage() {
-        assert!(Btf::parse(b"not btf at all").is_err());
-        assert!(Btf::parse(&[]).is_err());
+        assert!(Btf::parse(b"not btf at all".to_vec()).is_err());
+        assert!(Btf::parse(Vec::new()).is_err());
     }
 
     #[test]

@@ -87,7 +87,10 @@ pub fn calibrate(total_ns: u64, total_count: u64, parts: &[Part]) -> Calibrated 
     let est_count: Vec<u64> = parts.iter().map(|p| p.est_count_fp).collect();
     let sampled = est_ns.iter().any(|&w| w > 0);
     let (ns_shares, count_shares) = if sampled {
-        (apportion(short_ns, &est_ns), apportion(short_count, &est_count))
+        (
+            apportion(short_ns, &est_ns),
+            apportion(short_count, &est_count),
+        )
     } else {
         (vec![0; parts.len()], vec![0; parts.len()])
     };
@@ -177,6 +180,9 @@ mod tests {
         assert_eq!(apportion(0, &[5, 5]), vec![0, 0]);
         assert_eq!(apportion(7, &[0, 0]), vec![0, 0]);
         let shares = apportion(u64::MAX / 2, &[u64::MAX, 1, 3]);
-        assert_eq!(shares.iter().map(|&s| u128::from(s)).sum::<u128>(), u128::from(u64::MAX / 2));
+        assert_eq!(
+            shares.iter().map(|&s| u128::from(s)).sum::<u128>(),
+            u128::from(u64::MAX / 2)
+        );
     }
 }

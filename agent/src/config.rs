@@ -68,7 +68,12 @@ impl FromStr for SignalName {
     type Err = ConfigError;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name.trim().to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+        match name
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['-', '_'], "")
+            .as_str()
+        {
             "offcpu" => Ok(Self::OffCpu),
             "oncpu" => Ok(Self::OnCpu),
             _ => Err(ConfigError::UnknownSignal(name.trim().to_owned())),
@@ -109,7 +114,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
         _ => return Err(ConfigError::Duration(text.to_owned())),
     };
     let seconds = number * seconds_per_unit;
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
         return Err(ConfigError::Duration(text.to_owned()));
     }
     Ok(Duration::from_secs_f64(seconds))
@@ -211,7 +216,12 @@ pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
 pub const DEFAULT_FREQUENCY_HZ: u64 = 49;
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
-fn check_range(what: &'static str, rule: &'static str, ok: bool, value: impl fmt::Display) -> Result<(), ConfigError> {
+fn check_range(
+    what: &'static str,
+    rule: &'static str,
+    ok: bool,
+    value: impl fmt::Display,
+) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
@@ -233,7 +243,10 @@ impl Config {
         };
         let offcpu_stack_threshold = match &flags.offcpu_threshold {
             Some(text) => parse_duration(text)?,
-            None => file.offcpu.stack_threshold.unwrap_or(DEFAULT_STACK_THRESHOLD),
+            None => file
+                .offcpu
+                .stack_threshold
+                .unwrap_or(DEFAULT_STACK_THRESHOLD),
         };
         check_range(
             "the off-CPU stack threshold",
@@ -264,15 +277,45 @@ impl Config {
         let defaults = MapSizes::default();
         let size = |what: &'static str, flag: Option<u32>, file: Option<u32>, default: u32| {
             let value = flag.or(file).unwrap_or(default);
-            check_range(what, "between 16 and 4194304 entries", (16..=4_194_304).contains(&value), value)
-                .map(|()| value)
+            check_range(
+                what,
+                "between 16 and 4194304 entries",
+                (16..=4_194_304).contains(&value),
+                value,
+            )
+            .map(|()| value)
         };
         let map_sizes = MapSizes {
-            threads: size("max_threads", flags.max_threads, file.probes.max_threads, defaults.threads)?,
-            totals: size("max_totals", flags.max_totals, file.probes.max_totals, defaults.totals)?,
-            samples: size("max_samples", flags.max_samples, file.probes.max_samples, defaults.samples)?,
-            stacks: size("max_stacks", flags.max_stacks, file.probes.max_stacks, defaults.stacks)?,
-            pending: size("max_pending", flags.max_pending, file.probes.max_pending, defaults.pending)?,
+            threads: size(
+                "max_threads",
+                flags.max_threads,
+                file.probes.max_threads,
+                defaults.threads,
+            )?,
+            totals: size(
+                "max_totals",
+                flags.max_totals,
+                file.probes.max_totals,
+                defaults.totals,
+            )?,
+            samples: size(
+                "max_samples",
+                flags.max_samples,
+                file.probes.max_samples,
+                defaults.samples,
+            )?,
+            stacks: size(
+                "max_stacks",
+                flags.max_stacks,
+                file.probes.max_stacks,
+                defaults.stacks,
+            )?,
+            pending: size(
+                "max_pending",
+                flags.max_pending,
+                file.probes.max_pending,
+                defaults.pending,
+            )?,
         };
         if let Some(pid) = flags.pid
             && !Path::new(&format!("/proc/{pid}")).exists()
@@ -284,7 +327,10 @@ impl Config {
             target_pid: flags.pid,
             offcpu_stack_threshold,
             oncpu_frequency_hz,
-            sched_hook: flags.sched_hook.or(file.probes.sched_hook).unwrap_or_default(),
+            sched_hook: flags
+                .sched_hook
+                .or(file.probes.sched_hook)
+                .unwrap_or_default(),
             btf: flags.btf.or(file.probes.btf),
             map_sizes,
             drain_interval,
@@ -316,10 +362,19 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("10s").expect("10s"), Duration::from_secs(10));
-        assert_eq!(parse_duration("500ms").expect("ms"), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("500ms").expect("ms"),
+            Duration::from_millis(500)
+        );
         assert_eq!(parse_duration("2m").expect("m"), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").expect("bare"), Duration::from_millis(1500));
-        assert_eq!(parse_duration("250us").expect("us"), Duration::from_micros(250));
+        assert_eq!(
+            parse_duration("1.5").expect("bare"),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            parse_duration("250us").expect("us"),
+            Duration::from_micros(250)
+        );
         for bad in ["", "ten", "5 parsecs", "-1s", "1e400s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }

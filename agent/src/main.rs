@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use stallscope_agent::{
+    check,
     cli::{Cli, Command},
     config::parse_duration,
-    logging, check, record,
+    logging, record,
 };
 
 fn main() -> ExitCode {
@@ -35,7 +36,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = args.config()?;
             let (report, ok) = check::check(&config);
             print!("{report}");
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

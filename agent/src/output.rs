@@ -78,14 +78,20 @@ impl StagedOutput {
         let file = File::create(&self.temp).map_err(|e| write_error(e.to_string()))?;
         let mut out = BufWriter::new(file);
         let view = FlameView::default();
-        match self.format {
-            OutputFormat::Pprof => write_profile(self.format, profile, profile.meta.default_sample_type, &view, title, &mut out),
-            _ => {
-                // Flame graphs take one value: the time columns of every signal, summed (each
-                // sample belongs to one signal, so nothing is counted twice).
-                let time = time_profile(profile);
-                write_profile(self.format, &time, 0, &view, title, &mut out)
-            }
+        if self.format == OutputFormat::Pprof {
+            write_profile(
+                self.format,
+                profile,
+                profile.meta.default_sample_type,
+                &view,
+                title,
+                &mut out,
+            )
+        } else {
+            // Flame graphs take one value: the time columns of every signal, summed (each
+            // sample belongs to one signal, so nothing is counted twice).
+            let time = time_profile(profile);
+            write_profile(self.format, &time, 0, &view, title, &mut out)
         }
         .map_err(|e| write_error(e.to_string()))?;
         out.flush().map_err(|e| write_error(e.to_string()))?;
@@ -125,7 +131,10 @@ pub fn time_profile(profile: &Profile) -> Profile {
     time.meta = profile.meta.clone();
     time.meta.default_sample_type = 0;
     for sample in &profile.samples {
-        let total: i64 = time_columns.iter().filter_map(|&i| sample.values.get(i)).sum();
+        let total: i64 = time_columns
+            .iter()
+            .filter_map(|&i| sample.values.get(i))
+            .sum();
         if total == 0 {
             continue;
         }

@@ -163,9 +163,12 @@ pub struct Probes {
     pub oncpu_cpus: usize,
 }
 
-/// Whether this process may load tracing programs: root, or CAP_BPF + CAP_PERFMON, or
-/// CAP_SYS_ADMIN.
+/// Whether this process may load tracing programs: root, or `CAP_BPF` + `CAP_PERFMON`, or
+/// `CAP_SYS_ADMIN`.
 pub fn privileged() -> bool {
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
@@ -180,9 +183,6 @@ pub fn privileged() -> bool {
     else {
         return false;
     };
-    const CAP_SYS_ADMIN: u64 = 1 << 21;
-    const CAP_PERFMON: u64 = 1 << 38;
-    const CAP_BPF: u64 = 1 << 39;
     caps & CAP_SYS_ADMIN != 0 || (caps & CAP_BPF != 0 && caps & CAP_PERFMON != 0)
 }
 

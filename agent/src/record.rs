@@ -13,7 +13,7 @@ use crate::{
     accumulate::Accumulator,
     config::{Config, SignalName},
     output::StagedOutput,
-    probes::{ProbeError, Probes},
+    probes::{ProbeError, Probes, SchedHook},
     shutdown, system,
 };
 
@@ -42,6 +42,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     }
     shutdown::install();
     let mut probes = Probes::load(&config.probe_settings())?;
+    system::release_free_memory();
     if let Some(hook) = probes.sched_hook {
         tracing::info!("off-CPU: {}", hook.describe());
     }
@@ -59,7 +60,10 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
             break;
         }
         let wake = next_drain.min(started + duration);
-        std::thread::sleep(wake.saturating_duration_since(now).min(Duration::from_millis(100)));
+        std::thread::sleep(
+            wake.saturating_duration_since(now)
+                .min(Duration::from_millis(100)),
+        );
         if Instant::now() >= next_drain {
             accumulator.ingest(probes.drain()?);
             next_drain += config.drain_interval;
@@ -71,7 +75,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     accumulator.ingest(probes.drain()?);
     let elapsed = started.elapsed();
     let probes_facts = ProbeFacts {
-        sched_hook: probes.sched_hook.map(|hook| hook.describe()),
+        sched_hook: probes.sched_hook.map(SchedHook::describe),
         oncpu_cpus: probes.oncpu_cpus,
     };
     drop(probes);
@@ -164,7 +168,11 @@ pub fn summary_line(summary: &RecordSummary, output: &Path) -> String {
                 crate::accumulate::signal_label(signal),
                 profile.total(t) as f64 / 1e9,
                 profile.total(e),
-                if signal == Signal::OffCpu { "waits" } else { "samples" }
+                if signal == Signal::OffCpu {
+                    "waits"
+                } else {
+                    "samples"
+                }
             ));
         }
     }

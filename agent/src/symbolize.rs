@@ -1,5 +1,5 @@
 //! Turning instruction pointers into frames: kernel addresses through `/proc/kallsyms`,
-//! user addresses through blazesym by process (ELF symbols, DWARF for file:line and inlined
+//! user addresses through blazesym by process (ELF symbols, DWARF for file, line and inlined
 //! functions, Rust and C++ demangling). Results are cached per address.
 
 use std::{
@@ -162,15 +162,18 @@ impl Symbolizer {
                 Err(err) => {
                     // One unreadable module fails the whole batch; retry one by one so the
                     // other addresses still get their symbols.
-                    tracing::debug!("symbolizing pid {pid} failed ({err}); retrying address by address");
+                    tracing::debug!(
+                        "symbolizing pid {pid} failed ({err}); retrying address by address"
+                    );
                     let exe = executable(pid);
                     for addr in &missing {
-                        let frames = match self.inner.symbolize_single(&source, Input::AbsAddr(*addr)) {
-                            Ok(symbolized) if symbolized.as_sym().is_some() => {
-                                frames_of(&symbolized, *addr, FrameKind::User)
-                            }
-                            _ => vec![unknown_frame(*addr, exe.clone(), FrameKind::User)],
-                        };
+                        let frames =
+                            match self.inner.symbolize_single(&source, Input::AbsAddr(*addr)) {
+                                Ok(symbolized) if symbolized.as_sym().is_some() => {
+                                    frames_of(&symbolized, *addr, FrameKind::User)
+                                }
+                                _ => vec![unknown_frame(*addr, exe.clone(), FrameKind::User)],
+                            };
                         self.user_cache.insert((pid, *addr), frames);
                     }
                 }
@@ -178,14 +181,20 @@ impl Symbolizer {
         }
         addresses
             .iter()
-            .flat_map(|addr| self.user_cache.get(&(pid, *addr)).cloned().unwrap_or_default())
+            .flat_map(|addr| {
+                self.user_cache
+                    .get(&(pid, *addr))
+                    .cloned()
+                    .unwrap_or_default()
+            })
             .collect()
     }
 
     /// Drops cached user frames of processes that exited, so a recycled pid is not
     /// symbolized with a dead process's addresses.
     pub fn forget_process(&mut self, pid: u32) {
-        self.user_cache.retain(|(cached_pid, _), _| *cached_pid != pid);
+        self.user_cache
+            .retain(|(cached_pid, _), _| *cached_pid != pid);
     }
 }
 

@@ -5,22 +5,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// The host name (`/proc/sys/kernel/hostname`).
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_else(|_| "unknown-host".to_owned())
+        .map_or_else(|_| "unknown-host".to_owned(), |name| name.trim().to_owned())
 }
 
 /// The running kernel's release, e.g. `6.18.44`.
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|release| release.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(
+        |_| "unknown".to_owned(),
+        |release| release.trim().to_owned(),
+    )
 }
 
 /// Nanoseconds since the Unix epoch.
 pub fn unix_now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX))
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX)
+        })
 }
 
 pub const AGENT_VERSION: &str = concat!("stallscope-agent ", env!("CARGO_PKG_VERSION"));
+
+/// Gives memory freed after start-up (BTF parsing, probe loading) back to the kernel.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -223,7 +223,10 @@ impl AgentRun {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("agent exited ({status}) before attaching: {}", self.stderr_text());
+                bail!(
+                    "agent exited ({status}) before attaching: {}",
+                    self.stderr_text()
+                );
             }
             if Instant::now() > deadline {
                 bail!("agent not ready within {timeout:?}: {}", self.stderr_text());

@@ -23,7 +23,10 @@ fn scratch_dir(test: &str) -> PathBuf {
 fn fails(command: &mut Command, dir: &Path, expected: &str) -> String {
     let output = command.output().expect("agent runs");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(!output.status.success(), "agent succeeded on bad input: {stderr}");
+    assert!(
+        !output.status.success(),
+        "agent succeeded on bad input: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "agent panicked: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected a one-line error, got:\n{stderr}");
@@ -107,7 +110,9 @@ fn not_root() {
         // Already unprivileged: the agent itself must refuse.
         let dir = scratch_dir("notroot");
         fails(
-            Command::new(agent()).args(["record", "-d", "1s", "-o"]).arg(dir.join("x.svg")),
+            Command::new(agent())
+                .args(["record", "-d", "1s", "-o"])
+                .arg(dir.join("x.svg")),
             &dir,
             "needs root",
         );

@@ -36,7 +36,8 @@ fn flood(test: &str, hook: &str) -> (u64, String) {
     .expect("recording runs");
     assert!(exit.status.success(), "agent failed: {}", exit.stderr);
     assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
-    let profile = decode_pprof(&std::fs::read(&out).expect("profile written")).expect("valid pprof");
+    let profile =
+        decode_pprof(&std::fs::read(&out).expect("profile written")).expect("valid pprof");
     let dropped: u64 = profile.meta.losses.values().sum();
     (dropped, format!("{:?}", profile.meta.losses))
 }

@@ -52,7 +52,9 @@ fn pprof_total_ns(top: &str) -> f64 {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(value.len());
     let (number, unit) = value.split_at(split);
-    let number: f64 = number.parse().unwrap_or_else(|_| panic!("bad total `{value}`"));
+    let number: f64 = number
+        .parse()
+        .unwrap_or_else(|_| panic!("bad total `{value}`"));
     let scale = match unit {
         "ns" => 1.0,
         "us" | "µs" => 1e3,
@@ -93,7 +95,11 @@ fn offcpu_and_oncpu_markers_are_measured_and_attributed() {
     });
     assert!(spinner >= 20, "too few spinner samples: {spinner}");
     let share = in_marker as f64 / spinner as f64;
-    assert!(share >= 0.8, "only {:.0}% of {spinner} spinner samples in oncpu_marker_spin", share * 100.0);
+    assert!(
+        share >= 0.8,
+        "only {:.0}% of {spinner} spinner samples in oncpu_marker_spin",
+        share * 100.0
+    );
 
     // The reference pprof reader agrees on the total.
     let top = Command::new("go")
@@ -102,7 +108,11 @@ fn offcpu_and_oncpu_markers_are_measured_and_attributed() {
         .output()
         .expect("go tool pprof runs (cargo xtask test installs golang-go)");
     let text = String::from_utf8_lossy(&top.stdout);
-    assert!(top.status.success(), "pprof failed: {}", String::from_utf8_lossy(&top.stderr));
+    assert!(
+        top.status.success(),
+        "pprof failed: {}",
+        String::from_utf8_lossy(&top.stderr)
+    );
     let expected = profile.total(profile.meta.default_sample_type) as f64;
     let read = pprof_total_ns(&text);
     assert!(
@@ -129,7 +139,10 @@ fn folded_output_renders_to_svg() {
     let mut svg = Vec::new();
     write_svg(&profile, 0, &FlameView::default(), "test", &mut svg).expect("renders");
     let svg = String::from_utf8_lossy(&svg);
-    assert!(svg.starts_with("<?xml") || svg.starts_with("<svg"), "not an SVG");
+    assert!(
+        svg.starts_with("<?xml") || svg.starts_with("<svg"),
+        "not an SVG"
+    );
     assert!(svg.contains("offcpu_marker_sleep"));
 }
 

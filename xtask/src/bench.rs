@@ -20,18 +20,17 @@ struct Bench {
     /// Parses the metric out of the command's combined output.
     metric: fn(&str) -> Option<f64>,
     unit: &'static str,
-    /// Whether a larger metric is worse (latency) or better (throughput).
-    lower_is_better: bool,
     agent_args: &'static [&'static str],
     target: &'static str,
 }
 
 const BENCHES: &[Bench] = &[Bench {
     name: "offcpu",
-    command: &["taskset", "-c", "0", "perf", "bench", "sched", "pipe", "-l", "100000"],
+    command: &[
+        "taskset", "-c", "0", "perf", "bench", "sched", "pipe", "-l", "500000",
+    ],
     metric: usecs_per_op,
     unit: "us/op",
-    lower_is_better: true,
     agent_args: &["--signals", "offcpu,oncpu"],
     target: "ratio <= 1.3, agent RSS <= 64 MB",
 }];
@@ -57,7 +56,8 @@ fn run_metric(bench: &Bench) -> anyhow::Result<f64> {
     if !output.status.success() {
         bail!("{} failed: {text}", bench.command.join(" "));
     }
-    (bench.metric)(&text).with_context(|| format!("no metric in output of {}: {text}", bench.command.join(" ")))
+    (bench.metric)(&text)
+        .with_context(|| format!("no metric in output of {}: {text}", bench.command.join(" ")))
 }
 
 /// CPU time (user + system) of a process, from /proc.
@@ -115,7 +115,8 @@ fn run_with_agent(bench: &Bench, agent: &Path, out: &Path) -> anyhow::Result<Wit
     }
     Ok(WithAgent {
         metric,
-        cpu_percent: (cpu_after - cpu_before).as_secs_f64() / wall.as_secs_f64() * 100.0,
+        cpu_percent: cpu_after.saturating_sub(cpu_before).as_secs_f64() / wall.as_secs_f64()
+            * 100.0,
         peak_rss_kib: peak,
     })
 }
@@ -129,7 +130,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if !util::is_root() {
         bail!("benchmarks load eBPF probes: run them as root, e.g. `sudo -E cargo xtask bench`");
     }
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7);
     let selected: Vec<&Bench> = BENCHES
         .iter()
         .filter(|b| args.is_empty() || args.iter().any(|a| a == b.name))
@@ -144,7 +148,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let agent: PathBuf = util::root().join("target/release/stallscope-agent");
     let out = std::env::temp_dir().join(format!("stallscope-bench-{}.pb.gz", std::process::id()));
     for bench in selected {
-        eprintln!("bench {}: {} rounds of `{}`, interleaved with and without the agent", bench.name, rounds, bench.command.join(" "));
+        eprintln!(
+            "bench {}: {} rounds of `{}`, interleaved with and without the agent",
+            bench.name,
+            rounds,
+            bench.command.join(" ")
+        );
         let mut base = Vec::new();
         let mut with = Vec::new();
         let mut cpu = Vec::new();
@@ -165,11 +174,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 cpu.push(w.cpu_percent);
                 rss = rss.max(w.peak_rss_kib);
             }
-            eprintln!("  round {}: base {:.3} {unit}, with agent {:.3} {unit}", round + 1, base[round], with[round], unit = bench.unit);
+            eprintln!(
+                "  round {}: base {:.3} {unit}, with agent {:.3} {unit}",
+                round + 1,
+                base[round],
+                with[round],
+                unit = bench.unit
+            );
         }
         let base_median = median(&mut base);
         let with_median = median(&mut with);
-        let ratio = if bench.lower_is_better { with_median / base_median } else { with_median / base_median };
+        let ratio = with_median / base_median;
         println!(
             "{}: baseline {:.3} {unit}, with agent {:.3} {unit}, ratio {:.3} (target {}); agent CPU {:.1}% of a core, peak RSS {:.1} MB",
             bench.name,

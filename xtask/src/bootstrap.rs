@@ -29,7 +29,9 @@ fn nightly_sysroot() -> anyhow::Result<PathBuf> {
         .output()
         .context("running rustup (is rustup installed?)")?;
     if output.status.success() {
-        return Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
+        return Ok(PathBuf::from(
+            String::from_utf8_lossy(&output.stdout).trim(),
+        ));
     }
     eprintln!("xtask: installing the nightly toolchain");
     util::run(Command::new("rustup").args([
@@ -51,7 +53,9 @@ fn nightly_sysroot_installed() -> anyhow::Result<PathBuf> {
     if !output.status.success() {
         bail!("the nightly toolchain does not run after installing it");
     }
-    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim(),
+    ))
 }
 
 /// The nightly toolchain's LLVM shared library, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`,
@@ -70,7 +74,10 @@ fn nightly_llvm(sysroot: &Path) -> anyhow::Result<(PathBuf, u32)> {
             return Ok((entry.path(), major));
         }
     }
-    bail!("no libLLVM.so.* in {}: the nightly toolchain lacks its LLVM library", lib.display())
+    bail!(
+        "no libLLVM.so.* in {}: the nightly toolchain lacks its LLVM library",
+        lib.display()
+    )
 }
 
 fn has_rust_src(sysroot: &Path) -> bool {
@@ -99,7 +106,13 @@ pub fn ensure() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
     if !has_rust_src(&sysroot) {
         eprintln!("xtask: adding rust-src to the nightly toolchain");
-        util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        util::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let (llvm_lib, major) = nightly_llvm(&sysroot)?;
     let llvm_name = llvm_lib
@@ -111,7 +124,8 @@ pub fn ensure() -> anyhow::Result<()> {
     // stays for good (the binary's rpath points at it).
     let prefix = toolchain_dir().join("llvm");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     for link_name in ["libLLVM.so".to_owned(), llvm_name.clone()] {
         let link = prefix_lib.join(&link_name);
         if std::fs::read_link(&link).ok().as_deref() != Some(llvm_lib.as_path()) {
@@ -123,7 +137,9 @@ pub fn ensure() -> anyhow::Result<()> {
     if linker_ready(&stamp) {
         return Ok(());
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly LLVM {major} (about a minute)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly LLVM {major} (about a minute)"
+    );
     util::run(
         Command::new(env!("CARGO"))
             .args([
@@ -146,7 +162,10 @@ pub fn ensure() -> anyhow::Result<()> {
     std::fs::write(toolchain_dir().join("bpf-linker.stamp"), &stamp)?;
     let _ = std::fs::remove_dir_all(toolchain_dir().join("build"));
     if !linker_ready(&stamp) {
-        bail!("bpf-linker was installed but does not run: check {}", toolchain_bin().display());
+        bail!(
+            "bpf-linker was installed but does not run: check {}",
+            toolchain_bin().display()
+        );
     }
     eprintln!("xtask: eBPF toolchain ready in {:.0?}", started.elapsed());
     Ok(())

@@ -36,8 +36,15 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         written.push(path);
     }
     println!();
-    println!("Flame graph (off-CPU + on-CPU of the demo workload): {}", shown(&written[0]));
-    println!("pprof profile: {}  (try: go tool pprof -top {})", shown(&written[1]), shown(&written[1]));
+    println!(
+        "Flame graph (off-CPU + on-CPU of the demo workload): {}",
+        shown(&written[0])
+    );
+    println!(
+        "pprof profile: {}  (try: go tool pprof -top {})",
+        shown(&written[1]),
+        shown(&written[1])
+    );
     Ok(())
 }
 

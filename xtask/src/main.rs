@@ -30,7 +30,9 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let result = match task.as_str() {
         "bootstrap" => bootstrap::ensure(),
-        "build" => bootstrap::ensure().and_then(|()| util::cargo(&["build", "--release", "--bins"])),
+        "build" => {
+            bootstrap::ensure().and_then(|()| util::cargo(&["build", "--release", "--bins"]))
+        }
         "demo" => demo::run(rest),
         "test" => test::run(rest),
         "bench" => bench::run(rest),

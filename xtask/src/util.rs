@@ -45,9 +45,9 @@ pub fn lint() -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     let toolchain = crate::bootstrap::toolchain_bin();
-    let path = std::env::join_paths(
-        std::iter::once(toolchain).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )?;
+    let path = std::env::join_paths(std::iter::once(toolchain).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
     run(Command::new("cargo")
         .args([
             "+nightly",

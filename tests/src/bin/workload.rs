@@ -21,7 +21,6 @@ use std::{
 
 /// Blocks `count` times for `each` inside this function (the off-CPU marker).
 #[inline(never)]
-#[unsafe(no_mangle)]
 pub fn offcpu_marker_sleep(count: u32, each: Duration) {
     for _ in 0..count {
         sleep_once(each);
@@ -43,7 +42,6 @@ fn sleep_once(each: Duration) {
 
 /// Burns CPU inside this function until `stop` is set (the on-CPU marker).
 #[inline(never)]
-#[unsafe(no_mangle)]
 pub fn oncpu_marker_spin(stop: &AtomicBool) -> u64 {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     while !stop.load(Ordering::Relaxed) {
