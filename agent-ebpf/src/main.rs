@@ -5,11 +5,15 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod io;
+mod lock;
 mod maps;
 mod oncpu;
 mod sched_btf;
 mod sched_tp;
+mod syscall;
 mod task_storage;
+mod threads;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -8,15 +8,15 @@
 //! drain is lost or counted twice.
 
 use agent_common::{
-    GENERATION_INDEX, Loss, MAX_STACK_DEPTH, NO_STACK, ProbeConfig, STACK_FULL, SampleKey,
-    SampleValue, Signal, StackTrace, TotalKey, TotalValue,
+    GENERATION_INDEX, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, NO_STACK, ProbeConfig, STACK_FULL,
+    SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue, hist_bucket,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::generated::bpf_get_stack,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 
 /// Read-only configuration, written by the agent before load.
@@ -48,20 +48,38 @@ static STACKS_0: HashMap<u64, StackTrace> = HashMap::with_max_entries(4096, 0);
 #[map]
 static STACKS_1: HashMap<u64, StackTrace> = HashMap::with_max_entries(4096, 0);
 
+/// Thread names, kept after the threads exit (user space reads them at each drain).
 #[map]
-static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(Loss::COUNT, 0);
+pub static COMMS: LruHashMap<u32, [u8; 16]> = LruHashMap::with_max_entries(65536, 0);
+
+/// Records the current thread's name the first time the thread is seen.
+#[inline(always)]
+pub fn remember_comm(tid: u32) {
+    if tid == 0 || COMMS.get_ptr(tid).is_some() {
+        return;
+    }
+    if let Ok(comm) = aya_ebpf::helpers::bpf_get_current_comm() {
+        let _ = COMMS.insert(tid, comm, 0);
+    }
+}
+
+#[map]
+static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_COUNTERS, 0);
 
 /// Per-CPU scratch stacks, one slot per program that can nest with another on a CPU.
 #[map]
 static SCRATCH: PerCpuArray<StackTrace> = PerCpuArray::with_max_entries(SCRATCH_SLOTS, 0);
 
-/// Scratch slot of the scheduler tracepoint programs.
+/// Scratch slots: one per program that walks stacks, because programs nest on a CPU
+/// (interrupts, NMIs, and tracepoints hit inside another program's map operations).
 pub const SLOT_SCHED: u32 = 0;
-/// Scratch slot of the return-to-user (`rseq_update`) program.
 pub const SLOT_RSEQ: u32 = 1;
-/// Scratch slot of the perf_event (NMI) program.
 pub const SLOT_PERF: u32 = 2;
-const SCRATCH_SLOTS: u32 = 3;
+pub const SLOT_SYSCALL: u32 = 3;
+pub const SLOT_LOCK: u32 = 4;
+pub const SLOT_FUTEX: u32 = 5;
+pub const SLOT_DISK: u32 = 6;
+const SCRATCH_SLOTS: u32 = 7;
 
 const EEXIST: i32 = 17;
 const EBUSY: i32 = 16;
@@ -108,9 +126,9 @@ fn stack_map(generation: u32) -> &'static HashMap<u64, StackTrace> {
 
 /// Counts a loss. The first loss of a kind on a CPU is also logged (through aya-log), so
 /// the agent's log says when the probes start dropping; later ones are only counted.
-#[inline(always)]
-pub fn count_loss<C: EbpfContext>(ctx: &C, loss: Loss) {
-    if let Some(counter) = LOSSES.get_ptr_mut(loss as u32) {
+#[inline(never)]
+pub fn count_loss<C: EbpfContext>(ctx: &C, signal: Signal, loss: Loss) {
+    if let Some(counter) = LOSSES.get_ptr_mut(loss.index(signal)) {
         // SAFETY: per-CPU slot; programs on one CPU that could nest update it with an
         // atomic add, so a nested increment is never lost.
         let first = unsafe { *counter } == 0;
@@ -118,8 +136,10 @@ pub fn count_loss<C: EbpfContext>(ctx: &C, loss: Loss) {
         if first {
             aya_log_ebpf::warn!(
                 ctx,
-                "first {} loss on this CPU (counted in every profile from now on)",
-                loss.name()
+                "first loss on this CPU: counter {} (signal {}, reason {}); profiles report it",
+                loss.index(signal),
+                signal as u32,
+                loss as u32
             );
         }
     }
@@ -143,6 +163,7 @@ unsafe fn atomic_add(target: *mut u64, value: u64) {
 #[inline(always)]
 fn upsert<C: EbpfContext, K, V>(
     ctx: &C,
+    signal: Signal,
     map: &HashMap<K, V>,
     key: &K,
     value: &V,
@@ -158,76 +179,131 @@ fn upsert<C: EbpfContext, K, V>(
             Ok(()) => return,
             Err(err) if err == -EEXIST => {}
             Err(err) if err == -EBUSY => {
-                count_loss(ctx, Loss::MapBusy);
+                count_loss(ctx, signal, Loss::MapBusy);
                 return;
             }
             Err(_) => {
-                count_loss(ctx, Loss::AggFull);
+                count_loss(ctx, signal, Loss::AggFull);
                 return;
             }
         }
     }
 }
 
-/// Adds one event to the exact totals of (thread, signal, class).
+/// Adds one event of `ns` (of which `tail_ns` runnable, for off-CPU waits) to the exact
+/// totals and histogram of `key`.
 #[inline(always)]
-pub fn add_total<C: EbpfContext>(ctx: &C, generation: u32, key: &TotalKey, ns: u64) {
-    let value = TotalValue { ns, count: 1 };
-    upsert(ctx, totals_map(generation), key, &value, |entry, value| {
-        // SAFETY: the entry lives until the program returns (RCU); fields are u64.
-        unsafe {
-            atomic_add(&raw mut (*entry).ns, value.ns);
-            atomic_add(&raw mut (*entry).count, value.count);
+pub fn add_total<C: EbpfContext>(ctx: &C, generation: u32, key: &TotalKey, ns: u64, tail_ns: u64) {
+    let signal = Signal::from_u8(key.signal).unwrap_or(Signal::OffCpu);
+    let bucket = hist_bucket(ns);
+    let map = totals_map(generation);
+    for _ in 0..2 {
+        if let Some(entry) = map.get_ptr_mut(key) {
+            // SAFETY: the entry lives until the program returns (RCU); fields are u64 and
+            // the bucket index is below HIST_BUCKETS.
+            unsafe {
+                atomic_add(&raw mut (*entry).count, 1);
+                atomic_add(&raw mut (*entry).ns, ns);
+                if tail_ns != 0 {
+                    atomic_add(&raw mut (*entry).tail_ns, tail_ns);
+                }
+                if let Some(slot) = (*entry).buckets.get_mut(bucket) {
+                    atomic_add(slot, 1);
+                }
+                if ns > (*entry).max_ns {
+                    (*entry).max_ns = ns;
+                }
+            }
+            return;
         }
-    });
+        // Insert an empty entry, then add through the lookup above: the histogram is too
+        // big to build on the BPF stack.
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value, the 352-byte entry would be copied onto the BPF stack"
+        )]
+        let inserted = map.insert(key, &EMPTY_TOTAL, u64::from(BPF_NOEXIST));
+        match inserted {
+            Ok(()) => {}
+            Err(err) if err == -EEXIST => {}
+            Err(err) if err == -EBUSY => {
+                count_loss(ctx, signal, Loss::MapBusy);
+                return;
+            }
+            Err(_) => {
+                count_loss(ctx, signal, Loss::AggFull);
+                return;
+            }
+        }
+    }
 }
 
-/// Adds one off-CPU wait to the exact totals of (thread, state).
+/// An empty totals entry, inserted before the first add.
+static EMPTY_TOTAL: TotalValue = TotalValue {
+    count: 0,
+    ns: 0,
+    tail_ns: 0,
+    max_ns: 0,
+    buckets: [0; agent_common::HIST_BUCKETS],
+};
+
+/// Adds one off-CPU wait to the exact totals of (thread, state, wait hint).
 #[inline(always)]
 pub fn add_offcpu_total<C: EbpfContext>(
     ctx: &C,
     generation: u32,
-    tgid: u32,
-    tid: u32,
-    state: u8,
+    thread: (u32, u32),
+    (state, hint): (u8, u8),
     wait_ns: u64,
+    tail_ns: u64,
 ) {
     let key = TotalKey {
-        tgid,
-        tid,
+        tgid: thread.0,
+        tid: thread.1,
         signal: Signal::OffCpu as u8,
         class: state,
+        detail: hint,
         ..TotalKey::default()
     };
-    add_total(ctx, generation, &key, wait_ns);
+    add_total(ctx, generation, &key, wait_ns, tail_ns);
 }
 
 /// Adds `value` to the stack sample `key`.
 #[inline(always)]
 pub fn add_sample<C: EbpfContext>(ctx: &C, generation: u32, key: &SampleKey, value: &SampleValue) {
-    upsert(ctx, samples_map(generation), key, value, |entry, value| {
-        // SAFETY: the entry lives until the program returns (RCU); fields are u64.
-        unsafe {
-            atomic_add(&raw mut (*entry).ns, value.ns);
-            atomic_add(&raw mut (*entry).count, value.count);
-            if value.est_count_fp != 0 {
-                atomic_add(&raw mut (*entry).est_ns, value.est_ns);
-                atomic_add(&raw mut (*entry).est_count_fp, value.est_count_fp);
+    let signal = Signal::from_u8(key.signal).unwrap_or(Signal::OffCpu);
+    upsert(
+        ctx,
+        signal,
+        samples_map(generation),
+        key,
+        value,
+        |entry, value| {
+            // SAFETY: the entry lives until the program returns (RCU); fields are u64.
+            unsafe {
+                atomic_add(&raw mut (*entry).ns, value.ns);
+                atomic_add(&raw mut (*entry).count, value.count);
+                if value.tail_ns != 0 {
+                    atomic_add(&raw mut (*entry).tail_ns, value.tail_ns);
+                }
+                if value.est_count_fp != 0 {
+                    atomic_add(&raw mut (*entry).est_ns, value.est_ns);
+                    atomic_add(&raw mut (*entry).est_count_fp, value.est_count_fp);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
-/// FNV-1a style hash over the valid frames; never returns [`NO_STACK`].
+/// FNV-1a style hash over every slot; never returns [`NO_STACK`]. Slots past `len` are
+/// zero (the kernel's stack helpers zero-fill the rest of the buffer, and `set_leaf`
+/// clears it), so the hash needs no comparison with `len`: an unknown `len` compared
+/// with the loop index would give the verifier one path per possible length.
 #[inline(always)]
 fn stack_hash(stack: &StackTrace) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(stack.flags);
-    let len = stack.len as usize;
-    for i in 0..MAX_STACK_DEPTH {
-        if i >= len {
-            break;
-        }
-        hash = (hash ^ stack.ips[i]).wrapping_mul(0x0000_0100_0000_01b3);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(stack.flags) ^ u64::from(stack.len);
+    for ip in &stack.ips {
+        hash = (hash ^ ip).wrapping_mul(0x0000_0100_0000_01b3);
         hash ^= hash >> 29;
     }
     if hash == NO_STACK { 1 } else { hash }
@@ -236,7 +312,12 @@ fn stack_hash(stack: &StackTrace) -> u64 {
 /// Stores `stack` in the stack table of `generation` and returns its hash, or [`NO_STACK`]
 /// if the table was full.
 #[inline(always)]
-pub fn store_stack<C: EbpfContext>(ctx: &C, generation: u32, stack: &StackTrace) -> u64 {
+pub fn store_stack<C: EbpfContext>(
+    ctx: &C,
+    signal: Signal,
+    generation: u32,
+    stack: &StackTrace,
+) -> u64 {
     if stack.len == 0 {
         return NO_STACK;
     }
@@ -249,11 +330,11 @@ pub fn store_stack<C: EbpfContext>(ctx: &C, generation: u32, stack: &StackTrace)
         Ok(()) => hash,
         Err(err) if err == -EEXIST => hash,
         Err(err) if err == -EBUSY => {
-            count_loss(ctx, Loss::MapBusy);
+            count_loss(ctx, signal, Loss::MapBusy);
             NO_STACK
         }
         Err(_) => {
-            count_loss(ctx, Loss::StackTableFull);
+            count_loss(ctx, signal, Loss::StackTableFull);
             NO_STACK
         }
     }
@@ -271,6 +352,7 @@ pub fn scratch(slot: u32) -> Option<&'static mut StackTrace> {
 #[inline(always)]
 pub fn capture_current_stack<C: EbpfContext>(
     ctx: &C,
+    signal: Signal,
     generation: u32,
     slot: u32,
     user: bool,
@@ -289,18 +371,26 @@ pub fn capture_current_stack<C: EbpfContext>(
         )
     };
     if written < 0 {
-        count_loss(
-            ctx,
-            if user {
-                Loss::UserStackFailed
-            } else {
-                Loss::KernelStackFailed
-            },
-        );
+        let loss = if user {
+            Loss::UserStackFailed
+        } else {
+            Loss::KernelStackFailed
+        };
+        count_loss(ctx, signal, loss);
         return NO_STACK;
     }
     set_len(stack, written as usize / 8, user);
-    store_stack(ctx, generation, stack)
+    store_stack(ctx, signal, generation, stack)
+}
+
+/// Makes `stack` a one-frame user stack holding `ip` (every other slot cleared).
+#[inline(always)]
+pub fn set_leaf(stack: &mut StackTrace, ip: u64) {
+    for slot in &mut stack.ips {
+        *slot = 0;
+    }
+    stack.ips[0] = ip;
+    set_len(stack, usize::from(ip != 0), true);
 }
 
 /// Sets the length and flags of a freshly walked stack.

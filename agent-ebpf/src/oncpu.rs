@@ -20,9 +20,9 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> i32 {
     // is a checked context access.
     let period = unsafe { (*ctx.ctx).sample_period };
     let generation = generation();
-    let kstack = capture_current_stack(&ctx, generation, SLOT_PERF, false);
+    let kstack = capture_current_stack(&ctx, Signal::OnCpu, generation, SLOT_PERF, false);
     // Kernel threads have no user stack; the walk returns nothing for them.
-    let ustack = capture_current_stack(&ctx, generation, SLOT_PERF, true);
+    let ustack = capture_current_stack(&ctx, Signal::OnCpu, generation, SLOT_PERF, true);
     let key = SampleKey {
         tgid,
         tid,

@@ -1,8 +1,6 @@
-//! Off-CPU time on kernels with BTF tracepoints (5.18+): the time from a thread's
-//! switch-out to its switch-in, by the state it left the CPU in, with stacks for sampled
-//! waits.
+//! Off-CPU time and run-queue latency on kernels with BTF tracepoints (5.18+).
 //!
-//! Fast path: switch-out writes a timestamp and state into the thread's task-local
+//! Off-CPU fast path: switch-out writes a timestamp and state into the thread's task-local
 //! storage; switch-in computes the wait and adds it to the exact totals. Stacks are taken
 //! for waits at or above a threshold, and for shorter waits with probability
 //! `wait / threshold` (threshold sampling: stack totals stay unbiased). A selected wait
@@ -12,17 +10,22 @@
 //! registered rseq, as glibc 2.35+ does for all threads), or at its next switch-out if it
 //! blocks again first. Threads without rseq have their user stack walked at every
 //! switch-out instead (exact, more expensive).
+//!
+//! Run queue: `sched_wakeup`/`sched_wakeup_new` stamp when a sleeping thread became
+//! runnable; at switch-in the time since then (or since a preemption) is its run-queue
+//! wait, and the off-CPU wait records that part as its runnable tail.
 
 use agent_common::{
     EST_COUNT_FP_SHIFT, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_USER_LEAF_ONLY,
-    FLAG_USTACK_FAILED, Loss, NO_STACK, OffCpuState, PendingWait, SampleKey, SampleValue, Signal,
-    StackTrace, THREAD_HAS_RSEQ, THREAD_KERNEL, THREAD_PENDING, THREAD_USER_SNAPSHOT, ThreadState,
+    FLAG_USTACK_FAILED, Loss, NO_STACK, OffCpuState, PendingWait, RunQueueKind, SampleKey,
+    SampleValue, Signal, StackTrace, THREAD_HAS_RSEQ, THREAD_KERNEL, THREAD_PENDING,
+    THREAD_USER_SNAPSHOT, TotalKey, WAIT_HINT_KERNEL_LOCK, WAIT_HINT_NONE,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, task_struct},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
         generated::{
             bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack, bpf_get_task_stack,
             bpf_task_pt_regs,
@@ -35,14 +38,13 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        SLOT_RSEQ, SLOT_SCHED, add_offcpu_total, add_sample, capture_current_stack, config,
-        count_loss, generation, scratch, set_len, store_stack, wanted,
+        COMMS, SLOT_RSEQ, SLOT_SCHED, add_offcpu_total, add_sample, add_total,
+        capture_current_stack, config, count_loss, generation, scratch, set_leaf, set_len,
+        store_stack, wanted,
     },
     task_storage::TaskStorage,
+    threads::{read_task_u32, read_task_u64, thread_of, thread_or_create},
 };
-
-#[btf_map]
-static THREAD_STATE: TaskStorage<ThreadState> = TaskStorage::new();
 
 /// User stacks walked at switch-out, for threads whose return to user space is not seen.
 #[btf_map]
@@ -58,8 +60,6 @@ static PENDING_SCRATCH: PerCpuArray<PendingWait> = PerCpuArray::with_max_entries
 
 /// `TASK_DEAD` in `task->__state`: the thread's final switch-out.
 const TASK_DEAD: u32 = 0x80;
-/// `PF_KTHREAD` in `task->flags`.
-const PF_KTHREAD: u32 = 0x0020_0000;
 
 #[cfg(bpf_target_arch = "aarch64")]
 mod regs {
@@ -97,22 +97,75 @@ pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// `sched_wakeup(struct task_struct *p)`: an off-CPU thread became runnable.
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> i32 {
+    let task: *mut task_struct = ctx.arg(0);
+    if let Some(thread) = thread_of(task)
+        && thread.off_since_ns != 0
+        && thread.woken_ns == 0
+    {
+        // SAFETY: helper without arguments.
+        thread.woken_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    0
+}
+
+/// `sched_wakeup_new(struct task_struct *p)`: a new thread is runnable for the first time.
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
+    if !config().wants(Signal::RunQueue) {
+        return 0;
+    }
+    let task: *mut task_struct = ctx.arg(0);
+    if let Some(thread) = thread_or_create(&ctx, Signal::RunQueue, task, None)
+        && wanted(thread.tgid)
+    {
+        // SAFETY: helper without arguments.
+        thread.woken_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    0
+}
+
+/// `task_rename(struct task_struct *task, const char *comm)`: keep thread names current.
+#[btf_tracepoint(function = "task_rename")]
+pub fn task_rename_btf(ctx: BtfTracePointContext) -> i32 {
+    let task: *mut task_struct = ctx.arg(0);
+    let comm: *const u8 = ctx.arg(1);
+    let tid = read_task_u32(task, config().task_pid_offset);
+    let mut name = [0u8; 16];
+    // SAFETY: the kernel's NUL-terminated new name; the copy is bounded by `name`.
+    if tid != 0 && unsafe { bpf_probe_read_kernel_str_bytes(comm, &mut name) }.is_ok() {
+        let _ = COMMS.insert(tid, name, 0);
+    }
+    0
+}
+
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`:
+/// a new program, a new name.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec_btf(_ctx: BtfTracePointContext) -> i32 {
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    if let Ok(comm) = aya_ebpf::helpers::bpf_get_current_comm() {
+        let _ = COMMS.insert(tid, comm, 0);
+    }
+    0
+}
+
 /// `rseq_update(struct task_struct *t)`: the current thread is about to return to user
 /// space after having been switched out; its user registers are those of the wait.
 #[btf_tracepoint(function = "rseq_update")]
 pub fn rseq_update_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: helper without arguments; the current task is always valid.
     let task = unsafe { bpf_get_current_task_btf() };
-    let Some(thread) = THREAD_STATE.lookup(task) else {
+    let Some(thread) = thread_of(task) else {
         return 0;
     };
-    // SAFETY: task-local storage of the current task, touched only from its own context
-    // or while it is being switched, which the scheduler serialises.
-    let thread = unsafe { &mut *thread };
     if thread.flags & THREAD_PENDING != 0 {
         thread.flags &= !THREAD_PENDING;
-        let ustack = capture_current_stack(&ctx, generation(), SLOT_RSEQ, true);
-        finalize_pending(&ctx, generation(), thread.tid, ustack, 0);
+        let generation = generation();
+        let ustack = capture_current_stack(&ctx, Signal::OffCpu, generation, SLOT_RSEQ, true);
+        finalize_pending(&ctx, generation, thread.tid, ustack, 0);
     }
     0
 }
@@ -126,52 +179,45 @@ fn switch_out(
     preempt: bool,
     raw_state: u32,
 ) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    let tgid = (pid_tgid >> 32) as u32;
-    if tid == 0 || !wanted(tgid) || prev.is_null() {
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    if pid_tgid as u32 == 0 || !wanted((pid_tgid >> 32) as u32) {
         return;
     }
     let dying = !preempt && raw_state & TASK_DEAD != 0;
-    let Some(thread) = (if dying {
-        THREAD_STATE.lookup(prev)
+    let thread = if dying {
+        thread_of(prev)
     } else {
-        THREAD_STATE.get_or_create(prev)
-    }) else {
-        if !dying {
-            count_loss(ctx, Loss::ThreadTableFull);
-        }
+        thread_or_create(ctx, Signal::OffCpu, prev, Some(pid_tgid))
+    };
+    let Some(thread) = thread else {
         return;
     };
-    // SAFETY: see `rseq_update_btf`.
-    let thread = unsafe { &mut *thread };
     if thread.flags & THREAD_PENDING != 0 {
         // Blocked again before returning to user space: the user registers are still the
         // wait's, unless rseq was unregistered meanwhile (checked against the saved ones).
         thread.flags &= !THREAD_PENDING;
         if dying {
-            let _ = PENDING.remove(tid);
+            let _ = PENDING.remove(thread.tid);
         } else {
-            finalize_at_switch_out(ctx, generation, tid);
+            finalize_at_switch_out(ctx, generation, thread.tid);
         }
     }
     if dying {
         return;
     }
-    let cfg = config();
-    if thread.tgid == 0 {
-        thread.tgid = tgid;
-        thread.tid = tid;
-        if read_u32(prev, cfg.task_flags_offset) & PF_KTHREAD != 0 {
-            thread.flags |= THREAD_KERNEL;
-        }
-    }
     thread.off_since_ns = now;
+    thread.woken_ns = 0;
     thread.state = OffCpuState::from_task_state(preempt, raw_state) as u8;
-    if thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
+    thread.wait_hint = if thread.lock_since_ns != 0 {
+        WAIT_HINT_KERNEL_LOCK
+    } else {
+        WAIT_HINT_NONE
+    };
+    if !config().wants(Signal::OffCpu) || thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
         return;
     }
-    if cfg.task_rseq_offset != 0 && read_u64(prev, cfg.task_rseq_offset) != 0 {
+    let rseq_offset = config().task_rseq_offset;
+    if rseq_offset != 0 && read_task_u64(prev, rseq_offset) != 0 {
         thread.flags |= THREAD_HAS_RSEQ;
         thread.flags &= !THREAD_USER_SNAPSHOT;
         return;
@@ -199,20 +245,43 @@ fn switch_out(
 
 #[inline(always)]
 fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut task_struct) {
-    if next.is_null() {
-        return;
-    }
-    let Some(thread) = THREAD_STATE.lookup(next) else {
+    let Some(thread) = thread_of(next) else {
         return;
     };
-    // SAFETY: see `rseq_update_btf`.
-    let thread = unsafe { &mut *thread };
-    if thread.off_since_ns == 0 || thread.off_since_ns > now {
+    let off_since = thread.off_since_ns;
+    let woken = thread.woken_ns;
+    thread.off_since_ns = 0;
+    thread.woken_ns = 0;
+    let cfg = config();
+    // The runnable tail: since the preemption, or since the wakeup.
+    let preempted = thread.state == OffCpuState::Runnable as u8 && off_since != 0;
+    let runnable_since = if preempted { off_since } else { woken };
+    let tail_ns = if runnable_since != 0 && runnable_since <= now {
+        now - runnable_since
+    } else {
+        0
+    };
+    if cfg.wants(Signal::RunQueue) && runnable_since != 0 {
+        let kind = if preempted {
+            RunQueueKind::Preempted
+        } else {
+            RunQueueKind::Woken
+        };
+        let key = TotalKey {
+            tgid: thread.tgid,
+            tid: thread.tid,
+            signal: Signal::RunQueue as u8,
+            class: kind as u8,
+            ..TotalKey::default()
+        };
+        add_total(ctx, generation, &key, tail_ns, 0);
+    }
+    if off_since == 0 || off_since > now || !cfg.wants(Signal::OffCpu) {
         return;
     }
-    let wait_ns = now - thread.off_since_ns;
-    thread.off_since_ns = 0;
-    let threshold = config().offcpu_stack_threshold_ns;
+    let wait_ns = now - off_since;
+    let tail_ns = if tail_ns > wait_ns { wait_ns } else { tail_ns };
+    let threshold = cfg.offcpu_stack_threshold_ns;
     let (est_ns, est_count_fp) = if wait_ns >= threshold {
         (0, 0)
     } else {
@@ -224,10 +293,10 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
             add_offcpu_total(
                 ctx,
                 generation,
-                thread.tgid,
-                thread.tid,
-                thread.state,
+                (thread.tgid, thread.tid),
+                (thread.state, thread.wait_hint),
                 wait_ns,
+                tail_ns,
             );
             return;
         }
@@ -242,10 +311,13 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     // SAFETY: per-CPU scratch of this program.
     let pending = unsafe { &mut *pending };
     pending.wait_ns = wait_ns;
+    pending.tail_ns = tail_ns;
     pending.est_ns = est_ns;
     pending.est_count_fp = est_count_fp;
     pending.tgid = thread.tgid;
+    pending.aux = 0;
     pending.state = thread.state;
+    pending.wait_hint = thread.wait_hint;
     pending.flags = 0;
     // SAFETY: `next` is a BTF task pointer; the buffer is the scratch stack's array.
     let written = unsafe {
@@ -257,7 +329,7 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
         )
     };
     if written < 0 {
-        count_loss(ctx, Loss::KernelStackFailed);
+        count_loss(ctx, Signal::OffCpu, Loss::KernelStackFailed);
         pending.flags |= FLAG_KSTACK_FAILED;
         pending.kstack.len = 0;
     } else {
@@ -270,7 +342,7 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     } else if thread.flags & THREAD_USER_SNAPSHOT != 0 {
         let ustack = match USER_SNAPSHOT.lookup(next) {
             // SAFETY: the thread's storage; it is off CPU, nobody else writes it.
-            Some(snapshot) => store_stack(ctx, generation, unsafe { &*snapshot }),
+            Some(snapshot) => store_stack(ctx, Signal::OffCpu, generation, unsafe { &*snapshot }),
             None => NO_STACK,
         };
         emit(ctx, generation, tid, pending, ustack);
@@ -284,7 +356,7 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
         )]
         let inserted = PENDING.insert(tid, &*pending, 0);
         if inserted.is_err() {
-            count_loss(ctx, Loss::PendingFull);
+            count_loss(ctx, Signal::OffCpu, Loss::PendingFull);
             pending.flags |= FLAG_USTACK_FAILED;
             emit(ctx, generation, tid, pending, NO_STACK);
             return;
@@ -308,17 +380,16 @@ fn finalize_at_switch_out(ctx: &BtfTracePointContext, generation: u32, tid: u32)
     // SAFETY: helpers on the current task, which is always valid.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     if read_user_regs(regs) == (saved_ip, saved_sp) {
-        let ustack = capture_current_stack(ctx, generation, SLOT_SCHED, true);
+        let ustack = capture_current_stack(ctx, Signal::OffCpu, generation, SLOT_SCHED, true);
         finalize_pending(ctx, generation, tid, ustack, 0);
         return;
     }
     // The thread ran user code since (rseq unregistered): only the leaf frame is known.
-    count_loss(ctx, Loss::UserLeafOnly);
+    count_loss(ctx, Signal::OffCpu, Loss::UserLeafOnly);
     let ustack = match scratch(SLOT_SCHED) {
         Some(leaf) => {
-            leaf.ips[0] = saved_ip;
-            set_len(leaf, usize::from(saved_ip != 0), true);
-            store_stack(ctx, generation, leaf)
+            set_leaf(leaf, saved_ip);
+            store_stack(ctx, Signal::OffCpu, generation, leaf)
         }
         None => NO_STACK,
     };
@@ -340,7 +411,7 @@ fn finalize_pending<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, ustack: 
 /// Adds a sampled wait with its stacks, and its exact amount to the totals.
 #[inline(always)]
 fn emit<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, pending: &PendingWait, ustack: u64) {
-    let kstack = store_stack(ctx, generation, &pending.kstack);
+    let kstack = store_stack(ctx, Signal::OffCpu, generation, &pending.kstack);
     let key = SampleKey {
         tgid: pending.tgid,
         tid,
@@ -349,6 +420,8 @@ fn emit<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, pending: &PendingWai
         signal: Signal::OffCpu as u8,
         class: pending.state,
         flags: pending.flags,
+        detail: pending.wait_hint,
+        aux: pending.aux,
         ..SampleKey::default()
     };
     let exact = pending.est_count_fp == 0;
@@ -357,30 +430,17 @@ fn emit<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, pending: &PendingWai
         count: u64::from(exact),
         est_ns: pending.est_ns,
         est_count_fp: pending.est_count_fp,
+        tail_ns: if exact { pending.tail_ns } else { 0 },
     };
     add_sample(ctx, generation, &key, &value);
     add_offcpu_total(
         ctx,
         generation,
-        pending.tgid,
-        tid,
-        pending.state,
+        (pending.tgid, tid),
+        (pending.state, pending.wait_hint),
         pending.wait_ns,
+        pending.tail_ns,
     );
-}
-
-#[inline(always)]
-fn read_u32(task: *mut task_struct, offset: u32) -> u32 {
-    // SAFETY: fault-tolerant read of a kernel object.
-    unsafe { bpf_probe_read_kernel(task.cast::<u8>().add(offset as usize).cast::<u32>()) }
-        .unwrap_or(0)
-}
-
-#[inline(always)]
-fn read_u64(task: *mut task_struct, offset: u32) -> u64 {
-    // SAFETY: fault-tolerant read of a kernel object.
-    unsafe { bpf_probe_read_kernel(task.cast::<u8>().add(offset as usize).cast::<u64>()) }
-        .unwrap_or(0)
 }
 
 #[inline(always)]

@@ -13,7 +13,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     SLOT_SCHED, add_offcpu_total, add_sample, capture_current_stack, config, count_loss,
-    generation, wanted,
+    generation, remember_comm, wanted,
 };
 
 /// Per-thread state, keyed by thread id.
@@ -45,16 +45,17 @@ pub fn sched_switch_tp(ctx: TracePointContext) -> i32 {
         if prev_state & REPORTED_EXIT != 0 {
             let _ = THREADS.remove(tid);
         } else {
+            remember_comm(tid);
             let thread = TpThreadState {
                 off_since_ns: now,
                 tgid,
                 state: OffCpuState::from_reported_state(prev_state) as u8,
-                kstack: capture_current_stack(&ctx, generation, SLOT_SCHED, false),
-                ustack: capture_current_stack(&ctx, generation, SLOT_SCHED, true),
+                kstack: capture_current_stack(&ctx, Signal::OffCpu, generation, SLOT_SCHED, false),
+                ustack: capture_current_stack(&ctx, Signal::OffCpu, generation, SLOT_SCHED, true),
                 ..TpThreadState::default()
             };
             if THREADS.insert(tid, thread, 0).is_err() {
-                count_loss(&ctx, Loss::ThreadTableFull);
+                count_loss(&ctx, Signal::OffCpu, Loss::ThreadTableFull);
             }
         }
     }
@@ -90,10 +91,10 @@ pub fn sched_switch_tp(ctx: TracePointContext) -> i32 {
     add_offcpu_total(
         &ctx,
         generation,
-        thread.tgid,
-        next_tid,
-        thread.state,
+        (thread.tgid, next_tid),
+        (thread.state, 0),
         wait_ns,
+        0,
     );
     0
 }

@@ -1,7 +1,6 @@
-//! Accumulates drained generations into a profile: exact totals and stack samples are
-//! summed, stacks are symbolized as soon as they are first seen (while their process is
-//! still alive), and `finish` turns everything into a [`Profile`], calibrating
-//! threshold-sampled stacks against the exact totals.
+//! Accumulates drained generations: exact totals and histograms and stack samples are
+//! summed, and stacks are symbolized as soon as they are first seen (while their process
+//! is still alive). `assemble.rs` turns the sums into a profile.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -9,77 +8,45 @@ use std::{
 };
 
 use agent_common::{
-    FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, Loss,
-    NO_STACK, OffCpuState, SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue,
+    LOSS_COUNTERS, NO_STACK, SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue,
 };
-use stallscope_profile::{Frame, FrameId, Labels, Meta, Profile, SampleType};
+use stallscope_profile::{Frame, FrameId, FrameKind, Profile};
 
-use crate::{calibrate, probes::Drained, symbolize::Symbolizer};
+use crate::{naming, probes::Drained, symbolize::Symbolizer};
 
-/// Raw stacks kept for samples that refer to them in a later generation (the
-/// classic-tracepoint path stores stacks at switch-out, counts the wait at switch-in).
+/// Raw stacks kept for samples that refer to them in a later generation (stacks stored
+/// at one event and referenced by a later one: classic-tracepoint switch-out, disk
+/// submission).
 const RAW_STACK_CAPACITY: usize = 65_536;
 
 /// Name of the synthetic frame standing for stacks that could not be resolved.
 pub const LOST_STACK_FRAME: &str = "[stack lost]";
 
-pub const fn signal_label(signal: Signal) -> &'static str {
-    match signal {
-        Signal::OffCpu => "off-cpu",
-        Signal::OnCpu => "on-cpu",
-    }
-}
-
-pub const fn state_label(state: OffCpuState) -> &'static str {
-    match state {
-        OffCpuState::Runnable => "runnable",
-        OffCpuState::Interruptible => "interruptible",
-        OffCpuState::Uninterruptible => "uninterruptible",
-        OffCpuState::Idle => "idle",
-        OffCpuState::Other => "other",
-    }
-}
-
-/// The pprof sample types of a signal: time and events.
-pub fn sample_types(signal: Signal) -> [SampleType; 2] {
-    match signal {
-        Signal::OffCpu => [
-            SampleType::new("off_cpu", "nanoseconds"),
-            SampleType::new("off_cpu_events", "count"),
-        ],
-        Signal::OnCpu => [
-            SampleType::new("on_cpu", "nanoseconds"),
-            SampleType::new("on_cpu_samples", "count"),
-        ],
-    }
-}
-
-/// An off-CPU calibration group: (tgid, tid, state).
-type GroupKey = (u32, u32, u8);
-
 /// Sums of everything drained so far.
 pub struct Accumulator {
-    profile: Profile,
-    signals: Vec<Signal>,
-    totals: HashMap<TotalKey, TotalValue>,
-    samples: HashMap<SampleKey, SampleValue>,
+    /// Holds the frame table shared by every profile this accumulator produces.
+    pub(crate) profile: Profile,
+    pub(crate) signals: Vec<Signal>,
+    pub(crate) totals: HashMap<TotalKey, TotalValue>,
+    pub(crate) samples: HashMap<SampleKey, SampleValue>,
     raw_stacks: HashMap<u64, StackTrace>,
     raw_order: VecDeque<u64>,
     kernel_stacks: HashMap<(u64, bool), Vec<FrameId>>,
     user_stacks: HashMap<(u32, u64), Vec<FrameId>>,
-    process_names: HashMap<u32, String>,
-    thread_names: HashMap<u32, String>,
-    losses: [u64; Loss::COUNT as usize],
-    reported_losses: [u64; Loss::COUNT as usize],
-    unresolved_stacks: u64,
-    symbolizer: Symbolizer,
+    pub(crate) process_names: HashMap<u32, String>,
+    pub(crate) thread_names: HashMap<u32, String>,
+    pub(crate) device_names: HashMap<u32, String>,
+    pub(crate) losses: Vec<u64>,
+    pub(crate) reported_losses: Vec<u64>,
+    pub(crate) unresolved_stacks: u64,
+    pub(crate) symbolizer: Symbolizer,
 }
 
 impl Accumulator {
     pub fn new(signals: &[Signal]) -> Self {
         let types = signals
             .iter()
-            .flat_map(|&signal| sample_types(signal))
+            .flat_map(|&signal| naming::sample_types(signal))
             .collect();
         Self {
             profile: Profile::new(types),
@@ -92,28 +59,35 @@ impl Accumulator {
             user_stacks: HashMap::new(),
             process_names: HashMap::new(),
             thread_names: HashMap::new(),
-            losses: [0; Loss::COUNT as usize],
-            reported_losses: [0; Loss::COUNT as usize],
+            device_names: HashMap::new(),
+            losses: vec![0; LOSS_COUNTERS as usize],
+            reported_losses: vec![0; LOSS_COUNTERS as usize],
             unresolved_stacks: 0,
             symbolizer: Symbolizer::new(),
         }
     }
 
-    /// Off-CPU waits and on-CPU samples counted so far (for progress lines).
-    pub fn event_counts(&self) -> (u64, u64) {
-        let offcpu = self
-            .totals
+    /// Events counted so far, per signal (for progress lines).
+    pub fn event_counts(&self) -> Vec<(Signal, u64)> {
+        self.signals
             .iter()
-            .filter(|(key, _)| key.signal == Signal::OffCpu as u8)
-            .map(|(_, value)| value.count)
-            .sum();
-        let oncpu = self
-            .samples
-            .iter()
-            .filter(|(key, _)| key.signal == Signal::OnCpu as u8)
-            .map(|(_, value)| value.count)
-            .sum();
-        (offcpu, oncpu)
+            .map(|&signal| {
+                let count = if signal == Signal::OnCpu {
+                    self.samples
+                        .iter()
+                        .filter(|(key, _)| key.signal == signal as u8)
+                        .map(|(_, value)| value.count)
+                        .sum()
+                } else {
+                    self.totals
+                        .iter()
+                        .filter(|(key, _)| key.signal == signal as u8)
+                        .map(|(_, value)| value.count)
+                        .sum()
+                };
+                (signal, count)
+            })
+            .collect()
     }
 
     /// Events lost so far, all reasons together.
@@ -123,6 +97,10 @@ impl Accumulator {
 
     /// Adds one drained generation.
     pub fn ingest(&mut self, drained: Drained) {
+        // Names the probes saw win over /proc: they outlive the threads.
+        for (id, name) in drained.names {
+            self.thread_names.insert(id, name);
+        }
         for (hash, stack) in drained.stacks {
             if self.raw_stacks.insert(hash, stack).is_none() {
                 self.raw_order.push_back(hash);
@@ -134,10 +112,13 @@ impl Accumulator {
             }
         }
         for (key, value) in drained.totals {
-            let entry = self.totals.entry(key).or_default();
-            entry.ns += value.ns;
-            entry.count += value.count;
+            self.totals.entry(key).or_default().merge(&value);
             self.remember_identity(key.tgid, key.tid);
+            if key.signal == Signal::Disk as u8 {
+                self.device_names
+                    .entry(key.aux)
+                    .or_insert_with(|| naming::device_name(key.aux));
+            }
         }
         for (key, value) in drained.samples {
             self.resolve_stacks(&key);
@@ -147,15 +128,26 @@ impl Accumulator {
             entry.count += value.count;
             entry.est_ns += value.est_ns;
             entry.est_count_fp += value.est_count_fp;
+            entry.tail_ns += value.tail_ns;
         }
-        self.losses = drained.losses;
+        if drained.losses.len() == self.losses.len() {
+            self.losses = drained.losses;
+        }
     }
 
     fn remember_identity(&mut self, tgid: u32, tid: u32) {
+        if tgid == 0 {
+            return;
+        }
+        let known = self.thread_names.get(&tgid).cloned();
         self.process_names.entry(tgid).or_insert_with(|| {
             read_comm(&Path::new("/proc").join(tgid.to_string()))
+                .or(known)
                 .unwrap_or_else(|| format!("[pid {tgid}]"))
         });
+        if tid == 0 {
+            return;
+        }
         self.thread_names.entry(tid).or_insert_with(|| {
             let path = Path::new("/proc")
                 .join(tgid.to_string())
@@ -185,9 +177,15 @@ impl Accumulator {
         frames.into_iter().map(|f| self.profile.intern(f)).collect()
     }
 
+    /// Whether the first kernel frame of a sample's stack is an exact instruction pointer
+    /// (interrupted code) rather than a return address.
+    fn leaf_exact(key: &SampleKey) -> bool {
+        key.signal == Signal::OnCpu as u8
+    }
+
     /// Symbolizes the stacks of a sample the first time they are seen.
     fn resolve_stacks(&mut self, key: &SampleKey) {
-        let leaf_exact = key.signal == Signal::OnCpu as u8;
+        let leaf_exact = Self::leaf_exact(key);
         if key.kstack != NO_STACK && !self.kernel_stacks.contains_key(&(key.kstack, leaf_exact)) {
             let ids = self.symbolize_raw(key.kstack, None, leaf_exact);
             self.kernel_stacks.insert((key.kstack, leaf_exact), ids);
@@ -198,193 +196,32 @@ impl Accumulator {
         }
     }
 
-    /// The frames of a sample, innermost first: kernel frames, then user frames.
-    fn stack_of(&self, key: &SampleKey) -> Vec<FrameId> {
-        let leaf_exact = key.signal == Signal::OnCpu as u8;
-        let mut stack = Vec::new();
-        if key.kstack != NO_STACK
-            && let Some(ids) = self.kernel_stacks.get(&(key.kstack, leaf_exact))
-        {
-            stack.extend_from_slice(ids);
-        }
-        if key.ustack != NO_STACK
-            && let Some(ids) = self.user_stacks.get(&(key.tgid, key.ustack))
-        {
-            stack.extend_from_slice(ids);
-        }
-        stack
+    /// The kernel and the user frames of a sample, each innermost first.
+    pub(crate) fn stacks_of(&self, key: &SampleKey) -> (&[FrameId], &[FrameId]) {
+        let kernel = if key.kstack == NO_STACK {
+            &[][..]
+        } else {
+            self.kernel_stacks
+                .get(&(key.kstack, Self::leaf_exact(key)))
+                .map_or(&[][..], Vec::as_slice)
+        };
+        let user = if key.ustack == NO_STACK {
+            &[][..]
+        } else {
+            self.user_stacks
+                .get(&(key.tgid, key.ustack))
+                .map_or(&[][..], Vec::as_slice)
+        };
+        (kernel, user)
     }
 
-    fn labels(&self, signal: Signal, tgid: u32, tid: u32, class: u8, flags: u8) -> Labels {
-        let mut labels = Labels::new();
-        labels.insert("signal".into(), signal_label(signal).into());
-        labels.insert("pid".into(), tgid.to_string());
-        labels.insert("tid".into(), tid.to_string());
-        if let Some(name) = self.process_names.get(&tgid) {
-            labels.insert("process".into(), name.clone());
-        }
-        if let Some(name) = self.thread_names.get(&tid) {
-            labels.insert("thread".into(), name.clone());
-        }
-        if signal == Signal::OffCpu
-            && let Some(state) = OffCpuState::from_u8(class)
-        {
-            labels.insert("state".into(), state_label(state).into());
-        }
-        if let Some(note) = stack_note(flags) {
-            labels.insert("stack_note".into(), note.into());
-        }
-        labels
-    }
-
-    /// Builds the profile of everything accumulated since the last `finish`, and starts
-    /// over (the frame table and symbol caches are kept).
-    pub fn finish(&mut self, mut meta: Meta) -> Profile {
-        let mut profile = Profile::new(self.profile.sample_types.clone());
-        profile.frames.clone_from(&self.profile.frames);
-        let totals = std::mem::take(&mut self.totals);
-        let samples = std::mem::take(&mut self.samples);
-
-        // Off-CPU: calibrate each (thread, state) group against its exact totals.
-        let mut groups: HashMap<GroupKey, Vec<(&SampleKey, &SampleValue)>> = HashMap::new();
-        for (key, value) in &samples {
-            if key.signal == Signal::OffCpu as u8 {
-                groups
-                    .entry((key.tgid, key.tid, key.class))
-                    .or_default()
-                    .push((key, value));
-            }
-        }
-        let time_index = self.value_index(Signal::OffCpu);
-        for (key, total) in &totals {
-            if key.signal != Signal::OffCpu as u8 {
-                continue;
-            }
-            let group_key = (key.tgid, key.tid, key.class);
-            let members = groups.remove(&group_key).unwrap_or_default();
-            let parts: Vec<calibrate::Part> = members
-                .iter()
-                .map(|(_, value)| calibrate::Part::from_value(value))
-                .collect();
-            let calibrated = calibrate::calibrate(total.ns, total.count, &parts);
-            if let Some(index) = time_index {
-                for ((sample_key, _), (ns, count)) in members.iter().zip(&calibrated.parts) {
-                    let labels = self.labels(
-                        Signal::OffCpu,
-                        sample_key.tgid,
-                        sample_key.tid,
-                        sample_key.class,
-                        sample_key.flags,
-                    );
-                    let stack = self.stack_of(sample_key);
-                    add_values(&mut profile, stack, labels, index, *ns, *count);
-                }
-                if calibrated.unattributed_ns > 0 || calibrated.unattributed_count > 0 {
-                    let frame = profile.intern(Frame::synthetic(calibrate::UNSAMPLED_FRAME));
-                    let labels = self.labels(Signal::OffCpu, key.tgid, key.tid, key.class, 0);
-                    add_values(
-                        &mut profile,
-                        vec![frame],
-                        labels,
-                        index,
-                        calibrated.unattributed_ns,
-                        calibrated.unattributed_count,
-                    );
-                }
-            }
-        }
-        // Sampled waits whose totals landed in a later drain (a wait that straddled the
-        // end): keep them as measured.
-        for members in groups.into_values() {
-            for (key, value) in members {
-                if let Some(index) = time_index {
-                    let (ns, count) = calibrate::Part::from_value(value).uncalibrated();
-                    let labels =
-                        self.labels(Signal::OffCpu, key.tgid, key.tid, key.class, key.flags);
-                    add_values(&mut profile, self.stack_of(key), labels, index, ns, count);
-                }
-            }
-        }
-        // On-CPU samples are exact.
-        if let Some(index) = self.value_index(Signal::OnCpu) {
-            for (key, value) in &samples {
-                if key.signal == Signal::OnCpu as u8 {
-                    let labels = self.labels(Signal::OnCpu, key.tgid, key.tid, 0, key.flags);
-                    add_values(
-                        &mut profile,
-                        self.stack_of(key),
-                        labels,
-                        index,
-                        value.ns,
-                        value.count,
-                    );
-                }
-            }
-        }
-        // Frames interned while building belong to the shared table too.
-        self.profile.frames.clone_from(&profile.frames);
-
-        for loss in Loss::ALL {
-            let index = loss as usize;
-            let delta = self.losses[index].saturating_sub(self.reported_losses[index]);
-            meta.losses.insert(loss.name().to_owned(), delta);
-        }
-        self.reported_losses = self.losses;
-        meta.losses.insert(
-            "stack_unresolved".to_owned(),
-            std::mem::take(&mut self.unresolved_stacks),
-        );
-        let offcpu_total: u64 = totals
-            .iter()
-            .filter(|(key, _)| key.signal == Signal::OffCpu as u8)
-            .map(|(_, value)| value.ns)
-            .sum();
-        if self.signals.contains(&Signal::OffCpu) {
-            meta.notes
-                .push(format!("off-CPU exact total: {offcpu_total} ns"));
-        }
-        profile.meta = meta;
-        profile
-    }
-
-    fn value_index(&self, signal: Signal) -> Option<usize> {
-        let [time, _] = sample_types(signal);
-        self.profile.sample_type_index(&time.kind, &time.unit)
-    }
-}
-
-/// Adds time and count to the two columns of a signal, starting at `index`.
-fn add_values(
-    profile: &mut Profile,
-    stack: Vec<FrameId>,
-    labels: Labels,
-    index: usize,
-    ns: u64,
-    count: u64,
-) {
-    if ns == 0 && count == 0 {
-        return;
-    }
-    let mut values = vec![0i64; profile.sample_types.len()];
-    values[index] = i64::try_from(ns).unwrap_or(i64::MAX);
-    if let Some(slot) = values.get_mut(index + 1) {
-        *slot = i64::try_from(count).unwrap_or(i64::MAX);
-    }
-    profile.add(stack, labels, &values);
-}
-
-/// A short explanation of why a sample's stack is incomplete.
-fn stack_note(flags: u8) -> Option<&'static str> {
-    if flags & FLAG_KERNEL_THREAD != 0 {
-        None
-    } else if flags & FLAG_USER_LEAF_ONLY != 0 {
-        Some("user stack: leaf frame only")
-    } else if flags & FLAG_USTACK_FAILED != 0 {
-        Some("user stack: capture failed")
-    } else if flags & FLAG_KSTACK_FAILED != 0 {
-        Some("kernel stack: capture failed")
-    } else {
-        None
+    /// Function names of frames, innermost first, for classification.
+    pub(crate) fn function_names(&self, ids: &[FrameId]) -> Vec<&str> {
+        ids.iter()
+            .filter_map(|&id| self.profile.frames.get(id as usize))
+            .filter(|frame| frame.kind != FrameKind::Synthetic)
+            .map(|frame| frame.function.as_str())
+            .collect()
     }
 }
 

@@ -52,7 +52,7 @@ pub struct Calibrated {
 
 /// Splits `amount` in proportion to `weights` with whole units, exactly (largest
 /// remainder first).
-fn apportion(amount: u64, weights: &[u64]) -> Vec<u64> {
+pub fn apportion(amount: u64, weights: &[u64]) -> Vec<u64> {
     let sum: u128 = weights.iter().map(|&w| u128::from(w)).sum();
     if sum == 0 {
         return vec![0; weights.len()];

@@ -4,6 +4,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use crate::{
+    attach,
     btf::{self, Btf},
     config::{Config, SignalName},
     probes::{self, Probes, SchedHookChoice},
@@ -55,21 +56,7 @@ pub fn check(config: &Config) -> (String, bool) {
 
     let mut all_ok = true;
     for signal in &config.signals {
-        let needs = match signal {
-            SignalName::OffCpu => {
-                let fast = btf.as_ref().is_ok_and(|b| {
-                    b.tracepoint_arg_count("sched_switch") == Some(4)
-                        && b.tracepoint_arg_count("rseq_update").is_some()
-                });
-                format!(
-                    "needs sched_switch; fast path: BTF tracepoints sched_switch (5.18+) and rseq_update, task storage: {}",
-                    if fast { "present" } else { "absent" }
-                )
-            }
-            SignalName::OnCpu => {
-                "needs perf_event_open (cpu-clock) on every CPU with a BPF program".to_owned()
-            }
-        };
+        let needs = needs(*signal, btf.as_ref().ok());
         let (ok, detail) = if privileged {
             let mut single = config.clone();
             single.signals = std::iter::once(*signal).collect();
@@ -84,7 +71,7 @@ pub fn check(config: &Config) -> (String, bool) {
         lines.push(Line {
             subject: format!("signal {signal}"),
             ok,
-            detail: format!("{detail}\n      {needs}"),
+            detail: format!("{detail}\n      needs: {needs}"),
         });
     }
 
@@ -105,20 +92,50 @@ pub fn check(config: &Config) -> (String, bool) {
     (report, all_ok)
 }
 
-fn describe(signal: SignalName, loaded: &Probes, config: &Config) -> String {
+/// What a signal needs, and whether this BTF has the fast path's pieces.
+fn needs(signal: SignalName, btf: Option<&Btf>) -> String {
+    let has = |ok: bool| if ok { "present" } else { "absent" };
     match signal {
-        SignalName::OffCpu => {
-            let hook = loaded.sched_hook.map_or("none", |hook| hook.describe());
-            let forced = if config.sched_hook == SchedHookChoice::Tracepoint {
-                " (forced by configuration)"
-            } else {
-                ""
-            };
-            format!("{hook}{forced}")
+        SignalName::OffCpu => format!(
+            "sched:sched_switch; fast path: BTF tracepoints sched_switch (5.18+), sched_wakeup, rseq_update and task storage ({})",
+            has(btf.is_some_and(attach::btf_sched_supported))
+        ),
+        SignalName::RunQueue => format!(
+            "BTF tracepoints sched_switch (5.18+) and sched_wakeup ({})",
+            has(btf.is_some_and(attach::btf_sched_supported))
+        ),
+        SignalName::OnCpu => {
+            "perf_event_open (cpu-clock) on every CPU with a BPF program".to_owned()
         }
-        SignalName::OnCpu => format!(
-            "perf_event cpu-clock at {} Hz on {} CPUs",
-            config.oncpu_frequency_hz, loaded.oncpu_cpus
+        SignalName::Lock => format!(
+            "BTF lock:contention_begin/end for kernel locks ({}), syscalls:sys_enter_futex* for futexes ({})",
+            has(btf.is_some_and(attach::btf_lock_supported)),
+            has(tracefs::event_dir("syscalls", "sys_enter_futex").is_some())
+        ),
+        SignalName::Syscall => format!(
+            "BTF tracepoints sys_enter/sys_exit ({})",
+            has(btf.is_some_and(attach::btf_syscall_supported))
+        ),
+        SignalName::Disk => format!(
+            "block:block_rq_issue/block_rq_complete ({}), block:block_io_start for attribution ({})",
+            has(tracefs::event_dir("block", "block_rq_issue").is_some()),
+            has(tracefs::event_dir("block", "block_io_start").is_some())
         ),
     }
+}
+
+fn describe(signal: SignalName, loaded: &Probes, config: &Config) -> String {
+    let hook = loaded
+        .hooks
+        .iter()
+        .find(|(s, _)| *s == signal.signal())
+        .map_or("attached", |(_, hook)| hook.as_str());
+    let forced = if matches!(signal, SignalName::OffCpu)
+        && config.sched_hook == SchedHookChoice::Tracepoint
+    {
+        " (forced by configuration)"
+    } else {
+        ""
+    };
+    format!("{hook}{forced}")
 }

@@ -46,7 +46,8 @@ pub struct RecordArgs {
 
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Signals to capture, comma-separated: offcpu, oncpu.
+    /// Signals to capture, comma-separated: offcpu, oncpu, runqueue, lock, syscall, disk
+    /// (default: offcpu,oncpu).
     #[arg(long)]
     pub signals: Option<String>,
     /// Only profile this process.
@@ -55,6 +56,12 @@ pub struct CommonArgs {
     /// Off-CPU waits at least this long always get stacks; shorter ones are sampled.
     #[arg(long, value_name = "DURATION")]
     pub offcpu_threshold: Option<String>,
+    /// Lock waits at least this long always get stacks; shorter ones are sampled.
+    #[arg(long, value_name = "DURATION")]
+    pub lock_threshold: Option<String>,
+    /// Syscalls at least this long get a stack and their file descriptor's kind.
+    #[arg(long, value_name = "DURATION")]
+    pub syscall_threshold: Option<String>,
     /// On-CPU sampling frequency per CPU, in Hz.
     #[arg(long, value_name = "HZ")]
     pub frequency: Option<u64>,
@@ -106,6 +113,8 @@ impl CommonArgs {
                 signals: self.signals.clone(),
                 pid: self.pid,
                 offcpu_threshold: self.offcpu_threshold.clone(),
+                lock_threshold: self.lock_threshold.clone(),
+                syscall_threshold: self.syscall_threshold.clone(),
                 frequency_hz: self.frequency,
                 sched_hook: self.sched_hook.map(|hook| match hook {
                     SchedHookArg::Auto => SchedHookChoice::Auto,

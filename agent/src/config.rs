@@ -44,16 +44,45 @@ pub enum ConfigError {
 pub enum SignalName {
     OffCpu,
     OnCpu,
+    RunQueue,
+    Lock,
+    Syscall,
+    Disk,
 }
 
 impl SignalName {
-    pub const ALL: [Self; 2] = [Self::OffCpu, Self::OnCpu];
-    pub const NAMES: [&'static str; 2] = ["offcpu", "oncpu"];
+    pub const ALL: [Self; 6] = [
+        Self::OffCpu,
+        Self::OnCpu,
+        Self::RunQueue,
+        Self::Lock,
+        Self::Syscall,
+        Self::Disk,
+    ];
+    pub const NAMES: [&'static str; 6] = ["offcpu", "oncpu", "runqueue", "lock", "syscall", "disk"];
+    /// What `record` captures when no signal is named.
+    pub const DEFAULT: [Self; 2] = [Self::OffCpu, Self::OnCpu];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::OffCpu => "offcpu",
             Self::OnCpu => "oncpu",
+            Self::RunQueue => "runqueue",
+            Self::Lock => "lock",
+            Self::Syscall => "syscall",
+            Self::Disk => "disk",
+        }
+    }
+
+    /// The probes' signal.
+    pub const fn signal(self) -> agent_common::Signal {
+        match self {
+            Self::OffCpu => agent_common::Signal::OffCpu,
+            Self::OnCpu => agent_common::Signal::OnCpu,
+            Self::RunQueue => agent_common::Signal::RunQueue,
+            Self::Lock => agent_common::Signal::Lock,
+            Self::Syscall => agent_common::Signal::Syscall,
+            Self::Disk => agent_common::Signal::Disk,
         }
     }
 }
@@ -76,6 +105,10 @@ impl FromStr for SignalName {
         {
             "offcpu" => Ok(Self::OffCpu),
             "oncpu" => Ok(Self::OnCpu),
+            "runqueue" | "rq" => Ok(Self::RunQueue),
+            "lock" | "locks" => Ok(Self::Lock),
+            "syscall" | "syscalls" => Ok(Self::Syscall),
+            "disk" | "io" => Ok(Self::Disk),
             _ => Err(ConfigError::UnknownSignal(name.trim().to_owned())),
         }
     }
@@ -139,6 +172,10 @@ pub struct FileConfig {
     #[serde(default)]
     pub oncpu: OnCpuFile,
     #[serde(default)]
+    pub lock: LockFile,
+    #[serde(default)]
+    pub syscall: SyscallFile,
+    #[serde(default)]
     pub probes: ProbesFile,
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub drain_interval: Option<Duration>,
@@ -149,6 +186,20 @@ pub struct FileConfig {
 pub struct OffCpuFile {
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub stack_threshold: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockFile {
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub stack_threshold: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyscallFile {
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub slow_threshold: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +239,8 @@ pub struct Overrides {
     pub signals: Option<String>,
     pub pid: Option<u32>,
     pub offcpu_threshold: Option<String>,
+    pub lock_threshold: Option<String>,
+    pub syscall_threshold: Option<String>,
     pub frequency_hz: Option<u64>,
     pub sched_hook: Option<SchedHookChoice>,
     pub btf: Option<PathBuf>,
@@ -205,6 +258,8 @@ pub struct Config {
     pub signals: BTreeSet<SignalName>,
     pub target_pid: Option<u32>,
     pub offcpu_stack_threshold: Duration,
+    pub lock_stack_threshold: Duration,
+    pub syscall_slow_threshold: Duration,
     pub oncpu_frequency_hz: u64,
     pub sched_hook: SchedHookChoice,
     pub btf: Option<PathBuf>,
@@ -213,6 +268,8 @@ pub struct Config {
 }
 
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
+pub const DEFAULT_LOCK_THRESHOLD: Duration = Duration::from_micros(100);
+pub const DEFAULT_SYSCALL_THRESHOLD: Duration = Duration::from_millis(1);
 pub const DEFAULT_FREQUENCY_HZ: u64 = 49;
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -233,26 +290,51 @@ fn check_range(
     }
 }
 
+/// A threshold from the flag, else the file, else the default; between 1 us and 10 s.
+fn threshold(
+    what: &'static str,
+    flag: Option<&String>,
+    file: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let value = match flag {
+        Some(text) => parse_duration(text)?,
+        None => file.unwrap_or(default),
+    };
+    check_range(
+        what,
+        "between 1us and 10s",
+        (Duration::from_micros(1)..=Duration::from_secs(10)).contains(&value),
+        format!("{value:?}"),
+    )?;
+    Ok(value)
+}
+
 impl Config {
     /// Merges `file` and `flags` (flags win) and validates the result.
     pub fn build(file: FileConfig, flags: Overrides) -> Result<Self, ConfigError> {
         let signals = match (&flags.signals, &file.signals) {
             (Some(list), _) => parse_signals(list)?,
             (None, Some(list)) => parse_signals(&list.join(","))?,
-            (None, None) => SignalName::ALL.into_iter().collect(),
+            (None, None) => SignalName::DEFAULT.into_iter().collect(),
         };
-        let offcpu_stack_threshold = match &flags.offcpu_threshold {
-            Some(text) => parse_duration(text)?,
-            None => file
-                .offcpu
-                .stack_threshold
-                .unwrap_or(DEFAULT_STACK_THRESHOLD),
-        };
-        check_range(
+        let offcpu_stack_threshold = threshold(
             "the off-CPU stack threshold",
-            "between 1us and 10s",
-            (Duration::from_micros(1)..=Duration::from_secs(10)).contains(&offcpu_stack_threshold),
-            format!("{offcpu_stack_threshold:?}"),
+            flags.offcpu_threshold.as_ref(),
+            file.offcpu.stack_threshold,
+            DEFAULT_STACK_THRESHOLD,
+        )?;
+        let lock_stack_threshold = threshold(
+            "the lock stack threshold",
+            flags.lock_threshold.as_ref(),
+            file.lock.stack_threshold,
+            DEFAULT_LOCK_THRESHOLD,
+        )?;
+        let syscall_slow_threshold = threshold(
+            "the slow-syscall threshold",
+            flags.syscall_threshold.as_ref(),
+            file.syscall.slow_threshold,
+            DEFAULT_SYSCALL_THRESHOLD,
         )?;
         let oncpu_frequency_hz = flags
             .frequency_hz
@@ -326,6 +408,8 @@ impl Config {
             signals,
             target_pid: flags.pid,
             offcpu_stack_threshold,
+            lock_stack_threshold,
+            syscall_slow_threshold,
             oncpu_frequency_hz,
             sched_hook: flags
                 .sched_hook
@@ -343,9 +427,10 @@ impl Config {
 
     pub fn probe_settings(&self) -> ProbeSettings {
         ProbeSettings {
-            offcpu: self.wants(SignalName::OffCpu),
-            oncpu: self.wants(SignalName::OnCpu),
+            signals: self.signals.iter().map(|s| s.signal()).collect(),
             offcpu_stack_threshold: self.offcpu_stack_threshold,
+            lock_stack_threshold: self.lock_stack_threshold,
+            syscall_slow_threshold: self.syscall_slow_threshold,
             oncpu_frequency_hz: self.oncpu_frequency_hz,
             target_tgid: self.target_pid,
             sched_hook: self.sched_hook,
@@ -382,8 +467,8 @@ mod tests {
 
     #[test]
     fn signals() {
-        let all = parse_signals("offcpu, on-cpu").expect("valid");
-        assert_eq!(all.len(), 2);
+        let all = parse_signals("offcpu, on-cpu,runqueue,lock,syscall,disk").expect("valid");
+        assert_eq!(all.len(), 6);
         let err = parse_signals("offcpu,bogus").expect_err("invalid");
         assert!(err.to_string().contains("unknown signal `bogus`"), "{err}");
         assert!(matches!(parse_signals(" , "), Err(ConfigError::NoSignals)));

@@ -2,17 +2,23 @@
 //! symbolizes stacks and turns them into profiles.
 
 pub mod accumulate;
+pub mod assemble;
+pub mod attach;
 pub mod bpf_sys;
 pub mod btf;
 pub mod calibrate;
+pub mod cause;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod naming;
 pub mod output;
 pub mod probes;
 pub mod record;
 pub mod shutdown;
 pub mod symbolize;
+mod syscall_table;
+pub mod syscalls;
 pub mod system;
 pub mod tracefs;

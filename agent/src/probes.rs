@@ -9,22 +9,20 @@ use std::{
 };
 
 use agent_common::{
-    GENERATION_INDEX, Loss, ProbeConfig, SampleKey, SampleValue, StackTrace, TotalKey, TotalValue,
+    GENERATION_INDEX, LOSS_COUNTERS, ProbeConfig, SampleKey, SampleValue, Signal, StackTrace,
+    TotalKey, TotalValue,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::{
-        BtfTracePoint, PerfEvent, TracePoint,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-    },
 };
 use thiserror::Error;
 
 use crate::{
+    attach,
     bpf_sys::{self, Barrier},
     btf::{self, Btf},
-    tracefs,
+    syscalls, tracefs,
 };
 
 /// The probe object built by `build.rs`.
@@ -63,6 +61,11 @@ pub enum ProbeError {
     },
     #[error("on-CPU sampling needs perf events on every CPU: {0}")]
     PerfEvent(String),
+    #[error("signal `{signal}` is not available on this kernel: it needs {need}")]
+    Unsupported {
+        signal: &'static str,
+        need: &'static str,
+    },
 }
 
 /// How off-CPU time is hooked on this kernel.
@@ -127,9 +130,10 @@ impl Default for MapSizes {
 /// What to load.
 #[derive(Debug, Clone)]
 pub struct ProbeSettings {
-    pub offcpu: bool,
-    pub oncpu: bool,
+    pub signals: Vec<Signal>,
     pub offcpu_stack_threshold: Duration,
+    pub lock_stack_threshold: Duration,
+    pub syscall_slow_threshold: Duration,
     pub oncpu_frequency_hz: u64,
     pub target_tgid: Option<u32>,
     pub sched_hook: SchedHookChoice,
@@ -143,8 +147,10 @@ pub struct Drained {
     pub totals: Vec<(TotalKey, TotalValue)>,
     pub samples: Vec<(SampleKey, SampleValue)>,
     pub stacks: Vec<(u64, StackTrace)>,
-    /// Cumulative loss counters, summed over CPUs.
-    pub losses: [u64; Loss::COUNT as usize],
+    /// Cumulative loss counters, summed over CPUs, indexed by [`agent_common::Loss::index`].
+    pub losses: Vec<u64>,
+    /// Names the probes recorded for the threads (and processes) in this generation.
+    pub names: Vec<(u32, String)>,
 }
 
 /// Loaded and attached probes.
@@ -153,6 +159,7 @@ pub struct Probes {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     generation_map: Array<MapData, u32>,
     losses: PerCpuArray<MapData, u64>,
+    comms: aya::maps::HashMap<MapData, u32, [u8; 16]>,
     totals: [MapData; 2],
     samples: [MapData; 2],
     stacks: [MapData; 2],
@@ -161,6 +168,8 @@ pub struct Probes {
     sizes: MapSizes,
     pub sched_hook: Option<SchedHook>,
     pub oncpu_cpus: usize,
+    /// What serves each signal, for `check` and the log.
+    pub hooks: Vec<(Signal, String)>,
 }
 
 /// Whether this process may load tracing programs: root, or `CAP_BPF` + `CAP_PERFMON`, or
@@ -210,55 +219,52 @@ fn load_btf(path: Option<&Path>) -> Result<Option<(Btf, aya::Btf)>, ProbeError> 
     }
 }
 
-/// Whether the BTF `sched_switch` path can work with this BTF: the tracepoint must pass
-/// `prev_state` (5.18+) and `rseq_update` must exist.
-fn btf_sched_supported(btf: &Btf) -> bool {
-    btf.tracepoint_arg_count("sched_switch") == Some(4)
-        && btf.tracepoint_arg_count("rseq_update").is_some()
-        && btf.member_offset("task_struct", "pid").is_ok()
-        && btf.member_offset("task_struct", "flags").is_ok()
-}
-
 impl Probes {
     pub fn load(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         if !privileged() {
             return Err(ProbeError::NotPrivileged);
         }
+        let wants = |signal: Signal| settings.signals.contains(&signal);
         let btf = load_btf(settings.btf_path.as_deref())?;
+        let nanos = |d: Duration| d.as_nanos().clamp(1, u128::from(u64::MAX)) as u64;
         let mut config = ProbeConfig {
-            offcpu_stack_threshold_ns: settings.offcpu_stack_threshold.as_nanos().max(1) as u64,
+            offcpu_stack_threshold_ns: nanos(settings.offcpu_stack_threshold),
+            lock_stack_threshold_ns: nanos(settings.lock_stack_threshold),
+            syscall_slow_threshold_ns: nanos(settings.syscall_slow_threshold),
             target_tgid: settings.target_tgid.unwrap_or(0),
+            signals: settings
+                .signals
+                .iter()
+                .fold(0, |bits, &signal| bits | 1 << signal as u32),
             ..ProbeConfig::DEFAULT
         };
-        let use_btf = settings.offcpu
+        if let Some((ours, _)) = &btf {
+            attach::fill_offsets(&mut config, ours);
+        }
+        let sched = wants(Signal::OffCpu) || wants(Signal::RunQueue);
+        let use_btf_sched = sched
             && settings.sched_hook == SchedHookChoice::Auto
             && btf
                 .as_ref()
-                .is_some_and(|(ours, _)| btf_sched_supported(ours));
-        if let Some((ours, _)) = &btf
-            && use_btf
-        {
-            config.task_pid_offset = ours.member_offset("task_struct", "pid").unwrap_or(0);
-            config.task_flags_offset = ours.member_offset("task_struct", "flags").unwrap_or(0);
-            // Zero (no rseq in this kernel's task_struct) sends every thread down the eager
-            // user-stack path, which is correct, only slower.
-            config.task_rseq_offset = ours.member_offset("task_struct", "rseq").unwrap_or(0);
-        }
-        if settings.offcpu {
-            if !use_btf {
-                ensure_tracefs();
+                .is_some_and(|(ours, _)| attach::btf_sched_supported(ours));
+        if wants(Signal::OffCpu) && !use_btf_sched {
+            attach::ensure_tracefs();
+            let fields =
+                tracefs::field_offsets("sched", "sched_switch").ok_or(ProbeError::NoSchedSwitch)?;
+            if let (Some((state, _)), Some((next_pid, _))) =
+                (fields.get("prev_state"), fields.get("next_pid"))
+            {
+                config.tp_prev_state_offset = *state;
+                config.tp_next_pid_offset = *next_pid;
             }
-            match tracefs::field_offsets("sched", "sched_switch") {
-                Some(fields) => {
-                    if let (Some((state, _)), Some((next_pid, _))) =
-                        (fields.get("prev_state"), fields.get("next_pid"))
-                    {
-                        config.tp_prev_state_offset = *state;
-                        config.tp_next_pid_offset = *next_pid;
-                    }
-                }
-                None if !use_btf => return Err(ProbeError::NoSchedSwitch),
-                None => {}
+        }
+        if wants(Signal::Disk) {
+            attach::ensure_tracefs();
+            let start = ["block_io_start", "block_rq_insert"]
+                .into_iter()
+                .find_map(|event| tracefs::field_offsets("block", event));
+            if let Some((rwbs, _)) = start.as_ref().and_then(|fields| fields.get("rwbs")) {
+                config.tp_block_rwbs_offset = *rwbs;
             }
         }
 
@@ -270,6 +276,8 @@ impl Probes {
             .btf(btf.as_ref().map(|(_, theirs)| theirs))
             .override_global("PROBE_CONFIG", &config, true)
             .map_max_entries("THREADS", sizes.threads)
+            .map_max_entries("FUTEX_WAITS", sizes.pending)
+            .map_max_entries("DISK_REQUESTS", sizes.pending)
             .map_max_entries("PENDING", sizes.pending)
             .map_max_entries("TOTALS_0", sizes.totals)
             .map_max_entries("TOTALS_1", sizes.totals)
@@ -282,27 +290,66 @@ impl Probes {
             .inspect_err(|err| tracing::debug!("probe log channel unavailable: {err}"))
             .ok();
 
+        let btf_pair = btf.as_ref().map(|(ours, theirs)| (ours, theirs));
+        let mut hooks = Vec::new();
         let mut sched_hook = None;
-        if settings.offcpu {
-            if let (true, Some((_, theirs))) = (use_btf, &btf) {
-                match attach_btf_sched(&mut ebpf, theirs) {
-                    Ok(()) => sched_hook = Some(SchedHook::BtfTracepoint),
-                    Err(err) => tracing::warn!(
-                        "BTF sched_switch probe failed ({err}); falling back to the classic tracepoint"
-                    ),
+        if sched {
+            let hook = attach::attach_sched(
+                &mut ebpf,
+                btf_pair.map(|(_, theirs)| theirs),
+                use_btf_sched,
+                &settings.signals,
+            )?;
+            sched_hook = Some(hook);
+            for signal in [Signal::OffCpu, Signal::RunQueue] {
+                if wants(signal) {
+                    hooks.push((signal, hook.describe().to_owned()));
                 }
             }
-            if sched_hook.is_none() {
-                ensure_tracefs();
-                attach_tracepoint(&mut ebpf, "sched_switch_tp", "sched", "sched_switch")?;
-                sched_hook = Some(SchedHook::Tracepoint);
-            }
         }
-        let oncpu_cpus = if settings.oncpu {
-            attach_oncpu(&mut ebpf, settings.oncpu_frequency_hz)?
-        } else {
-            0
-        };
+        let mut oncpu_cpus = 0;
+        if wants(Signal::OnCpu) {
+            oncpu_cpus = attach::attach_oncpu(&mut ebpf, settings.oncpu_frequency_hz)?;
+            hooks.push((
+                Signal::OnCpu,
+                format!(
+                    "perf_event cpu-clock at {} Hz on {oncpu_cpus} CPUs",
+                    settings.oncpu_frequency_hz
+                ),
+            ));
+        }
+        if wants(Signal::Lock) {
+            let attached = attach::attach_lock(&mut ebpf, btf_pair)?;
+            hooks.push((Signal::Lock, attached.join(", ")));
+        }
+        if wants(Signal::Syscall) {
+            attach::attach_syscall(&mut ebpf, btf_pair)?;
+            let mut fd_syscalls: Array<_, u8> =
+                Array::try_from(take_map(&mut ebpf, "FD_SYSCALLS")?).map_err(|source| {
+                    ProbeError::MapApi {
+                        map: "FD_SYSCALLS",
+                        source,
+                    }
+                })?;
+            for nr in syscalls::fd_first_numbers() {
+                if nr < agent_common::FD_SYSCALLS_LEN {
+                    fd_syscalls
+                        .set(nr, 1, 0)
+                        .map_err(|source| ProbeError::MapApi {
+                            map: "FD_SYSCALLS",
+                            source,
+                        })?;
+                }
+            }
+            hooks.push((Signal::Syscall, "tp_btf sys_enter + sys_exit".to_owned()));
+        }
+        if wants(Signal::Disk) {
+            let start = attach::attach_disk(&mut ebpf)?;
+            hooks.push((
+                Signal::Disk,
+                format!("tracepoints block:{start}, block_rq_issue, block_rq_complete"),
+            ));
+        }
 
         let generation_map =
             Array::try_from(take_map(&mut ebpf, "GENERATION")?).map_err(|source| {
@@ -317,6 +364,13 @@ impl Probes {
                 source,
             }
         })?;
+        let comms =
+            aya::maps::HashMap::try_from(take_map(&mut ebpf, "COMMS")?).map_err(|source| {
+                ProbeError::MapApi {
+                    map: "COMMS",
+                    source,
+                }
+            })?;
         let totals = [
             hash_map(&mut ebpf, "TOTALS_0")?,
             hash_map(&mut ebpf, "TOTALS_1")?,
@@ -334,6 +388,7 @@ impl Probes {
             logger,
             generation_map,
             losses,
+            comms,
             totals,
             samples,
             stacks,
@@ -342,6 +397,7 @@ impl Probes {
             sizes,
             sched_hook,
             oncpu_cpus,
+            hooks,
         };
         probes.flush_log();
         Ok(probes)
@@ -374,22 +430,26 @@ impl Probes {
             self.barrier = barrier;
         }
         let slot = retired as usize;
-        let totals = bpf_sys::drain_hash_map(self.totals[slot].fd().as_fd(), self.sizes.totals)
-            .map_err(|source| ProbeError::Map {
-                map: "TOTALS",
-                source,
-            })?;
-        let samples = bpf_sys::drain_hash_map(self.samples[slot].fd().as_fd(), self.sizes.samples)
-            .map_err(|source| ProbeError::Map {
-                map: "SAMPLES",
-                source,
-            })?;
+        let totals: Vec<(TotalKey, TotalValue)> =
+            bpf_sys::drain_hash_map(self.totals[slot].fd().as_fd(), self.sizes.totals).map_err(
+                |source| ProbeError::Map {
+                    map: "TOTALS",
+                    source,
+                },
+            )?;
+        let samples: Vec<(SampleKey, SampleValue)> =
+            bpf_sys::drain_hash_map(self.samples[slot].fd().as_fd(), self.sizes.samples).map_err(
+                |source| ProbeError::Map {
+                    map: "SAMPLES",
+                    source,
+                },
+            )?;
         let stacks = bpf_sys::drain_hash_map(self.stacks[slot].fd().as_fd(), self.sizes.stacks)
             .map_err(|source| ProbeError::Map {
                 map: "STACKS",
                 source,
             })?;
-        let mut losses = [0u64; Loss::COUNT as usize];
+        let mut losses = vec![0u64; LOSS_COUNTERS as usize];
         for (index, total) in losses.iter_mut().enumerate() {
             let per_cpu =
                 self.losses
@@ -401,18 +461,29 @@ impl Probes {
             *total = per_cpu.iter().sum();
         }
         self.flush_log();
+        let mut ids: Vec<u32> = totals
+            .iter()
+            .flat_map(|(k, _)| [k.tgid, k.tid])
+            .chain(samples.iter().flat_map(|(k, _)| [k.tgid, k.tid]))
+            .filter(|&id| id != 0)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let names = ids
+            .into_iter()
+            .filter_map(|id| {
+                let comm = self.comms.get(&id, 0).ok()?;
+                let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+                Some((id, String::from_utf8_lossy(&comm[..end]).into_owned()))
+            })
+            .collect();
         Ok(Drained {
             totals,
             samples,
             stacks,
             losses,
+            names,
         })
-    }
-}
-
-fn ensure_tracefs() {
-    if let Err(err) = tracefs::ensure_mounted() {
-        tracing::warn!("tracefs is not mounted and mounting it failed: {err}");
     }
 }
 
@@ -425,78 +496,4 @@ fn hash_map(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, ProbeError> 
         Map::HashMap(data) => Ok(data),
         _ => Err(ProbeError::MissingMap(name)),
     }
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProbeError>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(ProbeError::Program {
-            program: name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(|source| ProbeError::Program {
-            program: name,
-            source,
-        })
-}
-
-fn attach_btf_sched(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), ProbeError> {
-    for (name, tracepoint) in [
-        ("sched_switch_btf", "sched_switch"),
-        ("rseq_update_btf", "rseq_update"),
-    ] {
-        let prog: &mut BtfTracePoint = program(ebpf, name)?;
-        prog.load(tracepoint, btf)
-            .map_err(|source| ProbeError::Program {
-                program: name,
-                source,
-            })?;
-        prog.attach().map_err(|source| ProbeError::Program {
-            program: name,
-            source,
-        })?;
-    }
-    Ok(())
-}
-
-fn attach_tracepoint(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    category: &str,
-    event: &str,
-) -> Result<(), ProbeError> {
-    let prog: &mut TracePoint = program(ebpf, name)?;
-    prog.load().map_err(|source| ProbeError::Program {
-        program: name,
-        source,
-    })?;
-    prog.attach(category, event)
-        .map_err(|source| ProbeError::Program {
-            program: name,
-            source,
-        })?;
-    Ok(())
-}
-
-fn attach_oncpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<usize, ProbeError> {
-    let cpus = aya::util::online_cpus()
-        .map_err(|(what, err)| ProbeError::PerfEvent(format!("reading {what}: {err}")))?;
-    let prog: &mut PerfEvent = program(ebpf, "oncpu_sample")?;
-    prog.load().map_err(|source| ProbeError::Program {
-        program: "oncpu_sample",
-        source,
-    })?;
-    for &cpu in &cpus {
-        prog.attach(
-            PerfEventConfig::Software(SoftwareEvent::CpuClock),
-            PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Frequency(frequency_hz),
-            false,
-        )
-        .map_err(|err| ProbeError::PerfEvent(format!("cpu {cpu}: {err}")))?;
-    }
-    Ok(cpus.len())
 }

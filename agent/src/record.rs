@@ -12,8 +12,9 @@ use stallscope_profile::{Meta, Profile};
 use crate::{
     accumulate::Accumulator,
     config::{Config, SignalName},
+    naming,
     output::StagedOutput,
-    probes::{ProbeError, Probes, SchedHook},
+    probes::{ProbeError, Probes},
     shutdown, system,
 };
 
@@ -27,10 +28,7 @@ pub fn signals_of(config: &Config) -> Vec<Signal> {
     config
         .signals
         .iter()
-        .map(|signal| match signal {
-            SignalName::OffCpu => Signal::OffCpu,
-            SignalName::OnCpu => Signal::OnCpu,
-        })
+        .map(|signal| signal.signal())
         .collect()
 }
 
@@ -43,8 +41,8 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     shutdown::install();
     let mut probes = Probes::load(&config.probe_settings())?;
     system::release_free_memory();
-    if let Some(hook) = probes.sched_hook {
-        tracing::info!("off-CPU: {}", hook.describe());
+    for (signal, hook) in &probes.hooks {
+        tracing::info!("{}: {hook}", naming::signal_label(*signal));
     }
     // Tests and scripts wait for this line (at info level) before starting a workload.
     tracing::info!("probes attached; recording for {duration:?}");
@@ -75,8 +73,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     accumulator.ingest(probes.drain()?);
     let elapsed = started.elapsed();
     let probes_facts = ProbeFacts {
-        sched_hook: probes.sched_hook.map(SchedHook::describe),
-        oncpu_cpus: probes.oncpu_cpus,
+        hooks: probes.hooks.clone(),
     };
     drop(probes);
     if progress {
@@ -107,8 +104,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
 
 /// What the loaded probes turned out to use.
 struct ProbeFacts {
-    sched_hook: Option<&'static str>,
-    oncpu_cpus: usize,
+    hooks: Vec<(Signal, String)>,
 }
 
 fn notes(config: &Config, facts: &ProbeFacts) -> Vec<String> {
@@ -116,8 +112,8 @@ fn notes(config: &Config, facts: &ProbeFacts) -> Vec<String> {
         system::AGENT_VERSION.to_owned(),
         format!("kernel {}", system::kernel_release()),
     ];
-    if let Some(hook) = facts.sched_hook {
-        notes.push(format!("off-CPU hook: {hook}"));
+    for (signal, hook) in &facts.hooks {
+        notes.push(format!("{} probes: {hook}", naming::signal_label(*signal)));
     }
     if config.wants(SignalName::OffCpu) {
         notes.push(format!(
@@ -125,10 +121,16 @@ fn notes(config: &Config, facts: &ProbeFacts) -> Vec<String> {
             config.offcpu_stack_threshold
         ));
     }
-    if config.wants(SignalName::OnCpu) {
+    if config.wants(SignalName::Lock) {
         notes.push(format!(
-            "on-CPU: {} Hz per CPU on {} CPUs",
-            config.oncpu_frequency_hz, facts.oncpu_cpus
+            "lock stacks: every wait >= {:?}, shorter waits threshold-sampled and calibrated",
+            config.lock_stack_threshold
+        ));
+    }
+    if config.wants(SignalName::Syscall) {
+        notes.push(format!(
+            "syscall stacks: syscalls >= {:?}",
+            config.syscall_slow_threshold
         ));
     }
     if let Some(pid) = config.target_pid {
@@ -138,11 +140,16 @@ fn notes(config: &Config, facts: &ProbeFacts) -> Vec<String> {
 }
 
 fn print_progress(accumulator: &Accumulator, elapsed: Duration, duration: Duration) {
-    let (waits, samples) = accumulator.event_counts();
+    let counts: Vec<String> = accumulator
+        .event_counts()
+        .into_iter()
+        .map(|(signal, count)| format!("{} {count}", naming::signal_label(signal)))
+        .collect();
     eprint!(
-        "\r\x1b[2Krecording {:.0}s/{:.0}s: {waits} off-CPU waits, {samples} on-CPU samples, {} lost",
+        "\r\x1b[2Krecording {:.0}s/{:.0}s: {}, {} lost",
         elapsed.as_secs_f64(),
         duration.as_secs_f64(),
+        counts.join(", "),
         accumulator.lost_events()
     );
     let _ = std::io::stderr().flush();
@@ -157,22 +164,17 @@ pub fn summary_line(summary: &RecordSummary, output: &Path) -> String {
         profile.samples.len(),
         summary.elapsed.as_secs_f64()
     )];
-    for signal in [Signal::OffCpu, Signal::OnCpu] {
-        let [time, events] = crate::accumulate::sample_types(signal);
+    for signal in Signal::ALL {
+        let [time, events] = naming::sample_types(signal);
         if let (Some(t), Some(e)) = (
             profile.sample_type_index(&time.kind, &time.unit),
             profile.sample_type_index(&events.kind, &events.unit),
         ) {
             parts.push(format!(
-                "{}: {:.3}s over {} {}",
-                crate::accumulate::signal_label(signal),
+                "{}: {:.3}s over {} events",
+                naming::signal_label(signal),
                 profile.total(t) as f64 / 1e9,
                 profile.total(e),
-                if signal == Signal::OffCpu {
-                    "waits"
-                } else {
-                    "samples"
-                }
             ));
         }
     }

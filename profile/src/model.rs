@@ -89,6 +89,52 @@ pub struct Meta {
     pub default_sample_type: usize,
 }
 
+/// A latency histogram of one signal for one label set (a process, a thread, a syscall,
+/// a device...), with log2 buckets: bucket `i` counts durations in `[2^i, 2^(i+1))` ns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub signal: String,
+    pub labels: Labels,
+    pub count: u64,
+    pub sum_ns: u64,
+    pub max_ns: u64,
+    pub buckets: Vec<u64>,
+}
+
+impl Histogram {
+    /// Adds `other` (same signal and labels) into this histogram.
+    pub fn merge(&mut self, other: &Self) {
+        self.count += other.count;
+        self.sum_ns += other.sum_ns;
+        self.max_ns = self.max_ns.max(other.max_ns);
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (total, add) in self.buckets.iter_mut().zip(&other.buckets) {
+            *total += add;
+        }
+    }
+
+    /// Lower bound, in nanoseconds, of bucket `index`.
+    pub fn bucket_floor_ns(index: usize) -> u64 {
+        if index == 0 { 0 } else { 1u64 << index.min(63) }
+    }
+
+    /// The smallest duration at or above which a fraction `1 - q` of the events lie,
+    /// to bucket precision (the bucket's upper bound).
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        let target = (self.count as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (index, &count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= target.max(1) {
+                return Self::bucket_floor_ns(index + 1).min(self.max_ns.max(1));
+            }
+        }
+        self.max_ns
+    }
+}
+
 /// A profile: frames, samples and metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Profile {
@@ -96,6 +142,9 @@ pub struct Profile {
     pub sample_types: Vec<SampleType>,
     pub frames: Vec<Frame>,
     pub samples: Vec<Sample>,
+    /// Latency histograms of the signals that keep them.
+    #[serde(default)]
+    pub histograms: Vec<Histogram>,
     #[serde(skip)]
     frame_index: HashMap<Frame, FrameId>,
     #[serde(skip)]
@@ -216,6 +265,9 @@ impl Profile {
             }
             self.add(stack, sample.labels.clone(), &values);
         }
+        for histogram in &other.histograms {
+            self.add_histogram(histogram);
+        }
         for (loss, count) in &other.meta.losses {
             *self.meta.losses.entry(loss.clone()).or_default() += count;
         }
@@ -228,6 +280,18 @@ impl Profile {
             self.meta.host.clone_from(&other.meta.host);
         }
         merge_time_range(&mut self.meta, &other.meta);
+    }
+
+    /// Adds a histogram, merging it into one with the same signal and labels.
+    pub fn add_histogram(&mut self, histogram: &Histogram) {
+        match self
+            .histograms
+            .iter_mut()
+            .find(|h| h.signal == histogram.signal && h.labels == histogram.labels)
+        {
+            Some(existing) => existing.merge(histogram),
+            None => self.histograms.push(histogram.clone()),
+        }
     }
 
     fn rebuild_indexes(&mut self) {

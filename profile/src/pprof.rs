@@ -35,6 +35,8 @@ pub const MAX_DECOMPRESSED_BYTES: u64 = 512 * 1024 * 1024;
 
 const HOST_COMMENT_PREFIX: &str = "host ";
 const LOSS_COMMENT_PREFIX: &str = "loss ";
+/// Histograms travel as comments too: `hist ` followed by the histogram as JSON.
+const HISTOGRAM_COMMENT_PREFIX: &str = "hist ";
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// Encodes `profile` as a gzip-compressed pprof profile.
@@ -166,6 +168,14 @@ mod tests {
         profile.meta.losses.insert("ringbuf_full".to_owned(), 12);
         profile.meta.losses.insert("stack_missing".to_owned(), 3);
         profile.meta.default_sample_type = 1;
+        profile.histograms.push(crate::model::Histogram {
+            signal: "syscall".to_owned(),
+            labels: labels(&[("syscall", "read"), ("process", "app; with \"quotes\"")]),
+            count: 3,
+            sum_ns: 7_000,
+            max_ns: 4_000,
+            buckets: vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2],
+        });
         profile
     }
 
@@ -179,6 +189,7 @@ mod tests {
         assert_eq!(decoded.frames, profile.frames);
         assert_eq!(decoded.samples, profile.samples);
         assert_eq!(decoded.meta, profile.meta);
+        assert_eq!(decoded.histograms, profile.histograms);
         for index in 0..2 {
             assert_eq!(decoded.total(index), profile.total(index));
         }

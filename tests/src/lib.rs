@@ -3,6 +3,7 @@
 //! attached, and the rule for privileged tests (run as root; in CI never skip).
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Stdio},
@@ -12,6 +13,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+/// Serialises recordings within a test binary.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The line the agent logs (at info level) once its probes are attached.
 pub const READY_LOG: &str = "probes attached";
@@ -136,6 +140,21 @@ impl Workload {
         }
     }
 
+    /// The `result key=value` lines the scenario printed.
+    pub fn results(&self) -> HashMap<String, String> {
+        self.stdout
+            .lock()
+            .map(|lines| {
+                lines
+                    .iter()
+                    .filter_map(|line| line.strip_prefix("result "))
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Lets the workload exit and waits for it.
     pub fn finish(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         drop(self.stdin.take());
@@ -178,6 +197,8 @@ pub struct AgentRun {
 pub struct AgentExit {
     pub status: ExitStatus,
     pub stderr: String,
+    /// What the recorded workload reported measuring itself (`result key=value`).
+    pub workload: HashMap<String, String>,
 }
 
 impl AgentRun {
@@ -249,6 +270,7 @@ impl AgentRun {
         Ok(AgentExit {
             status,
             stderr: self.stderr_text(),
+            workload: HashMap::new(),
         })
     }
 }
@@ -271,6 +293,11 @@ pub fn record_workload(
     scenario: &[&str],
     agent_args: &[&str],
 ) -> anyhow::Result<AgentExit> {
+    // One recording at a time: the tests of a binary run in parallel threads, and two
+    // workloads (or agents) at once would disturb each other's measurements.
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut workload = Workload::start(&binary(bin_dir, "stallscope-workload")?, scenario)?;
     let pid = workload.pid.to_string();
     let mut args = vec!["record", "--pid", pid.as_str(), "--duration", "10m"];
@@ -280,10 +307,57 @@ pub fn record_workload(
     workload.go()?;
     workload.wait_done(Duration::from_secs(120))?;
     agent.interrupt();
-    let exit = agent.wait(Duration::from_secs(120))?;
+    let mut exit = agent.wait(Duration::from_secs(120))?;
+    exit.workload = workload.results();
     let status = workload.finish(Duration::from_secs(10))?;
     if !status.success() {
         bail!("workload failed: {status}");
     }
     Ok(exit)
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stallscope-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// Records `scenario` of the bundled workload into `file` (in a scratch directory named
+/// after `test`) and returns the decoded profile with the agent's exit. Panics with the
+/// agent's output if anything fails: for tests.
+pub fn record_profile(
+    test: &str,
+    scenario: &[&str],
+    file: &str,
+    agent_args: &[&str],
+) -> (stallscope_profile::Profile, AgentExit) {
+    let path = scratch_dir(test).join(file);
+    let path_arg = path.to_string_lossy().into_owned();
+    let mut args = vec!["-o", path_arg.as_str()];
+    args.extend_from_slice(agent_args);
+    let exit = match record_workload(&binary_dir(), scenario, &args) {
+        Ok(exit) => exit,
+        Err(err) => panic!("recording {scenario:?} failed: {err:#}"),
+    };
+    assert!(exit.status.success(), "agent failed: {}", exit.stderr);
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    let bytes =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{} not written: {e}", path.display()));
+    let profile = stallscope_profile::pprof::decode_pprof(&bytes)
+        .unwrap_or_else(|e| panic!("{} is not valid pprof: {e}", path.display()));
+    (profile, exit)
+}
+
+/// A sample's label, or "".
+pub fn label<'a>(sample: &'a stallscope_profile::Sample, key: &str) -> &'a str {
+    sample.labels.get(key).map_or("", String::as_str)
+}
+
+/// The index of sample type `kind`/`unit` (panics if the profile lacks it).
+pub fn value_index(profile: &stallscope_profile::Profile, kind: &str, unit: &str) -> usize {
+    profile
+        .sample_type_index(kind, unit)
+        .unwrap_or_else(|| panic!("profile has no {kind}/{unit}: {:?}", profile.sample_types))
 }

@@ -11,13 +11,9 @@ use stallscope_profile::{
     svg::write_svg,
     view::FlameView,
 };
-use stallscope_tests::{binary_dir, record_workload, require_root};
-
-fn scratch_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("stallscope-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
-}
+use stallscope_tests::{
+    binary_dir, label, record_workload, require_root, scratch_dir, value_index as index,
+};
 
 fn record(test: &str, file: &str, extra: &[&str]) -> PathBuf {
     let out = scratch_dir(test).join(file);
@@ -28,16 +24,6 @@ fn record(test: &str, file: &str, extra: &[&str]) -> PathBuf {
     assert!(exit.status.success(), "agent failed: {}", exit.stderr);
     assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
     out
-}
-
-fn label<'a>(sample: &'a stallscope_profile::Sample, key: &str) -> &'a str {
-    sample.labels.get(key).map_or("", String::as_str)
-}
-
-fn index(profile: &Profile, kind: &str, unit: &str) -> usize {
-    profile
-        .sample_type_index(kind, unit)
-        .unwrap_or_else(|| panic!("profile has no {kind}/{unit}: {:?}", profile.sample_types))
 }
 
 /// Parses pprof's `of 1.23s total` (or `ms`, `us`, `ns`, `min`, `hrs`) into nanoseconds.
@@ -74,7 +60,7 @@ fn offcpu_and_oncpu_markers_are_measured_and_attributed() {
     }
     let path = record("markers", "markers.pb.gz", &["--signals", "offcpu,oncpu"]);
     let bytes = std::fs::read(&path).expect("profile written");
-    let profile = decode_pprof(&bytes).expect("valid pprof");
+    let profile: Profile = decode_pprof(&bytes).expect("valid pprof");
 
     // Off-CPU: 20 x 50 ms in offcpu_marker_sleep, interruptible sleep.
     let off_ns = index(&profile, "off_cpu", "nanoseconds");

@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 
-use super::{HOST_COMMENT_PREFIX, KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto};
+use super::{
+    HISTOGRAM_COMMENT_PREFIX, HOST_COMMENT_PREFIX, KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto,
+};
 use crate::{
     error::FormatError,
-    model::{Frame, FrameId, FrameKind, Labels, Meta, Profile, SampleType},
+    model::{Frame, FrameId, FrameKind, Histogram, Labels, Meta, Profile, SampleType},
 };
 
 fn invalid(reason: impl Into<String>) -> FormatError {
@@ -120,6 +122,17 @@ pub(super) fn from_message(
     }
 
     profile.meta = meta(message, &strings, &profile.sample_types)?;
+    // Histogram comments came back as notes: move them to the profile's histograms.
+    let notes = std::mem::take(&mut profile.meta.notes);
+    for note in notes {
+        match note
+            .strip_prefix(HISTOGRAM_COMMENT_PREFIX)
+            .and_then(|json| serde_json::from_str::<Histogram>(json).ok())
+        {
+            Some(histogram) => profile.histograms.push(histogram),
+            None => profile.meta.notes.push(note),
+        }
+    }
     Ok(profile)
 }
 

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use super::{HOST_COMMENT_PREFIX, KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto};
+use super::{
+    HISTOGRAM_COMMENT_PREFIX, HOST_COMMENT_PREFIX, KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto,
+};
 use crate::model::{Frame, FrameKind, Profile};
 
 /// pprof's string table: every string once, `""` at index 0.
@@ -197,6 +199,15 @@ pub(super) fn to_message(profile: &Profile) -> proto::Profile {
                 .strings
                 .intern(&format!("{HOST_COMMENT_PREFIX}{}", meta.host)),
         );
+    }
+    for histogram in &profile.histograms {
+        if let Ok(json) = serde_json::to_string(histogram) {
+            comment.push(
+                builder
+                    .strings
+                    .intern(&format!("{HISTOGRAM_COMMENT_PREFIX}{json}")),
+            );
+        }
     }
     for (reason, count) in &meta.losses {
         comment.push(

@@ -7,6 +7,10 @@
 //!   thread `spinner` burns CPU inside `oncpu_marker_spin` until the sleeper is done
 //!   (plus `--spin-after` extra time).
 //! - `churn N`: starts N short-lived threads, each sleeping a little, a few at a time.
+//! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
+//!   (see `waits.rs`).
+
+mod waits;
 
 use std::{
     hint::black_box,
@@ -97,6 +101,17 @@ fn churn(threads: u32) {
     eprintln!("churn: {threads} threads in {:?}", started.elapsed());
 }
 
+/// Numeric argument `index`, or `default`.
+fn arg<T: std::str::FromStr>(args: &[String], index: usize, default: T) -> T {
+    args.get(index)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map_or("markers", String::as_str);
@@ -111,9 +126,23 @@ fn main() {
                 .map_or(Duration::from_millis(500), Duration::from_millis);
             markers(spin_after);
         }
-        "churn" => churn(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(2000)),
+        "churn" => churn(arg(&args, 2, 2000)),
+        "mutex" => waits::mutex(arg(&args, 2, 4), arg(&args, 3, 5), ms(arg(&args, 4, 10))),
+        "kernel-lock" => waits::kernel_lock(arg(&args, 2, 8), ms(arg(&args, 3, 1000))),
+        "syscalls" => waits::syscalls(
+            args.get(2).map_or("/tmp", String::as_str),
+            arg(&args, 3, 50),
+            ms(arg(&args, 4, 20)),
+        ),
+        "runqueue" => waits::runqueue(arg(&args, 2, 4), ms(arg(&args, 3, 2000))),
+        "disk" => waits::disk(
+            args.get(2).map_or("/dev/null", String::as_str),
+            arg(&args, 3, 200),
+        ),
         other => {
-            eprintln!("unknown scenario {other}: use markers or churn");
+            eprintln!(
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue or disk"
+            );
             std::process::exit(2);
         }
     }

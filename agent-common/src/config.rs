@@ -1,0 +1,76 @@
+//! The read-only configuration the agent writes into the probes before loading them.
+
+/// Read-only configuration of the probes (a `.rodata` global).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// Off-CPU waits at or above this many nanoseconds always get stacks; shorter waits
+    /// are threshold-sampled with probability `wait / threshold`.
+    pub offcpu_stack_threshold_ns: u64,
+    /// The same for lock waits.
+    pub lock_stack_threshold_ns: u64,
+    /// Syscalls at or above this many nanoseconds get a user stack and their fd kind.
+    pub syscall_slow_threshold_ns: u64,
+    /// Only this process (tgid) is measured; zero measures every process.
+    pub target_tgid: u32,
+    /// Enabled signals: bit `1 << Signal as u8` (the scheduler programs serve several).
+    pub signals: u32,
+    /// Offsets in kernel structs, read from BTF (Rust eBPF has no CO-RE); zero if unknown.
+    pub task_pid_offset: u32,
+    pub task_tgid_offset: u32,
+    pub task_flags_offset: u32,
+    /// The `rseq` pointer of `task_struct`; zero makes every thread take the eager
+    /// user-stack path (correct, slower).
+    pub task_rseq_offset: u32,
+    pub task_files_offset: u32,
+    pub files_fdt_offset: u32,
+    pub fdt_fd_offset: u32,
+    pub fdt_max_fds_offset: u32,
+    pub file_inode_offset: u32,
+    pub inode_mode_offset: u32,
+    /// Offset of `prev_state` in the classic `sched_switch` tracepoint record.
+    pub tp_prev_state_offset: u32,
+    /// Offset of `next_pid` in the classic `sched_switch` tracepoint record.
+    pub tp_next_pid_offset: u32,
+    /// Offset of `rwbs` in the `block_io_start`/`block_rq_issue` records.
+    pub tp_block_rwbs_offset: u32,
+    /// 1 when BTF gave every offset of the fd walk (`files`, `fdt`, `fd`, `max_fds`,
+    /// `f_inode`, `i_mode`; several of them are legitimately zero).
+    pub fd_walk: u32,
+}
+
+impl ProbeConfig {
+    pub const DEFAULT: Self = Self {
+        offcpu_stack_threshold_ns: 1_000_000,
+        lock_stack_threshold_ns: 1_000_000,
+        syscall_slow_threshold_ns: 1_000_000,
+        target_tgid: 0,
+        signals: 0,
+        task_pid_offset: 0,
+        task_tgid_offset: 0,
+        task_flags_offset: 0,
+        task_rseq_offset: 0,
+        task_files_offset: 0,
+        files_fdt_offset: 0,
+        fdt_fd_offset: 0,
+        fdt_max_fds_offset: 0,
+        file_inode_offset: 0,
+        inode_mode_offset: 0,
+        tp_prev_state_offset: 32,
+        tp_next_pid_offset: 56,
+        tp_block_rwbs_offset: 34,
+        fd_walk: 0,
+    };
+
+    /// Whether `signal` is enabled.
+    pub const fn wants(&self, signal: crate::Signal) -> bool {
+        self.signals & (1 << signal as u32) != 0
+    }
+}
+
+/// Index into the `GENERATION` array holding the active generation (0 or 1).
+pub const GENERATION_INDEX: u32 = 0;
+
+/// Size of the `FD_SYSCALLS` array: syscall numbers below this can be marked as taking a
+/// file descriptor as first argument.
+pub const FD_SYSCALLS_LEN: u32 = 512;

@@ -1,0 +1,139 @@
+//! Per-thread and per-request state the probes keep between two events of one wait.
+
+use crate::StackTrace;
+
+/// Per-thread state (BTF path: task-local storage).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadState {
+    /// `bpf_ktime_get_ns` at switch-out; zero while the thread is on a CPU.
+    pub off_since_ns: u64,
+    /// When the off-CPU thread was woken (start of its run-queue wait); zero if not yet.
+    pub woken_ns: u64,
+    /// Start of a kernel lock contention; zero if none.
+    pub lock_since_ns: u64,
+    pub lock_addr: u64,
+    /// Start of the syscall in progress (syscall signal); zero if none.
+    pub syscall_since_ns: u64,
+    /// First argument of the syscall in progress (a file descriptor for I/O syscalls).
+    pub syscall_arg0: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Number of the syscall in progress.
+    pub syscall_nr: u32,
+    /// Syscall number + 1 the thread was in when it was switched out, 0 if none.
+    pub offcpu_syscall: u32,
+    /// The [`crate::OffCpuState`] at switch-out.
+    pub state: u8,
+    /// `THREAD_*` bits.
+    pub flags: u8,
+    /// The [`crate::LockKind`] of the contention in progress.
+    pub lock_kind: u8,
+    /// `WAIT_HINT_*`: what the thread was known to wait for at switch-out.
+    pub wait_hint: u8,
+    pub pad: [u8; 4],
+}
+
+/// [`ThreadState::wait_hint`], and `detail` of off-CPU keys: nothing known.
+pub const WAIT_HINT_NONE: u8 = 0;
+/// The thread was switched out inside a kernel lock contention (seen by the lock signal's
+/// `contention_begin`): the scheduler frames of such waits are not in task stacks.
+pub const WAIT_HINT_KERNEL_LOCK: u8 = 1;
+
+/// [`ThreadState::flags`]: a sampled wait of this thread waits in the pending table for
+/// its user stack.
+pub const THREAD_PENDING: u8 = 1 << 0;
+/// [`ThreadState::flags`]: the thread registered rseq, so its return to user space is seen
+/// (tracepoint `rseq_update`) and its user stack is taken then, only for sampled waits.
+pub const THREAD_HAS_RSEQ: u8 = 1 << 1;
+/// [`ThreadState::flags`]: a kernel thread (no user stack).
+pub const THREAD_KERNEL: u8 = 1 << 2;
+/// [`ThreadState::flags`]: the thread's user stack was walked at its last switch-out (no
+/// rseq) and sits in the per-thread snapshot.
+pub const THREAD_USER_SNAPSHOT: u8 = 1 << 3;
+/// [`ThreadState::flags`]: a syscall is in progress (syscall signal).
+pub const THREAD_IN_SYSCALL: u8 = 1 << 4;
+
+/// Per-thread state of the classic-tracepoint fallback (a hash map keyed by thread id):
+/// stacks are walked at switch-out, so their hashes travel with the state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TpThreadState {
+    pub off_since_ns: u64,
+    pub tgid: u32,
+    pub state: u8,
+    pub pad: [u8; 3],
+    pub kstack: u64,
+    pub ustack: u64,
+}
+
+/// A wait selected for stacks whose user stack is still to be taken in the thread's own
+/// context (on its return to user space, or at its next switch-out).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingWait {
+    pub wait_ns: u64,
+    /// The runnable tail of the wait (after the wakeup).
+    pub tail_ns: u64,
+    /// Contribution to [`crate::SampleValue::est_ns`] (zero for exact waits).
+    pub est_ns: u64,
+    /// Contribution to [`crate::SampleValue::est_count_fp`] (zero for exact waits).
+    pub est_count_fp: u64,
+    /// User-mode instruction and stack pointers when the wait ended; the user stack is
+    /// walked only if the thread is still at this point.
+    pub user_ip: u64,
+    pub user_sp: u64,
+    pub tgid: u32,
+    /// Syscall number + 1 at switch-out, 0 if none.
+    pub aux: u32,
+    pub state: u8,
+    pub flags: u8,
+    /// `WAIT_HINT_*` at switch-out.
+    pub wait_hint: u8,
+    pub pad: [u8; 5],
+    /// The kernel stack of the thread where it blocked, taken at switch-in.
+    pub kstack: StackTrace,
+}
+
+/// A futex wait in progress, keyed by thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FutexWait {
+    pub since_ns: u64,
+    pub uaddr: u64,
+    /// A [`crate::LockKind`]: `Futex` or `FutexPi`.
+    pub kind: u8,
+    pub pad: [u8; 7],
+}
+
+/// Key of a block request in flight: device and start sector, as the block tracepoints
+/// report them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DiskRequestKey {
+    /// The kernel's `dev_t` (major << 20 | minor).
+    pub dev: u32,
+    pub pad: u32,
+    pub sector: u64,
+}
+
+/// A block request in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiskRequest {
+    /// When the submitting thread started the request (`block_io_start`).
+    pub start_ns: u64,
+    /// When the driver was handed the request (`block_rq_issue`); the latency counts from
+    /// here.
+    pub issue_ns: u64,
+    pub kstack: u64,
+    pub ustack: u64,
+    /// The submitting thread (zero when submitted outside process context).
+    pub tgid: u32,
+    pub tid: u32,
+    /// A [`crate::DiskOp`].
+    pub op: u8,
+    /// `FLAG_*` bits of [`crate::SampleKey::flags`].
+    pub flags: u8,
+    pub pad: [u8; 6],
+}

@@ -1,0 +1,453 @@
+//! Turning accumulated sums into a profile. Every signal's samples add up to its exact
+//! total: stack samples that were threshold-sampled are calibrated against the totals
+//! (`calibrate.rs`), and whatever no stack accounts for becomes an explicit synthetic
+//! frame. Off-CPU samples are split by cause (`cause.rs`): the runnable tail of a wait is
+//! CPU contention, the blocked part is classified from its stacks. Signals that keep
+//! histograms (run queue, lock, syscall, disk) get them too.
+
+use std::collections::HashMap;
+
+use agent_common::{
+    DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT, FLAG_USER_LEAF_ONLY,
+    FLAG_USTACK_FAILED, FdKind, LockKind, Loss, OffCpuState, RunQueueKind, SampleKey, SampleValue,
+    Signal, TotalKey, TotalValue,
+};
+use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta, Profile};
+
+use crate::{
+    accumulate::Accumulator,
+    calibrate::{self, Calibrated, Part},
+    cause::{self, Cause},
+    naming, syscalls,
+};
+
+/// The totals entry a sample's amounts are calibrated against.
+fn group_of(key: &SampleKey) -> TotalKey {
+    let signal = key.signal;
+    // Syscall totals are per process and syscall; lock totals leave the address out.
+    let (tid, class, aux) = match Signal::from_u8(signal) {
+        Some(Signal::Syscall) => (0, 0, key.aux),
+        Some(Signal::Lock) => (key.tid, key.class, 0),
+        _ => (key.tid, key.class, key.aux),
+    };
+    // Off-CPU groups keep the wait hint (`detail`), like their totals.
+    let detail = if signal == Signal::OffCpu as u8 {
+        key.detail
+    } else {
+        0
+    };
+    TotalKey {
+        tgid: key.tgid,
+        tid,
+        signal,
+        class,
+        detail,
+        aux,
+        ..TotalKey::default()
+    }
+}
+
+/// The frame standing for the part of a group no stack accounts for.
+fn remainder_frame(signal: Signal, key: &TotalKey) -> String {
+    match signal {
+        Signal::OffCpu | Signal::Lock => calibrate::UNSAMPLED_FRAME.to_owned(),
+        Signal::Syscall => "[faster than the slow-syscall threshold: no stack]".to_owned(),
+        Signal::RunQueue => format!(
+            "[run queue: {}]",
+            RunQueueKind::from_u8(key.class).map_or("?", naming::runqueue_label)
+        ),
+        Signal::Disk | Signal::OnCpu => "[no stack]".to_owned(),
+    }
+}
+
+/// Labels shared by everything of one process/thread.
+fn identity(acc: &Accumulator, signal: Signal, tgid: u32, tid: u32) -> Labels {
+    let mut labels = Labels::new();
+    labels.insert("signal".into(), naming::signal_label(signal).into());
+    if tgid != 0 {
+        labels.insert("pid".into(), tgid.to_string());
+        if let Some(name) = acc.process_names.get(&tgid) {
+            labels.insert("process".into(), name.clone());
+        }
+    }
+    if tid != 0 {
+        labels.insert("tid".into(), tid.to_string());
+        if let Some(name) = acc.thread_names.get(&tid) {
+            labels.insert("thread".into(), name.clone());
+        }
+    }
+    labels
+}
+
+/// Labels of a totals group (what all its samples share).
+fn group_labels(acc: &Accumulator, key: &TotalKey) -> Labels {
+    let signal = Signal::from_u8(key.signal).unwrap_or(Signal::OffCpu);
+    let mut labels = identity(acc, signal, key.tgid, key.tid);
+    match signal {
+        Signal::OffCpu => {
+            if let Some(state) = OffCpuState::from_u8(key.class) {
+                labels.insert("state".into(), naming::state_label(state).into());
+            }
+        }
+        Signal::RunQueue => {
+            if let Some(kind) = RunQueueKind::from_u8(key.class) {
+                labels.insert("kind".into(), naming::runqueue_label(kind).into());
+            }
+        }
+        Signal::Lock => {
+            if let Some(kind) = LockKind::from_u8(key.class) {
+                labels.insert("lock_kind".into(), naming::lock_kind_label(kind).into());
+            }
+        }
+        Signal::Syscall => {
+            labels.insert("syscall".into(), syscall_name(key.aux));
+        }
+        Signal::Disk => {
+            if let Some(op) = DiskOp::from_u8(key.class) {
+                labels.insert("op".into(), naming::disk_op_label(op).into());
+            }
+            let device = acc
+                .device_names
+                .get(&key.aux)
+                .cloned()
+                .unwrap_or_else(|| naming::device_name(key.aux));
+            labels.insert("device".into(), device);
+        }
+        Signal::OnCpu => {}
+    }
+    labels
+}
+
+fn syscall_name(nr: u32) -> String {
+    syscalls::name(nr).map_or_else(|| format!("syscall_{nr}"), str::to_owned)
+}
+
+/// A short explanation of why a sample's stack is incomplete.
+fn stack_note(flags: u8) -> Option<&'static str> {
+    if flags & FLAG_KERNEL_THREAD != 0 {
+        None
+    } else if flags & FLAG_USER_LEAF_ONLY != 0 {
+        Some("user stack: leaf frame only")
+    } else if flags & FLAG_USTACK_FAILED != 0 {
+        Some("user stack: capture failed")
+    } else if flags & FLAG_KSTACK_FAILED != 0 {
+        Some("kernel stack: capture failed")
+    } else if flags & FLAG_NO_CONTEXT != 0 {
+        Some("not submitted in process context")
+    } else {
+        None
+    }
+}
+
+/// Adds time and count to the two columns of `signal`.
+fn add(
+    profile: &mut Profile,
+    signal: Signal,
+    stack: Vec<FrameId>,
+    labels: Labels,
+    ns: u64,
+    count: u64,
+) {
+    if ns == 0 && count == 0 {
+        return;
+    }
+    let [time, _] = naming::sample_types(signal);
+    let Some(index) = profile.sample_type_index(&time.kind, &time.unit) else {
+        return;
+    };
+    let mut values = vec![0i64; profile.sample_types.len()];
+    values[index] = i64::try_from(ns).unwrap_or(i64::MAX);
+    if let Some(slot) = values.get_mut(index + 1) {
+        *slot = i64::try_from(count).unwrap_or(i64::MAX);
+    }
+    profile.add(stack, labels, &values);
+}
+
+impl Accumulator {
+    /// Builds the profile of everything accumulated since the last `finish`, and starts
+    /// over (the frame table and symbol caches are kept).
+    pub fn finish(&mut self, mut meta: Meta) -> Profile {
+        let mut profile = Profile::new(self.profile.sample_types.clone());
+        profile.frames.clone_from(&self.profile.frames);
+        let totals = std::mem::take(&mut self.totals);
+        let samples = std::mem::take(&mut self.samples);
+
+        let mut groups: HashMap<TotalKey, Vec<(SampleKey, SampleValue)>> = HashMap::new();
+        for (key, value) in &samples {
+            if key.signal == Signal::OnCpu as u8 {
+                self.add_oncpu(&mut profile, key, value);
+            } else {
+                groups
+                    .entry(group_of(key))
+                    .or_default()
+                    .push((*key, *value));
+            }
+        }
+        let empty = TotalValue::default();
+        let mut keys: Vec<&TotalKey> = totals.keys().collect();
+        keys.sort_unstable_by_key(|k| (k.signal, k.tgid, k.tid, k.class, k.aux));
+        for key in keys {
+            let total = totals.get(key).unwrap_or(&empty);
+            let members = groups.remove(key).unwrap_or_default();
+            self.add_group(&mut profile, key, total, &members);
+            self.add_histogram(&mut profile, key, total);
+        }
+        // Samples whose totals are not there (lost to a full map): kept as measured.
+        for (key, members) in groups {
+            let uncalibrated = TotalValue {
+                ns: members
+                    .iter()
+                    .map(|(_, v)| Part::from_value(v).uncalibrated().0)
+                    .sum(),
+                count: members
+                    .iter()
+                    .map(|(_, v)| Part::from_value(v).uncalibrated().1)
+                    .sum(),
+                ..TotalValue::default()
+            };
+            self.add_group(&mut profile, &key, &uncalibrated, &members);
+        }
+        // Frames interned while building belong to the shared table too.
+        self.profile.frames.clone_from(&profile.frames);
+        self.report_losses(&mut meta, &totals);
+        profile.meta = meta;
+        profile
+    }
+
+    fn add_oncpu(&self, profile: &mut Profile, key: &SampleKey, value: &SampleValue) {
+        let mut labels = identity(self, Signal::OnCpu, key.tgid, key.tid);
+        labels.insert("cause".into(), Cause::CpuWork.label().into());
+        if let Some(note) = stack_note(key.flags) {
+            labels.insert("stack_note".into(), note.into());
+        }
+        let (kernel, user) = self.stacks_of(key);
+        let stack = [kernel, user].concat();
+        add(profile, Signal::OnCpu, stack, labels, value.ns, value.count);
+    }
+
+    /// One totals group: its calibrated stack samples and the unattributed rest.
+    fn add_group(
+        &self,
+        profile: &mut Profile,
+        key: &TotalKey,
+        total: &TotalValue,
+        members: &[(SampleKey, SampleValue)],
+    ) {
+        let Some(signal) = Signal::from_u8(key.signal) else {
+            return;
+        };
+        let parts: Vec<Part> = members.iter().map(|(_, v)| Part::from_value(v)).collect();
+        let calibrated = calibrate::calibrate(total.ns, total.count, &parts);
+        if signal == Signal::OffCpu {
+            self.add_offcpu_group(profile, key, total, members, &calibrated);
+            return;
+        }
+        for ((sample, value), &(ns, count)) in members.iter().zip(&calibrated.parts) {
+            let labels = self.sample_labels(key, sample, value);
+            let (kernel, user) = self.stacks_of(sample);
+            add(profile, signal, [kernel, user].concat(), labels, ns, count);
+        }
+        if calibrated.unattributed_ns > 0 || calibrated.unattributed_count > 0 {
+            let frame = profile.intern(Frame::synthetic(remainder_frame(signal, key)));
+            let labels = group_labels(self, key);
+            add(
+                profile,
+                signal,
+                vec![frame],
+                labels,
+                calibrated.unattributed_ns,
+                calibrated.unattributed_count,
+            );
+        }
+    }
+
+    /// Labels of one stack sample of a group.
+    fn sample_labels(&self, group: &TotalKey, sample: &SampleKey, _value: &SampleValue) -> Labels {
+        let mut labels = group_labels(self, group);
+        let signal = Signal::from_u8(sample.signal).unwrap_or(Signal::OffCpu);
+        if sample.tid != group.tid {
+            labels.extend(identity(self, signal, sample.tgid, sample.tid));
+        }
+        match signal {
+            Signal::Lock => {
+                labels.insert("lock".into(), format!("{:#x}", sample.object[0]));
+                if matches!(
+                    LockKind::from_u8(sample.class),
+                    Some(LockKind::Futex | LockKind::FutexPi)
+                ) {
+                    let (_, user) = self.stacks_of(sample);
+                    let wait = cause::classify_futex(self.function_names(user));
+                    labels.insert("lock_wait".into(), wait.label().into());
+                }
+            }
+            Signal::Syscall => {
+                let kind = FdKind::from_u8(sample.detail).unwrap_or(FdKind::Unknown);
+                if kind != FdKind::Unknown {
+                    labels.insert("fd".into(), naming::fd_kind_label(kind).into());
+                }
+            }
+            _ => {}
+        }
+        if let Some(note) = stack_note(sample.flags) {
+            labels.insert("stack_note".into(), note.into());
+        }
+        labels
+    }
+
+    /// Off-CPU: each calibrated sample splits into its blocked part (cause from its
+    /// stacks) and its runnable tail (CPU contention).
+    fn add_offcpu_group(
+        &self,
+        profile: &mut Profile,
+        key: &TotalKey,
+        total: &TotalValue,
+        members: &[(SampleKey, SampleValue)],
+        calibrated: &Calibrated,
+    ) {
+        let state = OffCpuState::from_u8(key.class).unwrap_or(OffCpuState::Other);
+        // Exact waits carry their own tails; the rest of the group's tail is spread over
+        // the estimated parts and the unattributed rest, in proportion.
+        let exact_tail: u64 = members.iter().map(|(_, v)| v.tail_ns).sum();
+        let exact_ns: u64 = members.iter().map(|(_, v)| v.ns).sum();
+        let spread_tail = total.tail_ns.saturating_sub(exact_tail);
+        let mut weights: Vec<u64> = members
+            .iter()
+            .zip(&calibrated.parts)
+            .map(|((_, v), &(ns, _))| ns.saturating_sub(v.ns))
+            .collect();
+        weights.push(calibrated.unattributed_ns);
+        let spread = if total.ns > exact_ns {
+            calibrate::apportion(spread_tail.min(weights.iter().sum()), &weights)
+        } else {
+            vec![0; weights.len()]
+        };
+        for (index, ((sample, value), &(ns, count))) in
+            members.iter().zip(&calibrated.parts).enumerate()
+        {
+            let tail = (value.tail_ns + spread[index]).min(ns);
+            let (kernel, user) = self.stacks_of(sample);
+            let stack = [kernel, user].concat();
+            let (blocked_cause, evidence) = cause::classify_blocked(
+                state,
+                key.detail,
+                &self.function_names(kernel),
+                &self.function_names(user),
+            );
+            let mut labels = group_labels(self, key);
+            if let Some(note) = stack_note(sample.flags) {
+                labels.insert("stack_note".into(), note.into());
+            }
+            Self::add_by_cause(
+                profile,
+                stack,
+                labels,
+                (ns - tail, tail),
+                count,
+                (blocked_cause, evidence),
+            );
+        }
+        if calibrated.unattributed_ns > 0 || calibrated.unattributed_count > 0 {
+            let ns = calibrated.unattributed_ns;
+            let tail = spread.last().copied().unwrap_or(0).min(ns);
+            let frame = profile.intern(Frame::synthetic(calibrate::UNSAMPLED_FRAME));
+            let labels = group_labels(self, key);
+            Self::add_by_cause(
+                profile,
+                vec![frame],
+                labels,
+                (ns - tail, tail),
+                calibrated.unattributed_count,
+                cause::by_state(state, key.detail),
+            );
+        }
+    }
+
+    /// Adds a blocked part and a runnable tail as two samples with their causes; the wait
+    /// count goes with the blocked part (with the tail when there is no blocked part).
+    fn add_by_cause(
+        profile: &mut Profile,
+        stack: Vec<FrameId>,
+        labels: Labels,
+        (blocked, tail): (u64, u64),
+        count: u64,
+        (blocked_cause, evidence): (Cause, &'static str),
+    ) {
+        if blocked > 0 || tail == 0 {
+            let mut with_cause = labels.clone();
+            with_cause.insert("cause".into(), blocked_cause.label().into());
+            with_cause.insert("evidence".into(), evidence.into());
+            add(
+                profile,
+                Signal::OffCpu,
+                stack.clone(),
+                with_cause,
+                blocked,
+                count,
+            );
+        }
+        if tail > 0 {
+            let mut with_cause = labels;
+            with_cause.insert("cause".into(), Cause::CpuContention.label().into());
+            with_cause.insert("evidence".into(), "runnable, waiting for a CPU".into());
+            let tail_count = if blocked > 0 { 0 } else { count };
+            add(profile, Signal::OffCpu, stack, with_cause, tail, tail_count);
+        }
+    }
+
+    fn add_histogram(&self, profile: &mut Profile, key: &TotalKey, total: &TotalValue) {
+        let Some(signal) = Signal::from_u8(key.signal) else {
+            return;
+        };
+        if matches!(signal, Signal::OffCpu | Signal::OnCpu) || total.count == 0 {
+            return;
+        }
+        let mut labels = group_labels(self, key);
+        labels.remove("signal");
+        profile.add_histogram(&Histogram {
+            signal: naming::signal_label(signal).to_owned(),
+            labels,
+            count: total.count,
+            sum_ns: total.ns,
+            max_ns: total.max_ns,
+            buckets: total.buckets.to_vec(),
+        });
+    }
+
+    fn report_losses(&mut self, meta: &mut Meta, totals: &HashMap<TotalKey, TotalValue>) {
+        for &signal in &self.signals {
+            for loss in Loss::ALL {
+                let index = loss.index(signal) as usize;
+                let delta = self
+                    .losses
+                    .get(index)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(self.reported_losses.get(index).copied().unwrap_or(0));
+                meta.losses.insert(
+                    format!("{}.{}", naming::signal_label(signal), loss.name()),
+                    delta,
+                );
+            }
+        }
+        self.reported_losses.clone_from(&self.losses);
+        meta.losses.insert(
+            "stack_unresolved".to_owned(),
+            std::mem::take(&mut self.unresolved_stacks),
+        );
+        for &signal in &self.signals {
+            if signal == Signal::OnCpu {
+                continue;
+            }
+            let (ns, count) = totals
+                .iter()
+                .filter(|(key, _)| key.signal == signal as u8)
+                .fold((0u64, 0u64), |(ns, count), (_, v)| {
+                    (ns + v.ns, count + v.count)
+                });
+            meta.notes.push(format!(
+                "{} exact total: {ns} ns over {count} events",
+                naming::signal_label(signal)
+            ));
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! What this kernel offers each signal, and attaching the programs that serve it: BTF
+//! tracepoints where the kernel has them (with the struct offsets the probes need, read
+//! from BTF), classic tracepoints where it must, perf events for on-CPU sampling.
+
+use agent_common::{ProbeConfig, Signal};
+use aya::{
+    Ebpf,
+    programs::{
+        BtfTracePoint, PerfEvent, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+
+use crate::{
+    btf::Btf,
+    probes::{ProbeError, SchedHook},
+    tracefs,
+};
+
+/// Whether the BTF scheduler path works with this BTF: `sched_switch` must pass
+/// `prev_state` (5.18+) and `rseq_update` must exist.
+pub fn btf_sched_supported(btf: &Btf) -> bool {
+    btf.tracepoint_arg_count("sched_switch") == Some(4)
+        && btf.tracepoint_arg_count("rseq_update").is_some()
+        && btf.tracepoint_arg_count("sched_wakeup").is_some()
+        && btf.member_offset("task_struct", "pid").is_ok()
+        && btf.member_offset("task_struct", "flags").is_ok()
+}
+
+/// Whether this BTF has the lock contention tracepoints.
+pub fn btf_lock_supported(btf: &Btf) -> bool {
+    btf.tracepoint_arg_count("contention_begin").is_some()
+        && btf.tracepoint_arg_count("contention_end").is_some()
+}
+
+/// Whether this BTF has the raw syscall tracepoints.
+pub fn btf_syscall_supported(btf: &Btf) -> bool {
+    btf.tracepoint_arg_count("sys_enter").is_some()
+        && btf.tracepoint_arg_count("sys_exit").is_some()
+}
+
+/// Fills in the kernel struct offsets the probes read (zero where BTF lacks a member: the
+/// probes then do without, e.g. no rseq means the eager user-stack path).
+pub fn fill_offsets(config: &mut ProbeConfig, btf: &Btf) {
+    let offset = |strukt: &str, member: &str| btf.member_offset(strukt, member).unwrap_or(0);
+    config.task_pid_offset = offset("task_struct", "pid");
+    config.task_tgid_offset = offset("task_struct", "tgid");
+    config.task_flags_offset = offset("task_struct", "flags");
+    config.task_rseq_offset = offset("task_struct", "rseq");
+    let walk = [
+        ("task_struct", "files"),
+        ("files_struct", "fdt"),
+        ("fdtable", "fd"),
+        ("fdtable", "max_fds"),
+        ("file", "f_inode"),
+        ("inode", "i_mode"),
+    ]
+    .map(|(strukt, member)| btf.member_offset(strukt, member).ok());
+    if let [
+        Some(files),
+        Some(fdt),
+        Some(fd),
+        Some(max_fds),
+        Some(inode),
+        Some(mode),
+    ] = walk
+    {
+        config.task_files_offset = files;
+        config.files_fdt_offset = fdt;
+        config.fdt_fd_offset = fd;
+        config.fdt_max_fds_offset = max_fds;
+        config.file_inode_offset = inode;
+        config.inode_mode_offset = mode;
+        config.fd_walk = 1;
+    }
+}
+
+pub fn ensure_tracefs() {
+    if let Err(err) = tracefs::ensure_mounted() {
+        tracing::warn!("tracefs is not mounted and mounting it failed: {err}");
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProbeError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::Program {
+            program: name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| ProbeError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Loads and attaches BTF tracepoint programs, given as (program, tracepoint).
+pub fn attach_btf(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    programs: &[(&'static str, &'static str)],
+) -> Result<(), ProbeError> {
+    for &(name, tracepoint) in programs {
+        let prog: &mut BtfTracePoint = program(ebpf, name)?;
+        prog.load(tracepoint, btf)
+            .map_err(|source| ProbeError::Program {
+                program: name,
+                source,
+            })?;
+        prog.attach().map_err(|source| ProbeError::Program {
+            program: name,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Loads and attaches a classic tracepoint program to `category:event`.
+pub fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &str,
+    event: &str,
+) -> Result<(), ProbeError> {
+    let prog: &mut TracePoint = program(ebpf, name)?;
+    prog.load().map_err(|source| ProbeError::Program {
+        program: name,
+        source,
+    })?;
+    prog.attach(category, event)
+        .map_err(|source| ProbeError::Program {
+            program: name,
+            source,
+        })?;
+    Ok(())
+}
+
+/// Off-CPU and run-queue programs: the BTF path if it works here, else the classic
+/// `sched_switch` tracepoint (off-CPU only).
+pub fn attach_sched(
+    ebpf: &mut Ebpf,
+    btf: Option<&aya::Btf>,
+    use_btf: bool,
+    signals: &[Signal],
+) -> Result<SchedHook, ProbeError> {
+    if let (true, Some(btf)) = (use_btf, btf) {
+        let mut programs = vec![
+            ("sched_switch_btf", "sched_switch"),
+            ("sched_wakeup_btf", "sched_wakeup"),
+            ("sched_wakeup_new_btf", "sched_wakeup_new"),
+        ];
+        if signals.contains(&Signal::OffCpu) {
+            programs.push(("rseq_update_btf", "rseq_update"));
+        }
+        // Thread names stay current across renames and execs (and outlive the threads).
+        programs.push(("task_rename_btf", "task_rename"));
+        programs.push(("sched_process_exec_btf", "sched_process_exec"));
+        match attach_btf(ebpf, btf, &programs) {
+            Ok(()) => return Ok(SchedHook::BtfTracepoint),
+            Err(err) => tracing::warn!(
+                "BTF scheduler probes failed ({err}); falling back to the classic tracepoint"
+            ),
+        }
+    }
+    if signals.contains(&Signal::RunQueue) {
+        return Err(ProbeError::Unsupported {
+            signal: "runqueue",
+            need: "BTF tracepoints sched_switch (with prev_state, 5.18+) and sched_wakeup",
+        });
+    }
+    ensure_tracefs();
+    attach_tracepoint(ebpf, "sched_switch_tp", "sched", "sched_switch")?;
+    Ok(SchedHook::Tracepoint)
+}
+
+/// Lock programs: kernel lock contention (BTF) where available, futex waits always.
+/// Returns what was attached, for `check` and the log.
+pub fn attach_lock(
+    ebpf: &mut Ebpf,
+    btf: Option<(&Btf, &aya::Btf)>,
+) -> Result<Vec<&'static str>, ProbeError> {
+    let mut attached = Vec::new();
+    match btf {
+        Some((ours, theirs)) if btf_lock_supported(ours) => {
+            attach_btf(
+                ebpf,
+                theirs,
+                &[
+                    ("contention_begin_btf", "contention_begin"),
+                    ("contention_end_btf", "contention_end"),
+                ],
+            )?;
+            attached.push("kernel locks (lock:contention_begin/end)");
+        }
+        _ => tracing::warn!(
+            "kernel lock waits unavailable: this kernel lacks BTF lock:contention_begin/end"
+        ),
+    }
+    ensure_tracefs();
+    let futex_programs: [(&'static str, &str); 6] = [
+        ("sys_enter_futex", "sys_enter_futex"),
+        ("sys_exit_futex", "sys_exit_futex"),
+        ("sys_enter_futex_wait", "sys_enter_futex_wait"),
+        ("sys_exit_futex_wait", "sys_exit_futex_wait"),
+        ("sys_enter_futex_waitv", "sys_enter_futex_waitv"),
+        ("sys_exit_futex_waitv", "sys_exit_futex_waitv"),
+    ];
+    for pair in futex_programs.chunks(2) {
+        let [(enter, enter_event), (exit, exit_event)] = pair else {
+            continue;
+        };
+        if tracefs::event_dir("syscalls", enter_event).is_none()
+            || tracefs::event_dir("syscalls", exit_event).is_none()
+        {
+            continue;
+        }
+        attach_tracepoint(ebpf, enter, "syscalls", enter_event)?;
+        attach_tracepoint(ebpf, exit, "syscalls", exit_event)?;
+        attached.push(*enter_event);
+    }
+    if attached.is_empty() {
+        return Err(ProbeError::Unsupported {
+            signal: "lock",
+            need: "lock:contention_begin/end (BTF) or the syscalls:sys_enter_futex tracepoints",
+        });
+    }
+    Ok(attached)
+}
+
+/// Syscall programs (BTF raw tracepoints).
+pub fn attach_syscall(ebpf: &mut Ebpf, btf: Option<(&Btf, &aya::Btf)>) -> Result<(), ProbeError> {
+    match btf {
+        Some((ours, theirs)) if btf_syscall_supported(ours) => attach_btf(
+            ebpf,
+            theirs,
+            &[("sys_enter_btf", "sys_enter"), ("sys_exit_btf", "sys_exit")],
+        ),
+        _ => Err(ProbeError::Unsupported {
+            signal: "syscall",
+            need: "BTF tracepoints sys_enter/sys_exit (kernel BTF)",
+        }),
+    }
+}
+
+/// Disk programs: `block_io_start` (or `block_rq_insert` before 6.5) for attribution,
+/// `block_rq_issue` and `block_rq_complete` for the latency.
+pub fn attach_disk(ebpf: &mut Ebpf) -> Result<&'static str, ProbeError> {
+    ensure_tracefs();
+    let start = if tracefs::event_dir("block", "block_io_start").is_some() {
+        "block_io_start"
+    } else {
+        "block_rq_insert"
+    };
+    for event in [start, "block_rq_issue", "block_rq_complete"] {
+        if tracefs::event_dir("block", event).is_none() {
+            return Err(ProbeError::Unsupported {
+                signal: "disk",
+                need: "the block:block_rq_issue and block:block_rq_complete tracepoints",
+            });
+        }
+    }
+    attach_tracepoint(ebpf, "block_io_start", "block", start)?;
+    attach_tracepoint(ebpf, "block_rq_issue", "block", "block_rq_issue")?;
+    attach_tracepoint(ebpf, "block_rq_complete", "block", "block_rq_complete")?;
+    Ok(start)
+}
+
+/// On-CPU sampling: a `cpu-clock` perf event per online CPU.
+pub fn attach_oncpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<usize, ProbeError> {
+    let cpus = aya::util::online_cpus()
+        .map_err(|(what, err)| ProbeError::PerfEvent(format!("reading {what}: {err}")))?;
+    let prog: &mut PerfEvent = program(ebpf, "oncpu_sample")?;
+    prog.load().map_err(|source| ProbeError::Program {
+        program: "oncpu_sample",
+        source,
+    })?;
+    for &cpu in &cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Frequency(frequency_hz),
+            false,
+        )
+        .map_err(|err| ProbeError::PerfEvent(format!("cpu {cpu}: {err}")))?;
+    }
+    Ok(cpus.len())
+}

@@ -1,0 +1,83 @@
+//! Syscall names, and which syscalls take a file descriptor as their first argument (the
+//! probes classify that descriptor's file for slow syscalls).
+
+use crate::syscall_table::SYSCALLS;
+
+/// The name of syscall `nr` on this architecture.
+pub fn name(nr: u32) -> Option<&'static str> {
+    SYSCALLS
+        .binary_search_by_key(&nr, |&(number, _)| number)
+        .ok()
+        .map(|index| SYSCALLS[index].1)
+}
+
+/// The number of syscall `name` on this architecture.
+pub fn number(name: &str) -> Option<u32> {
+    SYSCALLS
+        .iter()
+        .find(|&&(_, n)| n == name)
+        .map(|&(number, _)| number)
+}
+
+/// Syscalls whose first argument is a file descriptor.
+const FD_FIRST: &[&str] = &[
+    "read",
+    "write",
+    "pread64",
+    "pwrite64",
+    "readv",
+    "writev",
+    "preadv",
+    "pwritev",
+    "preadv2",
+    "pwritev2",
+    "recvfrom",
+    "recvmsg",
+    "recvmmsg",
+    "sendto",
+    "sendmsg",
+    "sendmmsg",
+    "connect",
+    "accept",
+    "accept4",
+    "fsync",
+    "fdatasync",
+    "sync_file_range",
+    "fallocate",
+    "ftruncate",
+    "getdents64",
+    "ioctl",
+    "fcntl",
+    "flock",
+    "lseek",
+    "fstat",
+    "splice",
+    "tee",
+    "copy_file_range",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "io_uring_enter",
+    "shutdown",
+    "listen",
+    "sendfile",
+];
+
+/// Numbers of the syscalls whose first argument is a file descriptor.
+pub fn fd_first_numbers() -> impl Iterator<Item = u32> {
+    FD_FIRST.iter().filter_map(|name| number(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_numbers_agree_with_libc() {
+        assert_eq!(name(libc::SYS_read as u32), Some("read"));
+        assert_eq!(name(libc::SYS_futex as u32), Some("futex"));
+        assert_eq!(number("fsync"), Some(libc::SYS_fsync as u32));
+        assert_eq!(name(100_000), None);
+        assert!(fd_first_numbers().count() > 30);
+    }
+}
