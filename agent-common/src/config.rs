@@ -34,6 +34,13 @@ pub struct ProbeConfig {
     pub tp_next_pid_offset: u32,
     /// Offset of `rwbs` in the `block_io_start`/`block_rq_issue` records.
     pub tp_block_rwbs_offset: u32,
+    /// Syscall numbers of `futex`, `futex_wait` and `futex_waitv` on this architecture
+    /// (`u32::MAX` where it has none): a thread switched out inside one of them is waiting
+    /// on a user-space lock or condition.
+    pub futex_nr: u32,
+    pub futex_wait_nr: u32,
+    pub futex_waitv_nr: u32,
+    pub pad: u32,
     /// 1 when BTF gave every offset of the fd walk (`files`, `fdt`, `fd`, `max_fds`,
     /// `f_inode`, `i_mode`; several of them are legitimately zero).
     pub fd_walk: u32,
@@ -59,6 +66,10 @@ impl ProbeConfig {
         tp_prev_state_offset: 32,
         tp_next_pid_offset: 56,
         tp_block_rwbs_offset: 34,
+        futex_nr: u32::MAX,
+        futex_wait_nr: u32::MAX,
+        futex_waitv_nr: u32::MAX,
+        pad: 0,
         fd_walk: 0,
     };
 

@@ -60,6 +60,9 @@ pub const FLAG_USTACK_FAILED: u8 = 1 << 2;
 pub const FLAG_KERNEL_THREAD: u8 = 1 << 3;
 /// [`SampleKey::flags`]: the event happened outside process context (no stack of its own).
 pub const FLAG_NO_CONTEXT: u8 = 1 << 4;
+/// [`crate::PendingWait::flags`] only: the wait is sampled for the lock signal alone (the
+/// off-CPU signal is off).
+pub const FLAG_NO_OFFCPU: u8 = 1 << 7;
 
 /// Key of the exact totals and histograms: one entry per (thread, signal, class, aux),
 /// updated by every event. Small on purpose: it is hashed on every context switch.
@@ -122,6 +125,36 @@ impl TotalValue {
         }
     }
 }
+
+/// Ways of the per-CPU totals cache.
+pub const TOTAL_CACHE_WAYS: usize = 4;
+
+/// One way of the per-CPU totals cache: a key and what accumulated for it on this CPU.
+/// Valid when `value.count != 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TotalCacheEntry {
+    pub key: TotalKey,
+    pub value: TotalValue,
+}
+
+/// A small per-CPU cache in front of the totals map: events of a key seen again soon
+/// after (a syscall loop, two threads ping-ponging) are added with plain stores instead of
+/// a hash lookup and atomic adds. Used by the high-rate families (syscalls, kernel locks):
+/// one cache per family, since they can nest with each other on a CPU, and per
+/// generation; the agent drains the retired generation's caches with the maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TotalCache {
+    pub entries: [TotalCacheEntry; TOTAL_CACHE_WAYS],
+    /// Round-robin victim for the next miss.
+    pub next: u64,
+}
+
+/// Users of the totals cache; the cache index is `user * 2 + generation`.
+pub const CACHE_SYSCALL: u32 = 0;
+pub const CACHE_LOCK: u32 = 1;
+pub const CACHE_USERS: u32 = 2;
 
 /// Key of the stack samples: one entry per (thread, signal, class, stacks, object).
 ///

@@ -25,6 +25,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TotalValue {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::TotalCache {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SampleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SampleValue {}
@@ -36,8 +38,6 @@ mod pod {
     unsafe impl aya::Pod for super::TpThreadState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PendingWait {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::FutexWait {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DiskRequestKey {}
     // SAFETY: as above.
@@ -63,12 +63,11 @@ mod tests {
         assert_eq!(size_of::<TpThreadState>(), 32);
         assert_eq!(
             size_of::<PendingWait>(),
-            6 * 8 + 8 + 8 + size_of::<StackTrace>()
+            9 * 8 + 8 + 8 + size_of::<StackTrace>()
         );
-        assert_eq!(size_of::<FutexWait>(), 24);
         assert_eq!(size_of::<DiskRequestKey>(), 16);
         assert_eq!(size_of::<DiskRequest>(), 48);
-        assert_eq!(size_of::<ProbeConfig>(), 3 * 8 + 16 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), 3 * 8 + 20 * 4);
     }
 
     #[test]

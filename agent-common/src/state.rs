@@ -15,14 +15,14 @@ pub struct ThreadState {
     pub lock_addr: u64,
     /// Start of the syscall in progress (syscall signal); zero if none.
     pub syscall_since_ns: u64,
-    /// First argument of the syscall in progress (a file descriptor for I/O syscalls).
-    pub syscall_arg0: u64,
+    /// The futex the thread waited on when it was switched out (lock signal); zero if it
+    /// was not in a futex wait.
+    pub futex_uaddr: u64,
     pub tgid: u32,
     pub tid: u32,
     /// Number of the syscall in progress.
     pub syscall_nr: u32,
-    /// Syscall number + 1 the thread was in when it was switched out, 0 if none.
-    pub offcpu_syscall: u32,
+    pub pad32: u32,
     /// The [`crate::OffCpuState`] at switch-out.
     pub state: u8,
     /// `THREAD_*` bits.
@@ -31,7 +31,9 @@ pub struct ThreadState {
     pub lock_kind: u8,
     /// `WAIT_HINT_*`: what the thread was known to wait for at switch-out.
     pub wait_hint: u8,
-    pub pad: [u8; 4],
+    /// The [`crate::LockKind`] of the futex wait (`Futex` or `FutexPi`).
+    pub futex_kind: u8,
+    pub pad: [u8; 3],
 }
 
 /// [`ThreadState::wait_hint`], and `detail` of off-CPU keys: nothing known.
@@ -83,27 +85,23 @@ pub struct PendingWait {
     /// walked only if the thread is still at this point.
     pub user_ip: u64,
     pub user_sp: u64,
+    /// The futex of a futex wait (the wait is also a lock sample), zero if none.
+    pub futex_uaddr: u64,
+    /// The lock sample's exact nanoseconds (the blocked part of an exact wait).
+    pub lock_ns: u64,
+    /// The lock sample's estimated nanoseconds (threshold-sampled wait).
+    pub lock_est_ns: u64,
     pub tgid: u32,
-    /// Syscall number + 1 at switch-out, 0 if none.
-    pub aux: u32,
+    pub pad32: u32,
     pub state: u8,
     pub flags: u8,
     /// `WAIT_HINT_*` at switch-out.
     pub wait_hint: u8,
-    pub pad: [u8; 5],
+    /// The [`crate::LockKind`] of the futex wait.
+    pub futex_kind: u8,
+    pub pad: [u8; 4],
     /// The kernel stack of the thread where it blocked, taken at switch-in.
     pub kstack: StackTrace,
-}
-
-/// A futex wait in progress, keyed by thread id.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FutexWait {
-    pub since_ns: u64,
-    pub uaddr: u64,
-    /// A [`crate::LockKind`]: `Futex` or `FutexPi`.
-    pub kind: u8,
-    pub pad: [u8; 7],
 }
 
 /// Key of a block request in flight: device and start sector, as the block tracepoints

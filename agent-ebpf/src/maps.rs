@@ -7,14 +7,17 @@
 //! finished) and then drains the old maps with no writer left. Nothing that races with a
 //! drain is lost or counted twice.
 
+use core::ffi::c_void;
+
 use agent_common::{
-    GENERATION_INDEX, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, NO_STACK, ProbeConfig, STACK_FULL,
-    SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue, hist_bucket,
+    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, NO_STACK, ProbeConfig,
+    STACK_FULL, SampleKey, SampleValue, Signal, StackTrace, TOTAL_CACHE_WAYS, TotalCache, TotalKey,
+    TotalValue, hist_bucket,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::generated::bpf_get_stack,
+    helpers::generated::{bpf_get_stack, bpf_loop},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -77,9 +80,8 @@ pub const SLOT_RSEQ: u32 = 1;
 pub const SLOT_PERF: u32 = 2;
 pub const SLOT_SYSCALL: u32 = 3;
 pub const SLOT_LOCK: u32 = 4;
-pub const SLOT_FUTEX: u32 = 5;
-pub const SLOT_DISK: u32 = 6;
-const SCRATCH_SLOTS: u32 = 7;
+pub const SLOT_DISK: u32 = 5;
+const SCRATCH_SLOTS: u32 = 6;
 
 const EEXIST: i32 = 17;
 const EBUSY: i32 = 16;
@@ -124,24 +126,15 @@ fn stack_map(generation: u32) -> &'static HashMap<u64, StackTrace> {
     }
 }
 
-/// Counts a loss. The first loss of a kind on a CPU is also logged (through aya-log), so
-/// the agent's log says when the probes start dropping; later ones are only counted.
+/// Counts a loss. Counters are cumulative; the agent logs the first loss of each kind and
+/// every profile reports them. (No log record from here: each call site of a logging call
+/// costs the verifier about a thousand instructions on every path that reaches it.)
 #[inline(never)]
-pub fn count_loss<C: EbpfContext>(ctx: &C, signal: Signal, loss: Loss) {
+pub fn count_loss<C: EbpfContext>(_ctx: &C, signal: Signal, loss: Loss) {
     if let Some(counter) = LOSSES.get_ptr_mut(loss.index(signal)) {
         // SAFETY: per-CPU slot; programs on one CPU that could nest update it with an
         // atomic add, so a nested increment is never lost.
-        let first = unsafe { *counter } == 0;
         unsafe { atomic_add(counter, 1) };
-        if first {
-            aya_log_ebpf::warn!(
-                ctx,
-                "first loss on this CPU: counter {} (signal {}, reason {}); profiles report it",
-                loss.index(signal),
-                signal as u32,
-                loss as u32
-            );
-        }
     }
 }
 
@@ -190,52 +183,142 @@ fn upsert<C: EbpfContext, K, V>(
     }
 }
 
-/// Adds one event of `ns` (of which `tail_ns` runnable, for off-CPU waits) to the exact
-/// totals and histogram of `key`.
+#[map]
+static TOTAL_CACHE: PerCpuArray<TotalCache> = PerCpuArray::with_max_entries(CACHE_USERS * 2, 0);
+
+/// Adds one event of `ns` (of which `tail_ns` runnable, for off-CPU waits) straight to the
+/// exact totals and histogram of `key`: for the scheduler and disk paths, whose programs
+/// already branch a lot (the cache's paths would multiply into theirs).
 #[inline(always)]
 pub fn add_total<C: EbpfContext>(ctx: &C, generation: u32, key: &TotalKey, ns: u64, tail_ns: u64) {
-    let signal = Signal::from_u8(key.signal).unwrap_or(Signal::OffCpu);
-    let bucket = hist_bucket(ns);
-    let map = totals_map(generation);
-    for _ in 0..2 {
-        if let Some(entry) = map.get_ptr_mut(key) {
-            // SAFETY: the entry lives until the program returns (RCU); fields are u64 and
-            // the bucket index is below HIST_BUCKETS.
-            unsafe {
-                atomic_add(&raw mut (*entry).count, 1);
-                atomic_add(&raw mut (*entry).ns, ns);
-                if tail_ns != 0 {
-                    atomic_add(&raw mut (*entry).tail_ns, tail_ns);
-                }
-                if let Some(slot) = (*entry).buckets.get_mut(bucket) {
-                    atomic_add(slot, 1);
-                }
-                if ns > (*entry).max_ns {
-                    (*entry).max_ns = ns;
-                }
+    if let Some(entry) = totals_entry(ctx, generation, key) {
+        // SAFETY: the entry lives until the program returns (RCU); fields are u64.
+        unsafe {
+            atomic_add(&raw mut (*entry).count, 1);
+            atomic_add(&raw mut (*entry).ns, ns);
+            if tail_ns != 0 {
+                atomic_add(&raw mut (*entry).tail_ns, tail_ns);
             }
-            return;
-        }
-        // Insert an empty entry, then add through the lookup above: the histogram is too
-        // big to build on the BPF stack.
-        #[expect(
-            clippy::needless_borrows_for_generic_args,
-            reason = "by value, the 352-byte entry would be copied onto the BPF stack"
-        )]
-        let inserted = map.insert(key, &EMPTY_TOTAL, u64::from(BPF_NOEXIST));
-        match inserted {
-            Ok(()) => {}
-            Err(err) if err == -EEXIST => {}
-            Err(err) if err == -EBUSY => {
-                count_loss(ctx, signal, Loss::MapBusy);
-                return;
+            if let Some(slot) = (*entry).buckets.get_mut(hist_bucket(ns)) {
+                atomic_add(slot, 1);
             }
-            Err(_) => {
-                count_loss(ctx, signal, Loss::AggFull);
-                return;
+            // Racy maximum: a concurrent larger update on another CPU can be overwritten.
+            if ns > (*entry).max_ns {
+                (*entry).max_ns = ns;
             }
         }
     }
+}
+
+/// Adds one event of `ns` to the exact totals of `key` through this CPU's totals cache of
+/// `user` (the syscall and kernel-lock paths: many events, few keys at a time). A BPF
+/// subprogram of its own (at most five arguments).
+#[inline(never)]
+pub fn add_total_cached<C: EbpfContext>(
+    ctx: &C,
+    generation: u32,
+    user: u32,
+    key: &TotalKey,
+    ns: u64,
+) {
+    // A per-CPU array lookup of a valid index cannot fail.
+    let Some(cache) = TOTAL_CACHE.get_ptr_mut(user * 2 + generation) else {
+        return;
+    };
+    // SAFETY: per-CPU memory of one program family, which never nests with itself.
+    let cache = unsafe { &mut *cache };
+    let bucket = hist_bucket(ns);
+    for entry in &mut cache.entries {
+        if entry.value.count != 0 && entry.key == *key {
+            entry.value.count += 1;
+            entry.value.ns += ns;
+            if ns > entry.value.max_ns {
+                entry.value.max_ns = ns;
+            }
+            if let Some(slot) = entry.value.buckets.get_mut(bucket) {
+                *slot += 1;
+            }
+            return;
+        }
+    }
+    let victim = (cache.next as usize) & (TOTAL_CACHE_WAYS - 1);
+    cache.next = cache.next.wrapping_add(1);
+    let Some(entry) = cache.entries.get_mut(victim) else {
+        return;
+    };
+    if entry.value.count != 0 {
+        flush_total(ctx, generation, &entry.key, &entry.value);
+    }
+    entry.key = *key;
+    entry.value.count = 1;
+    entry.value.ns = ns;
+    entry.value.tail_ns = 0;
+    entry.value.max_ns = ns;
+    for slot in &mut entry.value.buckets {
+        // Volatile, so the compiler does not turn the loop into a byte-wise `memset`,
+        // which the verifier would walk byte by byte on every path.
+        // SAFETY: a valid, aligned u64 in this CPU's cache entry.
+        unsafe { core::ptr::write_volatile(slot, 0) };
+    }
+    if let Some(slot) = entry.value.buckets.get_mut(bucket) {
+        *slot = 1;
+    }
+}
+
+/// Adds an evicted cache entry's `value` into the totals map entry of `key`.
+#[inline(always)]
+fn flush_total<C: EbpfContext>(ctx: &C, generation: u32, key: &TotalKey, value: &TotalValue) {
+    let Some(entry) = totals_entry(ctx, generation, key) else {
+        return;
+    };
+    // SAFETY: the entry lives until the program returns (RCU); fields are u64.
+    unsafe {
+        atomic_add(&raw mut (*entry).count, value.count);
+        atomic_add(&raw mut (*entry).ns, value.ns);
+        // Every bucket, unconditionally: a branch per bucket would give the verifier a
+        // path per combination.
+        for (total, &add) in (*entry).buckets.iter_mut().zip(value.buckets.iter()) {
+            atomic_add(total, add);
+        }
+        if value.max_ns > (*entry).max_ns {
+            (*entry).max_ns = value.max_ns;
+        }
+    }
+}
+
+/// The totals map entry of `key` in `generation`, created empty if missing.
+#[inline(always)]
+fn totals_entry<C: EbpfContext>(
+    ctx: &C,
+    generation: u32,
+    key: &TotalKey,
+) -> Option<*mut TotalValue> {
+    let map = totals_map(generation);
+    if let Some(entry) = map.get_ptr_mut(key) {
+        return Some(entry);
+    }
+    // Insert an empty entry, then add through a lookup: the histogram is too big to build
+    // on the BPF stack. Losing the insert race to another CPU is fine (`EEXIST`).
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, the 352-byte entry would be copied onto the BPF stack"
+    )]
+    let inserted = map.insert(key, &EMPTY_TOTAL, u64::from(BPF_NOEXIST));
+    match inserted {
+        Ok(()) => {}
+        Err(err) if err == -EEXIST => {}
+        Err(err) => {
+            let signal = Signal::from_u8(key.signal).unwrap_or(Signal::OffCpu);
+            let loss = if err == -EBUSY {
+                Loss::MapBusy
+            } else {
+                Loss::AggFull
+            };
+            count_loss(ctx, signal, loss);
+            return None;
+        }
+    }
+    map.get_ptr_mut(key)
 }
 
 /// An empty totals entry, inserted before the first add.
@@ -269,7 +352,7 @@ pub fn add_offcpu_total<C: EbpfContext>(
 }
 
 /// Adds `value` to the stack sample `key`.
-#[inline(always)]
+#[inline(never)]
 pub fn add_sample<C: EbpfContext>(ctx: &C, generation: u32, key: &SampleKey, value: &SampleValue) {
     let signal = Signal::from_u8(key.signal).unwrap_or(Signal::OffCpu);
     upsert(
@@ -301,17 +384,53 @@ pub fn add_sample<C: EbpfContext>(ctx: &C, generation: u32, key: &SampleKey, val
 /// with the loop index would give the verifier one path per possible length.
 #[inline(always)]
 fn stack_hash(stack: &StackTrace) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(stack.flags) ^ u64::from(stack.len);
-    for ip in &stack.ips {
-        hash = (hash ^ ip).wrapping_mul(0x0000_0100_0000_01b3);
-        hash ^= hash >> 29;
+    let mut state = HashState {
+        stack,
+        hash: 0xcbf2_9ce4_8422_2325 ^ u64::from(stack.flags) ^ u64::from(stack.len),
+    };
+    // `bpf_loop` (5.17+): the verifier checks the step once instead of 127 unrolled
+    // iterations on every path that stores a stack.
+    // SAFETY: `hash_step` matches the callback ABI; `state` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32,
+            hash_step as *mut c_void,
+            (&raw mut state).cast(),
+            0,
+        );
     }
-    if hash == NO_STACK { 1 } else { hash }
+    if state.hash == NO_STACK {
+        1
+    } else {
+        state.hash
+    }
+}
+
+/// The running state of `stack_hash`'s loop.
+#[repr(C)]
+struct HashState {
+    stack: *const StackTrace,
+    hash: u64,
+}
+
+/// One step of `stack_hash`: mixes in frame `index`.
+extern "C" fn hash_step(index: u64, state: *mut c_void) -> i64 {
+    // SAFETY: `state` is the `HashState` passed to `bpf_loop`.
+    let state = unsafe { &mut *state.cast::<HashState>() };
+    let index = index as usize;
+    if index >= MAX_STACK_DEPTH {
+        return 1;
+    }
+    // SAFETY: the stack outlives the loop; the index is bounds-checked above.
+    let ip = unsafe { (*state.stack).ips[index] };
+    state.hash = (state.hash ^ ip).wrapping_mul(0x0000_0100_0000_01b3);
+    state.hash ^= state.hash >> 29;
+    0
 }
 
 /// Stores `stack` in the stack table of `generation` and returns its hash, or [`NO_STACK`]
 /// if the table was full.
-#[inline(always)]
+#[inline(never)]
 pub fn store_stack<C: EbpfContext>(
     ctx: &C,
     signal: Signal,
@@ -349,7 +468,7 @@ pub fn scratch(slot: u32) -> Option<&'static mut StackTrace> {
 
 /// Walks the current task's kernel (`user == false`) or user stack from `ctx` into the
 /// scratch slot and stores it; returns the stack hash or [`NO_STACK`].
-#[inline(always)]
+#[inline(never)]
 pub fn capture_current_stack<C: EbpfContext>(
     ctx: &C,
     signal: Signal,

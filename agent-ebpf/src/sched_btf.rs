@@ -14,18 +14,24 @@
 //! Run queue: `sched_wakeup`/`sched_wakeup_new` stamp when a sleeping thread became
 //! runnable; at switch-in the time since then (or since a preemption) is its run-queue
 //! wait, and the off-CPU wait records that part as its runnable tail.
+//!
+//! User-space lock waits: a thread switched out inside a futex syscall (its saved user
+//! registers say which syscall, and which futex) waits on that futex; the blocked part of
+//! the wait is a lock wait, sampled and attributed with the same stacks.
 
 use agent_common::{
-    EST_COUNT_FP_SHIFT, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_USER_LEAF_ONLY,
-    FLAG_USTACK_FAILED, Loss, NO_STACK, OffCpuState, PendingWait, RunQueueKind, SampleKey,
-    SampleValue, Signal, StackTrace, THREAD_HAS_RSEQ, THREAD_KERNEL, THREAD_PENDING,
-    THREAD_USER_SNAPSHOT, TotalKey, WAIT_HINT_KERNEL_LOCK, WAIT_HINT_NONE,
+    EST_COUNT_FP_SHIFT, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_OFFCPU,
+    FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, LockKind, Loss, NO_STACK, OffCpuState, PendingWait,
+    RunQueueKind, SampleKey, SampleValue, Signal, StackTrace, THREAD_HAS_RSEQ, THREAD_KERNEL,
+    THREAD_PENDING, THREAD_USER_SNAPSHOT, ThreadState, TotalKey, WAIT_HINT_KERNEL_LOCK,
+    WAIT_HINT_NONE,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, task_struct},
     helpers::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user,
         generated::{
             bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_stack, bpf_get_task_stack,
             bpf_task_pt_regs,
@@ -72,28 +78,94 @@ mod regs {
     /// `struct pt_regs` on x86-64 (uapi layout): ip and sp.
     pub const IP_OFFSET: usize = 16 * 8;
     pub const SP_OFFSET: usize = 19 * 8;
+    /// The block from `r11` to `flags`, read at once: r11, r10, r9, r8, ax, cx, dx, si,
+    /// di, orig_ax, ip, cs, flags.
+    pub const SYSCALL_BLOCK_OFFSET: usize = 6 * 8;
+    pub const SYSCALL_BLOCK_LEN: usize = 13;
+}
+
+/// `FUTEX_CMD_MASK`: the operation without the private and clock flags.
+const FUTEX_CMD_MASK: u64 = 0x7f;
+const FUTEX_WAIT: u64 = 0;
+const FUTEX_LOCK_PI: u64 = 6;
+const FUTEX_WAIT_BITSET: u64 = 9;
+const FUTEX_WAIT_REQUEUE_PI: u64 = 11;
+const FUTEX_LOCK_PI2: u64 = 13;
+
+/// The futex the current thread waits on, if it is inside a futex wait syscall: from its
+/// saved user registers (a syscall entry saves the return address in both `cx` and `ip`
+/// and the flags in both `r11` and `flags`, which tells it apart from an interrupt).
+#[cfg(not(bpf_target_arch = "aarch64"))]
+#[inline(always)]
+fn futex_wait_of(task: *mut task_struct) -> Option<(u64, LockKind)> {
+    let cfg = config();
+    // SAFETY: `task` is the current task's BTF pointer.
+    let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
+    if regs.is_null() {
+        return None;
+    }
+    // SAFETY: a fault-tolerant read of the saved user registers.
+    let block: [u64; regs::SYSCALL_BLOCK_LEN] =
+        unsafe { bpf_probe_read_kernel(regs.add(regs::SYSCALL_BLOCK_OFFSET).cast()) }.ok()?;
+    let [r11, _, _, _, _, cx, _, si, di, orig_ax, ip, cs, flags] = block;
+    if cs & 3 != 3 || cx != ip || r11 != flags {
+        return None;
+    }
+    let nr = orig_ax as u32;
+    if nr == cfg.futex_nr {
+        match si & FUTEX_CMD_MASK {
+            FUTEX_WAIT | FUTEX_WAIT_BITSET | FUTEX_WAIT_REQUEUE_PI => Some((di, LockKind::Futex)),
+            FUTEX_LOCK_PI | FUTEX_LOCK_PI2 => Some((di, LockKind::FutexPi)),
+            _ => None,
+        }
+    } else if nr == cfg.futex_wait_nr {
+        Some((di, LockKind::Futex))
+    } else if nr == cfg.futex_waitv_nr {
+        // `struct futex_waitv { u64 val; u64 uaddr; ... }`: the first futex's address, read
+        // in the waiter's own context.
+        // SAFETY: a fault-tolerant read of the current thread's own memory.
+        let uaddr = unsafe { bpf_probe_read_user((di + 8) as *const u64) }.ok()?;
+        Some((uaddr, LockKind::Futex))
+    } else {
+        None
+    }
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+fn futex_wait_of(_task: *mut task_struct) -> Option<(u64, LockKind)> {
+    None
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-/// unsigned int prev_state)`.
+/// unsigned int prev_state)`, the switch-out half. Switch-out and switch-in are two
+/// programs on the same tracepoint so the verifier checks each on its own (as one
+/// program, every path of one half multiplies the paths of the other).
 #[btf_tracepoint(function = "sched_switch")]
-pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
+pub fn sched_switch_out_btf(ctx: BtfTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     let prev: *mut task_struct = ctx.arg(1);
-    let next: *mut task_struct = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let generation = generation();
     switch_out(
         &ctx,
-        generation,
+        generation(),
         now,
         prev,
         preempt & 0xff != 0,
         prev_state as u32,
     );
-    switch_in(&ctx, generation, now, next);
+    0
+}
+
+/// The switch-in half of `sched_switch`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_in_btf(ctx: BtfTracePointContext) -> i32 {
+    let next: *mut task_struct = ctx.arg(2);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    switch_in(&ctx, generation(), now, next);
     0
 }
 
@@ -213,7 +285,17 @@ fn switch_out(
     } else {
         WAIT_HINT_NONE
     };
-    if !config().wants(Signal::OffCpu) || thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
+    thread.futex_uaddr = 0;
+    if config().wants(Signal::Lock)
+        && thread.state != OffCpuState::Runnable as u8
+        && thread.flags & THREAD_KERNEL == 0
+        && let Some((uaddr, kind)) = futex_wait_of(prev)
+    {
+        thread.futex_uaddr = uaddr;
+        thread.futex_kind = kind as u8;
+    }
+    let stacks_wanted = config().wants(Signal::OffCpu) || config().wants(Signal::Lock);
+    if !stacks_wanted || thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
         return;
     }
     let rseq_offset = config().task_rseq_offset;
@@ -276,12 +358,23 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
         };
         add_total(ctx, generation, &key, tail_ns, 0);
     }
-    if off_since == 0 || off_since > now || !cfg.wants(Signal::OffCpu) {
+    let want_offcpu = cfg.wants(Signal::OffCpu);
+    let futex = if cfg.wants(Signal::Lock) {
+        thread.futex_uaddr
+    } else {
+        0
+    };
+    thread.futex_uaddr = 0;
+    if off_since == 0 || off_since > now || !(want_offcpu || futex != 0) {
         return;
     }
     let wait_ns = now - off_since;
     let tail_ns = if tail_ns > wait_ns { wait_ns } else { tail_ns };
-    let threshold = cfg.offcpu_stack_threshold_ns;
+    let threshold = if want_offcpu {
+        cfg.offcpu_stack_threshold_ns
+    } else {
+        cfg.lock_stack_threshold_ns
+    };
     let (est_ns, est_count_fp) = if wait_ns >= threshold {
         (0, 0)
     } else {
@@ -290,14 +383,19 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
         // SAFETY: helper without arguments.
         let draw = (u64::from(unsafe { bpf_get_prandom_u32() }) * threshold) >> 32;
         if draw >= wait_ns {
-            add_offcpu_total(
-                ctx,
-                generation,
-                (thread.tgid, thread.tid),
-                (thread.state, thread.wait_hint),
-                wait_ns,
-                tail_ns,
-            );
+            if want_offcpu {
+                add_offcpu_total(
+                    ctx,
+                    generation,
+                    (thread.tgid, thread.tid),
+                    (thread.state, thread.wait_hint),
+                    wait_ns,
+                    tail_ns,
+                );
+            }
+            if futex != 0 {
+                add_futex_total(ctx, generation, thread, wait_ns - tail_ns);
+            }
             return;
         }
         (
@@ -315,10 +413,18 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     pending.est_ns = est_ns;
     pending.est_count_fp = est_count_fp;
     pending.tgid = thread.tgid;
-    pending.aux = 0;
     pending.state = thread.state;
     pending.wait_hint = thread.wait_hint;
-    pending.flags = 0;
+    pending.flags = if want_offcpu { 0 } else { FLAG_NO_OFFCPU };
+    pending.futex_uaddr = futex;
+    pending.futex_kind = thread.futex_kind;
+    let blocked_ns = wait_ns - tail_ns;
+    // The lock sample's share: the blocked part, exact or scaled like the wait.
+    (pending.lock_ns, pending.lock_est_ns) = if est_count_fp == 0 {
+        (blocked_ns, 0)
+    } else {
+        (0, (blocked_ns * est_count_fp) >> EST_COUNT_FP_SHIFT)
+    };
     // SAFETY: `next` is a BTF task pointer; the buffer is the scratch stack's array.
     let written = unsafe {
         bpf_get_task_stack(
@@ -370,7 +476,7 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
 
 /// A pending wait of the current thread, which blocks again before having returned to
 /// user space.
-#[inline(always)]
+#[inline(never)]
 fn finalize_at_switch_out(ctx: &BtfTracePointContext, generation: u32, tid: u32) {
     let Some(pending) = PENDING.get_ptr(tid) else {
         return;
@@ -396,7 +502,7 @@ fn finalize_at_switch_out(ctx: &BtfTracePointContext, generation: u32, tid: u32)
     finalize_pending(ctx, generation, tid, ustack, FLAG_USER_LEAF_ONLY);
 }
 
-#[inline(always)]
+#[inline(never)]
 fn finalize_pending<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, ustack: u64, flags: u8) {
     let Some(pending) = PENDING.get_ptr_mut(tid) else {
         return;
@@ -408,10 +514,67 @@ fn finalize_pending<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, ustack: 
     let _ = PENDING.remove(tid);
 }
 
-/// Adds a sampled wait with its stacks, and its exact amount to the totals.
+/// Adds a futex wait's blocked part to the lock totals.
 #[inline(always)]
+fn add_futex_total<C: EbpfContext>(
+    ctx: &C,
+    generation: u32,
+    thread: &ThreadState,
+    blocked_ns: u64,
+) {
+    let key = TotalKey {
+        tgid: thread.tgid,
+        tid: thread.tid,
+        signal: Signal::Lock as u8,
+        class: thread.futex_kind,
+        ..TotalKey::default()
+    };
+    add_total(ctx, generation, &key, blocked_ns, 0);
+}
+
+/// Adds a sampled wait with its stacks, and its exact amount to the totals: as an
+/// off-CPU wait, and as a lock wait when it was a futex wait.
+#[inline(never)]
 fn emit<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, pending: &PendingWait, ustack: u64) {
     let kstack = store_stack(ctx, Signal::OffCpu, generation, &pending.kstack);
+    if pending.futex_uaddr != 0 {
+        let key = SampleKey {
+            tgid: pending.tgid,
+            tid,
+            kstack,
+            ustack,
+            signal: Signal::Lock as u8,
+            class: pending.futex_kind,
+            flags: pending.flags & !FLAG_NO_OFFCPU,
+            object: [pending.futex_uaddr, 0, 0],
+            ..SampleKey::default()
+        };
+        let value = SampleValue {
+            ns: pending.lock_ns,
+            count: u64::from(pending.est_count_fp == 0),
+            est_ns: pending.lock_est_ns,
+            est_count_fp: pending.est_count_fp,
+            tail_ns: 0,
+        };
+        add_sample(ctx, generation, &key, &value);
+        let total = TotalKey {
+            tgid: pending.tgid,
+            tid,
+            signal: Signal::Lock as u8,
+            class: pending.futex_kind,
+            ..TotalKey::default()
+        };
+        add_total(
+            ctx,
+            generation,
+            &total,
+            pending.wait_ns - pending.tail_ns,
+            0,
+        );
+    }
+    if pending.flags & FLAG_NO_OFFCPU != 0 {
+        return;
+    }
     let key = SampleKey {
         tgid: pending.tgid,
         tid,
@@ -421,7 +584,6 @@ fn emit<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, pending: &PendingWai
         class: pending.state,
         flags: pending.flags,
         detail: pending.wait_hint,
-        aux: pending.aux,
         ..SampleKey::default()
     };
     let exact = pending.est_count_fp == 0;

@@ -5,7 +5,8 @@
 //! argument is a file descriptor, the kind of file it refers to.
 
 use agent_common::{
-    FD_SYSCALLS_LEN, FdKind, SampleKey, SampleValue, Signal, THREAD_IN_SYSCALL, TotalKey,
+    CACHE_SYSCALL, FD_SYSCALLS_LEN, FdKind, SampleKey, SampleValue, Signal, THREAD_IN_SYSCALL,
+    TotalKey,
 };
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -16,7 +17,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        SLOT_SYSCALL, add_sample, add_total, capture_current_stack, config, generation, wanted,
+        SLOT_SYSCALL, add_sample, add_total_cached, capture_current_stack, config, generation,
+        wanted,
     },
     threads::{current, thread_of, thread_or_create},
 };
@@ -39,7 +41,6 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     if !wanted((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let regs: *const u8 = ctx.arg(0);
     let id: u64 = ctx.arg(1);
     let Some(thread) = thread_or_create(&ctx, Signal::Syscall, task, Some(pid_tgid)) else {
         return 0;
@@ -47,12 +48,6 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: helper without arguments.
     thread.syscall_since_ns = unsafe { bpf_ktime_get_ns() };
     thread.syscall_nr = id as u32;
-    thread.syscall_arg0 = if regs.is_null() {
-        0
-    } else {
-        // SAFETY: fault-tolerant read of the saved user registers.
-        unsafe { bpf_probe_read_kernel(regs.add(ARG0_OFFSET).cast::<u64>()) }.unwrap_or(0)
-    };
     thread.flags |= THREAD_IN_SYSCALL;
     0
 }
@@ -83,12 +78,21 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
         aux: nr,
         ..TotalKey::default()
     };
-    add_total(&ctx, generation, &key, duration, 0);
+    add_total_cached(&ctx, generation, CACHE_SYSCALL, &key, duration);
     if duration < config().syscall_slow_threshold_ns {
         return 0;
     }
     let fd_kind = if FD_SYSCALLS.get(nr).copied().unwrap_or(0) != 0 {
-        fd_kind(task, thread.syscall_arg0)
+        // The saved user registers still hold the arguments at exit.
+        let regs: *const u8 = ctx.arg(0);
+        let fd = if regs.is_null() {
+            u64::MAX
+        } else {
+            // SAFETY: a fault-tolerant read of the saved user registers.
+            unsafe { bpf_probe_read_kernel(regs.add(ARG0_OFFSET).cast::<u64>()) }
+                .unwrap_or(u64::MAX)
+        };
+        fd_kind(task, fd)
     } else {
         FdKind::Unknown
     };

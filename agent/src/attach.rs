@@ -148,11 +148,13 @@ pub fn attach_sched(
 ) -> Result<SchedHook, ProbeError> {
     if let (true, Some(btf)) = (use_btf, btf) {
         let mut programs = vec![
-            ("sched_switch_btf", "sched_switch"),
+            ("sched_switch_out_btf", "sched_switch"),
+            ("sched_switch_in_btf", "sched_switch"),
             ("sched_wakeup_btf", "sched_wakeup"),
             ("sched_wakeup_new_btf", "sched_wakeup_new"),
         ];
-        if signals.contains(&Signal::OffCpu) {
+        if signals.contains(&Signal::OffCpu) || signals.contains(&Signal::Lock) {
+            // Sampled waits take their user stack on the return to user space.
             programs.push(("rseq_update_btf", "rseq_update"));
         }
         // Thread names stay current across renames and execs (and outlive the threads).
@@ -171,18 +173,26 @@ pub fn attach_sched(
             need: "BTF tracepoints sched_switch (with prev_state, 5.18+) and sched_wakeup",
         });
     }
+    if !signals.contains(&Signal::OffCpu) {
+        // Only the lock signal asked for the scheduler: without BTF it gets kernel locks.
+        return Ok(SchedHook::Tracepoint);
+    }
     ensure_tracefs();
     attach_tracepoint(ebpf, "sched_switch_tp", "sched", "sched_switch")?;
     Ok(SchedHook::Tracepoint)
 }
 
-/// Lock programs: kernel lock contention (BTF) where available, futex waits always.
-/// Returns what was attached, for `check` and the log.
+/// Lock programs: kernel lock contention (BTF tracepoints). Futex waits come with the
+/// scheduler programs, which the lock signal needs on the BTF path.
 pub fn attach_lock(
     ebpf: &mut Ebpf,
     btf: Option<(&Btf, &aya::Btf)>,
+    sched: Option<SchedHook>,
 ) -> Result<Vec<&'static str>, ProbeError> {
     let mut attached = Vec::new();
+    if sched == Some(SchedHook::BtfTracepoint) {
+        attached.push("futex waits (sched_switch, from the waiter's registers)");
+    }
     match btf {
         Some((ours, theirs)) if btf_lock_supported(ours) => {
             attach_btf(
@@ -199,32 +209,10 @@ pub fn attach_lock(
             "kernel lock waits unavailable: this kernel lacks BTF lock:contention_begin/end"
         ),
     }
-    ensure_tracefs();
-    let futex_programs: [(&'static str, &str); 6] = [
-        ("sys_enter_futex", "sys_enter_futex"),
-        ("sys_exit_futex", "sys_exit_futex"),
-        ("sys_enter_futex_wait", "sys_enter_futex_wait"),
-        ("sys_exit_futex_wait", "sys_exit_futex_wait"),
-        ("sys_enter_futex_waitv", "sys_enter_futex_waitv"),
-        ("sys_exit_futex_waitv", "sys_exit_futex_waitv"),
-    ];
-    for pair in futex_programs.chunks(2) {
-        let [(enter, enter_event), (exit, exit_event)] = pair else {
-            continue;
-        };
-        if tracefs::event_dir("syscalls", enter_event).is_none()
-            || tracefs::event_dir("syscalls", exit_event).is_none()
-        {
-            continue;
-        }
-        attach_tracepoint(ebpf, enter, "syscalls", enter_event)?;
-        attach_tracepoint(ebpf, exit, "syscalls", exit_event)?;
-        attached.push(*enter_event);
-    }
     if attached.is_empty() {
         return Err(ProbeError::Unsupported {
             signal: "lock",
-            need: "lock:contention_begin/end (BTF) or the syscalls:sys_enter_futex tracepoints",
+            need: "BTF tracepoints: sched_switch (5.18+) for futex waits, lock:contention_begin/end for kernel locks",
         });
     }
     Ok(attached)

@@ -75,6 +75,19 @@ pub fn check(config: &Config) -> (String, bool) {
         });
     }
 
+    if privileged && config.signals.len() > 1 {
+        let (ok, detail) = match Probes::load(&config.probe_settings()) {
+            Ok(loaded) => (true, verifier_summary(&loaded.verifier_work())),
+            Err(err) => (false, format!("FAILED: {err}")),
+        };
+        all_ok &= ok;
+        lines.push(Line {
+            subject: "all together".into(),
+            ok,
+            detail,
+        });
+    }
+
     let mut report = format!(
         "kernel {} ({})\n",
         system::kernel_release(),
@@ -90,6 +103,17 @@ pub fn check(config: &Config) -> (String, bool) {
         );
     }
     (report, all_ok)
+}
+
+/// The verifier's work for the heaviest program, against its limit.
+fn verifier_summary(work: &[(String, u32)]) -> String {
+    match work.first() {
+        Some((name, count)) => format!(
+            "{} programs; most verifier work: {name}, {count} of 1000000 instructions",
+            work.len()
+        ),
+        None => format!("{} programs loaded", work.len()),
+    }
 }
 
 /// What a signal needs, and whether this BTF has the fast path's pieces.
@@ -108,9 +132,9 @@ fn needs(signal: SignalName, btf: Option<&Btf>) -> String {
             "perf_event_open (cpu-clock) on every CPU with a BPF program".to_owned()
         }
         SignalName::Lock => format!(
-            "BTF lock:contention_begin/end for kernel locks ({}), syscalls:sys_enter_futex* for futexes ({})",
+            "BTF lock:contention_begin/end for kernel locks ({}), the BTF scheduler path for futex waits ({})",
             has(btf.is_some_and(attach::btf_lock_supported)),
-            has(tracefs::event_dir("syscalls", "sys_enter_futex").is_some())
+            has(btf.is_some_and(attach::btf_sched_supported))
         ),
         SignalName::Syscall => format!(
             "BTF tracepoints sys_enter/sys_exit ({})",

@@ -1,5 +1,5 @@
 //! Logging: `tracing` to stderr (text or JSON), quiet by default (`RUST_LOG` overrides);
-//! records from the probes (aya-log, through the `log` crate) land in the same stream.
+//! aya's own records (through the `log` crate) land in the same stream.
 
 use tracing_subscriber::EnvFilter;
 

@@ -9,12 +9,12 @@ use std::{
 };
 
 use agent_common::{
-    GENERATION_INDEX, LOSS_COUNTERS, ProbeConfig, SampleKey, SampleValue, Signal, StackTrace,
-    TotalKey, TotalValue,
+    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, ProbeConfig, SampleKey, SampleValue,
+    Signal, StackTrace, TotalCache, TotalKey, TotalValue,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray},
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
 };
 use thiserror::Error;
 
@@ -155,11 +155,13 @@ pub struct Drained {
 
 /// Loaded and attached probes.
 pub struct Probes {
-    _ebpf: Ebpf,
-    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    ebpf: Ebpf,
+    /// Cumulative loss counters at the previous drain, to log each kind's first loss.
+    losses_seen: Vec<u64>,
     generation_map: Array<MapData, u32>,
     losses: PerCpuArray<MapData, u64>,
     comms: aya::maps::HashMap<MapData, u32, [u8; 16]>,
+    total_cache: PerCpuArray<MapData, TotalCache>,
     totals: [MapData; 2],
     samples: [MapData; 2],
     stacks: [MapData; 2],
@@ -241,7 +243,12 @@ impl Probes {
         if let Some((ours, _)) = &btf {
             attach::fill_offsets(&mut config, ours);
         }
-        let sched = wants(Signal::OffCpu) || wants(Signal::RunQueue);
+        let nr = |name: &str| syscalls::number(name).unwrap_or(u32::MAX);
+        config.futex_nr = nr("futex");
+        config.futex_wait_nr = nr("futex_wait");
+        config.futex_waitv_nr = nr("futex_waitv");
+        // Futex waits are seen by the scheduler programs, so the lock signal needs them.
+        let sched = wants(Signal::OffCpu) || wants(Signal::RunQueue) || wants(Signal::Lock);
         let use_btf_sched = sched
             && settings.sched_hook == SchedHookChoice::Auto
             && btf
@@ -276,7 +283,6 @@ impl Probes {
             .btf(btf.as_ref().map(|(_, theirs)| theirs))
             .override_global("PROBE_CONFIG", &config, true)
             .map_max_entries("THREADS", sizes.threads)
-            .map_max_entries("FUTEX_WAITS", sizes.pending)
             .map_max_entries("DISK_REQUESTS", sizes.pending)
             .map_max_entries("PENDING", sizes.pending)
             .map_max_entries("TOTALS_0", sizes.totals)
@@ -286,9 +292,6 @@ impl Probes {
             .map_max_entries("STACKS_0", sizes.stacks)
             .map_max_entries("STACKS_1", sizes.stacks);
         let mut ebpf = loader.load(PROBES_OBJECT)?;
-        let logger = aya_log::EbpfLogger::init(&mut ebpf)
-            .inspect_err(|err| tracing::debug!("probe log channel unavailable: {err}"))
-            .ok();
 
         let btf_pair = btf.as_ref().map(|(ours, theirs)| (ours, theirs));
         let mut hooks = Vec::new();
@@ -301,6 +304,10 @@ impl Probes {
                 &settings.signals,
             )?;
             sched_hook = Some(hook);
+            if hook == SchedHook::Tracepoint && !wants(Signal::OffCpu) {
+                // Nothing attached: the lock signal falls back to kernel locks only.
+                sched_hook = None;
+            }
             for signal in [Signal::OffCpu, Signal::RunQueue] {
                 if wants(signal) {
                     hooks.push((signal, hook.describe().to_owned()));
@@ -319,7 +326,7 @@ impl Probes {
             ));
         }
         if wants(Signal::Lock) {
-            let attached = attach::attach_lock(&mut ebpf, btf_pair)?;
+            let attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook)?;
             hooks.push((Signal::Lock, attached.join(", ")));
         }
         if wants(Signal::Syscall) {
@@ -371,6 +378,13 @@ impl Probes {
                     source,
                 }
             })?;
+        let total_cache =
+            PerCpuArray::try_from(take_map(&mut ebpf, "TOTAL_CACHE")?).map_err(|source| {
+                ProbeError::MapApi {
+                    map: "TOTAL_CACHE",
+                    source,
+                }
+            })?;
         let totals = [
             hash_map(&mut ebpf, "TOTALS_0")?,
             hash_map(&mut ebpf, "TOTALS_1")?,
@@ -383,12 +397,13 @@ impl Probes {
             hash_map(&mut ebpf, "STACKS_0")?,
             hash_map(&mut ebpf, "STACKS_1")?,
         ];
-        let mut probes = Self {
-            _ebpf: ebpf,
-            logger,
+        Ok(Self {
+            ebpf,
+            losses_seen: vec![0; LOSS_COUNTERS as usize],
             generation_map,
             losses,
             comms,
+            total_cache,
             totals,
             samples,
             stacks,
@@ -398,15 +413,39 @@ impl Probes {
             sched_hook,
             oncpu_cpus,
             hooks,
-        };
-        probes.flush_log();
-        Ok(probes)
+        })
     }
 
-    /// Passes the probes' own log records (aya-log) to the agent's log.
-    pub fn flush_log(&mut self) {
-        if let Some(logger) = &mut self.logger {
-            logger.flush();
+    /// The loaded programs and the instructions the verifier processed for each (its
+    /// limit is a million): how close each program is to being rejected.
+    pub fn verifier_work(&self) -> Vec<(String, u32)> {
+        let mut work: Vec<(String, u32)> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let count = program.info().ok()?.verified_instruction_count()?;
+                Some((name.to_owned(), count))
+            })
+            .collect();
+        work.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        work
+    }
+
+    /// Logs each kind of loss the first time its counter moves: the probes started
+    /// dropping data (every profile reports how much).
+    fn log_first_losses(&mut self, losses: &[u64]) {
+        for (index, (&now, seen)) in losses.iter().zip(self.losses_seen.iter_mut()).enumerate() {
+            if *seen == 0 && now != 0 {
+                let signal = Signal::from_u8((index as u32 / Loss::COUNT) as u8);
+                let loss = Loss::ALL[index % Loss::COUNT as usize];
+                tracing::warn!(
+                    "probes started losing data: {} ({} so far, signal {}); profiles report it",
+                    loss.name(),
+                    now,
+                    signal.map_or("unknown", crate::naming::signal_label),
+                );
+            }
+            *seen = now;
         }
     }
 
@@ -430,7 +469,7 @@ impl Probes {
             self.barrier = barrier;
         }
         let slot = retired as usize;
-        let totals: Vec<(TotalKey, TotalValue)> =
+        let mut totals: Vec<(TotalKey, TotalValue)> =
             bpf_sys::drain_hash_map(self.totals[slot].fd().as_fd(), self.sizes.totals).map_err(
                 |source| ProbeError::Map {
                     map: "TOTALS",
@@ -449,6 +488,7 @@ impl Probes {
                 map: "STACKS",
                 source,
             })?;
+        self.drain_total_caches(retired, &mut totals)?;
         let mut losses = vec![0u64; LOSS_COUNTERS as usize];
         for (index, total) in losses.iter_mut().enumerate() {
             let per_cpu =
@@ -460,7 +500,7 @@ impl Probes {
                     })?;
             *total = per_cpu.iter().sum();
         }
-        self.flush_log();
+        self.log_first_losses(&losses);
         let mut ids: Vec<u32> = totals
             .iter()
             .flat_map(|(k, _)| [k.tgid, k.tid])
@@ -484,6 +524,44 @@ impl Probes {
             losses,
             names,
         })
+    }
+}
+
+impl Probes {
+    /// Moves what the per-CPU totals caches of generation `retired` hold into `totals`,
+    /// and empties them (no program writes them any more).
+    fn drain_total_caches(
+        &mut self,
+        retired: u32,
+        totals: &mut Vec<(TotalKey, TotalValue)>,
+    ) -> Result<(), ProbeError> {
+        let map_error = |source| ProbeError::MapApi {
+            map: "TOTAL_CACHE",
+            source,
+        };
+        for user in 0..CACHE_USERS {
+            let index = user * 2 + retired;
+            let per_cpu = self.total_cache.get(&index, 0).map_err(map_error)?;
+            let cpus = per_cpu.len();
+            for cache in per_cpu.iter() {
+                totals.extend(
+                    cache
+                        .entries
+                        .iter()
+                        .filter(|entry| entry.value.count != 0)
+                        .map(|entry| (entry.key, entry.value)),
+                );
+            }
+            let empty =
+                PerCpuValues::try_from(vec![TotalCache::default(); cpus]).map_err(|err| {
+                    ProbeError::Map {
+                        map: "TOTAL_CACHE",
+                        source: err,
+                    }
+                })?;
+            self.total_cache.set(index, empty, 0).map_err(map_error)?;
+        }
+        Ok(())
     }
 }
 

@@ -20,26 +20,80 @@ struct Bench {
     /// Parses the metric out of the command's combined output.
     metric: fn(&str) -> Option<f64>,
     unit: &'static str,
+    /// Throughput (higher is better) rather than time per operation.
+    higher_is_better: bool,
     agent_args: &'static [&'static str],
     target: &'static str,
 }
 
-const BENCHES: &[Bench] = &[Bench {
-    name: "offcpu",
-    command: &[
-        "taskset", "-c", "0", "perf", "bench", "sched", "pipe", "-l", "500000",
-    ],
-    metric: usecs_per_op,
-    unit: "us/op",
-    agent_args: &["--signals", "offcpu,oncpu"],
-    target: "ratio <= 1.3, agent RSS <= 64 MB",
-}];
+const ALL_SIGNALS: &str = "offcpu,oncpu,runqueue,lock,syscall,disk";
+
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "offcpu",
+        command: &[
+            "taskset", "-c", "0", "perf", "bench", "sched", "pipe", "-l", "500000",
+        ],
+        metric: usecs_per_op,
+        unit: "us/op",
+        higher_is_better: false,
+        agent_args: &["--signals", "offcpu,oncpu"],
+        target: "slowdown <= 1.3, agent RSS <= 64 MB",
+    },
+    Bench {
+        name: "syscall",
+        command: &[
+            "taskset", "-c", "0", "perf", "bench", "syscall", "basic", "-l", "10000000",
+        ],
+        metric: usecs_per_op,
+        unit: "us/op",
+        higher_is_better: false,
+        agent_args: &["--signals", "syscall"],
+        target: "slowdown <= 2.0",
+    },
+    Bench {
+        name: "futex",
+        command: &["perf", "bench", "futex", "hash", "-r", "2"],
+        metric: operations_per_sec,
+        unit: "ops/s",
+        higher_is_better: true,
+        agent_args: &["--signals", "lock"],
+        target: "slowdown <= 1.3",
+    },
+    Bench {
+        name: "messaging",
+        command: &["perf", "bench", "sched", "messaging", "-l", "200"],
+        metric: total_seconds,
+        unit: "s",
+        higher_is_better: false,
+        agent_args: &["--signals", ALL_SIGNALS],
+        target: "slowdown <= 1.15",
+    },
+];
 
 fn usecs_per_op(output: &str) -> Option<f64> {
     output
         .lines()
         .find(|l| l.contains("usecs/op"))
         .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `Averaged 1643776 operations/sec (+- 8.64%), total secs = 2`
+fn operations_per_sec(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Averaged "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `Total time: 1.322 [sec]`
+fn total_seconds(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Total time:"))
+        .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
 
@@ -184,9 +238,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
         let base_median = median(&mut base);
         let with_median = median(&mut with);
-        let ratio = with_median / base_median;
+        // The slowdown the agent causes: time ratio, or inverse throughput ratio.
+        let ratio = if bench.higher_is_better {
+            base_median / with_median
+        } else {
+            with_median / base_median
+        };
         println!(
-            "{}: baseline {:.3} {unit}, with agent {:.3} {unit}, ratio {:.3} (target {}); agent CPU {:.1}% of a core, peak RSS {:.1} MB",
+            "{}: baseline {:.3} {unit}, with agent {:.3} {unit}, slowdown {:.3} (target {}); agent CPU {:.1}% of a core, peak RSS {:.1} MB",
             bench.name,
             base_median,
             with_median,
