@@ -44,7 +44,7 @@ fn request_key(ctx: &TracePointContext) -> DiskRequestKey {
 fn read_op(ctx: &TracePointContext) -> DiskOp {
     // SAFETY: bounds-checked read of the tracepoint record's `rwbs` string.
     let rwbs: [u8; 8] =
-        unsafe { ctx.read_at(config().tp_block_rwbs_offset as usize) }.unwrap_or([0; 8]);
+        unsafe { ctx.read_at(config!(tp_block_rwbs_offset) as usize) }.unwrap_or([0; 8]);
     DiskOp::from_rwbs(&rwbs)
 }
 
@@ -89,7 +89,7 @@ pub fn block_rq_issue(ctx: TracePointContext) -> i32 {
     if let Some(request) = DISK_REQUESTS.get_ptr_mut(key) {
         // SAFETY: a request's entry is only touched by its own events, in order.
         unsafe { (*request).issue_ns = now };
-    } else if config().target_tgid == 0 {
+    } else if config!(target_tgid) == 0 {
         // Started before the agent, or by a path without `block_io_start`: measured, not
         // attributed.
         let request = DiskRequest {

@@ -21,7 +21,7 @@ use crate::{
     maps::{
         SLOT_LOCK, add_sample, add_total_cached, capture_current_stack, config, generation, wanted,
     },
-    threads::{current, thread_of, thread_or_create},
+    threads::{current, current_task, thread_of, thread_or_create},
 };
 
 /// `contention_begin(void *lock, unsigned int flags)`.
@@ -51,7 +51,7 @@ pub fn contention_begin_btf(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "contention_end")]
 pub fn contention_end_btf(ctx: BtfTracePointContext) -> i32 {
     let lock: u64 = ctx.arg(0);
-    let (task, _) = current();
+    let task = current_task();
     let Some(thread) = thread_of(task) else {
         return 0;
     };
@@ -87,7 +87,7 @@ fn record_wait<C: EbpfContext>(ctx: &C, thread: (u32, u32), kind: u8, address: u
         ..TotalKey::default()
     };
     add_total_cached(ctx, generation, CACHE_LOCK, &key, wait_ns);
-    let threshold = config().lock_stack_threshold_ns;
+    let threshold = config!(lock_stack_threshold_ns);
     let (ns, count, est_ns, est_count_fp) = if wait_ns >= threshold {
         (wait_ns, 1, 0, 0)
     } else {

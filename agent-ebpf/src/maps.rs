@@ -24,13 +24,27 @@ use aya_ebpf::{
 
 /// Read-only configuration, written by the agent before load.
 #[unsafe(no_mangle)]
-static PROBE_CONFIG: ProbeConfig = ProbeConfig::DEFAULT;
+pub(crate) static PROBE_CONFIG: ProbeConfig = ProbeConfig::DEFAULT;
 
+/// Reads one field of the configuration: `config!(field)`. Volatile, so the compiler does
+/// not fold in the default value the loader replaces; one field at a time, so a program
+/// loads only what it uses (the verifier then knows the value: the map is frozen).
+macro_rules! config {
+    ($field:ident) => {{
+        // SAFETY: a read-only global, written by the loader before the programs load.
+        #[allow(unused_unsafe, reason = "also expanded inside unsafe blocks")]
+        let value =
+            unsafe { core::ptr::read_volatile(&raw const $crate::maps::PROBE_CONFIG.$field) };
+        value
+    }};
+}
+pub(crate) use config;
+
+/// Whether the agent asked for `signal`.
 #[inline(always)]
-pub fn config() -> ProbeConfig {
-    // SAFETY: a read-only global; the volatile read stops the compiler from folding in the
-    // default value the loader replaces.
-    unsafe { core::ptr::read_volatile(&raw const PROBE_CONFIG) }
+pub fn wants(signal: Signal) -> bool {
+    let signals: u32 = config!(signals);
+    signals & (1 << signal as u32) != 0
 }
 
 #[map]
@@ -89,7 +103,7 @@ const EBUSY: i32 = 16;
 /// Whether the probes measure this process (all, or the one `record --pid` names).
 #[inline(always)]
 pub fn wanted(tgid: u32) -> bool {
-    let target = config().target_tgid;
+    let target = config!(target_tgid);
     target == 0 || target == tgid
 }
 

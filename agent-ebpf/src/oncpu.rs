@@ -12,7 +12,7 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
-    let target = config().target_tgid;
+    let target = config!(target_tgid);
     if tid == 0 || (target != 0 && target != tgid) {
         return 0;
     }

@@ -46,7 +46,7 @@ use crate::{
     maps::{
         COMMS, SLOT_RSEQ, SLOT_SCHED, add_offcpu_total, add_sample, add_total,
         capture_current_stack, config, count_loss, generation, scratch, set_leaf, set_len,
-        store_stack, wanted,
+        store_stack, wanted, wants,
     },
     task_storage::TaskStorage,
     threads::{read_task_u32, read_task_u64, thread_of, thread_or_create},
@@ -98,7 +98,6 @@ const FUTEX_LOCK_PI2: u64 = 13;
 #[cfg(not(bpf_target_arch = "aarch64"))]
 #[inline(always)]
 fn futex_wait_of(task: *mut task_struct) -> Option<(u64, LockKind)> {
-    let cfg = config();
     // SAFETY: `task` is the current task's BTF pointer.
     let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
     if regs.is_null() {
@@ -112,15 +111,15 @@ fn futex_wait_of(task: *mut task_struct) -> Option<(u64, LockKind)> {
         return None;
     }
     let nr = orig_ax as u32;
-    if nr == cfg.futex_nr {
+    if nr == config!(futex_nr) {
         match si & FUTEX_CMD_MASK {
             FUTEX_WAIT | FUTEX_WAIT_BITSET | FUTEX_WAIT_REQUEUE_PI => Some((di, LockKind::Futex)),
             FUTEX_LOCK_PI | FUTEX_LOCK_PI2 => Some((di, LockKind::FutexPi)),
             _ => None,
         }
-    } else if nr == cfg.futex_wait_nr {
+    } else if nr == config!(futex_wait_nr) {
         Some((di, LockKind::Futex))
-    } else if nr == cfg.futex_waitv_nr {
+    } else if nr == config!(futex_waitv_nr) {
         // `struct futex_waitv { u64 val; u64 uaddr; ... }`: the first futex's address, read
         // in the waiter's own context.
         // SAFETY: a fault-tolerant read of the current thread's own memory.
@@ -186,7 +185,7 @@ pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> i32 {
 /// `sched_wakeup_new(struct task_struct *p)`: a new thread is runnable for the first time.
 #[btf_tracepoint(function = "sched_wakeup_new")]
 pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
-    if !config().wants(Signal::RunQueue) {
+    if !wants(Signal::RunQueue) {
         return 0;
     }
     let task: *mut task_struct = ctx.arg(0);
@@ -204,7 +203,7 @@ pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
 pub fn task_rename_btf(ctx: BtfTracePointContext) -> i32 {
     let task: *mut task_struct = ctx.arg(0);
     let comm: *const u8 = ctx.arg(1);
-    let tid = read_task_u32(task, config().task_pid_offset);
+    let tid = read_task_u32(task, config!(task_pid_offset));
     let mut name = [0u8; 16];
     // SAFETY: the kernel's NUL-terminated new name; the copy is bounded by `name`.
     if tid != 0 && unsafe { bpf_probe_read_kernel_str_bytes(comm, &mut name) }.is_ok() {
@@ -286,7 +285,7 @@ fn switch_out(
         WAIT_HINT_NONE
     };
     thread.futex_uaddr = 0;
-    if config().wants(Signal::Lock)
+    if wants(Signal::Lock)
         && thread.state != OffCpuState::Runnable as u8
         && thread.flags & THREAD_KERNEL == 0
         && let Some((uaddr, kind)) = futex_wait_of(prev)
@@ -294,11 +293,11 @@ fn switch_out(
         thread.futex_uaddr = uaddr;
         thread.futex_kind = kind as u8;
     }
-    let stacks_wanted = config().wants(Signal::OffCpu) || config().wants(Signal::Lock);
+    let stacks_wanted = wants(Signal::OffCpu) || wants(Signal::Lock);
     if !stacks_wanted || thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
         return;
     }
-    let rseq_offset = config().task_rseq_offset;
+    let rseq_offset = config!(task_rseq_offset);
     if rseq_offset != 0 && read_task_u64(prev, rseq_offset) != 0 {
         thread.flags |= THREAD_HAS_RSEQ;
         thread.flags &= !THREAD_USER_SNAPSHOT;
@@ -334,7 +333,6 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     let woken = thread.woken_ns;
     thread.off_since_ns = 0;
     thread.woken_ns = 0;
-    let cfg = config();
     // The runnable tail: since the preemption, or since the wakeup.
     let preempted = thread.state == OffCpuState::Runnable as u8 && off_since != 0;
     let runnable_since = if preempted { off_since } else { woken };
@@ -343,7 +341,7 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     } else {
         0
     };
-    if cfg.wants(Signal::RunQueue) && runnable_since != 0 {
+    if wants(Signal::RunQueue) && runnable_since != 0 {
         let kind = if preempted {
             RunQueueKind::Preempted
         } else {
@@ -358,8 +356,8 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
         };
         add_total(ctx, generation, &key, tail_ns, 0);
     }
-    let want_offcpu = cfg.wants(Signal::OffCpu);
-    let futex = if cfg.wants(Signal::Lock) {
+    let want_offcpu = wants(Signal::OffCpu);
+    let futex = if wants(Signal::Lock) {
         thread.futex_uaddr
     } else {
         0
@@ -371,9 +369,9 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     let wait_ns = now - off_since;
     let tail_ns = if tail_ns > wait_ns { wait_ns } else { tail_ns };
     let threshold = if want_offcpu {
-        cfg.offcpu_stack_threshold_ns
+        config!(offcpu_stack_threshold_ns)
     } else {
-        cfg.lock_stack_threshold_ns
+        config!(lock_stack_threshold_ns)
     };
     let (est_ns, est_count_fp) = if wait_ns >= threshold {
         (0, 0)

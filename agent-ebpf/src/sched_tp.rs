@@ -25,16 +25,15 @@ const REPORTED_EXIT: u64 = 0x10 | 0x20;
 
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn sched_switch_tp(ctx: TracePointContext) -> i32 {
-    let cfg = config();
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let generation = generation();
     // SAFETY: offsets come from the tracepoint's format file; reads are bounds-checked.
     let (prev_state, next_tid) = unsafe {
         (
-            ctx.read_at::<u64>(cfg.tp_prev_state_offset as usize)
+            ctx.read_at::<u64>(config!(tp_prev_state_offset) as usize)
                 .unwrap_or(0),
-            ctx.read_at::<u32>(cfg.tp_next_pid_offset as usize)
+            ctx.read_at::<u32>(config!(tp_next_pid_offset) as usize)
                 .unwrap_or(0),
         )
     };

@@ -20,7 +20,7 @@ use crate::{
         SLOT_SYSCALL, add_sample, add_total_cached, capture_current_stack, config, generation,
         wanted,
     },
-    threads::{current, thread_of, thread_or_create},
+    threads::{current, current_task, thread_of, thread_or_create},
 };
 
 /// Syscall numbers whose first argument is a file descriptor (1), set by the agent.
@@ -55,7 +55,7 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
 /// `sys_exit(struct pt_regs *regs, long ret)`.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
-    let (task, _) = current();
+    let task = current_task();
     let Some(thread) = thread_of(task) else {
         return 0;
     };
@@ -79,7 +79,7 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
         ..TotalKey::default()
     };
     add_total_cached(&ctx, generation, CACHE_SYSCALL, &key, duration);
-    if duration < config().syscall_slow_threshold_ns {
+    if duration < config!(syscall_slow_threshold_ns) {
         return 0;
     }
     let fd_kind = if FD_SYSCALLS.get(nr).copied().unwrap_or(0) != 0 {
@@ -118,8 +118,7 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
 /// What file descriptor `fd` of `task` refers to: task->files->fdt->fd[fd]->f_inode->i_mode.
 #[inline(always)]
 fn fd_kind(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> FdKind {
-    let cfg = config();
-    if cfg.fd_walk == 0 {
+    if config!(fd_walk) == 0 {
         return FdKind::Unknown;
     }
     let read_ptr = |base: u64, offset: u32| -> u64 {
@@ -129,27 +128,29 @@ fn fd_kind(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> FdKind {
         // SAFETY: fault-tolerant read of a kernel object.
         unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const u64) }.unwrap_or(0)
     };
-    let files = read_ptr(task as u64, cfg.task_files_offset);
-    let fdt = read_ptr(files, cfg.files_fdt_offset);
+    let files = read_ptr(task as u64, config!(task_files_offset));
+    let fdt = read_ptr(files, config!(files_fdt_offset));
     if fdt == 0 {
         return FdKind::Unknown;
     }
     // SAFETY: fault-tolerant read of a kernel object.
-    let max_fds: u32 =
-        unsafe { bpf_probe_read_kernel((fdt + u64::from(cfg.fdt_max_fds_offset)) as *const u32) }
-            .unwrap_or(0);
+    let max_fds: u32 = unsafe {
+        bpf_probe_read_kernel((fdt + u64::from(config!(fdt_max_fds_offset))) as *const u32)
+    }
+    .unwrap_or(0);
     if fd >= u64::from(max_fds) {
         return FdKind::Unknown;
     }
-    let fd_array = read_ptr(fdt, cfg.fdt_fd_offset);
+    let fd_array = read_ptr(fdt, config!(fdt_fd_offset));
     let file = read_ptr(fd_array, (fd * 8) as u32);
-    let inode = read_ptr(file, cfg.file_inode_offset);
+    let inode = read_ptr(file, config!(file_inode_offset));
     if inode == 0 {
         return FdKind::Unknown;
     }
     // SAFETY: fault-tolerant read of a kernel object.
-    let mode: u16 =
-        unsafe { bpf_probe_read_kernel((inode + u64::from(cfg.inode_mode_offset)) as *const u16) }
-            .unwrap_or(0);
+    let mode: u16 = unsafe {
+        bpf_probe_read_kernel((inode + u64::from(config!(inode_mode_offset))) as *const u16)
+    }
+    .unwrap_or(0);
     FdKind::from_mode(u32::from(mode))
 }

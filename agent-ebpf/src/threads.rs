@@ -70,24 +70,30 @@ pub fn thread_or_create<C: EbpfContext>(
     // SAFETY: see `thread_of`.
     let thread = unsafe { &mut *ptr };
     if thread.tid == 0 {
-        let cfg = config();
         let (tgid, tid) = match pid_tgid {
             Some(ids) => {
                 remember_comm(ids as u32);
                 ((ids >> 32) as u32, ids as u32)
             }
             None => (
-                read_task_u32(task, cfg.task_tgid_offset),
-                read_task_u32(task, cfg.task_pid_offset),
+                read_task_u32(task, config!(task_tgid_offset)),
+                read_task_u32(task, config!(task_pid_offset)),
             ),
         };
         thread.tgid = tgid;
         thread.tid = tid;
-        if read_task_u32(task, cfg.task_flags_offset) & PF_KTHREAD != 0 {
+        if read_task_u32(task, config!(task_flags_offset)) & PF_KTHREAD != 0 {
             thread.flags |= THREAD_KERNEL;
         }
     }
     Some(thread)
+}
+
+/// The current task.
+#[inline(always)]
+pub fn current_task() -> *mut task_struct {
+    // SAFETY: helper without arguments; the current task is always valid.
+    unsafe { bpf_get_current_task_btf() }
 }
 
 /// The current task and its `pid_tgid`.
