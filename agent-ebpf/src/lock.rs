@@ -33,7 +33,7 @@ pub fn contention_begin_btf(ctx: BtfTracePointContext) -> i32 {
     if pid_tgid as u32 == 0 || !wanted((pid_tgid >> 32) as u32) {
         return 0;
     }
-    let Some(thread) = thread_or_create(&ctx, Signal::Lock, task, Some(pid_tgid)) else {
+    let Some(thread) = thread_or_create(&ctx, Signal::Lock, task, true) else {
         return 0;
     };
     if thread.lock_since_ns != 0 {

@@ -107,6 +107,14 @@ pub fn wanted(tgid: u32) -> bool {
     target == 0 || target == tgid
 }
 
+/// Whether the probes measure the current process; asks for its ids only when one
+/// process is targeted.
+#[inline(always)]
+pub fn wanted_current() -> bool {
+    let target: u32 = config!(target_tgid);
+    target == 0 || (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32 == target
+}
+
 /// The generation programs write into; read once per program run.
 #[inline(always)]
 pub fn generation() -> u32 {

@@ -189,7 +189,7 @@ pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let task: *mut task_struct = ctx.arg(0);
-    if let Some(thread) = thread_or_create(&ctx, Signal::RunQueue, task, None)
+    if let Some(thread) = thread_or_create(&ctx, Signal::RunQueue, task, false)
         && wanted(thread.tgid)
     {
         // SAFETY: helper without arguments.
@@ -258,7 +258,7 @@ fn switch_out(
     let thread = if dying {
         thread_of(prev)
     } else {
-        thread_or_create(ctx, Signal::OffCpu, prev, Some(pid_tgid))
+        thread_or_create(ctx, Signal::OffCpu, prev, true)
     };
     let Some(thread) = thread else {
         return;

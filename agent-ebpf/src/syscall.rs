@@ -18,9 +18,9 @@ use aya_ebpf::{
 use crate::{
     maps::{
         SLOT_SYSCALL, add_sample, add_total_cached, capture_current_stack, config, generation,
-        wanted,
+        wanted_current,
     },
-    threads::{current, current_task, thread_of, thread_or_create},
+    threads::{current_task, thread_of, thread_or_create},
 };
 
 /// Syscall numbers whose first argument is a file descriptor (1), set by the agent.
@@ -37,12 +37,12 @@ const ARG0_OFFSET: usize = 0;
 /// `sys_enter(struct pt_regs *regs, long id)`.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
-    let (task, pid_tgid) = current();
-    if !wanted((pid_tgid >> 32) as u32) {
+    if !wanted_current() {
         return 0;
     }
+    let task = current_task();
     let id: u64 = ctx.arg(1);
-    let Some(thread) = thread_or_create(&ctx, Signal::Syscall, task, Some(pid_tgid)) else {
+    let Some(thread) = thread_or_create(&ctx, Signal::Syscall, task, true) else {
         return 0;
     };
     // SAFETY: helper without arguments.

@@ -50,15 +50,15 @@ pub fn thread_of(task: *mut task_struct) -> Option<&'static mut ThreadState> {
     THREAD_STATE.lookup(task).map(|ptr| unsafe { &mut *ptr })
 }
 
-/// The state of `task`, created (and identified) if it has none. `pid_tgid` is the task's
-/// `bpf_get_current_pid_tgid` when `task` is the current task; otherwise pass `None` and
-/// the ids are read from the task.
+/// The state of `task`, created (and identified) if it has none. `is_current` says whether
+/// `task` is the current task: its ids then come from `bpf_get_current_pid_tgid` and its
+/// name is recorded; otherwise the ids are read from the task.
 #[inline(always)]
 pub fn thread_or_create<C: EbpfContext>(
     ctx: &C,
     signal: Signal,
     task: *mut task_struct,
-    pid_tgid: Option<u64>,
+    is_current: bool,
 ) -> Option<&'static mut ThreadState> {
     if task.is_null() {
         return None;
@@ -70,15 +70,15 @@ pub fn thread_or_create<C: EbpfContext>(
     // SAFETY: see `thread_of`.
     let thread = unsafe { &mut *ptr };
     if thread.tid == 0 {
-        let (tgid, tid) = match pid_tgid {
-            Some(ids) => {
-                remember_comm(ids as u32);
-                ((ids >> 32) as u32, ids as u32)
-            }
-            None => (
+        let (tgid, tid) = if is_current {
+            let ids = bpf_get_current_pid_tgid();
+            remember_comm(ids as u32);
+            ((ids >> 32) as u32, ids as u32)
+        } else {
+            (
                 read_task_u32(task, config!(task_tgid_offset)),
                 read_task_u32(task, config!(task_pid_offset)),
-            ),
+            )
         };
         thread.tgid = tgid;
         thread.tid = tid;

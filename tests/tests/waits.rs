@@ -246,7 +246,7 @@ fn runqueue_wait_of_pinned_threads() {
     if !require_root("runqueue") {
         return;
     }
-    let (profile, _) = record_profile(
+    let (profile, exit) = record_profile(
         "runqueue",
         &["runqueue", "4", "2000"],
         "runqueue.pb.gz",
@@ -255,15 +255,42 @@ fn runqueue_wait_of_pinned_threads() {
     let rq = value_index(&profile, "runqueue", "nanoseconds");
     let pinned = total(&profile, rq, |s| label(s, "thread").starts_with("pinned"));
     let control = total(&profile, rq, |s| label(s, "thread") == "control");
-    assert!(
-        within(pinned, 6e9, 0.15),
-        "4 threads sharing one CPU for 2 s waited {:.3} s, expected 6 s +-15%",
-        pinned / 1e9
+    let kernel = |key: &str| -> f64 {
+        exit.workload
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("workload did not report {key}"))
+    };
+    // The injection: 4 threads on one CPU for 2 s wait 3 x 2 s in all. Other work on the
+    // machine can only add to it; the kernel's own accounting (schedstat) is the truth.
+    let (kernel_pinned, kernel_control) = (
+        kernel("pinned_run_delay_ns"),
+        kernel("control_run_delay_ns"),
     );
     assert!(
-        control < 0.1e9,
-        "the control thread on an idle CPU waited {:.3} s",
-        control / 1e9
+        kernel_pinned >= 6e9 * 0.85,
+        "the injection failed: the kernel saw {:.3} s of run-queue wait, expected >= 6 s",
+        kernel_pinned / 1e9
+    );
+    assert!(
+        within(pinned, kernel_pinned, 0.10),
+        "4 threads sharing one CPU for 2 s waited {:.3} s; the kernel's schedstat says {:.3} s",
+        pinned / 1e9,
+        kernel_pinned / 1e9
+    );
+    if kernel_pinned <= 6e9 * 1.15 {
+        // A quiet machine: the injected amount itself.
+        assert!(
+            within(pinned, 6e9, 0.15),
+            "expected 6 s +-15%, measured {:.3} s",
+            pinned / 1e9
+        );
+    }
+    assert!(
+        control < 0.1e9 + kernel_control * 1.1,
+        "the control thread on an idle CPU waited {:.3} s (schedstat: {:.3} s)",
+        control / 1e9,
+        kernel_control / 1e9
     );
 }
 

@@ -218,8 +218,19 @@ pub fn runqueue_marker_spin(stop: &AtomicBool) -> u64 {
     x
 }
 
+/// The calling thread's run-queue wait so far, by the kernel's own accounting
+/// (`/proc/thread-self/schedstat`: time on CPU, time runnable but waiting, timeslices).
+fn own_run_delay_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        .expect("read /proc/thread-self/schedstat")
+}
+
 /// `runqueue THREADS MS`: THREADS CPU-bound threads pinned to CPU 0 for MS milliseconds,
-/// and a control thread on CPU 1 that wakes every 10 ms and does a little work.
+/// and a control thread on CPU 1 that wakes every 10 ms and does a little work. Reports
+/// the kernel's run-queue accounting of both (`pinned_run_delay_ns`,
+/// `control_run_delay_ns`): the truth on a machine where other work shares the CPUs.
 pub fn runqueue(threads: usize, duration: Duration) {
     let stop = Arc::new(AtomicBool::new(false));
     let spinners: Vec<_> = (0..threads)
@@ -229,7 +240,9 @@ pub fn runqueue(threads: usize, duration: Duration) {
                 .name(format!("pinned-{i}"))
                 .spawn(move || {
                     pin_to_cpu(0);
-                    black_box(runqueue_marker_spin(&stop))
+                    let before = own_run_delay_ns();
+                    black_box(runqueue_marker_spin(&stop));
+                    own_run_delay_ns() - before
                 })
                 .expect("spawn spinner")
         })
@@ -240,19 +253,24 @@ pub fn runqueue(threads: usize, duration: Duration) {
             .name("control".into())
             .spawn(move || {
                 pin_to_cpu(1);
+                let before = own_run_delay_ns();
                 while !stop.load(Ordering::Relaxed) {
                     thread::sleep(Duration::from_millis(10));
                     black_box((0..1000u64).sum::<u64>());
                 }
+                own_run_delay_ns() - before
             })
             .expect("spawn control")
     };
     thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
-    for spinner in spinners {
-        spinner.join().expect("spinner");
-    }
-    control.join().expect("control");
+    let pinned: u64 = spinners
+        .into_iter()
+        .map(|spinner| spinner.join().expect("spinner"))
+        .sum();
+    let control = control.join().expect("control");
+    result("pinned_run_delay_ns", pinned);
+    result("control_run_delay_ns", control);
 }
 
 /// Writes one block with direct I/O (the disk marker).
