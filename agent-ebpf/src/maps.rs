@@ -400,32 +400,26 @@ pub fn add_sample<C: EbpfContext>(ctx: &C, generation: u32, key: &SampleKey, val
     );
 }
 
-/// FNV-1a style hash over every slot; never returns [`NO_STACK`]. Slots past `len` are
-/// zero (the kernel's stack helpers zero-fill the rest of the buffer, and `set_leaf`
-/// clears it), so the hash needs no comparison with `len`: an unknown `len` compared
-/// with the loop index would give the verifier one path per possible length.
+/// FNV-1a style hash over the stack's frames; never returns [`NO_STACK`].
 #[inline(always)]
 fn stack_hash(stack: &StackTrace) -> u64 {
     let mut state = HashState {
         stack,
         hash: 0xcbf2_9ce4_8422_2325 ^ u64::from(stack.flags) ^ u64::from(stack.len),
     };
-    // `bpf_loop` (5.17+): the verifier checks the step once instead of 127 unrolled
-    // iterations on every path that stores a stack.
+    // `bpf_loop` (5.17+): the verifier checks the step once, whatever the number of
+    // iterations, so the loop runs over the stack's own frames only (an unrolled loop
+    // would have to visit all 127 slots on every path that stores a stack).
     // SAFETY: `hash_step` matches the callback ABI; `state` outlives the call.
     unsafe {
         bpf_loop(
-            MAX_STACK_DEPTH as u32,
+            stack.len.min(MAX_STACK_DEPTH as u32),
             hash_step as *mut c_void,
             (&raw mut state).cast(),
             0,
         );
     }
-    if state.hash == NO_STACK {
-        1
-    } else {
-        state.hash
-    }
+    if state.hash == NO_STACK { 1 } else { state.hash }
 }
 
 /// The running state of `stack_hash`'s loop.
