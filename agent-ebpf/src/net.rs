@@ -202,12 +202,11 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// A connect starts, in the connecting thread's context: its stacks and the peer.
+/// A connect starts, in the connecting thread's context: the socket's owner, direction
+/// and peer (for every network signal), and for the connect signal its start and the
+/// thread's stacks.
 #[inline(always)]
 fn connect_start(ctx: &BtfTracePointContext, sk: u64) {
-    if !wants(Signal::Connect) {
-        return;
-    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if pid_tgid as u32 == 0 || !wanted(tgid) {
@@ -216,18 +215,20 @@ fn connect_start(ctx: &BtfTracePointContext, sk: u64) {
     let Some(peer) = peer_of(sk, Direction::Client as u8) else {
         return;
     };
-    remember_comm(pid_tgid as u32);
-    let generation = generation();
-    let info = SocketInfo {
-        connect_start_ns: now_ns(),
-        kstack: capture_current_stack(ctx, Signal::Connect, generation, SLOT_NET, false),
-        ustack: capture_current_stack(ctx, Signal::Connect, generation, SLOT_NET, true),
+    let mut info = SocketInfo {
         tgid,
         tid: pid_tgid as u32,
         peer_id: register(&peer),
         direction: Direction::Client as u8,
         ..SocketInfo::default()
     };
+    if wants(Signal::Connect) {
+        remember_comm(pid_tgid as u32);
+        let generation = generation();
+        info.kstack = capture_current_stack(ctx, Signal::Connect, generation, SLOT_NET, false);
+        info.ustack = capture_current_stack(ctx, Signal::Connect, generation, SLOT_NET, true);
+        info.connect_start_ns = now_ns();
+    }
     let _ = SOCKETS.insert(&sk, &info, 0);
 }
 
