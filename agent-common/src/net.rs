@@ -29,7 +29,7 @@ pub const PEER_DIRECTION_INFERRED: u8 = 1 << 0;
 
 impl Peer {
     /// The ports, family and direction as one word (the third word of the peer's key).
-    #[inline(always)]
+    #[inline]
     pub const fn tail(&self) -> u64 {
         self.remote_port as u64
             | (self.local_port as u64) << 16
@@ -40,7 +40,7 @@ impl Peer {
     /// A 32-bit identifier of the peer, stored in the `aux` field of the network signals'
     /// keys; the `PEERS` table maps it back. Never zero. Two peers share an identifier
     /// with probability about n^2 / 2^33 for n peers.
-    #[inline(always)]
+    #[inline]
     pub const fn id(&self) -> u32 {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         hash = (hash ^ self.addr[0]).wrapping_mul(0x0000_0100_0000_01b3);
@@ -63,7 +63,7 @@ impl Peer {
 
     /// The `addr` words of an IPv4 address as the kernel stores it (`skc_daddr`, read
     /// as a little-endian `u32`): `::ffff:a.b.c.d`.
-    #[inline(always)]
+    #[inline]
     pub const fn ipv4_mapped(daddr: u32) -> [u64; 2] {
         [0, 0xffff_0000 | (daddr as u64) << 32]
     }

@@ -192,12 +192,12 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
         };
         connect_end(&ctx, sk, outcome);
         if new == TCP_CLOSE {
-            let _ = SOCKETS.remove(&sk);
+            let _ = SOCKETS.remove(sk);
         }
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
         accepted(sk);
     } else if new == TCP_CLOSE {
-        let _ = SOCKETS.remove(&sk);
+        let _ = SOCKETS.remove(sk);
     }
     0
 }
@@ -229,13 +229,13 @@ fn connect_start(ctx: &BtfTracePointContext, sk: u64) {
         info.ustack = capture_current_stack(ctx, Signal::Connect, generation, SLOT_NET, true);
         info.connect_start_ns = now_ns();
     }
-    let _ = SOCKETS.insert(&sk, &info, 0);
+    let _ = SOCKETS.insert(sk, info, 0);
 }
 
 /// A connect ends: established, or failed with `outcome`.
 #[inline(always)]
 fn connect_end(ctx: &BtfTracePointContext, sk: u64, outcome: ConnectOutcome) {
-    let Some(info) = SOCKETS.get_ptr_mut(&sk) else {
+    let Some(info) = SOCKETS.get_ptr_mut(sk) else {
         return;
     };
     // SAFETY: the socket's entry; its state changes are serialised by the socket lock.
@@ -286,14 +286,14 @@ fn accepted(sk: u64) {
         direction: Direction::Server as u8,
         ..SocketInfo::default()
     };
-    let _ = SOCKETS.insert(&sk, &info, 0);
+    let _ = SOCKETS.insert(sk, info, 0);
 }
 
 /// What the probes know of socket `sk`, remembered now if it was not known (its direction
 /// then inferred); `None` if it is not an IPv4 or IPv6 socket or the table is full.
 #[inline(always)]
 fn socket_info(sk: u64) -> Option<*mut SocketInfo> {
-    if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
+    if let Some(info) = SOCKETS.get_ptr_mut(sk) {
         return Some(info);
     }
     let peer = peer_of(sk, Direction::Unknown as u8)?;
@@ -302,8 +302,8 @@ fn socket_info(sk: u64) -> Option<*mut SocketInfo> {
         direction: peer.direction,
         ..SocketInfo::default()
     };
-    SOCKETS.insert(&sk, &info, 0).ok()?;
-    SOCKETS.get_ptr_mut(&sk)
+    SOCKETS.insert(sk, info, 0).ok()?;
+    SOCKETS.get_ptr_mut(sk)
 }
 
 /// A syscall of the current thread ended after `wait_ns`: if it was a socket operation

@@ -170,9 +170,23 @@ impl Accumulator {
     ) -> Vec<FrameId> {
         let frames = if let Some(stack) = self.raw_stacks.get(&hash) {
             let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
-            match user_pid {
-                Some(pid) => self.symbolizer.user_frames(pid, ips, leaf_exact),
-                None => self.symbolizer.kernel_frames(ips, leaf_exact),
+            if let Some(pid) = user_pid {
+                self.symbolizer.user_frames(pid, ips, leaf_exact)
+            } else {
+                let mut frames = self.symbolizer.kernel_frames(ips, leaf_exact);
+                // A kernel stack the probe walked in its own context starts with the probe
+                // itself (the program and the tracepoint's trampoline): not part of the
+                // traced code path.
+                let probe = frames
+                    .iter()
+                    .take_while(|f| {
+                        ["bpf_prog_", "bpf_trace_run", "__bpf_trace_"]
+                            .iter()
+                            .any(|p| f.function.starts_with(p))
+                    })
+                    .count();
+                frames.drain(..probe);
+                frames
             }
         } else {
             self.unresolved_stacks += 1;

@@ -50,14 +50,13 @@ fn group_of(key: &SampleKey) -> TotalKey {
 /// The frame standing for the part of a group no stack accounts for.
 fn remainder_frame(signal: Signal, key: &TotalKey) -> String {
     match signal {
-        Signal::OffCpu | Signal::Lock => calibrate::UNSAMPLED_FRAME.to_owned(),
+        Signal::OffCpu | Signal::Lock | Signal::SocketWait => calibrate::UNSAMPLED_FRAME.to_owned(),
         Signal::Syscall => "[faster than the slow-syscall threshold: no stack]".to_owned(),
         Signal::RunQueue => format!(
             "[run queue: {}]",
             RunQueueKind::from_u8(key.class).map_or("?", naming::runqueue_label)
         ),
         Signal::Disk | Signal::OnCpu | Signal::Connect => "[no stack]".to_owned(),
-        Signal::SocketWait => calibrate::UNSAMPLED_FRAME.to_owned(),
         Signal::Tcp => format!(
             "[tcp {}]",
             TcpEvent::from_u8(key.class).map_or("?", naming::tcp_event_label)

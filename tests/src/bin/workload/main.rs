@@ -10,7 +10,8 @@
 //! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
 //!   (see `waits.rs`).
 //! - `net-connect`, `net-peers`, `net-bulk`: network waits between two network
-//!   namespaces the caller created (see `net.rs`).
+//!   namespaces the caller created (see `net.rs`); `net-rr`: request/response over
+//!   loopback, for the network benchmark.
 
 mod net;
 mod waits;
@@ -166,9 +167,10 @@ fn main() {
             arg(&args, 4, 1 << 20),
             args.get(5..).unwrap_or_default(),
         ),
+        "net-rr" => net::request_response(arg(&args, 2, 50_000)),
         other => {
             eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers or net-bulk"
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk or net-rr"
             );
             std::process::exit(2);
         }

@@ -165,8 +165,8 @@ fn exchange(stream: &mut TcpStream, buffer: &mut [u8; 64]) {
 }
 
 /// Serves one connection on `addr`: answers every 64-byte request after `delay`.
-fn echo_server(server_ns: String, addr: SocketAddr, delay: Duration, ready: mpsc::Sender<()>) {
-    enter_netns(&server_ns);
+fn echo_server(server_ns: &str, addr: SocketAddr, delay: Duration, ready: &mpsc::Sender<()>) {
+    enter_netns(server_ns);
     let listener = listen(addr, 16);
     ready.send(()).expect("client alive");
     let (mut stream, _) = listener.accept().expect("accept");
@@ -180,8 +180,8 @@ fn echo_server(server_ns: String, addr: SocketAddr, delay: Duration, ready: mpsc
 }
 
 /// `net-peers CLIENT_NS SERVER_NS SLOW_ADDR:PORT FAST_ADDR:PORT REQUESTS DELAY_MS`: a
-/// slow peer answers each request after DELAY_MS, a fast one at once; the client sends
-/// REQUESTS requests to each. Reports the total time the client measured per peer.
+/// slow peer answers each request after `DELAY_MS`, a fast one at once; the client sends
+/// `REQUESTS` requests to each. Reports the total time the client measured per peer.
 pub fn peers(
     client_ns: &str,
     server_ns: &str,
@@ -201,7 +201,7 @@ pub fn peers(
         let ns = server_ns.to_owned();
         thread::Builder::new()
             .name(name.into())
-            .spawn(move || echo_server(ns, addr, delay, ready))
+            .spawn(move || echo_server(&ns, addr, delay, &ready))
             .expect("spawn server")
     })
     .collect();
@@ -300,4 +300,40 @@ pub fn bulk(client_ns: &str, server_ns: &str, bytes: usize, peers: &[String]) {
         server.join().expect("sink");
     }
     result("bulk_ns", took.join(","));
+}
+
+/// `net-rr ROUND_TRIPS`: request/response over loopback, one 64-byte message each way per
+/// round trip, between a server and a client thread (the network benchmark's workload).
+/// Reports round trips per second.
+pub fn request_response(round_trips: usize) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    let server = thread::Builder::new()
+        .name("rr-server".into())
+        .spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream.set_nodelay(true).expect("nodelay");
+            let mut buffer = [0u8; 64];
+            while stream.read_exact(&mut buffer).is_ok() {
+                if stream.write_all(&buffer).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn server");
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut buffer = [1u8; 64];
+    let started = Instant::now();
+    for _ in 0..round_trips {
+        stream.write_all(&buffer).expect("request");
+        stream.read_exact(&mut buffer).expect("response");
+    }
+    let elapsed = started.elapsed();
+    drop(stream);
+    server.join().expect("server");
+    result(
+        "rr_per_sec",
+        format!("{:.0}", round_trips as f64 / elapsed.as_secs_f64()),
+    );
 }
