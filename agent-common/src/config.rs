@@ -11,6 +11,13 @@ pub struct ProbeConfig {
     pub lock_stack_threshold_ns: u64,
     /// Syscalls at or above this many nanoseconds get a user stack and their fd kind.
     pub syscall_slow_threshold_ns: u64,
+    /// Socket syscalls shorter than this did not wait: they are not socket waits.
+    pub socket_wait_min_ns: u64,
+    /// Socket waits at or above this always get a user stack; shorter ones are
+    /// threshold-sampled.
+    pub socket_stack_threshold_ns: u64,
+    /// A TCP socket's smoothed RTT is sampled at most once per this interval.
+    pub tcp_rtt_interval_ns: u64,
     /// Only this process (tgid) is measured; zero measures every process.
     pub target_tgid: u32,
     /// Enabled signals: bit `1 << Signal as u8` (the scheduler programs serve several).
@@ -44,6 +51,31 @@ pub struct ProbeConfig {
     /// 1 when BTF gave every offset of the fd walk (`files`, `fdt`, `fd`, `max_fds`,
     /// `f_inode`, `i_mode`; several of them are legitimately zero).
     pub fd_walk: u32,
+    /// Offsets for the socket behind a file and its peer: `file->private_data`,
+    /// `socket->sk`, and in `struct sock` (its `sock_common` first):
+    /// `skc_daddr`, `skc_dport`, `skc_num`, `skc_family`, `skc_state`, `skc_v6_daddr`,
+    /// `sk_err`, `sk_protocol`; `srtt_us` in `struct tcp_sock`.
+    pub file_private_data_offset: u32,
+    pub socket_sk_offset: u32,
+    pub sk_daddr_offset: u32,
+    pub sk_dport_offset: u32,
+    pub sk_num_offset: u32,
+    pub sk_family_offset: u32,
+    pub sk_state_offset: u32,
+    pub sk_v6_daddr_offset: u32,
+    pub sk_err_offset: u32,
+    pub sk_protocol_offset: u32,
+    pub tcp_srtt_offset: u32,
+    /// 1 when BTF gave every socket offset above (several are legitimately zero).
+    pub sock_walk: u32,
+    /// The ephemeral port range (`net.ipv4.ip_local_port_range`), to infer the direction
+    /// of sockets opened before the probes saw them.
+    pub ephemeral_port_lo: u32,
+    pub ephemeral_port_hi: u32,
+    /// The `skb_drop_reason` value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` on this
+    /// kernel (`u32::MAX` if it has none).
+    pub listen_overflow_reason: u32,
+    pub pad2: u32,
 }
 
 impl ProbeConfig {
@@ -51,6 +83,9 @@ impl ProbeConfig {
         offcpu_stack_threshold_ns: 1_000_000,
         lock_stack_threshold_ns: 1_000_000,
         syscall_slow_threshold_ns: 1_000_000,
+        socket_wait_min_ns: 10_000,
+        socket_stack_threshold_ns: 1_000_000,
+        tcp_rtt_interval_ns: 10_000_000,
         target_tgid: 0,
         signals: 0,
         task_pid_offset: 0,
@@ -71,6 +106,22 @@ impl ProbeConfig {
         futex_waitv_nr: u32::MAX,
         pad: 0,
         fd_walk: 0,
+        file_private_data_offset: 0,
+        socket_sk_offset: 0,
+        sk_daddr_offset: 0,
+        sk_dport_offset: 0,
+        sk_num_offset: 0,
+        sk_family_offset: 0,
+        sk_state_offset: 0,
+        sk_v6_daddr_offset: 0,
+        sk_err_offset: 0,
+        sk_protocol_offset: 0,
+        tcp_srtt_offset: 0,
+        sock_walk: 0,
+        ephemeral_port_lo: 32768,
+        ephemeral_port_hi: 60999,
+        listen_overflow_reason: u32::MAX,
+        pad2: 0,
     };
 
     /// Whether `signal` is enabled.

@@ -18,10 +18,17 @@ pub enum Signal {
     Syscall = 4,
     /// Block request latency, from issue to completion.
     Disk = 5,
+    /// TCP connect latency, from SYN sent to established (or failed), per remote peer.
+    Connect = 6,
+    /// Time a thread spent in a receive, send, poll or connect syscall on a socket that
+    /// waited, per remote peer.
+    SocketWait = 7,
+    /// TCP path events per peer: smoothed RTT samples, retransmits, listen overflows.
+    Tcp = 8,
 }
 
 impl Signal {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 9;
     pub const ALL: [Self; Self::COUNT] = [
         Self::OffCpu,
         Self::OnCpu,
@@ -29,6 +36,9 @@ impl Signal {
         Self::Lock,
         Self::Syscall,
         Self::Disk,
+        Self::Connect,
+        Self::SocketWait,
+        Self::Tcp,
     ];
 
     pub const fn from_u8(value: u8) -> Option<Self> {
@@ -39,6 +49,9 @@ impl Signal {
             3 => Some(Self::Lock),
             4 => Some(Self::Syscall),
             5 => Some(Self::Disk),
+            6 => Some(Self::Connect),
+            7 => Some(Self::SocketWait),
+            8 => Some(Self::Tcp),
             _ => None,
         }
     }
@@ -291,6 +304,122 @@ impl FdKind {
             0o140_000 => Self::Socket,
             0o010_000 => Self::Pipe,
             _ => Self::Other,
+        }
+    }
+}
+
+/// How a TCP connect ended. Stored in `class` for [`Signal::Connect`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConnectOutcome {
+    Established = 0,
+    /// The peer answered with a reset (`ECONNREFUSED`).
+    Refused = 1,
+    /// No answer within the SYN retries (`ETIMEDOUT`).
+    TimedOut = 2,
+    /// Another error (`EHOSTUNREACH`, `ENETUNREACH`, ...).
+    Failed = 3,
+    /// Closed by the application before it completed.
+    Aborted = 4,
+}
+
+impl ConnectOutcome {
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::Established),
+            1 => Some(Self::Refused),
+            2 => Some(Self::TimedOut),
+            3 => Some(Self::Failed),
+            4 => Some(Self::Aborted),
+            _ => None,
+        }
+    }
+
+    /// Classifies the socket error (`sk->sk_err`) when a connecting socket closes.
+    pub const fn from_socket_error(err: u32) -> Self {
+        const ETIMEDOUT: u32 = 110;
+        const ECONNREFUSED: u32 = 111;
+        match err {
+            0 => Self::Aborted,
+            ECONNREFUSED => Self::Refused,
+            ETIMEDOUT => Self::TimedOut,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// What a socket wait was doing. Stored in `class` for [`Signal::SocketWait`], and set
+/// per syscall number by the agent in the probes' `SOCKET_SYSCALLS` table.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SocketOp {
+    /// Not a socket operation (table value only).
+    None = 0,
+    /// `read`, `readv`, `recvfrom`, `recvmsg`, `recvmmsg`.
+    Receive = 1,
+    /// `write`, `writev`, `sendto`, `sendmsg`, `sendmmsg`, `sendfile`.
+    Send = 2,
+    /// `poll`/`ppoll` on exactly one descriptor.
+    Poll = 3,
+    /// A blocking `connect`.
+    Connect = 4,
+}
+
+impl SocketOp {
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::None),
+            1 => Some(Self::Receive),
+            2 => Some(Self::Send),
+            3 => Some(Self::Poll),
+            4 => Some(Self::Connect),
+            _ => None,
+        }
+    }
+}
+
+/// A TCP path event. Stored in `class` for [`Signal::Tcp`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpEvent {
+    /// A smoothed-RTT sample (its nanoseconds are the smoothed RTT).
+    Rtt = 0,
+    /// A retransmitted segment; `detail` holds the TCP state.
+    Retransmit = 1,
+    /// A connection dropped by a listener whose accept queue was full.
+    ListenOverflow = 2,
+}
+
+impl TcpEvent {
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::Rtt),
+            1 => Some(Self::Retransmit),
+            2 => Some(Self::ListenOverflow),
+            _ => None,
+        }
+    }
+}
+
+/// Which end of a connection this host is. Part of a [`crate::Peer`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Not seen connecting or accepting: inferred from the ports by the agent.
+    Unknown = 0,
+    /// This host connected (active open).
+    Client = 1,
+    /// This host accepted (passive open), or a listener.
+    Server = 2,
+}
+
+impl Direction {
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::Unknown),
+            1 => Some(Self::Client),
+            2 => Some(Self::Server),
+            _ => None,
         }
     }
 }

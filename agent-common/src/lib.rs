@@ -9,12 +9,14 @@ mod config;
 mod keys;
 mod kinds;
 mod loss;
+mod net;
 mod state;
 
 pub use config::*;
 pub use keys::*;
 pub use kinds::*;
 pub use loss::*;
+pub use net::*;
 pub use state::*;
 
 #[cfg(feature = "user")]
@@ -44,6 +46,10 @@ mod pod {
     unsafe impl aya::Pod for super::DiskRequest {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProbeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Peer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketInfo {}
 }
 
 #[cfg(test)]
@@ -67,7 +73,53 @@ mod tests {
         );
         assert_eq!(size_of::<DiskRequestKey>(), 16);
         assert_eq!(size_of::<DiskRequest>(), 48);
-        assert_eq!(size_of::<ProbeConfig>(), 3 * 8 + 20 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), 6 * 8 + 36 * 4);
+        assert_eq!(size_of::<Peer>(), 24);
+        assert_eq!(size_of::<SocketInfo>(), 48);
+    }
+
+    #[test]
+    fn peers_map_ipv4_into_ipv6_and_have_stable_ids() {
+        // 10.1.2.3 as the kernel stores it: bytes 10, 1, 2, 3 in memory.
+        let daddr = u32::from_le_bytes([10, 1, 2, 3]);
+        let peer = Peer {
+            addr: Peer::ipv4_mapped(daddr),
+            remote_port: 8080,
+            family: 4,
+            direction: Direction::Client as u8,
+            ..Peer::default()
+        };
+        assert_eq!(
+            peer.address_bytes(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]
+        );
+        let other = Peer {
+            remote_port: 8081,
+            ..peer
+        };
+        assert_ne!(peer.id(), other.id());
+        assert_ne!(peer.id(), 0);
+        assert_eq!(peer.id(), Peer { ..peer }.id());
+    }
+
+    #[test]
+    fn connect_outcomes_from_socket_errors() {
+        assert_eq!(
+            ConnectOutcome::from_socket_error(111),
+            ConnectOutcome::Refused
+        );
+        assert_eq!(
+            ConnectOutcome::from_socket_error(110),
+            ConnectOutcome::TimedOut
+        );
+        assert_eq!(
+            ConnectOutcome::from_socket_error(113),
+            ConnectOutcome::Failed
+        );
+        assert_eq!(
+            ConnectOutcome::from_socket_error(0),
+            ConnectOutcome::Aborted
+        );
     }
 
     #[test]

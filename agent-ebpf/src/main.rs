@@ -8,6 +8,7 @@
 mod io;
 mod lock;
 mod maps;
+mod net;
 mod oncpu;
 mod sched_btf;
 mod sched_tp;

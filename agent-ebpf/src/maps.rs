@@ -95,7 +95,8 @@ pub const SLOT_PERF: u32 = 2;
 pub const SLOT_SYSCALL: u32 = 3;
 pub const SLOT_LOCK: u32 = 4;
 pub const SLOT_DISK: u32 = 5;
-const SCRATCH_SLOTS: u32 = 6;
+pub const SLOT_NET: u32 = 6;
+const SCRATCH_SLOTS: u32 = 7;
 
 const EEXIST: i32 = 17;
 const EBUSY: i32 = 16;
@@ -419,7 +420,11 @@ fn stack_hash(stack: &StackTrace) -> u64 {
             0,
         );
     }
-    if state.hash == NO_STACK { 1 } else { state.hash }
+    if state.hash == NO_STACK {
+        1
+    } else {
+        state.hash
+    }
 }
 
 /// The running state of `stack_hash`'s loop.

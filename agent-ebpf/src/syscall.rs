@@ -3,6 +3,9 @@
 //! at or above the slow threshold also get the user stack (taken at exit, in the thread's
 //! own context, where the user registers are the syscall's) and, for syscalls whose first
 //! argument is a file descriptor, the kind of file it refers to.
+//!
+//! The same two programs serve the network signal's socket waits (`net.rs`): with only
+//! that signal on, `sys_enter` keeps state for the socket syscalls alone.
 
 use agent_common::{
     CACHE_SYSCALL, FD_SYSCALLS_LEN, FdKind, SampleKey, SampleValue, Signal, THREAD_IN_SYSCALL,
@@ -18,7 +21,7 @@ use aya_ebpf::{
 use crate::{
     maps::{
         SLOT_SYSCALL, add_sample, add_total_cached, capture_current_stack, config, generation,
-        wanted_current,
+        wanted_current, wants,
     },
     threads::{current_task, thread_of, thread_or_create},
 };
@@ -27,12 +30,16 @@ use crate::{
 #[map]
 static FD_SYSCALLS: Array<u8> = Array::with_max_entries(FD_SYSCALLS_LEN, 0);
 
-/// Offset of `di` (the first syscall argument) in x86-64 `struct pt_regs`.
+/// Offsets of `di` and `si` (the first two syscall arguments) in x86-64 `struct pt_regs`.
 #[cfg(not(bpf_target_arch = "aarch64"))]
 const ARG0_OFFSET: usize = 14 * 8;
-/// Offset of `regs[0]` in arm64 `struct pt_regs`.
+#[cfg(not(bpf_target_arch = "aarch64"))]
+const ARG1_OFFSET: usize = 13 * 8;
+/// Offsets of `regs[0]` and `regs[1]` in arm64 `struct pt_regs`.
 #[cfg(bpf_target_arch = "aarch64")]
 const ARG0_OFFSET: usize = 0;
+#[cfg(bpf_target_arch = "aarch64")]
+const ARG1_OFFSET: usize = 8;
 
 /// `sys_enter(struct pt_regs *regs, long id)`.
 #[btf_tracepoint(function = "sys_enter")]
@@ -42,6 +49,11 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     }
     let task = current_task();
     let id: u64 = ctx.arg(1);
+    // The network signal alone needs only the socket syscalls: every other syscall skips
+    // the thread state.
+    if !wants(Signal::Syscall) && !crate::net::is_socket_syscall(id as u32) {
+        return 0;
+    }
     let Some(thread) = thread_or_create(&ctx, Signal::Syscall, task, true) else {
         return 0;
     };
@@ -71,35 +83,47 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
     let duration = now - thread.syscall_since_ns;
     let generation = generation();
     let nr = thread.syscall_nr;
+    let ids = (thread.tgid, thread.tid);
+    if wants(Signal::Syscall) {
+        syscall_latency(&ctx, generation, task, ids, nr, duration);
+    }
+    if wants(Signal::SocketWait) {
+        crate::net::socket_wait(&ctx, generation, task, ids, nr, duration);
+    }
+    0
+}
+
+/// The syscall signal's part of a syscall exit: totals, and for slow syscalls the user
+/// stack and the kind of file descriptor.
+#[inline(always)]
+fn syscall_latency(
+    ctx: &BtfTracePointContext,
+    generation: u32,
+    task: *mut aya_ebpf::bindings::task_struct,
+    (tgid, tid): (u32, u32),
+    nr: u32,
+    duration: u64,
+) {
     let key = TotalKey {
-        tgid: thread.tgid,
+        tgid,
         tid: 0,
         signal: Signal::Syscall as u8,
         aux: nr,
         ..TotalKey::default()
     };
-    add_total_cached(&ctx, generation, CACHE_SYSCALL, &key, duration);
+    add_total_cached(ctx, generation, CACHE_SYSCALL, &key, duration);
     if duration < config!(syscall_slow_threshold_ns) {
-        return 0;
+        return;
     }
     let fd_kind = if FD_SYSCALLS.get(nr).copied().unwrap_or(0) != 0 {
-        // The saved user registers still hold the arguments at exit.
-        let regs: *const u8 = ctx.arg(0);
-        let fd = if regs.is_null() {
-            u64::MAX
-        } else {
-            // SAFETY: a fault-tolerant read of the saved user registers.
-            unsafe { bpf_probe_read_kernel(regs.add(ARG0_OFFSET).cast::<u64>()) }
-                .unwrap_or(u64::MAX)
-        };
-        fd_kind(task, fd)
+        fd_kind(task, syscall_arg(ctx, 0))
     } else {
         FdKind::Unknown
     };
-    let ustack = capture_current_stack(&ctx, Signal::Syscall, generation, SLOT_SYSCALL, true);
+    let ustack = capture_current_stack(ctx, Signal::Syscall, generation, SLOT_SYSCALL, true);
     let sample = SampleKey {
-        tgid: thread.tgid,
-        tid: thread.tid,
+        tgid,
+        tid,
         ustack,
         signal: Signal::Syscall as u8,
         detail: fd_kind as u8,
@@ -111,27 +135,44 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
         count: 1,
         ..SampleValue::default()
     };
-    add_sample(&ctx, generation, &sample, &value);
-    0
+    add_sample(ctx, generation, &sample, &value);
 }
 
-/// What file descriptor `fd` of `task` refers to: task->files->fdt->fd[fd]->f_inode->i_mode.
+/// Argument `index` (0 or 1) of the syscall that is exiting: the saved user registers
+/// still hold the arguments at exit. `u64::MAX` if they cannot be read.
 #[inline(always)]
-fn fd_kind(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> FdKind {
-    if config!(fd_walk) == 0 {
-        return FdKind::Unknown;
+pub fn syscall_arg(ctx: &BtfTracePointContext, index: usize) -> u64 {
+    let regs: *const u8 = ctx.arg(0);
+    if regs.is_null() {
+        return u64::MAX;
     }
-    let read_ptr = |base: u64, offset: u32| -> u64 {
-        if base == 0 {
-            return 0;
-        }
-        // SAFETY: fault-tolerant read of a kernel object.
-        unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const u64) }.unwrap_or(0)
-    };
+    let offset = if index == 0 { ARG0_OFFSET } else { ARG1_OFFSET };
+    // SAFETY: a fault-tolerant read of the saved user registers.
+    unsafe { bpf_probe_read_kernel(regs.add(offset).cast::<u64>()) }.unwrap_or(u64::MAX)
+}
+
+/// Reads a pointer-sized kernel value at `base + offset` (zero if `base` is null or the
+/// read fails).
+#[inline(always)]
+pub fn read_ptr(base: u64, offset: u32) -> u64 {
+    if base == 0 {
+        return 0;
+    }
+    // SAFETY: fault-tolerant read of a kernel object.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const u64) }.unwrap_or(0)
+}
+
+/// The `struct file` behind descriptor `fd` of `task` (task->files->fdt->fd[fd]), zero
+/// if there is none or the offsets are unknown.
+#[inline(always)]
+pub fn fd_file(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> u64 {
+    if config!(fd_walk) == 0 {
+        return 0;
+    }
     let files = read_ptr(task as u64, config!(task_files_offset));
     let fdt = read_ptr(files, config!(files_fdt_offset));
     if fdt == 0 {
-        return FdKind::Unknown;
+        return 0;
     }
     // SAFETY: fault-tolerant read of a kernel object.
     let max_fds: u32 = unsafe {
@@ -139,10 +180,15 @@ fn fd_kind(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> FdKind {
     }
     .unwrap_or(0);
     if fd >= u64::from(max_fds) {
-        return FdKind::Unknown;
+        return 0;
     }
     let fd_array = read_ptr(fdt, config!(fdt_fd_offset));
-    let file = read_ptr(fd_array, (fd * 8) as u32);
+    read_ptr(fd_array, (fd * 8) as u32)
+}
+
+/// What kind of file `file` is, from its inode's `i_mode`.
+#[inline(always)]
+pub fn file_kind(file: u64) -> FdKind {
     let inode = read_ptr(file, config!(file_inode_offset));
     if inode == 0 {
         return FdKind::Unknown;
@@ -153,4 +199,14 @@ fn fd_kind(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> FdKind {
     }
     .unwrap_or(0);
     FdKind::from_mode(u32::from(mode))
+}
+
+/// What file descriptor `fd` of `task` refers to: task->files->fdt->fd[fd]->f_inode->i_mode.
+#[inline(always)]
+fn fd_kind(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> FdKind {
+    let file = fd_file(task, fd);
+    if file == 0 {
+        return FdKind::Unknown;
+    }
+    file_kind(file)
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use agent_common::{
-    LOSS_COUNTERS, NO_STACK, SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue,
+    LOSS_COUNTERS, NO_STACK, Peer, SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue,
 };
 use stallscope_profile::{Frame, FrameId, FrameKind, Profile};
 
@@ -36,6 +36,8 @@ pub struct Accumulator {
     pub(crate) process_names: HashMap<u32, String>,
     pub(crate) thread_names: HashMap<u32, String>,
     pub(crate) device_names: HashMap<u32, String>,
+    /// Peers of the network signals, by id.
+    pub(crate) peers: HashMap<u32, Peer>,
     pub(crate) losses: Vec<u64>,
     pub(crate) reported_losses: Vec<u64>,
     pub(crate) unresolved_stacks: u64,
@@ -60,6 +62,7 @@ impl Accumulator {
             process_names: HashMap::new(),
             thread_names: HashMap::new(),
             device_names: HashMap::new(),
+            peers: HashMap::new(),
             losses: vec![0; LOSS_COUNTERS as usize],
             reported_losses: vec![0; LOSS_COUNTERS as usize],
             unresolved_stacks: 0,
@@ -101,6 +104,7 @@ impl Accumulator {
         for (id, name) in drained.names {
             self.thread_names.insert(id, name);
         }
+        self.peers.extend(drained.peers);
         for (hash, stack) in drained.stacks {
             if self.raw_stacks.insert(hash, stack).is_none() {
                 self.raw_order.push_back(hash);
@@ -166,9 +170,23 @@ impl Accumulator {
     ) -> Vec<FrameId> {
         let frames = if let Some(stack) = self.raw_stacks.get(&hash) {
             let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
-            match user_pid {
-                Some(pid) => self.symbolizer.user_frames(pid, ips, leaf_exact),
-                None => self.symbolizer.kernel_frames(ips, leaf_exact),
+            if let Some(pid) = user_pid {
+                self.symbolizer.user_frames(pid, ips, leaf_exact)
+            } else {
+                let mut frames = self.symbolizer.kernel_frames(ips, leaf_exact);
+                // A kernel stack the probe walked in its own context starts with the probe
+                // itself (the program and the tracepoint's trampoline): not part of the
+                // traced code path.
+                let probe = frames
+                    .iter()
+                    .take_while(|f| {
+                        ["bpf_prog_", "bpf_trace_run", "__bpf_trace_"]
+                            .iter()
+                            .any(|p| f.function.starts_with(p))
+                    })
+                    .count();
+                frames.drain(..probe);
+                frames
             }
         } else {
             self.unresolved_stacks += 1;

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 
 use agent_common::{
-    DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT, FLAG_USER_LEAF_ONLY,
-    FLAG_USTACK_FAILED, FdKind, LockKind, Loss, OffCpuState, RunQueueKind, SampleKey, SampleValue,
-    Signal, TotalKey, TotalValue,
+    ConnectOutcome, DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT,
+    FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, FdKind, LockKind, Loss, OffCpuState, RunQueueKind,
+    SampleKey, SampleValue, Signal, SocketOp, TcpEvent, TotalKey, TotalValue,
 };
 use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta, Profile};
 
@@ -50,13 +50,17 @@ fn group_of(key: &SampleKey) -> TotalKey {
 /// The frame standing for the part of a group no stack accounts for.
 fn remainder_frame(signal: Signal, key: &TotalKey) -> String {
     match signal {
-        Signal::OffCpu | Signal::Lock => calibrate::UNSAMPLED_FRAME.to_owned(),
+        Signal::OffCpu | Signal::Lock | Signal::SocketWait => calibrate::UNSAMPLED_FRAME.to_owned(),
         Signal::Syscall => "[faster than the slow-syscall threshold: no stack]".to_owned(),
         Signal::RunQueue => format!(
             "[run queue: {}]",
             RunQueueKind::from_u8(key.class).map_or("?", naming::runqueue_label)
         ),
-        Signal::Disk | Signal::OnCpu => "[no stack]".to_owned(),
+        Signal::Disk | Signal::OnCpu | Signal::Connect => "[no stack]".to_owned(),
+        Signal::Tcp => format!(
+            "[tcp {}]",
+            TcpEvent::from_u8(key.class).map_or("?", naming::tcp_event_label)
+        ),
     }
 }
 
@@ -113,9 +117,50 @@ fn group_labels(acc: &Accumulator, key: &TotalKey) -> Labels {
                 .unwrap_or_else(|| naming::device_name(key.aux));
             labels.insert("device".into(), device);
         }
+        Signal::Connect => {
+            if let Some(outcome) = ConnectOutcome::from_u8(key.class) {
+                labels.insert(
+                    "outcome".into(),
+                    naming::connect_outcome_label(outcome).into(),
+                );
+            }
+            peer_labels(acc, key, &mut labels);
+        }
+        Signal::SocketWait => {
+            if let Some(op) = SocketOp::from_u8(key.class) {
+                labels.insert("op".into(), naming::socket_op_label(op).into());
+            }
+            // The same time is off-CPU time of the `network` cause.
+            labels.insert("cause".into(), Cause::Network.label().into());
+            peer_labels(acc, key, &mut labels);
+        }
+        Signal::Tcp => {
+            let event = TcpEvent::from_u8(key.class);
+            if let Some(event) = event {
+                labels.insert("event".into(), naming::tcp_event_label(event).into());
+            }
+            if event == Some(TcpEvent::Retransmit) {
+                labels.insert("tcp_state".into(), naming::tcp_state_label(key.detail));
+            }
+            peer_labels(acc, key, &mut labels);
+        }
         Signal::OnCpu => {}
     }
     labels
+}
+
+/// The peer labels of a network totals group (its `aux` is the peer id).
+fn peer_labels(acc: &Accumulator, key: &TotalKey, labels: &mut Labels) {
+    match acc.peers.get(&key.aux) {
+        Some(peer) => {
+            for (name, value) in naming::peer_labels(peer) {
+                labels.insert(name.into(), value);
+            }
+        }
+        None => {
+            labels.insert("peer".into(), format!("[unknown peer {:#x}]", key.aux));
+        }
+    }
 }
 
 fn syscall_name(nr: u32) -> String {
@@ -286,6 +331,9 @@ impl Accumulator {
                     labels.insert("fd".into(), naming::fd_kind_label(kind).into());
                 }
             }
+            Signal::SocketWait => {
+                labels.insert("syscall".into(), syscall_name(sample.object[0] as u32));
+            }
             _ => {}
         }
         if let Some(note) = stack_note(sample.flags) {
@@ -399,6 +447,10 @@ impl Accumulator {
             return;
         };
         if matches!(signal, Signal::OffCpu | Signal::OnCpu) || total.count == 0 {
+            return;
+        }
+        // Retransmits and overflows are counts: only RTT samples have a distribution.
+        if signal == Signal::Tcp && key.class != TcpEvent::Rtt as u8 {
             return;
         }
         let mut labels = group_labels(self, key);

@@ -73,6 +73,89 @@ pub fn fill_offsets(config: &mut ProbeConfig, btf: &Btf) {
         config.inode_mode_offset = mode;
         config.fd_walk = 1;
     }
+    if let Some(
+        [
+            private_data,
+            sk,
+            daddr,
+            dport,
+            num,
+            family,
+            state,
+            v6_daddr,
+            err,
+            protocol,
+            srtt,
+        ],
+    ) = socket_offsets(btf)
+    {
+        config.file_private_data_offset = private_data;
+        config.socket_sk_offset = sk;
+        config.sk_daddr_offset = daddr;
+        config.sk_dport_offset = dport;
+        config.sk_num_offset = num;
+        config.sk_family_offset = family;
+        config.sk_state_offset = state;
+        config.sk_v6_daddr_offset = v6_daddr;
+        config.sk_err_offset = err;
+        config.sk_protocol_offset = protocol;
+        config.tcp_srtt_offset = srtt;
+        config.sock_walk = 1;
+    }
+    if let Some(reason) = listen_overflow_reason(btf) {
+        config.listen_overflow_reason = reason;
+    }
+}
+
+/// Whether this BTF has what the network signals need: the TCP tracepoints and every
+/// socket offset.
+pub fn btf_net_supported(btf: &Btf) -> bool {
+    btf.tracepoint_arg_count("inet_sock_set_state").is_some()
+        && btf.tracepoint_arg_count("tcp_probe").is_some()
+        && btf.tracepoint_arg_count("tcp_retransmit_skb").is_some()
+        && socket_offsets(btf).is_some()
+}
+
+/// Whether this kernel reports listen overflows as a drop reason with the listener
+/// (`kfree_skb` with `rx_sk`, 6.12+): the reason's value, if so.
+pub fn listen_overflow_reason(btf: &Btf) -> Option<u32> {
+    if btf.tracepoint_arg_count("kfree_skb") != Some(4) {
+        return None;
+    }
+    btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
+}
+
+/// Offsets of the socket fields the network probes read, in [`ProbeConfig`] order.
+fn socket_offsets(btf: &Btf) -> Option<[u32; 11]> {
+    let common = btf.member_offset("sock", "__sk_common").ok()?;
+    let sock_common = |member: &str| {
+        btf.member_offset("sock_common", member)
+            .ok()
+            .map(|offset| common + offset)
+    };
+    Some([
+        btf.member_offset("file", "private_data").ok()?,
+        btf.member_offset("socket", "sk").ok()?,
+        sock_common("skc_daddr")?,
+        sock_common("skc_dport")?,
+        sock_common("skc_num")?,
+        sock_common("skc_family")?,
+        sock_common("skc_state")?,
+        sock_common("skc_v6_daddr")?,
+        btf.member_offset("sock", "sk_err").ok()?,
+        btf.member_offset("sock", "sk_protocol").ok()?,
+        btf.member_offset("tcp_sock", "srtt_us").ok()?,
+    ])
+}
+
+/// The ephemeral port range of this host's network namespace.
+pub fn ephemeral_ports() -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut ports = text.split_whitespace().map(str::parse::<u32>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
 }
 
 pub fn ensure_tracefs() {
@@ -231,6 +314,56 @@ pub fn attach_syscall(ebpf: &mut Ebpf, btf: Option<(&Btf, &aya::Btf)>) -> Result
             need: "BTF tracepoints sys_enter/sys_exit (kernel BTF)",
         }),
     }
+}
+
+/// Network programs (BTF tracepoints): socket state changes for connects and the
+/// direction of connections, `tcp_probe` and `tcp_retransmit_skb` for the TCP signal,
+/// `kfree_skb` for listen overflows where the kernel reports them with the listener.
+/// Socket waits come from the syscall programs. Returns what serves each signal.
+pub fn attach_net(
+    ebpf: &mut Ebpf,
+    btf: Option<(&Btf, &aya::Btf)>,
+    signals: &[Signal],
+) -> Result<Vec<(Signal, String)>, ProbeError> {
+    let Some((ours, theirs)) = btf.filter(|(ours, _)| btf_net_supported(ours)) else {
+        return Err(ProbeError::Unsupported {
+            signal: "network",
+            need: "kernel BTF with the tracepoints inet_sock_set_state, tcp_probe and tcp_retransmit_skb (4.16+) and the socket structs",
+        });
+    };
+    let mut programs = vec![("inet_sock_set_state_btf", "inet_sock_set_state")];
+    let mut hooks = Vec::new();
+    for &signal in signals {
+        match signal {
+            Signal::Connect => hooks.push((
+                signal,
+                "tp_btf inet_sock_set_state (stacks at SYN_SENT, in the connecting thread)"
+                    .to_owned(),
+            )),
+            Signal::SocketWait => hooks.push((
+                signal,
+                "tp_btf sys_enter + sys_exit on socket syscalls, peers from the fd's socket"
+                    .to_owned(),
+            )),
+            Signal::Tcp => {
+                programs.push(("tcp_probe_btf", "tcp_probe"));
+                programs.push(("tcp_retransmit_skb_btf", "tcp_retransmit_skb"));
+                let overflow = if listen_overflow_reason(ours).is_some() {
+                    programs.push(("kfree_skb_btf", "kfree_skb"));
+                    "listen overflows at the handshake's last ACK (tp_btf kfree_skb, reason TCP_LISTEN_OVERFLOW; SYNs dropped by a full queue are not visible)"
+                } else {
+                    "no listen overflows (this kernel's kfree_skb has no listener or reason)"
+                };
+                hooks.push((
+                    signal,
+                    format!("tp_btf tcp_probe (RTT) + tcp_retransmit_skb; {overflow}"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    attach_btf(ebpf, theirs, &programs)?;
+    Ok(hooks)
 }
 
 /// Disk programs: `block_io_start` (or `block_rq_insert` before 6.5) for attribution,

@@ -225,6 +225,20 @@ impl Btf {
         type_id
     }
 
+    /// The value of `variant` in `enum name` (32-bit enums), or `None` if this kernel has
+    /// no such enum or variant.
+    pub fn enum_value(&self, name: &str, variant: &str) -> Option<u32> {
+        let id = self.find(KIND_ENUM, name)?;
+        let header = self.header(id)?;
+        (0..header.vlen).find_map(|index| {
+            let at = header.body + 8 * index;
+            let name_off = u32_at(&self.data, at).ok()?;
+            (self.name(name_off) == variant.as_bytes())
+                .then(|| u32_at(&self.data, at + 4).ok())
+                .flatten()
+        })
+    }
+
     /// Number of arguments of BTF tracepoint `name` (its `btf_trace_<name>` typedef, minus
     /// the leading context pointer), or `None` if this kernel has no such tracepoint.
     pub fn tracepoint_arg_count(&self, name: &str) -> Option<usize> {
@@ -324,5 +338,7 @@ mod tests {
         let btf = Btf::from_sys_fs().expect("kernel BTF parses");
         assert!(btf.member_offset("task_struct", "pid").expect("pid") > 0);
         assert!(btf.tracepoint_arg_count("sched_switch").is_some());
+        assert_eq!(btf.enum_value("skb_drop_reason", "SKB_CONSUMED"), Some(1));
+        assert_eq!(btf.enum_value("skb_drop_reason", "NO_SUCH_REASON"), None);
     }
 }

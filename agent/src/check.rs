@@ -140,6 +140,21 @@ fn needs(signal: SignalName, btf: Option<&Btf>) -> String {
             "BTF tracepoints sys_enter/sys_exit ({})",
             has(btf.is_some_and(attach::btf_syscall_supported))
         ),
+        SignalName::Connect | SignalName::SocketWait | SignalName::Tcp => format!(
+            "kernel BTF with tracepoints inet_sock_set_state, tcp_probe, tcp_retransmit_skb and the socket structs ({}){}",
+            has(btf.is_some_and(attach::btf_net_supported)),
+            match signal {
+                SignalName::SocketWait => format!(
+                    ", BTF sys_enter/sys_exit ({})",
+                    has(btf.is_some_and(attach::btf_syscall_supported))
+                ),
+                SignalName::Tcp => format!(
+                    ", kfree_skb with the listener and reason TCP_LISTEN_OVERFLOW for listen overflows ({})",
+                    has(btf.and_then(attach::listen_overflow_reason).is_some())
+                ),
+                _ => String::new(),
+            }
+        ),
         SignalName::Disk => format!(
             "block:block_rq_issue/block_rq_complete ({}), block:block_io_start for attribution ({})",
             has(tracefs::event_dir("block", "block_rq_issue").is_some()),

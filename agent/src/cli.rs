@@ -46,8 +46,8 @@ pub struct RecordArgs {
 
 #[derive(Debug, Args)]
 pub struct CommonArgs {
-    /// Signals to capture, comma-separated: offcpu, oncpu, runqueue, lock, syscall, disk
-    /// (default: offcpu,oncpu).
+    /// Signals to capture, comma-separated: offcpu, oncpu, runqueue, lock, syscall, disk,
+    /// connect, socket-wait, tcp, or network for the last three (default: offcpu,oncpu).
     #[arg(long)]
     pub signals: Option<String>,
     /// Only profile this process.

@@ -48,18 +48,37 @@ pub enum SignalName {
     Lock,
     Syscall,
     Disk,
+    Connect,
+    SocketWait,
+    Tcp,
 }
 
 impl SignalName {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 9] = [
         Self::OffCpu,
         Self::OnCpu,
         Self::RunQueue,
         Self::Lock,
         Self::Syscall,
         Self::Disk,
+        Self::Connect,
+        Self::SocketWait,
+        Self::Tcp,
     ];
-    pub const NAMES: [&'static str; 6] = ["offcpu", "oncpu", "runqueue", "lock", "syscall", "disk"];
+    pub const NAMES: [&'static str; 10] = [
+        "offcpu",
+        "oncpu",
+        "runqueue",
+        "lock",
+        "syscall",
+        "disk",
+        "connect",
+        "socket-wait",
+        "tcp",
+        "network (= connect, socket-wait, tcp)",
+    ];
+    /// What `network` stands for.
+    pub const NETWORK: [Self; 3] = [Self::Connect, Self::SocketWait, Self::Tcp];
     /// What `record` captures when no signal is named.
     pub const DEFAULT: [Self; 2] = [Self::OffCpu, Self::OnCpu];
 
@@ -71,6 +90,9 @@ impl SignalName {
             Self::Lock => "lock",
             Self::Syscall => "syscall",
             Self::Disk => "disk",
+            Self::Connect => "connect",
+            Self::SocketWait => "socket-wait",
+            Self::Tcp => "tcp",
         }
     }
 
@@ -83,6 +105,9 @@ impl SignalName {
             Self::Lock => agent_common::Signal::Lock,
             Self::Syscall => agent_common::Signal::Syscall,
             Self::Disk => agent_common::Signal::Disk,
+            Self::Connect => agent_common::Signal::Connect,
+            Self::SocketWait => agent_common::Signal::SocketWait,
+            Self::Tcp => agent_common::Signal::Tcp,
         }
     }
 }
@@ -109,18 +134,26 @@ impl FromStr for SignalName {
             "lock" | "locks" => Ok(Self::Lock),
             "syscall" | "syscalls" => Ok(Self::Syscall),
             "disk" | "io" => Ok(Self::Disk),
+            "connect" | "tcpconnect" => Ok(Self::Connect),
+            "socketwait" | "socketwaits" | "socket" => Ok(Self::SocketWait),
+            "tcp" => Ok(Self::Tcp),
             _ => Err(ConfigError::UnknownSignal(name.trim().to_owned())),
         }
     }
 }
 
-/// Parses a comma-separated signal list such as `offcpu,oncpu`.
+/// Parses a comma-separated signal list such as `offcpu,oncpu` (`network` names the three
+/// network signals).
 pub fn parse_signals(list: &str) -> Result<BTreeSet<SignalName>, ConfigError> {
-    let signals = list
-        .split(',')
-        .filter(|part| !part.trim().is_empty())
-        .map(SignalName::from_str)
-        .collect::<Result<BTreeSet<_>, _>>()?;
+    let mut signals = BTreeSet::new();
+    for part in list.split(',').filter(|part| !part.trim().is_empty()) {
+        let name = part.trim().to_ascii_lowercase();
+        if name == "network" || name == "net" {
+            signals.extend(SignalName::NETWORK);
+        } else {
+            signals.insert(SignalName::from_str(part)?);
+        }
+    }
     if signals.is_empty() {
         return Err(ConfigError::NoSignals);
     }
@@ -176,6 +209,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub syscall: SyscallFile,
     #[serde(default)]
+    pub network: NetworkFile,
+    #[serde(default)]
     pub probes: ProbesFile,
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub drain_interval: Option<Duration>,
@@ -200,6 +235,20 @@ pub struct LockFile {
 pub struct SyscallFile {
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub slow_threshold: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkFile {
+    /// Socket syscalls shorter than this are not socket waits.
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub min_wait: Option<Duration>,
+    /// Socket waits at least this long always get stacks; shorter ones are sampled.
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub stack_threshold: Option<Duration>,
+    /// A TCP connection's smoothed RTT is sampled at most once per this interval.
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub rtt_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +309,9 @@ pub struct Config {
     pub offcpu_stack_threshold: Duration,
     pub lock_stack_threshold: Duration,
     pub syscall_slow_threshold: Duration,
+    pub socket_wait_min: Duration,
+    pub socket_stack_threshold: Duration,
+    pub tcp_rtt_interval: Duration,
     pub oncpu_frequency_hz: u64,
     pub sched_hook: SchedHookChoice,
     pub btf: Option<PathBuf>,
@@ -270,6 +322,11 @@ pub struct Config {
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
 pub const DEFAULT_LOCK_THRESHOLD: Duration = Duration::from_micros(100);
 pub const DEFAULT_SYSCALL_THRESHOLD: Duration = Duration::from_millis(1);
+/// A socket syscall shorter than this did not wait for its peer (a loopback round trip
+/// with a context switch takes longer).
+pub const DEFAULT_SOCKET_WAIT_MIN: Duration = Duration::from_micros(10);
+pub const DEFAULT_SOCKET_STACK_THRESHOLD: Duration = Duration::from_millis(1);
+pub const DEFAULT_TCP_RTT_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_FREQUENCY_HZ: u64 = 49;
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -335,6 +392,24 @@ impl Config {
             flags.syscall_threshold.as_ref(),
             file.syscall.slow_threshold,
             DEFAULT_SYSCALL_THRESHOLD,
+        )?;
+        let socket_wait_min = threshold(
+            "the minimum socket wait",
+            None,
+            file.network.min_wait,
+            DEFAULT_SOCKET_WAIT_MIN,
+        )?;
+        let socket_stack_threshold = threshold(
+            "the socket-wait stack threshold",
+            None,
+            file.network.stack_threshold,
+            DEFAULT_SOCKET_STACK_THRESHOLD,
+        )?;
+        let tcp_rtt_interval = threshold(
+            "the RTT sampling interval",
+            None,
+            file.network.rtt_interval,
+            DEFAULT_TCP_RTT_INTERVAL,
         )?;
         let oncpu_frequency_hz = flags
             .frequency_hz
@@ -410,6 +485,9 @@ impl Config {
             offcpu_stack_threshold,
             lock_stack_threshold,
             syscall_slow_threshold,
+            socket_wait_min,
+            socket_stack_threshold,
+            tcp_rtt_interval,
             oncpu_frequency_hz,
             sched_hook: flags
                 .sched_hook
@@ -431,6 +509,9 @@ impl Config {
             offcpu_stack_threshold: self.offcpu_stack_threshold,
             lock_stack_threshold: self.lock_stack_threshold,
             syscall_slow_threshold: self.syscall_slow_threshold,
+            socket_wait_min: self.socket_wait_min,
+            socket_stack_threshold: self.socket_stack_threshold,
+            tcp_rtt_interval: self.tcp_rtt_interval,
             oncpu_frequency_hz: self.oncpu_frequency_hz,
             target_tgid: self.target_pid,
             sched_hook: self.sched_hook,
@@ -469,6 +550,14 @@ mod tests {
     fn signals() {
         let all = parse_signals("offcpu, on-cpu,runqueue,lock,syscall,disk").expect("valid");
         assert_eq!(all.len(), 6);
+        let network = parse_signals("network,disk").expect("valid");
+        assert_eq!(network.len(), 4);
+        assert!(network.contains(&SignalName::SocketWait));
+        let one = parse_signals("socket-wait").expect("valid");
+        assert_eq!(
+            one.into_iter().collect::<Vec<_>>(),
+            [SignalName::SocketWait]
+        );
         let err = parse_signals("offcpu,bogus").expect_err("invalid");
         assert!(err.to_string().contains("unknown signal `bogus`"), "{err}");
         assert!(matches!(parse_signals(" , "), Err(ConfigError::NoSignals)));

@@ -9,7 +9,7 @@ use std::{
 };
 
 use agent_common::{
-    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, ProbeConfig, SampleKey, SampleValue,
+    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, Peer, ProbeConfig, SampleKey, SampleValue,
     Signal, StackTrace, TotalCache, TotalKey, TotalValue,
 };
 use aya::{
@@ -134,6 +134,9 @@ pub struct ProbeSettings {
     pub offcpu_stack_threshold: Duration,
     pub lock_stack_threshold: Duration,
     pub syscall_slow_threshold: Duration,
+    pub socket_wait_min: Duration,
+    pub socket_stack_threshold: Duration,
+    pub tcp_rtt_interval: Duration,
     pub oncpu_frequency_hz: u64,
     pub target_tgid: Option<u32>,
     pub sched_hook: SchedHookChoice,
@@ -151,6 +154,8 @@ pub struct Drained {
     pub losses: Vec<u64>,
     /// Names the probes recorded for the threads (and processes) in this generation.
     pub names: Vec<(u32, String)>,
+    /// The peers the network signals' entries in this generation refer to, by id.
+    pub peers: Vec<(u32, Peer)>,
 }
 
 /// Loaded and attached probes.
@@ -161,6 +166,7 @@ pub struct Probes {
     generation_map: Array<MapData, u32>,
     losses: PerCpuArray<MapData, u64>,
     comms: aya::maps::HashMap<MapData, u32, [u8; 16]>,
+    peers: aya::maps::HashMap<MapData, u32, Peer>,
     total_cache: PerCpuArray<MapData, TotalCache>,
     totals: [MapData; 2],
     samples: [MapData; 2],
@@ -233,6 +239,9 @@ impl Probes {
             offcpu_stack_threshold_ns: nanos(settings.offcpu_stack_threshold),
             lock_stack_threshold_ns: nanos(settings.lock_stack_threshold),
             syscall_slow_threshold_ns: nanos(settings.syscall_slow_threshold),
+            socket_wait_min_ns: nanos(settings.socket_wait_min),
+            socket_stack_threshold_ns: nanos(settings.socket_stack_threshold),
+            tcp_rtt_interval_ns: nanos(settings.tcp_rtt_interval),
             target_tgid: settings.target_tgid.unwrap_or(0),
             signals: settings
                 .signals
@@ -242,6 +251,10 @@ impl Probes {
         };
         if let Some((ours, _)) = &btf {
             attach::fill_offsets(&mut config, ours);
+        }
+        if let Some((lo, hi)) = attach::ephemeral_ports() {
+            config.ephemeral_port_lo = lo;
+            config.ephemeral_port_hi = hi;
         }
         let nr = |name: &str| syscalls::number(name).unwrap_or(u32::MAX);
         config.futex_nr = nr("futex");
@@ -329,7 +342,7 @@ impl Probes {
             let attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook)?;
             hooks.push((Signal::Lock, attached.join(", ")));
         }
-        if wants(Signal::Syscall) {
+        if wants(Signal::Syscall) || wants(Signal::SocketWait) {
             attach::attach_syscall(&mut ebpf, btf_pair)?;
             let mut fd_syscalls: Array<_, u8> =
                 Array::try_from(take_map(&mut ebpf, "FD_SYSCALLS")?).map_err(|source| {
@@ -348,7 +361,19 @@ impl Probes {
                         })?;
                 }
             }
-            hooks.push((Signal::Syscall, "tp_btf sys_enter + sys_exit".to_owned()));
+            if wants(Signal::Syscall) {
+                hooks.push((Signal::Syscall, "tp_btf sys_enter + sys_exit".to_owned()));
+            }
+        }
+        let network: Vec<Signal> = [Signal::Connect, Signal::SocketWait, Signal::Tcp]
+            .into_iter()
+            .filter(|&signal| wants(signal))
+            .collect();
+        if !network.is_empty() {
+            if wants(Signal::SocketWait) {
+                fill_socket_syscalls(&mut ebpf)?;
+            }
+            hooks.extend(attach::attach_net(&mut ebpf, btf_pair, &network)?);
         }
         if wants(Signal::Disk) {
             let start = attach::attach_disk(&mut ebpf)?;
@@ -378,6 +403,13 @@ impl Probes {
                     source,
                 }
             })?;
+        let peers =
+            aya::maps::HashMap::try_from(take_map(&mut ebpf, "PEERS")?).map_err(|source| {
+                ProbeError::MapApi {
+                    map: "PEERS",
+                    source,
+                }
+            })?;
         let total_cache =
             PerCpuArray::try_from(take_map(&mut ebpf, "TOTAL_CACHE")?).map_err(|source| {
                 ProbeError::MapApi {
@@ -403,6 +435,7 @@ impl Probes {
             generation_map,
             losses,
             comms,
+            peers,
             total_cache,
             totals,
             samples,
@@ -517,12 +550,30 @@ impl Probes {
                 Some((id, String::from_utf8_lossy(&comm[..end]).into_owned()))
             })
             .collect();
+        let mut peer_ids: Vec<u32> = totals
+            .iter()
+            .filter(|(key, _)| is_network(key.signal))
+            .map(|(key, _)| key.aux)
+            .chain(
+                samples
+                    .iter()
+                    .filter(|(key, _)| is_network(key.signal))
+                    .map(|(key, _)| key.aux),
+            )
+            .collect();
+        peer_ids.sort_unstable();
+        peer_ids.dedup();
+        let peers = peer_ids
+            .into_iter()
+            .filter_map(|id| Some((id, self.peers.get(&id, 0).ok()?)))
+            .collect();
         Ok(Drained {
             totals,
             samples,
             stacks,
             losses,
             names,
+            peers,
         })
     }
 }
@@ -563,6 +614,29 @@ impl Probes {
         }
         Ok(())
     }
+}
+
+/// Whether entries of `signal` carry a peer id in `aux`.
+pub fn is_network(signal: u8) -> bool {
+    [Signal::Connect, Signal::SocketWait, Signal::Tcp]
+        .iter()
+        .any(|&network| network as u8 == signal)
+}
+
+/// Marks the socket syscalls (receive, send, poll, connect) for the socket-wait probe.
+fn fill_socket_syscalls(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let map_error = |source| ProbeError::MapApi {
+        map: "SOCKET_SYSCALLS",
+        source,
+    };
+    let mut table: Array<_, u8> =
+        Array::try_from(take_map(ebpf, "SOCKET_SYSCALLS")?).map_err(map_error)?;
+    for (nr, op) in syscalls::socket_ops() {
+        if nr < agent_common::FD_SYSCALLS_LEN {
+            table.set(nr, op as u8, 0).map_err(map_error)?;
+        }
+    }
+    Ok(())
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, ProbeError> {

@@ -133,6 +133,18 @@ fn notes(config: &Config, facts: &ProbeFacts) -> Vec<String> {
             config.syscall_slow_threshold
         ));
     }
+    if config.wants(SignalName::SocketWait) {
+        notes.push(format!(
+            "socket waits: socket syscalls >= {:?}; stacks for every wait >= {:?}, shorter waits threshold-sampled and calibrated",
+            config.socket_wait_min, config.socket_stack_threshold
+        ));
+    }
+    if config.wants(SignalName::Tcp) {
+        notes.push(format!(
+            "tcp: smoothed RTT sampled at most every {:?} per connection",
+            config.tcp_rtt_interval
+        ));
+    }
     if let Some(pid) = config.target_pid {
         notes.push(format!("only pid {pid}"));
     }

@@ -1,6 +1,8 @@
 //! Syscall names, and which syscalls take a file descriptor as their first argument (the
 //! probes classify that descriptor's file for slow syscalls).
 
+use agent_common::SocketOp;
+
 use crate::syscall_table::SYSCALLS;
 
 /// The name of syscall `nr` on this architecture.
@@ -63,6 +65,32 @@ const FD_FIRST: &[&str] = &[
     "sendfile",
 ];
 
+/// Syscalls that can wait on a socket, by what they do. All but `poll`/`ppoll` take the
+/// socket as first argument; those two count when they watch exactly one descriptor.
+const SOCKET_OPS: &[(&str, SocketOp)] = &[
+    ("read", SocketOp::Receive),
+    ("readv", SocketOp::Receive),
+    ("recvfrom", SocketOp::Receive),
+    ("recvmsg", SocketOp::Receive),
+    ("recvmmsg", SocketOp::Receive),
+    ("write", SocketOp::Send),
+    ("writev", SocketOp::Send),
+    ("sendto", SocketOp::Send),
+    ("sendmsg", SocketOp::Send),
+    ("sendmmsg", SocketOp::Send),
+    ("sendfile", SocketOp::Send),
+    ("poll", SocketOp::Poll),
+    ("ppoll", SocketOp::Poll),
+    ("connect", SocketOp::Connect),
+];
+
+/// The socket syscalls of this architecture, with what they do.
+pub fn socket_ops() -> impl Iterator<Item = (u32, SocketOp)> {
+    SOCKET_OPS
+        .iter()
+        .filter_map(|&(name, op)| Some((number(name)?, op)))
+}
+
 /// Numbers of the syscalls whose first argument is a file descriptor.
 pub fn fd_first_numbers() -> impl Iterator<Item = u32> {
     FD_FIRST.iter().filter_map(|name| number(name))
@@ -79,5 +107,12 @@ mod tests {
         assert_eq!(number("fsync"), Some(libc::SYS_fsync as u32));
         assert_eq!(name(100_000), None);
         assert!(fd_first_numbers().count() > 30);
+        // x86-64 has no `poll` on some architectures' tables, but every table has these.
+        assert!(
+            socket_ops().any(|(nr, op)| nr == libc::SYS_recvfrom as u32 && op == SocketOp::Receive)
+        );
+        assert!(
+            socket_ops().any(|(nr, op)| nr == libc::SYS_connect as u32 && op == SocketOp::Connect)
+        );
     }
 }

@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub mod netlab;
+
 /// Serialises recordings within a test binary.
 static SERIAL: Mutex<()> = Mutex::new(());
 

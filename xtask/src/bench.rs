@@ -24,9 +24,16 @@ struct Bench {
     higher_is_better: bool,
     agent_args: &'static [&'static str],
     target: &'static str,
+    /// A server the command talks to, running for the whole benchmark (both sides).
+    server: Option<&'static [&'static str]>,
 }
 
-const ALL_SIGNALS: &str = "offcpu,oncpu,runqueue,lock,syscall,disk";
+/// Stands for the bundled workload (`target/release/stallscope-workload`) in commands.
+const WORKLOAD: &str = "stallscope-workload";
+/// The loopback port of the iperf3 benchmark.
+const IPERF_PORT: &str = "5399";
+
+const ALL_SIGNALS: &str = "offcpu,oncpu,runqueue,lock,syscall,disk,network";
 
 const BENCHES: &[Bench] = &[
     Bench {
@@ -39,6 +46,7 @@ const BENCHES: &[Bench] = &[
         higher_is_better: false,
         agent_args: &["--signals", "offcpu,oncpu"],
         target: "slowdown <= 1.3, agent RSS <= 64 MB",
+        server: None,
     },
     Bench {
         name: "syscall",
@@ -50,6 +58,7 @@ const BENCHES: &[Bench] = &[
         higher_is_better: false,
         agent_args: &["--signals", "syscall"],
         target: "slowdown <= 2.0",
+        server: None,
     },
     Bench {
         name: "futex",
@@ -59,6 +68,7 @@ const BENCHES: &[Bench] = &[
         higher_is_better: true,
         agent_args: &["--signals", "lock"],
         target: "slowdown <= 1.3",
+        server: None,
     },
     Bench {
         name: "messaging",
@@ -68,8 +78,54 @@ const BENCHES: &[Bench] = &[
         higher_is_better: false,
         agent_args: &["--signals", ALL_SIGNALS],
         target: "slowdown <= 1.15",
+        server: None,
+    },
+    Bench {
+        name: "iperf3",
+        command: &["iperf3", "-c", "127.0.0.1", "-p", IPERF_PORT, "-t", "4"],
+        metric: receiver_gbits,
+        unit: "Gbit/s",
+        higher_is_better: true,
+        agent_args: &["--signals", "network"],
+        target: "throughput ratio >= 0.95 (slowdown <= 1.053)",
+        server: Some(&["iperf3", "-s", "-p", IPERF_PORT]),
+    },
+    Bench {
+        name: "reqresp",
+        command: &[WORKLOAD, "net-rr", "50000"],
+        metric: round_trips_per_sec,
+        unit: "round trips/s",
+        higher_is_better: true,
+        agent_args: &["--signals", "network"],
+        target: "throughput ratio >= 0.9 (slowdown <= 1.11)",
+        server: None,
     },
 ];
+
+/// iperf3's receiver line: `[  5]   0.00-4.00   sec  8.19 GBytes  17.6 Gbits/sec   receiver`.
+fn receiver_gbits(output: &str) -> Option<f64> {
+    let line = output
+        .lines()
+        .find(|l| l.trim_end().ends_with("receiver"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let unit = words.iter().position(|w| w.ends_with("bits/sec"))?;
+    let value: f64 = words.get(unit.checked_sub(1)?)?.parse().ok()?;
+    let scale = match words[unit] {
+        "Gbits/sec" => 1.0,
+        "Mbits/sec" => 1e-3,
+        "Kbits/sec" => 1e-6,
+        _ => return None,
+    };
+    Some(value * scale)
+}
+
+/// The workload's `result rr_per_sec=N` line.
+fn round_trips_per_sec(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("result rr_per_sec="))
+        .and_then(|v| v.trim().parse().ok())
+}
 
 fn usecs_per_op(output: &str) -> Option<f64> {
     output
@@ -97,8 +153,17 @@ fn total_seconds(output: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The program of a command: the bundled workload's release build, or a tool on PATH.
+fn program(name: &str) -> PathBuf {
+    if name == WORKLOAD {
+        util::root().join("target/release").join(WORKLOAD)
+    } else {
+        PathBuf::from(name)
+    }
+}
+
 fn run_metric(bench: &Bench) -> anyhow::Result<f64> {
-    let output = Command::new(bench.command[0])
+    let output = Command::new(program(bench.command[0]))
         .args(&bench.command[1..])
         .output()
         .with_context(|| format!("running {}", bench.command.join(" ")))?;
@@ -175,6 +240,30 @@ fn run_with_agent(bench: &Bench, agent: &Path, out: &Path) -> anyhow::Result<Wit
     })
 }
 
+/// A benchmark's server, stopped when dropped.
+struct Server(std::process::Child);
+
+impl Server {
+    fn start(command: &[&str]) -> anyhow::Result<Self> {
+        let child = Command::new(program(command[0]))
+            .args(&command[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", command.join(" ")))?;
+        // Give it time to listen.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -197,7 +286,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         bail!("unknown benchmark; choose from {}", names.join(", "));
     }
     bootstrap::ensure()?;
-    debian::ensure(&["linux-perf"])?;
+    debian::ensure(&["linux-perf", "iperf3"])?;
     util::cargo(&["build", "--release", "--bins"])?;
     let agent: PathBuf = util::root().join("target/release/stallscope-agent");
     let out = std::env::temp_dir().join(format!("stallscope-bench-{}.pb.gz", std::process::id()));
@@ -208,6 +297,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             rounds,
             bench.command.join(" ")
         );
+        let _server = bench.server.map(Server::start).transpose()?;
         let mut base = Vec::new();
         let mut with = Vec::new();
         let mut cpu = Vec::new();

@@ -17,7 +17,8 @@ tasks:
   build       bootstrap, then build everything in release mode
   demo        (root) profile a bundled workload and write a flame graph to out/
   test        bootstrap, build, run unit and end-to-end tests (root for the latter)
-  bench [offcpu]  (root) measure the agent's overhead against a baseline, interleaved
+  bench [NAME..]  (root) measure the agent's overhead against a baseline, interleaved
+              (offcpu, syscall, futex, messaging, iperf3, reqresp)
   lint        rustfmt check and clippy (host crates and the eBPF crate)
   fmt         format the workspace with nightly rustfmt (import grouping)";
 

@@ -4,8 +4,10 @@
 
 use crate::{bootstrap, debian, util};
 
-/// Debian packages the tests use as real peers: `go tool pprof` reads our pprof files.
-const TEST_PACKAGES: &[&str] = &["golang-go"];
+/// Debian packages the tests use as real peers: `go tool pprof` reads our pprof files;
+/// the network tests build namespaces and veth pairs (`ip`), shape a path (`tc`) and
+/// drop packets on one (`nft`).
+const TEST_PACKAGES: &[&str] = &["golang-go", "iproute2", "nftables"];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     bootstrap::ensure()?;

@@ -9,7 +9,11 @@
 //! - `churn N`: starts N short-lived threads, each sleeping a little, a few at a time.
 //! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
 //!   (see `waits.rs`).
+//! - `net-connect`, `net-peers`, `net-bulk`: network waits between two network
+//!   namespaces the caller created (see `net.rs`); `net-rr`: request/response over
+//!   loopback, for the network benchmark.
 
+mod net;
 mod waits;
 
 use std::{
@@ -108,6 +112,11 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Text argument `index` (empty if missing: the scenario then fails with a clear message).
+fn text(args: &[String], index: usize) -> &str {
+    args.get(index).map_or("", String::as_str)
+}
+
 fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
@@ -139,9 +148,29 @@ fn main() {
             args.get(2).map_or("/dev/null", String::as_str),
             arg(&args, 3, 200),
         ),
+        "net-connect" => net::connect(
+            text(&args, 2),
+            text(&args, 3),
+            text(&args, 4),
+            arg(&args, 5, 4),
+        ),
+        "net-peers" => net::peers(
+            text(&args, 2),
+            text(&args, 3),
+            (text(&args, 4), text(&args, 5)),
+            arg(&args, 6, 50),
+            ms(arg(&args, 7, 30)),
+        ),
+        "net-bulk" => net::bulk(
+            text(&args, 2),
+            text(&args, 3),
+            arg(&args, 4, 1 << 20),
+            args.get(5..).unwrap_or_default(),
+        ),
+        "net-rr" => net::request_response(arg(&args, 2, 50_000)),
         other => {
             eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue or disk"
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk or net-rr"
             );
             std::process::exit(2);
         }
