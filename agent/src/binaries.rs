@@ -80,6 +80,57 @@ pub fn open_binary(pid: u32, mapping: &Mapping) -> Result<BinaryFile, String> {
     })
 }
 
+/// The file identity standing for the vDSO, which is not a file.
+pub const VDSO_FILE: FileId = FileId {
+    dev: u64::MAX,
+    inode: 0,
+};
+
+/// The vDSO every process of this kernel maps (at its own address): the agent's own copy,
+/// saved to an anonymous file so it can be symbolized like any binary. Frames in it are
+/// common (clock_gettime and friends run there).
+pub fn own_vdso() -> Option<BinaryFile> {
+    use std::io::Write as _;
+    // SAFETY: getauxval has no preconditions.
+    let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+    if base == 0 {
+        return None;
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let (start, end) = maps.lines().find_map(|line| {
+        if !line.ends_with("[vdso]") {
+            return None;
+        }
+        let range = line.split_whitespace().next()?;
+        let (start, end) = range.split_once('-')?;
+        Some((
+            u64::from_str_radix(start, 16).ok()?,
+            u64::from_str_radix(end, 16).ok()?,
+        ))
+    })?;
+    if start != base || end <= start {
+        return None;
+    }
+    // SAFETY: the vDSO is mapped readable at [start, end) for the life of the process.
+    let image = unsafe { std::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"stallscope-vdso".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let mut file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.write_all(image).ok()?;
+    let info = elf::inspect(&file).ok()?;
+    Some(BinaryFile {
+        file_id: VDSO_FILE,
+        path: Arc::from("[vdso]"),
+        file,
+        debug: None,
+        info,
+    })
+}
+
 /// How a binary is shared: by build-id, or by file identity when it has none.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BinaryKey {
@@ -190,6 +241,12 @@ mod tests {
         assert!(reaches_root("runtime.goexit.abi0"));
         assert!(!reaches_root("main"));
         assert!(!reaches_root("start_threads_now"));
+    }
+
+    #[test]
+    fn own_vdso_is_an_elf_image() {
+        let vdso = own_vdso().expect("this kernel maps a vDSO");
+        assert!(!vdso.info.loads.is_empty());
     }
 
     #[test]

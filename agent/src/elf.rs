@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind, read::ReadCache};
+use object::{Object, ObjectSection, ObjectSegment, read::ReadCache};
 
 /// A loadable segment: file range and the virtual address it is mapped at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,14 +108,16 @@ pub fn inspect(file: &File) -> io::Result<ElfInfo> {
     let has_symtab = object.section_by_name(".symtab").is_some();
     let has_dwarf = object.section_by_name(".debug_line").is_some()
         || object.section_by_name(".zdebug_line").is_some();
-    let mut functions: Vec<u64> = object
-        .symbols()
-        .chain(object.dynamic_symbols())
-        .filter(|symbol| symbol.kind() == SymbolKind::Text && symbol.size() >= 8)
-        .map(|symbol| symbol.address())
-        .collect();
-    functions.sort_unstable();
-    functions.dedup();
+    // The symbol table (else the dynamic one), to sample function entries from without
+    // reading all of it: large binaries have millions of symbols.
+    let symbols = (object.is_64() && object.is_little_endian())
+        .then(|| {
+            object
+                .section_by_name(".symtab")
+                .or_else(|| object.section_by_name(".dynsym"))
+                .and_then(|section| section.file_range())
+        })
+        .flatten();
     let architecture = object.architecture();
     drop(object);
     drop(cache);
@@ -127,13 +129,13 @@ pub fn inspect(file: &File) -> io::Result<ElfInfo> {
         has_symtab,
         has_dwarf,
     };
-    if !functions.is_empty() {
-        let step = functions.len().div_ceil(PROLOGUE_SAMPLES);
+    if let Some((offset, size)) = symbols {
+        let functions = sample_functions(file, offset, size);
         let mut check = FramePointers {
             sampled: 0,
             with_frame_pointer: 0,
         };
-        for &address in functions.iter().step_by(step) {
+        for address in functions {
             let Some(offset) = info.offset_of(address) else {
                 continue;
             };
@@ -149,6 +151,40 @@ pub fn inspect(file: &File) -> io::Result<ElfInfo> {
         info.frame_pointers = (check.sampled > 0).then_some(check);
     }
     Ok(info)
+}
+
+/// Size of an `Elf64_Sym`.
+const SYMBOL_SIZE: u64 = 24;
+/// `STT_FUNC`.
+const FUNCTION_SYMBOL: u8 = 2;
+
+/// Addresses of up to [`PROLOGUE_SAMPLES`] function symbols spread evenly over an ELF64
+/// little-endian symbol table at `offset`, read entry by entry.
+fn sample_functions(file: &File, offset: u64, size: u64) -> Vec<u64> {
+    let count = size / SYMBOL_SIZE;
+    // Look at more entries than needed: many symbols are not functions.
+    let probes = (PROLOGUE_SAMPLES as u64 * 4).min(count);
+    let mut functions = Vec::new();
+    for probe in 0..probes {
+        let index = probe * count / probes.max(1);
+        let mut entry = [0u8; SYMBOL_SIZE as usize];
+        if file
+            .read_exact_at(&mut entry, offset + index * SYMBOL_SIZE)
+            .is_err()
+        {
+            break;
+        }
+        let kind = entry[4] & 0xf;
+        let value = u64::from_le_bytes(entry[8..16].try_into().unwrap_or_default());
+        let size = u64::from_le_bytes(entry[16..24].try_into().unwrap_or_default());
+        if kind == FUNCTION_SYMBOL && value != 0 && size >= 8 && !functions.contains(&value) {
+            functions.push(value);
+            if functions.len() == PROLOGUE_SAMPLES {
+                break;
+            }
+        }
+    }
+    functions
 }
 
 fn invalid(err: object::Error) -> io::Error {

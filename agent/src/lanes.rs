@@ -44,8 +44,11 @@ type Run<L> = Box<dyn FnOnce(&mut L) + Send>;
 type Fail = Box<dyn FnOnce(Failure) + Send>;
 
 /// A unit of work: `run` does it; `fail` is called instead when it times out or is refused.
+/// `key` picks the lane; `source` names what a timeout condemns for the cool-down (a pid,
+/// a filesystem), and is the key itself unless [`Job::source`] says otherwise.
 pub struct Job<L> {
     key: u64,
+    source: u64,
     deadline: Duration,
     run: Run<L>,
     fail: Fail,
@@ -60,10 +63,18 @@ impl<L> Job<L> {
     ) -> Self {
         Self {
             key,
+            source: key,
             deadline,
             run: Box::new(run),
             fail: Box::new(fail),
         }
+    }
+
+    /// Sets what a timeout of this job refuses for the cool-down.
+    #[must_use]
+    pub fn source(mut self, source: u64) -> Self {
+        self.source = source;
+        self
     }
 }
 
@@ -75,7 +86,7 @@ pub fn key_of(value: &impl Hash) -> u64 {
 }
 
 struct Running {
-    key: u64,
+    source: u64,
     started: Instant,
     deadline: Duration,
     fail: Option<Fail>,
@@ -172,7 +183,7 @@ impl<L: Default + 'static> Lanes<L> {
     /// Queues `job` on its key's lane, or fails it at once if the key is cooling down or
     /// the lane is dead. Never blocks.
     pub fn submit(&self, job: Job<L>) {
-        if self.is_cooling(job.key) {
+        if self.is_cooling(job.source) {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             (job.fail)(Failure::Refused);
             return;
@@ -256,7 +267,7 @@ impl<L: Default + 'static> Lanes<L> {
             self.cooling
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(running.key, now + self.cool_down);
+                .insert(running.source, now + self.cool_down);
             self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 "{} lane {index}: a read ran past its {:?} deadline; abandoned its thread{}",
@@ -331,13 +342,14 @@ fn work<L: Default>(lane: &Lane<L>, epoch: u64, stuck: &AtomicUsize) {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         };
         let Job {
-            key,
+            source,
             deadline,
             run,
             fail,
+            ..
         } = job;
         state.running = Some(Running {
-            key,
+            source,
             started: Instant::now(),
             deadline,
             fail: Some(fail),

@@ -90,7 +90,10 @@ enum Outcome {
 pub struct Shared {
     collect_cmdline: bool,
     read_deadline: Duration,
+    /// Reads of `/proc/PID` files: quick, and needed promptly (a process may be short-lived).
     read_lanes: Arc<Lanes<()>>,
+    /// Opening and inspecting binaries: slower, and on any filesystem.
+    binary_lanes: Arc<Lanes<()>>,
     outbox: Mutex<Sender<Outcome>>,
     /// Files whose opening was requested (by any snapshot), so each is opened once.
     opening: Mutex<HashSet<FileId>>,
@@ -154,20 +157,24 @@ impl Shared {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
             let (shared, failed) = (Arc::clone(self), Arc::clone(self));
             let (pid, mapping) = (snapshot.pid, mapping.clone());
-            self.read_lanes.submit(Job::new(
-                lanes::key_of(&("dev", file_id.dev)),
-                self.read_deadline,
-                move |()| {
-                    let result = binaries::open_binary(pid, &mapping).map(Arc::new);
-                    shared.report(Outcome::Binary { file_id, result });
-                },
-                move |failure: Failure| {
-                    failed.report(Outcome::Binary {
-                        file_id,
-                        result: Err(failure.reason().to_owned()),
-                    });
-                },
-            ));
+            // A hung filesystem is refused as a whole once one of its files timed out.
+            self.binary_lanes.submit(
+                Job::new(
+                    lanes::key_of(&file_id),
+                    BINARY_DEADLINE,
+                    move |()| {
+                        let result = binaries::open_binary(pid, &mapping).map(Arc::new);
+                        shared.report(Outcome::Binary { file_id, result });
+                    },
+                    move |failure: Failure| {
+                        failed.report(Outcome::Binary {
+                            file_id,
+                            result: Err(failure.reason().to_owned()),
+                        });
+                    },
+                )
+                .source(lanes::key_of(&("dev", file_id.dev))),
+            );
         }
     }
 }
@@ -216,6 +223,10 @@ struct ServiceState {
     live: HashSet<u32>,
 }
 
+/// Deadline of opening and inspecting one binary (and finding its debug file): generous,
+/// since a binary on a slow disk is not a hung one; past it the filesystem is refused.
+const BINARY_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Binaries kept when unused for a while; past it the least recently used are dropped.
 const MAX_BINARIES: usize = 1024;
 /// Symbolized frames kept over all binaries before old binaries' caches are dropped.
@@ -248,16 +259,18 @@ impl Resolver {
     pub fn new(settings: ResolverSettings) -> Self {
         let (outbox, inbox) = mpsc::channel();
         let read_lanes = Lanes::new("proc-read", 4, 64, Duration::from_secs(60));
+        let binary_lanes = Lanes::new("binary-read", 2, 32, Duration::from_secs(60));
         let symbol_lanes = Lanes::new("symbolize", 2, 16, Duration::from_secs(60));
         let shared = Arc::new(Shared {
             collect_cmdline: settings.collect_cmdline,
             read_deadline: settings.read_deadline,
             read_lanes,
+            binary_lanes,
             outbox: Mutex::new(outbox),
             opening: Mutex::new(HashSet::new()),
             in_flight: AtomicUsize::new(0),
         });
-        Self {
+        let mut resolver = Self {
             settings,
             shared,
             inbox,
@@ -276,6 +289,35 @@ impl Resolver {
             boot: procs::boot_clock(),
             kernel: KernelSymbolizer::new(),
             truncated_stacks: 0,
+        };
+        if let Some(vdso) = binaries::own_vdso() {
+            resolver.add_binary(binaries::VDSO_FILE, Arc::new(vdso));
+        }
+        resolver
+    }
+
+    /// Registers an opened binary under its build-id (or file identity), sharing the
+    /// entry of an identical build opened before.
+    fn add_binary(&mut self, file_id: FileId, file: Arc<BinaryFile>) {
+        let key = match &file.info.build_id {
+            Some(id) => BinaryKey::BuildId(Arc::from(id.as_slice())),
+            None => BinaryKey::File(file_id),
+        };
+        let id = match self.by_key.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = self.next_binary;
+                self.next_binary += 1;
+                self.by_key.insert(key.clone(), id);
+                self.binaries.insert(id, Binary::new(key, file));
+                id
+            }
+        };
+        self.files.insert(file_id, FileState::Ready(id));
+        if let (Some(offsets), Some(binary)) =
+            (self.waiting.remove(&file_id), self.binaries.get_mut(&id))
+        {
+            offsets.into_iter().for_each(|o| binary.want(o));
         }
     }
 
@@ -373,28 +415,7 @@ impl Resolver {
                 }
             }
             Outcome::Binary { file_id, result } => match result {
-                Ok(file) => {
-                    let key = match &file.info.build_id {
-                        Some(id) => BinaryKey::BuildId(Arc::from(id.as_slice())),
-                        None => BinaryKey::File(file_id),
-                    };
-                    let id = match self.by_key.get(&key) {
-                        Some(&id) => id,
-                        None => {
-                            let id = self.next_binary;
-                            self.next_binary += 1;
-                            self.by_key.insert(key.clone(), id);
-                            self.binaries.insert(id, Binary::new(key, file));
-                            id
-                        }
-                    };
-                    self.files.insert(file_id, FileState::Ready(id));
-                    if let (Some(offsets), Some(binary)) =
-                        (self.waiting.remove(&file_id), self.binaries.get_mut(&id))
-                    {
-                        offsets.into_iter().for_each(|o| binary.want(o));
-                    }
-                }
+                Ok(file) => self.add_binary(file_id, file),
                 Err(reason) => {
                     if let Ok(mut opening) = self.shared.opening.lock() {
                         opening.remove(&file_id);
@@ -515,6 +536,11 @@ impl Resolver {
                                 }
                             }
                         }
+                        None if &*mapping.path == "[vdso]" => NormFrame::File {
+                            file: binaries::VDSO_FILE,
+                            offset: mapping.file_offset(address),
+                            path: Arc::clone(&mapping.path),
+                        },
                         None => NormFrame::Unknown {
                             address,
                             module: Some(Arc::clone(&mapping.path)),
@@ -884,7 +910,11 @@ impl Resolver {
         let mut by_age: Vec<(u64, BinaryId)> = self
             .binaries
             .iter()
-            .filter(|(_, b)| b.requested.is_empty() && b.last_used < self.period)
+            .filter(|(_, b)| {
+                b.requested.is_empty()
+                    && b.last_used < self.period
+                    && b.file.file_id != binaries::VDSO_FILE
+            })
             .map(|(&id, b)| (b.last_used, id))
             .collect();
         by_age.sort_unstable();
@@ -911,11 +941,13 @@ impl Resolver {
     /// Reads that ran past their deadline so far, and threads abandoned in them.
     pub fn read_timeouts(&self) -> (u64, usize) {
         let read = &self.shared.read_lanes;
+        let binaries = &self.shared.binary_lanes;
         let symbols = &self.symbol_lanes;
         (
             read.stats.timed_out.load(Ordering::Relaxed)
+                + binaries.stats.timed_out.load(Ordering::Relaxed)
                 + symbols.stats.timed_out.load(Ordering::Relaxed),
-            read.stuck_threads() + symbols.stuck_threads(),
+            read.stuck_threads() + binaries.stuck_threads() + symbols.stuck_threads(),
         )
     }
 }

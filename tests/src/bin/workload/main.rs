@@ -9,7 +9,11 @@
 //! - `churn N`: starts N short-lived threads, each sleeping a little, a few at a time.
 //! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
 //!   (see `waits.rs`).
+//! - `exit-soon N MS`: N x 50 ms in `offcpu_marker_sleep`, then MS of CPU, then exits
+//!   without waiting for stdin; `jit`: waits below JIT code named by a perf map (see
+//!   `identity.rs`).
 
+mod identity;
 mod waits;
 
 use std::{
@@ -139,9 +143,15 @@ fn main() {
             args.get(2).map_or("/dev/null", String::as_str),
             arg(&args, 3, 200),
         ),
+        "exit-soon" => {
+            identity::exit_soon(arg(&args, 2, 5), ms(arg(&args, 3, 100)));
+            println!("done");
+            return;
+        }
+        "jit" => identity::jit(),
         other => {
             eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue or disk"
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, exit-soon or jit"
             );
             std::process::exit(2);
         }
@@ -149,4 +159,7 @@ fn main() {
     println!("done");
     line.clear();
     let _ = std::io::stdin().lock().read_line(&mut line);
+    if scenario == "jit" {
+        identity::remove_perf_map();
+    }
 }
