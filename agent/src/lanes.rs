@@ -10,6 +10,8 @@
 //! for a cool-down period, and the lane gets a fresh worker thread that takes over the
 //! queued jobs; the stuck thread is abandoned and exits if it ever returns. Stuck threads
 //! are bounded: past `max_stuck` a lane is not replaced and refuses its jobs at once.
+//! Jobs queued behind a job that has run for a while are taken over by idle lanes, so a
+//! hung read holds up nothing but itself.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -127,7 +129,7 @@ pub struct LaneStats {
 /// A fixed set of lanes whose workers keep a thread-local `L` (a symbolizer cache, say).
 pub struct Lanes<L: Default + 'static> {
     name: &'static str,
-    lanes: Vec<Arc<Lane<L>>>,
+    lanes: Arc<[Arc<Lane<L>>]>,
     /// Keys refused until the instant they map to.
     cooling: Mutex<HashMap<u64, Instant>>,
     cool_down: Duration,
@@ -144,7 +146,7 @@ impl<L: Default + 'static> Lanes<L> {
         max_stuck: usize,
         cool_down: Duration,
     ) -> Arc<Self> {
-        let lanes: Vec<Arc<Lane<L>>> = (0..count.max(1))
+        let lanes: Arc<[Arc<Lane<L>>]> = (0..count.max(1))
             .map(|_| {
                 Arc::new(Lane {
                     state: Mutex::new(LaneState {
@@ -169,7 +171,7 @@ impl<L: Default + 'static> Lanes<L> {
             stats: Arc::new(LaneStats::default()),
         });
         for (index, lane) in this.lanes.iter().enumerate() {
-            if !spawn_worker(name, index, Arc::clone(lane), 0, &this.stuck_threads) {
+            if !spawn_worker(name, index, &this.lanes, 0, &this.stuck_threads) {
                 lane.lock().dead = true;
             }
         }
@@ -252,13 +254,7 @@ impl<L: Default + 'static> Lanes<L> {
             self.stuck_threads.fetch_add(1, Ordering::Relaxed);
             let mut refused = Vec::new();
             let replaced = self.stuck_threads.load(Ordering::Relaxed) <= self.max_stuck
-                && spawn_worker(
-                    self.name,
-                    index,
-                    Arc::clone(lane),
-                    epoch,
-                    &self.stuck_threads,
-                );
+                && spawn_worker(self.name, index, &self.lanes, epoch, &self.stuck_threads);
             if !replaced {
                 state.dead = true;
                 refused.extend(state.jobs.drain(..));
@@ -292,7 +288,7 @@ impl<L: Default + 'static> Lanes<L> {
 
 impl<L: Default + 'static> Drop for Lanes<L> {
     fn drop(&mut self) {
-        for lane in &self.lanes {
+        for lane in self.lanes.iter() {
             lane.lock().shutdown = true;
             lane.wake.notify_all();
         }
@@ -310,37 +306,73 @@ fn supervise<L: Default + 'static>(lanes: &Weak<Lanes<L>>) {
     }
 }
 
-/// Starts the worker of `lane` for `epoch`; false if no thread could be created.
+/// Starts the worker of lane `index` for `epoch`; false if no thread could be created.
 fn spawn_worker<L: Default + 'static>(
     name: &str,
     index: usize,
-    lane: Arc<Lane<L>>,
+    lanes: &Arc<[Arc<Lane<L>>]>,
     epoch: u64,
     stuck: &Arc<AtomicUsize>,
 ) -> bool {
     let stuck = Arc::clone(stuck);
+    let lanes = Arc::clone(lanes);
     thread::Builder::new()
         .name(format!("{name}-{index}"))
-        .spawn(move || work(&lane, epoch, &stuck))
+        .spawn(move || work(&lanes, index, epoch, &stuck))
         .is_ok()
 }
 
-fn work<L: Default>(lane: &Lane<L>, epoch: u64, stuck: &AtomicUsize) {
+/// How often an idle worker looks for jobs stuck behind a long one.
+const STEAL_TICK: Duration = Duration::from_millis(50);
+/// A job running this long makes the jobs queued behind it fair game for idle lanes.
+const STEAL_AFTER: Duration = Duration::from_millis(100);
+
+/// Takes the first queued job of a sibling lane whose running job has run long.
+fn steal<L>(lanes: &[Arc<Lane<L>>], own: usize) -> Option<Job<L>> {
+    let now = Instant::now();
+    lanes
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != own)
+        .find_map(|(_, lane)| {
+            let mut state = lane.lock();
+            let long = state
+                .running
+                .as_ref()
+                .is_some_and(|r| now.duration_since(r.started) > STEAL_AFTER);
+            if long { state.jobs.pop_front() } else { None }
+        })
+}
+
+fn work<L: Default>(lanes: &[Arc<Lane<L>>], index: usize, epoch: u64, stuck: &AtomicUsize) {
+    let lane = &lanes[index];
     let mut local = L::default();
     loop {
-        let mut state = lane.lock();
         let job = loop {
+            let state = lane.lock();
             if state.shutdown || state.epoch != epoch {
                 return;
             }
+            let mut state = state;
             if let Some(job) = state.jobs.pop_front() {
                 break job;
             }
-            state = lane
+            let (state, _) = lane
                 .wake
-                .wait(state)
+                .wait_timeout(state, STEAL_TICK)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let idle = state.jobs.is_empty();
+            drop(state);
+            if idle && let Some(job) = steal(lanes, index) {
+                break job;
+            }
         };
+        let mut state = lane.lock();
+        if state.shutdown || state.epoch != epoch {
+            drop(state);
+            (job.fail)(Failure::Refused);
+            return;
+        }
         let Job {
             source,
             deadline,
@@ -430,6 +462,38 @@ mod tests {
         while lanes.stuck_threads() > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!(lanes.stuck_threads(), 0);
+    }
+
+    #[test]
+    fn an_idle_lane_takes_over_jobs_queued_behind_a_long_one() {
+        let lanes = Lanes::<()>::new("steal", 2, 4, Duration::from_secs(60));
+        let (tx, rx) = mpsc::channel::<u64>();
+        let (release, blocked) = mpsc::channel::<()>();
+        let blocked = Arc::new(Mutex::new(blocked));
+        // Both jobs go to lane 0; the first blocks far past any steal delay.
+        let first = tx.clone();
+        lanes.submit(Job::new(
+            0,
+            Duration::from_secs(60),
+            move |()| {
+                let _ = blocked.lock().map(|rx| rx.recv());
+                let _ = first.send(0);
+            },
+            |_| {},
+        ));
+        let second = tx.clone();
+        lanes.submit(Job::new(
+            2,
+            Duration::from_secs(60),
+            move |()| {
+                let _ = second.send(2);
+            },
+            |_| {},
+        ));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(2));
+        let _ = release.send(());
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
         assert_eq!(lanes.stuck_threads(), 0);
     }
 }

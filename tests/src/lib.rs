@@ -4,6 +4,7 @@
 //! for symbolization and identity tests live in `fixtures.rs`.
 
 pub mod fixtures;
+pub mod fuse;
 
 use std::{
     collections::HashMap,
@@ -271,6 +272,24 @@ impl AgentRun {
             }
             if Instant::now() > deadline {
                 bail!("agent not ready within {timeout:?}: {}", self.stderr_text());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the agent logs a line containing `needle`; returns its log so far.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.stderr_text();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("agent exited ({status}) before logging `{needle}`: {text}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not log `{needle}` within {timeout:?}: {text}");
             }
             thread::sleep(Duration::from_millis(20));
         }

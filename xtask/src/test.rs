@@ -4,8 +4,11 @@
 
 use crate::{bootstrap, debian, util};
 
-/// Debian packages the tests use as real peers: `go tool pprof` reads our pprof files.
-const TEST_PACKAGES: &[&str] = &["golang-go"];
+/// Debian packages the tests use as real peers: `go tool pprof` reads our pprof files; a C
+/// compiler and binutils build, strip and split the debug info of the C workload the
+/// symbolization tests make; util-linux's `unshare` gives a workload its own mount
+/// namespace.
+const TEST_PACKAGES: &[&str] = &["golang-go", "gcc", "libc6-dev", "binutils", "util-linux"];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     bootstrap::ensure()?;
