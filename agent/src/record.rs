@@ -91,6 +91,22 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
         ..Meta::default()
     };
     let profile = accumulator.finish(meta);
+    for binary in profile
+        .meta
+        .binaries
+        .iter()
+        .filter(|b| b.truncated_stacks > 0)
+    {
+        tracing::info!(
+            "{}: {} of {} user stacks ending there probably truncated (frame pointers: {})",
+            binary.path,
+            binary.truncated_stacks,
+            binary.stacks,
+            binary
+                .frame_pointers
+                .map_or("unknown", |fp| if fp { "yes" } else { "no" })
+        );
+    }
     let title = format!(
         "stallscope {} on {}, {:.1}s",
         config

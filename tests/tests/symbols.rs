@@ -234,3 +234,36 @@ fn perf_map_names_jit_frames() {
         "off-CPU time below jit_marker_stub: {waited:.0} ns, expected 10 x 50 ms"
     );
 }
+
+#[test]
+fn check_tells_which_binaries_lack_frame_pointers() {
+    if !require_root("check_tells_which_binaries_lack_frame_pointers") {
+        return;
+    }
+    let workload = Workload::start(&workload_binary(), &["markers", "0"]).expect("workload");
+    let agent = binary(&binary_dir(), "stallscope-agent").expect("agent built");
+    let output = Command::new(agent)
+        .args(["check", "--signals", "offcpu", "--pid"])
+        .arg(workload.pid.to_string())
+        .output()
+        .expect("check runs");
+    let report = String::from_utf8_lossy(&output.stdout);
+    let line_of = |needle: &str| {
+        report
+            .lines()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no line for {needle} in:\n{report}"))
+            .to_owned()
+    };
+    // The workload is built with frame pointers (.cargo/config.toml); Debian's C library
+    // is not.
+    assert!(
+        line_of("/stallscope-workload ").contains("frame pointers: yes"),
+        "{report}"
+    );
+    assert!(
+        line_of("/libc.so").contains("frame pointers: NO"),
+        "{report}"
+    );
+    drop(workload);
+}
