@@ -88,7 +88,7 @@ pub const VDSO_FILE: FileId = FileId {
 
 /// The vDSO every process of this kernel maps (at its own address): the agent's own copy,
 /// saved to an anonymous file so it can be symbolized like any binary. Frames in it are
-/// common (clock_gettime and friends run there).
+/// common (`clock_gettime` and friends run there).
 pub fn own_vdso() -> Option<BinaryFile> {
     use std::io::Write as _;
     // SAFETY: getauxval has no preconditions.

@@ -78,17 +78,17 @@ pub fn from_cgroup_path(path: &str) -> CgroupIdentity {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     let in_kubepods = components.iter().any(|c| c.starts_with("kubepods"));
     for (index, component) in components.iter().enumerate() {
-        if let Some(scope) = component.strip_suffix(".scope") {
-            if let Some((id, runtime)) = CONTAINER_SCOPES.iter().find_map(|(prefix, runtime)| {
+        if let Some(scope) = component.strip_suffix(".scope")
+            && let Some((id, runtime)) = CONTAINER_SCOPES.iter().find_map(|(prefix, runtime)| {
                 scope
                     .strip_prefix(prefix)
                     .filter(|id| is_container_id(id))
                     .map(|id| (id, *runtime))
-            }) {
-                identity.container_id = Some(id.to_owned());
-                identity.runtime = Some(runtime);
-                continue;
-            }
+            })
+        {
+            identity.container_id = Some(id.to_owned());
+            identity.runtime = Some(runtime);
+            continue;
         }
         if is_container_id(component) {
             identity.container_id = Some((*component).to_owned());

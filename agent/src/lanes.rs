@@ -129,6 +129,10 @@ pub struct LaneStats {
 /// A fixed set of lanes whose workers keep a thread-local `L` (a symbolizer cache, say).
 pub struct Lanes<L: Default + 'static> {
     name: &'static str,
+    #[expect(
+        clippy::struct_field_names,
+        reason = "the set of lanes is what `Lanes` is made of"
+    )]
     lanes: Arc<[Arc<Lane<L>>]>,
     /// Keys refused until the instant they map to.
     cooling: Mutex<HashMap<u64, Instant>>,

@@ -2,7 +2,7 @@
 //! every fork, exec and exit. A process is read shortly after its exec (once the dynamic
 //! loader has mapped its libraries) and again a little later, so a process that lives
 //! less than a drain interval is still symbolized after it exits. Without the connector
-//! (no CAP_NET_ADMIN, a kernel without it) processes are read at first sight in a drain.
+//! (no `CAP_NET_ADMIN`, a kernel without it) processes are read at first sight in a drain.
 
 use std::{
     cmp::Reverse,

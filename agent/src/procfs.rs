@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(&*maps[3].path, "[vdso]");
         assert_eq!(maps[3].file, None);
         assert_eq!(
-            find_mapping(&maps, 0x7f10_0000_0010).map(|m| m.inode()),
+            find_mapping(&maps, 0x7f10_0000_0010).map(Mapping::inode),
             Some(99)
         );
         assert!(

@@ -232,6 +232,49 @@ const MAX_BINARIES: usize = 1024;
 /// Symbolized frames kept over all binaries before old binaries' caches are dropped.
 const MAX_CACHED_OFFSETS: usize = 1 << 20;
 
+/// One address of a stack against its process's snapshot; `stale` is set when the
+/// snapshot may be too old to map it.
+fn normalize_address(snapshot: &ProcessSnapshot, address: u64, stale: &mut bool) -> NormFrame {
+    let Some(mapping) = procfs::find_mapping(&snapshot.maps, address) else {
+        *stale = true;
+        return NormFrame::Unknown {
+            address,
+            module: None,
+            reason: "not mapped when the process was read",
+        };
+    };
+    if let Some(file) = mapping.file {
+        return NormFrame::File {
+            file,
+            offset: mapping.file_offset(address),
+            path: Arc::clone(&mapping.path),
+        };
+    }
+    if mapping.path.is_empty() {
+        if let Some(name) = snapshot.perf_map.as_ref().and_then(|m| m.lookup(address)) {
+            return NormFrame::Jit(Arc::clone(name));
+        }
+        *stale = true;
+        return NormFrame::Unknown {
+            address,
+            module: None,
+            reason: "JIT code without a perf map entry",
+        };
+    }
+    if &*mapping.path == "[vdso]" {
+        return NormFrame::File {
+            file: binaries::VDSO_FILE,
+            offset: mapping.file_offset(address),
+            path: Arc::clone(&mapping.path),
+        };
+    }
+    NormFrame::Unknown {
+        address,
+        module: Some(Arc::clone(&mapping.path)),
+        reason: "",
+    }
+}
+
 pub struct Resolver {
     settings: ResolverSettings,
     shared: Arc<Shared>,
@@ -303,21 +346,22 @@ impl Resolver {
             Some(id) => BinaryKey::BuildId(Arc::from(id.as_slice())),
             None => BinaryKey::File(file_id),
         };
-        let id = match self.by_key.get(&key) {
-            Some(&id) => id,
-            None => {
-                let id = self.next_binary;
-                self.next_binary += 1;
-                self.by_key.insert(key.clone(), id);
-                self.binaries.insert(id, Binary::new(key, file));
-                id
-            }
+        let id = if let Some(&id) = self.by_key.get(&key) {
+            id
+        } else {
+            let id = self.next_binary;
+            self.next_binary += 1;
+            self.by_key.insert(key.clone(), id);
+            self.binaries.insert(id, Binary::new(key, file));
+            id
         };
         self.files.insert(file_id, FileState::Ready(id));
         if let (Some(offsets), Some(binary)) =
             (self.waiting.remove(&file_id), self.binaries.get_mut(&id))
         {
-            offsets.into_iter().for_each(|o| binary.want(o));
+            for offset in offsets {
+                binary.want(offset);
+            }
         }
     }
 
@@ -463,22 +507,19 @@ impl Resolver {
             let Some(pending) = self.pending.get(&key) else {
                 continue;
             };
-            match self.normalize(key.0, pending, last_chance) {
-                Some(frames) => {
-                    self.pending.remove(&key);
-                    for frame in frames.iter() {
-                        if let NormFrame::File { file, offset, .. } = frame {
-                            self.want(*file, *offset);
-                        }
+            if let Some(frames) = self.normalize(key.0, pending, last_chance) {
+                self.pending.remove(&key);
+                for frame in frames.iter() {
+                    if let NormFrame::File { file, offset, .. } = frame {
+                        self.want(*file, *offset);
                     }
-                    self.stacks.insert(key, frames);
                 }
-                None => {
-                    let entry = self.processes.entry(key.0).or_default();
-                    if !entry.requested && !entry.exited {
-                        entry.requested = true;
-                        self.shared.request_snapshot(key.0);
-                    }
+                self.stacks.insert(key, frames);
+            } else {
+                let entry = self.processes.entry(key.0).or_default();
+                if !entry.requested && !entry.exited {
+                    entry.requested = true;
+                    self.shared.request_snapshot(key.0);
                 }
             }
         }
@@ -515,48 +556,7 @@ impl Resolver {
         let frames: Arc<[NormFrame]> = pending
             .addresses
             .iter()
-            .map(
-                |&address| match procfs::find_mapping(&snapshot.maps, address) {
-                    Some(mapping) => match mapping.file {
-                        Some(file) => NormFrame::File {
-                            file,
-                            offset: mapping.file_offset(address),
-                            path: Arc::clone(&mapping.path),
-                        },
-                        None if mapping.path.is_empty() => {
-                            match snapshot.perf_map.as_ref().and_then(|m| m.lookup(address)) {
-                                Some(name) => NormFrame::Jit(Arc::clone(name)),
-                                None => {
-                                    stale = true;
-                                    NormFrame::Unknown {
-                                        address,
-                                        module: None,
-                                        reason: "JIT code without a perf map entry",
-                                    }
-                                }
-                            }
-                        }
-                        None if &*mapping.path == "[vdso]" => NormFrame::File {
-                            file: binaries::VDSO_FILE,
-                            offset: mapping.file_offset(address),
-                            path: Arc::clone(&mapping.path),
-                        },
-                        None => NormFrame::Unknown {
-                            address,
-                            module: Some(Arc::clone(&mapping.path)),
-                            reason: "",
-                        },
-                    },
-                    None => {
-                        stale = true;
-                        NormFrame::Unknown {
-                            address,
-                            module: None,
-                            reason: "not mapped when the process was read",
-                        }
-                    }
-                },
-            )
+            .map(|&address| normalize_address(snapshot, address, &mut stale))
             .collect();
         if stale && !last_chance && !exited && snapshot.taken < pending.since {
             return None;
@@ -658,23 +658,23 @@ impl Resolver {
                         }
                         _ => None,
                     };
-                    match binary.and_then(|b| {
+                    let symbolized = binary.and_then(|b| {
                         b.last_used = self.period;
                         b.frames.get(offset)
-                    }) {
-                        Some(symbolized) => frames.extend(symbolized.iter().cloned()),
-                        None => {
-                            let why = match self.files.get(file) {
-                                Some(FileState::Failed(reason)) => reason.as_str(),
-                                _ => "not symbolized in time",
-                            };
-                            frames.push(symbolize::unknown_frame(
-                                format!("[unknown] {path}+{offset:#x} ({why})"),
-                                Some(path.to_string()),
-                                *offset,
-                                FrameKind::User,
-                            ));
-                        }
+                    });
+                    if let Some(symbolized) = symbolized {
+                        frames.extend(symbolized.iter().cloned());
+                    } else {
+                        let why = match self.files.get(file) {
+                            Some(FileState::Failed(reason)) => reason.as_str(),
+                            _ => "not symbolized in time",
+                        };
+                        frames.push(symbolize::unknown_frame(
+                            format!("[unknown] {path}+{offset:#x} ({why})"),
+                            Some(path.to_string()),
+                            *offset,
+                            FrameKind::User,
+                        ));
                     }
                 }
                 NormFrame::Jit(name) => frames.push(symbolize::unknown_frame(

@@ -16,7 +16,7 @@ fn workload_binary() -> std::path::PathBuf {
     binary(&binary_dir(), "stallscope-workload").expect("workload built")
 }
 
-fn samples_of<'a>(profile: &'a Profile, pid: u32) -> Vec<&'a Sample> {
+fn samples_of(profile: &Profile, pid: u32) -> Vec<&Sample> {
     let pid = pid.to_string();
     profile
         .samples
@@ -41,7 +41,7 @@ fn cgroups_shaped_like_kubernetes_and_systemd_name_the_workload() {
     }
     let _serial = serial();
     let me = std::process::id();
-    let container_id = format!("{:064x}", 0xc0ffee_u64 << 32 | u64::from(me));
+    let container_id = format!("{:064x}", 0x00c0_ffee_u64 << 32 | u64::from(me));
     let pod_uid = format!("1b2c3d4e-5f60-7182-93a4-{me:012x}");
     let root = format!("stallscope-test-{me}");
     // Declared outer first: dropped last, after the tree that reuses its root.

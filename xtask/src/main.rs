@@ -17,7 +17,9 @@ tasks:
   build       bootstrap, then build everything in release mode
   demo        (root) profile a bundled workload and write a flame graph to out/
   test        bootstrap, build, run unit and end-to-end tests (root for the latter)
-  bench [offcpu]  (root) measure the agent's overhead against a baseline, interleaved
+  bench [offcpu|syscall|futex|messaging|symbolize]
+              (root) measure the agent's overhead against a baseline, interleaved;
+              `symbolize`: criterion benchmarks of symbolization (no root)
   lint        rustfmt check and clippy (host crates and the eBPF crate)
   fmt         format the workspace with nightly rustfmt (import grouping)";
 
