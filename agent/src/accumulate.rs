@@ -1,18 +1,24 @@
 //! Accumulates drained generations: exact totals and histograms and stack samples are
-//! summed, and stacks are symbolized as soon as they are first seen (while their process
-//! is still alive). `assemble.rs` turns the sums into a profile.
+//! summed. Kernel stacks are symbolized when first seen; user stacks are normalized
+//! against their process's memory map at drain time and symbolized per binary in the
+//! background (`resolver.rs`), so a process that exited is still symbolized.
+//! `assemble.rs` turns the sums into a profile.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     path::Path,
 };
 
 use agent_common::{
     LOSS_COUNTERS, NO_STACK, Peer, SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue,
 };
-use stallscope_profile::{Frame, FrameId, FrameKind, Profile};
+use stallscope_profile::{Frame, FrameId, FrameKind, Labels, Profile};
 
-use crate::{naming, probes::Drained, symbolize::Symbolizer};
+use crate::{
+    naming,
+    probes::Drained,
+    resolver::{Resolver, ResolverSettings},
+};
 
 /// Raw stacks kept for samples that refer to them in a later generation (stacks stored
 /// at one event and referenced by a later one: classic-tracepoint switch-out, disk
@@ -32,7 +38,12 @@ pub struct Accumulator {
     raw_stacks: HashMap<u64, StackTrace>,
     raw_order: VecDeque<u64>,
     kernel_stacks: HashMap<(u64, bool), Vec<FrameId>>,
+    /// User stacks of the profile being assembled (filled by `resolve_user_stacks`).
     user_stacks: HashMap<(u32, u64), Vec<FrameId>>,
+    /// Of those, the ones probably cut short by a missing frame pointer.
+    pub(crate) truncated_user_stacks: HashSet<(u32, u64)>,
+    /// Identity labels of the processes of the profile being assembled.
+    pub(crate) process_labels: HashMap<u32, Labels>,
     pub(crate) process_names: HashMap<u32, String>,
     pub(crate) thread_names: HashMap<u32, String>,
     pub(crate) device_names: HashMap<u32, String>,
@@ -41,11 +52,15 @@ pub struct Accumulator {
     pub(crate) losses: Vec<u64>,
     pub(crate) reported_losses: Vec<u64>,
     pub(crate) unresolved_stacks: u64,
-    pub(crate) symbolizer: Symbolizer,
+    /// User stacks whose raw addresses were gone before they could be normalized.
+    lost_user_stacks: HashSet<(u32, u64)>,
+    /// Read timeouts already reported in an earlier profile.
+    pub(crate) reported_timeouts: u64,
+    pub resolver: Resolver,
 }
 
 impl Accumulator {
-    pub fn new(signals: &[Signal]) -> Self {
+    pub fn new(signals: &[Signal], settings: ResolverSettings) -> Self {
         let types = signals
             .iter()
             .flat_map(|&signal| naming::sample_types(signal))
@@ -59,6 +74,8 @@ impl Accumulator {
             raw_order: VecDeque::new(),
             kernel_stacks: HashMap::new(),
             user_stacks: HashMap::new(),
+            truncated_user_stacks: HashSet::new(),
+            process_labels: HashMap::new(),
             process_names: HashMap::new(),
             thread_names: HashMap::new(),
             device_names: HashMap::new(),
@@ -66,7 +83,9 @@ impl Accumulator {
             losses: vec![0; LOSS_COUNTERS as usize],
             reported_losses: vec![0; LOSS_COUNTERS as usize],
             unresolved_stacks: 0,
-            symbolizer: Symbolizer::new(),
+            lost_user_stacks: HashSet::new(),
+            reported_timeouts: 0,
+            resolver: Resolver::new(settings),
         }
     }
 
@@ -137,12 +156,19 @@ impl Accumulator {
         if drained.losses.len() == self.losses.len() {
             self.losses = drained.losses;
         }
+        self.resolver.poll();
+    }
+
+    /// Starts reading the processes that exist already (all, or the target).
+    pub fn discover_processes(&mut self) {
+        self.resolver.discover_existing();
     }
 
     fn remember_identity(&mut self, tgid: u32, tid: u32) {
         if tgid == 0 {
             return;
         }
+        self.resolver.discover(tgid);
         let known = self.thread_names.get(&tgid).cloned();
         self.process_names.entry(tgid).or_insert_with(|| {
             read_comm(&Path::new("/proc").join(tgid.to_string()))
@@ -161,33 +187,24 @@ impl Accumulator {
         });
     }
 
-    /// Symbolized frames of a raw stack, or a lost-stack marker if it is gone.
-    fn symbolize_raw(
-        &mut self,
-        hash: u64,
-        user_pid: Option<u32>,
-        leaf_exact: bool,
-    ) -> Vec<FrameId> {
+    /// Symbolized kernel frames of a raw stack, or a lost-stack marker if it is gone.
+    fn symbolize_kernel(&mut self, hash: u64, leaf_exact: bool) -> Vec<FrameId> {
         let frames = if let Some(stack) = self.raw_stacks.get(&hash) {
             let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
-            if let Some(pid) = user_pid {
-                self.symbolizer.user_frames(pid, ips, leaf_exact)
-            } else {
-                let mut frames = self.symbolizer.kernel_frames(ips, leaf_exact);
-                // A kernel stack the probe walked in its own context starts with the probe
-                // itself (the program and the tracepoint's trampoline): not part of the
-                // traced code path.
-                let probe = frames
-                    .iter()
-                    .take_while(|f| {
-                        ["bpf_prog_", "bpf_trace_run", "__bpf_trace_"]
-                            .iter()
-                            .any(|p| f.function.starts_with(p))
-                    })
-                    .count();
-                frames.drain(..probe);
-                frames
-            }
+            let mut frames = self.resolver.kernel.frames(ips, leaf_exact);
+            // A kernel stack the probe walked in its own context starts with the probe
+            // itself (the program and the tracepoint's trampoline): not part of the traced
+            // code path.
+            let probe = frames
+                .iter()
+                .take_while(|f| {
+                    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_"]
+                        .iter()
+                        .any(|p| f.function.starts_with(p))
+                })
+                .count();
+            frames.drain(..probe);
+            frames
         } else {
             self.unresolved_stacks += 1;
             vec![Frame::synthetic(LOST_STACK_FRAME)]
@@ -201,16 +218,71 @@ impl Accumulator {
         key.signal == Signal::OnCpu as u8
     }
 
-    /// Symbolizes the stacks of a sample the first time they are seen.
+    /// Symbolizes the kernel stack of a sample the first time it is seen, and hands its
+    /// user stack to the resolver (normalized now, symbolized in the background).
     fn resolve_stacks(&mut self, key: &SampleKey) {
         let leaf_exact = Self::leaf_exact(key);
         if key.kstack != NO_STACK && !self.kernel_stacks.contains_key(&(key.kstack, leaf_exact)) {
-            let ids = self.symbolize_raw(key.kstack, None, leaf_exact);
+            let ids = self.symbolize_kernel(key.kstack, leaf_exact);
             self.kernel_stacks.insert((key.kstack, leaf_exact), ids);
         }
-        if key.ustack != NO_STACK && !self.user_stacks.contains_key(&(key.tgid, key.ustack)) {
-            let ids = self.symbolize_raw(key.ustack, Some(key.tgid), true);
-            self.user_stacks.insert((key.tgid, key.ustack), ids);
+        if key.ustack != NO_STACK {
+            match self.raw_stacks.get(&key.ustack) {
+                Some(stack) => {
+                    let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
+                    self.resolver.add_user_stack(key.tgid, key.ustack, ips);
+                }
+                None => {
+                    if self.lost_user_stacks.insert((key.tgid, key.ustack)) {
+                        self.unresolved_stacks += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Settles the resolver and turns the user stacks of `samples` into frames of the
+    /// profile's table, with the identity labels of their processes.
+    pub(crate) fn resolve_user_stacks(&mut self, samples: &HashMap<SampleKey, SampleValue>) {
+        self.resolver.settle();
+        self.user_stacks.clear();
+        self.truncated_user_stacks.clear();
+        for key in samples.keys() {
+            let id = (key.tgid, key.ustack);
+            if key.ustack == NO_STACK || self.user_stacks.contains_key(&id) {
+                continue;
+            }
+            let ids = match self.resolver.user_frames(key.tgid, key.ustack) {
+                Some((frames, truncated)) => {
+                    if truncated {
+                        self.truncated_user_stacks.insert(id);
+                    }
+                    frames.into_iter().map(|f| self.profile.intern(f)).collect()
+                }
+                None => vec![self.profile.intern(Frame::synthetic(LOST_STACK_FRAME))],
+            };
+            self.user_stacks.insert(id, ids);
+        }
+        self.lost_user_stacks.clear();
+    }
+
+    /// Drops what only the profile just assembled needed.
+    pub(crate) fn user_stacks_done(&mut self) {
+        self.user_stacks.clear();
+        self.truncated_user_stacks.clear();
+        self.process_labels.clear();
+    }
+
+    /// Computes the identity labels of every process in `tgids`.
+    pub(crate) fn resolve_process_labels(&mut self, tgids: impl IntoIterator<Item = u32>) {
+        self.process_labels.clear();
+        for tgid in tgids {
+            if tgid == 0 || self.process_labels.contains_key(&tgid) {
+                continue;
+            }
+            let comm = self.process_names.get(&tgid).map(String::as_str);
+            let labels = self.resolver.labels(tgid, comm);
+            self.process_labels.insert(tgid, labels);
         }
     }
 

@@ -73,6 +73,9 @@ fn identity(acc: &Accumulator, signal: Signal, tgid: u32, tid: u32) -> Labels {
         if let Some(name) = acc.process_names.get(&tgid) {
             labels.insert("process".into(), name.clone());
         }
+        if let Some(identity) = acc.process_labels.get(&tgid) {
+            labels.extend(identity.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
     }
     if tid != 0 {
         labels.insert("tid".into(), tid.to_string());
@@ -167,8 +170,12 @@ fn syscall_name(nr: u32) -> String {
     syscalls::name(nr).map_or_else(|| format!("syscall_{nr}"), str::to_owned)
 }
 
+/// Note on user stacks that end before their thread's entry point.
+const TRUNCATED_NOTE: &str = "user stack: probably truncated (a function without a frame pointer)";
+
 /// A short explanation of why a sample's stack is incomplete.
-fn stack_note(flags: u8) -> Option<&'static str> {
+fn stack_note(acc: &Accumulator, key: &SampleKey) -> Option<&'static str> {
+    let flags = key.flags;
     if flags & FLAG_KERNEL_THREAD != 0 {
         None
     } else if flags & FLAG_USER_LEAF_ONLY != 0 {
@@ -179,6 +186,8 @@ fn stack_note(flags: u8) -> Option<&'static str> {
         Some("kernel stack: capture failed")
     } else if flags & FLAG_NO_CONTEXT != 0 {
         Some("not submitted in process context")
+    } else if acc.truncated_user_stacks.contains(&(key.tgid, key.ustack)) {
+        Some(TRUNCATED_NOTE)
     } else {
         None
     }
@@ -212,10 +221,18 @@ impl Accumulator {
     /// Builds the profile of everything accumulated since the last `finish`, and starts
     /// over (the frame table and symbol caches are kept).
     pub fn finish(&mut self, mut meta: Meta) -> Profile {
-        let mut profile = Profile::new(self.profile.sample_types.clone());
-        profile.frames.clone_from(&self.profile.frames);
         let totals = std::mem::take(&mut self.totals);
         let samples = std::mem::take(&mut self.samples);
+        // User frames join the shared frame table before the profile copies it.
+        self.resolve_user_stacks(&samples);
+        let tgids: Vec<u32> = samples
+            .keys()
+            .map(|k| k.tgid)
+            .chain(totals.keys().map(|k| k.tgid))
+            .collect();
+        self.resolve_process_labels(tgids);
+        let mut profile = Profile::new(self.profile.sample_types.clone());
+        profile.frames.clone_from(&self.profile.frames);
 
         let mut groups: HashMap<TotalKey, Vec<(SampleKey, SampleValue)>> = HashMap::new();
         for (key, value) in &samples {
@@ -255,6 +272,7 @@ impl Accumulator {
         // Frames interned while building belong to the shared table too.
         self.profile.frames.clone_from(&profile.frames);
         self.report_losses(&mut meta, &totals);
+        self.report_identity(&mut meta);
         profile.meta = meta;
         profile
     }
@@ -262,7 +280,7 @@ impl Accumulator {
     fn add_oncpu(&self, profile: &mut Profile, key: &SampleKey, value: &SampleValue) {
         let mut labels = identity(self, Signal::OnCpu, key.tgid, key.tid);
         labels.insert("cause".into(), Cause::CpuWork.label().into());
-        if let Some(note) = stack_note(key.flags) {
+        if let Some(note) = stack_note(self, key) {
             labels.insert("stack_note".into(), note.into());
         }
         let (kernel, user) = self.stacks_of(key);
@@ -336,7 +354,7 @@ impl Accumulator {
             }
             _ => {}
         }
-        if let Some(note) = stack_note(sample.flags) {
+        if let Some(note) = stack_note(self, sample) {
             labels.insert("stack_note".into(), note.into());
         }
         labels
@@ -382,7 +400,7 @@ impl Accumulator {
                 &self.function_names(user),
             );
             let mut labels = group_labels(self, key);
-            if let Some(note) = stack_note(sample.flags) {
+            if let Some(note) = stack_note(self, sample) {
                 labels.insert("stack_note".into(), note.into());
             }
             Self::add_by_cause(
@@ -463,6 +481,38 @@ impl Accumulator {
             max_ns: total.max_ns,
             buckets: total.buckets.to_vec(),
         });
+    }
+
+    /// Change events, the binaries the stacks ran through (and which lack frame
+    /// pointers), and the reads that missed their deadline.
+    fn report_identity(&mut self, meta: &mut Meta) {
+        meta.events = self.resolver.take_events();
+        meta.binaries = self.resolver.take_binaries();
+        meta.losses.insert(
+            "user_stack_probably_truncated".to_owned(),
+            self.resolver.truncated_stacks,
+        );
+        let (timed_out, stuck) = self.resolver.read_timeouts();
+        meta.losses.insert(
+            "process_read_timed_out".to_owned(),
+            timed_out.saturating_sub(self.reported_timeouts),
+        );
+        self.reported_timeouts = timed_out;
+        if stuck > 0 {
+            meta.notes.push(format!(
+                "{stuck} reader threads are stuck in reads of other processes' files (hung filesystem?)"
+            ));
+        }
+        for binary in &meta.binaries {
+            if binary.frame_pointers == Some(false) {
+                meta.notes.push(format!(
+                    "{} has no frame pointers: {} of its {} stacks probably truncated",
+                    binary.path, binary.truncated_stacks, binary.stacks
+                ));
+            }
+        }
+        self.resolver.end_period();
+        self.user_stacks_done();
     }
 
     fn report_losses(&mut self, meta: &mut Meta, totals: &HashMap<TotalKey, TotalValue>) {

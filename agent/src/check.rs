@@ -1,14 +1,14 @@
 //! `stallscope-agent check`: what each signal needs, and whether this kernel and this
 //! process have it. With privileges it loads and attaches each signal's probes for real.
 
-use std::{fmt::Write as _, path::Path};
+use std::{collections::HashSet, fmt::Write as _, path::Path, sync::mpsc, time::Duration};
 
 use crate::{
-    attach,
+    attach, binaries,
     btf::{self, Btf},
     config::{Config, SignalName},
     probes::{self, Probes, SchedHookChoice},
-    system, tracefs,
+    procs, system, tracefs,
 };
 
 /// One line of the report.
@@ -102,7 +102,83 @@ pub fn check(config: &Config) -> (String, bool) {
             line.detail
         );
     }
+    if let Some(pid) = config.target_pid {
+        report.push_str(&binaries_report(pid, config.read_deadline));
+    }
     (report, all_ok)
+}
+
+/// The executable binaries of `pid`, each with its build-id and whether its functions
+/// keep frame pointers: where they do not, user stacks through it are probably cut short.
+/// Reads run on a thread abandoned after `deadline` per binary (a hung mount).
+fn binaries_report(pid: u32, deadline: Duration) -> String {
+    let mut report =
+        format!("binaries of pid {pid} (frame pointers from a sample of function prologues):\n");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let snapshot = match procs::read_snapshot(pid, false) {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                let _ = tx.send(Err(format!("cannot read pid {pid}: {err}")));
+                return;
+            }
+        };
+        let mut seen = HashSet::new();
+        for mapping in snapshot.maps.iter().filter(|m| m.file.is_some()) {
+            if seen.insert(mapping.file) {
+                let line = match binaries::open_binary(pid, mapping) {
+                    Ok(binary) => describe_binary(&binary),
+                    Err(err) => format!("{}: {err}", mapping.path),
+                };
+                if tx.send(Ok(line)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    loop {
+        match rx.recv_timeout(deadline.max(Duration::from_secs(5))) {
+            Ok(Ok(line)) => {
+                let _ = writeln!(report, "  {line}");
+            }
+            Ok(Err(err)) => {
+                let _ = writeln!(report, "  {err}");
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = writeln!(report, "  (a read timed out: a hung filesystem?)");
+                break;
+            }
+        }
+    }
+    report
+}
+
+fn describe_binary(binary: &binaries::BinaryFile) -> String {
+    let info = &binary.info;
+    let frame_pointers = match info.frame_pointers {
+        Some(fp) if fp.present() => format!(
+            "frame pointers: yes ({}/{} functions)",
+            fp.with_frame_pointer, fp.sampled
+        ),
+        Some(fp) => format!(
+            "frame pointers: NO ({}/{} functions): user stacks through it are probably truncated",
+            fp.with_frame_pointer, fp.sampled
+        ),
+        None => "frame pointers: unknown (no function symbols)".to_owned(),
+    };
+    let symbols = match (&binary.debug, info.has_dwarf, info.has_symtab) {
+        (Some(debug), _, _) => format!("symbols from {}", debug.path.display()),
+        (None, true, _) => "symbols and DWARF in the binary".to_owned(),
+        (None, false, true) => "symbols, no DWARF".to_owned(),
+        (None, false, false) => "stripped (dynamic symbols only), no debug file found".to_owned(),
+    };
+    format!(
+        "{} build-id {}; {frame_pointers}; {symbols}",
+        binary.path,
+        info.build_id_hex().as_deref().unwrap_or("none")
+    )
 }
 
 /// The verifier's work for the heaviest program, against its limit.

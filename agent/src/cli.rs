@@ -92,6 +92,10 @@ pub struct CommonArgs {
     /// Sampled waits waiting for their user stack at once.
     #[arg(long, value_name = "N")]
     pub max_pending: Option<u32>,
+    /// Label samples with their process's command line (values of secret-looking
+    /// arguments such as --password=... or --token ... are redacted). Off by default.
+    #[arg(long)]
+    pub cmdline: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -127,6 +131,7 @@ impl CommonArgs {
                 max_stacks: self.max_stacks,
                 max_pending: self.max_pending,
                 drain_interval: self.drain_interval.clone(),
+                cmdline: self.cmdline,
             },
         )
     }

@@ -12,7 +12,11 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::probes::{MapSizes, ProbeSettings, SchedHookChoice};
+use crate::{
+    identity::ServiceRule,
+    probes::{MapSizes, ProbeSettings, SchedHookChoice},
+    resolver::ResolverSettings,
+};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -37,6 +41,10 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("no process with pid {0}: check the pid (for example with `ps -p {0}`)")]
     NoSuchProcess(u32),
+    #[error(
+        "service rule {index} (`{service}`) matches nothing: give at least one of unit, process, executable, container_id, pod_uid, cgroup_prefix"
+    )]
+    EmptyServiceRule { index: usize, service: String },
 }
 
 /// A signal the agent can capture, by its command-line name.
@@ -214,6 +222,22 @@ pub struct FileConfig {
     pub probes: ProbesFile,
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub drain_interval: Option<Duration>,
+    #[serde(default)]
+    pub identity: IdentityFile,
+}
+
+/// `[identity]`: how processes are named and what is read about them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// Collect command lines (secret-looking values redacted). Off by default.
+    pub cmdline: Option<bool>,
+    /// `[[identity.service]]` rules naming the `service` label; the first match wins.
+    #[serde(default)]
+    pub service: Vec<ServiceRule>,
+    /// Deadline of one read of another process's files (`/proc`, its binaries).
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub read_deadline: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +323,7 @@ pub struct Overrides {
     pub max_stacks: Option<u32>,
     pub max_pending: Option<u32>,
     pub drain_interval: Option<String>,
+    pub cmdline: bool,
 }
 
 /// The validated configuration.
@@ -317,6 +342,10 @@ pub struct Config {
     pub btf: Option<PathBuf>,
     pub map_sizes: MapSizes,
     pub drain_interval: Duration,
+    /// Collect (redacted) command lines.
+    pub collect_cmdline: bool,
+    pub service_rules: Vec<ServiceRule>,
+    pub read_deadline: Duration,
 }
 
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
@@ -329,6 +358,7 @@ pub const DEFAULT_SOCKET_STACK_THRESHOLD: Duration = Duration::from_millis(1);
 pub const DEFAULT_TCP_RTT_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_FREQUENCY_HZ: u64 = 49;
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(1);
 
 fn check_range(
     what: &'static str,
@@ -479,6 +509,25 @@ impl Config {
         {
             return Err(ConfigError::NoSuchProcess(pid));
         }
+        if let Some((index, rule)) = file
+            .identity
+            .service
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| !rule.has_matcher())
+        {
+            return Err(ConfigError::EmptyServiceRule {
+                index: index + 1,
+                service: rule.service.clone(),
+            });
+        }
+        let read_deadline = file.identity.read_deadline.unwrap_or(DEFAULT_READ_DEADLINE);
+        check_range(
+            "identity.read_deadline",
+            "between 10ms and 60s",
+            (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&read_deadline),
+            format!("{read_deadline:?}"),
+        )?;
         Ok(Self {
             signals,
             target_pid: flags.pid,
@@ -496,7 +545,21 @@ impl Config {
             btf: flags.btf.or(file.probes.btf),
             map_sizes,
             drain_interval,
+            collect_cmdline: flags.cmdline || file.identity.cmdline.unwrap_or(false),
+            service_rules: file.identity.service,
+            read_deadline,
         })
+    }
+
+    /// How the agent reads and names processes.
+    pub fn resolver_settings(&self) -> ResolverSettings {
+        ResolverSettings {
+            collect_cmdline: self.collect_cmdline,
+            service_rules: self.service_rules.clone(),
+            read_deadline: self.read_deadline,
+            target_pid: self.target_pid,
+            ..ResolverSettings::default()
+        }
     }
 
     pub fn wants(&self, signal: SignalName) -> bool {
@@ -600,6 +663,30 @@ mod tests {
             },
         );
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn identity_section() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [identity]
+            cmdline = true
+            read_deadline = "250ms"
+            [[identity.service]]
+            service = "shop"
+            unit = "shop.service"
+            "#,
+        )
+        .expect("valid toml");
+        let config = Config::build(file, Overrides::default()).expect("valid config");
+        assert!(config.collect_cmdline);
+        assert_eq!(config.read_deadline, Duration::from_millis(250));
+        assert_eq!(config.service_rules[0].service, "shop");
+
+        let empty: FileConfig =
+            toml::from_str("[[identity.service]]\nservice = \"x\"\n").expect("valid toml");
+        let err = Config::build(empty, Overrides::default()).expect_err("no matcher");
+        assert!(err.to_string().contains("matches nothing"), "{err}");
     }
 
     #[test]

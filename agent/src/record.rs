@@ -15,7 +15,7 @@ use crate::{
     naming,
     output::StagedOutput,
     probes::{ProbeError, Probes},
-    shutdown, system,
+    proc_events, shutdown, system,
 };
 
 /// What a recording produced, for the closing line.
@@ -46,7 +46,11 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     }
     // Tests and scripts wait for this line (at info level) before starting a workload.
     tracing::info!("probes attached; recording for {duration:?}");
-    let mut accumulator = Accumulator::new(&signals_of(config));
+    let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
+    // Processes are read as they start (and the ones running now, right away), so their
+    // stacks are symbolized even if they exit before the next drain.
+    let _watcher = proc_events::watch(accumulator.resolver.shared(), config.target_pid);
+    accumulator.discover_processes();
     let start_ns = system::unix_now_ns();
     let started = Instant::now();
     let progress = std::io::stderr().is_terminal();
@@ -87,6 +91,22 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
         ..Meta::default()
     };
     let profile = accumulator.finish(meta);
+    for binary in profile
+        .meta
+        .binaries
+        .iter()
+        .filter(|b| b.truncated_stacks > 0)
+    {
+        tracing::info!(
+            "{}: {} of {} user stacks ending there probably truncated (frame pointers: {})",
+            binary.path,
+            binary.truncated_stacks,
+            binary.stacks,
+            binary
+                .frame_pointers
+                .map_or("unknown", |fp| if fp { "yes" } else { "no" })
+        );
+    }
     let title = format!(
         "stallscope {} on {}, {:.1}s",
         config

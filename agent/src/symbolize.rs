@@ -1,39 +1,28 @@
-//! Turning instruction pointers into frames: kernel addresses through `/proc/kallsyms`,
-//! user addresses through blazesym by process (ELF symbols, DWARF for file, line and inlined
-//! functions, Rust and C++ demangling). Results are cached per address.
+//! Turning addresses into frames with blazesym: kernel addresses through `/proc/kallsyms`
+//! (module names from its `[module]` column), user code by binary: a normalized address
+//! (a file offset in a binary known by its build-id) is symbolized from the binary, or
+//! from its separate debug file, with DWARF for file, line and inlined functions, Rust and
+//! C++ demangling. User symbolization runs on deadline-bounded lanes (`lanes.rs`), one
+//! blazesym instance per binary, shared by every process that runs it.
 
 use std::{
-    collections::HashMap,
-    ffi::OsStr,
-    path::{Path, PathBuf},
+    collections::HashMap, ffi::OsStr, os::fd::AsRawFd, path::PathBuf, sync::Arc, time::Instant,
 };
 
-use blazesym::{
-    Pid,
-    symbolize::{
-        CodeInfo, Input, Symbolized, Symbolizer as Blazesym,
-        source::{Kernel, Process, Source},
-    },
+use blazesym::symbolize::{
+    CodeInfo, Input, Symbolized, Symbolizer as Blazesym,
+    source::{Elf, Kernel, Source},
 };
 use stallscope_profile::{Frame, FrameKind};
 
-/// Caches of symbolized frames; the inner Vec holds one address's frames (inlined calls
-/// expanded), innermost first.
-pub struct Symbolizer {
-    inner: Blazesym,
-    kernel_cache: HashMap<u64, Vec<Frame>>,
-    user_cache: HashMap<(u32, u64), Vec<Frame>>,
-}
+use crate::binaries::BinaryFile;
 
-impl Default for Symbolizer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Frames of one address (inlined calls expanded), innermost first.
+pub type Frames = Arc<[Frame]>;
 
 /// Addresses of return sites point after the call; looking up `ip - 1` finds the call
 /// itself (the right function, line and inline chain). The innermost frame is an exact IP.
-fn lookup_addresses(ips: &[u64], leaf_is_exact: bool) -> Vec<u64> {
+pub fn lookup_addresses(ips: &[u64], leaf_is_exact: bool) -> Vec<u64> {
     ips.iter()
         .enumerate()
         .map(|(i, &ip)| {
@@ -46,17 +35,18 @@ fn lookup_addresses(ips: &[u64], leaf_is_exact: bool) -> Vec<u64> {
         .collect()
 }
 
-fn module_name(module: Option<&OsStr>) -> Option<String> {
-    module.map(|m| m.to_string_lossy().into_owned())
-}
-
-fn unknown_frame(ip: u64, module: Option<String>, kind: FrameKind) -> Frame {
+pub fn unknown_frame(
+    function: String,
+    module: Option<String>,
+    address: u64,
+    kind: FrameKind,
+) -> Frame {
     Frame {
-        function: format!("[unknown] {ip:#x}"),
+        function,
         module,
         file: None,
         line: None,
-        address: ip,
+        address,
         kind,
     }
 }
@@ -64,17 +54,24 @@ fn unknown_frame(ip: u64, module: Option<String>, kind: FrameKind) -> Frame {
 /// Frames for one symbolized address, innermost first (inlined callees before the
 /// function that contains them). blazesym gives each function of the inline chain its own
 /// location: where the address is, or where it calls the next inlined function.
-fn frames_of(symbolized: &Symbolized<'_>, ip: u64, kind: FrameKind) -> Vec<Frame> {
-    let Some(sym) = symbolized.as_sym() else {
-        return vec![unknown_frame(ip, None, kind)];
-    };
-    let module = module_name(sym.module.as_deref());
+fn frames_of(
+    symbolized: &Symbolized<'_>,
+    module: Option<&str>,
+    address: u64,
+    kind: FrameKind,
+) -> Option<Vec<Frame>> {
+    let sym = symbolized.as_sym()?;
+    let module = module.map(str::to_owned).or_else(|| {
+        sym.module
+            .as_deref()
+            .map(|m: &OsStr| m.to_string_lossy().into_owned())
+    });
     let frame = |function: &str, code: Option<&CodeInfo<'_>>| Frame {
         function: function.to_owned(),
         module: module.clone(),
         file: code.map(|code| code.to_path().display().to_string()),
         line: code.and_then(|code| code.line),
-        address: ip,
+        address,
         kind,
     };
     let mut frames: Vec<Frame> = sym
@@ -84,29 +81,51 @@ fn frames_of(symbolized: &Symbolized<'_>, ip: u64, kind: FrameKind) -> Vec<Frame
         .map(|inlined| frame(&inlined.name, inlined.code_info.as_ref()))
         .collect();
     frames.push(frame(&sym.name, sym.code_info.as_deref()));
-    frames
+    Some(frames)
 }
 
-impl Symbolizer {
+fn blazesym() -> Blazesym {
+    Blazesym::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        // Debug files are found by the agent in the binary's own mount namespace
+        // (`elf::find_debug_file`); searching the host's directories could pick a wrong
+        // file for a container's binary.
+        .set_debug_dirs(Some(Vec::<PathBuf>::new()))
+        .build()
+}
+
+/// Kernel symbolization, cached per address.
+pub struct KernelSymbolizer {
+    inner: Blazesym,
+    cache: HashMap<u64, Frames>,
+    /// Address ranges of loaded modules, from kallsyms.
+    modules: Option<Vec<(u64, u64, Arc<str>)>>,
+}
+
+impl Default for KernelSymbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KernelSymbolizer {
     pub fn new() -> Self {
         Self {
-            inner: Blazesym::builder()
-                .enable_code_info(true)
-                .enable_inlined_fns(true)
-                .enable_demangling(true)
-                .build(),
-            kernel_cache: HashMap::new(),
-            user_cache: HashMap::new(),
+            inner: blazesym(),
+            cache: HashMap::new(),
+            modules: None,
         }
     }
 
     /// Kernel frames for a kernel stack (innermost first).
-    pub fn kernel_frames(&mut self, ips: &[u64], leaf_is_exact: bool) -> Vec<Frame> {
+    pub fn frames(&mut self, ips: &[u64], leaf_is_exact: bool) -> Vec<Frame> {
         let addresses = lookup_addresses(ips, leaf_is_exact);
         let missing: Vec<u64> = addresses
             .iter()
             .copied()
-            .filter(|addr| !self.kernel_cache.contains_key(addr))
+            .filter(|addr| !self.cache.contains_key(addr))
             .collect();
         if !missing.is_empty() {
             let source = Source::Kernel(Kernel {
@@ -115,104 +134,168 @@ impl Symbolizer {
                 debug_syms: false,
                 ..Kernel::default()
             });
-            match self.inner.symbolize(&source, Input::AbsAddr(&missing)) {
-                Ok(results) => {
-                    for (addr, symbolized) in missing.iter().zip(&results) {
-                        let frames = frames_of(symbolized, *addr, FrameKind::Kernel);
-                        self.kernel_cache.insert(*addr, frames);
-                    }
-                }
-                Err(err) => {
-                    tracing::debug!("kernel symbolization failed: {err}");
-                    for addr in &missing {
-                        self.kernel_cache
-                            .insert(*addr, vec![unknown_frame(*addr, None, FrameKind::Kernel)]);
-                    }
-                }
+            let modules: Vec<Option<String>> =
+                missing.iter().map(|&addr| self.module_of(addr)).collect();
+            let results = self
+                .inner
+                .symbolize(&source, Input::AbsAddr(&missing))
+                .map_err(|err| tracing::debug!("kernel symbolization failed: {err}"))
+                .unwrap_or_default();
+            for ((index, &addr), module) in missing.iter().enumerate().zip(modules) {
+                let frames = results
+                    .get(index)
+                    .and_then(|s| frames_of(s, module.as_deref(), addr, FrameKind::Kernel))
+                    .unwrap_or_else(|| {
+                        vec![unknown_frame(
+                            format!("[unknown] {addr:#x}"),
+                            module,
+                            addr,
+                            FrameKind::Kernel,
+                        )]
+                    });
+                self.cache.insert(addr, frames.into());
             }
         }
         addresses
             .iter()
-            .flat_map(|addr| self.kernel_cache.get(addr).cloned().unwrap_or_default())
+            .filter_map(|addr| self.cache.get(addr))
+            .flat_map(|frames| frames.iter().cloned())
             .collect()
     }
 
-    /// User frames of process `pid` for a user stack (innermost first). The process must
-    /// still be alive for its mappings to be read.
-    pub fn user_frames(&mut self, pid: u32, ips: &[u64], leaf_is_exact: bool) -> Vec<Frame> {
-        let addresses = lookup_addresses(ips, leaf_is_exact);
-        let missing: Vec<u64> = addresses
-            .iter()
-            .copied()
-            .filter(|addr| !self.user_cache.contains_key(&(pid, *addr)))
-            .collect();
-        if !missing.is_empty() {
-            let source = Source::Process(Process::new(Pid::from(pid)));
-            match self.inner.symbolize(&source, Input::AbsAddr(&missing)) {
-                Ok(results) => {
-                    let exe = executable(pid);
-                    for (addr, symbolized) in missing.iter().zip(&results) {
-                        let mut frames = frames_of(symbolized, *addr, FrameKind::User);
-                        if symbolized.as_sym().is_none() {
-                            frames = vec![unknown_frame(*addr, exe.clone(), FrameKind::User)];
-                        }
-                        self.user_cache.insert((pid, *addr), frames);
-                    }
-                }
-                Err(err) => {
-                    // One unreadable module fails the whole batch; retry one by one so the
-                    // other addresses still get their symbols.
-                    tracing::debug!(
-                        "symbolizing pid {pid} failed ({err}); retrying address by address"
-                    );
-                    let exe = executable(pid);
-                    for addr in &missing {
-                        let frames =
-                            match self.inner.symbolize_single(&source, Input::AbsAddr(*addr)) {
-                                Ok(symbolized) if symbolized.as_sym().is_some() => {
-                                    frames_of(&symbolized, *addr, FrameKind::User)
-                                }
-                                _ => vec![unknown_frame(*addr, exe.clone(), FrameKind::User)],
-                            };
-                        self.user_cache.insert((pid, *addr), frames);
-                    }
-                }
-            }
-        }
-        addresses
-            .iter()
-            .flat_map(|addr| {
-                self.user_cache
-                    .get(&(pid, *addr))
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .collect()
-    }
-
-    /// Drops cached user frames of processes that exited, so a recycled pid is not
-    /// symbolized with a dead process's addresses.
-    pub fn forget_process(&mut self, pid: u32) {
-        self.user_cache
-            .retain(|(cached_pid, _), _| *cached_pid != pid);
+    /// The module holding `addr`, or `None` for the kernel image.
+    fn module_of(&mut self, addr: u64) -> Option<String> {
+        let modules = self.modules.get_or_insert_with(read_module_ranges);
+        let index = modules.partition_point(|(start, _, _)| *start <= addr);
+        let (_, end, name) = modules.get(index.checked_sub(1)?)?;
+        (addr <= *end).then(|| name.to_string())
     }
 }
 
-/// The executable of `pid`, for frames no symbol covers.
-fn executable(pid: u32) -> Option<String> {
-    std::fs::read_link(Path::new("/proc").join(pid.to_string()).join("exe"))
-        .ok()
-        .map(|path: PathBuf| path.display().to_string())
+/// Address ranges of kernel modules, from the symbols `/proc/kallsyms` tags `[module]`.
+fn read_module_ranges() -> Vec<(u64, u64, Arc<str>)> {
+    let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    parse_module_ranges(&text)
+}
+
+fn parse_module_ranges(kallsyms: &str) -> Vec<(u64, u64, Arc<str>)> {
+    let mut ranges: HashMap<&str, (u64, u64)> = HashMap::new();
+    for line in kallsyms.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(_name), Some(module)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (Some(module), Ok(addr)) = (
+            module.strip_prefix('[').and_then(|m| m.strip_suffix(']')),
+            u64::from_str_radix(addr, 16),
+        ) else {
+            continue;
+        };
+        if addr == 0 {
+            continue;
+        }
+        let range = ranges.entry(module).or_insert((addr, addr));
+        range.0 = range.0.min(addr);
+        range.1 = range.1.max(addr);
+    }
+    let mut ranges: Vec<(u64, u64, Arc<str>)> = ranges
+        .into_iter()
+        // The last symbol's size is unknown: allow a page past it.
+        .map(|(name, (start, end))| (start, end + 4096, Arc::from(name)))
+        .collect();
+    ranges.sort_by_key(|(start, _, _)| *start);
+    ranges
+}
+
+/// Binaries whose blazesym state one lane keeps (parsed symbols and DWARF).
+const BINARIES_PER_LANE: usize = 32;
+
+/// A lane's blazesym instances, one per binary, least recently used evicted.
+#[derive(Default)]
+pub struct LaneSymbolizers {
+    by_binary: HashMap<u32, (Blazesym, Instant)>,
+}
+
+impl LaneSymbolizers {
+    fn get(&mut self, binary: u32) -> &Blazesym {
+        if !self.by_binary.contains_key(&binary)
+            && self.by_binary.len() >= BINARIES_PER_LANE
+            && let Some(oldest) = self
+                .by_binary
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(id, _)| *id)
+        {
+            self.by_binary.remove(&oldest);
+        }
+        let entry = self
+            .by_binary
+            .entry(binary)
+            .or_insert_with(|| (blazesym(), Instant::now()));
+        entry.1 = Instant::now();
+        &entry.0
+    }
+
+    /// Drops the state of a binary the agent no longer tracks.
+    pub fn forget(&mut self, binary: u32) {
+        self.by_binary.remove(&binary);
+    }
+}
+
+/// Symbolizes file offsets of one binary (`binary` is its id in the agent's table).
+/// Returns one entry per offset; an offset without a symbol gets an `[unknown]` frame
+/// naming the binary and offset.
+pub fn symbolize_offsets(
+    lane: &mut LaneSymbolizers,
+    binary: u32,
+    file: &BinaryFile,
+    offsets: &[u64],
+) -> Vec<(u64, Frames)> {
+    let module = file.path.to_string();
+    let source_fd = file
+        .debug
+        .as_ref()
+        .map_or(file.file.as_raw_fd(), |debug| debug.file.as_raw_fd());
+    // Through the agent's own descriptor: works whatever namespace the binary lives in,
+    // and after it was deleted or its process exited.
+    let source = Source::Elf(Elf::new(format!("/proc/self/fd/{source_fd}")));
+    let vaddrs: Vec<Option<u64>> = offsets.iter().map(|&o| file.info.vaddr_of(o)).collect();
+    let valid: Vec<u64> = vaddrs.iter().flatten().copied().collect();
+    let symbolizer = lane.get(binary);
+    let results = match symbolizer.symbolize(&source, Input::VirtOffset(&valid)) {
+        Ok(results) => results,
+        Err(err) => {
+            tracing::debug!("symbolizing {module} failed: {err}");
+            Vec::new()
+        }
+    };
+    let mut results = results.into_iter();
+    offsets
+        .iter()
+        .zip(vaddrs)
+        .map(|(&offset, vaddr)| {
+            let symbolized = vaddr.and_then(|_| results.next());
+            let frames = symbolized
+                .as_ref()
+                .and_then(|s| frames_of(s, Some(&module), offset, FrameKind::User))
+                .unwrap_or_else(|| {
+                    vec![unknown_frame(
+                        format!("[unknown] {module}+{offset:#x}"),
+                        Some(module.clone()),
+                        offset,
+                        FrameKind::User,
+                    )]
+                });
+            (offset, Frames::from(frames))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[inline(never)]
-    fn marker_for_symbolization() -> u64 {
-        marker_for_symbolization as *const () as u64
-    }
 
     #[test]
     fn return_addresses_are_looked_up_one_byte_earlier() {
@@ -221,15 +304,12 @@ mod tests {
     }
 
     #[test]
-    fn symbolizes_own_function() {
-        let mut symbolizer = Symbolizer::new();
-        let addr = marker_for_symbolization();
-        let frames = symbolizer.user_frames(std::process::id(), &[addr], true);
-        assert!(
-            frames
-                .iter()
-                .any(|f| f.function.contains("marker_for_symbolization")),
-            "{frames:?}"
-        );
+    fn module_ranges_from_kallsyms() {
+        let text = "ffffffff81000000 T _text\nffffffffc0001000 t foo_init\t[foo]\nffffffffc0002000 T foo_read\t[foo]\nffffffffc0100000 t bar_x\t[bar]\n";
+        let ranges = parse_module_ranges(text);
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(&*ranges[0].2, "foo");
+        assert_eq!(ranges[0].0, 0xffff_ffff_c000_1000);
+        assert_eq!(ranges[0].1, 0xffff_ffff_c000_2000 + 4096);
     }
 }

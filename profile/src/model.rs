@@ -87,6 +87,74 @@ pub struct Meta {
     pub losses: BTreeMap<String, u64>,
     /// Index of the sample type a viewer should show first.
     pub default_sample_type: usize,
+    /// What changed in the workloads during the profile (deploys, restarts).
+    #[serde(default)]
+    pub events: Vec<ChangeEvent>,
+    /// The user-space binaries the profile's stacks run through, with what the agent
+    /// learned about them (build-id, debug file, frame pointers, truncated stacks).
+    #[serde(default)]
+    pub binaries: Vec<BinaryInfo>,
+}
+
+/// What kind of change a [`ChangeEvent`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// A new process of a service runs a binary with a different build-id than the
+    /// service's previous process: a deploy.
+    Deploy,
+    /// A service's only process ended and a new one with the same build-id started.
+    Restart,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deploy => "deploy",
+            Self::Restart => "restart",
+        }
+    }
+}
+
+/// A change in a workload, observed by the agent, carried with the profile of the period
+/// it happened in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// When the new process started, nanoseconds since the Unix epoch.
+    pub time_unix_ns: i64,
+    pub kind: ChangeKind,
+    /// The `service` label both processes share.
+    pub service: String,
+    pub pid: u32,
+    pub previous_pid: Option<u32>,
+    /// Build-id (hex) of the new process's executable.
+    pub build_id: Option<String>,
+    pub previous_build_id: Option<String>,
+    pub executable: Option<String>,
+    /// Identity labels of the new process (container, pod, unit...).
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// A user-space binary seen in the profile's stacks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BinaryInfo {
+    /// The path in its process's mount namespace (frames' `module`).
+    pub path: String,
+    /// Build-id in hex, when the binary has one.
+    pub build_id: Option<String>,
+    /// Where separate debug information was found, if it was used.
+    pub debug_file: Option<String>,
+    /// Whether its functions set up frame pointers (a sample of prologues); `None` when
+    /// it could not be told.
+    pub frame_pointers: Option<bool>,
+    /// User stacks whose outermost frame is in this binary.
+    pub stacks: u64,
+    /// Of those, stacks that end before reaching a thread's entry point: probably cut
+    /// short by a function without a frame pointer.
+    pub truncated_stacks: u64,
+    /// Why the binary could not be symbolized, if it could not.
+    pub error: Option<String>,
 }
 
 /// A latency histogram of one signal for one label set (a process, a thread, a syscall,
@@ -278,6 +346,25 @@ impl Profile {
         }
         if self.meta.host.is_empty() {
             self.meta.host.clone_from(&other.meta.host);
+        }
+        for event in &other.meta.events {
+            if !self.meta.events.contains(event) {
+                self.meta.events.push(event.clone());
+            }
+        }
+        for binary in &other.meta.binaries {
+            match self
+                .meta
+                .binaries
+                .iter_mut()
+                .find(|b| b.path == binary.path && b.build_id == binary.build_id)
+            {
+                Some(known) => {
+                    known.stacks += binary.stacks;
+                    known.truncated_stacks += binary.truncated_stacks;
+                }
+                None => self.meta.binaries.push(binary.clone()),
+            }
         }
         merge_time_range(&mut self.meta, &other.meta);
     }

@@ -3,9 +3,11 @@
 //!
 //! Mapping of the model: one pprof Location per frame, one Function per distinct
 //! (function, source file), one Mapping for the kernel (`[kernel.kallsyms]`) and one per
-//! user binary; synthetic frames have no mapping. Labels are string labels. Notes, the
-//! host and losses travel as comments (`host <name>`, `loss <reason>=<count>`). A kernel
-//! frame's module is not carried: pprof has one kernel mapping.
+//! user binary (with its build-id when the profile's binaries table knows it); synthetic
+//! frames have no mapping. Labels are string labels. Notes, the host and losses travel as
+//! comments (`host <name>`, `loss <reason>=<count>`), histograms, change events and
+//! binaries as JSON comments (`hist {..}`, `event {..}`, `binary {..}`). A kernel frame's
+//! module is not carried: pprof has one kernel mapping.
 
 mod decode;
 mod encode;
@@ -37,6 +39,10 @@ const HOST_COMMENT_PREFIX: &str = "host ";
 const LOSS_COMMENT_PREFIX: &str = "loss ";
 /// Histograms travel as comments too: `hist ` followed by the histogram as JSON.
 const HISTOGRAM_COMMENT_PREFIX: &str = "hist ";
+/// Change events: `event ` followed by the event as JSON.
+const EVENT_COMMENT_PREFIX: &str = "event ";
+/// Binaries: `binary ` followed by the binary's facts as JSON.
+const BINARY_COMMENT_PREFIX: &str = "binary ";
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// Encodes `profile` as a gzip-compressed pprof profile.
@@ -168,6 +174,25 @@ mod tests {
         profile.meta.losses.insert("ringbuf_full".to_owned(), 12);
         profile.meta.losses.insert("stack_missing".to_owned(), 3);
         profile.meta.default_sample_type = 1;
+        profile.meta.events.push(crate::model::ChangeEvent {
+            time_unix_ns: 1_700_000_000_500_000_000,
+            kind: crate::model::ChangeKind::Deploy,
+            service: "app".to_owned(),
+            pid: 43,
+            previous_pid: Some(42),
+            build_id: Some("beef".to_owned()),
+            previous_build_id: Some("cafe".to_owned()),
+            executable: Some("/usr/bin/app".to_owned()),
+            labels: labels(&[("container_id", "abc123")]),
+        });
+        profile.meta.binaries.push(crate::model::BinaryInfo {
+            path: "/usr/bin/app".to_owned(),
+            build_id: Some("beef".to_owned()),
+            frame_pointers: Some(false),
+            stacks: 3,
+            truncated_stacks: 2,
+            ..Default::default()
+        });
         profile.histograms.push(crate::model::Histogram {
             signal: "syscall".to_owned(),
             labels: labels(&[("syscall", "read"), ("process", "app; with \"quotes\"")]),
@@ -221,6 +246,12 @@ mod tests {
         let comments: Vec<&str> = message.comment.iter().map(|&i| string(i)).collect();
         assert!(comments.contains(&"loss ringbuf_full=12"), "{comments:?}");
         assert!(comments.contains(&"host db1"), "{comments:?}");
+        let app = message
+            .mapping
+            .iter()
+            .find(|mapping| string(mapping.filename) == "/usr/bin/app")
+            .expect("app mapping");
+        assert_eq!(string(app.build_id), "beef");
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Harness for stallscope's end-to-end runs: finding the built binaries, starting the
 //! bundled workload with its ready/go handshake, running the agent until its probes are
-//! attached, and the rule for privileged tests (run as root; in CI never skip).
+//! attached, and the rule for privileged tests (run as root; in CI never skip). Fixtures
+//! for symbolization and identity tests live in `fixtures.rs`.
+
+pub mod fixtures;
+pub mod fuse;
 
 use std::{
     collections::HashMap,
@@ -81,12 +85,19 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(binary: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
-            .args(args)
+        let mut command = Command::new(binary);
+        command.args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts a workload speaking the `ready`/`go`/`done` protocol from any command (a
+    /// wrapper such as `unshare` may run first, as long as the workload prints its pid).
+    pub fn spawn(mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+            .with_context(|| format!("starting {command:?}"))?;
         let stdout = child.stdout.take().context("workload stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().context("workload exited before `ready`")??;
@@ -155,6 +166,16 @@ impl Workload {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Waits for the workload to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        wait_with_timeout(&mut self.child, timeout)
+    }
+
+    /// The lines the workload printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// Lets the workload exit and waits for it.
@@ -258,6 +279,24 @@ impl AgentRun {
         }
     }
 
+    /// Waits until the agent logs a line containing `needle`; returns its log so far.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.stderr_text();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("agent exited ({status}) before logging `{needle}`: {text}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not log `{needle}` within {timeout:?}: {text}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Asks the agent to stop (SIGINT), as Ctrl-C would.
     pub fn interrupt(&self) {
         // SAFETY: plain kill(2) on our own child.
@@ -286,6 +325,36 @@ impl Drop for AgentRun {
     }
 }
 
+/// Holds the lock that serialises recordings within a test binary.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts `stallscope-agent record` with `args` and waits until its probes are attached.
+pub fn start_agent(args: &[&str]) -> anyhow::Result<AgentRun> {
+    let mut agent = AgentRun::start(&binary(&binary_dir(), "stallscope-agent")?, args)?;
+    agent.wait_ready(Duration::from_secs(60))?;
+    Ok(agent)
+}
+
+/// Stops an agent started by [`start_agent`] (SIGINT), checks it succeeded without a
+/// panic, and decodes the pprof file it wrote at `path`.
+pub fn stop_agent(agent: AgentRun, path: &Path) -> (stallscope_profile::Profile, AgentExit) {
+    agent.interrupt();
+    let exit = agent
+        .wait(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("agent did not stop: {e:#}"));
+    assert!(exit.status.success(), "agent failed: {}", exit.stderr);
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("{} not written: {e}", path.display()));
+    let profile = stallscope_profile::pprof::decode_pprof(&bytes)
+        .unwrap_or_else(|e| panic!("{} is not valid pprof: {e}", path.display()));
+    (profile, exit)
+}
+
 /// Records a scenario of the bundled workload: starts it, starts `stallscope-agent record`
 /// on its pid (with `agent_args`, which must include `-o FILE`), starts the scenario once
 /// the probes are attached, and stops the agent (SIGINT, like Ctrl-C) when the scenario is
@@ -297,9 +366,7 @@ pub fn record_workload(
 ) -> anyhow::Result<AgentExit> {
     // One recording at a time: the tests of a binary run in parallel threads, and two
     // workloads (or agents) at once would disturb each other's measurements.
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = serial();
     let mut workload = Workload::start(&binary(bin_dir, "stallscope-workload")?, scenario)?;
     let pid = workload.pid.to_string();
     let mut args = vec!["record", "--pid", pid.as_str(), "--duration", "10m"];
@@ -349,6 +416,43 @@ pub fn record_profile(
         std::fs::read(&path).unwrap_or_else(|e| panic!("{} not written: {e}", path.display()));
     let profile = stallscope_profile::pprof::decode_pprof(&bytes)
         .unwrap_or_else(|e| panic!("{} is not valid pprof: {e}", path.display()));
+    (profile, exit)
+}
+
+/// Records an already started workload like [`record_workload`] (agent on its pid, `go`
+/// once attached, stopped when the scenario is done) into `file` in a scratch directory
+/// named after `test`; returns the decoded profile. Panics on failure: for tests.
+pub fn record_started(
+    test: &str,
+    mut workload: Workload,
+    file: &str,
+    agent_args: &[&str],
+) -> (stallscope_profile::Profile, AgentExit) {
+    // Its own directory: the test's scratch directory may hold the workload's files.
+    let path = scratch_dir(&format!("{test}-out")).join(file);
+    let path_arg = path.to_string_lossy().into_owned();
+    let pid = workload.pid.to_string();
+    let mut args = vec![
+        "record",
+        "--pid",
+        pid.as_str(),
+        "--duration",
+        "10m",
+        "-o",
+        path_arg.as_str(),
+    ];
+    args.extend_from_slice(agent_args);
+    let agent = start_agent(&args).unwrap_or_else(|e| panic!("agent did not start: {e:#}"));
+    workload.go().expect("workload takes `go`");
+    workload
+        .wait_done(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("workload: {e:#}"));
+    let (profile, mut exit) = stop_agent(agent, &path);
+    exit.workload = workload.results();
+    let status = workload
+        .finish(Duration::from_secs(10))
+        .expect("workload exits");
+    assert!(status.success(), "workload failed: {status}");
     (profile, exit)
 }
 

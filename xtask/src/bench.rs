@@ -269,7 +269,28 @@ fn median(values: &mut [f64]) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The criterion benchmarks of symbolization: cached throughput (frames/s) and the cold
+/// first symbolization of the agent's own release binary. No root needed.
+const SYMBOLIZE: &str = "symbolize";
+
+fn run_symbolize() -> anyhow::Result<()> {
+    eprintln!(
+        "bench {SYMBOLIZE}: criterion, cached symbolization and cold symbolization of the agent binary"
+    );
+    // The cold benchmark symbolizes the release agent binary: build it first.
+    util::cargo(&["build", "--release", "-p", "stallscope-agent"])?;
+    util::cargo(&["bench", "-p", "stallscope-agent", "--bench", "symbolize"])
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if args.iter().any(|a| a == SYMBOLIZE) {
+        run_symbolize()?;
+        if args.len() == 1 {
+            return Ok(());
+        }
+    }
+    let args: Vec<String> = args.iter().filter(|a| *a != SYMBOLIZE).cloned().collect();
+    let args = args.as_slice();
     if !util::is_root() {
         bail!("benchmarks load eBPF probes: run them as root, e.g. `sudo -E cargo xtask bench`");
     }
@@ -283,7 +304,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .collect();
     if selected.is_empty() {
         let names: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
-        bail!("unknown benchmark; choose from {}", names.join(", "));
+        bail!(
+            "unknown benchmark; choose from {}, {SYMBOLIZE}",
+            names.join(", ")
+        );
     }
     bootstrap::ensure()?;
     debian::ensure(&["linux-perf", "iperf3"])?;

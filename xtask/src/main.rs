@@ -18,7 +18,8 @@ tasks:
   demo        (root) profile a bundled workload and write a flame graph to out/
   test        bootstrap, build, run unit and end-to-end tests (root for the latter)
   bench [NAME..]  (root) measure the agent's overhead against a baseline, interleaved
-              (offcpu, syscall, futex, messaging, iperf3, reqresp)
+              (offcpu, syscall, futex, messaging, iperf3, reqresp); `symbolize`:
+              criterion benchmarks of symbolization (no root)
   lint        rustfmt check and clippy (host crates and the eBPF crate)
   fmt         format the workspace with nightly rustfmt (import grouping)";
 

@@ -6,8 +6,18 @@ use crate::{bootstrap, debian, util};
 
 /// Debian packages the tests use as real peers: `go tool pprof` reads our pprof files;
 /// the network tests build namespaces and veth pairs (`ip`), shape a path (`tc`) and
-/// drop packets on one (`nft`).
-const TEST_PACKAGES: &[&str] = &["golang-go", "iproute2", "nftables"];
+/// drop packets on one (`nft`); a C compiler and binutils build, strip and split the
+/// debug info of the C workload the symbolization tests make; util-linux's `unshare`
+/// gives a workload its own mount namespace.
+const TEST_PACKAGES: &[&str] = &[
+    "golang-go",
+    "iproute2",
+    "nftables",
+    "gcc",
+    "libc6-dev",
+    "binutils",
+    "util-linux",
+];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     bootstrap::ensure()?;

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use super::{
-    HISTOGRAM_COMMENT_PREFIX, HOST_COMMENT_PREFIX, KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto,
+    BINARY_COMMENT_PREFIX, EVENT_COMMENT_PREFIX, HISTOGRAM_COMMENT_PREFIX, HOST_COMMENT_PREFIX,
+    KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto,
 };
 use crate::{
     error::FormatError,
@@ -124,13 +125,25 @@ pub(super) fn from_message(
     profile.meta = meta(message, &strings, &profile.sample_types)?;
     // Histogram comments came back as notes: move them to the profile's histograms.
     let notes = std::mem::take(&mut profile.meta.notes);
+    // So did change events and binaries.
     for note in notes {
-        match note
+        if let Some(histogram) = note
             .strip_prefix(HISTOGRAM_COMMENT_PREFIX)
             .and_then(|json| serde_json::from_str::<Histogram>(json).ok())
         {
-            Some(histogram) => profile.histograms.push(histogram),
-            None => profile.meta.notes.push(note),
+            profile.histograms.push(histogram);
+        } else if let Some(event) = note
+            .strip_prefix(EVENT_COMMENT_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
+        {
+            profile.meta.events.push(event);
+        } else if let Some(binary) = note
+            .strip_prefix(BINARY_COMMENT_PREFIX)
+            .and_then(|json| serde_json::from_str(json).ok())
+        {
+            profile.meta.binaries.push(binary);
+        } else {
+            profile.meta.notes.push(note);
         }
     }
     Ok(profile)

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use super::{
-    HISTOGRAM_COMMENT_PREFIX, HOST_COMMENT_PREFIX, KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto,
+    BINARY_COMMENT_PREFIX, EVENT_COMMENT_PREFIX, HISTOGRAM_COMMENT_PREFIX, HOST_COMMENT_PREFIX,
+    KERNEL_MAPPING, LOSS_COMMENT_PREFIX, proto,
 };
 use crate::model::{Frame, FrameKind, Profile};
 
@@ -58,6 +59,8 @@ struct Builder {
     mapping_ids: HashMap<MappingKey, u64>,
     functions: Vec<proto::Function>,
     function_ids: HashMap<(String, Option<String>), u64>,
+    /// Build-ids of user binaries by path, from the profile's binaries table.
+    build_ids: HashMap<String, String>,
 }
 
 impl Builder {
@@ -72,6 +75,11 @@ impl Builder {
                 MappingKey::Kernel => KERNEL_MAPPING,
                 MappingKey::User(module) => module.as_str(),
             };
+            let build_id = match &key {
+                MappingKey::User(module) => self.build_ids.get(module).cloned(),
+                MappingKey::Kernel => None,
+            };
+            let build_id = build_id.map_or(0, |id| self.strings.intern(&id));
             let filename = self.strings.intern(filename);
             let id = self.mappings.len() as u64 + 1;
             self.mappings.push(proto::Mapping {
@@ -80,6 +88,7 @@ impl Builder {
                 memory_limit: frame.address.saturating_add(1),
                 file_offset: frame.address,
                 filename,
+                build_id,
                 // Frames arrive symbolized; this keeps pprof from trying again.
                 has_functions: true,
                 ..Default::default()
@@ -130,6 +139,12 @@ pub(super) fn to_message(profile: &Profile) -> proto::Profile {
         mapping_ids: HashMap::new(),
         functions: Vec::new(),
         function_ids: HashMap::new(),
+        build_ids: profile
+            .meta
+            .binaries
+            .iter()
+            .filter_map(|binary| Some((binary.path.clone(), binary.build_id.clone()?)))
+            .collect(),
     };
 
     let sample_type = profile
@@ -208,6 +223,22 @@ pub(super) fn to_message(profile: &Profile) -> proto::Profile {
                     .intern(&format!("{HISTOGRAM_COMMENT_PREFIX}{json}")),
             );
         }
+    }
+    let json_comments = meta
+        .events
+        .iter()
+        .filter_map(|event| {
+            serde_json::to_string(event)
+                .ok()
+                .map(|j| (EVENT_COMMENT_PREFIX, j))
+        })
+        .chain(meta.binaries.iter().filter_map(|binary| {
+            serde_json::to_string(binary)
+                .ok()
+                .map(|j| (BINARY_COMMENT_PREFIX, j))
+        }));
+    for (prefix, json) in json_comments {
+        comment.push(builder.strings.intern(&format!("{prefix}{json}")));
     }
     for (reason, count) in &meta.losses {
         comment.push(

@@ -12,7 +12,11 @@
 //! - `net-connect`, `net-peers`, `net-bulk`: network waits between two network
 //!   namespaces the caller created (see `net.rs`); `net-rr`: request/response over
 //!   loopback, for the network benchmark.
+//! - `exit-soon N MS`: N x 50 ms in `offcpu_marker_sleep`, then MS of CPU, then exits
+//!   without waiting for stdin; `jit`: waits below JIT code named by a perf map (see
+//!   `identity.rs`).
 
+mod identity;
 mod net;
 mod waits;
 
@@ -168,9 +172,15 @@ fn main() {
             args.get(5..).unwrap_or_default(),
         ),
         "net-rr" => net::request_response(arg(&args, 2, 50_000)),
+        "exit-soon" => {
+            identity::exit_soon(arg(&args, 2, 5), ms(arg(&args, 3, 100)));
+            println!("done");
+            return;
+        }
+        "jit" => identity::jit(),
         other => {
             eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk or net-rr"
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon or jit"
             );
             std::process::exit(2);
         }
@@ -178,4 +188,7 @@ fn main() {
     println!("done");
     line.clear();
     let _ = std::io::stdin().lock().read_line(&mut line);
+    if scenario == "jit" {
+        identity::remove_perf_map();
+    }
 }

@@ -1,0 +1,275 @@
+//! What the agent reads about another process from `/proc/PID`: its executable mappings
+//! (to normalize user addresses to file offsets), its start time (to tell a recycled pid
+//! from the process that had it), its names, cgroup and namespace pid, and its JIT perf
+//! map. Every function here may block on the target (a held mmap lock, a hung mount) and
+//! is only called from a deadline-bounded lane (`lanes.rs`).
+
+use std::{
+    fs::File,
+    io::{self, Read},
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+/// A file's identity on this host: device and inode, as `/proc/PID/maps` shows them. While
+/// the agent holds the file open its inode cannot be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    pub dev: u64,
+    pub inode: u64,
+}
+
+/// One executable mapping of a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// `None` for anonymous memory (JIT code) and pseudo-files (`[vdso]`).
+    pub file: Option<FileId>,
+    /// The path in the process's own mount namespace, without ` (deleted)`; pseudo-file
+    /// names such as `[vdso]`; empty for anonymous memory.
+    pub path: Arc<str>,
+    pub deleted: bool,
+}
+
+impl Mapping {
+    /// The file offset of `address`, which must lie in the mapping.
+    pub fn file_offset(&self, address: u64) -> u64 {
+        address - self.start + self.offset
+    }
+
+    /// The `/proc/PID/map_files` entry that opens this mapping's file whatever namespace or
+    /// deletion state it is in.
+    pub fn map_files_path(&self, pid: u32) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            self.start, self.end
+        ))
+    }
+}
+
+/// Parses `/proc/PID/maps`, keeping executable mappings, sorted by address.
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    let mut mappings: Vec<Mapping> = text.lines().filter_map(parse_maps_line).collect();
+    mappings.sort_by_key(|m| m.start);
+    mappings
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let dev = fields.next()?;
+    let inode = fields.next()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    if perms.as_bytes().get(2) != Some(&b'x') {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    let (major, minor) = dev.split_once(':')?;
+    let inode: u64 = inode.parse().ok()?;
+    let dev = (u64::from_str_radix(major, 16).ok()? << 32) | u64::from_str_radix(minor, 16).ok()?;
+    let (path, deleted) = match path.strip_suffix(" (deleted)") {
+        Some(path) => (path, true),
+        None => (path, false),
+    };
+    let file = (inode != 0 && path.starts_with('/')).then_some(FileId { dev, inode });
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        file,
+        path: Arc::from(path),
+        deleted,
+    })
+}
+
+/// The mapping holding `address` in `mappings` (sorted by start).
+pub fn find_mapping(mappings: &[Mapping], address: u64) -> Option<&Mapping> {
+    let index = mappings.partition_point(|m| m.start <= address);
+    let mapping = mappings.get(index.checked_sub(1)?)?;
+    (address < mapping.end).then_some(mapping)
+}
+
+/// Reads a small `/proc` file to a string; at most `limit` bytes.
+pub fn read_small(path: &Path, limit: u64) -> io::Result<String> {
+    let mut text = String::new();
+    File::open(path)?.take(limit).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The process's start time in clock ticks after boot (field 22 of `/proc/PID/stat`).
+pub fn start_ticks(pid: u32) -> io::Result<u64> {
+    let stat = read_small(Path::new(&format!("/proc/{pid}/stat")), 4096)?;
+    parse_start_ticks(&stat)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
+}
+
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    // The comm (field 2) may hold spaces and parentheses: fields resume after the last `)`.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Field 3 is the first after the comm; field 22 is 19 further on.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The pid of the process in its own (innermost) pid namespace, from `NSpid:`.
+pub fn parse_ns_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .and_then(|pids| pids.split_whitespace().last())
+        .and_then(|pid| pid.parse().ok())
+}
+
+/// Command-line arguments from `/proc/PID/cmdline` (NUL-separated).
+pub fn parse_cmdline(raw: &str) -> Vec<String> {
+    raw.split('\0')
+        .filter(|arg| !arg.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A JIT's symbol map (`/tmp/perf-PID.map`): `START SIZE name` lines, addresses in hex.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PerfMap {
+    /// (start, end, name), sorted by start.
+    symbols: Vec<(u64, u64, Arc<str>)>,
+}
+
+/// Largest perf map read (a runaway JIT can write gigabytes).
+const PERF_MAP_LIMIT: u64 = 64 * 1024 * 1024;
+
+impl PerfMap {
+    pub fn parse(text: &str) -> Self {
+        let mut symbols: Vec<(u64, u64, Arc<str>)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.trim().splitn(3, ' ');
+                let start = parts.next()?.trim_start_matches("0x");
+                let size = parts.next()?.trim_start_matches("0x");
+                let name = parts.next()?.trim();
+                let start = u64::from_str_radix(start, 16).ok()?;
+                let size = u64::from_str_radix(size, 16).ok()?;
+                (!name.is_empty()).then(|| (start, start.saturating_add(size), Arc::from(name)))
+            })
+            .collect();
+        // A later entry for the same address wins (code was re-JITted): keep the last.
+        symbols.reverse();
+        symbols.sort_by_key(|(start, _, _)| *start);
+        symbols.dedup_by_key(|(start, _, _)| *start);
+        Self { symbols }
+    }
+
+    pub fn lookup(&self, address: u64) -> Option<&Arc<str>> {
+        let index = self
+            .symbols
+            .partition_point(|(start, _, _)| *start <= address);
+        let (_, end, name) = self.symbols.get(index.checked_sub(1)?)?;
+        (address < *end).then_some(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
+    /// Reads the perf map of `pid` (whose pid in its own namespace is `ns_pid`) through its
+    /// root directory, so a containerized JIT's `/tmp` is found. Only a regular file is
+    /// read (a FIFO planted there would block the reader forever).
+    pub fn read(pid: u32, ns_pid: u32) -> io::Result<Self> {
+        let path = PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{ns_pid}.map"));
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)?;
+        let kind = file.metadata()?.file_type();
+        if !kind.is_file() || kind.is_fifo() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        let mut text = String::new();
+        file.take(PERF_MAP_LIMIT).read_to_string(&mut text)?;
+        Ok(Self::parse(&text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0a0000000-55d0a0001000 r--p 00000000 08:01 1234 /usr/bin/app
+55d0a0001000-55d0a0005000 r-xp 00001000 08:01 1234 /usr/bin/app
+7f0000000000-7f0000010000 rwxp 00000000 00:00 0 
+7f1000000000-7f1000100000 r-xp 00028000 fd:02 99 /tmp/with space/lib.so (deleted)
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
+";
+
+    #[test]
+    fn parses_executable_mappings() {
+        let maps = parse_maps(MAPS);
+        assert_eq!(maps.len(), 4, "{maps:?}");
+        let app = &maps[0];
+        assert_eq!(
+            app.file,
+            Some(FileId {
+                dev: 0x8 << 32 | 1,
+                inode: 1234
+            })
+        );
+        assert_eq!(app.file_offset(0x55d0_a000_1010), 0x1010);
+        assert_eq!(&*maps[1].path, "");
+        assert_eq!(maps[1].file, None);
+        assert_eq!(&*maps[2].path, "/tmp/with space/lib.so");
+        assert!(maps[2].deleted);
+        assert_eq!(&*maps[3].path, "[vdso]");
+        assert_eq!(maps[3].file, None);
+        assert_eq!(
+            find_mapping(&maps, 0x7f10_0000_0010).map(Mapping::inode),
+            Some(99)
+        );
+        assert!(
+            find_mapping(&maps, 0x55d0_a000_0010).is_none(),
+            "not executable"
+        );
+        assert!(find_mapping(&maps, 0x10).is_none());
+    }
+
+    impl Mapping {
+        fn inode(&self) -> u64 {
+            self.file.map_or(0, |f| f.inode)
+        }
+    }
+
+    #[test]
+    fn start_time_skips_odd_comms() {
+        let stat = "42 (a) b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 777 0 0";
+        assert_eq!(parse_start_ticks(stat), Some(777));
+        assert_eq!(parse_start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn namespace_pid_is_the_innermost() {
+        assert_eq!(parse_ns_pid("Name:\tx\nNSpid:\t4242\t7\n"), Some(7));
+        assert_eq!(parse_ns_pid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn perf_map_lookup() {
+        let map = PerfMap::parse(
+            "1000 10 jit_a\n0x2000 0x20 LazyCompile:*foo bar.js:3\nbad\n1000 10 jit_a2\n",
+        );
+        assert_eq!(map.lookup(0x1005).map(|n| &**n), Some("jit_a2"));
+        assert_eq!(
+            map.lookup(0x201f).map(|n| &**n),
+            Some("LazyCompile:*foo bar.js:3")
+        );
+        assert_eq!(map.lookup(0x2020), None);
+        assert_eq!(map.lookup(0x10), None);
+    }
+}

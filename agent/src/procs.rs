@@ -1,0 +1,130 @@
+//! A snapshot of one process: its executable mappings (to normalize user addresses even
+//! after it exits), its start time, names, cgroup identity, namespace pid, JIT perf map
+//! and (only when enabled, redacted) command line. Environment variables are never read.
+
+use std::{io, path::Path, sync::Arc, time::Instant};
+
+use crate::{
+    identity::{self, CgroupIdentity},
+    procfs::{self, Mapping, PerfMap},
+};
+
+/// What the agent knows about a process, as read at `taken`.
+#[derive(Debug)]
+pub struct ProcessSnapshot {
+    pub pid: u32,
+    /// Clock ticks after boot: tells this process from a later one with the same pid.
+    pub start_ticks: u64,
+    pub ns_pid: u32,
+    pub comm: String,
+    /// The executable's path in the process's mount namespace.
+    pub exe: Option<String>,
+    pub cgroup: CgroupIdentity,
+    /// Redacted command line, when collection is enabled.
+    pub cmdline: Option<String>,
+    pub maps: Arc<[Mapping]>,
+    pub perf_map: Option<Arc<PerfMap>>,
+    pub taken: Instant,
+}
+
+impl ProcessSnapshot {
+    /// The mapping of the executable itself (its first one).
+    pub fn exe_mapping(&self) -> Option<&Mapping> {
+        let exe = self.exe.as_deref()?;
+        self.maps.iter().find(|m| &*m.path == exe)
+    }
+}
+
+const SMALL_FILE_LIMIT: u64 = 64 * 1024;
+
+/// Reads a snapshot of `pid`. Blocks on the target (its mmap lock, its filesystems): run
+/// it on a lane.
+pub fn read_snapshot(pid: u32, collect_cmdline: bool) -> io::Result<ProcessSnapshot> {
+    let dir = format!("/proc/{pid}");
+    let dir = Path::new(&dir);
+    let start_ticks = procfs::start_ticks(pid)?;
+    let maps: Arc<[Mapping]> =
+        procfs::parse_maps(&procfs::read_small(&dir.join("maps"), 64 * 1024 * 1024)?).into();
+    let comm = procfs::read_small(&dir.join("comm"), 256)
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default();
+    let exe = std::fs::read_link(dir.join("exe")).ok().map(|path| {
+        let path = path.to_string_lossy().into_owned();
+        path.strip_suffix(" (deleted)")
+            .map_or(path.clone(), str::to_owned)
+    });
+    let cgroup = procfs::read_small(&dir.join("cgroup"), SMALL_FILE_LIMIT)
+        .map(|text| identity::from_proc_cgroup(&text))
+        .unwrap_or_default();
+    let ns_pid = procfs::read_small(&dir.join("status"), SMALL_FILE_LIMIT)
+        .ok()
+        .and_then(|status| procfs::parse_ns_pid(&status))
+        .unwrap_or(pid);
+    let cmdline = if collect_cmdline {
+        procfs::read_small(&dir.join("cmdline"), SMALL_FILE_LIMIT)
+            .ok()
+            .map(|raw| identity::cmdline_label(&procfs::parse_cmdline(&raw)))
+    } else {
+        None
+    };
+    // JIT code lives in anonymous executable memory; only then is a perf map worth reading.
+    let perf_map = if maps.iter().any(|m| m.file.is_none() && m.path.is_empty()) {
+        PerfMap::read(pid, ns_pid)
+            .ok()
+            .filter(|map| !map.is_empty())
+            .map(Arc::new)
+    } else {
+        None
+    };
+    // The process may have been replaced by another with the same pid while we read.
+    if procfs::start_ticks(pid)? != start_ticks {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "process replaced while being read",
+        ));
+    }
+    Ok(ProcessSnapshot {
+        pid,
+        start_ticks,
+        ns_pid,
+        comm,
+        exe,
+        cgroup,
+        cmdline,
+        maps,
+        perf_map,
+        taken: Instant::now(),
+    })
+}
+
+/// Seconds since the epoch at boot (`btime` in `/proc/stat`) and clock ticks per second,
+/// to turn start ticks into wall-clock time.
+pub fn boot_clock() -> (i64, i64) {
+    let btime = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    (btime, i64::from(hz as i32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_of_self() {
+        let snapshot = read_snapshot(std::process::id(), true).expect("own snapshot");
+        assert!(!snapshot.maps.is_empty());
+        assert!(snapshot.exe_mapping().is_some(), "{:?}", snapshot.exe);
+        assert!(snapshot.cmdline.is_some());
+        assert_eq!(snapshot.ns_pid, std::process::id());
+        let without = read_snapshot(std::process::id(), false).expect("own snapshot");
+        assert!(without.cmdline.is_none());
+    }
+}

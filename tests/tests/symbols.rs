@@ -1,0 +1,269 @@
+//! End to end, as root: symbols that hold up in production. A process that exits right
+//! after its last wait, a binary only visible inside its own mount namespace, a stripped
+//! binary with a separate debug file and an inlined function, and JIT code named by a
+//! perf map must all come out symbolized.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use stallscope_profile::{Frame, FrameKind, Profile, Sample};
+use stallscope_tests::{
+    Workload, binary, binary_dir,
+    fixtures::{self, Build},
+    label, record_started, require_root, scratch_dir, serial, start_agent, stop_agent, value_index,
+};
+
+fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
+    (actual - expected).abs() <= expected * tolerance
+}
+
+fn workload_binary() -> std::path::PathBuf {
+    binary(&binary_dir(), "stallscope-workload").expect("workload built")
+}
+
+fn off_cpu_where(profile: &Profile, keep: impl Fn(&Sample) -> bool) -> f64 {
+    let index = value_index(profile, "off_cpu", "nanoseconds");
+    profile.total_where(index, keep) as f64
+}
+
+fn user_frames<'a>(profile: &'a Profile, sample: &'a Sample) -> Vec<&'a Frame> {
+    profile
+        .stack_frames(sample)
+        .filter(|f| f.kind == FrameKind::User)
+        .collect()
+}
+
+#[test]
+fn process_that_exits_after_its_last_wait_is_fully_symbolized() {
+    if !require_root("process_that_exits_after_its_last_wait_is_fully_symbolized") {
+        return;
+    }
+    let _serial = serial();
+    let out = scratch_dir("exited").join("exited.pb.gz");
+    let out_arg = out.to_string_lossy().into_owned();
+    // The whole host, drained only when stopped: the process is long gone by then, and
+    // it starts after the agent, so only process events can have told the agent about it.
+    let agent = start_agent(&[
+        "record",
+        "--duration",
+        "10m",
+        "--signals",
+        "offcpu",
+        "--drain-interval",
+        "10m",
+        "-o",
+        &out_arg,
+    ])
+    .expect("agent starts");
+    let mut workload =
+        Workload::start(&workload_binary(), &["exit-soon", "5", "100"]).expect("workload");
+    let pid = workload.pid;
+    workload.go().expect("go");
+    let status = workload
+        .wait_exit(Duration::from_secs(60))
+        .expect("workload exits by itself");
+    assert!(status.success(), "workload failed: {status}");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    let (profile, _) = stop_agent(agent, &out);
+
+    let pid = pid.to_string();
+    let mine: Vec<&Sample> = profile
+        .samples
+        .iter()
+        .filter(|s| label(s, "pid") == pid)
+        .collect();
+    assert!(!mine.is_empty(), "no samples of the exited process {pid}");
+    let marker = off_cpu_where(&profile, |s| {
+        label(s, "pid") == pid && profile.stack_contains(s, "offcpu_marker_sleep")
+    });
+    assert!(
+        within(marker, 250e6, 0.10),
+        "off-CPU time in offcpu_marker_sleep: {marker:.0} ns, the workload slept 5 x 50 ms"
+    );
+    for sample in &mine {
+        let frames = user_frames(&profile, sample);
+        let unknown: Vec<&str> = frames
+            .iter()
+            .filter(|f| f.function.starts_with("[unknown]"))
+            .map(|f| f.function.as_str())
+            .collect();
+        assert!(unknown.is_empty(), "unsymbolized frames: {unknown:?}");
+    }
+    let sample = mine
+        .iter()
+        .find(|s| profile.stack_contains(s, "offcpu_marker_sleep"))
+        .expect("a marker sample");
+    assert!(label(sample, "exe").ends_with("/stallscope-workload"));
+    assert_eq!(
+        label(sample, "build_id"),
+        fixtures::build_id(&workload_binary()).expect("workload has a build-id")
+    );
+}
+
+#[test]
+fn binary_in_a_private_mount_namespace_symbolizes() {
+    if !require_root("binary_in_a_private_mount_namespace_symbolizes") {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch_dir("mntns");
+    let inner = dir.join("inside");
+    std::fs::create_dir_all(&inner).expect("mount point");
+    let inner_binary = inner.join("ns-workload");
+    // A tmpfs only the workload's namespace sees, holding its binary.
+    let script = format!(
+        "mount -t tmpfs stallscope-test '{inner}' && cp '{workload}' '{binary}' && exec '{binary}' markers 300",
+        inner = inner.display(),
+        workload = workload_binary().display(),
+        binary = inner_binary.display(),
+    );
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let workload = Workload::spawn(command).expect("workload in its own mount namespace");
+    assert!(
+        !inner_binary.exists(),
+        "{} must not exist on the host",
+        inner_binary.display()
+    );
+    let (profile, _) = record_started("mntns", workload, "mntns.pb.gz", &["--signals", "offcpu"]);
+
+    let path = inner_binary.to_string_lossy().into_owned();
+    let in_marker = off_cpu_where(&profile, |s| {
+        profile.stack_frames(s).any(|f| {
+            f.function.contains("offcpu_marker_sleep") && f.module.as_deref() == Some(&path)
+        })
+    });
+    assert!(
+        within(in_marker, 1e9, 0.10),
+        "off-CPU time in offcpu_marker_sleep of {path}: {in_marker:.0} ns, expected 1 s"
+    );
+    assert!(
+        profile.meta.binaries.iter().any(|b| b.path == path),
+        "{:?}",
+        profile.meta.binaries
+    );
+}
+
+#[test]
+fn stripped_binary_with_debuglink_symbolizes_with_inlined_frames() {
+    if !require_root("stripped_binary_with_debuglink_symbolizes_with_inlined_frames") {
+        return;
+    }
+    let dir = scratch_dir("debuglink");
+    let app = dir.join("identapp");
+    // No build-id: the debug file can only be found through the debuglink (and its CRC).
+    fixtures::build_identapp(
+        &app,
+        Build {
+            version: "1",
+            build_id: false,
+            split_debug: true,
+        },
+    )
+    .expect("builds the C workload");
+    let sections = fixtures::sections(&app).expect("readelf");
+    assert!(
+        !sections
+            .iter()
+            .any(|s| s == ".symtab" || s.starts_with(".debug")),
+        "not stripped: {sections:?}"
+    );
+    assert!(sections.iter().any(|s| s == ".gnu_debuglink"));
+
+    let workload = Workload::start(&app, &["10"]).expect("C workload");
+    let (profile, _) = record_started(
+        "debuglink",
+        workload,
+        "debuglink.pb.gz",
+        &["--signals", "offcpu"],
+    );
+
+    let source_line =
+        fixtures::line_of(&fixtures::identapp_source(), "INLINED_CALL_LINE").expect("marker line");
+    let inlined = |s: &Sample| {
+        let frames: Vec<&Frame> = profile.stack_frames(s).collect();
+        frames.windows(2).any(|pair| {
+            pair[0].function == "inlined_marker_wait"
+                && pair[0]
+                    .file
+                    .as_deref()
+                    .is_some_and(|f| f.ends_with("identapp.c"))
+                && pair[0].line == Some(source_line)
+                && pair[1].function == "outer_marker"
+        })
+    };
+    let waited = off_cpu_where(&profile, inlined);
+    assert!(
+        within(waited, 500e6, 0.10),
+        "off-CPU time under inlined_marker_wait (identapp.c:{source_line}) then outer_marker: {waited:.0} ns, expected 10 x 50 ms"
+    );
+    let path = app.to_string_lossy().into_owned();
+    let binary = profile
+        .meta
+        .binaries
+        .iter()
+        .find(|b| b.path == path)
+        .unwrap_or_else(|| panic!("{path} not in {:?}", profile.meta.binaries));
+    assert!(
+        binary
+            .debug_file
+            .as_deref()
+            .is_some_and(|f| f.ends_with("identapp.debug")),
+        "{binary:?}"
+    );
+}
+
+#[test]
+fn perf_map_names_jit_frames() {
+    if !require_root("perf_map_names_jit_frames") {
+        return;
+    }
+    let workload = Workload::start(&workload_binary(), &["jit"]).expect("workload");
+    let (profile, _) = record_started("jit", workload, "jit.pb.gz", &["--signals", "offcpu"]);
+    let through_jit = |s: &Sample| {
+        let frames: Vec<&Frame> = profile.stack_frames(s).collect();
+        frames.windows(3).any(|w| {
+            w[0].function.ends_with("jit_callback")
+                && w[1].function == "jit_marker_stub"
+                && w[1].module.as_deref() == Some("[jit]")
+                && w[2].function.ends_with("call_jit")
+        })
+    };
+    let waited = off_cpu_where(&profile, through_jit);
+    assert!(
+        within(waited, 500e6, 0.10),
+        "off-CPU time below jit_marker_stub: {waited:.0} ns, expected 10 x 50 ms"
+    );
+}
+
+#[test]
+fn check_tells_which_binaries_lack_frame_pointers() {
+    if !require_root("check_tells_which_binaries_lack_frame_pointers") {
+        return;
+    }
+    let workload = Workload::start(&workload_binary(), &["markers", "0"]).expect("workload");
+    let agent = binary(&binary_dir(), "stallscope-agent").expect("agent built");
+    let output = Command::new(agent)
+        .args(["check", "--signals", "offcpu", "--pid"])
+        .arg(workload.pid.to_string())
+        .output()
+        .expect("check runs");
+    let report = String::from_utf8_lossy(&output.stdout);
+    let line_of = |needle: &str| {
+        report
+            .lines()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no line for {needle} in:\n{report}"))
+            .to_owned()
+    };
+    // The workload is built with frame pointers (.cargo/config.toml); Debian's C library
+    // is not.
+    assert!(
+        line_of("/stallscope-workload ").contains("frame pointers: yes"),
+        "{report}"
+    );
+    assert!(
+        line_of("/libc.so").contains("frame pointers: NO"),
+        "{report}"
+    );
+    drop(workload);
+}
