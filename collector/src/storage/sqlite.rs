@@ -1,0 +1,544 @@
+//! The embedded backend: one SQLite file in WAL mode. A batch, its dedup marker, new
+//! stacks and series go in one transaction, so a batch is either wholly stored with its
+//! marker or not at all; rows of the same (series, bucket, stack) are summed on insert.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use stallscope_profile::{Labels, Profile};
+
+use super::{
+    AgentSummary, Filter, GroupBy, Losses, MaintenanceReport, ProfileBuilder, Retention,
+    SeriesColumns, SeriesLine, Storage, StorageError, StoreOutcome, Target, TimeRange, Window,
+    bucket_of,
+};
+use crate::batch::{NormalizedBatch, SignalDef, StoredStack};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    agent TEXT NOT NULL, sequence INTEGER NOT NULL, host TEXT NOT NULL,
+    start_ns INTEGER NOT NULL, duration_ns INTEGER NOT NULL, rows INTEGER NOT NULL,
+    spool_dropped_total INTEGER NOT NULL, losses TEXT NOT NULL, received_ns INTEGER NOT NULL,
+    PRIMARY KEY (agent, sequence)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signals (
+    name TEXT PRIMARY KEY, value_kind TEXT NOT NULL, value_unit TEXT NOT NULL,
+    count_kind TEXT NOT NULL, count_unit TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stacks (id INTEGER PRIMARY KEY, frames BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY, agent TEXT NOT NULL, host TEXT NOT NULL, signal TEXT NOT NULL,
+    service TEXT NOT NULL, process TEXT NOT NULL, pid TEXT NOT NULL, cause TEXT NOT NULL,
+    labels TEXT NOT NULL, first_s INTEGER NOT NULL, last_s INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS series_service ON series (service, last_s);
+CREATE TABLE IF NOT EXISTS samples (
+    series INTEGER NOT NULL, ts INTEGER NOT NULL, stack INTEGER NOT NULL,
+    value INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (series, ts, stack)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS windows (
+    from_ns INTEGER NOT NULL, until_ns INTEGER NOT NULL, host TEXT NOT NULL,
+    service TEXT NOT NULL, source TEXT NOT NULL, note TEXT NOT NULL);
+";
+
+/// The SQLite backend. Cloning shares the connections.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Mutex<Writer>,
+    reader: Mutex<Connection>,
+    retention: Retention,
+    path: PathBuf,
+}
+
+struct Writer {
+    conn: Connection,
+    /// Stacks and series known to be stored, so each batch only writes new ones.
+    known_stacks: HashSet<i64>,
+    known_series: HashMap<i64, (i64, i64)>,
+    known_signals: HashSet<String>,
+}
+
+/// Most ids remembered in the writer's caches before they are cleared.
+const CACHE_LIMIT: usize = 1 << 20;
+
+fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, StorageError> {
+    mutex
+        .lock()
+        .map_err(|_| StorageError::Worker("a storage thread panicked".to_owned()))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `<data_dir>/stallscope.db`.
+    pub fn open(data_dir: &Path, retention: Retention) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join("stallscope.db");
+        let conn = Connection::open(&path)?;
+        // WAL: readers never block the writer. synchronous=FULL: a commit is on disk
+        // before the collector acknowledges the batch.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.execute_batch(SCHEMA)?;
+        let reader = Connection::open(&path)?;
+        reader.busy_timeout(std::time::Duration::from_secs(30))?;
+        reader.pragma_update(None, "cache_size", -65_536)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(Writer {
+                    conn,
+                    known_stacks: HashSet::new(),
+                    known_series: HashMap::new(),
+                    known_signals: HashSet::new(),
+                }),
+                reader: Mutex::new(reader),
+                retention,
+                path,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Inner) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|err| StorageError::Worker(err.to_string()))?
+    }
+}
+
+fn store_batch(writer: &mut Writer, batch: &NormalizedBatch, base_res: i64) -> Result<StoreOutcome, StorageError> {
+    let tx = writer.conn.transaction()?;
+    let inserted = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO batches VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            batch.agent,
+            batch.sequence as i64,
+            batch.host,
+            batch.start_unix_ns,
+            batch.duration_ns,
+            batch.rows.len() as i64,
+            batch.spool_dropped_total as i64,
+            batch.losses_json(),
+            crate::unix_now_ns(),
+        ])?;
+    if inserted == 0 {
+        return Ok(StoreOutcome::Duplicate);
+    }
+    let ts = bucket_of(batch.start_unix_ns.div_euclid(1_000_000_000), base_res);
+    let mut new_stacks = Vec::new();
+    let mut new_series = Vec::new();
+    {
+        let mut signal_stmt = tx.prepare_cached("INSERT OR REPLACE INTO signals VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        for signal in &batch.signals {
+            if !writer.known_signals.contains(&signal.name) {
+                signal_stmt.execute(params![
+                    signal.name,
+                    signal.value_kind,
+                    signal.value_unit,
+                    signal.count_kind,
+                    signal.count_unit
+                ])?;
+            }
+        }
+        let mut stack_stmt = tx.prepare_cached("INSERT OR IGNORE INTO stacks VALUES (?1, ?2)")?;
+        for stack in &batch.stacks {
+            if !writer.known_stacks.contains(&stack.id) {
+                stack_stmt.execute(params![stack.id, StoredStack::encode_frames(&stack.frames)])?;
+                new_stacks.push(stack.id);
+            }
+        }
+        let mut series_stmt = tx.prepare_cached(
+            "INSERT INTO series VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+             ON CONFLICT (id) DO UPDATE SET first_s = min(first_s, excluded.first_s),
+                                            last_s = max(last_s, excluded.last_s)",
+        )?;
+        for series in &batch.series {
+            let covered = writer
+                .known_series
+                .get(&series.id)
+                .is_some_and(|&(first, last)| first <= ts && ts <= last);
+            if !covered {
+                series_stmt.execute(params![
+                    series.id,
+                    series.agent,
+                    series.host,
+                    series.signal,
+                    series.service,
+                    series.process,
+                    series.pid,
+                    series.cause,
+                    series.labels_json(),
+                    ts
+                ])?;
+                new_series.push(series.id);
+            }
+        }
+        let mut row_stmt = tx.prepare_cached(
+            "INSERT INTO samples VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (series, ts, stack) DO UPDATE SET value = value + excluded.value,
+                                                           count = count + excluded.count",
+        )?;
+        for row in &batch.rows {
+            row_stmt.execute(params![row.series, ts, row.stack, row.value, row.count])?;
+        }
+    }
+    tx.commit()?;
+    // Only after the commit: a rolled-back transaction must not leave ids marked stored.
+    if writer.known_stacks.len() > CACHE_LIMIT {
+        writer.known_stacks.clear();
+    }
+    writer.known_stacks.extend(new_stacks);
+    if writer.known_series.len() > CACHE_LIMIT {
+        writer.known_series.clear();
+    }
+    for id in new_series {
+        let entry = writer.known_series.entry(id).or_insert((ts, ts));
+        entry.0 = entry.0.min(ts);
+        entry.1 = entry.1.max(ts);
+    }
+    writer
+        .known_signals
+        .extend(batch.signals.iter().map(|s| s.name.clone()));
+    Ok(StoreOutcome::Stored)
+}
+
+/// A series row as queries see it.
+struct SeriesRow {
+    id: i64,
+    signal: String,
+    cause: String,
+    labels: Labels,
+}
+
+fn matching_series(conn: &Connection, range: TimeRange, filter: &Filter) -> Result<Vec<SeriesRow>, StorageError> {
+    let (from_s, until_s) = range.seconds();
+    let mut sql = String::from(
+        "SELECT id, host, service, pid, signal, cause, labels FROM series WHERE last_s >= ?1 AND first_s < ?2",
+    );
+    let mut args: Vec<String> = Vec::new();
+    for (column, value) in [("host", &filter.host), ("service", &filter.service), ("pid", &filter.pid), ("cause", &filter.cause)] {
+        if let Some(value) = value {
+            args.push(value.clone());
+            sql.push_str(&format!(" AND {column} = ?{}", args.len() + 2));
+        }
+    }
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut params: Vec<&dyn rusqlite::ToSql> = vec![&from_s, &until_s];
+    params.extend(args.iter().map(|a| a as &dyn rusqlite::ToSql));
+    let mut rows = stmt.query(params.as_slice())?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let host: String = row.get(1)?;
+        let service: String = row.get(2)?;
+        let pid: String = row.get(3)?;
+        let signal: String = row.get(4)?;
+        let cause: String = row.get(5)?;
+        let labels_json: String = row.get(6)?;
+        let labels: Labels = serde_json::from_str(&labels_json).unwrap_or_default();
+        let columns = SeriesColumns {
+            host: &host,
+            service: &service,
+            pid: &pid,
+            signal: &signal,
+            cause: &cause,
+        };
+        if filter.matches(&columns, &labels) {
+            out.push(SeriesRow {
+                id: row.get(0)?,
+                signal,
+                cause,
+                labels,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn load_signals(conn: &Connection) -> Result<Vec<SignalDef>, StorageError> {
+    let mut stmt = conn.prepare_cached("SELECT name, value_kind, value_unit, count_kind, count_unit FROM signals")?;
+    let rows = stmt.query_map([], |row| {
+        Ok(SignalDef {
+            name: row.get(0)?,
+            value_kind: row.get(1)?,
+            value_unit: row.get(2)?,
+            count_kind: row.get(3)?,
+            count_unit: row.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn losses_in(conn: &Connection, range: TimeRange, host: Option<&str>) -> Result<Losses, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT losses FROM batches WHERE start_ns >= ?1 AND start_ns < ?2 AND (?3 IS NULL OR host = ?3)",
+    )?;
+    let mut total = Losses::new();
+    let rows = stmt.query_map(params![range.from_unix_ns, range.until_unix_ns, host], |row| row.get::<_, String>(0))?;
+    for json in rows {
+        let losses: BTreeMap<String, u64> = serde_json::from_str(&json?).unwrap_or_default();
+        for (reason, count) in losses {
+            *total.entry(reason).or_default() += count;
+        }
+    }
+    Ok(total)
+}
+
+fn query_profile(conn: &Connection, range: TimeRange, filter: &Filter) -> Result<Profile, StorageError> {
+    let (from_s, until_s) = range.seconds();
+    let signals = load_signals(conn)?;
+    let mut builder = ProfileBuilder::new(&signals);
+    let series = matching_series(conn, range, filter)?;
+    let mut rows_stmt = conn.prepare_cached(
+        "SELECT stack, sum(value), sum(count) FROM samples WHERE series = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY stack",
+    )?;
+    let mut stack_stmt = conn.prepare_cached("SELECT frames FROM stacks WHERE id = ?1")?;
+    for series in &series {
+        let mut rows = rows_stmt.query(params![series.id, from_s, until_s])?;
+        while let Some(row) = rows.next()? {
+            let stack: i64 = row.get(0)?;
+            if !builder.has_stack(stack) {
+                let blob: Option<Vec<u8>> = stack_stmt.query_row([stack], |r| r.get(0)).optional()?;
+                if let Some(frames) = blob.as_deref().and_then(StoredStack::decode_frames) {
+                    builder.add_stack(stack, frames);
+                }
+            }
+            builder.add(&series.signal, &series.labels, stack, row.get(1)?, row.get(2)?);
+        }
+    }
+    let losses = losses_in(conn, range, filter.host.as_deref())?;
+    Ok(builder.finish(range, format!("{} series matched", series.len()), losses))
+}
+
+fn query_series(conn: &Connection, range: TimeRange, filter: &Filter, group_by: GroupBy, step_s: i64) -> Result<Vec<SeriesLine>, StorageError> {
+    let (from_s, until_s) = range.seconds();
+    let step_s = step_s.max(1);
+    let units: HashMap<String, String> = load_signals(conn)?
+        .into_iter()
+        .map(|s| (s.name, s.value_unit))
+        .collect();
+    let mut lines: BTreeMap<String, (String, BTreeMap<i64, (i64, i64)>)> = BTreeMap::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT ts - ((ts - ?4) % ?5), sum(value), sum(count) FROM samples
+         WHERE series = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY 1",
+    )?;
+    for series in matching_series(conn, range, filter)? {
+        let key = series_key(group_by, &series.signal, &series.cause);
+        let unit = units.get(&series.signal).cloned().unwrap_or_default();
+        let line = lines.entry(key).or_insert_with(|| (unit, BTreeMap::new()));
+        let mut rows = stmt.query(params![series.id, from_s, until_s, from_s, step_s])?;
+        while let Some(row) = rows.next()? {
+            let point = line.1.entry(row.get(0)?).or_default();
+            point.0 += row.get::<_, i64>(1)?;
+            point.1 += row.get::<_, i64>(2)?;
+        }
+    }
+    Ok(lines
+        .into_iter()
+        .map(|(key, (value_unit, points))| SeriesLine {
+            key,
+            value_unit,
+            points: points.into_iter().map(|(t, (v, c))| (t, v, c)).collect(),
+        })
+        .collect())
+}
+
+/// The line a series adds to: its signal, or its cause (the signal stands in for samples
+/// that carry no cause label yet).
+pub fn series_key(group_by: GroupBy, signal: &str, cause: &str) -> String {
+    match group_by {
+        GroupBy::Signal => signal.to_owned(),
+        GroupBy::Cause if cause.is_empty() => signal.to_owned(),
+        GroupBy::Cause => cause.to_owned(),
+    }
+}
+
+fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError> {
+    let mut writer = lock(&inner.writer)?;
+    let tiers = &inner.retention.tiers;
+    let mut report = MaintenanceReport::default();
+    let tx = writer.conn.transaction()?;
+    let series: Vec<i64> = tx
+        .prepare("SELECT id FROM series")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (index, tier) in tiers.iter().enumerate() {
+        let keep = tier.keep.as_secs() as i64;
+        match tiers.get(index + 1) {
+            Some(next) => {
+                let resolution = next.resolution.as_secs().max(1) as i64;
+                let cutoff = bucket_of(now_s - keep, resolution);
+                let mut merge = tx.prepare_cached(
+                    "INSERT INTO samples SELECT series, ts - (ts % ?3), stack, value, count FROM samples
+                     WHERE series = ?1 AND ts < ?2 AND ts % ?3 != 0
+                     ON CONFLICT (series, ts, stack) DO UPDATE SET value = value + excluded.value,
+                                                                   count = count + excluded.count",
+                )?;
+                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE series = ?1 AND ts < ?2 AND ts % ?3 != 0")?;
+                for &id in &series {
+                    merge.execute(params![id, cutoff, resolution])?;
+                    report.rows_downsampled += delete.execute(params![id, cutoff, resolution])? as u64;
+                }
+            }
+            None => {
+                let cutoff = now_s - keep;
+                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE series = ?1 AND ts < ?2")?;
+                for &id in &series {
+                    report.rows_deleted += delete.execute(params![id, cutoff])? as u64;
+                }
+                tx.execute("DELETE FROM series WHERE last_s < ?1", [cutoff])?;
+                tx.execute("DELETE FROM batches WHERE start_ns < ?1", [cutoff.saturating_mul(1_000_000_000)])?;
+            }
+        }
+    }
+    tx.commit()?;
+    writer.known_series.clear();
+    Ok(report)
+}
+
+impl Storage for SqliteStore {
+    async fn is_stored(&self, agent: &str, sequence: u64) -> Result<bool, StorageError> {
+        let agent = agent.to_owned();
+        self.blocking(move |inner| {
+            let conn = lock(&inner.reader)?;
+            let found = conn
+                .prepare_cached("SELECT 1 FROM batches WHERE agent = ?1 AND sequence = ?2")?
+                .exists(params![agent, sequence as i64])?;
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn store(&self, batch: NormalizedBatch) -> Result<StoreOutcome, StorageError> {
+        self.blocking(move |inner| {
+            let base = inner.retention.base_resolution_s();
+            let mut writer = lock(&inner.writer)?;
+            store_batch(&mut writer, &batch, base)
+        })
+        .await
+    }
+
+    async fn profile(&self, range: TimeRange, filter: Filter) -> Result<Profile, StorageError> {
+        self.blocking(move |inner| query_profile(&*lock(&inner.reader)?, range, &filter)).await
+    }
+
+    async fn series(&self, range: TimeRange, filter: Filter, group_by: GroupBy, step_s: i64) -> Result<Vec<SeriesLine>, StorageError> {
+        self.blocking(move |inner| query_series(&*lock(&inner.reader)?, range, &filter, group_by, step_s)).await
+    }
+
+    async fn targets(&self, range: TimeRange) -> Result<Vec<Target>, StorageError> {
+        self.blocking(move |inner| {
+            let conn = lock(&inner.reader)?;
+            let (from_s, until_s) = range.seconds();
+            let mut stmt = conn.prepare_cached(
+                "SELECT host, service, process, pid, signal, min(first_s), max(last_s) FROM series
+                 WHERE last_s >= ?1 AND first_s < ?2 GROUP BY host, service, process, pid, signal",
+            )?;
+            let mut targets: BTreeMap<(String, String, String, String), Target> = BTreeMap::new();
+            let mut rows = stmt.query(params![from_s, until_s])?;
+            while let Some(row) = rows.next()? {
+                let key: (String, String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                let signal: String = row.get(4)?;
+                let (first, last): (i64, i64) = (row.get(5)?, row.get(6)?);
+                let target = targets.entry(key.clone()).or_insert_with(|| Target {
+                    host: key.0,
+                    service: key.1,
+                    process: key.2,
+                    pid: key.3,
+                    signals: Vec::new(),
+                    first_unix_s: first,
+                    last_unix_s: last,
+                });
+                target.signals.push(signal);
+                target.first_unix_s = target.first_unix_s.min(first);
+                target.last_unix_s = target.last_unix_s.max(last);
+            }
+            Ok(targets.into_values().collect())
+        })
+        .await
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentSummary>, StorageError> {
+        self.blocking(move |inner| {
+            let conn = lock(&inner.reader)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT agent, max(host), count(*), min(sequence), max(sequence), max(spool_dropped_total),
+                        max(start_ns), sum(rows) FROM batches GROUP BY agent ORDER BY agent",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(AgentSummary {
+                    agent: row.get(0)?,
+                    host: row.get(1)?,
+                    batches: row.get::<_, i64>(2)? as u64,
+                    first_sequence: row.get::<_, i64>(3)? as u64,
+                    last_sequence: row.get::<_, i64>(4)? as u64,
+                    spool_dropped_total: row.get::<_, i64>(5)? as u64,
+                    last_batch_unix_ns: row.get(6)?,
+                    samples: row.get::<_, i64>(7)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn add_window(&self, window: Window) -> Result<(), StorageError> {
+        self.blocking(move |inner| {
+            let writer = lock(&inner.writer)?;
+            writer.conn.execute(
+                "INSERT INTO windows VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![window.from_unix_ns, window.until_unix_ns, window.host, window.service, window.source, window.note],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn windows(&self, range: TimeRange, filter: Filter) -> Result<Vec<Window>, StorageError> {
+        self.blocking(move |inner| {
+            let conn = lock(&inner.reader)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT from_ns, until_ns, host, service, source, note FROM windows
+                 WHERE until_ns > ?1 AND from_ns < ?2 AND (?3 IS NULL OR host = ?3) AND (?4 IS NULL OR service = ?4)
+                 ORDER BY from_ns",
+            )?;
+            let rows = stmt.query_map(params![range.from_unix_ns, range.until_unix_ns, filter.host, filter.service], |row| {
+                Ok(Window {
+                    from_unix_ns: row.get(0)?,
+                    until_unix_ns: row.get(1)?,
+                    host: row.get(2)?,
+                    service: row.get(3)?,
+                    source: row.get(4)?,
+                    note: row.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn maintain(&self, now_unix_s: i64) -> Result<MaintenanceReport, StorageError> {
+        self.blocking(move |inner| maintain(inner, now_unix_s)).await
+    }
+}
+
+/// Row-level facts for tests and benchmarks: (rows in `samples`, distinct batches).
+pub fn raw_counts(path: &Path) -> Result<(u64, u64), StorageError> {
+    let conn = Connection::open(path)?;
+    let rows: i64 = conn.query_row("SELECT count(*) FROM samples", [], |r| r.get(0))?;
+    let batches: i64 = conn.query_row("SELECT count(*) FROM batches", [], |r| r.get(0))?;
+    Ok((rows as u64, batches as u64))
+}
