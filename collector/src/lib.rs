@@ -9,6 +9,7 @@ pub mod hash;
 pub mod identity;
 pub mod server;
 pub mod storage;
+pub mod synthetic;
 
 /// Nanoseconds since the Unix epoch.
 pub fn unix_now_ns() -> i64 {

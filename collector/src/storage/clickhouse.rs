@@ -195,6 +195,93 @@ impl ClickHouseStore {
         Ok(())
     }
 
+    /// Writes a batch's dictionary entries, series and sample rows, but not its marker:
+    /// what a crash before the marker leaves behind. Public for the crash tests.
+    pub async fn store_rows_without_marker(&self, batch: &NormalizedBatch) -> Result<(), StorageError> {
+        let ts = ts_u32(bucket_of(
+            batch.start_unix_ns.div_euclid(1_000_000_000),
+            self.retention.base_resolution_s(),
+        ));
+        let batch_id = batch.batch_id();
+        // Dictionary and series first, samples next, marker last: whatever a crash
+        // interrupts, a replay writes identical rows.
+        let mut insert = self.client.insert::<SignalRow>("signals").await?;
+        for s in &batch.signals {
+            insert
+                .write(&SignalRow {
+                    name: s.name.clone(),
+                    value_kind: s.value_kind.clone(),
+                    value_unit: s.value_unit.clone(),
+                    count_kind: s.count_kind.clone(),
+                    count_unit: s.count_unit.clone(),
+                })
+                .await?;
+        }
+        insert.end().await?;
+        let mut insert = self.client.insert::<StackRow>("stacks").await?;
+        for stack in &batch.stacks {
+            insert
+                .write(&StackRow {
+                    id: stack.id,
+                    frames: StoredStack::encode_frames(&stack.frames),
+                })
+                .await?;
+        }
+        insert.end().await?;
+        let mut insert = self.client.insert::<SeriesRow>("series").await?;
+        for s in &batch.series {
+            insert
+                .write(&SeriesRow {
+                    id: s.id,
+                    ts,
+                    agent: s.agent.clone(),
+                    host: s.host.clone(),
+                    signal: s.signal.clone(),
+                    service: s.service.clone(),
+                    process: s.process.clone(),
+                    pid: s.pid.clone(),
+                    cause: s.cause.clone(),
+                    labels: s.labels_json(),
+                })
+                .await?;
+        }
+        insert.end().await?;
+        let mut insert = self.client.insert::<SampleRow>("samples").await?;
+        for row in &batch.rows {
+            insert
+                .write(&SampleRow {
+                    series: row.series,
+                    ts,
+                    stack: row.stack,
+                    batch: batch_id,
+                    value: row.value,
+                    count: row.count,
+                })
+                .await?;
+        }
+        insert.end().await?;
+        Ok(())
+    }
+
+    async fn write_marker(&self, batch: &NormalizedBatch) -> Result<(), StorageError> {
+        let mut insert = self.client.insert::<BatchRow>("batches").await?;
+        insert
+            .write(&BatchRow {
+                agent: batch.agent.clone(),
+                sequence: batch.sequence,
+                host: batch.host.clone(),
+                start_ns: batch.start_unix_ns,
+                duration_ns: batch.duration_ns,
+                rows: batch.rows.len() as u64,
+                spool_dropped_total: batch.spool_dropped_total,
+                losses: batch.losses_json(),
+                received_ns: crate::unix_now_ns(),
+            })
+            .await?;
+        insert.end().await?;
+        Ok(())
+    }
+
     /// Drops every table of this store's database (tests and benchmarks only).
     pub async fn drop_database(&self) -> Result<(), StorageError> {
         self.client
@@ -356,84 +443,9 @@ impl Storage for ClickHouseStore {
         if self.is_stored(&batch.agent, batch.sequence).await? {
             return Ok(StoreOutcome::Duplicate);
         }
-        let ts = ts_u32(bucket_of(
-            batch.start_unix_ns.div_euclid(1_000_000_000),
-            self.retention.base_resolution_s(),
-        ));
-        let batch_id = batch.batch_id();
-        // Dictionary and series first, samples next, marker last: whatever a crash
-        // interrupts, a replay writes identical rows.
-        let mut insert = self.client.insert::<SignalRow>("signals").await?;
-        for s in &batch.signals {
-            insert
-                .write(&SignalRow {
-                    name: s.name.clone(),
-                    value_kind: s.value_kind.clone(),
-                    value_unit: s.value_unit.clone(),
-                    count_kind: s.count_kind.clone(),
-                    count_unit: s.count_unit.clone(),
-                })
-                .await?;
-        }
-        insert.end().await?;
-        let mut insert = self.client.insert::<StackRow>("stacks").await?;
-        for stack in &batch.stacks {
-            insert
-                .write(&StackRow {
-                    id: stack.id,
-                    frames: StoredStack::encode_frames(&stack.frames),
-                })
-                .await?;
-        }
-        insert.end().await?;
-        let mut insert = self.client.insert::<SeriesRow>("series").await?;
-        for s in &batch.series {
-            insert
-                .write(&SeriesRow {
-                    id: s.id,
-                    ts,
-                    agent: s.agent.clone(),
-                    host: s.host.clone(),
-                    signal: s.signal.clone(),
-                    service: s.service.clone(),
-                    process: s.process.clone(),
-                    pid: s.pid.clone(),
-                    cause: s.cause.clone(),
-                    labels: s.labels_json(),
-                })
-                .await?;
-        }
-        insert.end().await?;
-        let mut insert = self.client.insert::<SampleRow>("samples").await?;
-        for row in &batch.rows {
-            insert
-                .write(&SampleRow {
-                    series: row.series,
-                    ts,
-                    stack: row.stack,
-                    batch: batch_id,
-                    value: row.value,
-                    count: row.count,
-                })
-                .await?;
-        }
-        insert.end().await?;
+        self.store_rows_without_marker(&batch).await?;
         crate::faults::after_rows_before_marker();
-        let mut insert = self.client.insert::<BatchRow>("batches").await?;
-        insert
-            .write(&BatchRow {
-                agent: batch.agent.clone(),
-                sequence: batch.sequence,
-                host: batch.host.clone(),
-                start_ns: batch.start_unix_ns,
-                duration_ns: batch.duration_ns,
-                rows: batch.rows.len() as u64,
-                spool_dropped_total: batch.spool_dropped_total,
-                losses: batch.losses_json(),
-                received_ns: crate::unix_now_ns(),
-            })
-            .await?;
-        insert.end().await?;
+        self.write_marker(&batch).await?;
         Ok(StoreOutcome::Stored)
     }
 
