@@ -2,6 +2,7 @@
 //! symbolizes stacks and turns them into profiles.
 
 pub mod accumulate;
+pub mod batch;
 pub mod bpf_sys;
 pub mod btf;
 pub mod calibrate;
@@ -12,7 +13,10 @@ pub mod logging;
 pub mod output;
 pub mod probes;
 pub mod record;
+pub mod run;
 pub mod shutdown;
+pub mod spool;
+pub mod stream;
 pub mod symbolize;
 pub mod system;
 pub mod tracefs;
