@@ -13,6 +13,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub mod collector;
+pub mod pki;
+pub mod wire;
+
 /// The line the agent logs (at info level) once its probes are attached.
 pub const READY_LOG: &str = "probes attached";
 

@@ -114,6 +114,17 @@ impl<S: Storage> Ingest for IngestService<S> {
                     Ok(None) => break,
                     Err(status) => {
                         tracing::info!("agent {agent} stream ended: {}", status.message());
+                        // An undecodable or oversized message: say why (the agent may
+                        // already be gone, then nobody listens).
+                        let status = if status.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(format!(
+                                "ingest frame refused as too large ({}); raise --max-message-bytes or send smaller batches",
+                                status.message()
+                            ))
+                        } else {
+                            status
+                        };
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
