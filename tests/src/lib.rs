@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 
 pub mod collector;
 pub mod pki;
+pub mod streaming;
 pub mod wire;
 
 /// The line the agent logs (at info level) once its probes are attached.
@@ -243,6 +244,18 @@ impl AgentRun {
     pub fn interrupt(&self) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+    }
+
+    /// Asks the agent to stop with SIGTERM, as a service manager would.
+    pub fn terminate(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
+    /// SIGKILL: the agent dies at once, without flushing anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for the agent to exit.
