@@ -64,7 +64,10 @@ pub struct StreamSettings {
 
 struct Shared {
     spool: Arc<Mutex<Spool>>,
+    /// A batch was spooled.
     wake: Notify,
+    /// Stop was requested (wakes a backoff sleep, which ignores new batches).
+    stop: Notify,
     stopping: AtomicBool,
     deadline: Mutex<Option<Instant>>,
     settings: StreamSettings,
@@ -79,6 +82,12 @@ impl Shared {
                 .ok()
                 .and_then(|d| *d)
                 .is_none_or(|deadline| Instant::now() >= deadline)
+    }
+
+    /// Time left before the flush deadline, if stopping.
+    fn time_left(&self) -> Option<Duration> {
+        let deadline = self.deadline.lock().ok().and_then(|d| *d)?;
+        Some(deadline.saturating_duration_since(Instant::now()))
     }
 
     fn spool_empty(&self) -> bool {
@@ -98,6 +107,7 @@ impl Sender {
         let shared = Arc::new(Shared {
             spool,
             wake: Notify::new(),
+            stop: Notify::new(),
             stopping: AtomicBool::new(false),
             deadline: Mutex::new(None),
             settings,
@@ -130,6 +140,7 @@ impl Sender {
         }
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake.notify_one();
+        self.shared.stop.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -249,9 +260,13 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                 if failures == 1 || failures % 10 == 0 {
                     tracing::warn!("collector {}: {reason}; retrying in {wait:?}", shared.settings.collector);
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = shared.wake.notified(), if shared.stopping.load(Ordering::SeqCst) => {}
+                if !shared.stopping.load(Ordering::SeqCst) {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shared.stop.notified() => {}
+                    }
+                } else if let Some(left) = shared.time_left() {
+                    tokio::time::sleep(wait.min(left)).await;
                 }
                 continue;
             }

@@ -64,10 +64,13 @@ pub fn parse_summary(stderr: &str) -> anyhow::Result<RunSummary> {
 /// batches, and `extra` arguments; waits until its probes are attached.
 pub fn start_run(bin_dir: &Path, collector_url: &str, spool_dir: &Path, agent_id: &str, extra: &[&str]) -> anyhow::Result<AgentRun> {
     let spool = spool_dir.to_string_lossy().into_owned();
-    let mut args = vec![
-        "run", "--collector", collector_url, "--agent-id", agent_id, "--spool-dir", spool.as_str(),
-        "--batch-interval", "1s", "--drain-interval", "500ms", "--max-backoff", "2s", "--flush-timeout", "20s",
-    ];
+    let mut args = vec!["run", "--collector", collector_url, "--agent-id", agent_id, "--spool-dir", spool.as_str()];
+    // Fast batches and reconnects by default; `extra` overrides any of them.
+    for (flag, value) in [("--batch-interval", "1s"), ("--drain-interval", "500ms"), ("--max-backoff", "2s"), ("--flush-timeout", "20s")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
     args.extend_from_slice(extra);
     let mut agent = AgentRun::start(&binary(bin_dir, "stallscope-agent")?, &args)?;
     agent.wait_ready(Duration::from_secs(60))?;

@@ -1,5 +1,5 @@
-//! Faults between agent and collector, as root with real probes (whole host, 1 s
-//! batches): a 60 s collector outage, an agent killed with SIGKILL and restarted, a
+//! Faults between agent and collector, as root with real probes (profiling a steady
+//! workload, 1 s batches): a 60 s collector outage, an agent killed with SIGKILL and restarted, a
 //! collector killed between storing and acknowledging (SQLite and ClickHouse), and a
 //! full spool. Totals must match exactly and nothing may be stored twice.
 
@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::Path, thread::sleep, time::Duration};
 
 use stallscope_profile::pprof::decode_pprof;
 use stallscope_tests::{
-    binary_dir,
+    Workload, binary, binary_dir,
     collector::{CollectorProcess, TEST_TOKEN, clickhouse_url, cli, cli_json, free_port, require_clickhouse, scratch},
     require_root,
     streaming::{spool_contents, start_run, stop_run},
@@ -39,6 +39,15 @@ fn agent_info(url: &str) -> serde_json::Value {
     agents[0].clone()
 }
 
+/// The workload the agents profile (`--pid`): steady sleeps and spins, so every batch
+/// has data, and the agent symbolizes one small process instead of the whole host.
+fn pulse() -> (Workload, String) {
+    let mut workload = Workload::start(&binary(&binary_dir(), "stallscope-workload").expect("workload built"), &["pulse"]).expect("workload");
+    workload.go().expect("go");
+    let pid = workload.pid.to_string();
+    (workload, pid)
+}
+
 fn sqlite_args(dir: &Path) -> Vec<String> {
     vec!["--plaintext".into(), "--query-tokens".into(), TEST_TOKEN.into(), "--data-dir".into(), dir.join("data").to_string_lossy().into_owned()]
 }
@@ -57,7 +66,8 @@ fn collector_outage_of_60s_loses_and_duplicates_nothing() {
     let args = sqlite_args(&dir);
     let mut collector = start(free_port().expect("port"), &args, &[]);
     let url = collector.plaintext_url();
-    let agent = start_run(&binary_dir(), &url, &dir.join("spool"), "outage-agent", &[]).expect("agent runs");
+    let (_workload, pid) = pulse();
+    let agent = start_run(&binary_dir(), &url, &dir.join("spool"), "outage-agent", &["--pid", &pid]).expect("agent runs");
     sleep(Duration::from_secs(4));
     collector.kill();
     sleep(Duration::from_secs(60));
@@ -83,14 +93,16 @@ fn agent_killed_and_restarted_resends_unacknowledged_batches_once() {
     let port = free_port().expect("port");
     let url = format!("http://127.0.0.1:{port}");
     // The collector is not up yet: every batch stays in the spool.
-    let first = start_run(&binary_dir(), &url, &spool, "killed-agent", &[]).expect("agent runs");
+    let (_workload, pid) = pulse();
+    let first = start_run(&binary_dir(), &url, &spool, "killed-agent", &["--pid", &pid]).expect("agent runs");
     sleep(Duration::from_secs(5));
     first.kill();
     let (spooled, spooled_totals) = spool_contents(&spool).expect("spool readable");
     assert!(spooled.len() >= 3, "{spooled:?}");
+    assert_eq!(spooled[0], 0, "{spooled:?}");
     let args = sqlite_args(&dir);
     let _collector = start(port, &args, &[]);
-    let second = start_run(&binary_dir(), &url, &spool, "killed-agent", &[]).expect("agent restarts");
+    let second = start_run(&binary_dir(), &url, &spool, "killed-agent", &["--pid", &pid]).expect("agent restarts");
     sleep(Duration::from_secs(4));
     let (summary, exit) = stop_run(second).expect("agent stops");
     assert!(summary.all_acknowledged, "{}", exit.stderr);
@@ -111,7 +123,8 @@ fn agent_killed_and_restarted_resends_unacknowledged_batches_once() {
 fn killed_collector(dir: &Path, args: &[String], fault: (&str, &str)) {
     let mut collector = start(free_port().expect("port"), args, &[fault]);
     let url = collector.plaintext_url();
-    let agent = start_run(&binary_dir(), &url, &dir.join("spool"), "fault-agent", &[]).expect("agent runs");
+    let (_workload, pid) = pulse();
+    let agent = start_run(&binary_dir(), &url, &dir.join("spool"), "fault-agent", &["--pid", &pid]).expect("agent runs");
     let status = collector.wait_exit(Duration::from_secs(60)).expect("fault injection fires");
     assert_eq!(status.code(), Some(86), "{}", collector.log());
     collector.restart(&[]).expect("collector comes back");
@@ -161,12 +174,13 @@ fn full_spool_drops_the_oldest_batches_and_counts_them_exactly() {
     let dir = scratch("fault-spool-full");
     let port = free_port().expect("port");
     let url = format!("http://127.0.0.1:{port}");
+    let (_workload, pid) = pulse();
     let agent = start_run(
         &binary_dir(),
         &url,
         &dir.join("spool"),
         "full-agent",
-        &["--spool-max-batches", "3", "--batch-interval", "500ms", "--drain-interval", "250ms", "--max-backoff", "1s"],
+        &["--pid", &pid, "--spool-max-batches", "3", "--batch-interval", "500ms", "--drain-interval", "250ms", "--max-backoff", "1s"],
     )
     .expect("agent runs");
     sleep(Duration::from_secs(5));

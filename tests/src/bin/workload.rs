@@ -7,6 +7,8 @@
 //!   thread `spinner` burns CPU inside `oncpu_marker_spin` until the sleeper is done
 //!   (plus `--spin-after` extra time).
 //! - `churn N`: starts N short-lived threads, each sleeping a little, a few at a time.
+//! - `pulse`: thread `pulse` sleeps 10 ms and spins about 1 ms, over and over, until
+//!   stdin closes: steady off-CPU and on-CPU activity at little cost (streaming tests).
 
 use std::{
     hint::black_box,
@@ -97,6 +99,20 @@ fn churn(threads: u32) {
     eprintln!("churn: {threads} threads in {:?}", started.elapsed());
 }
 
+/// Sleeps and spins in turn until the process exits.
+fn pulse() {
+    let stop = AtomicBool::new(false);
+    loop {
+        sleep_once(Duration::from_millis(10));
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1) {
+            black_box(oncpu_marker_spin(&stop));
+            stop.store(true, Ordering::Relaxed);
+        }
+        stop.store(false, Ordering::Relaxed);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map_or("markers", String::as_str);
@@ -112,8 +128,14 @@ fn main() {
             markers(spin_after);
         }
         "churn" => churn(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(2000)),
+        "pulse" => {
+            thread::Builder::new()
+                .name("pulse".into())
+                .spawn(pulse)
+                .expect("spawn pulse");
+        }
         other => {
-            eprintln!("unknown scenario {other}: use markers or churn");
+            eprintln!("unknown scenario {other}: use markers, churn or pulse");
             std::process::exit(2);
         }
     }
