@@ -3,6 +3,7 @@
 
 mod bench;
 mod bootstrap;
+mod clickhouse;
 mod debian;
 mod demo;
 mod test;
@@ -17,7 +18,9 @@ tasks:
   build       bootstrap, then build everything in release mode
   demo        (root) profile a bundled workload and write a flame graph to out/
   test        bootstrap, build, run unit and end-to-end tests (root for the latter)
-  bench [offcpu]  (root) measure the agent's overhead against a baseline, interleaved
+  bench [offcpu|ingest|query]  (root for offcpu) agent overhead (interleaved ratios);
+              collector ingest throughput and 24 h flame-graph query latency (SQLite, ClickHouse)
+  clickhouse start|stop  a private ClickHouse on 127.0.0.1:18123 for running tests by hand
   lint        rustfmt check and clippy (host crates and the eBPF crate)
   fmt         format the workspace with nightly rustfmt (import grouping)";
 
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         "demo" => demo::run(rest),
         "test" => test::run(rest),
         "bench" => bench::run(rest),
+        "clickhouse" => clickhouse::run(rest),
         "lint" => util::lint(),
         "fmt" => util::fmt(),
         "help" | "-h" | "--help" => {
