@@ -26,7 +26,8 @@ fn signal_pairs(profile: &Profile) -> Vec<(usize, Option<usize>, v1::SignalType)
                 name: value.kind.replace('_', "-"),
                 value_kind: value.kind.clone(),
                 value_unit: value.unit.clone(),
-                count_kind: count.map_or_else(|| format!("{}_events", value.kind), |c| c.kind.clone()),
+                count_kind: count
+                    .map_or_else(|| format!("{}_events", value.kind), |c| c.kind.clone()),
                 count_unit: "count".to_owned(),
             },
         ));
@@ -178,7 +179,14 @@ mod tests {
         assert_eq!(batch.frames.len(), 2);
         assert_eq!(batch.stacks.len(), 2);
         assert_eq!(batch.samples.len(), 2);
-        assert_eq!((batch.samples[0].signal, batch.samples[0].value, batch.samples[0].count), (0, 100, 2));
+        assert_eq!(
+            (
+                batch.samples[0].signal,
+                batch.samples[0].value,
+                batch.samples[0].count
+            ),
+            (0, 100, 2)
+        );
         assert_eq!((batch.samples[1].signal, batch.samples[1].value), (1, 50));
         let mut totals = std::collections::BTreeMap::new();
         batch_totals(&batch, &mut totals);

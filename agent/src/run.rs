@@ -32,7 +32,11 @@ use crate::{
 pub struct RunArgs {
     /// Collector address: https://HOST:PORT (mTLS) or http://HOST:PORT (plaintext, when the
     /// collector allows it).
-    #[arg(long, env = "STALLSCOPE_COLLECTOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        env = "STALLSCOPE_COLLECTOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub collector: String,
     /// Agent identity on plaintext connections (under mTLS the certificate's name is used).
     /// Default: the host name.
@@ -54,7 +58,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     pub batch_interval: String,
     /// Directory of the on-disk spool of unacknowledged batches.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/stallscope-agent/spool")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/stallscope-agent/spool"
+    )]
     pub spool_dir: PathBuf,
     /// Most batches kept in the spool; the oldest are dropped (and counted) beyond it.
     #[arg(long, value_name = "N", default_value_t = 8640)]
@@ -136,13 +144,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
         },
     )?;
     if leftover > 0 {
-        tracing::info!("spool holds {leftover} unacknowledged batches from an earlier run; sending them first");
+        tracing::info!(
+            "spool holds {leftover} unacknowledged batches from an earlier run; sending them first"
+        );
         sender.wake();
     }
     let mut probes = Probes::load(&config.probe_settings())?;
     system::release_free_memory();
     // Tests and scripts wait for this line (at info level) before starting a workload.
-    tracing::info!("probes attached; streaming to {} as {agent_id}", args.collector);
+    tracing::info!(
+        "probes attached; streaming to {} as {agent_id}",
+        args.collector
+    );
     let mut accumulator = Accumulator::new(&signals_of(&config));
     let started = Instant::now();
     let host = system::hostname();
@@ -176,7 +189,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
         summary.batches += 1;
         summary.last_sequence = Some(sequence);
         sender.wake();
-        tracing::debug!("batch {sequence} spooled{}", if last { " (last)" } else { "" });
+        tracing::debug!(
+            "batch {sequence} spooled{}",
+            if last { " (last)" } else { "" }
+        );
         batch_start_ns = now_ns;
         batch_started = Instant::now();
         Ok(())

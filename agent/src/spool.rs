@@ -20,7 +20,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum SpoolError {
     #[error("spool directory {path}: {source}; choose a writable --spool-dir")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("spool state {path} is corrupt ({reason}); remove it to start a new sequence")]
     State { path: PathBuf, reason: String },
 }
@@ -130,7 +133,8 @@ impl Spool {
     }
 
     fn batch_path(&self, sequence: u64) -> PathBuf {
-        self.dir.join(format!("{BATCH_PREFIX}{sequence:020}{BATCH_SUFFIX}"))
+        self.dir
+            .join(format!("{BATCH_PREFIX}{sequence:020}{BATCH_SUFFIX}"))
     }
 
     fn save_state(&self) -> Result<(), SpoolError> {
@@ -234,7 +238,10 @@ impl Spool {
                 Some(frame)
             }
             Err(err) => {
-                tracing::error!("spooled batch {} is corrupt ({err}); dropping it", path.display());
+                tracing::error!(
+                    "spooled batch {} is corrupt ({err}); dropping it",
+                    path.display()
+                );
                 let _ = self.discard(sequence);
                 None
             }
@@ -268,7 +275,8 @@ mod tests {
     use super::*;
 
     fn dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("stallscope-spool-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("stallscope-spool-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }
@@ -300,7 +308,10 @@ mod tests {
     #[test]
     fn full_spool_drops_the_oldest_and_counts_exactly() {
         let dir = dir("full");
-        let limits = SpoolLimits { max_batches: 3, max_bytes: u64::MAX };
+        let limits = SpoolLimits {
+            max_batches: 3,
+            max_bytes: u64::MAX,
+        };
         let mut spool = Spool::open(&dir, limits).expect("open");
         for _ in 0..10 {
             spool.append(batch("x")).expect("append");
@@ -309,13 +320,21 @@ mod tests {
         assert_eq!(spool.dropped_total(), 7);
         let frame = spool.take_for_sending(9).expect("spooled");
         let raw = zstd::bulk::decompress(&frame.batch_zstd, 1 << 20).expect("zstd");
-        assert_eq!(v1::Batch::decode(raw.as_slice()).expect("batch").spool_dropped_total, 7);
+        assert_eq!(
+            v1::Batch::decode(raw.as_slice())
+                .expect("batch")
+                .spool_dropped_total,
+            7
+        );
         // In-flight batches are not dropped.
         spool.take_for_sending(7).expect("spooled");
         spool.append(batch("x")).expect("append");
         assert_eq!(spool.pending(), [7, 9, 10]);
         assert_eq!(spool.dropped_total(), 8);
         drop(spool);
-        assert_eq!(Spool::open(&dir, limits).expect("reopen").dropped_total(), 8);
+        assert_eq!(
+            Spool::open(&dir, limits).expect("reopen").dropped_total(),
+            8
+        );
     }
 }

@@ -33,7 +33,9 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StreamError {
-    #[error("invalid collector address `{0}`: use http://HOST:PORT (plaintext) or https://HOST:PORT (mTLS)")]
+    #[error(
+        "invalid collector address `{0}`: use http://HOST:PORT (plaintext) or https://HOST:PORT (mTLS)"
+    )]
     Address(String),
     #[error("TLS setup: {0}")]
     Tls(String),
@@ -177,7 +179,8 @@ fn endpoint(settings: &StreamSettings) -> Result<Endpoint, StreamError> {
         (None, false) => {}
         (Some(_), false) => {
             return Err(StreamError::Tls(
-                "client certificates are set but the collector address is http://; use https://".to_owned(),
+                "client certificates are set but the collector address is http://; use https://"
+                    .to_owned(),
             ));
         }
         (None, true) => {
@@ -231,7 +234,10 @@ enum SessionEnd {
     /// Stop was requested and everything was sent, or the deadline passed.
     Done,
     /// The collector refused the oldest batch in flight as malformed or too large.
-    Refused { sequence: u64, message: String },
+    Refused {
+        sequence: u64,
+        message: String,
+    },
     Failed(String),
 }
 
@@ -258,7 +264,10 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                 // The first failure and then every tenth, so an outage is visible but
                 // does not flood the log.
                 if failures == 1 || failures % 10 == 0 {
-                    tracing::warn!("collector {}: {reason}; retrying in {wait:?}", shared.settings.collector);
+                    tracing::warn!(
+                        "collector {}: {reason}; retrying in {wait:?}",
+                        shared.settings.collector
+                    );
                 }
                 if !shared.stopping.load(Ordering::SeqCst) {
                     tokio::select! {
@@ -291,7 +300,9 @@ async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) ->
             Ok(value) => {
                 request.metadata_mut().insert(AGENT_HEADER, value);
             }
-            Err(_) => return SessionEnd::Failed("the agent id is not a valid header value".to_owned()),
+            Err(_) => {
+                return SessionEnd::Failed("the agent id is not a valid header value".to_owned());
+            }
         }
     }
     // Sending starts before the response headers arrive: the first frames go out as
@@ -304,7 +315,9 @@ async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) ->
     fill_window(shared, &tx, window, &mut in_flight, &mut last_sent);
     let mut acks = match client.stream(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return SessionEnd::Failed(format!("{:?}: {}", status.code(), status.message())),
+        Err(status) => {
+            return SessionEnd::Failed(format!("{:?}: {}", status.code(), status.message()));
+        }
     };
     tracing::info!("streaming to {}", shared.settings.collector);
     loop {

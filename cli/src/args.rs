@@ -140,27 +140,43 @@ impl RangeArgs {
         let (from, until) = match (&self.since, &self.from) {
             (Some(since), _) => {
                 let span = parse_duration(since)?;
-                (now - i64::try_from(span.as_nanos()).unwrap_or(i64::MAX), now)
+                (
+                    now - i64::try_from(span.as_nanos()).unwrap_or(i64::MAX),
+                    now,
+                )
             }
             (None, Some(from)) => (
                 parse_time(from, now)?,
-                self.until.as_deref().map_or(Ok(now), |u| parse_time(u, now))?,
+                self.until
+                    .as_deref()
+                    .map_or(Ok(now), |u| parse_time(u, now))?,
             ),
-            (None, None) => (now - 15 * 60 * 1_000_000_000, self.until.as_deref().map_or(Ok(now), |u| parse_time(u, now))?),
+            (None, None) => (
+                now - 15 * 60 * 1_000_000_000,
+                self.until
+                    .as_deref()
+                    .map_or(Ok(now), |u| parse_time(u, now))?,
+            ),
         };
-        anyhow::ensure!(from < until, "the range is empty: --from must be before --until");
+        anyhow::ensure!(
+            from < until,
+            "the range is empty: --from must be before --until"
+        );
         Ok((from, until))
     }
 }
 
 /// Parses `FROM..UNTIL`.
 pub fn parse_span(text: &str) -> anyhow::Result<(i64, i64)> {
-    let (from, until) = text
-        .split_once("..")
-        .with_context(|| format!("`{text}` is not a range: use FROM..UNTIL, e.g. 2h..1h or 30m..now"))?;
+    let (from, until) = text.split_once("..").with_context(|| {
+        format!("`{text}` is not a range: use FROM..UNTIL, e.g. 2h..1h or 30m..now")
+    })?;
     let now = now_ns();
     let range = (parse_time(from, now)?, parse_time(until, now)?);
-    anyhow::ensure!(range.0 < range.1, "the range `{text}` is empty: FROM must be before UNTIL");
+    anyhow::ensure!(
+        range.0 < range.1,
+        "the range `{text}` is empty: FROM must be before UNTIL"
+    );
     Ok(range)
 }
 
@@ -207,13 +223,16 @@ impl ConnectionArgs {
     pub fn resolve(&self) -> anyhow::Result<Connection> {
         let explicit = self.config.is_some();
         let path = self.config.clone().or_else(|| {
-            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config/stallscope/cli.toml"))
+            std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".config/stallscope/cli.toml"))
         });
         let file = match path {
             Some(path) if explicit || path.exists() => {
                 let text = std::fs::read_to_string(&path)
                     .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text).map_err(|err| anyhow::anyhow!("config file {}: {}", path.display(), err.message()))?
+                toml::from_str(&text).map_err(|err| {
+                    anyhow::anyhow!("config file {}: {}", path.display(), err.message())
+                })?
             }
             _ => FileConfig::default(),
         };

@@ -24,7 +24,9 @@ pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(token) = &self.0 {
-            request.metadata_mut().insert("authorization", token.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
         }
         Ok(request)
     }
@@ -40,21 +42,28 @@ pub struct Collector {
 pub async fn connect(connection: &Connection) -> anyhow::Result<Collector> {
     let address = connection.collector.clone();
     let mut endpoint = Channel::from_shared(address.clone())
-        .map_err(|_| anyhow::anyhow!("invalid collector address `{address}`: use https://HOST:PORT or http://HOST:PORT"))?
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "invalid collector address `{address}`: use https://HOST:PORT or http://HOST:PORT"
+            )
+        })?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(300));
     if address.starts_with("https://") {
         let ca = connection.ca.as_ref().with_context(|| {
             format!("{address} uses TLS: pass the CA that signed the collector's certificate with --ca or STALLSCOPE_CA")
         })?;
-        let pem = std::fs::read(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("reading the CA certificate {}", ca.display()))?;
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
         if let Some(name) = &connection.server_name {
             tls = tls.domain_name(name.clone());
         }
         endpoint = endpoint.tls_config(tls).context("TLS configuration")?;
     } else if !address.starts_with("http://") {
-        anyhow::bail!("invalid collector address `{address}`: use https://HOST:PORT or http://HOST:PORT");
+        anyhow::bail!(
+            "invalid collector address `{address}`: use https://HOST:PORT or http://HOST:PORT"
+        );
     }
     let channel = endpoint.connect().await.map_err(|err| {
         let mut reason = err.to_string();
@@ -67,14 +76,15 @@ pub async fn connect(connection: &Connection) -> anyhow::Result<Collector> {
             "cannot reach the collector at {address} ({reason}); is stallscope-collector running there? set --collector or STALLSCOPE_COLLECTOR"
         )
     })?;
-    let token = match &connection.token {
-        Some(token) => Some(
-            MetadataValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| anyhow::anyhow!("the token contains characters that cannot go in a header"))?,
-        ),
-        None => None,
-    };
-    let client = QueryClient::with_interceptor(channel, Bearer(token)).max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let token =
+        match &connection.token {
+            Some(token) => Some(MetadataValue::try_from(format!("Bearer {token}")).map_err(
+                |_| anyhow::anyhow!("the token contains characters that cannot go in a header"),
+            )?),
+            None => None,
+        };
+    let client = QueryClient::with_interceptor(channel, Bearer(token))
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
     Ok(Collector { client, address })
 }
 
@@ -86,8 +96,12 @@ pub fn explain(status: &Status, address: &str) -> anyhow::Error {
             anyhow::anyhow!("the collector at {address} refused the query: {message}")
         }
         Code::InvalidArgument => anyhow::anyhow!("the collector rejected the query: {message}"),
-        Code::Unavailable => anyhow::anyhow!("the collector at {address} is unavailable: {message}; retry, or check its log"),
-        Code::ResourceExhausted => anyhow::anyhow!("the answer is too large ({message}): narrow the time range or filter"),
+        Code::Unavailable => anyhow::anyhow!(
+            "the collector at {address} is unavailable: {message}; retry, or check its log"
+        ),
+        Code::ResourceExhausted => {
+            anyhow::anyhow!("the answer is too large ({message}): narrow the time range or filter")
+        }
         other => anyhow::anyhow!("query failed ({other:?}): {message}"),
     }
 }

@@ -18,7 +18,10 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("stallscope: cannot start: {err}");
@@ -46,14 +49,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut collector = client::connect(&connection).await?;
     match &cli.command {
         Command::Targets { range, json } => commands::targets(&mut collector, range, *json).await,
-        Command::Flame { output, range, filter } => commands::flame(&mut collector, output, range, filter).await,
-        Command::Top { range, filter, limit, json } => commands::top_command(&mut collector, range, filter, *limit, *json).await,
-        Command::Diff { before, after, output, filter, limit, json } => {
-            commands::diff(&mut collector, before, after, output.as_deref(), filter, *limit, *json).await
+        Command::Flame {
+            output,
+            range,
+            filter,
+        } => commands::flame(&mut collector, output, range, filter).await,
+        Command::Top {
+            range,
+            filter,
+            limit,
+            json,
+        } => commands::top_command(&mut collector, range, filter, *limit, *json).await,
+        Command::Diff {
+            before,
+            after,
+            output,
+            filter,
+            limit,
+            json,
+        } => {
+            commands::diff(
+                &mut collector,
+                before,
+                after,
+                output.as_deref(),
+                filter,
+                *limit,
+                *json,
+            )
+            .await
         }
-        Command::Series { range, filter, by, step, json } => {
-            commands::series(&mut collector, range, filter, *by, step.as_deref(), *json).await
-        }
+        Command::Series {
+            range,
+            filter,
+            by,
+            step,
+            json,
+        } => commands::series(&mut collector, range, filter, *by, step.as_deref(), *json).await,
         Command::Agents { json } => commands::agents(&mut collector, *json).await,
     }
 }

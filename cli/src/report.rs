@@ -79,7 +79,11 @@ pub struct Top {
 }
 
 fn share(part: i64, total: i64) -> f64 {
-    if total == 0 { 0.0 } else { part as f64 / total as f64 }
+    if total == 0 {
+        0.0
+    } else {
+        part as f64 / total as f64
+    }
 }
 
 /// Function totals (inclusive, self) of a one-column profile.
@@ -114,7 +118,12 @@ pub fn top(profile: &Profile, limit: usize) -> Top {
             share: share(total_ns, total),
         })
         .collect();
-    functions.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(b.self_ns.cmp(&a.self_ns)).then(a.function.cmp(&b.function)));
+    functions.sort_by(|a, b| {
+        b.total_ns
+            .cmp(&a.total_ns)
+            .then(b.self_ns.cmp(&a.self_ns))
+            .then(a.function.cmp(&b.function))
+    });
     functions.truncate(limit);
     let view = FlameView {
         root_labels: vec!["signal".to_owned()],
@@ -178,7 +187,12 @@ pub fn changes(before: &Profile, after: &Profile, limit: usize) -> Vec<Change> {
         })
         .filter(|c| c.delta_ns_per_s != 0.0)
         .collect();
-    changes.sort_by(|x, y| y.delta_ns_per_s.abs().total_cmp(&x.delta_ns_per_s.abs()).then(x.function.cmp(&y.function)));
+    changes.sort_by(|x, y| {
+        y.delta_ns_per_s
+            .abs()
+            .total_cmp(&x.delta_ns_per_s.abs())
+            .then(x.function.cmp(&y.function))
+    });
     changes.truncate(limit);
     changes
 }
@@ -231,9 +245,16 @@ mod tests {
     use super::*;
 
     fn profile(values: &[(&[&str], i64)], seconds: i64) -> Profile {
-        let mut p = Profile::new(vec![SampleType::new("off_cpu", "nanoseconds"), SampleType::new("off_cpu_events", "count")]);
+        let mut p = Profile::new(vec![
+            SampleType::new("off_cpu", "nanoseconds"),
+            SampleType::new("off_cpu_events", "count"),
+        ]);
         for (stack, value) in values {
-            let ids = stack.iter().rev().map(|f| p.intern(Frame::synthetic(*f))).collect();
+            let ids = stack
+                .iter()
+                .rev()
+                .map(|f| p.intern(Frame::synthetic(*f)))
+                .collect();
             p.add(ids, Labels::new(), &[*value, 1]);
         }
         p.meta.duration_ns = seconds * 1_000_000_000;
@@ -242,13 +263,23 @@ mod tests {
 
     #[test]
     fn top_ranks_functions_and_stacks() {
-        let p = profile(&[(&["main", "read"], 30), (&["main", "write"], 10), (&["main", "read", "read"], 5)], 1);
+        let p = profile(
+            &[
+                (&["main", "read"], 30),
+                (&["main", "write"], 10),
+                (&["main", "read", "read"], 5),
+            ],
+            1,
+        );
         let top = top(&p, 10);
         assert_eq!(top.total_ns, 45);
         assert_eq!(top.functions[0].function, "main");
         assert_eq!(top.functions[0].total_ns, 45);
         assert_eq!(top.functions[1].function, "read");
-        assert_eq!((top.functions[1].total_ns, top.functions[1].self_ns), (35, 35));
+        assert_eq!(
+            (top.functions[1].total_ns, top.functions[1].self_ns),
+            (35, 35)
+        );
         assert_eq!(top.stacks[0].stack, "main;read");
         assert!((top.stacks[0].share - 30.0 / 45.0).abs() < 1e-9);
     }
@@ -260,7 +291,11 @@ mod tests {
         let changes = changes(&before, &after, 10);
         assert_eq!(changes[0].function, "main");
         assert!((changes[0].delta_ns_per_s - 20.0).abs() < 1e-9);
-        assert!(changes.iter().any(|c| c.function == "lock" && (c.after_ns_per_s - 10.0).abs() < 1e-9));
+        assert!(
+            changes
+                .iter()
+                .any(|c| c.function == "lock" && (c.after_ns_per_s - 10.0).abs() < 1e-9)
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ pub fn parse_time(text: &str, now_ns: i64) -> anyhow::Result<i64> {
     if text.contains('T') || (text.len() >= 10 && text.as_bytes().get(4) == Some(&b'-')) {
         return parse_rfc3339(text);
     }
-    let ago = text.strip_suffix(" ago").unwrap_or(text).trim_start_matches('-');
+    let ago = text
+        .strip_suffix(" ago")
+        .unwrap_or(text)
+        .trim_start_matches('-');
     let duration = parse_duration(ago).with_context(|| {
         format!("`{text}` is not a time: use now, a duration before now (15m), Unix seconds or RFC 3339 (2026-11-29T05:30:00Z)")
     })?;
@@ -62,7 +65,9 @@ fn parse_rfc3339(text: &str) -> anyhow::Result<i64> {
     let bad = || anyhow::anyhow!("`{text}` is not RFC 3339 time like 2026-11-29T05:30:00Z");
     let (date, rest) = text.split_at(text.find(['T', ' ']).unwrap_or(text.len()));
     let mut parts = date.split('-').map(|p| p.parse::<i64>());
-    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day))) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
         return Err(bad());
     };
     let rest = rest.trim_start_matches(['T', ' ']);
@@ -79,10 +84,19 @@ fn parse_rfc3339(text: &str) -> anyhow::Result<i64> {
         (rest, 0)
     };
     let mut hms = clock.split(':');
-    let hour: i64 = hms.next().filter(|h| !h.is_empty()).map_or(Ok(0), str::parse).map_err(|_| bad())?;
+    let hour: i64 = hms
+        .next()
+        .filter(|h| !h.is_empty())
+        .map_or(Ok(0), str::parse)
+        .map_err(|_| bad())?;
     let minute: i64 = hms.next().map_or(Ok(0), str::parse).map_err(|_| bad())?;
     let second: f64 = hms.next().map_or(Ok(0.0), str::parse).map_err(|_| bad())?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || !(0.0..61.0).contains(&second) {
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || !(0.0..61.0).contains(&second)
+    {
         return Err(bad());
     }
     // Days from civil (Howard Hinnant's algorithm).
@@ -128,9 +142,18 @@ mod tests {
         let now = 1_800_000_000 * NS;
         assert_eq!(parse_time("now", now).expect("now"), now);
         assert_eq!(parse_time("15m", now).expect("ago"), now - 900 * NS);
-        assert_eq!(parse_time("1700000000", now).expect("unix"), 1_700_000_000 * NS);
-        assert_eq!(parse_time("2023-11-14T22:13:20Z", now).expect("rfc3339"), 1_700_000_000 * NS);
-        assert_eq!(parse_time("2023-11-14T23:13:20+01:00", now).expect("offset"), 1_700_000_000 * NS);
+        assert_eq!(
+            parse_time("1700000000", now).expect("unix"),
+            1_700_000_000 * NS
+        );
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z", now).expect("rfc3339"),
+            1_700_000_000 * NS
+        );
+        assert_eq!(
+            parse_time("2023-11-14T23:13:20+01:00", now).expect("offset"),
+            1_700_000_000 * NS
+        );
         assert!(parse_time("yesterday", now).is_err());
         assert!(parse_time("2023-13-01T00:00:00Z", now).is_err());
         assert_eq!(format_time(1_700_000_000 * NS), "2023-11-14T22:13:20Z");

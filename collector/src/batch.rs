@@ -92,7 +92,10 @@ impl SeriesDef {
         }
         let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
         let process = label("process");
-        let service = labels.get("service").cloned().unwrap_or_else(|| process.clone());
+        let service = labels
+            .get("service")
+            .cloned()
+            .unwrap_or_else(|| process.clone());
         Self {
             id: hasher.finish(),
             agent: agent.to_owned(),
@@ -188,7 +191,10 @@ pub fn batch_id(agent: &str, sequence: u64) -> i64 {
 }
 
 /// Decompresses (bounded) and decodes the batch of `frame`.
-pub fn decode_frame(frame: &v1::IngestFrame, limits: &BatchLimits) -> Result<v1::Batch, InvalidBatch> {
+pub fn decode_frame(
+    frame: &v1::IngestFrame,
+    limits: &BatchLimits,
+) -> Result<v1::Batch, InvalidBatch> {
     let sequence = frame.sequence;
     let limit = limits.max_uncompressed_bytes;
     if frame.uncompressed_size > limit {
@@ -198,13 +204,15 @@ pub fn decode_frame(frame: &v1::IngestFrame, limits: &BatchLimits) -> Result<v1:
             claimed: frame.uncompressed_size,
         });
     }
-    let mut decoder = zstd::stream::read::Decoder::new(frame.batch_zstd.as_slice()).map_err(|err| {
-        InvalidBatch::Compression {
-            sequence,
-            reason: err.to_string(),
-        }
-    })?;
-    let mut raw = Vec::with_capacity(usize::try_from(frame.uncompressed_size.min(limit)).unwrap_or(0));
+    let mut decoder =
+        zstd::stream::read::Decoder::new(frame.batch_zstd.as_slice()).map_err(|err| {
+            InvalidBatch::Compression {
+                sequence,
+                reason: err.to_string(),
+            }
+        })?;
+    let mut raw =
+        Vec::with_capacity(usize::try_from(frame.uncompressed_size.min(limit)).unwrap_or(0));
     // Read one byte past the limit to tell "exactly at the limit" from "beyond it"
     // without ever holding more than that.
     (&mut decoder)
@@ -268,7 +276,10 @@ pub fn normalize(
             count_unit: s.count_unit.clone(),
         })
         .collect();
-    if let Some(empty) = signals.iter().position(|s| s.name.is_empty() || s.value_kind.is_empty()) {
+    if let Some(empty) = signals
+        .iter()
+        .position(|s| s.name.is_empty() || s.value_kind.is_empty())
+    {
         return Err(bad(format!("signal {empty} has no name or value kind")));
     }
     let frames: Vec<Frame> = batch.frames.iter().map(frame_from_wire).collect();
@@ -369,7 +380,11 @@ pub fn normalize(
         series,
         stacks,
         rows,
-        losses: batch.losses.into_iter().map(|l| (l.reason, l.count)).collect(),
+        losses: batch
+            .losses
+            .into_iter()
+            .map(|l| (l.reason, l.count))
+            .collect(),
     })
 }
 

@@ -20,7 +20,10 @@ use crate::{
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -187,10 +190,11 @@ impl Config {
 
     pub fn build(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let invalid = |m: String| ConfigError::Invalid(m);
-        let listen = cli
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7070))));
+        let listen = cli.listen.or(file.listen).unwrap_or_else(|| {
+            DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7070)))
+        });
         let storage = match cli.storage.or(file.storage).unwrap_or(Backend::Sqlite) {
             Backend::Sqlite => StorageConfig::Sqlite {
                 data_dir: cli
@@ -216,7 +220,11 @@ impl Config {
             Some(text) => text.parse().map_err(invalid)?,
             None => Retention::default(),
         };
-        let maintenance_interval = match cli.maintenance_interval.clone().or(file.maintenance_interval) {
+        let maintenance_interval = match cli
+            .maintenance_interval
+            .clone()
+            .or(file.maintenance_interval)
+        {
             Some(text) => parse_span(&text).map_err(invalid)?,
             None => Duration::from_secs(300),
         };
@@ -226,7 +234,8 @@ impl Config {
         let ca = cli.client_ca.clone().or(file.client_ca);
         let tls = match (plaintext, cert, key, ca) {
             (true, None, None, None) => {
-                let allow_remote = cli.allow_plaintext_non_loopback || file.allow_plaintext_non_loopback.unwrap_or(false);
+                let allow_remote = cli.allow_plaintext_non_loopback
+                    || file.allow_plaintext_non_loopback.unwrap_or(false);
                 if !listen.ip().is_loopback() && !allow_remote {
                     return Err(invalid(format!(
                         "refusing plaintext on {listen}, which is not a loopback address: configure TLS (--tls-cert, --tls-key, --client-ca) or pass --allow-plaintext-non-loopback"
@@ -234,7 +243,11 @@ impl Config {
                 }
                 None
             }
-            (true, ..) => return Err(invalid("--plaintext and TLS files exclude each other: choose one".to_owned())),
+            (true, ..) => {
+                return Err(invalid(
+                    "--plaintext and TLS files exclude each other: choose one".to_owned(),
+                ));
+            }
             (false, Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
                 cert_pem: read(&cert, "server certificate")?,
                 key_pem: read(&key, "server key")?,
@@ -267,14 +280,22 @@ impl Config {
             }
             tokens
         };
-        let max_message_bytes = cli.max_message_bytes.or(file.max_message_bytes).unwrap_or(16 * 1024 * 1024);
+        let max_message_bytes = cli
+            .max_message_bytes
+            .or(file.max_message_bytes)
+            .unwrap_or(16 * 1024 * 1024);
         let defaults = BatchLimits::default();
         let limits = BatchLimits {
-            max_uncompressed_bytes: cli.max_batch_bytes.or(file.max_batch_bytes).unwrap_or(defaults.max_uncompressed_bytes),
+            max_uncompressed_bytes: cli
+                .max_batch_bytes
+                .or(file.max_batch_bytes)
+                .unwrap_or(defaults.max_uncompressed_bytes),
             ..defaults
         };
         if max_message_bytes < 1024 || limits.max_uncompressed_bytes < 1024 {
-            return Err(invalid("message and batch size limits must be at least 1024 bytes".to_owned()));
+            return Err(invalid(
+                "message and batch size limits must be at least 1024 bytes".to_owned(),
+            ));
         }
         let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
         Ok(Self {

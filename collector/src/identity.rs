@@ -135,7 +135,9 @@ impl QueryTokens {
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <token>`"))?
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header must be `Bearer <token>`")
+            })?
             .trim()
             .as_bytes();
         // Compare against every token in full, so timing says nothing about which
@@ -147,7 +149,9 @@ impl QueryTokens {
         if matched {
             Ok(())
         } else {
-            Err(Status::unauthenticated("the bearer token is not valid for this collector"))
+            Err(Status::unauthenticated(
+                "the bearer token is not valid for this collector",
+            ))
         }
     }
 }
@@ -177,7 +181,10 @@ mod tests {
     fn tokens_are_required_and_compared() {
         let tokens = QueryTokens::new(["s3cret".to_owned()]);
         let mut metadata = MetadataMap::new();
-        assert_eq!(tokens.check(&metadata).map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            tokens.check(&metadata).map_err(|s| s.code()),
+            Err(tonic::Code::Unauthenticated)
+        );
         metadata.insert("authorization", MetadataValue::from_static("Bearer wrong!"));
         assert!(tokens.check(&metadata).is_err());
         metadata.insert("authorization", MetadataValue::from_static("Bearer s3cret"));

@@ -18,7 +18,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
-            eprintln!("stallscope-collector: {}", chain.join(": ").replace('\n', " "));
+            eprintln!(
+                "stallscope-collector: {}",
+                chain.join(": ").replace('\n', " ")
+            );
             ExitCode::FAILURE
         }
     }
@@ -61,19 +64,32 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mode = if config.tls.is_some() { "mTLS" } else { "plaintext" };
+        let mode = if config.tls.is_some() {
+            "mTLS"
+        } else {
+            "plaintext"
+        };
         match &config.storage {
             StorageConfig::Sqlite { data_dir } => {
                 let store = SqliteStore::open(data_dir, config.retention.clone())
                     .with_context(|| format!("opening SQLite storage in {}", data_dir.display()))?;
-                tracing::info!("listening on {} ({mode}), storage SQLite {}", config.listen, store.path().display());
+                tracing::info!(
+                    "listening on {} ({mode}), storage SQLite {}",
+                    config.listen,
+                    store.path().display()
+                );
                 server::serve(store, &config, shutdown_signal()).await?;
             }
             StorageConfig::ClickHouse { url, database } => {
                 let store = ClickHouseStore::connect(url, database, config.retention.clone())
                     .await
-                    .with_context(|| format!("connecting to ClickHouse at {url} (is it running?)"))?;
-                tracing::info!("listening on {} ({mode}), storage ClickHouse {url}/{database}", config.listen);
+                    .with_context(|| {
+                        format!("connecting to ClickHouse at {url} (is it running?)")
+                    })?;
+                tracing::info!(
+                    "listening on {} ({mode}), storage ClickHouse {url}/{database}",
+                    config.listen
+                );
                 server::serve(store, &config, shutdown_signal()).await?;
             }
         }

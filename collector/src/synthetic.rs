@@ -47,7 +47,14 @@ fn signal(name: &str, value: &str, count: &str) -> v1::SignalType {
 /// A batch from `agent` on `host` with sequence `sequence`, starting at `start_unix_ns`
 /// and lasting `duration_ns`: every (service, thread, stack) gets one off-CPU sample of
 /// [`OFF_CPU_NS`] and one on-CPU sample of [`ON_CPU_NS`]. Services are named `svc-N`.
-pub fn batch(agent: &str, host: &str, sequence: u64, start_unix_ns: i64, duration_ns: i64, shape: Shape) -> v1::Batch {
+pub fn batch(
+    agent: &str,
+    host: &str,
+    sequence: u64,
+    start_unix_ns: i64,
+    duration_ns: i64,
+    shape: Shape,
+) -> v1::Batch {
     let mut strings = vec![String::new()];
     let mut intern = |text: String| -> u32 {
         if let Some(index) = strings.iter().position(|s| *s == text) {
@@ -59,7 +66,12 @@ pub fn batch(agent: &str, host: &str, sequence: u64, start_unix_ns: i64, duratio
     let mut frames = Vec::new();
     let mut stacks = Vec::new();
     let mut samples = Vec::new();
-    let keys = [intern("process".into()), intern("pid".into()), intern("tid".into()), intern("state".into())];
+    let keys = [
+        intern("process".into()),
+        intern("pid".into()),
+        intern("tid".into()),
+        intern("state".into()),
+    ];
     let state = intern("interruptible".into());
     for service in 0..shape.services {
         let process = intern(format!("svc-{service}"));
@@ -75,7 +87,11 @@ pub fn batch(agent: &str, host: &str, sequence: u64, start_unix_ns: i64, duratio
                         file: String::new(),
                         line: 0,
                         address: u64::from(depth) * 16,
-                        kind: if depth == 0 { v1::FrameKind::Kernel as i32 } else { v1::FrameKind::User as i32 },
+                        kind: if depth == 0 {
+                            v1::FrameKind::Kernel as i32
+                        } else {
+                            v1::FrameKind::User as i32
+                        },
                     });
                     ids.push((frames.len() - 1) as u32);
                 }

@@ -48,11 +48,19 @@ pub struct CollectorProcess {
 impl CollectorProcess {
     /// Starts the collector with `args` plus `--listen 127.0.0.1:<port>` and waits until it
     /// listens.
-    pub fn start(bin_dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub fn start(
+        bin_dir: &Path,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let binary = binary(bin_dir, "stallscope-collector")?;
         let mut all: Vec<String> = vec!["--listen".into(), format!("127.0.0.1:{port}")];
         all.extend(args.iter().map(|a| (*a).to_owned()));
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let (child, stderr) = spawn(&binary, &all, &env)?;
         let mut process = Self {
             child,
@@ -95,7 +103,10 @@ impl CollectorProcess {
                 }
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("collector exited ({status}) before listening: {}", self.log());
+                bail!(
+                    "collector exited ({status}) before listening: {}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!("collector not listening within {timeout:?}: {}", self.log());
@@ -128,7 +139,10 @@ impl CollectorProcess {
     /// environment additions.
     pub fn restart(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         self.kill();
-        self.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let (child, stderr) = spawn(&self.binary, &self.args, &self.env)?;
         self.child = child;
         self.stderr = stderr;
@@ -156,7 +170,11 @@ impl Drop for CollectorProcess {
     }
 }
 
-fn spawn(binary: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
+fn spawn(
+    binary: &Path,
+    args: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
     let mut command = Command::new(binary);
     command
         .args(args)
@@ -167,7 +185,9 @@ fn spawn(binary: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Re
     for (key, value) in env {
         command.env(key, value);
     }
-    let mut child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
     let stderr = child.stderr.take().context("collector stderr")?;
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&lines);
@@ -194,33 +214,53 @@ pub fn cli(bin_dir: &Path, collector_url: &str, args: &[&str]) -> anyhow::Result
 }
 
 /// Runs a `stallscope` subcommand with `--json` and parses its output.
-pub fn cli_json(bin_dir: &Path, collector_url: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+pub fn cli_json(
+    bin_dir: &Path,
+    collector_url: &str,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
     let mut all = args.to_vec();
     all.push("--json");
     let output = cli(bin_dir, collector_url, &all)?;
     if !output.status.success() {
-        bail!("stallscope {} failed: {}", all.join(" "), String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "stallscope {} failed: {}",
+            all.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    serde_json::from_slice(&output.stdout).with_context(|| format!("stallscope {} printed no JSON", all.join(" ")))
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("stallscope {} printed no JSON", all.join(" ")))
 }
 
 /// The ClickHouse URL for tests (`cargo xtask test` starts one on 127.0.0.1:18123).
 pub fn clickhouse_url() -> String {
-    std::env::var("STALLSCOPE_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
+    std::env::var("STALLSCOPE_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
 }
 
 /// Whether ClickHouse answers; in CI a missing ClickHouse is a failure, not a skip.
 pub fn require_clickhouse(test: &str) -> bool {
     let url = clickhouse_url();
-    let address = url.trim_start_matches("http://").split('/').next().unwrap_or_default().to_owned();
+    let address = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     let reachable = address
         .parse::<std::net::SocketAddr>()
         .ok()
-        .is_some_and(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+        });
     if reachable {
         return true;
     }
-    assert!(!crate::in_ci(), "{test} needs ClickHouse at {url}, and CI=true forbids skipping it");
+    assert!(
+        !crate::in_ci(),
+        "{test} needs ClickHouse at {url}, and CI=true forbids skipping it"
+    );
     eprintln!("skipping {test}: no ClickHouse at {url} (run `cargo xtask clickhouse start`)");
     false
 }

@@ -34,7 +34,11 @@ fn ca(name: &str) -> anyhow::Result<CertifiedIssuer<'static, KeyPair>> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
 }
 
@@ -46,7 +50,8 @@ fn leaf(
     purpose: ExtendedKeyUsagePurpose,
     expired: bool,
 ) -> anyhow::Result<CertFiles> {
-    let mut params = CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
+    let mut params =
+        CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.extended_key_usages = vec![purpose];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -74,10 +79,38 @@ impl Pki {
         std::fs::write(&ca_path, authority.pem())?;
         Ok(Self {
             ca: ca_path,
-            server: leaf(dir, "collector", &authority, &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth, false)?,
-            client: leaf(dir, "agent-good", &authority, &[], ExtendedKeyUsagePurpose::ClientAuth, false)?,
-            foreign_client: leaf(dir, "agent-foreign", &other, &[], ExtendedKeyUsagePurpose::ClientAuth, false)?,
-            expired_client: leaf(dir, "agent-expired", &authority, &[], ExtendedKeyUsagePurpose::ClientAuth, true)?,
+            server: leaf(
+                dir,
+                "collector",
+                &authority,
+                &["localhost", "127.0.0.1"],
+                ExtendedKeyUsagePurpose::ServerAuth,
+                false,
+            )?,
+            client: leaf(
+                dir,
+                "agent-good",
+                &authority,
+                &[],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                false,
+            )?,
+            foreign_client: leaf(
+                dir,
+                "agent-foreign",
+                &other,
+                &[],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                false,
+            )?,
+            expired_client: leaf(
+                dir,
+                "agent-expired",
+                &authority,
+                &[],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                true,
+            )?,
         })
     }
 }

@@ -29,7 +29,10 @@ pub fn parse_summary(stderr: &str) -> anyhow::Result<RunSummary> {
         .with_context(|| format!("no run summary in the agent's output:\n{stderr}"))?;
     let number_after = |marker: &str| -> Option<u64> {
         let rest = &line[line.find(marker)? + marker.len()..];
-        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
     };
     let batches = number_after("run: ").context("batch count")?;
     let dropped_total = number_after("spool dropped ").context("drop count")?;
@@ -62,11 +65,30 @@ pub fn parse_summary(stderr: &str) -> anyhow::Result<RunSummary> {
 
 /// Starts `stallscope-agent run` for `collector_url` with a spool in `spool_dir`, fast
 /// batches, and `extra` arguments; waits until its probes are attached.
-pub fn start_run(bin_dir: &Path, collector_url: &str, spool_dir: &Path, agent_id: &str, extra: &[&str]) -> anyhow::Result<AgentRun> {
+pub fn start_run(
+    bin_dir: &Path,
+    collector_url: &str,
+    spool_dir: &Path,
+    agent_id: &str,
+    extra: &[&str],
+) -> anyhow::Result<AgentRun> {
     let spool = spool_dir.to_string_lossy().into_owned();
-    let mut args = vec!["run", "--collector", collector_url, "--agent-id", agent_id, "--spool-dir", spool.as_str()];
+    let mut args = vec![
+        "run",
+        "--collector",
+        collector_url,
+        "--agent-id",
+        agent_id,
+        "--spool-dir",
+        spool.as_str(),
+    ];
     // Fast batches and reconnects by default; `extra` overrides any of them.
-    for (flag, value) in [("--batch-interval", "1s"), ("--drain-interval", "500ms"), ("--max-backoff", "2s"), ("--flush-timeout", "20s")] {
+    for (flag, value) in [
+        ("--batch-interval", "1s"),
+        ("--drain-interval", "500ms"),
+        ("--max-backoff", "2s"),
+        ("--flush-timeout", "20s"),
+    ] {
         if !extra.contains(&flag) {
             args.extend([flag, value]);
         }
@@ -102,8 +124,12 @@ pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<St
         sequences.push(frame.sequence);
         for sample in &batch.samples {
             if let Some(signal) = batch.signals.get(sample.signal as usize) {
-                *totals.entry(format!("{}/{}", signal.value_kind, signal.value_unit)).or_default() += sample.value;
-                *totals.entry(format!("{}/{}", signal.count_kind, signal.count_unit)).or_default() += sample.count;
+                *totals
+                    .entry(format!("{}/{}", signal.value_kind, signal.value_unit))
+                    .or_default() += sample.value;
+                *totals
+                    .entry(format!("{}/{}", signal.count_kind, signal.count_unit))
+                    .or_default() += sample.count;
             }
         }
     }
@@ -121,7 +147,15 @@ mod tests {
             "noise\nrun: 6 batches (sequences 3..=8), spool dropped 2 in total, all acknowledged; totals off_cpu/nanoseconds=81 on_cpu_samples/count=3\n",
         )
         .expect("parses");
-        assert_eq!((summary.batches, summary.first_sequence, summary.last_sequence, summary.dropped_total), (6, 3, Some(8), 2));
+        assert_eq!(
+            (
+                summary.batches,
+                summary.first_sequence,
+                summary.last_sequence,
+                summary.dropped_total
+            ),
+            (6, 3, Some(8), 2)
+        );
         assert!(summary.all_acknowledged);
         assert_eq!(summary.totals["off_cpu/nanoseconds"], 81);
     }

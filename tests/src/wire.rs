@@ -35,7 +35,10 @@ pub async fn connect_tls(
         .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
         .domain_name("localhost");
     if let Some(client) = client {
-        tls = tls.identity(Identity::from_pem(std::fs::read(&client.cert)?, std::fs::read(&client.key)?));
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&client.cert)?,
+            std::fs::read(&client.key)?,
+        ));
     }
     let channel = Endpoint::from_shared(format!("https://localhost:{port}"))?
         .connect_timeout(Duration::from_secs(5))

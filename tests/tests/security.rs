@@ -30,25 +30,50 @@ fn secured(test: &str) -> Secured {
         &binary_dir(),
         free_port().expect("port"),
         &[
-            "--data-dir", &path(&data),
-            "--tls-cert", &path(&pki.server.cert),
-            "--tls-key", &path(&pki.server.key),
-            "--client-ca", &path(&pki.ca),
-            "--query-token-file", &path(&token_file),
+            "--data-dir",
+            &path(&data),
+            "--tls-cert",
+            &path(&pki.server.cert),
+            "--tls-key",
+            &path(&pki.server.key),
+            "--client-ca",
+            &path(&pki.ca),
+            "--query-token-file",
+            &path(&token_file),
         ],
         &[],
     )
     .expect("collector starts with TLS");
-    Secured { collector, pki, _dir: dir }
+    Secured {
+        collector,
+        pki,
+        _dir: dir,
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn batch(sequence: u64) -> stallscope_proto::v1::Batch {
-    let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos()).expect("fits");
-    synthetic::batch("claimed-name", "host-sec", sequence, now, 1_000_000_000, Shape::default())
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos(),
+    )
+    .expect("fits");
+    synthetic::batch(
+        "claimed-name",
+        "host-sec",
+        sequence,
+        now,
+        1_000_000_000,
+        Shape::default(),
+    )
 }
 
 #[test]
@@ -58,21 +83,38 @@ fn ingest_requires_a_valid_client_certificate_and_uses_its_identity() {
     let pki = &secured.pki;
     runtime().block_on(async {
         // A certificate from the configured CA: stored, under the certificate's name.
-        let mut good = connect_tls(port, &pki.ca, Some(&pki.client)).await.expect("mTLS connects");
-        let acks = send(&mut good, None, vec![frame(&batch(0))]).await.expect("accepted");
+        let mut good = connect_tls(port, &pki.ca, Some(&pki.client))
+            .await
+            .expect("mTLS connects");
+        let acks = send(&mut good, None, vec![frame(&batch(0))])
+            .await
+            .expect("accepted");
         assert_eq!(acks.len(), 1);
 
         // No certificate: the TLS session is allowed (queries use tokens), ingest is not.
-        let mut anonymous = connect_tls(port, &pki.ca, None).await.expect("TLS without client cert connects");
-        let status = send(&mut anonymous, Some("agent-good"), vec![frame(&batch(1))]).await.expect_err("refused");
+        let mut anonymous = connect_tls(port, &pki.ca, None)
+            .await
+            .expect("TLS without client cert connects");
+        let status = send(&mut anonymous, Some("agent-good"), vec![frame(&batch(1))])
+            .await
+            .expect_err("refused");
         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-        assert!(status.message().contains("client certificate"), "{}", status.message());
+        assert!(
+            status.message().contains("client certificate"),
+            "{}",
+            status.message()
+        );
 
         // A certificate from another CA, or an expired one: the handshake fails.
-        for (name, cert) in [("foreign CA", &pki.foreign_client), ("expired", &pki.expired_client)] {
+        for (name, cert) in [
+            ("foreign CA", &pki.foreign_client),
+            ("expired", &pki.expired_client),
+        ] {
             let refused = match connect_tls(port, &pki.ca, Some(cert)).await {
                 Err(_) => true,
-                Ok(mut client) => send(&mut client, None, vec![frame(&batch(2))]).await.is_err(),
+                Ok(mut client) => send(&mut client, None, vec![frame(&batch(2))])
+                    .await
+                    .is_err(),
             };
             assert!(refused, "a client certificate that is {name} was accepted");
         }
@@ -110,7 +152,10 @@ fn queries_need_a_bearer_token() {
         }
         let output = command.output().expect("cli runs");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "query with token {token:?} succeeded");
+        assert!(
+            !output.status.success(),
+            "query with token {token:?} succeeded"
+        );
         assert!(stderr.contains("refused the query"), "{stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "one-line error: {stderr}");
     }
@@ -118,7 +163,11 @@ fn queries_need_a_bearer_token() {
     assert!(targets.is_array());
     // Without --ca the CLI says what to pass.
     let output = cli(&binary_dir(), &secured.collector.tls_url(), &["targets"]).expect("cli runs");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--ca"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--ca"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -126,23 +175,43 @@ fn plaintext_is_refused_off_loopback_unless_allowed() {
     let collector = binary(&binary_dir(), "stallscope-collector").expect("collector built");
     let dir = scratch("sec-plain");
     let output = Command::new(&collector)
-        .args(["--plaintext", "--insecure-no-query-auth", "--listen", "0.0.0.0:0", "--data-dir"])
+        .args([
+            "--plaintext",
+            "--insecure-no-query-auth",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+        ])
         .arg(dir.join("data"))
         .output()
         .expect("collector runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("refusing plaintext on 0.0.0.0:0"), "{stderr}");
-    assert!(stderr.contains("--allow-plaintext-non-loopback"), "{stderr}");
+    assert!(
+        stderr.contains("refusing plaintext on 0.0.0.0:0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--allow-plaintext-non-loopback"),
+        "{stderr}"
+    );
     // Neither TLS nor an explicit --plaintext: refused with what to do.
     let output = Command::new(&collector)
-        .args(["--insecure-no-query-auth", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--insecure-no-query-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.join("data"))
         .output()
         .expect("collector runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("--tls-cert") && stderr.contains("--plaintext"), "{stderr}");
+    assert!(
+        stderr.contains("--tls-cert") && stderr.contains("--plaintext"),
+        "{stderr}"
+    );
     // No query tokens configured: refused unless explicitly disabled.
     let output = Command::new(&collector)
         .args(["--plaintext", "--listen", "127.0.0.1:0", "--data-dir"])

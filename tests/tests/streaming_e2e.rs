@@ -36,82 +36,182 @@ fn streamed_profiles_match_a_local_recording() {
     let collector = CollectorProcess::start(
         &bin,
         free_port().expect("port"),
-        &["--plaintext", "--query-tokens", TEST_TOKEN, "--data-dir", &data],
+        &[
+            "--plaintext",
+            "--query-tokens",
+            TEST_TOKEN,
+            "--data-dir",
+            &data,
+        ],
         &[],
     )
     .expect("collector starts");
     let url = collector.plaintext_url();
 
-    let mut workload = Workload::start(&binary(&bin, "stallscope-workload").expect("workload built"), &["markers", "800"]).expect("workload");
+    let mut workload = Workload::start(
+        &binary(&bin, "stallscope-workload").expect("workload built"),
+        &["markers", "800"],
+    )
+    .expect("workload");
     let pid = workload.pid.to_string();
     let recorded = dir.join("recorded.pb.gz");
     let recorded_arg = recorded.to_string_lossy().into_owned();
     let mut record = AgentRun::start(
         &binary(&bin, "stallscope-agent").expect("agent built"),
-        &["record", "--pid", &pid, "--duration", "10m", "-o", &recorded_arg, "--signals", "offcpu,oncpu"],
+        &[
+            "record",
+            "--pid",
+            &pid,
+            "--duration",
+            "10m",
+            "-o",
+            &recorded_arg,
+            "--signals",
+            "offcpu,oncpu",
+        ],
     )
     .expect("record starts");
-    record.wait_ready(Duration::from_secs(60)).expect("record ready");
-    let run = start_run(&bin, &url, &dir.join("spool"), "e2e-agent", &["--pid", &pid, "--signals", "offcpu,oncpu"]).expect("run starts");
+    record
+        .wait_ready(Duration::from_secs(60))
+        .expect("record ready");
+    let run = start_run(
+        &bin,
+        &url,
+        &dir.join("spool"),
+        "e2e-agent",
+        &["--pid", &pid, "--signals", "offcpu,oncpu"],
+    )
+    .expect("run starts");
     workload.go().expect("go");
-    workload.wait_done(Duration::from_secs(120)).expect("scenario done");
+    workload
+        .wait_done(Duration::from_secs(120))
+        .expect("scenario done");
     record.interrupt();
     let (summary, _) = stop_run(run).expect("run stops");
     let record_exit = record.wait(Duration::from_secs(60)).expect("record stops");
     assert!(record_exit.status.success(), "{}", record_exit.stderr);
     assert!(summary.all_acknowledged, "{summary:?}");
-    workload.finish(Duration::from_secs(10)).expect("workload exits");
+    workload
+        .finish(Duration::from_secs(10))
+        .expect("workload exits");
 
     let reference = decode_pprof(&std::fs::read(&recorded).expect("recorded")).expect("pprof");
-    let marker_ref = reference.total_where(column(&reference, "off_cpu"), |s| reference.stack_contains(s, "offcpu_marker_sleep")) as f64;
+    let marker_ref = reference.total_where(column(&reference, "off_cpu"), |s| {
+        reference.stack_contains(s, "offcpu_marker_sleep")
+    }) as f64;
     let oncpu_ref = reference.total(column(&reference, "on_cpu")) as f64;
-    assert!(marker_ref > 0.9e9, "record saw {marker_ref} ns in the marker");
+    assert!(
+        marker_ref > 0.9e9,
+        "record saw {marker_ref} ns in the marker"
+    );
 
     // `top`: the marker's total time and the process's on-CPU time.
-    let top = cli_json(&bin, &url, &["top", "--since", "15m", "--pid", &pid, "-n", "200"]).expect("top");
+    let top = cli_json(
+        &bin,
+        &url,
+        &["top", "--since", "15m", "--pid", &pid, "-n", "200"],
+    )
+    .expect("top");
     let marker = top["functions"]
         .as_array()
         .expect("functions")
         .iter()
-        .find(|row| row["function"].as_str().is_some_and(|f| f.ends_with("offcpu_marker_sleep")))
-        .unwrap_or_else(|| panic!("no offcpu_marker_sleep among the functions of top: {}", top["functions"]))["total_ns"]
+        .find(|row| {
+            row["function"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("offcpu_marker_sleep"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no offcpu_marker_sleep among the functions of top: {}",
+                top["functions"]
+            )
+        })["total_ns"]
         .as_f64()
         .expect("number");
-    assert!(within(marker, marker_ref, 0.05), "top: marker {marker} ns vs record {marker_ref} ns");
+    assert!(
+        within(marker, marker_ref, 0.05),
+        "top: marker {marker} ns vs record {marker_ref} ns"
+    );
     let oncpu = top["by_kind"]["on_cpu"].as_f64().expect("on_cpu total");
-    assert!(within(oncpu, oncpu_ref, 0.05), "top: on-CPU {oncpu} ns vs record {oncpu_ref} ns");
+    assert!(
+        within(oncpu, oncpu_ref, 0.05),
+        "top: on-CPU {oncpu} ns vs record {oncpu_ref} ns"
+    );
 
     // `flame` in every format.
     for file in ["flame.svg", "flame.pb.gz", "flame.folded", "flame.json"] {
         let path = dir.join(file);
-        let output = cli(&bin, &url, &["flame", "--since", "15m", "--pid", &pid, "-o", &path.to_string_lossy()]).expect("flame");
-        assert!(output.status.success(), "flame {file}: {}", String::from_utf8_lossy(&output.stderr));
+        let output = cli(
+            &bin,
+            &url,
+            &[
+                "flame",
+                "--since",
+                "15m",
+                "--pid",
+                &pid,
+                "-o",
+                &path.to_string_lossy(),
+            ],
+        )
+        .expect("flame");
+        assert!(
+            output.status.success(),
+            "flame {file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let bytes = std::fs::read(&path).expect("written");
         match file {
             "flame.pb.gz" => {
                 let profile = decode_pprof(&bytes).expect("pprof decodes");
-                let streamed = profile.total_where(column(&profile, "off_cpu"), |s| profile.stack_contains(s, "offcpu_marker_sleep")) as f64;
-                assert!(within(streamed, marker_ref, 0.05), "pprof: marker {streamed} vs {marker_ref}");
-                assert!(within(profile.total(column(&profile, "on_cpu")) as f64, oncpu_ref, 0.05));
+                let streamed = profile.total_where(column(&profile, "off_cpu"), |s| {
+                    profile.stack_contains(s, "offcpu_marker_sleep")
+                }) as f64;
+                assert!(
+                    within(streamed, marker_ref, 0.05),
+                    "pprof: marker {streamed} vs {marker_ref}"
+                );
+                assert!(within(
+                    profile.total(column(&profile, "on_cpu")) as f64,
+                    oncpu_ref,
+                    0.05
+                ));
             }
             "flame.folded" => {
                 let lines = parse_folded(bytes.as_slice()).expect("folded parses");
-                let streamed: u64 = lines.iter().filter(|(f, _)| f.iter().any(|n| n.ends_with("offcpu_marker_sleep"))).map(|(_, v)| v).sum();
-                assert!(within(streamed as f64, marker_ref, 0.05), "folded: {streamed} vs {marker_ref}");
+                let streamed: u64 = lines
+                    .iter()
+                    .filter(|(f, _)| f.iter().any(|n| n.ends_with("offcpu_marker_sleep")))
+                    .map(|(_, v)| v)
+                    .sum();
+                assert!(
+                    within(streamed as f64, marker_ref, 0.05),
+                    "folded: {streamed} vs {marker_ref}"
+                );
             }
             "flame.svg" => {
                 let svg = String::from_utf8_lossy(&bytes);
                 assert!(svg.contains("offcpu_marker_sleep") && svg.contains("oncpu_marker_spin"));
             }
             _ => {
-                let json: serde_json::Value = serde_json::from_slice(&bytes).expect("speedscope JSON");
-                assert_eq!(json["$schema"], "https://www.speedscope.app/file-format-schema.json");
+                let json: serde_json::Value =
+                    serde_json::from_slice(&bytes).expect("speedscope JSON");
+                assert_eq!(
+                    json["$schema"],
+                    "https://www.speedscope.app/file-format-schema.json"
+                );
             }
         }
     }
 
     // `series` adds up to the same totals, `targets` lists the workload.
-    let series = cli_json(&bin, &url, &["series", "--since", "15m", "--pid", &pid, "--step", "1s"]).expect("series");
+    let series = cli_json(
+        &bin,
+        &url,
+        &["series", "--since", "15m", "--pid", &pid, "--step", "1s"],
+    )
+    .expect("series");
     let off_total: i64 = series["lines"]
         .as_array()
         .expect("lines")
@@ -120,16 +220,50 @@ fn streamed_profiles_match_a_local_recording() {
         .flat_map(|l| l["points"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p["value"].as_i64())
         .sum();
-    assert_eq!(off_total, top["by_kind"]["off_cpu"].as_i64().expect("off_cpu"), "series and top disagree");
+    assert_eq!(
+        off_total,
+        top["by_kind"]["off_cpu"].as_i64().expect("off_cpu"),
+        "series and top disagree"
+    );
     let targets = cli_json(&bin, &url, &["targets", "--since", "15m"]).expect("targets");
     assert!(
-        targets.as_array().expect("array").iter().any(|t| t["pid"] == pid.as_str() && t["service"] == "stallscope-work"),
+        targets
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|t| t["pid"] == pid.as_str() && t["service"] == "stallscope-work"),
         "{targets}"
     );
     // The text forms print too (a person reads them).
-    let text = cli(&bin, &url, &["top", "--since", "15m", "--pid", &pid, "-n", "100"]).expect("top");
+    let text = cli(
+        &bin,
+        &url,
+        &["top", "--since", "15m", "--pid", &pid, "-n", "100"],
+    )
+    .expect("top");
     assert!(String::from_utf8_lossy(&text.stdout).contains("offcpu_marker_sleep"));
-    let diff = cli(&bin, &url, &["diff", "--before", "2h..1h", "--after", "15m..now", "--pid", &pid, "-n", "100", "-o", &dir.join("diff.svg").to_string_lossy()]).expect("diff");
-    assert!(diff.status.success(), "{}", String::from_utf8_lossy(&diff.stderr));
+    let diff = cli(
+        &bin,
+        &url,
+        &[
+            "diff",
+            "--before",
+            "2h..1h",
+            "--after",
+            "15m..now",
+            "--pid",
+            &pid,
+            "-n",
+            "100",
+            "-o",
+            &dir.join("diff.svg").to_string_lossy(),
+        ],
+    )
+    .expect("diff");
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
     assert!(String::from_utf8_lossy(&diff.stdout).contains("offcpu_marker_sleep"));
 }

@@ -127,6 +127,30 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
+    // The collector's figures: `ingest` and `query` measure both together, optionally
+    // restricted to `sqlite` or `clickhouse`.
+    let collector_args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| matches!(*a, "ingest" | "query" | "sqlite" | "clickhouse"))
+        .collect();
+    let agent_args: Vec<String> = args
+        .iter()
+        .filter(|a| !collector_args.contains(&a.as_str()))
+        .cloned()
+        .collect();
+    if !collector_args.is_empty() || args.is_empty() {
+        let backends: Vec<&str> = collector_args
+            .iter()
+            .copied()
+            .filter(|a| matches!(*a, "sqlite" | "clickhouse"))
+            .collect();
+        crate::bench_collector::run(&backends)?;
+        if agent_args.is_empty() && !args.is_empty() {
+            return Ok(());
+        }
+    }
+    let args = agent_args.as_slice();
     if !util::is_root() {
         bail!("benchmarks load eBPF probes: run them as root, e.g. `sudo -E cargo xtask bench`");
     }

@@ -75,11 +75,16 @@ const USERS: &str = r#"<?xml version="1.0"?>
 
 /// Whether a ClickHouse server answers `/ping` on the test port.
 pub fn answering() -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&([127, 0, 0, 1], HTTP_PORT).into(), Duration::from_secs(1)) else {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], HTTP_PORT).into(), Duration::from_secs(1))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream.write_all(b"GET /ping HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+    if stream
+        .write_all(b"GET /ping HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut response = String::new();
@@ -114,13 +119,17 @@ impl Drop for Server {
 /// Installs ClickHouse if needed and makes sure a test server answers on 127.0.0.1.
 pub fn ensure_running() -> anyhow::Result<Server> {
     if answering() {
-        eprintln!("xtask: using the ClickHouse server already answering at {}", url());
+        eprintln!(
+            "xtask: using the ClickHouse server already answering at {}",
+            url()
+        );
         return Ok(Server { child: None });
     }
     debian::ensure(&["clickhouse-server"])?;
     let home = home();
     for sub in ["data", "tmp", "user_files", "format_schemas"] {
-        std::fs::create_dir_all(home.join(sub)).with_context(|| format!("creating {}", home.display()))?;
+        std::fs::create_dir_all(home.join(sub))
+            .with_context(|| format!("creating {}", home.display()))?;
     }
     std::fs::write(home.join("config.xml"), config(&home))?;
     std::fs::write(home.join("users.xml"), USERS)?;
@@ -128,10 +137,17 @@ pub fn ensure_running() -> anyhow::Result<Server> {
         .into_iter()
         .find(|p| Path::new(p).exists())
         .context("clickhouse-server is not installed (apt-get install clickhouse-server)")?;
-    eprintln!("xtask: starting ClickHouse at {} (data in {})", url(), home.display());
+    eprintln!(
+        "xtask: starting ClickHouse at {} (data in {})",
+        url(),
+        home.display()
+    );
     let log = std::fs::File::create(home.join("stdout.log"))?;
     let child = Command::new(binary)
-        .arg(format!("--config-file={}", home.join("config.xml").display()))
+        .arg(format!(
+            "--config-file={}",
+            home.join("config.xml").display()
+        ))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -146,10 +162,17 @@ pub fn ensure_running() -> anyhow::Result<Server> {
         {
             server.child = None;
             let errors = std::fs::read_to_string(home.join("error.log")).unwrap_or_default();
-            bail!("clickhouse-server exited ({status}) at start-up: {}", errors.lines().last().unwrap_or_default());
+            bail!(
+                "clickhouse-server exited ({status}) at start-up: {}",
+                errors.lines().last().unwrap_or_default()
+            );
         }
         if Instant::now() > deadline {
-            bail!("ClickHouse did not answer at {} within 60 s; see {}", url(), home.join("error.log").display());
+            bail!(
+                "ClickHouse did not answer at {} within 60 s; see {}",
+                url(),
+                home.join("error.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -163,14 +186,20 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             let mut server = ensure_running()?;
             // Leave it running for the developer; `stop` ends it by its pid file.
             if let Some(child) = server.child.take() {
-                eprintln!("xtask: ClickHouse runs as pid {}; `cargo xtask clickhouse stop` ends it", child.id());
+                eprintln!(
+                    "xtask: ClickHouse runs as pid {}; `cargo xtask clickhouse stop` ends it",
+                    child.id()
+                );
             }
             Ok(())
         }
         Some("stop") => {
             let pid_file = home().join("server.pid");
             let Ok(pid) = std::fs::read_to_string(&pid_file) else {
-                eprintln!("xtask: no ClickHouse started by xtask is recorded ({})", pid_file.display());
+                eprintln!(
+                    "xtask: no ClickHouse started by xtask is recorded ({})",
+                    pid_file.display()
+                );
                 return Ok(());
             };
             let pid: libc::pid_t = pid.trim().parse().context("pid file")?;

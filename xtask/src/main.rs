@@ -2,6 +2,7 @@
 //! a fresh machine needs nothing installed by hand.
 
 mod bench;
+mod bench_collector;
 mod bootstrap;
 mod clickhouse;
 mod debian;

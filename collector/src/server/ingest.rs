@@ -56,7 +56,12 @@ impl<S: Storage> IngestService<S> {
             tracing::error!("storing batch {sequence} of {agent}: {err}");
             Status::unavailable(format!("storage is unavailable, retry later: {err}"))
         };
-        if self.storage.is_stored(agent, sequence).await.map_err(internal)? {
+        if self
+            .storage
+            .is_stored(agent, sequence)
+            .await
+            .map_err(internal)?
+        {
             return Ok(Ack {
                 sequence,
                 duplicate: true,
@@ -100,7 +105,9 @@ impl<S: Storage> Ingest for IngestService<S> {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let agent = identity::agent_identity(&request, self.identity)?;
         let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted("the collector serves its maximum number of agent streams; retry later")
+            Status::resource_exhausted(
+                "the collector serves its maximum number of agent streams; retry later",
+            )
         })?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);

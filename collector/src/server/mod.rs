@@ -58,10 +58,16 @@ pub async fn serve<S: Storage>(
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_service_status(stallscope_proto::INGEST_SERVICE, tonic_health::ServingStatus::Serving)
+        .set_service_status(
+            stallscope_proto::INGEST_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
     health_reporter
-        .set_service_status(stallscope_proto::QUERY_SERVICE, tonic_health::ServingStatus::Serving)
+        .set_service_status(
+            stallscope_proto::QUERY_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)

@@ -23,7 +23,8 @@ pub struct QueryService<S> {
 }
 
 fn range(range: Option<v1::TimeRange>, what: &str) -> Result<TimeRange, Status> {
-    let range = range.ok_or_else(|| Status::invalid_argument(format!("{what}: a time range is required")))?;
+    let range = range
+        .ok_or_else(|| Status::invalid_argument(format!("{what}: a time range is required")))?;
     if range.from_unix_ns < 0 || range.until_unix_ns <= range.from_unix_ns {
         return Err(Status::invalid_argument(format!(
             "{what}: the time range must have from < until (got {}..{})",
@@ -31,7 +32,9 @@ fn range(range: Option<v1::TimeRange>, what: &str) -> Result<TimeRange, Status> 
         )));
     }
     if range.until_unix_ns - range.from_unix_ns > MAX_RANGE_NS {
-        return Err(Status::invalid_argument(format!("{what}: time ranges are limited to 366 days")));
+        return Err(Status::invalid_argument(format!(
+            "{what}: time ranges are limited to 366 days"
+        )));
     }
     Ok(TimeRange {
         from_unix_ns: range.from_unix_ns,
@@ -48,7 +51,11 @@ fn filter(filter: Option<v1::Filter>) -> Filter {
         pid: set(filter.pid),
         signal: set(filter.signal),
         cause: set(filter.cause),
-        labels: filter.labels.into_iter().map(|l| (l.key, l.value)).collect(),
+        labels: filter
+            .labels
+            .into_iter()
+            .map(|l| (l.key, l.value))
+            .collect(),
     }
 }
 
@@ -63,14 +70,24 @@ impl<S: Storage> QueryService<S> {
     }
 
     async fn pprof(&self, range: TimeRange, filter: Filter) -> Result<(Vec<u8>, u64), Status> {
-        let profile = self.storage.profile(range, filter).await.map_err(storage_status)?;
-        Ok((encode_pprof_uncompressed(&profile), profile.samples.len() as u64))
+        let profile = self
+            .storage
+            .profile(range, filter)
+            .await
+            .map_err(storage_status)?;
+        Ok((
+            encode_pprof_uncompressed(&profile),
+            profile.samples.len() as u64,
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl<S: Storage> Query for QueryService<S> {
-    async fn targets(&self, request: Request<v1::TargetsRequest>) -> Result<Response<v1::TargetsResponse>, Status> {
+    async fn targets(
+        &self,
+        request: Request<v1::TargetsRequest>,
+    ) -> Result<Response<v1::TargetsResponse>, Status> {
         self.authorize(&request)?;
         let range = range(request.into_inner().range, "targets")?;
         let targets = self.storage.targets(range).await.map_err(storage_status)?;
@@ -90,21 +107,33 @@ impl<S: Storage> Query for QueryService<S> {
         }))
     }
 
-    async fn profile(&self, request: Request<v1::ProfileRequest>) -> Result<Response<v1::ProfileResponse>, Status> {
+    async fn profile(
+        &self,
+        request: Request<v1::ProfileRequest>,
+    ) -> Result<Response<v1::ProfileResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        let (pprof, samples) = self.pprof(range(request.range, "profile")?, filter(request.filter)).await?;
+        let (pprof, samples) = self
+            .pprof(range(request.range, "profile")?, filter(request.filter))
+            .await?;
         Ok(Response::new(v1::ProfileResponse { pprof, samples }))
     }
 
-    async fn series(&self, request: Request<v1::SeriesRequest>) -> Result<Response<v1::SeriesResponse>, Status> {
+    async fn series(
+        &self,
+        request: Request<v1::SeriesRequest>,
+    ) -> Result<Response<v1::SeriesResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
         let range = range(request.range, "series")?;
         let group_by = match request.group_by.as_str() {
             "" | "signal" => GroupBy::Signal,
             "cause" => GroupBy::Cause,
-            other => return Err(Status::invalid_argument(format!("group_by `{other}`: use signal or cause"))),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "group_by `{other}`: use signal or cause"
+                )));
+            }
         };
         let span_s = (range.until_unix_ns - range.from_unix_ns) / 1_000_000_000;
         let step_s = if request.step_ns > 0 {
@@ -115,7 +144,9 @@ impl<S: Storage> Query for QueryService<S> {
         .max(self.base_resolution_s)
         .max(1);
         if span_s / step_s > 100_000 {
-            return Err(Status::invalid_argument("series: the step is too small for this range (over 100000 points)"));
+            return Err(Status::invalid_argument(
+                "series: the step is too small for this range (over 100000 points)",
+            ));
         }
         let lines = self
             .storage
@@ -143,7 +174,10 @@ impl<S: Storage> Query for QueryService<S> {
         }))
     }
 
-    async fn diff(&self, request: Request<v1::DiffRequest>) -> Result<Response<v1::DiffResponse>, Status> {
+    async fn diff(
+        &self,
+        request: Request<v1::DiffRequest>,
+    ) -> Result<Response<v1::DiffResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
         let before = range(request.before, "diff (before)")?;
@@ -157,7 +191,10 @@ impl<S: Storage> Query for QueryService<S> {
         }))
     }
 
-    async fn windows(&self, request: Request<v1::WindowsRequest>) -> Result<Response<v1::WindowsResponse>, Status> {
+    async fn windows(
+        &self,
+        request: Request<v1::WindowsRequest>,
+    ) -> Result<Response<v1::WindowsResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
         let windows = self
@@ -180,7 +217,10 @@ impl<S: Storage> Query for QueryService<S> {
         }))
     }
 
-    async fn agents(&self, request: Request<v1::AgentsRequest>) -> Result<Response<v1::AgentsResponse>, Status> {
+    async fn agents(
+        &self,
+        request: Request<v1::AgentsRequest>,
+    ) -> Result<Response<v1::AgentsResponse>, Status> {
         self.authorize(&request)?;
         let agents = self.storage.agents().await.map_err(storage_status)?;
         Ok(Response::new(v1::AgentsResponse {

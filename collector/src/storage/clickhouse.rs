@@ -126,8 +126,16 @@ fn quote(text: &str) -> String {
 impl ClickHouseStore {
     /// Connects to `url` (e.g. `http://127.0.0.1:8123`) and creates the database and
     /// tables if needed.
-    pub async fn connect(url: &str, database: &str, retention: Retention) -> Result<Self, StorageError> {
-        if database.is_empty() || !database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    pub async fn connect(
+        url: &str,
+        database: &str,
+        retention: Retention,
+    ) -> Result<Self, StorageError> {
+        if database.is_empty()
+            || !database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
             return Err(StorageError::Invalid(format!(
                 "ClickHouse database name `{database}`: use letters, digits and underscores"
             )));
@@ -197,7 +205,10 @@ impl ClickHouseStore {
 
     /// Writes a batch's dictionary entries, series and sample rows, but not its marker:
     /// what a crash before the marker leaves behind. Public for the crash tests.
-    pub async fn store_rows_without_marker(&self, batch: &NormalizedBatch) -> Result<(), StorageError> {
+    pub async fn store_rows_without_marker(
+        &self,
+        batch: &NormalizedBatch,
+    ) -> Result<(), StorageError> {
         let ts = ts_u32(bucket_of(
             batch.start_unix_ns.div_euclid(1_000_000_000),
             self.retention.base_resolution_s(),
@@ -308,7 +319,11 @@ impl ClickHouseStore {
     }
 
     /// The time span each tier's table answers for, intersected with `[from, until)`.
-    async fn tier_spans(&self, from_s: i64, until_s: i64) -> Result<Vec<(String, i64, i64)>, StorageError> {
+    async fn tier_spans(
+        &self,
+        from_s: i64,
+        until_s: i64,
+    ) -> Result<Vec<(String, i64, i64)>, StorageError> {
         let done = self.downsampled_until().await?;
         let mut spans = Vec::new();
         let mut upper = i64::MAX;
@@ -344,7 +359,11 @@ impl ClickHouseStore {
             .collect())
     }
 
-    async fn matching_series(&self, range: TimeRange, filter: &Filter) -> Result<HashMap<i64, (String, String, Labels)>, StorageError> {
+    async fn matching_series(
+        &self,
+        range: TimeRange,
+        filter: &Filter,
+    ) -> Result<HashMap<i64, (String, String, Labels)>, StorageError> {
         let (from_s, until_s) = range.seconds();
         let base = self.retention.base_resolution_s();
         let mut sql = format!(
@@ -353,13 +372,19 @@ impl ClickHouseStore {
             ts_u32(bucket_of(from_s, base) - self.coarsest_resolution_s()),
             ts_u32(until_s)
         );
-        for (column, value) in [("host", &filter.host), ("service", &filter.service), ("pid", &filter.pid), ("cause", &filter.cause)] {
+        for (column, value) in [
+            ("host", &filter.host),
+            ("service", &filter.service),
+            ("pid", &filter.pid),
+            ("cause", &filter.cause),
+        ] {
             if let Some(value) = value {
                 sql.push_str(&format!(" AND {column} = {}", quote(value)));
             }
         }
         sql.push_str(" GROUP BY id");
-        let rows: Vec<(i64, String, String, String, String, String, String)> = self.client.query_raw(&sql).fetch_all().await?;
+        let rows: Vec<(i64, String, String, String, String, String, String)> =
+            self.client.query_raw(&sql).fetch_all().await?;
         let mut out = HashMap::new();
         for (id, host, service, pid, signal, cause, labels_json) in rows {
             let labels: Labels = serde_json::from_str(&labels_json).unwrap_or_default();
@@ -399,7 +424,11 @@ impl ClickHouseStore {
         let mut out = Vec::new();
         for (table, lo, hi) in self.tier_spans(from_s, until_s).await? {
             for chunk in ids.chunks(IN_CHUNK) {
-                let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let list = chunk
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
                 let sql = sql_for(&list, &table, lo, hi);
                 out.extend(self.client.query_raw(&sql).fetch_all::<T>().await?);
             }
@@ -407,7 +436,11 @@ impl ClickHouseStore {
         Ok(out)
     }
 
-    async fn losses_in(&self, range: TimeRange, host: Option<&str>) -> Result<Losses, StorageError> {
+    async fn losses_in(
+        &self,
+        range: TimeRange,
+        host: Option<&str>,
+    ) -> Result<Losses, StorageError> {
         let mut sql = format!(
             "SELECT losses FROM batches FINAL WHERE start_ns >= {} AND start_ns < {}",
             range.from_unix_ns, range.until_unix_ns
@@ -468,10 +501,16 @@ impl Storage for ClickHouseStore {
         stack_ids.sort_unstable();
         stack_ids.dedup();
         for chunk in stack_ids.chunks(IN_CHUNK) {
-            let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            let list = chunk
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
             let stacks: Vec<StackRow> = self
                 .client
-                .query_raw(&format!("SELECT id, any(frames) FROM stacks WHERE id IN ({list}) GROUP BY id"))
+                .query_raw(&format!(
+                    "SELECT id, any(frames) FROM stacks WHERE id IN ({list}) GROUP BY id"
+                ))
                 .fetch_all()
                 .await?;
             for stack in stacks {
@@ -489,10 +528,21 @@ impl Storage for ClickHouseStore {
         Ok(builder.finish(range, format!("{} series matched", series.len()), losses))
     }
 
-    async fn series(&self, range: TimeRange, filter: Filter, group_by: GroupBy, step_s: i64) -> Result<Vec<SeriesLine>, StorageError> {
+    async fn series(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+        group_by: GroupBy,
+        step_s: i64,
+    ) -> Result<Vec<SeriesLine>, StorageError> {
         let (from_s, until_s) = range.seconds();
         let step_s = step_s.max(1);
-        let units: HashMap<String, String> = self.signals().await?.into_iter().map(|s| (s.name, s.value_unit)).collect();
+        let units: HashMap<String, String> = self
+            .signals()
+            .await?
+            .into_iter()
+            .map(|s| (s.name, s.value_unit))
+            .collect();
         let series = self.matching_series(range, &filter).await?;
         let ids: Vec<i64> = series.keys().copied().collect();
         let rows: Vec<(i64, i64, i64, i64)> = self
@@ -509,7 +559,9 @@ impl Storage for ClickHouseStore {
         for (series_id, bucket, value, count) in rows {
             if let Some((signal, cause, _)) = series.get(&series_id) {
                 let unit = units.get(signal).cloned().unwrap_or_default();
-                let line = lines.entry(series_key(group_by, signal, cause)).or_insert_with(|| (unit, BTreeMap::new()));
+                let line = lines
+                    .entry(series_key(group_by, signal, cause))
+                    .or_insert_with(|| (unit, BTreeMap::new()));
                 let point = line.1.entry(bucket).or_default();
                 point.0 += value;
                 point.1 += count;
@@ -534,7 +586,8 @@ impl Storage for ClickHouseStore {
             ts_u32(bucket_of(from_s, self.retention.base_resolution_s()) - self.coarsest_resolution_s()),
             ts_u32(until_s)
         );
-        let rows: Vec<(String, String, String, String, String, i64, i64)> = self.client.query_raw(&sql).fetch_all().await?;
+        let rows: Vec<(String, String, String, String, String, i64, i64)> =
+            self.client.query_raw(&sql).fetch_all().await?;
         let mut targets: BTreeMap<(String, String, String, String), Target> = BTreeMap::new();
         for (host, service, process, pid, signal, first, last) in rows {
             let key = (host, service, process, pid);
@@ -566,16 +619,18 @@ impl Storage for ClickHouseStore {
             .await?;
         Ok(rows
             .into_iter()
-            .map(|(agent, host, batches, first, last, dropped, last_ns, samples)| AgentSummary {
-                agent,
-                host,
-                batches,
-                first_sequence: first,
-                last_sequence: last,
-                spool_dropped_total: dropped,
-                last_batch_unix_ns: last_ns,
-                samples,
-            })
+            .map(
+                |(agent, host, batches, first, last, dropped, last_ns, samples)| AgentSummary {
+                    agent,
+                    host,
+                    batches,
+                    first_sequence: first,
+                    last_sequence: last,
+                    spool_dropped_total: dropped,
+                    last_batch_unix_ns: last_ns,
+                    samples,
+                },
+            )
             .collect())
     }
 
@@ -657,7 +712,12 @@ impl Storage for ClickHouseStore {
                 .execute()
                 .await?;
             let mut insert = self.client.insert::<TierRow>("downsampled").await?;
-            insert.write(&TierRow { tier: index as u8, until: ts_u32(cutoff) }).await?;
+            insert
+                .write(&TierRow {
+                    tier: index as u8,
+                    until: ts_u32(cutoff),
+                })
+                .await?;
             insert.end().await?;
             report.rows_downsampled += moved;
         }
@@ -666,7 +726,11 @@ impl Storage for ClickHouseStore {
         let last_keep = tiers.last().map_or(0, |t| t.keep.as_secs() as i64);
         for (index, _) in tiers.iter().enumerate() {
             let table = Self::samples_table(index);
-            let below = if index + 1 == tiers.len() { now_unix_s - last_keep } else { done.get(index).copied().unwrap_or(0) };
+            let below = if index + 1 == tiers.len() {
+                now_unix_s - last_keep
+            } else {
+                done.get(index).copied().unwrap_or(0)
+            };
             let day_limit = day_number(below);
             let parts: Vec<(String, u64)> = self
                 .client
@@ -678,7 +742,11 @@ impl Storage for ClickHouseStore {
                 .fetch_all()
                 .await?;
             for (partition, rows) in parts {
-                if partition.trim_matches('\'').parse::<i64>().is_ok_and(|day| day < day_limit) {
+                if partition
+                    .trim_matches('\'')
+                    .parse::<i64>()
+                    .is_ok_and(|day| day < day_limit)
+                {
                     self.client
                         .query_raw(&format!("ALTER TABLE {table} DROP PARTITION {partition}"))
                         .execute()

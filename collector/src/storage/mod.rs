@@ -213,7 +213,9 @@ impl FromStr for Retention {
                 ));
             }
             if let Some(previous) = tiers.last().map(|t: &Tier| *t) {
-                if resolution.as_secs() % previous.resolution.as_secs() != 0 || keep <= previous.keep {
+                if resolution.as_secs() % previous.resolution.as_secs() != 0
+                    || keep <= previous.keep
+                {
                     return Err(format!(
                         "retention tier `{part}`: each tier's resolution must be a multiple of the previous one's and it must keep data longer"
                     ));
@@ -254,7 +256,11 @@ pub fn parse_span(text: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use s, m, h or d)"
+            ));
+        }
     };
     Ok(Duration::from_secs(number.saturating_mul(seconds)))
 }

@@ -118,7 +118,11 @@ impl SqliteStore {
     }
 }
 
-fn store_batch(writer: &mut Writer, batch: &NormalizedBatch, base_res: i64) -> Result<StoreOutcome, StorageError> {
+fn store_batch(
+    writer: &mut Writer,
+    batch: &NormalizedBatch,
+    base_res: i64,
+) -> Result<StoreOutcome, StorageError> {
     let tx = writer.conn.transaction()?;
     let inserted = tx
         .prepare_cached(
@@ -142,7 +146,8 @@ fn store_batch(writer: &mut Writer, batch: &NormalizedBatch, base_res: i64) -> R
     let mut new_stacks = Vec::new();
     let mut new_series = Vec::new();
     {
-        let mut signal_stmt = tx.prepare_cached("INSERT OR REPLACE INTO signals VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        let mut signal_stmt =
+            tx.prepare_cached("INSERT OR REPLACE INTO signals VALUES (?1, ?2, ?3, ?4, ?5)")?;
         for signal in &batch.signals {
             if !writer.known_signals.contains(&signal.name) {
                 signal_stmt.execute(params![
@@ -224,13 +229,22 @@ struct SeriesRow {
     labels: Labels,
 }
 
-fn matching_series(conn: &Connection, range: TimeRange, filter: &Filter) -> Result<Vec<SeriesRow>, StorageError> {
+fn matching_series(
+    conn: &Connection,
+    range: TimeRange,
+    filter: &Filter,
+) -> Result<Vec<SeriesRow>, StorageError> {
     let (from_s, until_s) = range.seconds();
     let mut sql = String::from(
         "SELECT id, host, service, pid, signal, cause, labels FROM series WHERE last_s >= ?1 AND first_s < ?2",
     );
     let mut args: Vec<String> = Vec::new();
-    for (column, value) in [("host", &filter.host), ("service", &filter.service), ("pid", &filter.pid), ("cause", &filter.cause)] {
+    for (column, value) in [
+        ("host", &filter.host),
+        ("service", &filter.service),
+        ("pid", &filter.pid),
+        ("cause", &filter.cause),
+    ] {
         if let Some(value) = value {
             args.push(value.clone());
             sql.push_str(&format!(" AND {column} = ?{}", args.len() + 2));
@@ -269,7 +283,9 @@ fn matching_series(conn: &Connection, range: TimeRange, filter: &Filter) -> Resu
 }
 
 fn load_signals(conn: &Connection) -> Result<Vec<SignalDef>, StorageError> {
-    let mut stmt = conn.prepare_cached("SELECT name, value_kind, value_unit, count_kind, count_unit FROM signals")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, value_kind, value_unit, count_kind, count_unit FROM signals",
+    )?;
     let rows = stmt.query_map([], |row| {
         Ok(SignalDef {
             name: row.get(0)?,
@@ -282,12 +298,19 @@ fn load_signals(conn: &Connection) -> Result<Vec<SignalDef>, StorageError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn losses_in(conn: &Connection, range: TimeRange, host: Option<&str>) -> Result<Losses, StorageError> {
+fn losses_in(
+    conn: &Connection,
+    range: TimeRange,
+    host: Option<&str>,
+) -> Result<Losses, StorageError> {
     let mut stmt = conn.prepare_cached(
         "SELECT losses FROM batches WHERE start_ns >= ?1 AND start_ns < ?2 AND (?3 IS NULL OR host = ?3)",
     )?;
     let mut total = Losses::new();
-    let rows = stmt.query_map(params![range.from_unix_ns, range.until_unix_ns, host], |row| row.get::<_, String>(0))?;
+    let rows = stmt.query_map(
+        params![range.from_unix_ns, range.until_unix_ns, host],
+        |row| row.get::<_, String>(0),
+    )?;
     for json in rows {
         let losses: BTreeMap<String, u64> = serde_json::from_str(&json?).unwrap_or_default();
         for (reason, count) in losses {
@@ -297,7 +320,11 @@ fn losses_in(conn: &Connection, range: TimeRange, host: Option<&str>) -> Result<
     Ok(total)
 }
 
-fn query_profile(conn: &Connection, range: TimeRange, filter: &Filter) -> Result<Profile, StorageError> {
+fn query_profile(
+    conn: &Connection,
+    range: TimeRange,
+    filter: &Filter,
+) -> Result<Profile, StorageError> {
     let (from_s, until_s) = range.seconds();
     let signals = load_signals(conn)?;
     let mut builder = ProfileBuilder::new(&signals);
@@ -311,19 +338,32 @@ fn query_profile(conn: &Connection, range: TimeRange, filter: &Filter) -> Result
         while let Some(row) = rows.next()? {
             let stack: i64 = row.get(0)?;
             if !builder.has_stack(stack) {
-                let blob: Option<Vec<u8>> = stack_stmt.query_row([stack], |r| r.get(0)).optional()?;
+                let blob: Option<Vec<u8>> =
+                    stack_stmt.query_row([stack], |r| r.get(0)).optional()?;
                 if let Some(frames) = blob.as_deref().and_then(StoredStack::decode_frames) {
                     builder.add_stack(stack, frames);
                 }
             }
-            builder.add(&series.signal, &series.labels, stack, row.get(1)?, row.get(2)?);
+            builder.add(
+                &series.signal,
+                &series.labels,
+                stack,
+                row.get(1)?,
+                row.get(2)?,
+            );
         }
     }
     let losses = losses_in(conn, range, filter.host.as_deref())?;
     Ok(builder.finish(range, format!("{} series matched", series.len()), losses))
 }
 
-fn query_series(conn: &Connection, range: TimeRange, filter: &Filter, group_by: GroupBy, step_s: i64) -> Result<Vec<SeriesLine>, StorageError> {
+fn query_series(
+    conn: &Connection,
+    range: TimeRange,
+    filter: &Filter,
+    group_by: GroupBy,
+    step_s: i64,
+) -> Result<Vec<SeriesLine>, StorageError> {
     let (from_s, until_s) = range.seconds();
     let step_s = step_s.max(1);
     let units: HashMap<String, String> = load_signals(conn)?
@@ -387,20 +427,27 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
                      ON CONFLICT (series, ts, stack) DO UPDATE SET value = value + excluded.value,
                                                                    count = count + excluded.count",
                 )?;
-                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE series = ?1 AND ts < ?2 AND ts % ?3 != 0")?;
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM samples WHERE series = ?1 AND ts < ?2 AND ts % ?3 != 0",
+                )?;
                 for &id in &series {
                     merge.execute(params![id, cutoff, resolution])?;
-                    report.rows_downsampled += delete.execute(params![id, cutoff, resolution])? as u64;
+                    report.rows_downsampled +=
+                        delete.execute(params![id, cutoff, resolution])? as u64;
                 }
             }
             None => {
                 let cutoff = now_s - keep;
-                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE series = ?1 AND ts < ?2")?;
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM samples WHERE series = ?1 AND ts < ?2")?;
                 for &id in &series {
                     report.rows_deleted += delete.execute(params![id, cutoff])? as u64;
                 }
                 tx.execute("DELETE FROM series WHERE last_s < ?1", [cutoff])?;
-                tx.execute("DELETE FROM batches WHERE start_ns < ?1", [cutoff.saturating_mul(1_000_000_000)])?;
+                tx.execute(
+                    "DELETE FROM batches WHERE start_ns < ?1",
+                    [cutoff.saturating_mul(1_000_000_000)],
+                )?;
             }
         }
     }
@@ -432,11 +479,21 @@ impl Storage for SqliteStore {
     }
 
     async fn profile(&self, range: TimeRange, filter: Filter) -> Result<Profile, StorageError> {
-        self.blocking(move |inner| query_profile(&*lock(&inner.reader)?, range, &filter)).await
+        self.blocking(move |inner| query_profile(&*lock(&inner.reader)?, range, &filter))
+            .await
     }
 
-    async fn series(&self, range: TimeRange, filter: Filter, group_by: GroupBy, step_s: i64) -> Result<Vec<SeriesLine>, StorageError> {
-        self.blocking(move |inner| query_series(&*lock(&inner.reader)?, range, &filter, group_by, step_s)).await
+    async fn series(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+        group_by: GroupBy,
+        step_s: i64,
+    ) -> Result<Vec<SeriesLine>, StorageError> {
+        self.blocking(move |inner| {
+            query_series(&*lock(&inner.reader)?, range, &filter, group_by, step_s)
+        })
+        .await
     }
 
     async fn targets(&self, range: TimeRange) -> Result<Vec<Target>, StorageError> {
@@ -450,7 +507,8 @@ impl Storage for SqliteStore {
             let mut targets: BTreeMap<(String, String, String, String), Target> = BTreeMap::new();
             let mut rows = stmt.query(params![from_s, until_s])?;
             while let Some(row) = rows.next()? {
-                let key: (String, String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                let key: (String, String, String, String) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
                 let signal: String = row.get(4)?;
                 let (first, last): (i64, i64) = (row.get(5)?, row.get(6)?);
                 let target = targets.entry(key.clone()).or_insert_with(|| Target {
@@ -500,7 +558,14 @@ impl Storage for SqliteStore {
             let writer = lock(&inner.writer)?;
             writer.conn.execute(
                 "INSERT INTO windows VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![window.from_unix_ns, window.until_unix_ns, window.host, window.service, window.source, window.note],
+                params![
+                    window.from_unix_ns,
+                    window.until_unix_ns,
+                    window.host,
+                    window.service,
+                    window.source,
+                    window.note
+                ],
             )?;
             Ok(())
         })
@@ -531,7 +596,8 @@ impl Storage for SqliteStore {
     }
 
     async fn maintain(&self, now_unix_s: i64) -> Result<MaintenanceReport, StorageError> {
-        self.blocking(move |inner| maintain(inner, now_unix_s)).await
+        self.blocking(move |inner| maintain(inner, now_unix_s))
+            .await
     }
 }
 
