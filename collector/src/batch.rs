@@ -114,30 +114,40 @@ impl SeriesDef {
     }
 }
 
-/// A deduplicated stack: its content hash and frames, innermost first.
+/// A deduplicated stack: its content hash and its frames (indices into the batch's
+/// frames), innermost first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StackDef {
     pub id: i64,
-    pub frames: Vec<Frame>,
+    pub frames: Vec<u32>,
 }
 
-impl StackDef {
-    pub fn new(frames: Vec<Frame>) -> Self {
-        let mut hasher = StableHasher::new().u64(frames.len() as u64);
-        for frame in &frames {
-            hasher = hasher
-                .str(&frame.function)
-                .str(frame.module.as_deref().unwrap_or(""))
-                .str(frame.file.as_deref().unwrap_or(""))
-                .u64(u64::from(frame.line.unwrap_or(0)))
-                .u64(frame.address)
-                .u64(frame_kind_code(frame.kind));
-        }
-        Self {
-            id: hasher.finish(),
-            frames,
-        }
+/// The content hash of one frame; a stack's id hashes its frames' hashes, so each frame is
+/// hashed once per batch however many stacks share it. Equal to the hash of the same frame
+/// in model form (an empty module or file is "none", line 0 is "unknown").
+pub fn frame_hash(frame: &v1::Frame) -> u64 {
+    let kind = match v1::FrameKind::try_from(frame.kind) {
+        Ok(v1::FrameKind::Kernel) => FrameKind::Kernel,
+        Ok(v1::FrameKind::Synthetic) => FrameKind::Synthetic,
+        _ => FrameKind::User,
+    };
+    StableHasher::new()
+        .str(&frame.function)
+        .str(&frame.module)
+        .str(&frame.file)
+        .u64(u64::from(frame.line))
+        .u64(frame.address)
+        .u64(frame_kind_code(kind))
+        .finish() as u64
+}
+
+/// A stack's id from its frames' hashes, innermost first.
+pub fn stack_id(frame_hashes: impl ExactSizeIterator<Item = u64>) -> i64 {
+    let mut hasher = StableHasher::new().u64(frame_hashes.len() as u64);
+    for hash in frame_hashes {
+        hasher = hasher.u64(hash);
     }
+    hasher.finish()
 }
 
 fn frame_kind_code(kind: FrameKind) -> u64 {
@@ -168,6 +178,8 @@ pub struct NormalizedBatch {
     pub spool_dropped_total: u64,
     pub signals: Vec<SignalDef>,
     pub series: Vec<SeriesDef>,
+    /// Frames the stacks refer to, as they came (converted only for new stacks).
+    pub frames: Vec<v1::Frame>,
     pub stacks: Vec<StackDef>,
     /// One row per distinct (series, stack).
     pub rows: Vec<Row>,
@@ -179,6 +191,19 @@ impl NormalizedBatch {
     /// whichever collector replica stores it.
     pub fn batch_id(&self) -> i64 {
         batch_id(&self.agent, self.sequence)
+    }
+
+    /// The frames of `stack`, innermost first.
+    pub fn stack_frames<'a>(&'a self, stack: &'a StackDef) -> impl Iterator<Item = &'a v1::Frame> + 'a {
+        stack.frames.iter().filter_map(|&i| self.frames.get(i as usize))
+    }
+
+    /// A stack as storage keeps it.
+    pub fn encode_stack(&self, stack: &StackDef) -> Vec<u8> {
+        StoredStack {
+            frames: self.stack_frames(stack).cloned().collect(),
+        }
+        .encode_to_vec()
     }
 
     pub fn losses_json(&self) -> String {
@@ -282,20 +307,19 @@ pub fn normalize(
     {
         return Err(bad(format!("signal {empty} has no name or value kind")));
     }
-    let frames: Vec<Frame> = batch.frames.iter().map(frame_from_wire).collect();
+    let hashes: Vec<u64> = batch.frames.iter().map(frame_hash).collect();
+    let frame_count = batch.frames.len();
     let mut stacks = Vec::with_capacity(batch.stacks.len());
     for (index, stack) in batch.stacks.iter().enumerate() {
-        let mut resolved = Vec::with_capacity(stack.frames.len());
-        for &frame in &stack.frames {
-            let frame = frames.get(frame as usize).ok_or_else(|| {
-                bad(format!(
-                    "stack {index} refers to frame {frame}, but the batch has {} frames",
-                    frames.len()
-                ))
-            })?;
-            resolved.push(frame.clone());
+        if let Some(&dangling) = stack.frames.iter().find(|&&f| f as usize >= frame_count) {
+            return Err(bad(format!(
+                "stack {index} refers to frame {dangling}, but the batch has {frame_count} frames"
+            )));
         }
-        stacks.push(StackDef::new(resolved));
+        stacks.push(StackDef {
+            id: stack_id(stack.frames.iter().map(|&f| hashes[f as usize])),
+            frames: stack.frames.clone(),
+        });
     }
     let string = |index: u32| -> Result<&str, InvalidBatch> {
         batch
@@ -309,8 +333,10 @@ pub fn normalize(
                 ))
             })
     };
-    let mut series_index: HashMap<i64, usize> = HashMap::new();
     let mut series = Vec::new();
+    // Samples of one series (same labels, other stacks) share their label indices: the
+    // series is built once per distinct (signal, label indices).
+    let mut series_of: HashMap<(u32, &[u32]), i64> = HashMap::new();
     let mut rows: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
     let mut used_stacks = vec![false; stacks.len()];
     for (index, sample) in batch.samples.iter().enumerate() {
@@ -329,36 +355,39 @@ pub fn normalize(
             ))
         })?;
         used_stacks[sample.stack as usize] = true;
-        if sample.labels.len() % 2 != 0 {
-            return Err(bad(format!(
-                "sample {index} has an odd number of label indices (key, value pairs expected)"
-            )));
-        }
-        let mut labels = Labels::new();
-        for pair in sample.labels.chunks_exact(2) {
-            labels.insert(string(pair[0])?.to_owned(), string(pair[1])?.to_owned());
-        }
-        labels.insert("signal".to_owned(), signal.name.clone());
-        let def = SeriesDef::new(agent, &host, &signal.name, labels);
-        let id = def.id;
-        if let std::collections::hash_map::Entry::Vacant(slot) = series_index.entry(id) {
-            slot.insert(series.len());
-            series.push(def);
-        }
+        let id = match series_of.get(&(sample.signal, sample.labels.as_slice())) {
+            Some(&id) => id,
+            None => {
+                if sample.labels.len() % 2 != 0 {
+                    return Err(bad(format!(
+                        "sample {index} has an odd number of label indices (key, value pairs expected)"
+                    )));
+                }
+                let mut labels = Labels::new();
+                for pair in sample.labels.chunks_exact(2) {
+                    labels.insert(string(pair[0])?.to_owned(), string(pair[1])?.to_owned());
+                }
+                labels.insert("signal".to_owned(), signal.name.clone());
+                let def = SeriesDef::new(agent, &host, &signal.name, labels);
+                let id = def.id;
+                if !series.iter().any(|s: &SeriesDef| s.id == id) {
+                    series.push(def);
+                }
+                series_of.insert((sample.signal, sample.labels.as_slice()), id);
+                id
+            }
+        };
         let entry = rows.entry((id, stack.id)).or_default();
         entry.0 = entry.0.saturating_add(sample.value);
         entry.1 = entry.1.saturating_add(sample.count);
     }
-    let stacks = stacks
+    let mut seen = std::collections::HashSet::new();
+    let stacks: Vec<StackDef> = stacks
         .into_iter()
         .zip(used_stacks)
         .filter_map(|(stack, used)| used.then_some(stack))
-        .fold(Vec::new(), |mut unique: Vec<StackDef>, stack| {
-            if !unique.iter().any(|s| s.id == stack.id) {
-                unique.push(stack);
-            }
-            unique
-        });
+        .filter(|stack| seen.insert(stack.id))
+        .collect();
     let mut rows: Vec<Row> = rows
         .into_iter()
         .map(|((series, stack), (value, count))| Row {
@@ -378,6 +407,7 @@ pub fn normalize(
         spool_dropped_total: batch.spool_dropped_total,
         signals,
         series,
+        frames: batch.frames,
         stacks,
         rows,
         losses: batch
@@ -428,13 +458,6 @@ pub struct StoredStack {
 }
 
 impl StoredStack {
-    pub fn encode_frames(frames: &[Frame]) -> Vec<u8> {
-        Self {
-            frames: frames.iter().map(frame_to_wire).collect(),
-        }
-        .encode_to_vec()
-    }
-
     pub fn decode_frames(bytes: &[u8]) -> Option<Vec<Frame>> {
         Self::decode(bytes)
             .ok()

@@ -19,10 +19,15 @@ use tonic::{Request, metadata::MetadataValue};
 
 use crate::{clickhouse, util};
 
-/// The data set: `AGENTS` hosts, one batch per 10 s for 24 h each.
+/// The data set: `AGENTS` hosts, one batch per 10 s for 24 h each (`BENCH_HOURS`
+/// shortens it for quick runs; the query then still asks for 24 h).
 const AGENTS: u64 = 4;
 const BATCH_SECONDS: i64 = 10;
-const BATCHES_PER_AGENT: u64 = 24 * 3600 / BATCH_SECONDS as u64;
+
+fn batches_per_agent() -> u64 {
+    let hours: u64 = std::env::var("BENCH_HOURS").ok().and_then(|h| h.parse().ok()).unwrap_or(24);
+    hours.clamp(1, 24) * 3600 / BATCH_SECONDS as u64
+}
 const SHAPE: Shape = Shape {
     services: 5,
     threads_per_service: 2,
@@ -36,7 +41,7 @@ const QUERY_RUNS: usize = 7;
 fn frames(agent: u64, start_s: i64) -> Vec<IngestFrame> {
     let host = format!("bench-host-{agent}");
     let mut batch = synthetic::batch(&host, &host, 0, 0, BATCH_SECONDS * 1_000_000_000, SHAPE);
-    (0..BATCHES_PER_AGENT)
+    (0..batches_per_agent())
         .map(|sequence| {
             batch.sequence = sequence;
             batch.start_unix_ns = (start_s + sequence as i64 * BATCH_SECONDS) * 1_000_000_000;
@@ -94,19 +99,20 @@ fn bench_backend(release: &Path, storage_args: &[&str]) -> anyhow::Result<Figure
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
     let start_s = now_s - 24 * 3600;
     eprintln!(
-        "  preparing {AGENTS} agents x {BATCHES_PER_AGENT} batches of {} samples",
+        "  preparing {AGENTS} agents x {} batches of {} samples",
+        batches_per_agent(),
         SHAPE.samples_per_signal() * 2
     );
     let all: Vec<Vec<IngestFrame>> = (0..AGENTS).map(|agent| frames(agent, start_s)).collect();
     let mut args = vec!["--plaintext", "--query-tokens", TOKEN];
     args.extend_from_slice(storage_args);
-    let collector = CollectorProcess::start(release, free_port()?, &args, &[("RUST_LOG", "warn")])?;
+    let collector = CollectorProcess::start(release, free_port()?, &args, &[])?;
     let port = collector.port;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let samples = AGENTS * BATCHES_PER_AGENT * SHAPE.samples_per_signal() * 2;
+    let samples = AGENTS * batches_per_agent() * SHAPE.samples_per_signal() * 2;
     eprintln!("  ingesting {samples} samples");
     let started = Instant::now();
     runtime.block_on(async {

@@ -234,7 +234,7 @@ impl ClickHouseStore {
             insert
                 .write(&StackRow {
                     id: stack.id,
-                    frames: StoredStack::encode_frames(&stack.frames),
+                    frames: batch.encode_stack(stack),
                 })
                 .await?;
         }

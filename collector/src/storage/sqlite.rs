@@ -31,12 +31,15 @@ CREATE TABLE IF NOT EXISTS stacks (id INTEGER PRIMARY KEY, frames BLOB NOT NULL)
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY, agent TEXT NOT NULL, host TEXT NOT NULL, signal TEXT NOT NULL,
     service TEXT NOT NULL, process TEXT NOT NULL, pid TEXT NOT NULL, cause TEXT NOT NULL,
-    labels TEXT NOT NULL, first_s INTEGER NOT NULL, last_s INTEGER NOT NULL);
+    labels TEXT NOT NULL, first_s INTEGER NOT NULL, last_s INTEGER NOT NULL, svc INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS series_service ON series (service, last_s);
+-- Rows are clustered by service, then time: a batch appends at a few places (one per
+-- service) instead of all over the table, and a service's time range is one contiguous
+-- scan.
 CREATE TABLE IF NOT EXISTS samples (
-    series INTEGER NOT NULL, ts INTEGER NOT NULL, stack INTEGER NOT NULL,
+    svc INTEGER NOT NULL, ts INTEGER NOT NULL, series INTEGER NOT NULL, stack INTEGER NOT NULL,
     value INTEGER NOT NULL, count INTEGER NOT NULL,
-    PRIMARY KEY (series, ts, stack)) WITHOUT ROWID;
+    PRIMARY KEY (svc, ts, series, stack)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS windows (
     from_ns INTEGER NOT NULL, until_ns INTEGER NOT NULL, host TEXT NOT NULL,
     service TEXT NOT NULL, source TEXT NOT NULL, note TEXT NOT NULL);
@@ -162,12 +165,12 @@ fn store_batch(
         let mut stack_stmt = tx.prepare_cached("INSERT OR IGNORE INTO stacks VALUES (?1, ?2)")?;
         for stack in &batch.stacks {
             if !writer.known_stacks.contains(&stack.id) {
-                stack_stmt.execute(params![stack.id, StoredStack::encode_frames(&stack.frames)])?;
+                stack_stmt.execute(params![stack.id, batch.encode_stack(stack)])?;
                 new_stacks.push(stack.id);
             }
         }
         let mut series_stmt = tx.prepare_cached(
-            "INSERT INTO series VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+            "INSERT INTO series VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
              ON CONFLICT (id) DO UPDATE SET first_s = min(first_s, excluded.first_s),
                                             last_s = max(last_s, excluded.last_s)",
         )?;
@@ -187,18 +190,21 @@ fn store_batch(
                     series.pid,
                     series.cause,
                     series.labels_json(),
-                    ts
+                    ts,
+                    service_key(&series.service)
                 ])?;
                 new_series.push(series.id);
             }
         }
         let mut row_stmt = tx.prepare_cached(
-            "INSERT INTO samples VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (series, ts, stack) DO UPDATE SET value = value + excluded.value,
-                                                           count = count + excluded.count",
+            "INSERT INTO samples VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (svc, ts, series, stack) DO UPDATE SET value = value + excluded.value,
+                                                                count = count + excluded.count",
         )?;
+        let svc_of: HashMap<i64, i64> = batch.series.iter().map(|s| (s.id, service_key(&s.service))).collect();
         for row in &batch.rows {
-            row_stmt.execute(params![row.series, ts, row.stack, row.value, row.count])?;
+            let svc = svc_of.get(&row.series).copied().unwrap_or(0);
+            row_stmt.execute(params![svc, ts, row.series, row.stack, row.value, row.count])?;
         }
     }
     tx.commit()?;
@@ -221,9 +227,15 @@ fn store_batch(
     Ok(StoreOutcome::Stored)
 }
 
+/// The clustering key of a service's rows.
+fn service_key(service: &str) -> i64 {
+    crate::hash::StableHasher::new().str(service).finish()
+}
+
 /// A series row as queries see it.
 struct SeriesRow {
     id: i64,
+    svc: i64,
     signal: String,
     cause: String,
     labels: Labels,
@@ -236,7 +248,7 @@ fn matching_series(
 ) -> Result<Vec<SeriesRow>, StorageError> {
     let (from_s, until_s) = range.seconds();
     let mut sql = String::from(
-        "SELECT id, host, service, pid, signal, cause, labels FROM series WHERE last_s >= ?1 AND first_s < ?2",
+        "SELECT id, host, service, pid, signal, cause, labels, svc FROM series WHERE last_s >= ?1 AND first_s < ?2",
     );
     let mut args: Vec<String> = Vec::new();
     for (column, value) in [
@@ -273,6 +285,7 @@ fn matching_series(
         if filter.matches(&columns, &labels) {
             out.push(SeriesRow {
                 id: row.get(0)?,
+                svc: row.get(7)?,
                 signal,
                 cause,
                 labels,
@@ -329,32 +342,56 @@ fn query_profile(
     let signals = load_signals(conn)?;
     let mut builder = ProfileBuilder::new(&signals);
     let series = matching_series(conn, range, filter)?;
-    let mut rows_stmt = conn.prepare_cached(
-        "SELECT stack, sum(value), sum(count) FROM samples WHERE series = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY stack",
-    )?;
+    let mut sums: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
+    for_rows(conn, &series, from_s, until_s, |series, _, stack, value, count| {
+        let sum = sums.entry((series, stack)).or_default();
+        sum.0 += value;
+        sum.1 += count;
+    })?;
+    let by_id: HashMap<i64, &SeriesRow> = series.iter().map(|s| (s.id, s)).collect();
     let mut stack_stmt = conn.prepare_cached("SELECT frames FROM stacks WHERE id = ?1")?;
-    for series in &series {
-        let mut rows = rows_stmt.query(params![series.id, from_s, until_s])?;
-        while let Some(row) = rows.next()? {
-            let stack: i64 = row.get(0)?;
-            if !builder.has_stack(stack) {
-                let blob: Option<Vec<u8>> =
-                    stack_stmt.query_row([stack], |r| r.get(0)).optional()?;
-                if let Some(frames) = blob.as_deref().and_then(StoredStack::decode_frames) {
-                    builder.add_stack(stack, frames);
-                }
+    for ((series_id, stack), (value, count)) in sums {
+        let Some(series) = by_id.get(&series_id) else {
+            continue;
+        };
+        if !builder.has_stack(stack) {
+            let blob: Option<Vec<u8>> = stack_stmt.query_row([stack], |r| r.get(0)).optional()?;
+            if let Some(frames) = blob.as_deref().and_then(StoredStack::decode_frames) {
+                builder.add_stack(stack, frames);
             }
-            builder.add(
-                &series.signal,
-                &series.labels,
-                stack,
-                row.get(1)?,
-                row.get(2)?,
-            );
         }
+        builder.add(&series.signal, &series.labels, stack, value, count);
     }
     let losses = losses_in(conn, range, filter.host.as_deref())?;
     Ok(builder.finish(range, format!("{} series matched", series.len()), losses))
+}
+
+/// Calls `row(series, ts, stack, value, count)` for every row of `series` in
+/// `[from_s, until_s)`: one clustered scan per service.
+fn for_rows(
+    conn: &Connection,
+    series: &[SeriesRow],
+    from_s: i64,
+    until_s: i64,
+    mut row: impl FnMut(i64, i64, i64, i64, i64),
+) -> Result<(), StorageError> {
+    let mut by_service: HashMap<i64, HashSet<i64>> = HashMap::new();
+    for s in series {
+        by_service.entry(s.svc).or_default().insert(s.id);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT series, ts, stack, value, count FROM samples WHERE svc = ?1 AND ts >= ?2 AND ts < ?3",
+    )?;
+    for (svc, wanted) in by_service {
+        let mut rows = stmt.query(params![svc, from_s, until_s])?;
+        while let Some(r) = rows.next()? {
+            let series: i64 = r.get(0)?;
+            if wanted.contains(&series) {
+                row(series, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn query_series(
@@ -371,21 +408,22 @@ fn query_series(
         .map(|s| (s.name, s.value_unit))
         .collect();
     let mut lines: BTreeMap<String, (String, BTreeMap<i64, (i64, i64)>)> = BTreeMap::new();
-    let mut stmt = conn.prepare_cached(
-        "SELECT ts - ((ts - ?4) % ?5), sum(value), sum(count) FROM samples
-         WHERE series = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY 1",
-    )?;
-    for series in matching_series(conn, range, filter)? {
-        let key = series_key(group_by, &series.signal, &series.cause);
-        let unit = units.get(&series.signal).cloned().unwrap_or_default();
-        let line = lines.entry(key).or_insert_with(|| (unit, BTreeMap::new()));
-        let mut rows = stmt.query(params![series.id, from_s, until_s, from_s, step_s])?;
-        while let Some(row) = rows.next()? {
-            let point = line.1.entry(row.get(0)?).or_default();
-            point.0 += row.get::<_, i64>(1)?;
-            point.1 += row.get::<_, i64>(2)?;
+    let series = matching_series(conn, range, filter)?;
+    let key_of: HashMap<i64, (String, String)> = series
+        .iter()
+        .map(|s| {
+            let unit = units.get(&s.signal).cloned().unwrap_or_default();
+            (s.id, (series_key(group_by, &s.signal, &s.cause), unit))
+        })
+        .collect();
+    for_rows(conn, &series, from_s, until_s, |series, ts, _, value, count| {
+        if let Some((key, unit)) = key_of.get(&series) {
+            let line = lines.entry(key.clone()).or_insert_with(|| (unit.clone(), BTreeMap::new()));
+            let point = line.1.entry(ts - (ts - from_s).rem_euclid(step_s)).or_default();
+            point.0 += value;
+            point.1 += count;
         }
-    }
+    })?;
     Ok(lines
         .into_iter()
         .map(|(key, (value_unit, points))| SeriesLine {
@@ -411,8 +449,8 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
     let tiers = &inner.retention.tiers;
     let mut report = MaintenanceReport::default();
     let tx = writer.conn.transaction()?;
-    let series: Vec<i64> = tx
-        .prepare("SELECT id FROM series")?
+    let services: Vec<i64> = tx
+        .prepare("SELECT DISTINCT svc FROM series")?
         .query_map([], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
     for (index, tier) in tiers.iter().enumerate() {
@@ -422,32 +460,25 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
                 let resolution = next.resolution.as_secs().max(1) as i64;
                 let cutoff = bucket_of(now_s - keep, resolution);
                 let mut merge = tx.prepare_cached(
-                    "INSERT INTO samples SELECT series, ts - (ts % ?3), stack, value, count FROM samples
-                     WHERE series = ?1 AND ts < ?2 AND ts % ?3 != 0
-                     ON CONFLICT (series, ts, stack) DO UPDATE SET value = value + excluded.value,
-                                                                   count = count + excluded.count",
+                    "INSERT INTO samples SELECT svc, ts - (ts % ?3), series, stack, value, count FROM samples
+                     WHERE svc = ?1 AND ts < ?2 AND ts % ?3 != 0
+                     ON CONFLICT (svc, ts, series, stack) DO UPDATE SET value = value + excluded.value,
+                                                                        count = count + excluded.count",
                 )?;
-                let mut delete = tx.prepare_cached(
-                    "DELETE FROM samples WHERE series = ?1 AND ts < ?2 AND ts % ?3 != 0",
-                )?;
-                for &id in &series {
-                    merge.execute(params![id, cutoff, resolution])?;
-                    report.rows_downsampled +=
-                        delete.execute(params![id, cutoff, resolution])? as u64;
+                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE svc = ?1 AND ts < ?2 AND ts % ?3 != 0")?;
+                for &svc in &services {
+                    merge.execute(params![svc, cutoff, resolution])?;
+                    report.rows_downsampled += delete.execute(params![svc, cutoff, resolution])? as u64;
                 }
             }
             None => {
                 let cutoff = now_s - keep;
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM samples WHERE series = ?1 AND ts < ?2")?;
-                for &id in &series {
-                    report.rows_deleted += delete.execute(params![id, cutoff])? as u64;
+                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE svc = ?1 AND ts < ?2")?;
+                for &svc in &services {
+                    report.rows_deleted += delete.execute(params![svc, cutoff])? as u64;
                 }
                 tx.execute("DELETE FROM series WHERE last_s < ?1", [cutoff])?;
-                tx.execute(
-                    "DELETE FROM batches WHERE start_ns < ?1",
-                    [cutoff.saturating_mul(1_000_000_000)],
-                )?;
+                tx.execute("DELETE FROM batches WHERE start_ns < ?1", [cutoff.saturating_mul(1_000_000_000)])?;
             }
         }
     }
