@@ -53,6 +53,8 @@ pub struct SqliteStore {
 
 struct Inner {
     writer: Mutex<Writer>,
+    /// Batches waiting for the next group commit.
+    pending: Mutex<Vec<Pending>>,
     reader: Mutex<Connection>,
     retention: Retention,
     path: PathBuf,
@@ -99,6 +101,7 @@ impl SqliteStore {
                     known_series: HashMap::new(),
                     known_signals: HashSet::new(),
                 }),
+                pending: Mutex::new(Vec::new()),
                 reader: Mutex::new(reader),
                 retention,
                 path,
@@ -121,16 +124,107 @@ impl SqliteStore {
     }
 }
 
-fn store_batch(
+/// A batch waiting for the next group commit, with where its outcome goes.
+type Pending = (NormalizedBatch, tokio::sync::oneshot::Sender<Result<StoreOutcome, StorageError>>);
+
+/// Most rows committed in one transaction (a group of batches).
+const GROUP_ROWS: usize = 200_000;
+
+/// Group commit: whoever holds the writer takes every batch waiting and stores them in
+/// one transaction (each with its own marker, so each is still all-or-nothing and
+/// deduplicated), then answers each. Under load this turns many small commits into few.
+fn commit_pending(inner: &Inner) {
+    let Ok(mut writer) = inner.writer.lock() else {
+        return;
+    };
+    loop {
+        let group: Vec<Pending> = {
+            let Ok(mut pending) = inner.pending.lock() else {
+                return;
+            };
+            let mut rows = 0;
+            let mut take = 0;
+            while take < pending.len() && (take == 0 || rows + pending[take].0.rows.len() <= GROUP_ROWS) {
+                rows += pending[take].0.rows.len();
+                take += 1;
+            }
+            pending.drain(..take).collect()
+        };
+        if group.is_empty() {
+            return;
+        }
+        let base = inner.retention.base_resolution_s();
+        let batches: Vec<&NormalizedBatch> = group.iter().map(|(batch, _)| batch).collect();
+        match store_group(&mut writer, &batches, base) {
+            Ok(outcomes) => {
+                for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                let message = err.to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(StorageError::Worker(format!("group commit failed: {message}"))));
+                }
+            }
+        }
+    }
+}
+
+/// What a committed batch added to the writer's caches.
+#[derive(Default)]
+struct Added {
+    stacks: Vec<i64>,
+    series: Vec<(i64, i64)>,
+    signals: Vec<String>,
+}
+
+fn store_group(
     writer: &mut Writer,
+    batches: &[&NormalizedBatch],
+    base_res: i64,
+) -> Result<Vec<StoreOutcome>, StorageError> {
+    let Writer {
+        conn,
+        known_stacks,
+        known_series,
+        known_signals,
+    } = writer;
+    let tx = conn.transaction()?;
+    let mut outcomes = Vec::with_capacity(batches.len());
+    let mut added = Added::default();
+    for batch in batches {
+        outcomes.push(write_batch(&tx, batch, base_res, known_stacks, known_series, known_signals, &mut added)?);
+    }
+    tx.commit()?;
+    // Only after the commit: a rolled-back transaction must not leave ids marked stored.
+    if known_stacks.len() > CACHE_LIMIT {
+        known_stacks.clear();
+    }
+    known_stacks.extend(added.stacks);
+    if known_series.len() > CACHE_LIMIT {
+        known_series.clear();
+    }
+    for (id, ts) in added.series {
+        let entry = known_series.entry(id).or_insert((ts, ts));
+        entry.0 = entry.0.min(ts);
+        entry.1 = entry.1.max(ts);
+    }
+    known_signals.extend(added.signals);
+    Ok(outcomes)
+}
+
+fn write_batch(
+    tx: &rusqlite::Transaction<'_>,
     batch: &NormalizedBatch,
     base_res: i64,
+    known_stacks: &HashSet<i64>,
+    known_series: &HashMap<i64, (i64, i64)>,
+    known_signals: &HashSet<String>,
+    added: &mut Added,
 ) -> Result<StoreOutcome, StorageError> {
-    let tx = writer.conn.transaction()?;
     let inserted = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO batches VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?
+        .prepare_cached("INSERT OR IGNORE INTO batches VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?
         .execute(params![
             batch.agent,
             batch.sequence as i64,
@@ -146,84 +240,66 @@ fn store_batch(
         return Ok(StoreOutcome::Duplicate);
     }
     let ts = bucket_of(batch.start_unix_ns.div_euclid(1_000_000_000), base_res);
-    let mut new_stacks = Vec::new();
-    let mut new_series = Vec::new();
-    {
-        let mut signal_stmt =
-            tx.prepare_cached("INSERT OR REPLACE INTO signals VALUES (?1, ?2, ?3, ?4, ?5)")?;
-        for signal in &batch.signals {
-            if !writer.known_signals.contains(&signal.name) {
-                signal_stmt.execute(params![
-                    signal.name,
-                    signal.value_kind,
-                    signal.value_unit,
-                    signal.count_kind,
-                    signal.count_unit
-                ])?;
-            }
-        }
-        let mut stack_stmt = tx.prepare_cached("INSERT OR IGNORE INTO stacks VALUES (?1, ?2)")?;
-        for stack in &batch.stacks {
-            if !writer.known_stacks.contains(&stack.id) {
-                stack_stmt.execute(params![stack.id, batch.encode_stack(stack)])?;
-                new_stacks.push(stack.id);
-            }
-        }
-        let mut series_stmt = tx.prepare_cached(
-            "INSERT INTO series VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
-             ON CONFLICT (id) DO UPDATE SET first_s = min(first_s, excluded.first_s),
-                                            last_s = max(last_s, excluded.last_s)",
-        )?;
-        for series in &batch.series {
-            let covered = writer
-                .known_series
-                .get(&series.id)
-                .is_some_and(|&(first, last)| first <= ts && ts <= last);
-            if !covered {
-                series_stmt.execute(params![
-                    series.id,
-                    series.agent,
-                    series.host,
-                    series.signal,
-                    series.service,
-                    series.process,
-                    series.pid,
-                    series.cause,
-                    series.labels_json(),
-                    ts,
-                    service_key(&series.service)
-                ])?;
-                new_series.push(series.id);
-            }
-        }
-        let mut row_stmt = tx.prepare_cached(
-            "INSERT INTO samples VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (svc, ts, series, stack) DO UPDATE SET value = value + excluded.value,
-                                                                count = count + excluded.count",
-        )?;
-        let svc_of: HashMap<i64, i64> = batch.series.iter().map(|s| (s.id, service_key(&s.service))).collect();
-        for row in &batch.rows {
-            let svc = svc_of.get(&row.series).copied().unwrap_or(0);
-            row_stmt.execute(params![svc, ts, row.series, row.stack, row.value, row.count])?;
+    let mut signal_stmt = tx.prepare_cached("INSERT OR REPLACE INTO signals VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    for signal in &batch.signals {
+        if !known_signals.contains(&signal.name) {
+            signal_stmt.execute(params![
+                signal.name,
+                signal.value_kind,
+                signal.value_unit,
+                signal.count_kind,
+                signal.count_unit
+            ])?;
+            added.signals.push(signal.name.clone());
         }
     }
-    tx.commit()?;
-    // Only after the commit: a rolled-back transaction must not leave ids marked stored.
-    if writer.known_stacks.len() > CACHE_LIMIT {
-        writer.known_stacks.clear();
+    let mut stack_stmt = tx.prepare_cached("INSERT OR IGNORE INTO stacks VALUES (?1, ?2)")?;
+    for stack in &batch.stacks {
+        if !known_stacks.contains(&stack.id) {
+            stack_stmt.execute(params![stack.id, batch.encode_stack(stack)])?;
+            added.stacks.push(stack.id);
+        }
     }
-    writer.known_stacks.extend(new_stacks);
-    if writer.known_series.len() > CACHE_LIMIT {
-        writer.known_series.clear();
+    let mut series_stmt = tx.prepare_cached(
+        "INSERT INTO series VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
+         ON CONFLICT (id) DO UPDATE SET first_s = min(first_s, excluded.first_s),
+                                        last_s = max(last_s, excluded.last_s)",
+    )?;
+    for series in &batch.series {
+        let covered = known_series
+            .get(&series.id)
+            .is_some_and(|&(first, last)| first <= ts && ts <= last);
+        if !covered {
+            series_stmt.execute(params![
+                series.id,
+                series.agent,
+                series.host,
+                series.signal,
+                series.service,
+                series.process,
+                series.pid,
+                series.cause,
+                series.labels_json(),
+                ts,
+                service_key(&series.service)
+            ])?;
+            added.series.push((series.id, ts));
+        }
     }
-    for id in new_series {
-        let entry = writer.known_series.entry(id).or_insert((ts, ts));
-        entry.0 = entry.0.min(ts);
-        entry.1 = entry.1.max(ts);
+    let mut row_stmt = tx.prepare_cached(
+        "INSERT INTO samples VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (svc, ts, series, stack) DO UPDATE SET value = value + excluded.value,
+                                                            count = count + excluded.count",
+    )?;
+    let svc_of: HashMap<i64, i64> = batch
+        .series
+        .iter()
+        .map(|s| (s.id, service_key(&s.service)))
+        .collect();
+    for row in &batch.rows {
+        let svc = svc_of.get(&row.series).copied().unwrap_or(0);
+        row_stmt.execute(params![svc, ts, row.series, row.stack, row.value, row.count])?;
     }
-    writer
-        .known_signals
-        .extend(batch.signals.iter().map(|s| s.name.clone()));
     Ok(StoreOutcome::Stored)
 }
 
@@ -501,12 +577,16 @@ impl Storage for SqliteStore {
     }
 
     async fn store(&self, batch: NormalizedBatch) -> Result<StoreOutcome, StorageError> {
-        self.blocking(move |inner| {
-            let base = inner.retention.base_resolution_s();
-            let mut writer = lock(&inner.writer)?;
-            store_batch(&mut writer, &batch, base)
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        lock(&self.inner.pending)?.push((batch, reply));
+        self.blocking(|inner| {
+            commit_pending(inner);
+            Ok(())
         })
-        .await
+        .await?;
+        outcome
+            .await
+            .map_err(|_| StorageError::Worker("the batch was not committed".to_owned()))?
     }
 
     async fn profile(&self, range: TimeRange, filter: Filter) -> Result<Profile, StorageError> {
