@@ -56,9 +56,10 @@ pub fn batch_from_profile(profile: &Profile, agent_id: &str) -> v1::Batch {
     let mut stack_index: HashMap<&[u32], u32> = HashMap::new();
     let mut samples = Vec::new();
     for sample in &profile.samples {
-        let stack = match stack_index.get(sample.stack.as_slice()) {
-            Some(&index) => index,
-            None => {
+        let stack = if let Some(&index) = stack_index.get(sample.stack.as_slice()) {
+            index
+        } else {
+            {
                 let ids = sample
                     .stack
                     .iter()

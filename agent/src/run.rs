@@ -222,7 +222,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     close_batch(&mut accumulator, true)?;
     drop(probes);
     summary.flushed = sender.flush_and_stop(flush_timeout);
-    summary.dropped_total = spool.lock().map(|s| s.dropped_total()).unwrap_or(0);
+    summary.dropped_total = spool.lock().map_or(0, |s| s.dropped_total());
     Ok(summary)
 }
 

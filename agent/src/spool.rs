@@ -112,7 +112,10 @@ impl Spool {
             {
                 let size = entry.metadata().map_err(io(dir))?.len();
                 batches.insert(sequence, size);
-            } else if name.ends_with(".tmp") {
+            } else if Path::new(&name)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("tmp"))
+            {
                 // A write interrupted by a crash: never acknowledged, never complete.
                 let _ = fs::remove_file(entry.path());
             }

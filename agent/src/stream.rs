@@ -93,7 +93,7 @@ impl Shared {
     }
 
     fn spool_empty(&self) -> bool {
-        self.spool.lock().map(|s| s.is_empty()).unwrap_or(true)
+        self.spool.lock().map_or(true, |s| s.is_empty())
     }
 }
 
@@ -263,7 +263,7 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                 let wait = backoff.next();
                 // The first failure and then every tenth, so an outage is visible but
                 // does not flood the log.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(
                         "collector {}: {reason}; retrying in {wait:?}",
                         shared.settings.collector

@@ -128,8 +128,8 @@ pub async fn targets(
         return Ok(());
     }
     println!(
-        "{:<20} {:<24} {:>8}  {:<20} {:<20} {}",
-        "HOST", "SERVICE", "PID", "FIRST", "LAST", "SIGNALS"
+        "{:<20} {:<24} {:>8}  {:<20} {:<20} SIGNALS",
+        "HOST", "SERVICE", "PID", "FIRST", "LAST"
     );
     for t in &targets {
         println!(
@@ -324,12 +324,15 @@ fn write_differential(
         &mut lines,
     )
     .context("building the differential stacks")?;
-    let name = path.to_string_lossy().to_ascii_lowercase();
-    if name.ends_with(".folded") {
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if extension == "folded" {
         return write_atomically(path, |out| Ok(out.write_all(&lines)?));
     }
     anyhow::ensure!(
-        name.ends_with(".svg"),
+        extension == "svg",
         "diff output {}: use .svg (differential flame graph) or .folded",
         path.display()
     );
@@ -341,7 +344,7 @@ fn write_differential(
     let mut options = flamegraph::Options::default();
     options.title = format!("stallscope diff: {before_label} -> {after_label}");
     options.subtitle = Some("width: after; red: more wait time than before, blue: less".to_owned());
-    options.count_name = "ns".to_owned();
+    "ns".clone_into(&mut options.count_name);
     options.colors = Palette::Multi(MultiPalette::Java);
     options.deterministic = true;
     write_atomically(path, |out| {

@@ -64,7 +64,7 @@ pub fn parse_time(text: &str, now_ns: i64) -> anyhow::Result<i64> {
 fn parse_rfc3339(text: &str) -> anyhow::Result<i64> {
     let bad = || anyhow::anyhow!("`{text}` is not RFC 3339 time like 2026-11-29T05:30:00Z");
     let (date, rest) = text.split_at(text.find(['T', ' ']).unwrap_or(text.len()));
-    let mut parts = date.split('-').map(|p| p.parse::<i64>());
+    let mut parts = date.split('-').map(str::parse::<i64>);
     let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day))) =
         (parts.next(), parts.next(), parts.next())
     else {
@@ -76,7 +76,7 @@ fn parse_rfc3339(text: &str) -> anyhow::Result<i64> {
     } else if let Some(position) = rest.rfind(['+', '-']).filter(|&p| p > 0) {
         let (clock, offset) = rest.split_at(position);
         let sign = if offset.starts_with('-') { -1 } else { 1 };
-        let mut hm = offset[1..].split(':').map(|p| p.parse::<i64>());
+        let mut hm = offset[1..].split(':').map(str::parse::<i64>);
         let hours = hm.next().and_then(Result::ok).ok_or_else(bad)?;
         let minutes = hm.next().and_then(Result::ok).unwrap_or(0);
         (clock, sign * (hours * 3600 + minutes * 60))

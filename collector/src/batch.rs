@@ -52,8 +52,8 @@ pub enum InvalidBatch {
 }
 
 impl InvalidBatch {
-    /// Whether the batch was refused for its size (RESOURCE_EXHAUSTED) rather than its
-    /// content (INVALID_ARGUMENT).
+    /// Whether the batch was refused for its size (`RESOURCE_EXHAUSTED`) rather than its
+    /// content (`INVALID_ARGUMENT`).
     pub fn is_size(&self) -> bool {
         matches!(self, Self::TooLarge { .. })
     }
@@ -194,8 +194,14 @@ impl NormalizedBatch {
     }
 
     /// The frames of `stack`, innermost first.
-    pub fn stack_frames<'a>(&'a self, stack: &'a StackDef) -> impl Iterator<Item = &'a v1::Frame> + 'a {
-        stack.frames.iter().filter_map(|&i| self.frames.get(i as usize))
+    pub fn stack_frames<'a>(
+        &'a self,
+        stack: &'a StackDef,
+    ) -> impl Iterator<Item = &'a v1::Frame> + 'a {
+        stack
+            .frames
+            .iter()
+            .filter_map(|&i| self.frames.get(i as usize))
     }
 
     /// A stack as storage keeps it.
@@ -355,9 +361,10 @@ pub fn normalize(
             ))
         })?;
         used_stacks[sample.stack as usize] = true;
-        let id = match series_of.get(&(sample.signal, sample.labels.as_slice())) {
-            Some(&id) => id,
-            None => {
+        let id = if let Some(&id) = series_of.get(&(sample.signal, sample.labels.as_slice())) {
+            id
+        } else {
+            {
                 if sample.labels.len() % 2 != 0 {
                     return Err(bad(format!(
                         "sample {index} has an odd number of label indices (key, value pairs expected)"

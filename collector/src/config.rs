@@ -33,13 +33,14 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// Embedded SQLite under --data-dir (one machine).
+    /// Embedded SQLite under `--data-dir` (one machine).
     Sqlite,
-    /// ClickHouse at --clickhouse-url (a fleet; any number of collector replicas).
+    /// ClickHouse at `--clickhouse-url` (a fleet; any number of collector replicas).
     Clickhouse,
 }
 
 #[derive(Debug, Parser)]
+#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
 #[command(
     name = "stallscope-collector",
     version,
@@ -55,7 +56,7 @@ pub struct Cli {
     /// SQLite: directory of the database.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// ClickHouse HTTP URL, e.g. http://127.0.0.1:8123.
+    /// ClickHouse HTTP URL, e.g. `http://127.0.0.1:8123`.
     #[arg(long, value_name = "URL")]
     pub clickhouse_url: Option<String>,
     /// ClickHouse database.

@@ -28,7 +28,8 @@ impl StableHasher {
         for chunk in &mut chunks {
             let mut word = [0_u8; 8];
             word.copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(23) ^ u64::from_le_bytes(word)).wrapping_mul(FNV_PRIME | 0x9e37_79b9_0000_0000);
+            self.0 = (self.0.rotate_left(23) ^ u64::from_le_bytes(word))
+                .wrapping_mul(FNV_PRIME | 0x9e37_79b9_0000_0000);
         }
         for &byte in chunks.remainder() {
             self.0 ^= u64::from(byte);
@@ -72,9 +73,14 @@ mod tests {
         let a_bc = StableHasher::new().str("a").str("bc").finish();
         assert_ne!(ab_c, a_bc);
         // Stored ids must not change between releases: pinned values.
-        assert_eq!(StableHasher::new().str("stallscope").u64(1).finish(), PINNED_SHORT);
         assert_eq!(
-            StableHasher::new().str("std::collections::hash::map::HashMap::insert").finish(),
+            StableHasher::new().str("stallscope").u64(1).finish(),
+            PINNED_SHORT
+        );
+        assert_eq!(
+            StableHasher::new()
+                .str("std::collections::hash::map::HashMap::insert")
+                .finish(),
             PINNED_LONG
         );
     }

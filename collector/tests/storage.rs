@@ -1,5 +1,5 @@
 //! One storage test suite, run against every backend: SQLite always, ClickHouse when a
-//! server is reachable at `STALLSCOPE_CLICKHOUSE_URL` (default http://127.0.0.1:18123,
+//! server is reachable at `STALLSCOPE_CLICKHOUSE_URL` (default `http://127.0.0.1:18123`,
 //! where `cargo xtask test` starts one); with `CI=true` an unreachable ClickHouse fails
 //! the suite instead of skipping it.
 

@@ -115,7 +115,7 @@ pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<St
     let mut totals = BTreeMap::new();
     for entry in std::fs::read_dir(spool_dir)? {
         let path = entry?.path();
-        if !path.extension().is_some_and(|e| e == "frame") {
+        if path.extension().is_none_or(|e| e != "frame") {
             continue;
         }
         let frame = v1::IngestFrame::decode(std::fs::read(&path)?.as_slice())?;

@@ -25,7 +25,10 @@ const AGENTS: u64 = 4;
 const BATCH_SECONDS: i64 = 10;
 
 fn batches_per_agent() -> u64 {
-    let hours: u64 = std::env::var("BENCH_HOURS").ok().and_then(|h| h.parse().ok()).unwrap_or(24);
+    let hours: u64 = std::env::var("BENCH_HOURS")
+        .ok()
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(24);
     hours.clamp(1, 24) * 3600 / BATCH_SECONDS as u64
 }
 const SHAPE: Shape = Shape {

@@ -59,7 +59,7 @@ fn filter(filter: Option<v1::Filter>) -> Filter {
     }
 }
 
-fn storage_status(err: StorageError) -> Status {
+fn storage_status(err: &StorageError) -> Status {
     tracing::error!("query failed: {err}");
     Status::unavailable(format!("storage error: {err}"))
 }
@@ -74,7 +74,7 @@ impl<S: Storage> QueryService<S> {
             .storage
             .profile(range, filter)
             .await
-            .map_err(storage_status)?;
+            .map_err(|e| storage_status(&e))?;
         Ok((
             encode_pprof_uncompressed(&profile),
             profile.samples.len() as u64,
@@ -90,7 +90,11 @@ impl<S: Storage> Query for QueryService<S> {
     ) -> Result<Response<v1::TargetsResponse>, Status> {
         self.authorize(&request)?;
         let range = range(request.into_inner().range, "targets")?;
-        let targets = self.storage.targets(range).await.map_err(storage_status)?;
+        let targets = self
+            .storage
+            .targets(range)
+            .await
+            .map_err(|e| storage_status(&e))?;
         Ok(Response::new(v1::TargetsResponse {
             targets: targets
                 .into_iter()
@@ -152,7 +156,7 @@ impl<S: Storage> Query for QueryService<S> {
             .storage
             .series(range, filter(request.filter), group_by, step_s)
             .await
-            .map_err(storage_status)?;
+            .map_err(|e| storage_status(&e))?;
         Ok(Response::new(v1::SeriesResponse {
             step_ns: step_s * 1_000_000_000,
             lines: lines
@@ -201,7 +205,7 @@ impl<S: Storage> Query for QueryService<S> {
             .storage
             .windows(range(request.range, "windows")?, filter(request.filter))
             .await
-            .map_err(storage_status)?;
+            .map_err(|e| storage_status(&e))?;
         Ok(Response::new(v1::WindowsResponse {
             windows: windows
                 .into_iter()
@@ -222,7 +226,11 @@ impl<S: Storage> Query for QueryService<S> {
         request: Request<v1::AgentsRequest>,
     ) -> Result<Response<v1::AgentsResponse>, Status> {
         self.authorize(&request)?;
-        let agents = self.storage.agents().await.map_err(storage_status)?;
+        let agents = self
+            .storage
+            .agents()
+            .await
+            .map_err(|e| storage_status(&e))?;
         Ok(Response::new(v1::AgentsResponse {
             agents: agents
                 .into_iter()

@@ -13,14 +13,17 @@
 //! are dropped by partition. The schema avoids what 18.16 lacks (Map, DateTime64, CODEC,
 //! TTL, LowCardinality) and stays valid on current releases.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+};
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 use stallscope_profile::{Labels, Profile};
 
 use super::{
-    AgentSummary, Filter, GroupBy, Losses, MaintenanceReport, ProfileBuilder, Retention,
+    AgentSummary, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder, Retention,
     SeriesColumns, SeriesLine, Storage, StorageError, StoreOutcome, Target, TimeRange, Window,
     bucket_of, sqlite::series_key,
 };
@@ -96,6 +99,9 @@ struct TierRow {
     tier: u8,
     until: u32,
 }
+
+/// One agent's summary as the `agents` query returns it.
+type AgentRow = (String, String, u64, u64, u64, u64, i64, u64);
 
 /// The ClickHouse backend.
 #[derive(Clone)]
@@ -379,7 +385,7 @@ impl ClickHouseStore {
             ("cause", &filter.cause),
         ] {
             if let Some(value) = value {
-                sql.push_str(&format!(" AND {column} = {}", quote(value)));
+                let _ = write!(sql, " AND {column} = {}", quote(value));
             }
         }
         sql.push_str(" GROUP BY id");
@@ -446,7 +452,7 @@ impl ClickHouseStore {
             range.from_unix_ns, range.until_unix_ns
         );
         if let Some(host) = host {
-            sql.push_str(&format!(" AND host = {}", quote(host)));
+            let _ = write!(sql, " AND host = {}", quote(host));
         }
         let rows: Vec<String> = self.client.query_raw(&sql).fetch_all().await?;
         let mut total = Losses::new();
@@ -555,7 +561,7 @@ impl Storage for ClickHouseStore {
                 )
             })
             .await?;
-        let mut lines: BTreeMap<String, (String, BTreeMap<i64, (i64, i64)>)> = BTreeMap::new();
+        let mut lines: LineSums = BTreeMap::new();
         for (series_id, bucket, value, count) in rows {
             if let Some((signal, cause, _)) = series.get(&series_id) {
                 let unit = units.get(signal).cloned().unwrap_or_default();
@@ -609,7 +615,7 @@ impl Storage for ClickHouseStore {
     }
 
     async fn agents(&self) -> Result<Vec<AgentSummary>, StorageError> {
-        let rows: Vec<(String, String, u64, u64, u64, u64, i64, u64)> = self
+        let rows: Vec<AgentRow> = self
             .client
             .query_raw(
                 "SELECT agent, max(host), count(), min(sequence), max(sequence), max(spool_dropped_total),
@@ -656,10 +662,10 @@ impl Storage for ClickHouseStore {
             range.from_unix_ns, range.until_unix_ns
         );
         if let Some(host) = &filter.host {
-            sql.push_str(&format!(" AND host = {}", quote(host)));
+            let _ = write!(sql, " AND host = {}", quote(host));
         }
         if let Some(service) = &filter.service {
-            sql.push_str(&format!(" AND service = {}", quote(service)));
+            let _ = write!(sql, " AND service = {}", quote(service));
         }
         sql.push_str(" ORDER BY from_ns");
         let rows: Vec<WindowRow> = self.client.query_raw(&sql).fetch_all().await?;

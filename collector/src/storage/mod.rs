@@ -200,7 +200,7 @@ impl FromStr for Retention {
 
     /// Parses `10s:24h,1m:14d` (resolution:keep, finest first).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let mut tiers = Vec::new();
+        let mut tiers: Vec<Tier> = Vec::new();
         for part in text.split(',').filter(|p| !p.trim().is_empty()) {
             let (resolution, keep) = part.split_once(':').ok_or_else(|| {
                 format!("retention tier `{part}` must be RESOLUTION:KEEP, e.g. 10s:24h")
@@ -212,14 +212,13 @@ impl FromStr for Retention {
                     "retention tier `{part}`: the resolution must be at least 1s and no longer than the time kept"
                 ));
             }
-            if let Some(previous) = tiers.last().map(|t: &Tier| *t) {
-                if resolution.as_secs() % previous.resolution.as_secs() != 0
-                    || keep <= previous.keep
-                {
-                    return Err(format!(
-                        "retention tier `{part}`: each tier's resolution must be a multiple of the previous one's and it must keep data longer"
-                    ));
-                }
+            if let Some(previous) = tiers.last().copied()
+                && (resolution.as_secs() % previous.resolution.as_secs() != 0
+                    || keep <= previous.keep)
+            {
+                return Err(format!(
+                    "retention tier `{part}`: each tier's resolution must be a multiple of the previous one's and it must keep data longer"
+                ));
             }
             tiers.push(Tier { resolution, keep });
         }
@@ -329,3 +328,6 @@ pub trait Storage: Send + Sync + 'static {
 
 /// Losses summed over batches, by reason.
 pub type Losses = BTreeMap<String, u64>;
+
+/// Series lines being summed: key -> (value unit, bucket -> (value, count)).
+pub(crate) type LineSums = BTreeMap<String, (String, BTreeMap<i64, (i64, i64)>)>;

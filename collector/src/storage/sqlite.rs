@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    fmt::Write as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -12,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use stallscope_profile::{Labels, Profile};
 
 use super::{
-    AgentSummary, Filter, GroupBy, Losses, MaintenanceReport, ProfileBuilder, Retention,
+    AgentSummary, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder, Retention,
     SeriesColumns, SeriesLine, Storage, StorageError, StoreOutcome, Target, TimeRange, Window,
     bucket_of,
 };
@@ -125,7 +126,10 @@ impl SqliteStore {
 }
 
 /// A batch waiting for the next group commit, with where its outcome goes.
-type Pending = (NormalizedBatch, tokio::sync::oneshot::Sender<Result<StoreOutcome, StorageError>>);
+type Pending = (
+    NormalizedBatch,
+    tokio::sync::oneshot::Sender<Result<StoreOutcome, StorageError>>,
+);
 
 /// Most rows committed in one transaction (a group of batches).
 const GROUP_ROWS: usize = 200_000;
@@ -144,7 +148,9 @@ fn commit_pending(inner: &Inner) {
             };
             let mut rows = 0;
             let mut take = 0;
-            while take < pending.len() && (take == 0 || rows + pending[take].0.rows.len() <= GROUP_ROWS) {
+            while take < pending.len()
+                && (take == 0 || rows + pending[take].0.rows.len() <= GROUP_ROWS)
+            {
                 rows += pending[take].0.rows.len();
                 take += 1;
             }
@@ -164,7 +170,9 @@ fn commit_pending(inner: &Inner) {
             Err(err) => {
                 let message = err.to_string();
                 for (_, reply) in group {
-                    let _ = reply.send(Err(StorageError::Worker(format!("group commit failed: {message}"))));
+                    let _ = reply.send(Err(StorageError::Worker(format!(
+                        "group commit failed: {message}"
+                    ))));
                 }
             }
         }
@@ -194,7 +202,15 @@ fn store_group(
     let mut outcomes = Vec::with_capacity(batches.len());
     let mut added = Added::default();
     for batch in batches {
-        outcomes.push(write_batch(&tx, batch, base_res, known_stacks, known_series, known_signals, &mut added)?);
+        outcomes.push(write_batch(
+            &tx,
+            batch,
+            base_res,
+            known_stacks,
+            known_series,
+            known_signals,
+            &mut added,
+        )?);
     }
     tx.commit()?;
     // Only after the commit: a rolled-back transaction must not leave ids marked stored.
@@ -224,7 +240,9 @@ fn write_batch(
     added: &mut Added,
 ) -> Result<StoreOutcome, StorageError> {
     let inserted = tx
-        .prepare_cached("INSERT OR IGNORE INTO batches VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?
+        .prepare_cached(
+            "INSERT OR IGNORE INTO batches VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
         .execute(params![
             batch.agent,
             batch.sequence as i64,
@@ -240,7 +258,8 @@ fn write_batch(
         return Ok(StoreOutcome::Duplicate);
     }
     let ts = bucket_of(batch.start_unix_ns.div_euclid(1_000_000_000), base_res);
-    let mut signal_stmt = tx.prepare_cached("INSERT OR REPLACE INTO signals VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    let mut signal_stmt =
+        tx.prepare_cached("INSERT OR REPLACE INTO signals VALUES (?1, ?2, ?3, ?4, ?5)")?;
     for signal in &batch.signals {
         if !known_signals.contains(&signal.name) {
             signal_stmt.execute(params![
@@ -298,7 +317,9 @@ fn write_batch(
         .collect();
     for row in &batch.rows {
         let svc = svc_of.get(&row.series).copied().unwrap_or(0);
-        row_stmt.execute(params![svc, ts, row.series, row.stack, row.value, row.count])?;
+        row_stmt.execute(params![
+            svc, ts, row.series, row.stack, row.value, row.count
+        ])?;
     }
     Ok(StoreOutcome::Stored)
 }
@@ -335,7 +356,7 @@ fn matching_series(
     ] {
         if let Some(value) = value {
             args.push(value.clone());
-            sql.push_str(&format!(" AND {column} = ?{}", args.len() + 2));
+            let _ = write!(sql, " AND {column} = ?{}", args.len() + 2);
         }
     }
     let mut stmt = conn.prepare_cached(&sql)?;
@@ -419,11 +440,17 @@ fn query_profile(
     let mut builder = ProfileBuilder::new(&signals);
     let series = matching_series(conn, range, filter)?;
     let mut sums: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
-    for_rows(conn, &series, from_s, until_s, |series, _, stack, value, count| {
-        let sum = sums.entry((series, stack)).or_default();
-        sum.0 += value;
-        sum.1 += count;
-    })?;
+    for_rows(
+        conn,
+        &series,
+        from_s,
+        until_s,
+        |series, _, stack, value, count| {
+            let sum = sums.entry((series, stack)).or_default();
+            sum.0 += value;
+            sum.1 += count;
+        },
+    )?;
     let by_id: HashMap<i64, &SeriesRow> = series.iter().map(|s| (s.id, s)).collect();
     let mut stack_stmt = conn.prepare_cached("SELECT frames FROM stacks WHERE id = ?1")?;
     for ((series_id, stack), (value, count)) in sums {
@@ -483,7 +510,7 @@ fn query_series(
         .into_iter()
         .map(|s| (s.name, s.value_unit))
         .collect();
-    let mut lines: BTreeMap<String, (String, BTreeMap<i64, (i64, i64)>)> = BTreeMap::new();
+    let mut lines: LineSums = BTreeMap::new();
     let series = matching_series(conn, range, filter)?;
     let key_of: HashMap<i64, (String, String)> = series
         .iter()
@@ -492,14 +519,25 @@ fn query_series(
             (s.id, (series_key(group_by, &s.signal, &s.cause), unit))
         })
         .collect();
-    for_rows(conn, &series, from_s, until_s, |series, ts, _, value, count| {
-        if let Some((key, unit)) = key_of.get(&series) {
-            let line = lines.entry(key.clone()).or_insert_with(|| (unit.clone(), BTreeMap::new()));
-            let point = line.1.entry(ts - (ts - from_s).rem_euclid(step_s)).or_default();
-            point.0 += value;
-            point.1 += count;
-        }
-    })?;
+    for_rows(
+        conn,
+        &series,
+        from_s,
+        until_s,
+        |series, ts, _, value, count| {
+            if let Some((key, unit)) = key_of.get(&series) {
+                let line = lines
+                    .entry(key.clone())
+                    .or_insert_with(|| (unit.clone(), BTreeMap::new()));
+                let point = line
+                    .1
+                    .entry(ts - (ts - from_s).rem_euclid(step_s))
+                    .or_default();
+                point.0 += value;
+                point.1 += count;
+            }
+        },
+    )?;
     Ok(lines
         .into_iter()
         .map(|(key, (value_unit, points))| SeriesLine {
@@ -531,8 +569,8 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
         .collect::<Result<_, _>>()?;
     for (index, tier) in tiers.iter().enumerate() {
         let keep = tier.keep.as_secs() as i64;
-        match tiers.get(index + 1) {
-            Some(next) => {
+        if let Some(next) = tiers.get(index + 1) {
+            {
                 let resolution = next.resolution.as_secs().max(1) as i64;
                 let cutoff = bucket_of(now_s - keep, resolution);
                 let mut merge = tx.prepare_cached(
@@ -541,20 +579,28 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
                      ON CONFLICT (svc, ts, series, stack) DO UPDATE SET value = value + excluded.value,
                                                                         count = count + excluded.count",
                 )?;
-                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE svc = ?1 AND ts < ?2 AND ts % ?3 != 0")?;
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM samples WHERE svc = ?1 AND ts < ?2 AND ts % ?3 != 0",
+                )?;
                 for &svc in &services {
                     merge.execute(params![svc, cutoff, resolution])?;
-                    report.rows_downsampled += delete.execute(params![svc, cutoff, resolution])? as u64;
+                    report.rows_downsampled +=
+                        delete.execute(params![svc, cutoff, resolution])? as u64;
                 }
             }
-            None => {
+        } else {
+            {
                 let cutoff = now_s - keep;
-                let mut delete = tx.prepare_cached("DELETE FROM samples WHERE svc = ?1 AND ts < ?2")?;
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM samples WHERE svc = ?1 AND ts < ?2")?;
                 for &svc in &services {
                     report.rows_deleted += delete.execute(params![svc, cutoff])? as u64;
                 }
                 tx.execute("DELETE FROM series WHERE last_s < ?1", [cutoff])?;
-                tx.execute("DELETE FROM batches WHERE start_ns < ?1", [cutoff.saturating_mul(1_000_000_000)])?;
+                tx.execute(
+                    "DELETE FROM batches WHERE start_ns < ?1",
+                    [cutoff.saturating_mul(1_000_000_000)],
+                )?;
             }
         }
     }
