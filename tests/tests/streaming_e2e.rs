@@ -1,7 +1,9 @@
 //! End to end, as root: the bundled workload profiled by `stallscope-agent record` and,
 //! at the same time, by `stallscope-agent run` streaming to a collector. What
 //! `stallscope flame` and `stallscope top` show must match what `record` measured
-//! (+-5%), and every output format must be readable.
+//! (+-5%), and every output format must be readable. Both agents sample on-CPU at 499 Hz
+//! over 2.5 s of spinning: at the default 49 Hz a busy 2-core machine leaves so few
+//! samples that two independent samplers differ by more than 5% by chance.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -50,7 +52,7 @@ fn streamed_profiles_match_a_local_recording() {
 
     let mut workload = Workload::start(
         &binary(&bin, "stallscope-workload").expect("workload built"),
-        &["markers", "800"],
+        &["markers", "1500"],
     )
     .expect("workload");
     let pid = workload.pid.to_string();
@@ -68,6 +70,8 @@ fn streamed_profiles_match_a_local_recording() {
             &recorded_arg,
             "--signals",
             "offcpu,oncpu",
+            "--frequency",
+            "499",
         ],
     )
     .expect("record starts");
@@ -79,7 +83,14 @@ fn streamed_profiles_match_a_local_recording() {
         &url,
         &dir.join("spool"),
         "e2e-agent",
-        &["--pid", &pid, "--signals", "offcpu,oncpu"],
+        &[
+            "--pid",
+            &pid,
+            "--signals",
+            "offcpu,oncpu",
+            "--frequency",
+            "499",
+        ],
     )
     .expect("run starts");
     workload.go().expect("go");
