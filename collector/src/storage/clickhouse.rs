@@ -16,10 +16,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
+    sync::Arc,
 };
 
-use clickhouse::{Client, Row};
-use serde::{Deserialize, Serialize};
+use clickhouse::Client;
 use stallscope_profile::{Labels, Profile};
 
 use super::{
@@ -29,76 +29,20 @@ use super::{
 };
 use crate::batch::{NormalizedBatch, SignalDef, StoredStack};
 
+/// A batch waiting for the next group insert, with where its outcome goes.
+type Pending = (
+    NormalizedBatch,
+    tokio::sync::oneshot::Sender<Result<StoreOutcome, StorageError>>,
+);
+
 /// Ids per `IN (...)` list, to stay well below ClickHouse's default query size limit.
 const IN_CHUNK: usize = 2000;
 
-#[derive(Row, Serialize, Deserialize)]
-struct SampleRow {
-    series: i64,
-    ts: u32,
-    stack: i64,
-    batch: i64,
-    value: i64,
-    count: i64,
-}
+mod rows;
 
-#[derive(Row, Serialize, Deserialize)]
-struct StackRow {
-    id: i64,
-    frames: Vec<u8>,
-}
-
-#[derive(Row, Serialize, Deserialize)]
-struct SeriesRow {
-    id: i64,
-    ts: u32,
-    agent: String,
-    host: String,
-    signal: String,
-    service: String,
-    process: String,
-    pid: String,
-    cause: String,
-    labels: String,
-}
-
-#[derive(Row, Serialize, Deserialize)]
-struct SignalRow {
-    name: String,
-    value_kind: String,
-    value_unit: String,
-    count_kind: String,
-    count_unit: String,
-}
-
-#[derive(Row, Serialize, Deserialize)]
-struct BatchRow {
-    agent: String,
-    sequence: u64,
-    host: String,
-    start_ns: i64,
-    duration_ns: i64,
-    rows: u64,
-    spool_dropped_total: u64,
-    losses: String,
-    received_ns: i64,
-}
-
-#[derive(Row, Serialize, Deserialize)]
-struct WindowRow {
-    from_ns: i64,
-    until_ns: i64,
-    host: String,
-    service: String,
-    source: String,
-    note: String,
-}
-
-#[derive(Row, Serialize, Deserialize)]
-struct TierRow {
-    tier: u8,
-    until: u32,
-}
+use self::rows::{
+    BatchRow, SampleRow, SeriesRow, SignalRow, StackRow, TierRow, WindowRow, day_number,
+};
 
 /// One agent's summary as the `agents` query returns it.
 type AgentRow = (String, String, u64, u64, u64, u64, i64, u64);
@@ -107,6 +51,10 @@ type AgentRow = (String, String, u64, u64, u64, u64, i64, u64);
 #[derive(Clone)]
 pub struct ClickHouseStore {
     client: Client,
+    /// Batches waiting for the next group insert.
+    pending: Arc<std::sync::Mutex<Vec<Pending>>>,
+    /// Held by the replica task that is inserting a group.
+    writer: Arc<tokio::sync::Mutex<()>>,
     database: String,
     retention: Retention,
 }
@@ -154,6 +102,8 @@ impl ClickHouseStore {
             .await?;
         let store = Self {
             client: root.with_database(database),
+            pending: Arc::new(std::sync::Mutex::new(Vec::new())),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
             database: database.to_owned(),
             retention,
         };
@@ -215,40 +165,51 @@ impl ClickHouseStore {
         &self,
         batch: &NormalizedBatch,
     ) -> Result<(), StorageError> {
-        let ts = ts_u32(bucket_of(
-            batch.start_unix_ns.div_euclid(1_000_000_000),
-            self.retention.base_resolution_s(),
-        ));
-        let batch_id = batch.batch_id();
-        // Dictionary and series first, samples next, marker last: whatever a crash
-        // interrupts, a replay writes identical rows.
+        self.write_rows(&[batch]).await
+    }
+
+    /// The rows of several batches, one insert per table (ClickHouse wants few, large
+    /// inserts: each creates a part on disk).
+    async fn write_rows(&self, batches: &[&NormalizedBatch]) -> Result<(), StorageError> {
+        let base = self.retention.base_resolution_s();
+        let ts_of = |batch: &NormalizedBatch| {
+            ts_u32(bucket_of(
+                batch.start_unix_ns.div_euclid(1_000_000_000),
+                base,
+            ))
+        };
+        // Dictionary and series first, samples next, markers last (the caller): whatever
+        // a crash interrupts, a replay writes identical rows.
         let mut insert = self.client.insert::<SignalRow>("signals").await?;
-        for s in &batch.signals {
-            insert
-                .write(&SignalRow {
+        for batch in batches {
+            for s in &batch.signals {
+                let row = SignalRow {
                     name: s.name.clone(),
                     value_kind: s.value_kind.clone(),
                     value_unit: s.value_unit.clone(),
                     count_kind: s.count_kind.clone(),
                     count_unit: s.count_unit.clone(),
-                })
-                .await?;
+                };
+                insert.write(&row).await?;
+            }
         }
         insert.end().await?;
         let mut insert = self.client.insert::<StackRow>("stacks").await?;
-        for stack in &batch.stacks {
-            insert
-                .write(&StackRow {
+        for batch in batches {
+            for stack in &batch.stacks {
+                let row = StackRow {
                     id: stack.id,
                     frames: batch.encode_stack(stack),
-                })
-                .await?;
+                };
+                insert.write(&row).await?;
+            }
         }
         insert.end().await?;
         let mut insert = self.client.insert::<SeriesRow>("series").await?;
-        for s in &batch.series {
-            insert
-                .write(&SeriesRow {
+        for batch in batches {
+            let ts = ts_of(batch);
+            for s in &batch.series {
+                let row = SeriesRow {
                     id: s.id,
                     ts,
                     agent: s.agent.clone(),
@@ -259,20 +220,44 @@ impl ClickHouseStore {
                     pid: s.pid.clone(),
                     cause: s.cause.clone(),
                     labels: s.labels_json(),
-                })
-                .await?;
+                };
+                insert.write(&row).await?;
+            }
         }
         insert.end().await?;
         let mut insert = self.client.insert::<SampleRow>("samples").await?;
-        for row in &batch.rows {
-            insert
-                .write(&SampleRow {
+        for batch in batches {
+            let (ts, batch_id) = (ts_of(batch), batch.batch_id());
+            for row in &batch.rows {
+                let row = SampleRow {
                     series: row.series,
                     ts,
                     stack: row.stack,
                     batch: batch_id,
                     value: row.value,
                     count: row.count,
+                };
+                insert.write(&row).await?;
+            }
+        }
+        insert.end().await?;
+        Ok(())
+    }
+
+    async fn write_markers(&self, batches: &[&NormalizedBatch]) -> Result<(), StorageError> {
+        let mut insert = self.client.insert::<BatchRow>("batches").await?;
+        for batch in batches {
+            insert
+                .write(&BatchRow {
+                    agent: batch.agent.clone(),
+                    sequence: batch.sequence,
+                    host: batch.host.clone(),
+                    start_ns: batch.start_unix_ns,
+                    duration_ns: batch.duration_ns,
+                    rows: batch.rows.len() as u64,
+                    spool_dropped_total: batch.spool_dropped_total,
+                    losses: batch.losses_json(),
+                    received_ns: crate::unix_now_ns(),
                 })
                 .await?;
         }
@@ -280,23 +265,53 @@ impl ClickHouseStore {
         Ok(())
     }
 
-    async fn write_marker(&self, batch: &NormalizedBatch) -> Result<(), StorageError> {
-        let mut insert = self.client.insert::<BatchRow>("batches").await?;
-        insert
-            .write(&BatchRow {
-                agent: batch.agent.clone(),
-                sequence: batch.sequence,
-                host: batch.host.clone(),
-                start_ns: batch.start_unix_ns,
-                duration_ns: batch.duration_ns,
-                rows: batch.rows.len() as u64,
-                spool_dropped_total: batch.spool_dropped_total,
-                losses: batch.losses_json(),
-                received_ns: crate::unix_now_ns(),
-            })
-            .await?;
-        insert.end().await?;
-        Ok(())
+    /// Inserts every pending batch: one insert per table for the whole group, markers
+    /// last. Batches already stored are answered as duplicates without writing.
+    async fn commit_pending(&self) {
+        let _writing = self.writer.lock().await;
+        let group: Vec<Pending> = match self.pending.lock() {
+            Ok(mut pending) => pending.drain(..).collect(),
+            Err(_) => return,
+        };
+        if group.is_empty() {
+            return;
+        }
+        let mut outcomes = Vec::with_capacity(group.len());
+        for (batch, _) in &group {
+            outcomes.push(match self.is_stored(&batch.agent, batch.sequence).await {
+                Ok(true) => Ok(StoreOutcome::Duplicate),
+                Ok(false) => Ok(StoreOutcome::Stored),
+                Err(err) => Err(err.to_string()),
+            });
+        }
+        let new: Vec<&NormalizedBatch> = group
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| matches!(outcome, Ok(StoreOutcome::Stored)))
+            .map(|((batch, _), _)| batch)
+            .collect();
+        let written = if new.is_empty() {
+            Ok(())
+        } else {
+            match self.write_rows(&new).await {
+                Ok(()) => {
+                    crate::faults::after_rows_before_marker();
+                    self.write_markers(&new).await
+                }
+                Err(err) => Err(err),
+            }
+        };
+        let failure = written.err().map(|err| err.to_string());
+        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+            let result = match (failure.clone(), outcome) {
+                (_, Ok(StoreOutcome::Duplicate)) => Ok(StoreOutcome::Duplicate),
+                (Some(message), _) | (None, Err(message)) => Err(StorageError::Worker(format!(
+                    "ClickHouse insert failed: {message}"
+                ))),
+                (None, Ok(outcome)) => Ok(outcome),
+            };
+            let _ = reply.send(result);
+        }
     }
 
     /// Drops every table of this store's database (tests and benchmarks only).
@@ -479,13 +494,17 @@ impl Storage for ClickHouseStore {
     }
 
     async fn store(&self, batch: NormalizedBatch) -> Result<StoreOutcome, StorageError> {
-        if self.is_stored(&batch.agent, batch.sequence).await? {
-            return Ok(StoreOutcome::Duplicate);
-        }
-        self.store_rows_without_marker(&batch).await?;
-        crate::faults::after_rows_before_marker();
-        self.write_marker(&batch).await?;
-        Ok(StoreOutcome::Stored)
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| StorageError::Worker("a storage task panicked".to_owned()))?
+            .push((batch, reply));
+        // Whoever gets the writer inserts everything pending, this batch included (or a
+        // group inserted while this call waited already answered it).
+        self.commit_pending().await;
+        outcome
+            .await
+            .map_err(|_| StorageError::Worker("the batch was not inserted".to_owned()))?
     }
 
     async fn profile(&self, range: TimeRange, filter: Filter) -> Result<Profile, StorageError> {
@@ -767,33 +786,9 @@ impl Storage for ClickHouseStore {
     }
 }
 
-/// `YYYYMMDD` of a Unix time (UTC), as ClickHouse's `toYYYYMMDD` partition names it.
-fn day_number(unix_s: i64) -> i64 {
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let days = unix_s.div_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    y * 10_000 + m * 100 + d
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn day_numbers_match_clickhouse_partitions() {
-        assert_eq!(day_number(0), 19_700_101);
-        assert_eq!(day_number(1_795_930_500), 20_261_129);
-        assert_eq!(day_number(951_782_400), 20_000_229);
-    }
 
     #[test]
     fn quoting_escapes_quotes_and_backslashes() {

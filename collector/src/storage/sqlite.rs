@@ -439,18 +439,26 @@ fn query_profile(
     let signals = load_signals(conn)?;
     let mut builder = ProfileBuilder::new(&signals);
     let series = matching_series(conn, range, filter)?;
-    let mut sums: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
-    for_rows(
-        conn,
-        &series,
-        from_s,
-        until_s,
-        |series, _, stack, value, count| {
-            let sum = sums.entry((series, stack)).or_default();
-            sum.0 += value;
-            sum.1 += count;
-        },
+    // Aggregated inside SQLite, one clustered scan per service: crossing into Rust once
+    // per distinct (series, stack) instead of once per stored row.
+    let mut by_service: HashMap<i64, HashSet<i64>> = HashMap::new();
+    for s in &series {
+        by_service.entry(s.svc).or_default().insert(s.id);
+    }
+    let mut sums: Vec<((i64, i64), (i64, i64))> = Vec::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT series, stack, sum(value), sum(count) FROM samples
+         WHERE svc = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY series, stack",
     )?;
+    for (svc, wanted) in &by_service {
+        let mut rows = stmt.query(params![svc, from_s, until_s])?;
+        while let Some(r) = rows.next()? {
+            let series: i64 = r.get(0)?;
+            if wanted.contains(&series) {
+                sums.push(((series, r.get(1)?), (r.get(2)?, r.get(3)?)));
+            }
+        }
+    }
     let by_id: HashMap<i64, &SeriesRow> = series.iter().map(|s| (s.id, s)).collect();
     let mut stack_stmt = conn.prepare_cached("SELECT frames FROM stacks WHERE id = ?1")?;
     for ((series_id, stack), (value, count)) in sums {
