@@ -109,6 +109,45 @@ pub fn stop_run(agent: AgentRun) -> anyhow::Result<(RunSummary, AgentExit)> {
     Ok((parse_summary(&exit.stderr)?, exit))
 }
 
+/// Batch files waiting in a spool directory, and the drop count in its state file.
+pub fn spool_state(spool_dir: &Path) -> (usize, u64) {
+    let files = std::fs::read_dir(spool_dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "frame"))
+            .count()
+    });
+    let dropped = std::fs::read(spool_dir.join("state.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|state| state["dropped_total"].as_u64())
+        .unwrap_or(0);
+    (files, dropped)
+}
+
+/// Waits (up to `timeout`) until the spool satisfies `done(files, dropped)`: agents built
+/// for tests symbolize slowly on a busy machine, so fixed sleeps would be flaky.
+pub fn wait_for_spool(
+    spool_dir: &Path,
+    timeout: Duration,
+    done: impl Fn(usize, u64) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (files, dropped) = spool_state(spool_dir);
+        if done(files, dropped) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "spool {} not there within {timeout:?}: {files} batches, {dropped} dropped",
+                spool_dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Totals (`kind/unit` -> sum) and sequences of the batches waiting in a spool directory.
 pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<String, i64>)> {
     let mut sequences = Vec::new();

@@ -13,7 +13,7 @@ use stallscope_tests::{
         scratch,
     },
     require_root,
-    streaming::{spool_contents, start_run, stop_run},
+    streaming::{spool_contents, start_run, stop_run, wait_for_spool},
 };
 
 /// Every `kind/unit` total the collector holds (all agents, the last hour).
@@ -135,7 +135,8 @@ fn agent_killed_and_restarted_resends_unacknowledged_batches_once() {
         &["--pid", &pid],
     )
     .expect("agent runs");
-    sleep(Duration::from_secs(5));
+    wait_for_spool(&spool, Duration::from_secs(90), |files, _| files >= 3)
+        .expect("batches spooled");
     first.kill();
     let (spooled, spooled_totals) = spool_contents(&spool).expect("spool readable");
     assert!(spooled.len() >= 3, "{spooled:?}");
@@ -277,7 +278,10 @@ fn full_spool_drops_the_oldest_batches_and_counts_them_exactly() {
         ],
     )
     .expect("agent runs");
-    sleep(Duration::from_secs(5));
+    wait_for_spool(&dir.join("spool"), Duration::from_secs(90), |_, dropped| {
+        dropped >= 3
+    })
+    .expect("the spool fills up and drops");
     let args = sqlite_args(&dir);
     let _collector = start(port, &args, &[]);
     sleep(Duration::from_secs(4));
