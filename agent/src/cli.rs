@@ -30,6 +30,9 @@ pub enum Command {
     Record(RecordArgs),
     /// Print, per signal, what it needs and whether this kernel has it.
     Check(CommonArgs),
+    /// Run as a daemon: sample continuously and stream batches to a collector, through
+    /// an on-disk spool that survives restarts and outages.
+    Run(Box<crate::run::RunArgs>),
 }
 
 #[derive(Debug, Args)]

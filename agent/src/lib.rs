@@ -4,6 +4,7 @@
 pub mod accumulate;
 pub mod assemble;
 pub mod attach;
+pub mod batch;
 pub mod binaries;
 pub mod bpf_sys;
 pub mod btf;
@@ -24,7 +25,10 @@ pub mod procfs;
 pub mod procs;
 pub mod record;
 pub mod resolver;
+pub mod run;
 pub mod shutdown;
+pub mod spool;
+pub mod stream;
 pub mod symbolize;
 mod syscall_table;
 pub mod syscalls;

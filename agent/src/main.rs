@@ -7,7 +7,7 @@ use stallscope_agent::{
     check,
     cli::{Cli, Command},
     config::parse_duration,
-    logging, record,
+    logging, record, run,
 };
 
 fn main() -> ExitCode {
@@ -30,6 +30,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let duration = parse_duration(&args.duration)?;
             let summary = record::record(&config, duration, &args.output)?;
             eprintln!("{}", record::summary_line(&summary, &args.output));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => {
+            let summary = run::run(&args)?;
+            eprintln!("{}", run::summary_line(&summary));
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => {

@@ -76,9 +76,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     }
     accumulator.ingest(probes.drain()?);
     let elapsed = started.elapsed();
-    let probes_facts = ProbeFacts {
-        hooks: probes.hooks.clone(),
-    };
+    let hooks = probes.hooks.clone();
     drop(probes);
     if progress {
         eprint!("\r\x1b[2K");
@@ -87,7 +85,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
         start_unix_ns: start_ns,
         duration_ns: i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX),
         host: system::hostname(),
-        notes: notes(config, &probes_facts),
+        notes: notes(config, &hooks),
         ..Meta::default()
     };
     let profile = accumulator.finish(meta);
@@ -122,17 +120,14 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     Ok(RecordSummary { profile, elapsed })
 }
 
-/// What the loaded probes turned out to use.
-struct ProbeFacts {
-    hooks: Vec<(Signal, String)>,
-}
-
-fn notes(config: &Config, facts: &ProbeFacts) -> Vec<String> {
+/// The facts a profile carries about how it was recorded: agent and kernel versions, the
+/// hooks the loaded probes use (`hooks`), thresholds, the target.
+pub(crate) fn notes(config: &Config, hooks: &[(Signal, String)]) -> Vec<String> {
     let mut notes = vec![
         system::AGENT_VERSION.to_owned(),
         format!("kernel {}", system::kernel_release()),
     ];
-    for (signal, hook) in &facts.hooks {
+    for (signal, hook) in hooks {
         notes.push(format!("{} probes: {hook}", naming::signal_label(*signal)));
     }
     if config.wants(SignalName::OffCpu) {

@@ -18,7 +18,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub mod collector;
 pub mod netlab;
+pub mod pki;
+pub mod streaming;
+pub mod wire;
 
 /// Serialises recordings within a test binary.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -301,6 +305,18 @@ impl AgentRun {
     pub fn interrupt(&self) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+    }
+
+    /// Asks the agent to stop with SIGTERM, as a service manager would.
+    pub fn terminate(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
+    /// SIGKILL: the agent dies at once, without flushing anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for the agent to exit.

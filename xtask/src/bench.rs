@@ -283,14 +283,32 @@ fn run_symbolize() -> anyhow::Result<()> {
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    if args.iter().any(|a| a == SYMBOLIZE) {
+    // Three families: the agent's overhead (named benches, root), the criterion
+    // symbolization benchmarks, and the collector's figures (`ingest` and `query` measure
+    // both backends, optionally restricted to `sqlite` or `clickhouse`). No argument runs
+    // them all.
+    let is_collector = |a: &str| matches!(a, "ingest" | "query" | "sqlite" | "clickhouse");
+    let everything = args.is_empty();
+    if everything || args.iter().any(|a| a == SYMBOLIZE) {
         run_symbolize()?;
-        if args.len() == 1 {
-            return Ok(());
-        }
     }
-    let args: Vec<String> = args.iter().filter(|a| *a != SYMBOLIZE).cloned().collect();
-    let args = args.as_slice();
+    if everything || args.iter().any(|a| is_collector(a)) {
+        let backends: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| matches!(*a, "sqlite" | "clickhouse"))
+            .collect();
+        crate::bench_collector::run(&backends)?;
+    }
+    let agent_args: Vec<String> = args
+        .iter()
+        .filter(|a| *a != SYMBOLIZE && !is_collector(a))
+        .cloned()
+        .collect();
+    if !everything && agent_args.is_empty() {
+        return Ok(());
+    }
+    let args = agent_args.as_slice();
     if !util::is_root() {
         bail!("benchmarks load eBPF probes: run them as root, e.g. `sudo -E cargo xtask bench`");
     }
@@ -305,7 +323,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if selected.is_empty() {
         let names: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
         bail!(
-            "unknown benchmark; choose from {}, {SYMBOLIZE}",
+            "unknown benchmark; choose from {}, {SYMBOLIZE}, ingest, query (sqlite, clickhouse)",
             names.join(", ")
         );
     }

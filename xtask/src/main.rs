@@ -2,7 +2,9 @@
 //! a fresh machine needs nothing installed by hand.
 
 mod bench;
+mod bench_collector;
 mod bootstrap;
+mod clickhouse;
 mod debian;
 mod demo;
 mod test;
@@ -17,9 +19,11 @@ tasks:
   build       bootstrap, then build everything in release mode
   demo        (root) profile a bundled workload and write a flame graph to out/
   test        bootstrap, build, run unit and end-to-end tests (root for the latter)
-  bench [NAME..]  (root) measure the agent's overhead against a baseline, interleaved
-              (offcpu, syscall, futex, messaging, iperf3, reqresp); `symbolize`:
-              criterion benchmarks of symbolization (no root)
+  bench [NAME..]  measure, with no NAME all of: the agent's overhead against a baseline,
+              interleaved (root: offcpu, syscall, futex, messaging, iperf3, reqresp);
+              `symbolize`: criterion benchmarks of symbolization; `ingest`, `query`
+              [sqlite|clickhouse]: collector ingest throughput and 24 h query latency
+  clickhouse start|stop  a private ClickHouse on 127.0.0.1:18123 for running tests by hand
   lint        rustfmt check and clippy (host crates and the eBPF crate)
   fmt         format the workspace with nightly rustfmt (import grouping)";
 
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         "demo" => demo::run(rest),
         "test" => test::run(rest),
         "bench" => bench::run(rest),
+        "clickhouse" => clickhouse::run(rest),
         "lint" => util::lint(),
         "fmt" => util::fmt(),
         "help" | "-h" | "--help" => {

@@ -1,14 +1,15 @@
-//! `cargo xtask test`: bootstrap the toolchain, install the test peers, build every binary,
-//! run unit and end-to-end tests. End-to-end tests load real probes and need root; with
-//! `CI=true` they fail rather than skip.
+//! `cargo xtask test`: bootstrap the toolchain, install the test peers, start a private
+//! ClickHouse on loopback, build every binary, run unit and end-to-end tests, stop
+//! ClickHouse. End-to-end tests load real probes and need root; with `CI=true` they fail
+//! rather than skip, and so do the ClickHouse tests.
 
-use crate::{bootstrap, debian, util};
+use crate::{bootstrap, clickhouse, debian, util};
 
 /// Debian packages the tests use as real peers: `go tool pprof` reads our pprof files;
 /// the network tests build namespaces and veth pairs (`ip`), shape a path (`tc`) and
 /// drop packets on one (`nft`); a C compiler and binutils build, strip and split the
 /// debug info of the C workload the symbolization tests make; util-linux's `unshare`
-/// gives a workload its own mount namespace.
+/// gives a workload its own mount namespace; ClickHouse is the fleet storage backend.
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -17,19 +18,33 @@ const TEST_PACKAGES: &[&str] = &[
     "libc6-dev",
     "binutils",
     "util-linux",
+    "clickhouse-server",
 ];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
     bootstrap::ensure()?;
-    if util::is_root() || util::in_ci() {
+    let can_install = util::is_root() || util::in_ci();
+    if can_install {
         debian::ensure(TEST_PACKAGES)?;
     } else {
         eprintln!(
             "xtask: not root: end-to-end tests will skip (they load eBPF probes); run `sudo -E cargo xtask test` for all"
         );
     }
+    let server = if can_install || clickhouse::answering() {
+        Some(clickhouse::ensure_running()?)
+    } else {
+        None
+    };
     util::cargo(&["build", "--bins"])?;
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    util::cargo(&args)
+    let result = util::run(
+        std::process::Command::new(env!("CARGO"))
+            .args(&args)
+            .current_dir(util::root())
+            .env("STALLSCOPE_CLICKHOUSE_URL", clickhouse::url()),
+    );
+    drop(server);
+    result
 }

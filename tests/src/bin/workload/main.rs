@@ -7,6 +7,8 @@
 //!   thread `spinner` burns CPU inside `oncpu_marker_spin` until the sleeper is done
 //!   (plus `--spin-after` extra time).
 //! - `churn N`: starts N short-lived threads, each sleeping a little, a few at a time.
+//! - `pulse`: thread `pulse` sleeps 10 ms and spins about 1 ms, over and over, until
+//!   stdin closes: steady off-CPU and on-CPU activity at little cost (streaming tests).
 //! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
 //!   (see `waits.rs`).
 //! - `net-connect`, `net-peers`, `net-bulk`: network waits between two network
@@ -125,6 +127,20 @@ fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
+/// Sleeps and spins in turn until the process exits.
+fn pulse() {
+    let stop = AtomicBool::new(false);
+    loop {
+        sleep_once(Duration::from_millis(10));
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1) {
+            black_box(oncpu_marker_spin(&stop));
+            stop.store(true, Ordering::Relaxed);
+        }
+        stop.store(false, Ordering::Relaxed);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map_or("markers", String::as_str);
@@ -140,6 +156,12 @@ fn main() {
             markers(spin_after);
         }
         "churn" => churn(arg(&args, 2, 2000)),
+        "pulse" => {
+            thread::Builder::new()
+                .name("pulse".into())
+                .spawn(pulse)
+                .expect("spawn pulse");
+        }
         "mutex" => waits::mutex(arg(&args, 2, 4), arg(&args, 3, 5), ms(arg(&args, 4, 10))),
         "kernel-lock" => waits::kernel_lock(arg(&args, 2, 8), ms(arg(&args, 3, 1000))),
         "syscalls" => waits::syscalls(
@@ -180,7 +202,7 @@ fn main() {
         "jit" => identity::jit(),
         other => {
             eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon or jit"
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, jit or pulse"
             );
             std::process::exit(2);
         }

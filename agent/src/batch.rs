@@ -1,0 +1,197 @@
+//! One interval's profile as a wire batch: the stack table (frames, then stacks as frame
+//! indices), a string table for labels, and one sample per (stack, labels, signal) with
+//! the signal's value and count. Signals come from the profile's sample types, taken in
+//! pairs: a value type followed by its `count` type (`off_cpu`/nanoseconds then
+//! `off_cpu_events`/count), named like the `signal` label (`off-cpu`).
+
+use std::collections::HashMap;
+
+use stallscope_profile::{FrameKind, Profile};
+use stallscope_proto::v1;
+
+/// The signal pairs of `profile`: (value column, count column, definition).
+fn signal_pairs(profile: &Profile) -> Vec<(usize, Option<usize>, v1::SignalType)> {
+    let types = &profile.sample_types;
+    let mut pairs = Vec::new();
+    let mut index = 0;
+    while index < types.len() {
+        let value = &types[index];
+        let count = types
+            .get(index + 1)
+            .filter(|next| next.unit == "count" && value.unit != "count");
+        pairs.push((
+            index,
+            count.map(|_| index + 1),
+            v1::SignalType {
+                name: value.kind.replace('_', "-"),
+                value_kind: value.kind.clone(),
+                value_unit: value.unit.clone(),
+                count_kind: count
+                    .map_or_else(|| format!("{}_events", value.kind), |c| c.kind.clone()),
+                count_unit: "count".to_owned(),
+            },
+        ));
+        index += if count.is_some() { 2 } else { 1 };
+    }
+    pairs
+}
+
+/// Converts one interval's profile. The sequence and drop count are set by the spool.
+pub fn batch_from_profile(profile: &Profile, agent_id: &str) -> v1::Batch {
+    let pairs = signal_pairs(profile);
+    let mut strings: Vec<String> = vec![String::new()];
+    let mut string_index: HashMap<String, u32> = HashMap::new();
+    let mut intern = |text: &str| -> u32 {
+        if let Some(&index) = string_index.get(text) {
+            return index;
+        }
+        let index = strings.len() as u32;
+        strings.push(text.to_owned());
+        string_index.insert(text.to_owned(), index);
+        index
+    };
+    let mut frames = Vec::new();
+    let mut frame_index: HashMap<u32, u32> = HashMap::new();
+    let mut stacks: Vec<v1::Stack> = Vec::new();
+    let mut stack_index: HashMap<&[u32], u32> = HashMap::new();
+    let mut samples = Vec::new();
+    for sample in &profile.samples {
+        let stack = if let Some(&index) = stack_index.get(sample.stack.as_slice()) {
+            index
+        } else {
+            {
+                let ids = sample
+                    .stack
+                    .iter()
+                    .filter_map(|&id| {
+                        let frame = profile.frames.get(id as usize)?;
+                        Some(*frame_index.entry(id).or_insert_with(|| {
+                            frames.push(v1::Frame {
+                                function: frame.function.clone(),
+                                module: frame.module.clone().unwrap_or_default(),
+                                file: frame.file.clone().unwrap_or_default(),
+                                line: frame.line.unwrap_or(0),
+                                address: frame.address,
+                                kind: match frame.kind {
+                                    FrameKind::User => v1::FrameKind::User,
+                                    FrameKind::Kernel => v1::FrameKind::Kernel,
+                                    FrameKind::Synthetic => v1::FrameKind::Synthetic,
+                                } as i32,
+                            });
+                            (frames.len() - 1) as u32
+                        }))
+                    })
+                    .collect();
+                stacks.push(v1::Stack { frames: ids });
+                let index = (stacks.len() - 1) as u32;
+                stack_index.insert(sample.stack.as_slice(), index);
+                index
+            }
+        };
+        let labels: Vec<u32> = sample
+            .labels
+            .iter()
+            .flat_map(|(key, value)| [intern(key), intern(value)])
+            .collect();
+        for (signal, (value_column, count_column, _)) in pairs.iter().enumerate() {
+            let value = sample.values.get(*value_column).copied().unwrap_or(0);
+            let count = count_column
+                .and_then(|c| sample.values.get(c).copied())
+                .unwrap_or(0);
+            if value != 0 || count != 0 {
+                samples.push(v1::Sample {
+                    stack,
+                    signal: signal as u32,
+                    labels: labels.clone(),
+                    value,
+                    count,
+                });
+            }
+        }
+    }
+    v1::Batch {
+        agent_id: agent_id.to_owned(),
+        host: profile.meta.host.clone(),
+        sequence: 0,
+        start_unix_ns: profile.meta.start_unix_ns,
+        duration_ns: profile.meta.duration_ns,
+        signals: pairs.into_iter().map(|(_, _, signal)| signal).collect(),
+        frames,
+        stacks,
+        strings,
+        samples,
+        losses: profile
+            .meta
+            .losses
+            .iter()
+            .filter(|(_, count)| **count > 0)
+            .map(|(reason, &count)| v1::Loss {
+                reason: reason.clone(),
+                count,
+            })
+            .collect(),
+        notes: profile.meta.notes.clone(),
+        spool_dropped_total: 0,
+    }
+}
+
+/// Per sample type (`kind/unit`), the sum over a batch: what the agent reports at exit
+/// so its totals can be compared with the collector's.
+pub fn batch_totals(batch: &v1::Batch, totals: &mut std::collections::BTreeMap<String, i64>) {
+    for sample in &batch.samples {
+        if let Some(signal) = batch.signals.get(sample.signal as usize) {
+            *totals
+                .entry(format!("{}/{}", signal.value_kind, signal.value_unit))
+                .or_default() += sample.value;
+            *totals
+                .entry(format!("{}/{}", signal.count_kind, signal.count_unit))
+                .or_default() += sample.count;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stallscope_profile::{Frame, Labels, SampleType};
+
+    use super::*;
+
+    #[test]
+    fn profile_becomes_a_compact_batch() {
+        let mut profile = Profile::new(vec![
+            SampleType::new("off_cpu", "nanoseconds"),
+            SampleType::new("off_cpu_events", "count"),
+            SampleType::new("on_cpu", "nanoseconds"),
+            SampleType::new("on_cpu_samples", "count"),
+        ]);
+        let main = profile.intern(Frame::synthetic("main"));
+        let read = profile.intern(Frame {
+            kind: FrameKind::Kernel,
+            ..Frame::synthetic("read")
+        });
+        let labels = |signal: &str| Labels::from([("signal".to_owned(), signal.to_owned())]);
+        profile.add(vec![read, main], labels("off-cpu"), &[100, 2, 0, 0]);
+        profile.add(vec![main], labels("on-cpu"), &[0, 0, 50, 1]);
+        profile.meta.host = "h".into();
+        let batch = batch_from_profile(&profile, "agent");
+        assert_eq!(batch.signals.len(), 2);
+        assert_eq!(batch.signals[0].name, "off-cpu");
+        assert_eq!(batch.signals[1].count_kind, "on_cpu_samples");
+        assert_eq!(batch.frames.len(), 2);
+        assert_eq!(batch.stacks.len(), 2);
+        assert_eq!(batch.samples.len(), 2);
+        assert_eq!(
+            (
+                batch.samples[0].signal,
+                batch.samples[0].value,
+                batch.samples[0].count
+            ),
+            (0, 100, 2)
+        );
+        assert_eq!((batch.samples[1].signal, batch.samples[1].value), (1, 50));
+        let mut totals = std::collections::BTreeMap::new();
+        batch_totals(&batch, &mut totals);
+        assert_eq!(totals["off_cpu/nanoseconds"], 100);
+        assert_eq!(totals["on_cpu_samples/count"], 1);
+    }
+}

@@ -1,0 +1,343 @@
+//! The on-disk spool between the sampling loop and the collector: every batch is written
+//! (compressed, fsynced) before it is sent and deleted only once the collector has
+//! acknowledged it, so batches survive collector outages and agent restarts. Bounded:
+//! when full, the oldest batches are dropped and counted; the count travels with every
+//! later batch. The next sequence number lives here too, so sequences stay unique per
+//! agent across restarts.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::{self, File},
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use stallscope_proto::v1;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SpoolError {
+    #[error("spool directory {path}: {source}; choose a writable --spool-dir")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool state {path} is corrupt ({reason}); remove it to start a new sequence")]
+    State { path: PathBuf, reason: String },
+}
+
+/// Limits of the spool.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolLimits {
+    pub max_batches: usize,
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolLimits {
+    fn default() -> Self {
+        Self {
+            max_batches: 8640,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    next_sequence: u64,
+    dropped_total: u64,
+}
+
+/// zstd level for spooled batches: fast, still several times smaller than raw.
+const ZSTD_LEVEL: i32 = 3;
+const STATE_FILE: &str = "state.json";
+const BATCH_PREFIX: &str = "batch-";
+const BATCH_SUFFIX: &str = ".frame";
+
+/// A bounded directory of unacknowledged batches.
+pub struct Spool {
+    dir: PathBuf,
+    limits: SpoolLimits,
+    state: State,
+    /// Sequence -> file size, for every batch on disk.
+    batches: BTreeMap<u64, u64>,
+    bytes: u64,
+    /// Batches sent and not yet acknowledged: never dropped to make room, since the
+    /// collector may be storing them right now (the drop count must be exact).
+    in_flight: HashSet<u64>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably: temporary file, fsync, rename, fsync
+/// of the directory.
+fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let temp = path.with_extension("tmp");
+    let mut file = File::create(&temp).map_err(io(&temp))?;
+    file.write_all(bytes).map_err(io(&temp))?;
+    file.sync_all().map_err(io(&temp))?;
+    fs::rename(&temp, path).map_err(io(path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir`, picking up batches left by an
+    /// earlier run.
+    pub fn open(dir: &Path, limits: SpoolLimits) -> Result<Self, SpoolError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let state_path = dir.join(STATE_FILE);
+        let state = match fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| SpoolError::State {
+                path: state_path.clone(),
+                reason: err.to_string(),
+            })?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(err) => return Err(io(&state_path)(err)),
+        };
+        let mut batches = BTreeMap::new();
+        for entry in fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(sequence) = name
+                .strip_prefix(BATCH_PREFIX)
+                .and_then(|rest| rest.strip_suffix(BATCH_SUFFIX))
+                .and_then(|seq| seq.parse::<u64>().ok())
+            {
+                let size = entry.metadata().map_err(io(dir))?.len();
+                batches.insert(sequence, size);
+            } else if Path::new(&name)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("tmp"))
+            {
+                // A write interrupted by a crash: never acknowledged, never complete.
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let mut state = state;
+        if let Some((&last, _)) = batches.last_key_value() {
+            state.next_sequence = state.next_sequence.max(last + 1);
+        }
+        let bytes = batches.values().sum();
+        Ok(Self {
+            dir: dir.to_owned(),
+            limits,
+            state,
+            batches,
+            bytes,
+            in_flight: HashSet::new(),
+        })
+    }
+
+    fn batch_path(&self, sequence: u64) -> PathBuf {
+        self.dir
+            .join(format!("{BATCH_PREFIX}{sequence:020}{BATCH_SUFFIX}"))
+    }
+
+    fn save_state(&self) -> Result<(), SpoolError> {
+        let bytes = serde_json::to_vec(&self.state).unwrap_or_default();
+        write_durably(&self.dir, &self.dir.join(STATE_FILE), &bytes)
+    }
+
+    /// Batches dropped to make room since the spool was created.
+    pub fn dropped_total(&self) -> u64 {
+        self.state.dropped_total
+    }
+
+    /// The sequence the next batch will get.
+    pub fn next_sequence(&self) -> u64 {
+        self.state.next_sequence
+    }
+
+    /// Unacknowledged batches, oldest first.
+    pub fn pending(&self) -> Vec<u64> {
+        self.batches.keys().copied().collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Makes room for one batch of `incoming` bytes by dropping the oldest batches that
+    /// are not in flight.
+    fn make_room(&mut self, incoming: u64) -> Result<(), SpoolError> {
+        while self.batches.len() + 1 > self.limits.max_batches.max(1)
+            || (self.bytes + incoming > self.limits.max_bytes && !self.batches.is_empty())
+        {
+            let Some(oldest) = self
+                .batches
+                .keys()
+                .copied()
+                .find(|seq| !self.in_flight.contains(seq))
+            else {
+                break;
+            };
+            self.remove(oldest)?;
+            self.state.dropped_total += 1;
+            tracing::warn!(
+                "spool full: dropped batch {oldest} ({} dropped so far)",
+                self.state.dropped_total
+            );
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, sequence: u64) -> Result<(), SpoolError> {
+        if let Some(size) = self.batches.remove(&sequence) {
+            self.bytes = self.bytes.saturating_sub(size);
+            let path = self.batch_path(sequence);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(io(&path)(err)),
+            }
+        }
+        self.in_flight.remove(&sequence);
+        Ok(())
+    }
+
+    /// Gives `batch` the next sequence number and the drop count, compresses it and
+    /// writes it durably. Returns its sequence.
+    pub fn append(&mut self, mut batch: v1::Batch) -> Result<u64, SpoolError> {
+        let sequence = self.state.next_sequence;
+        batch.sequence = sequence;
+        // Room first, so the count this batch carries includes every drop so far and
+        // no drop happens after the last batch. The encoded size bounds the compressed
+        // one closely enough for a byte limit.
+        self.make_room(batch.encoded_len() as u64)?;
+        batch.spool_dropped_total = self.state.dropped_total;
+        let encoded = batch.encode_to_vec();
+        let compressed = zstd::bulk::compress(&encoded, ZSTD_LEVEL).map_err(io(&self.dir))?;
+        let frame = v1::IngestFrame {
+            sequence,
+            uncompressed_size: encoded.len() as u64,
+            batch_zstd: compressed,
+        }
+        .encode_to_vec();
+        // The batch goes first: after a crash between the two, `open` sees its file
+        // and continues after it, so a sequence is never reused nor skipped.
+        write_durably(&self.dir, &self.batch_path(sequence), &frame)?;
+        self.state.next_sequence = sequence + 1;
+        self.save_state()?;
+        self.batches.insert(sequence, frame.len() as u64);
+        self.bytes += frame.len() as u64;
+        Ok(sequence)
+    }
+
+    /// Reads a spooled frame and marks it in flight. `None` if it is gone (acknowledged
+    /// or dropped) or unreadable (then it is discarded and counted as dropped).
+    pub fn take_for_sending(&mut self, sequence: u64) -> Option<v1::IngestFrame> {
+        let path = self.batch_path(sequence);
+        let bytes = fs::read(&path).ok()?;
+        match v1::IngestFrame::decode(bytes.as_slice()) {
+            Ok(frame) => {
+                self.in_flight.insert(sequence);
+                Some(frame)
+            }
+            Err(err) => {
+                tracing::error!(
+                    "spooled batch {} is corrupt ({err}); dropping it",
+                    path.display()
+                );
+                let _ = self.discard(sequence);
+                None
+            }
+        }
+    }
+
+    /// The collector stored `sequence`: forget it.
+    pub fn acknowledge(&mut self, sequence: u64) -> Result<(), SpoolError> {
+        self.remove(sequence)
+    }
+
+    /// Drops a batch the collector refused as malformed or too large (retrying would
+    /// fail forever); counted with the spool's drops.
+    pub fn discard(&mut self, sequence: u64) -> Result<(), SpoolError> {
+        if self.batches.contains_key(&sequence) {
+            self.remove(sequence)?;
+            self.state.dropped_total += 1;
+            self.save_state()?;
+        }
+        Ok(())
+    }
+
+    /// A new connection: nothing is in flight any more.
+    pub fn reset_in_flight(&mut self) {
+        self.in_flight.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("stallscope-spool-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn batch(host: &str) -> v1::Batch {
+        v1::Batch {
+            host: host.to_owned(),
+            ..v1::Batch::default()
+        }
+    }
+
+    #[test]
+    fn sequences_survive_reopening_and_acks_delete() {
+        let dir = dir("reopen");
+        let mut spool = Spool::open(&dir, SpoolLimits::default()).expect("open");
+        assert_eq!(spool.append(batch("a")).expect("append"), 0);
+        assert_eq!(spool.append(batch("b")).expect("append"), 1);
+        spool.acknowledge(0).expect("ack");
+        drop(spool);
+        let mut spool = Spool::open(&dir, SpoolLimits::default()).expect("reopen");
+        assert_eq!(spool.pending(), [1]);
+        assert_eq!(spool.append(batch("c")).expect("append"), 2);
+        let frame = spool.take_for_sending(1).expect("spooled");
+        assert_eq!(frame.sequence, 1);
+        let raw = zstd::bulk::decompress(&frame.batch_zstd, 1 << 20).expect("zstd");
+        assert_eq!(v1::Batch::decode(raw.as_slice()).expect("batch").host, "b");
+    }
+
+    #[test]
+    fn full_spool_drops_the_oldest_and_counts_exactly() {
+        let dir = dir("full");
+        let limits = SpoolLimits {
+            max_batches: 3,
+            max_bytes: u64::MAX,
+        };
+        let mut spool = Spool::open(&dir, limits).expect("open");
+        for _ in 0..10 {
+            spool.append(batch("x")).expect("append");
+        }
+        assert_eq!(spool.pending(), [7, 8, 9]);
+        assert_eq!(spool.dropped_total(), 7);
+        let frame = spool.take_for_sending(9).expect("spooled");
+        let raw = zstd::bulk::decompress(&frame.batch_zstd, 1 << 20).expect("zstd");
+        assert_eq!(
+            v1::Batch::decode(raw.as_slice())
+                .expect("batch")
+                .spool_dropped_total,
+            7
+        );
+        // In-flight batches are not dropped.
+        spool.take_for_sending(7).expect("spooled");
+        spool.append(batch("x")).expect("append");
+        assert_eq!(spool.pending(), [7, 9, 10]);
+        assert_eq!(spool.dropped_total(), 8);
+        drop(spool);
+        assert_eq!(
+            Spool::open(&dir, limits).expect("reopen").dropped_total(),
+            8
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! Sending the spool to the collector: one gRPC bidirectional stream at a time, batches
+//! sent oldest first with a bounded window in flight, each deleted from the spool only
+//! when the collector acknowledges it (after storing it). On any failure the stream is
+//! reopened after an exponential backoff with jitter, and everything unacknowledged is
+//! sent again, in order; the collector's dedup makes that safe.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use stallscope_proto::v1::{IngestFrame, ingest_client::IngestClient};
+use thiserror::Error;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Code, Request,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use crate::spool::Spool;
+
+/// Header naming the agent on plaintext connections (under mTLS the certificate does).
+pub const AGENT_HEADER: &str = "x-stallscope-agent";
+
+/// Largest frame the agent sends (the collector's default limit is 16 MiB).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum StreamError {
+    #[error(
+        "invalid collector address `{0}`: use http://HOST:PORT (plaintext) or https://HOST:PORT (mTLS)"
+    )]
+    Address(String),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("starting the sender thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Client certificate, key and the CA that signed the collector's certificate (PEM).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// Name to verify the collector's certificate against (default: the URL's host).
+    pub server_name: Option<String>,
+}
+
+/// Where and how to send.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub collector: String,
+    pub agent_id: String,
+    pub tls: Option<ClientTls>,
+    /// Batches sent and not yet acknowledged, at most.
+    pub window: usize,
+    pub max_backoff: Duration,
+}
+
+struct Shared {
+    spool: Arc<Mutex<Spool>>,
+    /// A batch was spooled.
+    wake: Notify,
+    /// Stop was requested (wakes a backoff sleep, which ignores new batches).
+    stop: Notify,
+    stopping: AtomicBool,
+    deadline: Mutex<Option<Instant>>,
+    settings: StreamSettings,
+}
+
+impl Shared {
+    fn stop_now(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+            && self
+                .deadline
+                .lock()
+                .ok()
+                .and_then(|d| *d)
+                .is_none_or(|deadline| Instant::now() >= deadline)
+    }
+
+    /// Time left before the flush deadline, if stopping.
+    fn time_left(&self) -> Option<Duration> {
+        let deadline = self.deadline.lock().ok().and_then(|d| *d)?;
+        Some(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    fn spool_empty(&self) -> bool {
+        self.spool.lock().map_or(true, |s| s.is_empty())
+    }
+}
+
+/// The sender thread.
+pub struct Sender {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sender {
+    pub fn start(spool: Arc<Mutex<Spool>>, settings: StreamSettings) -> Result<Self, StreamError> {
+        let endpoint = endpoint(&settings)?;
+        let shared = Arc::new(Shared {
+            spool,
+            wake: Notify::new(),
+            stop: Notify::new(),
+            stopping: AtomicBool::new(false),
+            deadline: Mutex::new(None),
+            settings,
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StreamError::Thread)?;
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("sender".into())
+            .spawn(move || runtime.block_on(send_loop(thread_shared, endpoint)))
+            .map_err(StreamError::Thread)?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// A batch was spooled.
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Sends what is left, for at most `timeout`, then stops. Returns whether the spool
+    /// was emptied.
+    pub fn flush_and_stop(mut self, timeout: Duration) -> bool {
+        if let Ok(mut deadline) = self.shared.deadline.lock() {
+            *deadline = Some(Instant::now() + timeout);
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+        self.shared.stop.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.shared.spool_empty()
+    }
+}
+
+fn endpoint(settings: &StreamSettings) -> Result<Endpoint, StreamError> {
+    let address = || StreamError::Address(settings.collector.clone());
+    let https = settings.collector.starts_with("https://");
+    if !https && !settings.collector.starts_with("http://") {
+        return Err(address());
+    }
+    let mut endpoint = Channel::from_shared(settings.collector.clone())
+        .map_err(|_| address())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(120))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(Duration::from_secs(60)));
+    match (&settings.tls, https) {
+        (Some(tls), true) => {
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(name) = &tls.server_name {
+                config = config.domain_name(name.clone());
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|err| StreamError::Tls(err.to_string()))?;
+        }
+        (None, false) => {}
+        (Some(_), false) => {
+            return Err(StreamError::Tls(
+                "client certificates are set but the collector address is http://; use https://"
+                    .to_owned(),
+            ));
+        }
+        (None, true) => {
+            return Err(StreamError::Tls(
+                "https:// needs --tls-cert, --tls-key and --tls-ca (the collector authenticates agents by certificate)".to_owned(),
+            ));
+        }
+    }
+    Ok(endpoint)
+}
+
+/// Exponential backoff with jitter: each wait is drawn from [cap/2, cap], the cap
+/// doubling from 250 ms up to the maximum.
+struct Backoff {
+    cap: Duration,
+    max: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(250);
+
+    fn new(max: Duration) -> Self {
+        let seed = u64::from(std::process::id()) ^ crate::system::unix_now_ns() as u64;
+        Self {
+            cap: Self::START,
+            max,
+            seed: seed | 1,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.cap = Self::START;
+    }
+
+    fn next(&mut self) -> Duration {
+        // xorshift64: enough randomness to spread reconnecting agents apart.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let cap = self.cap.min(self.max);
+        let half = cap / 2;
+        let jitter = half.mul_f64((self.seed % 1000) as f64 / 1000.0);
+        self.cap = (self.cap * 2).min(self.max);
+        half + jitter
+    }
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// Stop was requested and everything was sent, or the deadline passed.
+    Done,
+    /// The collector refused the oldest batch in flight as malformed or too large.
+    Refused {
+        sequence: u64,
+        message: String,
+    },
+    Failed(String),
+}
+
+async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
+    let mut backoff = Backoff::new(shared.settings.max_backoff);
+    let mut failures = 0_u32;
+    loop {
+        if shared.stop_now() || (shared.stopping.load(Ordering::SeqCst) && shared.spool_empty()) {
+            return;
+        }
+        match session(&shared, &endpoint, &mut backoff).await {
+            SessionEnd::Done => return,
+            SessionEnd::Refused { sequence, message } => {
+                tracing::error!("collector refused batch {sequence}: {message}; dropping it");
+                if let Ok(mut spool) = shared.spool.lock()
+                    && let Err(err) = spool.discard(sequence)
+                {
+                    tracing::error!("{err}");
+                }
+            }
+            SessionEnd::Failed(reason) => {
+                failures += 1;
+                let wait = backoff.next();
+                // The first failure and then every tenth, so an outage is visible but
+                // does not flood the log.
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!(
+                        "collector {}: {reason}; retrying in {wait:?}",
+                        shared.settings.collector
+                    );
+                }
+                if !shared.stopping.load(Ordering::SeqCst) {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shared.stop.notified() => {}
+                    }
+                } else if let Some(left) = shared.time_left() {
+                    tokio::time::sleep(wait.min(left)).await;
+                }
+                continue;
+            }
+        }
+        failures = 0;
+    }
+}
+
+async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) -> SessionEnd {
+    let channel = match endpoint.connect().await {
+        Ok(channel) => channel,
+        Err(err) => return SessionEnd::Failed(format!("cannot connect: {}", error_chain(&err))),
+    };
+    let mut client = IngestClient::new(channel)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(1024 * 1024);
+    let window = shared.settings.window.max(1);
+    let (tx, rx) = mpsc::channel::<IngestFrame>(window);
+    let mut request = Request::new(ReceiverStream::new(rx));
+    if shared.settings.tls.is_none() {
+        match MetadataValue::try_from(shared.settings.agent_id.as_str()) {
+            Ok(value) => {
+                request.metadata_mut().insert(AGENT_HEADER, value);
+            }
+            Err(_) => {
+                return SessionEnd::Failed("the agent id is not a valid header value".to_owned());
+            }
+        }
+    }
+    // Sending starts before the response headers arrive: the first frames go out as
+    // soon as the stream is open.
+    if let Ok(mut spool) = shared.spool.lock() {
+        spool.reset_in_flight();
+    }
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let mut last_sent: Option<u64> = None;
+    fill_window(shared, &tx, window, &mut in_flight, &mut last_sent);
+    let mut acks = match client.stream(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            return SessionEnd::Failed(format!("{:?}: {}", status.code(), status.message()));
+        }
+    };
+    tracing::info!("streaming to {}", shared.settings.collector);
+    loop {
+        fill_window(shared, &tx, window, &mut in_flight, &mut last_sent);
+        if shared.stopping.load(Ordering::SeqCst) && in_flight.is_empty() && shared.spool_empty() {
+            return SessionEnd::Done;
+        }
+        if shared.stop_now() {
+            return SessionEnd::Done;
+        }
+        tokio::select! {
+            message = acks.message() => match message {
+                Ok(Some(ack)) => {
+                    backoff.reset();
+                    in_flight.retain(|&s| s != ack.sequence);
+                    if let Ok(mut spool) = shared.spool.lock()
+                        && let Err(err) = spool.acknowledge(ack.sequence)
+                    {
+                        tracing::error!("{err}");
+                    }
+                }
+                Ok(None) => return SessionEnd::Failed("the collector closed the stream".to_owned()),
+                Err(status) => {
+                    let refused = matches!(status.code(), Code::InvalidArgument | Code::ResourceExhausted);
+                    return match in_flight.front() {
+                        Some(&sequence) if refused => SessionEnd::Refused { sequence, message: status.message().to_owned() },
+                        _ => SessionEnd::Failed(format!("{:?}: {}", status.code(), status.message())),
+                    };
+                }
+            },
+            () = shared.wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// Sends spooled batches after `last_sent`, oldest first, until `window` are in flight.
+fn fill_window(
+    shared: &Shared,
+    tx: &mpsc::Sender<IngestFrame>,
+    window: usize,
+    in_flight: &mut VecDeque<u64>,
+    last_sent: &mut Option<u64>,
+) {
+    let Ok(mut spool) = shared.spool.lock() else {
+        return;
+    };
+    while in_flight.len() < window {
+        let Some(sequence) = spool
+            .pending()
+            .into_iter()
+            .find(|&s| last_sent.is_none_or(|last| s > last))
+        else {
+            return;
+        };
+        // The channel holds `window` frames and fewer than that are in flight, so it has
+        // room unless the stream is gone (then the session ends and all is resent).
+        if tx.capacity() == 0 {
+            return;
+        }
+        *last_sent = Some(sequence);
+        if let Some(frame) = spool.take_for_sending(sequence) {
+            if tx.try_send(frame).is_err() {
+                return;
+            }
+            in_flight.push_back(sequence);
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_maximum() {
+        let mut backoff = Backoff::new(Duration::from_secs(4));
+        let waits: Vec<Duration> = (0..8).map(|_| backoff.next()).collect();
+        assert!(waits[0] >= Duration::from_millis(125) && waits[0] <= Duration::from_millis(250));
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(4)));
+        assert!(waits[7] >= Duration::from_secs(2));
+        backoff.reset();
+        assert!(backoff.next() <= Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,260 @@
+//! Command-line arguments of `stallscope` and where the collector address and
+//! credentials come from: a flag, else an environment variable, else the config file
+//! (`--config`, `STALLSCOPE_CONFIG`, or `~/.config/stallscope/cli.toml`).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::timespec::{now_ns, parse_duration, parse_time};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stallscope",
+    version,
+    about = "Query a stallscope collector: targets, flame graphs, top waits, diffs and totals over time"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// Collector address: https://HOST:PORT or http://HOST:PORT.
+    #[arg(long, global = true, env = "STALLSCOPE_COLLECTOR")]
+    pub collector: Option<String>,
+    /// Bearer token for queries.
+    #[arg(long, global = true, env = "STALLSCOPE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed the collector's certificate (https only).
+    #[arg(long, global = true, env = "STALLSCOPE_CA", value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// Name in the collector's certificate, if not the address's host.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Config file with `collector`, `token` (or `token_file`), `ca`, `server_name`.
+    #[arg(long, global = true, env = "STALLSCOPE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Hosts, services and processes with data, their signals and time ranges.
+    Targets {
+        #[command(flatten)]
+        range: RangeArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a flame graph or profile: .svg, .pb.gz (pprof), .folded, .json (speedscope).
+    Flame {
+        /// Output file; the format follows the extension.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        range: RangeArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// The stacks and functions with the most wait time, and their share.
+    Top {
+        #[command(flatten)]
+        range: RangeArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Rows per table.
+        #[arg(short = 'n', long, default_value_t = 15)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two time ranges: a differential flame graph and the biggest changes.
+    Diff {
+        /// The baseline range, FROM..UNTIL (e.g. 2h..1h, or RFC 3339 times).
+        #[arg(long, value_name = "FROM..UNTIL")]
+        before: String,
+        /// The range to compare, FROM..UNTIL (e.g. 30m..now).
+        #[arg(long, value_name = "FROM..UNTIL")]
+        after: String,
+        /// Differential flame graph (.svg) or differential folded stacks (.folded).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(short = 'n', long, default_value_t = 15)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Totals over time per signal or cause, with a sparkline.
+    Series {
+        #[command(flatten)]
+        range: RangeArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Group by signal or cause.
+        #[arg(long, value_enum, default_value_t = GroupArg::Signal)]
+        by: GroupArg,
+        /// Bucket width (default: about 60 buckets).
+        #[arg(long)]
+        step: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Agents that sent data: batches stored, sequences, spool drops.
+    Agents {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GroupArg {
+    Signal,
+    Cause,
+}
+
+#[derive(Debug, Args)]
+pub struct RangeArgs {
+    /// The last DURATION until now (e.g. 15m, 2h); default 15m.
+    #[arg(long, conflicts_with_all = ["from", "until"])]
+    pub since: Option<String>,
+    /// Start: now, a duration ago (2h), Unix seconds or RFC 3339.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End (default now).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl RangeArgs {
+    /// The range in Unix nanoseconds.
+    pub fn resolve(&self) -> anyhow::Result<(i64, i64)> {
+        let now = now_ns();
+        let (from, until) = match (&self.since, &self.from) {
+            (Some(since), _) => {
+                let span = parse_duration(since)?;
+                (
+                    now - i64::try_from(span.as_nanos()).unwrap_or(i64::MAX),
+                    now,
+                )
+            }
+            (None, Some(from)) => (
+                parse_time(from, now)?,
+                self.until
+                    .as_deref()
+                    .map_or(Ok(now), |u| parse_time(u, now))?,
+            ),
+            (None, None) => (
+                now - 15 * 60 * 1_000_000_000,
+                self.until
+                    .as_deref()
+                    .map_or(Ok(now), |u| parse_time(u, now))?,
+            ),
+        };
+        anyhow::ensure!(
+            from < until,
+            "the range is empty: --from must be before --until"
+        );
+        Ok((from, until))
+    }
+}
+
+/// Parses `FROM..UNTIL`.
+pub fn parse_span(text: &str) -> anyhow::Result<(i64, i64)> {
+    let (from, until) = text.split_once("..").with_context(|| {
+        format!("`{text}` is not a range: use FROM..UNTIL, e.g. 2h..1h or 30m..now")
+    })?;
+    let now = now_ns();
+    let range = (parse_time(from, now)?, parse_time(until, now)?);
+    anyhow::ensure!(
+        range.0 < range.1,
+        "the range `{text}` is empty: FROM must be before UNTIL"
+    );
+    Ok(range)
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Service (the process name until services are labeled).
+    #[arg(long)]
+    pub service: Option<String>,
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Signal: off-cpu, on-cpu, ...
+    #[arg(long)]
+    pub signal: Option<String>,
+    #[arg(long)]
+    pub cause: Option<String>,
+    /// Further label matches, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+}
+
+/// The CLI's config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub collector: Option<String>,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub server_name: Option<String>,
+}
+
+/// Where to connect and with what, after flags, environment and file are merged.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub collector: String,
+    pub token: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub server_name: Option<String>,
+}
+
+impl ConnectionArgs {
+    pub fn resolve(&self) -> anyhow::Result<Connection> {
+        let explicit = self.config.is_some();
+        let path = self.config.clone().or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".config/stallscope/cli.toml"))
+        });
+        let file = match path {
+            Some(path) if explicit || path.exists() => {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text).map_err(|err| {
+                    anyhow::anyhow!("config file {}: {}", path.display(), err.message())
+                })?
+            }
+            _ => FileConfig::default(),
+        };
+        let token = match (&self.token, &file.token, &file.token_file) {
+            (Some(token), ..) | (None, Some(token), _) => Some(token.clone()),
+            (None, None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None, None) => None,
+        };
+        Ok(Connection {
+            collector: self
+                .collector
+                .clone()
+                .or(file.collector)
+                .unwrap_or_else(|| "http://127.0.0.1:7070".to_owned()),
+            token,
+            ca: self.ca.clone().or(file.ca),
+            server_name: self.server_name.clone().or(file.server_name),
+        })
+    }
+}

@@ -1,0 +1,91 @@
+//! `stallscope`: parse arguments, connect to the collector, run one subcommand; errors
+//! are one line saying what to do, with a non-zero exit.
+
+mod args;
+mod client;
+mod commands;
+mod report;
+mod timespec;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use crate::args::{Cli, Command};
+
+fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, like other command-line tools.
+    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("stallscope: cannot start: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+            let mut parts: Vec<String> = Vec::new();
+            for part in chain {
+                if !parts.iter().any(|p| p.contains(&part)) {
+                    parts.push(part);
+                }
+            }
+            eprintln!("stallscope: {}", parts.join(": ").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let connection = cli.connection.resolve()?;
+    let mut collector = client::connect(&connection).await?;
+    match &cli.command {
+        Command::Targets { range, json } => commands::targets(&mut collector, range, *json).await,
+        Command::Flame {
+            output,
+            range,
+            filter,
+        } => commands::flame(&mut collector, output, range, filter).await,
+        Command::Top {
+            range,
+            filter,
+            limit,
+            json,
+        } => commands::top_command(&mut collector, range, filter, *limit, *json).await,
+        Command::Diff {
+            before,
+            after,
+            output,
+            filter,
+            limit,
+            json,
+        } => {
+            commands::diff(
+                &mut collector,
+                before,
+                after,
+                output.as_deref(),
+                filter,
+                *limit,
+                *json,
+            )
+            .await
+        }
+        Command::Series {
+            range,
+            filter,
+            by,
+            step,
+            json,
+        } => commands::series(&mut collector, range, filter, *by, step.as_deref(), *json).await,
+        Command::Agents { json } => commands::agents(&mut collector, *json).await,
+    }
+}

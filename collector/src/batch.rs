@@ -1,0 +1,473 @@
+//! From an ingest frame to a batch ready for storage: bounded zstd decompression, protobuf
+//! decoding, and validation of every index, so storage never sees a malformed batch. Each
+//! failure is an [`InvalidBatch`] whose text becomes the gRPC status message.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Read as _,
+};
+
+use prost::{Message as _, bytes::Bytes};
+use stallscope_profile::{Frame, FrameKind, Labels};
+use stallscope_proto::v1;
+use thiserror::Error;
+
+use crate::hash::StableHasher;
+
+/// Limits on what one ingest frame may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Largest decoded batch, in bytes.
+    pub max_uncompressed_bytes: u64,
+    /// Most samples in one batch.
+    pub max_samples: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            max_uncompressed_bytes: 64 * 1024 * 1024,
+            max_samples: 1_000_000,
+        }
+    }
+}
+
+/// Why a batch was refused.
+#[derive(Debug, Error)]
+pub enum InvalidBatch {
+    #[error(
+        "batch {sequence} decompresses to more than {limit} bytes (claimed {claimed}); refused as too large or a compression bomb"
+    )]
+    TooLarge {
+        sequence: u64,
+        limit: u64,
+        claimed: u64,
+    },
+    #[error("batch {sequence}: payload is not valid zstd data: {reason}")]
+    Compression { sequence: u64, reason: String },
+    #[error("batch {sequence}: payload is not a stallscope.v1.Batch message: {reason}")]
+    Decode { sequence: u64, reason: String },
+    #[error("batch {sequence}: {reason}")]
+    Inconsistent { sequence: u64, reason: String },
+}
+
+impl InvalidBatch {
+    /// Whether the batch was refused for its size (`RESOURCE_EXHAUSTED`) rather than its
+    /// content (`INVALID_ARGUMENT`).
+    pub fn is_size(&self) -> bool {
+        matches!(self, Self::TooLarge { .. })
+    }
+}
+
+/// A signal's two value columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalDef {
+    pub name: String,
+    pub value_kind: String,
+    pub value_unit: String,
+    pub count_kind: String,
+    pub count_unit: String,
+}
+
+/// A distinct label set of one agent: the unit rows are filtered by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesDef {
+    pub id: i64,
+    pub agent: String,
+    pub host: String,
+    pub signal: String,
+    /// The `service` label, or the process name until services exist.
+    pub service: String,
+    pub process: String,
+    pub pid: String,
+    pub cause: String,
+    pub labels: Labels,
+}
+
+impl SeriesDef {
+    pub fn new(agent: &str, host: &str, signal: &str, labels: Labels) -> Self {
+        let mut hasher = StableHasher::new().str(agent).str(host).str(signal);
+        for (key, value) in &labels {
+            hasher = hasher.str(key).str(value);
+        }
+        let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+        let process = label("process");
+        let service = labels
+            .get("service")
+            .cloned()
+            .unwrap_or_else(|| process.clone());
+        Self {
+            id: hasher.finish(),
+            agent: agent.to_owned(),
+            host: host.to_owned(),
+            signal: signal.to_owned(),
+            service,
+            process,
+            pid: label("pid"),
+            cause: label("cause"),
+            labels,
+        }
+    }
+
+    pub fn labels_json(&self) -> String {
+        serde_json::to_string(&self.labels).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// A deduplicated stack: its content hash and its frames (indices into the batch's
+/// frames), innermost first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackDef {
+    pub id: i64,
+    pub frames: Vec<u32>,
+}
+
+/// The content hash of one frame; a stack's id hashes its frames' hashes, so each frame is
+/// hashed once per batch however many stacks share it. Equal to the hash of the same frame
+/// in model form (an empty module or file is "none", line 0 is "unknown").
+pub fn frame_hash(frame: &v1::Frame) -> u64 {
+    let kind = match v1::FrameKind::try_from(frame.kind) {
+        Ok(v1::FrameKind::Kernel) => FrameKind::Kernel,
+        Ok(v1::FrameKind::Synthetic) => FrameKind::Synthetic,
+        _ => FrameKind::User,
+    };
+    StableHasher::new()
+        .str(&frame.function)
+        .str(&frame.module)
+        .str(&frame.file)
+        .u64(u64::from(frame.line))
+        .u64(frame.address)
+        .u64(frame_kind_code(kind))
+        .finish() as u64
+}
+
+/// A stack's id from its frames' hashes, innermost first.
+pub fn stack_id(frame_hashes: impl ExactSizeIterator<Item = u64>) -> i64 {
+    let mut hasher = StableHasher::new().u64(frame_hashes.len() as u64);
+    for hash in frame_hashes {
+        hasher = hasher.u64(hash);
+    }
+    hasher.finish()
+}
+
+fn frame_kind_code(kind: FrameKind) -> u64 {
+    match kind {
+        FrameKind::User => 0,
+        FrameKind::Kernel => 1,
+        FrameKind::Synthetic => 2,
+    }
+}
+
+/// One stored row: a series, a stack and the signal's value and count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub series: i64,
+    pub stack: i64,
+    pub value: i64,
+    pub count: i64,
+}
+
+/// A validated batch, ready for storage.
+#[derive(Debug, Clone)]
+pub struct NormalizedBatch {
+    pub agent: String,
+    pub sequence: u64,
+    pub host: String,
+    pub start_unix_ns: i64,
+    pub duration_ns: i64,
+    pub spool_dropped_total: u64,
+    pub signals: Vec<SignalDef>,
+    pub series: Vec<SeriesDef>,
+    /// Frames the stacks refer to, as they came (converted only for new stacks).
+    pub frames: Vec<v1::Frame>,
+    pub stacks: Vec<StackDef>,
+    /// One row per distinct (series, stack).
+    pub rows: Vec<Row>,
+    pub losses: BTreeMap<String, u64>,
+}
+
+impl NormalizedBatch {
+    /// The batch's deterministic id: the same (agent, sequence) always gives the same id,
+    /// whichever collector replica stores it.
+    pub fn batch_id(&self) -> i64 {
+        batch_id(&self.agent, self.sequence)
+    }
+
+    /// The frames of `stack`, innermost first.
+    pub fn stack_frames<'a>(
+        &'a self,
+        stack: &'a StackDef,
+    ) -> impl Iterator<Item = &'a v1::Frame> + 'a {
+        stack
+            .frames
+            .iter()
+            .filter_map(|&i| self.frames.get(i as usize))
+    }
+
+    /// A stack as storage keeps it.
+    pub fn encode_stack(&self, stack: &StackDef) -> Vec<u8> {
+        StoredStack {
+            frames: self.stack_frames(stack).cloned().collect(),
+        }
+        .encode_to_vec()
+    }
+
+    pub fn losses_json(&self) -> String {
+        serde_json::to_string(&self.losses).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+pub fn batch_id(agent: &str, sequence: u64) -> i64 {
+    StableHasher::new().str(agent).u64(sequence).finish()
+}
+
+/// Decompresses (bounded) and decodes the batch of `frame`.
+pub fn decode_frame(
+    frame: &v1::IngestFrame,
+    limits: &BatchLimits,
+) -> Result<v1::Batch, InvalidBatch> {
+    let sequence = frame.sequence;
+    let limit = limits.max_uncompressed_bytes;
+    if frame.uncompressed_size > limit {
+        return Err(InvalidBatch::TooLarge {
+            sequence,
+            limit,
+            claimed: frame.uncompressed_size,
+        });
+    }
+    let mut decoder =
+        zstd::stream::read::Decoder::new(frame.batch_zstd.as_slice()).map_err(|err| {
+            InvalidBatch::Compression {
+                sequence,
+                reason: err.to_string(),
+            }
+        })?;
+    let mut raw =
+        Vec::with_capacity(usize::try_from(frame.uncompressed_size.min(limit)).unwrap_or(0));
+    // Read one byte past the limit to tell "exactly at the limit" from "beyond it"
+    // without ever holding more than that.
+    (&mut decoder)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut raw)
+        .map_err(|err| InvalidBatch::Compression {
+            sequence,
+            reason: err.to_string(),
+        })?;
+    if raw.len() as u64 > limit {
+        return Err(InvalidBatch::TooLarge {
+            sequence,
+            limit,
+            claimed: frame.uncompressed_size,
+        });
+    }
+    v1::Batch::decode(Bytes::from(raw)).map_err(|err| InvalidBatch::Decode {
+        sequence,
+        reason: err.to_string(),
+    })
+}
+
+/// Checks every index of `batch` and builds the storage form, attributing it to `agent`
+/// (the identity the transport established, not the one the batch claims).
+pub fn normalize(
+    agent: &str,
+    sequence: u64,
+    batch: v1::Batch,
+    limits: &BatchLimits,
+) -> Result<NormalizedBatch, InvalidBatch> {
+    let bad = |reason: String| InvalidBatch::Inconsistent { sequence, reason };
+    if batch.sequence != sequence {
+        return Err(bad(format!(
+            "the frame says sequence {sequence} but the batch inside says {}",
+            batch.sequence
+        )));
+    }
+    if batch.samples.len() > limits.max_samples {
+        return Err(InvalidBatch::TooLarge {
+            sequence,
+            limit: limits.max_samples as u64,
+            claimed: batch.samples.len() as u64,
+        });
+    }
+    if batch.duration_ns < 0 || batch.start_unix_ns < 0 {
+        return Err(bad("negative start or duration".to_owned()));
+    }
+    let host = if batch.host.is_empty() {
+        agent.to_owned()
+    } else {
+        batch.host.clone()
+    };
+    let signals: Vec<SignalDef> = batch
+        .signals
+        .iter()
+        .map(|s| SignalDef {
+            name: s.name.clone(),
+            value_kind: s.value_kind.clone(),
+            value_unit: s.value_unit.clone(),
+            count_kind: s.count_kind.clone(),
+            count_unit: s.count_unit.clone(),
+        })
+        .collect();
+    if let Some(empty) = signals
+        .iter()
+        .position(|s| s.name.is_empty() || s.value_kind.is_empty())
+    {
+        return Err(bad(format!("signal {empty} has no name or value kind")));
+    }
+    let hashes: Vec<u64> = batch.frames.iter().map(frame_hash).collect();
+    let frame_count = batch.frames.len();
+    let mut stacks = Vec::with_capacity(batch.stacks.len());
+    for (index, stack) in batch.stacks.iter().enumerate() {
+        if let Some(&dangling) = stack.frames.iter().find(|&&f| f as usize >= frame_count) {
+            return Err(bad(format!(
+                "stack {index} refers to frame {dangling}, but the batch has {frame_count} frames"
+            )));
+        }
+        stacks.push(StackDef {
+            id: stack_id(stack.frames.iter().map(|&f| hashes[f as usize])),
+            frames: stack.frames.clone(),
+        });
+    }
+    let string = |index: u32| -> Result<&str, InvalidBatch> {
+        batch
+            .strings
+            .get(index as usize)
+            .map(String::as_str)
+            .ok_or_else(|| {
+                bad(format!(
+                    "a label refers to string {index}, but the string table has {} entries",
+                    batch.strings.len()
+                ))
+            })
+    };
+    let mut series = Vec::new();
+    // Samples of one series (same labels, other stacks) share their label indices: the
+    // series is built once per distinct (signal, label indices).
+    let mut series_of: HashMap<(u32, &[u32]), i64> = HashMap::new();
+    let mut rows: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
+    let mut used_stacks = vec![false; stacks.len()];
+    for (index, sample) in batch.samples.iter().enumerate() {
+        let signal = signals.get(sample.signal as usize).ok_or_else(|| {
+            bad(format!(
+                "sample {index} refers to signal {}, but the batch has {} signals",
+                sample.signal,
+                signals.len()
+            ))
+        })?;
+        let stack = stacks.get(sample.stack as usize).ok_or_else(|| {
+            bad(format!(
+                "sample {index} refers to stack {}, but the batch has {} stacks",
+                sample.stack,
+                stacks.len()
+            ))
+        })?;
+        used_stacks[sample.stack as usize] = true;
+        let id = if let Some(&id) = series_of.get(&(sample.signal, sample.labels.as_slice())) {
+            id
+        } else {
+            {
+                if sample.labels.len() % 2 != 0 {
+                    return Err(bad(format!(
+                        "sample {index} has an odd number of label indices (key, value pairs expected)"
+                    )));
+                }
+                let mut labels = Labels::new();
+                for pair in sample.labels.chunks_exact(2) {
+                    labels.insert(string(pair[0])?.to_owned(), string(pair[1])?.to_owned());
+                }
+                labels.insert("signal".to_owned(), signal.name.clone());
+                let def = SeriesDef::new(agent, &host, &signal.name, labels);
+                let id = def.id;
+                if !series.iter().any(|s: &SeriesDef| s.id == id) {
+                    series.push(def);
+                }
+                series_of.insert((sample.signal, sample.labels.as_slice()), id);
+                id
+            }
+        };
+        let entry = rows.entry((id, stack.id)).or_default();
+        entry.0 = entry.0.saturating_add(sample.value);
+        entry.1 = entry.1.saturating_add(sample.count);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let stacks: Vec<StackDef> = stacks
+        .into_iter()
+        .zip(used_stacks)
+        .filter_map(|(stack, used)| used.then_some(stack))
+        .filter(|stack| seen.insert(stack.id))
+        .collect();
+    let mut rows: Vec<Row> = rows
+        .into_iter()
+        .map(|((series, stack), (value, count))| Row {
+            series,
+            stack,
+            value,
+            count,
+        })
+        .collect();
+    rows.sort_unstable_by_key(|row| (row.series, row.stack));
+    Ok(NormalizedBatch {
+        agent: agent.to_owned(),
+        sequence,
+        host,
+        start_unix_ns: batch.start_unix_ns,
+        duration_ns: batch.duration_ns,
+        spool_dropped_total: batch.spool_dropped_total,
+        signals,
+        series,
+        frames: batch.frames,
+        stacks,
+        rows,
+        losses: batch
+            .losses
+            .into_iter()
+            .map(|l| (l.reason, l.count))
+            .collect(),
+    })
+}
+
+fn frame_from_wire(frame: &v1::Frame) -> Frame {
+    let optional = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+    Frame {
+        function: frame.function.clone(),
+        module: optional(&frame.module),
+        file: optional(&frame.file),
+        line: (frame.line != 0).then_some(frame.line),
+        address: frame.address,
+        kind: match v1::FrameKind::try_from(frame.kind) {
+            Ok(v1::FrameKind::Kernel) => FrameKind::Kernel,
+            Ok(v1::FrameKind::Synthetic) => FrameKind::Synthetic,
+            _ => FrameKind::User,
+        },
+    }
+}
+
+/// The wire form of a model frame (shared with storage, which keeps stacks in it).
+pub fn frame_to_wire(frame: &Frame) -> v1::Frame {
+    v1::Frame {
+        function: frame.function.clone(),
+        module: frame.module.clone().unwrap_or_default(),
+        file: frame.file.clone().unwrap_or_default(),
+        line: frame.line.unwrap_or(0),
+        address: frame.address,
+        kind: match frame.kind {
+            FrameKind::User => v1::FrameKind::User,
+            FrameKind::Kernel => v1::FrameKind::Kernel,
+            FrameKind::Synthetic => v1::FrameKind::Synthetic,
+        } as i32,
+    }
+}
+
+/// Stacks as storage keeps them: a protobuf `Stack`-like message of full frames.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredStack {
+    #[prost(message, repeated, tag = "1")]
+    pub frames: Vec<v1::Frame>,
+}
+
+impl StoredStack {
+    pub fn decode_frames(bytes: &[u8]) -> Option<Vec<Frame>> {
+        Self::decode(bytes)
+            .ok()
+            .map(|stack| stack.frames.iter().map(frame_from_wire).collect())
+    }
+}

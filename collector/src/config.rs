@@ -1,0 +1,314 @@
+//! The collector's validated configuration: command-line flags (or environment
+//! variables) merged over an optional TOML file, checked once at start-up.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{
+    batch::BatchLimits,
+    identity::QueryTokens,
+    storage::{Retention, parse_span},
+};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded SQLite under `--data-dir` (one machine).
+    Sqlite,
+    /// ClickHouse at `--clickhouse-url` (a fleet; any number of collector replicas).
+    Clickhouse,
+}
+
+#[derive(Debug, Parser)]
+#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
+#[command(
+    name = "stallscope-collector",
+    version,
+    about = "stallscope's collector: receives agent streams (mTLS), stores them exactly once (SQLite or ClickHouse), answers queries (bearer tokens)"
+)]
+pub struct Cli {
+    /// Address to listen on for ingest and queries.
+    #[arg(long, env = "STALLSCOPE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Storage backend.
+    #[arg(long, value_enum)]
+    pub storage: Option<Backend>,
+    /// SQLite: directory of the database.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// ClickHouse HTTP URL, e.g. `http://127.0.0.1:8123`.
+    #[arg(long, value_name = "URL")]
+    pub clickhouse_url: Option<String>,
+    /// ClickHouse database.
+    #[arg(long, value_name = "NAME")]
+    pub clickhouse_database: Option<String>,
+    /// Resolution tiers, finest first: RESOLUTION:KEEP,... (default 10s:24h,1m:14d).
+    #[arg(long)]
+    pub retention: Option<String>,
+    /// How often retention and downsampling run.
+    #[arg(long, value_name = "DURATION")]
+    pub maintenance_interval: Option<String>,
+    /// Server certificate (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs agents' client certificates; agents are identified by them.
+    #[arg(long, value_name = "PATH")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve without TLS (agents then name themselves with a header). Loopback only,
+    /// unless --allow-plaintext-non-loopback.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Allow --plaintext on an address other than loopback.
+    #[arg(long)]
+    pub allow_plaintext_non_loopback: bool,
+    /// File of query bearer tokens, one per line.
+    #[arg(long, value_name = "PATH")]
+    pub query_token_file: Option<PathBuf>,
+    /// Query bearer tokens, comma-separated.
+    #[arg(long, env = "STALLSCOPE_QUERY_TOKENS", hide_env_values = true)]
+    pub query_tokens: Option<String>,
+    /// Answer queries without a token.
+    #[arg(long)]
+    pub insecure_no_query_auth: bool,
+    /// Largest gRPC message accepted, in bytes (compressed batch frames).
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Largest decompressed batch, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_batch_bytes: Option<u64>,
+    /// Most concurrent agent streams.
+    #[arg(long, value_name = "N")]
+    pub max_streams: Option<usize>,
+    /// TOML configuration file; flags override it.
+    #[arg(short, long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// The TOML file: the same settings as the flags, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub storage: Option<Backend>,
+    pub data_dir: Option<PathBuf>,
+    pub clickhouse_url: Option<String>,
+    pub clickhouse_database: Option<String>,
+    pub retention: Option<String>,
+    pub maintenance_interval: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub plaintext: Option<bool>,
+    pub allow_plaintext_non_loopback: Option<bool>,
+    pub query_token_file: Option<PathBuf>,
+    pub insecure_no_query_auth: Option<bool>,
+    pub max_message_bytes: Option<usize>,
+    pub max_batch_bytes: Option<u64>,
+    pub max_streams: Option<usize>,
+}
+
+/// TLS material, read at start-up.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StorageConfig {
+    Sqlite { data_dir: PathBuf },
+    ClickHouse { url: String, database: String },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub storage: StorageConfig,
+    pub retention: Retention,
+    pub maintenance_interval: Duration,
+    /// `None`: plaintext (explicitly allowed).
+    pub tls: Option<TlsFiles>,
+    pub tokens: QueryTokens,
+    pub max_message_bytes: usize,
+    pub limits: BatchLimits,
+    pub max_streams: usize,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(source.kind(), format!("{what}: {source}")),
+    })
+}
+
+impl Config {
+    pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|err| ConfigError::Parse {
+                    path: path.clone(),
+                    message: err.message().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::build(cli, file)
+    }
+
+    pub fn build(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let listen = cli.listen.or(file.listen).unwrap_or_else(|| {
+            DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7070)))
+        });
+        let storage = match cli.storage.or(file.storage).unwrap_or(Backend::Sqlite) {
+            Backend::Sqlite => StorageConfig::Sqlite {
+                data_dir: cli
+                    .data_dir
+                    .clone()
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/stallscope")),
+            },
+            Backend::Clickhouse => StorageConfig::ClickHouse {
+                url: cli
+                    .clickhouse_url
+                    .clone()
+                    .or(file.clickhouse_url)
+                    .ok_or_else(|| invalid("--storage clickhouse needs --clickhouse-url, e.g. http://127.0.0.1:8123".to_owned()))?,
+                database: cli
+                    .clickhouse_database
+                    .clone()
+                    .or(file.clickhouse_database)
+                    .unwrap_or_else(|| "stallscope".to_owned()),
+            },
+        };
+        let retention: Retention = match cli.retention.clone().or(file.retention) {
+            Some(text) => text.parse().map_err(invalid)?,
+            None => Retention::default(),
+        };
+        let maintenance_interval = match cli
+            .maintenance_interval
+            .clone()
+            .or(file.maintenance_interval)
+        {
+            Some(text) => parse_span(&text).map_err(invalid)?,
+            None => Duration::from_secs(300),
+        };
+        let plaintext = cli.plaintext || file.plaintext.unwrap_or(false);
+        let cert = cli.tls_cert.clone().or(file.tls_cert);
+        let key = cli.tls_key.clone().or(file.tls_key);
+        let ca = cli.client_ca.clone().or(file.client_ca);
+        let tls = match (plaintext, cert, key, ca) {
+            (true, None, None, None) => {
+                let allow_remote = cli.allow_plaintext_non_loopback
+                    || file.allow_plaintext_non_loopback.unwrap_or(false);
+                if !listen.ip().is_loopback() && !allow_remote {
+                    return Err(invalid(format!(
+                        "refusing plaintext on {listen}, which is not a loopback address: configure TLS (--tls-cert, --tls-key, --client-ca) or pass --allow-plaintext-non-loopback"
+                    )));
+                }
+                None
+            }
+            (true, ..) => {
+                return Err(invalid(
+                    "--plaintext and TLS files exclude each other: choose one".to_owned(),
+                ));
+            }
+            (false, Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+                cert_pem: read(&cert, "server certificate")?,
+                key_pem: read(&key, "server key")?,
+                client_ca_pem: read(&ca, "client CA")?,
+            }),
+            (false, ..) => {
+                return Err(invalid(
+                    "TLS needs --tls-cert, --tls-key and --client-ca (agents authenticate with client certificates); for a local test pass --plaintext instead".to_owned(),
+                ));
+            }
+        };
+        let mut tokens: Vec<String> = Vec::new();
+        if let Some(path) = cli.query_token_file.clone().or(file.query_token_file) {
+            let text = String::from_utf8(read(&path, "query token file")?)
+                .map_err(|_| invalid(format!("{}: tokens must be UTF-8", path.display())))?;
+            tokens.extend(text.lines().map(str::to_owned));
+        }
+        if let Some(list) = &cli.query_tokens {
+            tokens.extend(list.split(',').map(str::to_owned));
+        }
+        let no_auth = cli.insecure_no_query_auth || file.insecure_no_query_auth.unwrap_or(false);
+        let tokens = if no_auth {
+            QueryTokens::disabled()
+        } else {
+            let tokens = QueryTokens::new(tokens);
+            if tokens.is_empty() {
+                return Err(invalid(
+                    "queries need bearer tokens: pass --query-token-file or STALLSCOPE_QUERY_TOKENS (or --insecure-no-query-auth for a local test)".to_owned(),
+                ));
+            }
+            tokens
+        };
+        let max_message_bytes = cli
+            .max_message_bytes
+            .or(file.max_message_bytes)
+            .unwrap_or(16 * 1024 * 1024);
+        let defaults = BatchLimits::default();
+        let limits = BatchLimits {
+            max_uncompressed_bytes: cli
+                .max_batch_bytes
+                .or(file.max_batch_bytes)
+                .unwrap_or(defaults.max_uncompressed_bytes),
+            ..defaults
+        };
+        if max_message_bytes < 1024 || limits.max_uncompressed_bytes < 1024 {
+            return Err(invalid(
+                "message and batch size limits must be at least 1024 bytes".to_owned(),
+            ));
+        }
+        let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
+        Ok(Self {
+            listen,
+            storage,
+            retention,
+            maintenance_interval,
+            tls,
+            tokens,
+            max_message_bytes,
+            limits,
+            max_streams,
+        })
+    }
+}

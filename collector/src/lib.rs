@@ -1,0 +1,21 @@
+//! stallscope-collector: receives agents' batch streams, stores every batch exactly once
+//! (SQLite embedded, or ClickHouse for fleets), downsamples old data and answers the
+//! CLI's queries over gRPC.
+
+pub mod batch;
+pub mod config;
+pub mod faults;
+pub mod hash;
+pub mod identity;
+pub mod server;
+pub mod storage;
+pub mod synthetic;
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX)
+        })
+}

@@ -1,0 +1,148 @@
+//! The ingest stream: one task per agent connection reads frames in order, skips batches
+//! already stored, decodes the rest with bounded memory, stores them and acknowledges
+//! each only after storage returned. A malformed frame ends that agent's stream with a
+//! clear status; other agents are unaffected.
+
+use std::{pin::Pin, sync::Arc};
+
+use stallscope_proto::v1::{Ack, IngestFrame, ingest_server::Ingest};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    batch::{self, BatchLimits, InvalidBatch},
+    faults,
+    identity::{self, IdentitySource},
+    storage::{Storage, StoreOutcome},
+};
+
+/// The ingest service over a storage backend (cheap to clone: shared parts only).
+pub struct IngestService<S> {
+    pub storage: Arc<S>,
+    pub identity: IdentitySource,
+    pub limits: BatchLimits,
+    /// Bounds concurrent agent streams.
+    pub streams: Arc<Semaphore>,
+    /// Bounds concurrent decompressions, so memory stays within
+    /// `permits x max_uncompressed_bytes` whatever agents send.
+    pub decoders: Arc<Semaphore>,
+}
+
+fn invalid_status(err: &InvalidBatch) -> Status {
+    if err.is_size() {
+        Status::resource_exhausted(err.to_string())
+    } else {
+        Status::invalid_argument(err.to_string())
+    }
+}
+
+impl<S> Clone for IngestService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            storage: Arc::clone(&self.storage),
+            identity: self.identity,
+            limits: self.limits,
+            streams: Arc::clone(&self.streams),
+            decoders: Arc::clone(&self.decoders),
+        }
+    }
+}
+
+impl<S: Storage> IngestService<S> {
+    async fn handle(&self, agent: &str, frame: IngestFrame) -> Result<Ack, Status> {
+        let sequence = frame.sequence;
+        let internal = |err: crate::storage::StorageError| {
+            tracing::error!("storing batch {sequence} of {agent}: {err}");
+            Status::unavailable(format!("storage is unavailable, retry later: {err}"))
+        };
+        if self
+            .storage
+            .is_stored(agent, sequence)
+            .await
+            .map_err(internal)?
+        {
+            return Ok(Ack {
+                sequence,
+                duplicate: true,
+            });
+        }
+        let permit = Arc::clone(&self.decoders)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("collector is shutting down"))?;
+        let limits = self.limits;
+        let agent_owned = agent.to_owned();
+        let normalized = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let decoded = batch::decode_frame(&frame, &limits)?;
+            batch::normalize(&agent_owned, sequence, decoded, &limits)
+        })
+        .await
+        .map_err(|err| Status::internal(format!("decoding batch {sequence} failed: {err}")))?
+        .map_err(|err| {
+            tracing::warn!("refused batch {sequence} from {agent}: {err}");
+            invalid_status(&err)
+        })?;
+        let outcome = self.storage.store(normalized).await.map_err(internal)?;
+        faults::after_store_before_ack();
+        Ok(Ack {
+            sequence,
+            duplicate: outcome == StoreOutcome::Duplicate,
+        })
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: Storage> Ingest for IngestService<S> {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<IngestFrame>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let agent = identity::agent_identity(&request, self.identity)?;
+        let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "the collector serves its maximum number of agent streams; retry later",
+            )
+        })?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            tracing::info!("agent {agent} connected");
+            loop {
+                let frame = match inbound.message().await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::info!("agent {agent} stream ended: {}", status.message());
+                        // An undecodable or oversized message: say why (the agent may
+                        // already be gone, then nobody listens).
+                        let status = if status.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(format!(
+                                "ingest frame refused as too large ({}); raise --max-message-bytes or send smaller batches",
+                                status.message()
+                            ))
+                        } else {
+                            status
+                        };
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let reply = service.handle(&agent, frame).await;
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+            tracing::info!("agent {agent} disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,333 @@
+//! Storage behind one trait, with two implementations: SQLite (embedded, the default) and
+//! ClickHouse (a fleet: many stateless collector replicas, one database). Both store a
+//! batch exactly once per (agent, sequence), keep stacks in a deduplicated dictionary,
+//! and downsample old rows into coarser time buckets.
+
+pub mod clickhouse;
+mod rows;
+pub mod sqlite;
+
+use std::{collections::BTreeMap, fmt, future::Future, str::FromStr, time::Duration};
+
+use stallscope_profile::{Labels, Profile};
+use thiserror::Error;
+
+pub use self::rows::{ProfileBuilder, bucket_of};
+use crate::batch::NormalizedBatch;
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("ClickHouse: {0}")]
+    ClickHouse(#[from] ::clickhouse::error::Error),
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the storage worker stopped: {0}")]
+    Worker(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What storing a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    Stored,
+    /// The (agent, sequence) was stored before; nothing was added.
+    Duplicate,
+}
+
+/// A half-open range of wall-clock time, `[from, until)`, in Unix nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeRange {
+    pub from_unix_ns: i64,
+    pub until_unix_ns: i64,
+}
+
+impl TimeRange {
+    /// The range in whole seconds `[from, until)`, rounded outwards.
+    pub fn seconds(&self) -> (i64, i64) {
+        (
+            self.from_unix_ns.div_euclid(1_000_000_000),
+            (self.until_unix_ns + 999_999_999).div_euclid(1_000_000_000),
+        )
+    }
+}
+
+/// A label filter: every set field must match (see the proto's `Filter`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub host: Option<String>,
+    pub service: Option<String>,
+    pub pid: Option<String>,
+    pub signal: Option<String>,
+    pub cause: Option<String>,
+    pub labels: Vec<(String, String)>,
+}
+
+/// Signals are matched whatever the separator: `off-cpu`, `off_cpu` and `offcpu` are one.
+pub fn signal_matches(wanted: &str, signal: &str) -> bool {
+    let norm = |s: &str| s.to_ascii_lowercase().replace(['-', '_'], "");
+    norm(wanted) == norm(signal)
+}
+
+impl Filter {
+    /// Whether a series with these columns and labels passes.
+    pub fn matches(&self, columns: &SeriesColumns<'_>, labels: &Labels) -> bool {
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        eq(&self.host, columns.host)
+            && eq(&self.service, columns.service)
+            && eq(&self.pid, columns.pid)
+            && eq(&self.cause, columns.cause)
+            && self
+                .signal
+                .as_deref()
+                .is_none_or(|w| signal_matches(w, columns.signal))
+            && self
+                .labels
+                .iter()
+                .all(|(key, value)| labels.get(key).is_some_and(|v| v == value))
+    }
+}
+
+/// The indexed columns of a series.
+#[derive(Debug, Clone, Copy)]
+pub struct SeriesColumns<'a> {
+    pub host: &'a str,
+    pub service: &'a str,
+    pub pid: &'a str,
+    pub signal: &'a str,
+    pub cause: &'a str,
+}
+
+/// How totals over time are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Signal,
+    Cause,
+}
+
+/// One line of totals over time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesLine {
+    pub key: String,
+    pub value_unit: String,
+    /// (bucket start in Unix seconds, value, count), sorted by time.
+    pub points: Vec<(i64, i64, i64)>,
+}
+
+/// A host/service/process seen in a range.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub host: String,
+    pub service: String,
+    pub process: String,
+    pub pid: String,
+    pub signals: Vec<String>,
+    pub first_unix_s: i64,
+    pub last_unix_s: i64,
+}
+
+/// What the collector knows about one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSummary {
+    pub agent: String,
+    pub host: String,
+    pub batches: u64,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub spool_dropped_total: u64,
+    pub last_batch_unix_ns: i64,
+    /// Sum of the rows each stored batch contributed.
+    pub samples: u64,
+}
+
+/// A degradation window (filled by the windows feature; stored and listed here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub from_unix_ns: i64,
+    pub until_unix_ns: i64,
+    pub host: String,
+    pub service: String,
+    pub source: String,
+    pub note: String,
+}
+
+/// One resolution tier: rows are kept in buckets of `resolution` while younger than
+/// `keep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    pub resolution: Duration,
+    pub keep: Duration,
+}
+
+/// Retention: tiers from finest to coarsest. New rows go into the first tier; rows older
+/// than a tier's `keep` are merged into the next tier's buckets, or deleted after the
+/// last tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub tiers: Vec<Tier>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            tiers: vec![
+                Tier {
+                    resolution: Duration::from_secs(10),
+                    keep: Duration::from_secs(24 * 3600),
+                },
+                Tier {
+                    resolution: Duration::from_secs(60),
+                    keep: Duration::from_secs(14 * 24 * 3600),
+                },
+            ],
+        }
+    }
+}
+
+impl Retention {
+    /// Resolution (seconds) of the first tier: the bucket size rows are stored in.
+    pub fn base_resolution_s(&self) -> i64 {
+        self.tiers
+            .first()
+            .map_or(1, |tier| tier.resolution.as_secs().max(1) as i64)
+    }
+}
+
+impl FromStr for Retention {
+    type Err = String;
+
+    /// Parses `10s:24h,1m:14d` (resolution:keep, finest first).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut tiers: Vec<Tier> = Vec::new();
+        for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+            let (resolution, keep) = part.split_once(':').ok_or_else(|| {
+                format!("retention tier `{part}` must be RESOLUTION:KEEP, e.g. 10s:24h")
+            })?;
+            let resolution = parse_span(resolution)?;
+            let keep = parse_span(keep)?;
+            if resolution.as_secs() == 0 || keep < resolution {
+                return Err(format!(
+                    "retention tier `{part}`: the resolution must be at least 1s and no longer than the time kept"
+                ));
+            }
+            if let Some(previous) = tiers.last().copied()
+                && (resolution.as_secs() % previous.resolution.as_secs() != 0
+                    || keep <= previous.keep)
+            {
+                return Err(format!(
+                    "retention tier `{part}`: each tier's resolution must be a multiple of the previous one's and it must keep data longer"
+                ));
+            }
+            tiers.push(Tier { resolution, keep });
+        }
+        if tiers.is_empty() {
+            return Err("retention needs at least one tier, e.g. 10s:24h,1m:14d".to_owned());
+        }
+        Ok(Self { tiers })
+    }
+}
+
+impl fmt::Display for Retention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .tiers
+            .iter()
+            .map(|t| format!("{}s:{}s", t.resolution.as_secs(), t.keep.as_secs()))
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Parses `30s`, `5m`, `24h`, `14d` (whole units).
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 10s, 5m, 24h or 14d"))?;
+    let seconds = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use s, m, h or d)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    pub rows_downsampled: u64,
+    pub rows_deleted: u64,
+}
+
+/// The storage every backend implements. Methods are async; the SQLite backend runs its
+/// work on blocking threads.
+pub trait Storage: Send + Sync + 'static {
+    /// Whether (agent, sequence) is already stored (a cheap check before decoding).
+    fn is_stored(
+        &self,
+        agent: &str,
+        sequence: u64,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
+    /// Stores a batch exactly once: a batch whose (agent, sequence) is already stored
+    /// adds nothing, even if the first attempt was interrupted anywhere.
+    fn store(
+        &self,
+        batch: NormalizedBatch,
+    ) -> impl Future<Output = Result<StoreOutcome, StorageError>> + Send;
+
+    /// The merged profile of `range` for the series `filter` accepts.
+    fn profile(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+    ) -> impl Future<Output = Result<Profile, StorageError>> + Send;
+
+    /// Value and count totals per signal or cause, in buckets of `step_s` seconds.
+    fn series(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+        group_by: GroupBy,
+        step_s: i64,
+    ) -> impl Future<Output = Result<Vec<SeriesLine>, StorageError>> + Send;
+
+    fn targets(
+        &self,
+        range: TimeRange,
+    ) -> impl Future<Output = Result<Vec<Target>, StorageError>> + Send;
+
+    fn agents(&self) -> impl Future<Output = Result<Vec<AgentSummary>, StorageError>> + Send;
+
+    fn add_window(&self, window: Window) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    fn windows(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+    ) -> impl Future<Output = Result<Vec<Window>, StorageError>> + Send;
+
+    /// Downsamples and deletes by the retention policy, as of `now_unix_s`.
+    fn maintain(
+        &self,
+        now_unix_s: i64,
+    ) -> impl Future<Output = Result<MaintenanceReport, StorageError>> + Send;
+}
+
+/// Losses summed over batches, by reason.
+pub type Losses = BTreeMap<String, u64>;
+
+/// Series lines being summed: key -> (value unit, bucket -> (value, count)).
+pub(crate) type LineSums = BTreeMap<String, (String, BTreeMap<i64, (i64, i64)>)>;

@@ -1,0 +1,373 @@
+//! One storage test suite, run against every backend: SQLite always, ClickHouse when a
+//! server is reachable at `STALLSCOPE_CLICKHOUSE_URL` (default `http://127.0.0.1:18123`,
+//! where `cargo xtask test` starts one); with `CI=true` an unreachable ClickHouse fails
+//! the suite instead of skipping it.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use stallscope_collector::{
+    batch::{BatchLimits, NormalizedBatch, normalize},
+    storage::{
+        Filter, GroupBy, Retention, Storage, StoreOutcome, Tier, TimeRange, Window,
+        clickhouse::ClickHouseStore, sqlite::SqliteStore,
+    },
+    synthetic::{self, OFF_CPU_NS, ON_CPU_NS, Shape},
+};
+
+const SECOND: i64 = 1_000_000_000;
+/// A fixed, recent-looking start (2026-01-01T00:00:00Z), aligned to every tier.
+const T0: i64 = 1_767_225_600;
+
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn clickhouse_url() -> String {
+    std::env::var("STALLSCOPE_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
+}
+
+fn retention() -> Retention {
+    Retention {
+        tiers: vec![
+            Tier {
+                resolution: Duration::from_secs(10),
+                keep: Duration::from_secs(3600),
+            },
+            Tier {
+                resolution: Duration::from_secs(60),
+                keep: Duration::from_secs(6 * 3600),
+            },
+        ],
+    }
+}
+
+fn sqlite() -> SqliteStore {
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "stallscope-storage-{}-{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    SqliteStore::open(&dir, retention()).expect("open SQLite")
+}
+
+async fn clickhouse() -> Option<ClickHouseStore> {
+    let database = format!(
+        "stallscope_test_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    );
+    match ClickHouseStore::connect(&clickhouse_url(), &database, retention()).await {
+        Ok(store) => Some(store),
+        Err(err) => {
+            assert!(
+                !in_ci(),
+                "ClickHouse at {} is unreachable and CI=true forbids skipping: {err}",
+                clickhouse_url()
+            );
+            eprintln!(
+                "skipping the ClickHouse run: {err} (start one with `cargo xtask clickhouse start`)"
+            );
+            None
+        }
+    }
+}
+
+fn batch(agent: &str, sequence: u64, start_s: i64, shape: Shape) -> NormalizedBatch {
+    let wire = synthetic::batch(
+        agent,
+        "host-a",
+        sequence,
+        start_s * SECOND,
+        10 * SECOND,
+        shape,
+    );
+    normalize(agent, sequence, wire, &BatchLimits::default()).expect("synthetic batch is valid")
+}
+
+fn range(from_s: i64, until_s: i64) -> TimeRange {
+    TimeRange {
+        from_unix_ns: from_s * SECOND,
+        until_unix_ns: until_s * SECOND,
+    }
+}
+
+fn column_total(profile: &stallscope_profile::Profile, kind: &str) -> i64 {
+    let index = profile
+        .sample_types
+        .iter()
+        .position(|t| t.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {:?}", profile.sample_types));
+    profile.total(index)
+}
+
+/// The whole suite against one backend.
+async fn suite<S: Storage>(store: &S) {
+    let shape = Shape::default();
+    let per_batch = i64::try_from(shape.samples_per_signal()).expect("small");
+    // Ten batches, 10 s apart, from one agent; a replay of three of them.
+    for sequence in 0..10_u64 {
+        let outcome = store
+            .store(batch("agent-1", sequence, T0 + 10 * sequence as i64, shape))
+            .await
+            .expect("store");
+        assert_eq!(outcome, StoreOutcome::Stored, "batch {sequence}");
+    }
+    for sequence in [0_u64, 4, 9] {
+        assert!(store.is_stored("agent-1", sequence).await.expect("check"));
+        let outcome = store
+            .store(batch("agent-1", sequence, T0 + 10 * sequence as i64, shape))
+            .await
+            .expect("replay");
+        assert_eq!(
+            outcome,
+            StoreOutcome::Duplicate,
+            "replayed batch {sequence}"
+        );
+    }
+    assert!(!store.is_stored("agent-1", 10).await.expect("check"));
+    // Another agent, same sequence numbers: not a duplicate.
+    assert_eq!(
+        store
+            .store(batch("agent-2", 0, T0, shape))
+            .await
+            .expect("store"),
+        StoreOutcome::Stored
+    );
+
+    // Merged profile: every sample exactly once.
+    let whole = range(T0 - 60, T0 + 3600);
+    let profile = store
+        .profile(whole, Filter::default())
+        .await
+        .expect("profile");
+    assert_eq!(
+        column_total(&profile, "off_cpu"),
+        11 * per_batch * OFF_CPU_NS
+    );
+    assert_eq!(column_total(&profile, "on_cpu"), 11 * per_batch * ON_CPU_NS);
+    assert_eq!(column_total(&profile, "on_cpu_samples"), 11 * per_batch * 2);
+    assert_eq!(profile.meta.losses.get("map_full"), Some(&11));
+    assert!(
+        profile.frames.iter().any(|f| f.function == "svc1::f2_7"),
+        "frames come back from the stack dictionary"
+    );
+
+    // Filters: service (falls back to process), pid, signal (any spelling), label.
+    let service = Filter {
+        service: Some("svc-1".into()),
+        ..Filter::default()
+    };
+    let profile = store.profile(whole, service).await.expect("profile");
+    assert_eq!(
+        column_total(&profile, "off_cpu"),
+        11 * per_batch / 2 * OFF_CPU_NS
+    );
+    assert!(
+        profile
+            .samples
+            .iter()
+            .all(|s| s.labels.get("process").map(String::as_str) == Some("svc-1"))
+    );
+    let signal = Filter {
+        signal: Some("off_cpu".into()),
+        pid: Some("1000".into()),
+        ..Filter::default()
+    };
+    let profile = store.profile(whole, signal).await.expect("profile");
+    assert_eq!(
+        column_total(&profile, "off_cpu"),
+        11 * per_batch / 2 * OFF_CPU_NS
+    );
+    assert_eq!(column_total(&profile, "on_cpu"), 0);
+    let label = Filter {
+        labels: vec![("tid".into(), "101001".into())],
+        ..Filter::default()
+    };
+    let profile = store.profile(whole, label).await.expect("profile");
+    assert_eq!(
+        column_total(&profile, "off_cpu_events"),
+        11 * i64::from(shape.stacks_per_thread)
+    );
+    let none = Filter {
+        host: Some("nowhere".into()),
+        ..Filter::default()
+    };
+    assert!(
+        store
+            .profile(whole, none)
+            .await
+            .expect("profile")
+            .samples
+            .is_empty()
+    );
+
+    // Time ranges select buckets: the first 50 s hold batches 0-4 of agent-1 and agent-2's.
+    let early = store
+        .profile(range(T0, T0 + 50), Filter::default())
+        .await
+        .expect("profile");
+    assert_eq!(column_total(&early, "off_cpu"), 6 * per_batch * OFF_CPU_NS);
+
+    // Totals over time per signal, 20 s steps.
+    let lines = store
+        .series(range(T0, T0 + 100), Filter::default(), GroupBy::Signal, 20)
+        .await
+        .expect("series");
+    let keys: Vec<&str> = lines.iter().map(|l| l.key.as_str()).collect();
+    assert_eq!(keys, ["off-cpu", "on-cpu"]);
+    let off = &lines[0];
+    assert_eq!(off.value_unit, "nanoseconds");
+    assert_eq!(off.points.len(), 5);
+    assert_eq!(
+        off.points[0],
+        (T0, 3 * per_batch * OFF_CPU_NS, 3 * per_batch)
+    );
+    assert_eq!(
+        off.points.iter().map(|p| p.1).sum::<i64>(),
+        11 * per_batch * OFF_CPU_NS
+    );
+    let by_cause = store
+        .series(range(T0, T0 + 100), Filter::default(), GroupBy::Cause, 100)
+        .await
+        .expect("series");
+    assert_eq!(by_cause.len(), 2, "without cause labels, signals stand in");
+
+    // Targets and agents.
+    let targets = store.targets(whole).await.expect("targets");
+    assert_eq!(targets.len(), 2);
+    assert_eq!(targets[0].service, "svc-0");
+    assert_eq!(targets[0].signals, ["off-cpu", "on-cpu"]);
+    assert_eq!(targets[0].first_unix_s, T0);
+    assert_eq!(targets[0].last_unix_s, T0 + 90);
+    let agents = store.agents().await.expect("agents");
+    assert_eq!(agents.len(), 2);
+    assert_eq!(
+        (
+            agents[0].agent.as_str(),
+            agents[0].batches,
+            agents[0].first_sequence,
+            agents[0].last_sequence
+        ),
+        ("agent-1", 10, 0, 9)
+    );
+
+    // Windows.
+    let window = Window {
+        from_unix_ns: (T0 + 5) * SECOND,
+        until_unix_ns: (T0 + 25) * SECOND,
+        host: "host-a".into(),
+        service: "svc-1".into(),
+        source: "manual".into(),
+        note: "slow".into(),
+    };
+    store.add_window(window.clone()).await.expect("add window");
+    assert_eq!(
+        store
+            .windows(whole, Filter::default())
+            .await
+            .expect("windows"),
+        vec![window]
+    );
+    assert!(
+        store
+            .windows(range(T0 + 30, T0 + 40), Filter::default())
+            .await
+            .expect("windows")
+            .is_empty()
+    );
+
+    // Retention: after 1 h rows merge into 1-minute buckets, totals unchanged; after
+    // 6 h they are gone.
+    let before = store
+        .profile(whole, Filter::default())
+        .await
+        .expect("profile");
+    let report = store.maintain(T0 + 3600 + 120).await.expect("maintain");
+    assert!(report.rows_downsampled > 0, "{report:?}");
+    let after = store
+        .profile(whole, Filter::default())
+        .await
+        .expect("profile");
+    assert_eq!(
+        column_total(&after, "off_cpu"),
+        column_total(&before, "off_cpu")
+    );
+    assert_eq!(
+        column_total(&after, "on_cpu_samples"),
+        column_total(&before, "on_cpu_samples")
+    );
+    let lines = store
+        .series(range(T0, T0 + 120), Filter::default(), GroupBy::Signal, 10)
+        .await
+        .expect("series");
+    assert!(
+        lines[0].points.iter().all(|p| p.0 % 60 == 0),
+        "downsampled to minutes: {:?}",
+        lines[0].points
+    );
+    store
+        .maintain(T0 + 7 * 3600 + 86_400)
+        .await
+        .expect("maintain");
+    let gone = store
+        .profile(whole, Filter::default())
+        .await
+        .expect("profile");
+    assert_eq!(gone.samples.len(), 0, "data past the last tier is deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_backend_passes_the_suite() {
+    suite(&sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_backend_passes_the_suite() {
+    let Some(store) = clickhouse().await else {
+        return;
+    };
+    suite(&store).await;
+    store.drop_database().await.expect("drop test database");
+}
+
+/// A collector that crashed after writing a batch's rows but before its marker: the
+/// replay must not double count (ClickHouse has no transaction to roll the rows back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_replay_after_partial_store_counts_once() {
+    let Some(store) = clickhouse().await else {
+        return;
+    };
+    let shape = Shape::default();
+    let per_batch = i64::try_from(shape.samples_per_signal()).expect("small");
+    store
+        .store_rows_without_marker(&batch("agent-1", 0, T0, shape))
+        .await
+        .expect("partial store");
+    assert!(!store.is_stored("agent-1", 0).await.expect("check"));
+    assert_eq!(
+        store
+            .store(batch("agent-1", 0, T0, shape))
+            .await
+            .expect("replay"),
+        StoreOutcome::Stored
+    );
+    // A second replica storing the same batch concurrently.
+    store
+        .store_rows_without_marker(&batch("agent-1", 0, T0, shape))
+        .await
+        .expect("second replica");
+    let profile = store
+        .profile(range(T0 - 60, T0 + 60), Filter::default())
+        .await
+        .expect("profile");
+    assert_eq!(column_total(&profile, "off_cpu"), per_batch * OFF_CPU_NS);
+    store.drop_database().await.expect("drop test database");
+}

@@ -1,0 +1,310 @@
+//! Faults between agent and collector, as root with real probes (profiling a steady
+//! workload, 1 s batches): a 60 s collector outage, an agent killed with SIGKILL and restarted, a
+//! collector killed between storing and acknowledging (SQLite and ClickHouse), and a
+//! full spool. Totals must match exactly and nothing may be stored twice.
+
+use std::{collections::BTreeMap, path::Path, thread::sleep, time::Duration};
+
+use stallscope_profile::pprof::decode_pprof;
+use stallscope_tests::{
+    Workload, binary, binary_dir,
+    collector::{
+        CollectorProcess, TEST_TOKEN, cli, cli_json, clickhouse_url, free_port, require_clickhouse,
+        scratch,
+    },
+    require_root,
+    streaming::{spool_contents, start_run, stop_run, wait_for_spool},
+};
+
+/// Every `kind/unit` total the collector holds (all agents, the last hour).
+fn collector_totals(url: &str, dir: &Path) -> BTreeMap<String, i64> {
+    let path = dir.join("totals.pb.gz");
+    let output = cli(
+        &binary_dir(),
+        url,
+        &["flame", "--since", "1h", "-o", &path.to_string_lossy()],
+    )
+    .expect("flame");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let profile = decode_pprof(&std::fs::read(&path).expect("written")).expect("pprof");
+    profile
+        .sample_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("{}/{}", t.kind, t.unit), profile.total(i)))
+        .filter(|(_, total)| *total != 0)
+        .collect()
+}
+
+fn nonzero(totals: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
+    totals
+        .iter()
+        .filter(|(_, v)| **v != 0)
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+fn agent_info(url: &str) -> serde_json::Value {
+    let agents = cli_json(&binary_dir(), url, &["agents"]).expect("agents");
+    let agents = agents.as_array().expect("array").clone();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    agents[0].clone()
+}
+
+/// The workload the agents profile (`--pid`): steady sleeps and spins, so every batch
+/// has data, and the agent symbolizes one small process instead of the whole host.
+fn pulse() -> (Workload, String) {
+    let mut workload = Workload::start(
+        &binary(&binary_dir(), "stallscope-workload").expect("workload built"),
+        &["pulse"],
+    )
+    .expect("workload");
+    workload.go().expect("go");
+    let pid = workload.pid.to_string();
+    (workload, pid)
+}
+
+fn sqlite_args(dir: &Path) -> Vec<String> {
+    vec![
+        "--plaintext".into(),
+        "--query-tokens".into(),
+        TEST_TOKEN.into(),
+        "--data-dir".into(),
+        dir.join("data").to_string_lossy().into_owned(),
+    ]
+}
+
+fn start(port: u16, args: &[String], env: &[(&str, &str)]) -> CollectorProcess {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    CollectorProcess::start(&binary_dir(), port, &args, env).expect("collector starts")
+}
+
+#[test]
+fn collector_outage_of_60s_loses_and_duplicates_nothing() {
+    if !require_root("collector_outage_of_60s_loses_and_duplicates_nothing") {
+        return;
+    }
+    let dir = scratch("fault-outage");
+    let args = sqlite_args(&dir);
+    let mut collector = start(free_port().expect("port"), &args, &[]);
+    let url = collector.plaintext_url();
+    let (_workload, pid) = pulse();
+    let agent = start_run(
+        &binary_dir(),
+        &url,
+        &dir.join("spool"),
+        "outage-agent",
+        &["--pid", &pid],
+    )
+    .expect("agent runs");
+    sleep(Duration::from_secs(4));
+    collector.kill();
+    sleep(Duration::from_secs(60));
+    collector.restart(&[]).expect("collector comes back");
+    sleep(Duration::from_secs(6));
+    let (summary, exit) = stop_run(agent).expect("agent stops");
+    assert!(summary.all_acknowledged, "{}", exit.stderr);
+    assert!(summary.batches >= 60, "{summary:?}");
+    let info = agent_info(&url);
+    assert_eq!(info["batches"].as_u64(), Some(summary.batches), "{info}");
+    assert_eq!(info["first_sequence"].as_u64(), Some(0));
+    assert_eq!(info["last_sequence"].as_u64(), summary.last_sequence);
+    assert_eq!(collector_totals(&url, &dir), nonzero(&summary.totals));
+}
+
+#[test]
+fn agent_killed_and_restarted_resends_unacknowledged_batches_once() {
+    if !require_root("agent_killed_and_restarted_resends_unacknowledged_batches_once") {
+        return;
+    }
+    let dir = scratch("fault-agent-kill");
+    let spool = dir.join("spool");
+    let port = free_port().expect("port");
+    let url = format!("http://127.0.0.1:{port}");
+    // The collector is not up yet: every batch stays in the spool.
+    let (_workload, pid) = pulse();
+    let first = start_run(
+        &binary_dir(),
+        &url,
+        &spool,
+        "killed-agent",
+        &["--pid", &pid],
+    )
+    .expect("agent runs");
+    wait_for_spool(&spool, Duration::from_secs(90), |files, _| files >= 3)
+        .expect("batches spooled");
+    first.kill();
+    let (spooled, spooled_totals) = spool_contents(&spool).expect("spool readable");
+    assert!(spooled.len() >= 3, "{spooled:?}");
+    assert_eq!(spooled[0], 0, "{spooled:?}");
+    let args = sqlite_args(&dir);
+    let _collector = start(port, &args, &[]);
+    let second = start_run(
+        &binary_dir(),
+        &url,
+        &spool,
+        "killed-agent",
+        &["--pid", &pid],
+    )
+    .expect("agent restarts");
+    sleep(Duration::from_secs(4));
+    let (summary, exit) = stop_run(second).expect("agent stops");
+    assert!(summary.all_acknowledged, "{}", exit.stderr);
+    assert_eq!(
+        summary.first_sequence,
+        spooled.last().expect("spooled") + 1,
+        "sequences continue after a restart"
+    );
+    let last = summary.last_sequence.expect("batches sent");
+    let info = agent_info(&url);
+    assert_eq!(
+        info["batches"].as_u64(),
+        Some(spooled.len() as u64 + summary.batches),
+        "{info}"
+    );
+    assert_eq!(info["last_sequence"].as_u64(), Some(last));
+    let mut expected = spooled_totals;
+    for (kind, total) in &summary.totals {
+        *expected.entry(kind.clone()).or_default() += total;
+    }
+    assert_eq!(collector_totals(&url, &dir), nonzero(&expected));
+}
+
+/// The collector dies at a fault point of the third batch, comes back, the agent
+/// resends: totals equal the agent's, batch count equals the agent's.
+fn killed_collector(dir: &Path, args: &[String], fault: (&str, &str)) {
+    let mut collector = start(free_port().expect("port"), args, &[fault]);
+    let url = collector.plaintext_url();
+    let (_workload, pid) = pulse();
+    let agent = start_run(
+        &binary_dir(),
+        &url,
+        &dir.join("spool"),
+        "fault-agent",
+        &["--pid", &pid],
+    )
+    .expect("agent runs");
+    let status = collector
+        .wait_exit(Duration::from_secs(60))
+        .expect("fault injection fires");
+    assert_eq!(status.code(), Some(86), "{}", collector.log());
+    collector.restart(&[]).expect("collector comes back");
+    sleep(Duration::from_secs(4));
+    let (summary, exit) = stop_run(agent).expect("agent stops");
+    assert!(summary.all_acknowledged, "{}", exit.stderr);
+    let info = agent_info(&url);
+    assert_eq!(info["batches"].as_u64(), Some(summary.batches), "{info}");
+    assert_eq!(collector_totals(&url, dir), nonzero(&summary.totals));
+}
+
+#[test]
+fn collector_killed_between_store_and_ack_stores_once_sqlite() {
+    if !require_root("collector_killed_between_store_and_ack_stores_once_sqlite") {
+        return;
+    }
+    let dir = scratch("fault-ack-sqlite");
+    killed_collector(
+        &dir,
+        &sqlite_args(&dir),
+        ("STALLSCOPE_FAULT_EXIT_AFTER_STORE", "3"),
+    );
+}
+
+#[test]
+fn collector_killed_between_store_and_ack_stores_once_clickhouse() {
+    if !require_root("collector_killed_between_store_and_ack_stores_once_clickhouse")
+        || !require_clickhouse("collector_killed_between_store_and_ack_stores_once_clickhouse")
+    {
+        return;
+    }
+    for (name, fault) in [
+        ("ack", "STALLSCOPE_FAULT_EXIT_AFTER_STORE"),
+        ("marker", "STALLSCOPE_FAULT_EXIT_BEFORE_MARKER"),
+    ] {
+        let dir = scratch(&format!("fault-{name}-clickhouse"));
+        let database = format!("stallscope_fault_{name}_{}", std::process::id());
+        let args: Vec<String> = vec![
+            "--plaintext".into(),
+            "--query-tokens".into(),
+            TEST_TOKEN.into(),
+            "--storage".into(),
+            "clickhouse".into(),
+            "--clickhouse-url".into(),
+            clickhouse_url(),
+            "--clickhouse-database".into(),
+            database.clone(),
+        ];
+        killed_collector(&dir, &args, (fault, "3"));
+        let _ = std::process::Command::new("curl")
+            .args([
+                "-s",
+                &clickhouse_url(),
+                "--data-binary",
+                &format!("DROP DATABASE IF EXISTS {database}"),
+            ])
+            .output();
+    }
+}
+
+#[test]
+fn full_spool_drops_the_oldest_batches_and_counts_them_exactly() {
+    if !require_root("full_spool_drops_the_oldest_batches_and_counts_them_exactly") {
+        return;
+    }
+    let dir = scratch("fault-spool-full");
+    let port = free_port().expect("port");
+    let url = format!("http://127.0.0.1:{port}");
+    let (_workload, pid) = pulse();
+    let agent = start_run(
+        &binary_dir(),
+        &url,
+        &dir.join("spool"),
+        "full-agent",
+        &[
+            "--pid",
+            &pid,
+            "--spool-max-batches",
+            "3",
+            "--batch-interval",
+            "500ms",
+            "--drain-interval",
+            "250ms",
+            "--max-backoff",
+            "1s",
+        ],
+    )
+    .expect("agent runs");
+    wait_for_spool(&dir.join("spool"), Duration::from_secs(90), |_, dropped| {
+        dropped >= 3
+    })
+    .expect("the spool fills up and drops");
+    let args = sqlite_args(&dir);
+    let _collector = start(port, &args, &[]);
+    sleep(Duration::from_secs(4));
+    let (summary, exit) = stop_run(agent).expect("agent stops");
+    assert!(summary.all_acknowledged, "{}", exit.stderr);
+    let produced = summary.last_sequence.expect("batches") + 1;
+    assert_eq!(produced, summary.batches);
+    assert!(summary.dropped_total >= 3, "{summary:?}");
+    let info = agent_info(&url);
+    let stored = info["batches"].as_u64().expect("batches");
+    assert_eq!(
+        stored + summary.dropped_total,
+        produced,
+        "{info} {summary:?}"
+    );
+    assert_eq!(
+        info["first_sequence"].as_u64(),
+        Some(summary.dropped_total),
+        "the oldest were dropped: {info}"
+    );
+    assert_eq!(
+        info["spool_dropped_total"].as_u64(),
+        Some(summary.dropped_total),
+        "{info}"
+    );
+}
