@@ -9,7 +9,7 @@ use std::{
 };
 
 use stallscope_profile::{
-    Profile, SampleType,
+    Profile,
     format::{EXTENSIONS_HELP, OutputFormat, write_profile},
     view::FlameView,
 };
@@ -90,7 +90,7 @@ impl StagedOutput {
         } else {
             // Flame graphs take one value: the time columns of every signal, summed (each
             // sample belongs to one signal, so nothing is counted twice).
-            let time = time_profile(profile);
+            let time = profile.time_only();
             write_profile(self.format, &time, 0, &view, title, &mut out)
         }
         .map_err(|e| write_error(e.to_string()))?;
@@ -110,41 +110,4 @@ impl Drop for StagedOutput {
             let _ = std::fs::remove_file(&self.temp);
         }
     }
-}
-
-/// A one-column copy of `profile`: the sum of its `nanoseconds` columns, named after them
-/// (for example `off_cpu+on_cpu`).
-pub fn time_profile(profile: &Profile) -> Profile {
-    let time_columns: Vec<usize> = profile
-        .sample_types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| t.unit == "nanoseconds")
-        .map(|(i, _)| i)
-        .collect();
-    let kind = time_columns
-        .iter()
-        .map(|&i| profile.sample_types[i].kind.as_str())
-        .collect::<Vec<_>>()
-        .join("+");
-    let mut time = Profile::new(vec![SampleType::new(kind, "nanoseconds")]);
-    time.meta = profile.meta.clone();
-    time.meta.default_sample_type = 0;
-    for sample in &profile.samples {
-        let total: i64 = time_columns
-            .iter()
-            .filter_map(|&i| sample.values.get(i))
-            .sum();
-        if total == 0 {
-            continue;
-        }
-        let stack = sample
-            .stack
-            .iter()
-            .filter_map(|&id| profile.frames.get(id as usize))
-            .map(|frame| time.intern(frame.clone()))
-            .collect();
-        time.add(stack, sample.labels.clone(), &[total]);
-    }
-    time
 }

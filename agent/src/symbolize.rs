@@ -209,33 +209,57 @@ fn parse_module_ranges(kallsyms: &str) -> Vec<(u64, u64, Arc<str>)> {
     ranges
 }
 
-/// Binaries whose blazesym state one lane keeps (parsed symbols and DWARF).
+/// Most binaries whose blazesym state (parsed symbols and DWARF) one lane keeps.
 const BINARIES_PER_LANE: usize = 32;
 
-/// A lane's blazesym instances, one per binary, least recently used evicted.
+/// Most bytes of symbol sources (binaries or their debug files) whose parsed state one
+/// lane keeps between jobs. Parsed DWARF grows with the file, so a host running a few
+/// large binaries with debug info would otherwise hold hundreds of megabytes. A file
+/// larger than the budget is parsed, used for one job and dropped; the resolver's
+/// per-binary frame cache means it is parsed again only for offsets not seen before.
+const SOURCE_BYTES_PER_LANE: u64 = 24 << 20;
+
+struct Kept {
+    symbolizer: Blazesym,
+    used: Instant,
+    source_bytes: u64,
+}
+
+/// A lane's blazesym instances, one per binary, least recently used evicted beyond
+/// [`BINARIES_PER_LANE`] binaries or [`SOURCE_BYTES_PER_LANE`] bytes of sources.
 #[derive(Default)]
 pub struct LaneSymbolizers {
-    by_binary: HashMap<u32, (Blazesym, Instant)>,
+    by_binary: HashMap<u32, Kept>,
 }
 
 impl LaneSymbolizers {
-    fn get(&mut self, binary: u32) -> &Blazesym {
-        if !self.by_binary.contains_key(&binary)
-            && self.by_binary.len() >= BINARIES_PER_LANE
-            && let Some(oldest) = self
+    fn get(&mut self, binary: u32, source_bytes: u64) -> &Blazesym {
+        let entry = self.by_binary.entry(binary).or_insert_with(|| Kept {
+            symbolizer: blazesym(),
+            used: Instant::now(),
+            source_bytes,
+        });
+        entry.used = Instant::now();
+        &entry.symbolizer
+    }
+
+    /// Evicts least recently used state until the lane is within its budgets.
+    fn trim(&mut self) {
+        loop {
+            let bytes: u64 = self.by_binary.values().map(|k| k.source_bytes).sum();
+            if self.by_binary.len() <= BINARIES_PER_LANE && bytes <= SOURCE_BYTES_PER_LANE {
+                return;
+            }
+            let Some(oldest) = self
                 .by_binary
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, kept)| kept.used)
                 .map(|(id, _)| *id)
-        {
+            else {
+                return;
+            };
             self.by_binary.remove(&oldest);
         }
-        let entry = self
-            .by_binary
-            .entry(binary)
-            .or_insert_with(|| (blazesym(), Instant::now()));
-        entry.1 = Instant::now();
-        &entry.0
     }
 
     /// Drops the state of a binary the agent no longer tracks.
@@ -254,16 +278,15 @@ pub fn symbolize_offsets(
     offsets: &[u64],
 ) -> Vec<(u64, Frames)> {
     let module = file.path.to_string();
-    let source_fd = file
-        .debug
-        .as_ref()
-        .map_or(file.file.as_raw_fd(), |debug| debug.file.as_raw_fd());
+    let source_file = file.debug.as_ref().map_or(&file.file, |debug| &debug.file);
+    let source_fd = source_file.as_raw_fd();
+    let source_bytes = source_file.metadata().map_or(0, |meta| meta.len());
     // Through the agent's own descriptor: works whatever namespace the binary lives in,
     // and after it was deleted or its process exited.
     let source = Source::Elf(Elf::new(format!("/proc/self/fd/{source_fd}")));
     let vaddrs: Vec<Option<u64>> = offsets.iter().map(|&o| file.info.vaddr_of(o)).collect();
     let valid: Vec<u64> = vaddrs.iter().flatten().copied().collect();
-    let symbolizer = lane.get(binary);
+    let symbolizer = lane.get(binary, source_bytes);
     let results = match symbolizer.symbolize(&source, Input::VirtOffset(&valid)) {
         Ok(results) => results,
         Err(err) => {
@@ -272,7 +295,7 @@ pub fn symbolize_offsets(
         }
     };
     let mut results = results.into_iter();
-    offsets
+    let frames: Vec<(u64, Frames)> = offsets
         .iter()
         .zip(vaddrs)
         .map(|(&offset, vaddr)| {
@@ -290,7 +313,10 @@ pub fn symbolize_offsets(
                 });
             (offset, Frames::from(frames))
         })
-        .collect()
+        .collect();
+    drop(results);
+    lane.trim();
+    frames
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use stallscope_proto::v1;
 use crate::{
     args::{FilterArgs, GroupArg, RangeArgs, parse_span},
     client::{Collector, explain, filter, time_range},
-    report::{changes, human_ns, short_stack, sparkline, time_profile, top},
+    report::{changes, human_ns, short_stack, sparkline, top},
     timespec::{format_time, parse_duration},
 };
 
@@ -170,11 +170,11 @@ pub async fn flame(
         if format == OutputFormat::Pprof {
             write_profile(format, &profile, 0, &view, &title, out)?;
         } else {
-            write_profile(format, &time_profile(&profile), 0, &view, &title, out)?;
+            write_profile(format, &profile.time_only(), 0, &view, &title, out)?;
         }
         Ok(())
     })?;
-    let time = time_profile(&profile);
+    let time = profile.time_only();
     eprintln!(
         "wrote {} ({} stacks, {} of wait time)",
         output.display(),
@@ -308,7 +308,7 @@ fn write_differential(
     let view = FlameView::default();
     let fold = |profile: &Profile| -> anyhow::Result<Vec<u8>> {
         let mut text = Vec::new();
-        for (frames, value) in folded_stacks(&time_profile(profile), 0, &view)? {
+        for (frames, value) in folded_stacks(&profile.time_only(), 0, &view)? {
             writeln!(text, "{} {value}", frames.join(";"))?;
         }
         Ok(text)

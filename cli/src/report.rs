@@ -5,41 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
-use stallscope_profile::{FlameView, Profile, SampleType, view::frame_name};
-
-/// A one-column copy of `profile`: the sum of its `nanoseconds` columns, named after
-/// them (for example `off_cpu+on_cpu`).
-pub fn time_profile(profile: &Profile) -> Profile {
-    let columns: Vec<usize> = profile
-        .sample_types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| t.unit == "nanoseconds")
-        .map(|(i, _)| i)
-        .collect();
-    let kind = columns
-        .iter()
-        .map(|&i| profile.sample_types[i].kind.as_str())
-        .collect::<Vec<_>>()
-        .join("+");
-    let mut time = Profile::new(vec![SampleType::new(kind, "nanoseconds")]);
-    time.meta = profile.meta.clone();
-    time.meta.default_sample_type = 0;
-    for sample in &profile.samples {
-        let total: i64 = columns.iter().filter_map(|&i| sample.values.get(i)).sum();
-        if total == 0 {
-            continue;
-        }
-        let stack = sample
-            .stack
-            .iter()
-            .filter_map(|&id| profile.frames.get(id as usize))
-            .map(|frame| time.intern(frame.clone()))
-            .collect();
-        time.add(stack, sample.labels.clone(), &[total]);
-    }
-    time
-}
+use stallscope_profile::{FlameView, Profile, view::frame_name};
 
 /// Nanoseconds per time sample type, e.g. `off_cpu` -> total.
 pub fn totals_by_kind(profile: &Profile) -> BTreeMap<String, i64> {
@@ -107,7 +73,7 @@ pub fn function_times(time: &Profile) -> HashMap<String, (i64, i64)> {
 }
 
 pub fn top(profile: &Profile, limit: usize) -> Top {
-    let time = time_profile(profile);
+    let time = profile.time_only();
     let total = time.total(0);
     let mut functions: Vec<FunctionRow> = function_times(&time)
         .into_iter()
@@ -165,7 +131,7 @@ pub struct Change {
 pub fn changes(before: &Profile, after: &Profile, limit: usize) -> Vec<Change> {
     let per_second = |profile: &Profile| {
         let seconds = (profile.meta.duration_ns as f64 / 1e9).max(1e-9);
-        function_times(&time_profile(profile))
+        function_times(&profile.time_only())
             .into_iter()
             .map(|(name, (total, _))| (name, total as f64 / seconds))
             .collect::<HashMap<String, f64>>()
@@ -240,7 +206,7 @@ pub fn short_stack(stack: &str, keep: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use stallscope_profile::{Frame, Labels};
+    use stallscope_profile::{Frame, Labels, SampleType};
 
     use super::*;
 

@@ -241,6 +241,42 @@ impl Profile {
         id
     }
 
+    /// A one-column copy: the sum of the `nanoseconds` columns, named after them (for
+    /// example `off_cpu+on_cpu`). Each sample belongs to one signal, so the sum is that
+    /// signal's time; flame graphs and rankings of "where the time went" read this.
+    #[must_use]
+    pub fn time_only(&self) -> Profile {
+        let columns: Vec<usize> = self
+            .sample_types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.unit == "nanoseconds")
+            .map(|(i, _)| i)
+            .collect();
+        let kind = columns
+            .iter()
+            .map(|&i| self.sample_types[i].kind.as_str())
+            .collect::<Vec<_>>()
+            .join("+");
+        let mut time = Profile::new(vec![SampleType::new(kind, "nanoseconds")]);
+        time.meta = self.meta.clone();
+        time.meta.default_sample_type = 0;
+        for sample in &self.samples {
+            let total: i64 = columns.iter().filter_map(|&i| sample.values.get(i)).sum();
+            if total == 0 {
+                continue;
+            }
+            let stack = sample
+                .stack
+                .iter()
+                .filter_map(|&id| self.frames.get(id as usize))
+                .map(|frame| time.intern(frame.clone()))
+                .collect();
+            time.add(stack, sample.labels.clone(), &[total]);
+        }
+        time
+    }
+
     /// Adds `values` to the sample with this stack and labels, creating it if needed.
     /// `values` must have one entry per sample type.
     pub fn add(&mut self, stack: Vec<FrameId>, labels: Labels, values: &[i64]) {

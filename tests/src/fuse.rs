@@ -110,10 +110,27 @@ impl FrozenFs {
     }
 }
 
-impl Drop for FrozenFs {
+/// Aborts a [`FrozenFs`]'s connection when dropped; see [`FrozenFs::abort_on_drop`].
+pub struct AbortOnDrop<'a>(&'a FrozenFs);
+
+impl Drop for AbortOnDrop<'_> {
     fn drop(&mut self) {
-        // Aborting the connection fails every unanswered request, so nothing stays stuck
-        // (a request a reader already handed to the server waits even through SIGKILL).
+        self.0.abort();
+    }
+}
+
+impl FrozenFs {
+    /// A guard that aborts the connection when dropped. Declared after the handle of a
+    /// process that may be stuck on this filesystem, it runs first when a failed assertion
+    /// unwinds, so that handle's drop (kill, then wait) does not wait forever.
+    pub fn abort_on_drop(&self) -> AbortOnDrop<'_> {
+        AbortOnDrop(self)
+    }
+
+    /// Fails every unanswered request and every later one, so nothing stays stuck (a
+    /// request a reader already handed to the server waits even through SIGKILL).
+    /// Idempotent.
+    pub fn abort(&self) {
         if let Some(connection) = self.connection {
             let connections = Path::new("/sys/fs/fuse/connections");
             let abort = connections.join(connection.to_string()).join("abort");
@@ -131,6 +148,12 @@ impl Drop for FrozenFs {
             }
             let _ = std::fs::write(abort, "1");
         }
+    }
+}
+
+impl Drop for FrozenFs {
+    fn drop(&mut self) {
+        self.abort();
         if let Ok(target) = CString::new(self.mount_point.as_os_str().as_bytes()) {
             // SAFETY: a valid NUL-terminated path.
             unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };

@@ -216,7 +216,8 @@ fn streamed_profiles_match_a_local_recording() {
         }
     }
 
-    // `series` adds up to the same totals, `targets` lists the workload.
+    // `series` adds up to the same totals, `targets` lists the workload under its
+    // service (the executable's file name: no systemd unit, no rule).
     let series = cli_json(
         &bin,
         &url,
@@ -242,7 +243,7 @@ fn streamed_profiles_match_a_local_recording() {
             .as_array()
             .expect("array")
             .iter()
-            .any(|t| t["pid"] == pid.as_str() && t["service"] == "stallscope-work"),
+            .any(|t| t["pid"] == pid.as_str() && t["service"] == "stallscope-workload"),
         "{targets}"
     );
     // The text forms print too (a person reads them).

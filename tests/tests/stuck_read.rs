@@ -58,6 +58,7 @@ fn a_hung_filesystem_delays_no_other_profile() {
         &out_arg,
     ])
     .expect("agent starts");
+    let _unstick = fs.abort_on_drop();
     other.go().expect("go");
     other
         .wait_done(Duration::from_secs(60))
@@ -106,7 +107,7 @@ fn a_hung_filesystem_delays_no_other_profile() {
     );
     drop(stuck);
     // Aborting the filesystem fails the withheld requests; then the agent can exit.
-    drop(fs);
+    fs.abort();
     let exit = agent.wait(Duration::from_secs(60)).expect("agent exits");
     assert!(exit.status.success(), "agent failed: {}", exit.stderr);
 }
