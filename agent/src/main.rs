@@ -7,10 +7,11 @@ use stallscope_agent::{
     check,
     cli::{Cli, Command},
     config::parse_duration,
-    logging, record, run,
+    logging, record, run, system,
 };
 
 fn main() -> ExitCode {
+    system::limit_malloc_arenas();
     let cli = Cli::parse();
     logging::init(cli.log_json);
     match run(cli.command) {

@@ -27,6 +27,20 @@ pub fn unix_now_ns() -> i64 {
 
 pub const AGENT_VERSION: &str = concat!("stallscope-agent ", env!("CARGO_PKG_VERSION"));
 
+/// Caps glibc's malloc arenas at two. By default each thread that allocates may get its
+/// own arena (up to 8 per core), and the symbolization lanes' and sender's short bursts
+/// leave each arena holding its high-water mark: measured on a busy host, the agent's
+/// anonymous memory fell from 176 MB to 111 MB with two arenas. The agent's threads
+/// allocate outside any per-event path, so the extra lock contention costs nothing
+/// measurable. Call first thing in `main`, before threads start.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Gives memory freed after start-up (BTF parsing, probe loading) back to the kernel.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
