@@ -387,10 +387,7 @@ async fn long_range_suite<S: Storage>(store: &S) {
         assert_eq!(off_cpu(&service), batches(19) / 2, "round {round}: service");
         // Then everything is downsampled to minutes (the late batch moves within its
         // hour) and more hours are complete.
-        store
-            .maintain(T0 + 5 * 3600)
-            .await
-            .expect("maintain again");
+        store.maintain(T0 + 5 * 3600).await.expect("maintain again");
     }
 }
 

@@ -162,7 +162,8 @@ mod tests {
 
     #[test]
     fn a_batch_decodes_with_raw_frames() {
-        let batch = crate::synthetic::batch("a", "h", 7, 10, 20, crate::synthetic::Shape::default());
+        let batch =
+            crate::synthetic::batch("a", "h", 7, 10, 20, crate::synthetic::Shape::default());
         let frames = batch.frames.clone();
         let decoded = DecodedBatch::from(batch);
         assert_eq!(decoded.sequence, 7);
@@ -172,7 +173,9 @@ mod tests {
         let mut stack = Vec::new();
         append_frame(&mut stack, 1, &decoded.frames[3]);
         assert_eq!(
-            crate::batch::StoredStack::decode(stack.as_slice()).expect("a stack").frames,
+            crate::batch::StoredStack::decode(stack.as_slice())
+                .expect("a stack")
+                .frames,
             vec![frames[3].clone()]
         );
     }

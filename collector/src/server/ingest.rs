@@ -161,9 +161,9 @@ impl<S: Storage> Ingest for IngestService<S> {
         });
         tokio::spawn(async move {
             while let Some(handler) = in_order.recv().await {
-                let reply = handler
-                    .await
-                    .unwrap_or_else(|err| Err(Status::internal(format!("ingest task failed: {err}"))));
+                let reply = handler.await.unwrap_or_else(|err| {
+                    Err(Status::internal(format!("ingest task failed: {err}")))
+                });
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     // Dropping `in_order` stops the reader; batches still in flight finish

@@ -24,8 +24,8 @@ use self::{
     write::{Writer, store_group},
 };
 use super::{
-    AgentSummary, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine, Storage,
-    StorageError, StoreOutcome, Target, TimeRange, Window, bucket_of,
+    AgentSummary, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine, Storage, StorageError,
+    StoreOutcome, Target, TimeRange, Window, bucket_of,
 };
 use crate::batch::NormalizedBatch;
 
@@ -97,13 +97,13 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "cache_size", -65_536)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.busy_timeout(Duration::from_secs(30))?;
         conn.execute_batch(SCHEMA)?;
         // Multi-row statements of several sizes per table, plus the rest.
         conn.set_prepared_statement_cache_capacity(64);
         let rollup = RollupSpan::load(&conn)?;
         let reader = Connection::open(&path)?;
-        reader.busy_timeout(std::time::Duration::from_secs(30))?;
+        reader.busy_timeout(Duration::from_secs(30))?;
         reader.pragma_update(None, "cache_size", -65_536)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -247,8 +247,7 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
             )?;
             for &svc in &services {
                 merge.execute(params![svc, cutoff, resolution])?;
-                report.rows_downsampled +=
-                    delete.execute(params![svc, cutoff, resolution])? as u64;
+                report.rows_downsampled += delete.execute(params![svc, cutoff, resolution])? as u64;
             }
             // Buckets of a resolution that divides an hour stay in their hour; others
             // move rows across hours, so the rollup no longer holds for them.

@@ -14,8 +14,8 @@ use super::rollup::RollupSpan;
 use crate::{
     batch::{SignalDef, StoredStack},
     storage::{
-        Filter, GroupBy, LineSums, Losses, ProfileBuilder, SeriesColumns, SeriesLine,
-        StorageError, TimeRange,
+        Filter, GroupBy, LineSums, Losses, ProfileBuilder, SeriesColumns, SeriesLine, StorageError,
+        TimeRange,
     },
 };
 
@@ -283,4 +283,3 @@ pub fn series_key(group_by: GroupBy, signal: &str, cause: &str) -> String {
         GroupBy::Cause => cause.to_owned(),
     }
 }
-

@@ -5,7 +5,10 @@
 //! signals only, and, for batches whose hour is already rolled up, their sums added to
 //! the rollup.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+};
 
 use rusqlite::{CachedStatement, Connection, Transaction, params};
 
@@ -252,8 +255,9 @@ fn upsert_statement<'a>(
         }
         sql.push_str("(?,?,?,?,?,?)");
     }
-    sql.push_str(&format!(
+    let _ = write!(
+        sql,
         " ON CONFLICT (svc, {time_column}, series, stack) DO UPDATE SET value = value + excluded.value, count = count + excluded.count"
-    ));
+    );
     tx.prepare_cached(&sql)
 }
