@@ -12,7 +12,10 @@ use stallscope_profile::{Frame, FrameKind, Labels};
 use stallscope_proto::v1;
 use thiserror::Error;
 
+pub use self::wire::{DecodedBatch, FrameRef, parse_frame};
 use crate::hash::StableHasher;
+
+mod wire;
 
 /// Limits on what one ingest frame may hold.
 #[derive(Debug, Clone, Copy)]
@@ -126,15 +129,27 @@ pub struct StackDef {
 /// hashed once per batch however many stacks share it. Equal to the hash of the same frame
 /// in model form (an empty module or file is "none", line 0 is "unknown").
 pub fn frame_hash(frame: &v1::Frame) -> u64 {
+    frame_ref_hash(&FrameRef {
+        function: &frame.function,
+        module: &frame.module,
+        file: &frame.file,
+        line: frame.line,
+        address: frame.address,
+        kind: frame.kind,
+    })
+}
+
+/// [`frame_hash`] of a frame read in place.
+pub fn frame_ref_hash(frame: &FrameRef<'_>) -> u64 {
     let kind = match v1::FrameKind::try_from(frame.kind) {
         Ok(v1::FrameKind::Kernel) => FrameKind::Kernel,
         Ok(v1::FrameKind::Synthetic) => FrameKind::Synthetic,
         _ => FrameKind::User,
     };
     StableHasher::new()
-        .str(&frame.function)
-        .str(&frame.module)
-        .str(&frame.file)
+        .str(frame.function)
+        .str(frame.module)
+        .str(frame.file)
         .u64(u64::from(frame.line))
         .u64(frame.address)
         .u64(frame_kind_code(kind))
@@ -178,8 +193,9 @@ pub struct NormalizedBatch {
     pub spool_dropped_total: u64,
     pub signals: Vec<SignalDef>,
     pub series: Vec<SeriesDef>,
-    /// Frames the stacks refer to, as they came (converted only for new stacks).
-    pub frames: Vec<v1::Frame>,
+    /// Frames the stacks refer to: each the encoded `Frame` message as it came (checked,
+    /// and copied into storage only for new stacks).
+    pub frames: Vec<Bytes>,
     pub stacks: Vec<StackDef>,
     /// One row per distinct (series, stack).
     pub rows: Vec<Row>,
@@ -193,23 +209,20 @@ impl NormalizedBatch {
         batch_id(&self.agent, self.sequence)
     }
 
-    /// The frames of `stack`, innermost first.
-    pub fn stack_frames<'a>(
-        &'a self,
-        stack: &'a StackDef,
-    ) -> impl Iterator<Item = &'a v1::Frame> + 'a {
-        stack
-            .frames
-            .iter()
-            .filter_map(|&i| self.frames.get(i as usize))
-    }
-
-    /// A stack as storage keeps it.
+    /// A stack as storage keeps it: a [`StoredStack`] message, built from the frames'
+    /// own encodings.
     pub fn encode_stack(&self, stack: &StackDef) -> Vec<u8> {
-        StoredStack {
-            frames: self.stack_frames(stack).cloned().collect(),
+        let frames = || {
+            stack
+                .frames
+                .iter()
+                .filter_map(|&i| self.frames.get(i as usize))
+        };
+        let mut out = Vec::with_capacity(frames().map(|f| f.len() + 3).sum());
+        for frame in frames() {
+            wire::append_frame(&mut out, 1, frame);
         }
-        .encode_to_vec()
+        out
     }
 
     pub fn losses_json(&self) -> String {
@@ -225,7 +238,7 @@ pub fn batch_id(agent: &str, sequence: u64) -> i64 {
 pub fn decode_frame(
     frame: &v1::IngestFrame,
     limits: &BatchLimits,
-) -> Result<v1::Batch, InvalidBatch> {
+) -> Result<DecodedBatch, InvalidBatch> {
     let sequence = frame.sequence;
     let limit = limits.max_uncompressed_bytes;
     if frame.uncompressed_size > limit {
@@ -260,7 +273,7 @@ pub fn decode_frame(
             claimed: frame.uncompressed_size,
         });
     }
-    v1::Batch::decode(Bytes::from(raw)).map_err(|err| InvalidBatch::Decode {
+    DecodedBatch::decode(Bytes::from(raw)).map_err(|err| InvalidBatch::Decode {
         sequence,
         reason: err.to_string(),
     })
@@ -271,9 +284,10 @@ pub fn decode_frame(
 pub fn normalize(
     agent: &str,
     sequence: u64,
-    batch: v1::Batch,
+    batch: impl Into<DecodedBatch>,
     limits: &BatchLimits,
 ) -> Result<NormalizedBatch, InvalidBatch> {
+    let batch: DecodedBatch = batch.into();
     let bad = |reason: String| InvalidBatch::Inconsistent { sequence, reason };
     if batch.sequence != sequence {
         return Err(bad(format!(
@@ -313,7 +327,16 @@ pub fn normalize(
     {
         return Err(bad(format!("signal {empty} has no name or value kind")));
     }
-    let hashes: Vec<u64> = batch.frames.iter().map(frame_hash).collect();
+    let hashes: Vec<u64> = batch
+        .frames
+        .iter()
+        .enumerate()
+        .map(|(index, frame)| {
+            parse_frame(frame)
+                .map(|frame| frame_ref_hash(&frame))
+                .map_err(|reason| bad(format!("frame {index} is not a valid Frame: {reason}")))
+        })
+        .collect::<Result<_, _>>()?;
     let frame_count = batch.frames.len();
     let mut stacks = Vec::with_capacity(batch.stacks.len());
     for (index, stack) in batch.stacks.iter().enumerate() {

@@ -324,6 +324,106 @@ async fn suite<S: Storage>(store: &S) {
     assert_eq!(gone.samples.len(), 0, "data past the last tier is deleted");
 }
 
+/// Long ranges: whole hours may be answered from a coarser tier (SQLite's hourly rollup)
+/// and the edges from the 10 s rows; batches that arrive after their hour was rolled up
+/// still count exactly once.
+async fn long_range_suite<S: Storage>(store: &S) {
+    let shape = Shape::default();
+    let per_batch = i64::try_from(shape.samples_per_signal()).expect("small");
+    // Eighteen batches 10 min apart: three hours.
+    for sequence in 0..18_u64 {
+        let start = T0 + 600 * sequence as i64;
+        store
+            .store(batch("agent-r", sequence, start, shape))
+            .await
+            .expect("store");
+    }
+    let off_cpu = |profile: &stallscope_profile::Profile| column_total(profile, "off_cpu");
+    let batches = |n: i64| n * per_batch * OFF_CPU_NS;
+    store.maintain(T0 + 3 * 3600 + 30).await.expect("maintain");
+    // Late: its hour (T0 + 2 h) was complete when maintenance ran.
+    let late = T0 + 2 * 3600 + 1510;
+    assert_eq!(
+        store
+            .store(batch("agent-r", 100, late, shape))
+            .await
+            .expect("late batch"),
+        StoreOutcome::Stored
+    );
+    assert_eq!(
+        store
+            .store(batch("agent-r", 100, late, shape))
+            .await
+            .expect("replayed late batch"),
+        StoreOutcome::Duplicate
+    );
+    for round in 0..2 {
+        let whole = store
+            .profile(range(T0 - 3600, T0 + 4 * 3600), Filter::default())
+            .await
+            .expect("profile");
+        assert_eq!(off_cpu(&whole), batches(19), "round {round}: whole range");
+        // Partial hours at both edges: batches 2..=14 and the late one.
+        let edges = store
+            .profile(range(T0 + 900, T0 + 2 * 3600 + 1560), Filter::default())
+            .await
+            .expect("profile");
+        assert_eq!(off_cpu(&edges), batches(14), "round {round}: edges");
+        let hour = store
+            .profile(range(T0 + 3600, T0 + 2 * 3600), Filter::default())
+            .await
+            .expect("profile");
+        assert_eq!(off_cpu(&hour), batches(6), "round {round}: one hour");
+        let service = store
+            .profile(
+                range(T0 - 3600, T0 + 4 * 3600),
+                Filter {
+                    service: Some("svc-1".into()),
+                    ..Filter::default()
+                },
+            )
+            .await
+            .expect("profile");
+        assert_eq!(off_cpu(&service), batches(19) / 2, "round {round}: service");
+        // Then everything is downsampled to minutes (the late batch moves within its
+        // hour) and more hours are complete.
+        store.maintain(T0 + 5 * 3600).await.expect("maintain again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_long_ranges_count_once() {
+    let store = sqlite();
+    long_range_suite(&store).await;
+    // Deleting up to a cutoff inside an hour: that hour's rollup no longer holds, so the
+    // rows left in it must come from the 10 s tier. Keep is 6 h, so this deletes rows
+    // before T0 + 1 h 45 min: batches 0..=10.
+    store
+        .maintain(T0 + 7 * 3600 + 2700)
+        .await
+        .expect("maintain");
+    let left = store
+        .profile(range(T0 - 3600, T0 + 4 * 3600), Filter::default())
+        .await
+        .expect("profile");
+    let per_batch = i64::try_from(Shape::default().samples_per_signal()).expect("small");
+    assert_eq!(column_total(&left, "off_cpu"), 8 * per_batch * OFF_CPU_NS);
+    let partial = store
+        .profile(range(T0 + 3600, T0 + 2 * 3600), Filter::default())
+        .await
+        .expect("profile");
+    assert_eq!(column_total(&partial, "off_cpu"), per_batch * OFF_CPU_NS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_long_ranges_count_once() {
+    let Some(store) = clickhouse().await else {
+        return;
+    };
+    long_range_suite(&store).await;
+    store.drop_database().await.expect("drop test database");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_backend_passes_the_suite() {
     suite(&sqlite()).await;

@@ -1,12 +1,17 @@
 //! The ingest stream: one task per agent connection reads frames in order, skips batches
 //! already stored, decodes the rest with bounded memory, stores them and acknowledges
-//! each only after storage returned. A malformed frame ends that agent's stream with a
-//! clear status; other agents are unaffected.
+//! each only after storage returned. Up to [`PIPELINE_DEPTH`] frames of a stream are
+//! decoded and stored concurrently (so they can share a group commit), and their acks go
+//! out in frame order. A malformed frame ends that agent's stream with a clear status;
+//! other agents are unaffected.
 
 use std::{pin::Pin, sync::Arc};
 
 use stallscope_proto::v1::{Ack, IngestFrame, ingest_server::Ingest};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -95,6 +100,11 @@ impl<S: Storage> IngestService<S> {
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 
+/// Frames of one stream being decoded and stored at once. One at a time, a stream's
+/// batches each waited for a commit (an fsync) of their own; with several in flight they
+/// share commits. Bounds what one stream holds: this many decoded batches.
+pub const PIPELINE_DEPTH: usize = 16;
+
 #[tonic::async_trait]
 impl<S: Storage> Ingest for IngestService<S> {
     type StreamStream = AckStream;
@@ -111,10 +121,14 @@ impl<S: Storage> Ingest for IngestService<S> {
         })?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
+        // Handlers in frame order; the channel's bound is the pipeline's depth.
+        let (handlers, mut in_order) =
+            mpsc::channel::<JoinHandle<Result<Ack, Status>>>(PIPELINE_DEPTH);
         let service = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
             tracing::info!("agent {agent} connected");
+            let agent: Arc<str> = Arc::from(agent);
             loop {
                 let frame = match inbound.message().await {
                     Ok(Some(frame)) => frame,
@@ -131,17 +145,32 @@ impl<S: Storage> Ingest for IngestService<S> {
                         } else {
                             status
                         };
-                        let _ = tx.send(Err(status)).await;
+                        let _ = handlers.send(tokio::spawn(async { Err(status) })).await;
                         break;
                     }
                 };
-                let reply = service.handle(&agent, frame).await;
-                let failed = reply.is_err();
-                if tx.send(reply).await.is_err() || failed {
+                let service = service.clone();
+                let agent = Arc::clone(&agent);
+                let handler = tokio::spawn(async move { service.handle(&agent, frame).await });
+                // Fails once the acks stopped (an error, or the agent went away).
+                if handlers.send(handler).await.is_err() {
                     break;
                 }
             }
             tracing::info!("agent {agent} disconnected");
+        });
+        tokio::spawn(async move {
+            while let Some(handler) = in_order.recv().await {
+                let reply = handler.await.unwrap_or_else(|err| {
+                    Err(Status::internal(format!("ingest task failed: {err}")))
+                });
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    // Dropping `in_order` stops the reader; batches still in flight finish
+                    // storing and are acknowledged as duplicates when the agent resends.
+                    break;
+                }
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -96,8 +96,9 @@ pub async fn serve<S: Storage>(
         let storage = Arc::clone(&storage);
         let interval = config.maintenance_interval;
         tokio::spawn(async move {
+            // The first tick is immediate: a pass at startup catches up on retention and
+            // the hourly rollup after downtime, instead of one interval later.
             let mut ticker = tokio::time::interval(interval.max(Duration::from_secs(1)));
-            ticker.tick().await;
             loop {
                 ticker.tick().await;
                 match storage.maintain(crate::unix_now_ns() / 1_000_000_000).await {
