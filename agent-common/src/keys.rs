@@ -224,7 +224,7 @@ impl SyscallSlot {
 
 /// The cache slot of (process, syscall): a multiplicative hash, so the syscalls of one
 /// process and one syscall of many processes spread over the slots.
-#[inline(always)]
+#[inline]
 pub const fn syscall_slot(tgid: u32, nr: u32) -> u32 {
     (tgid ^ nr.wrapping_mul(0x85eb_ca6b)).wrapping_mul(0x9e37_79b1) >> (32 - SYSCALL_SLOT_BITS)
 }

@@ -418,10 +418,12 @@ impl Probes {
                     source,
                 }
             })?;
-        let syscall_cache = PerCpuArray::try_from(take_map(&mut ebpf, "SYSCALL_CACHE")?)
-            .map_err(|source| ProbeError::MapApi {
-                map: "SYSCALL_CACHE",
-                source,
+        let syscall_cache =
+            PerCpuArray::try_from(take_map(&mut ebpf, "SYSCALL_CACHE")?).map_err(|source| {
+                ProbeError::MapApi {
+                    map: "SYSCALL_CACHE",
+                    source,
+                }
             })?;
         let totals = [
             hash_map(&mut ebpf, "TOTALS_0")?,
