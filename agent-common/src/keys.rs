@@ -139,10 +139,10 @@ pub struct TotalCacheEntry {
 }
 
 /// A small per-CPU cache in front of the totals map: events of a key seen again soon
-/// after (a syscall loop, two threads ping-ponging) are added with plain stores instead of
-/// a hash lookup and atomic adds. Used by the high-rate families (syscalls, kernel locks):
-/// one cache per family, since they can nest with each other on a CPU, and per
-/// generation; the agent drains the retired generation's caches with the maps.
+/// after (two threads ping-ponging on a kernel lock) are added with plain stores instead
+/// of a hash lookup and atomic adds. Used by the kernel-lock family, per generation; the
+/// agent drains the retired generation's caches with the maps. (Syscalls have their own,
+/// larger, direct-mapped cache: [`SyscallSlot`].)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TotalCache {
@@ -152,9 +152,82 @@ pub struct TotalCache {
 }
 
 /// Users of the totals cache; the cache index is `user * 2 + generation`.
-pub const CACHE_SYSCALL: u32 = 0;
-pub const CACHE_LOCK: u32 = 1;
-pub const CACHE_USERS: u32 = 2;
+pub const CACHE_LOCK: u32 = 0;
+pub const CACHE_USERS: u32 = 1;
+
+/// log2 of the number of syscall cache slots per CPU and generation.
+pub const SYSCALL_SLOT_BITS: u32 = 6;
+/// Syscall cache slots per CPU and generation; slot `i` of generation `g` is map index
+/// `g * SYSCALL_SLOTS + i`.
+pub const SYSCALL_SLOTS: u32 = 1 << SYSCALL_SLOT_BITS;
+/// [`SyscallSlot::bucket`] of a slot whose events fell into more than one bucket.
+pub const SLOT_MIXED_BUCKETS: u32 = u32::MAX;
+
+/// One slot of the per-CPU syscall totals cache: what one (process, syscall) added on this
+/// CPU since the slot was last emptied. Valid when `count != 0`.
+///
+/// The cache is direct-mapped ([`syscall_slot`]): a hit (a thread calling the same
+/// syscall again) is one array index and plain adds, with no hash and no atomic
+/// instruction; a miss moves the slot's content into the shared totals map. Most
+/// evicted slots hold events of a single bucket (a thrashing workload evicts after one or
+/// two events), so `bucket` names it and the move is four atomic adds instead of one per
+/// bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallSlot {
+    pub tgid: u32,
+    /// The syscall number.
+    pub nr: u32,
+    pub count: u64,
+    pub ns: u64,
+    pub max_ns: u64,
+    /// The bucket all events so far fell into, or [`SLOT_MIXED_BUCKETS`].
+    pub bucket: u32,
+    pub pad: u32,
+    pub buckets: [u64; HIST_BUCKETS],
+}
+
+impl Default for SyscallSlot {
+    fn default() -> Self {
+        Self {
+            tgid: 0,
+            nr: 0,
+            count: 0,
+            ns: 0,
+            max_ns: 0,
+            bucket: 0,
+            pad: 0,
+            buckets: [0; HIST_BUCKETS],
+        }
+    }
+}
+
+impl SyscallSlot {
+    /// The slot's content as an entry of the totals.
+    pub fn total(&self) -> (TotalKey, TotalValue) {
+        let key = TotalKey {
+            tgid: self.tgid,
+            signal: crate::Signal::Syscall as u8,
+            aux: self.nr,
+            ..TotalKey::default()
+        };
+        let value = TotalValue {
+            count: self.count,
+            ns: self.ns,
+            tail_ns: 0,
+            max_ns: self.max_ns,
+            buckets: self.buckets,
+        };
+        (key, value)
+    }
+}
+
+/// The cache slot of (process, syscall): a multiplicative hash, so the syscalls of one
+/// process and one syscall of many processes spread over the slots.
+#[inline]
+pub const fn syscall_slot(tgid: u32, nr: u32) -> u32 {
+    (tgid ^ nr.wrapping_mul(0x85eb_ca6b)).wrapping_mul(0x9e37_79b1) >> (32 - SYSCALL_SLOT_BITS)
+}
 
 /// Key of the stack samples: one entry per (thread, signal, class, stacks, object).
 ///

@@ -29,6 +29,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TotalCache {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::SyscallSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SampleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SampleValue {}
@@ -62,6 +64,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<TotalKey>(), 16);
         assert_eq!(size_of::<TotalValue>(), 8 * (4 + HIST_BUCKETS));
+        assert_eq!(size_of::<SyscallSlot>(), 8 + 3 * 8 + 8 + 8 * HIST_BUCKETS);
         assert_eq!(size_of::<SampleKey>(), 4 + 4 + 8 + 8 + 4 + 4 + 24);
         assert_eq!(size_of::<SampleValue>(), 40);
         assert_eq!(size_of::<StackTrace>(), 8 + 8 * MAX_STACK_DEPTH);
@@ -130,6 +133,43 @@ mod tests {
         assert_eq!(hist_bucket(1023), 9);
         assert_eq!(hist_bucket(1024), 10);
         assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+    }
+
+    #[test]
+    fn syscall_slots_spread_and_convert() {
+        // One process's syscalls, and one syscall of consecutive processes, spread over
+        // the slots (a direct-mapped cache thrashes on collisions).
+        let mut used = [false; SYSCALL_SLOTS as usize];
+        for nr in 0..16 {
+            let slot = syscall_slot(4242, nr);
+            assert!(slot < SYSCALL_SLOTS);
+            used[slot as usize] = true;
+        }
+        assert!(used.iter().filter(|&&u| u).count() >= 10);
+        let mut used = [false; SYSCALL_SLOTS as usize];
+        for tgid in 1000..1016 {
+            used[syscall_slot(tgid, 0) as usize] = true;
+        }
+        assert!(used.iter().filter(|&&u| u).count() >= 10);
+
+        let mut slot = SyscallSlot {
+            tgid: 7,
+            nr: 39,
+            count: 2,
+            ns: 300,
+            max_ns: 200,
+            bucket: SLOT_MIXED_BUCKETS,
+            ..SyscallSlot::default()
+        };
+        slot.buckets[6] = 1;
+        slot.buckets[7] = 1;
+        let (key, value) = slot.total();
+        assert_eq!(
+            (key.tgid, key.tid, key.signal, key.aux),
+            (7, 0, Signal::Syscall as u8, 39)
+        );
+        assert_eq!((value.count, value.ns, value.max_ns), (2, 300, 200));
+        assert_eq!(value.buckets[6] + value.buckets[7], 2);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use core::ffi::c_void;
 
 use agent_common::{
     CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, NO_STACK, ProbeConfig,
-    STACK_FULL, SampleKey, SampleValue, Signal, StackTrace, TOTAL_CACHE_WAYS, TotalCache, TotalKey,
-    TotalValue, hist_bucket,
+    SLOT_MIXED_BUCKETS, STACK_FULL, SampleKey, SampleValue, Signal, StackTrace, SyscallSlot,
+    TOTAL_CACHE_WAYS, TotalCache, TotalKey, TotalValue, hist_bucket,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -234,7 +234,7 @@ pub fn add_total<C: EbpfContext>(ctx: &C, generation: u32, key: &TotalKey, ns: u
 }
 
 /// Adds one event of `ns` to the exact totals of `key` through this CPU's totals cache of
-/// `user` (the syscall and kernel-lock paths: many events, few keys at a time). A BPF
+/// `user` (the kernel-lock path: many events, few keys at a time). A BPF
 /// subprogram of its own (at most five arguments).
 #[inline(never)]
 pub fn add_total_cached<C: EbpfContext>(
@@ -307,6 +307,57 @@ fn flush_total<C: EbpfContext>(ctx: &C, generation: u32, key: &TotalKey, value: 
             (*entry).max_ns = value.max_ns;
         }
     }
+}
+
+/// Moves an evicted syscall cache slot of `generation` into the totals map and empties it
+/// (count zero, every bucket zero again). A BPF subprogram of its own: the miss path is
+/// verified once, not once per branch of the hit path.
+#[inline(never)]
+pub fn flush_syscall_slot<C: EbpfContext>(ctx: &C, generation: u32, slot: &mut SyscallSlot) {
+    let key = TotalKey {
+        tgid: slot.tgid,
+        signal: Signal::Syscall as u8,
+        aux: slot.nr,
+        ..TotalKey::default()
+    };
+    let single = slot.bucket != SLOT_MIXED_BUCKETS;
+    if let Some(entry) = totals_entry(ctx, generation, &key) {
+        // SAFETY: the entry lives until the program returns (RCU); fields are u64.
+        unsafe {
+            atomic_add(&raw mut (*entry).count, slot.count);
+            atomic_add(&raw mut (*entry).ns, slot.ns);
+            if single {
+                if let (Some(total), Some(&add)) = (
+                    (*entry).buckets.get_mut(slot.bucket as usize),
+                    slot.buckets.get(slot.bucket as usize),
+                ) {
+                    atomic_add(total, add);
+                }
+            } else {
+                // Every bucket, unconditionally: a branch per bucket would give the
+                // verifier a path per combination.
+                for (total, &add) in (*entry).buckets.iter_mut().zip(slot.buckets.iter()) {
+                    atomic_add(total, add);
+                }
+            }
+            // Racy maximum: a concurrent larger update on another CPU can be overwritten.
+            if slot.max_ns > (*entry).max_ns {
+                (*entry).max_ns = slot.max_ns;
+            }
+        }
+    }
+    if single {
+        if let Some(bucket) = slot.buckets.get_mut(slot.bucket as usize) {
+            *bucket = 0;
+        }
+    } else {
+        for bucket in &mut slot.buckets {
+            // Volatile, so the compiler does not turn the loop into a byte-wise `memset`.
+            // SAFETY: a valid, aligned u64 in this CPU's slot.
+            unsafe { core::ptr::write_volatile(bucket, 0) };
+        }
+    }
+    slot.count = 0;
 }
 
 /// The totals map entry of `key` in `generation`, created empty if missing.

@@ -8,19 +8,19 @@
 //! that signal on, `sys_enter` keeps state for the socket syscalls alone.
 
 use agent_common::{
-    CACHE_SYSCALL, FD_SYSCALLS_LEN, FdKind, SampleKey, SampleValue, Signal, THREAD_IN_SYSCALL,
-    TotalKey,
+    FD_SYSCALLS_LEN, FdKind, SLOT_MIXED_BUCKETS, SYSCALL_SLOTS, SampleKey, SampleValue, Signal,
+    SyscallSlot, THREAD_IN_SYSCALL, hist_bucket, syscall_slot,
 };
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
-    maps::Array,
+    maps::{Array, PerCpuArray},
     programs::BtfTracePointContext,
 };
 
 use crate::{
     maps::{
-        SLOT_SYSCALL, add_sample, add_total_cached, capture_current_stack, config, generation,
+        SLOT_SYSCALL, add_sample, capture_current_stack, config, flush_syscall_slot, generation,
         wanted_current, wants,
     },
     threads::{current_task, thread_of, thread_or_create},
@@ -29,6 +29,11 @@ use crate::{
 /// Syscall numbers whose first argument is a file descriptor (1), set by the agent.
 #[map]
 static FD_SYSCALLS: Array<u8> = Array::with_max_entries(FD_SYSCALLS_LEN, 0);
+
+/// The per-CPU syscall totals cache, one half per generation (see [`SyscallSlot`]).
+#[map]
+static SYSCALL_CACHE: PerCpuArray<SyscallSlot> =
+    PerCpuArray::with_max_entries(2 * SYSCALL_SLOTS, 0);
 
 /// Offsets of `di` and `si` (the first two syscall arguments) in x86-64 `struct pt_regs`.
 #[cfg(not(bpf_target_arch = "aarch64"))]
@@ -104,14 +109,7 @@ fn syscall_latency(
     nr: u32,
     duration: u64,
 ) {
-    let key = TotalKey {
-        tgid,
-        tid: 0,
-        signal: Signal::Syscall as u8,
-        aux: nr,
-        ..TotalKey::default()
-    };
-    add_total_cached(ctx, generation, CACHE_SYSCALL, &key, duration);
+    add_syscall_total(ctx, generation, tgid, nr, duration);
     if duration < config!(syscall_slow_threshold_ns) {
         return;
     }
@@ -136,6 +134,51 @@ fn syscall_latency(
         ..SampleValue::default()
     };
     add_sample(ctx, generation, &sample, &value);
+}
+
+/// Adds one syscall of `duration` to (process, syscall) in this CPU's cache slot: plain
+/// adds when the slot holds that pair already, else the slot's previous content goes to
+/// the totals map first.
+#[inline(always)]
+fn add_syscall_total(
+    ctx: &BtfTracePointContext,
+    generation: u32,
+    tgid: u32,
+    nr: u32,
+    duration: u64,
+) {
+    // A per-CPU array lookup of a valid index cannot fail.
+    let Some(slot) = SYSCALL_CACHE.get_ptr_mut(generation * SYSCALL_SLOTS + syscall_slot(tgid, nr))
+    else {
+        return;
+    };
+    // SAFETY: per-CPU memory written only by `sys_exit`, which never nests with itself on
+    // a CPU; drained by the agent only after the generation is retired.
+    let slot = unsafe { &mut *slot };
+    let bucket = hist_bucket(duration);
+    if slot.count != 0 && (slot.tgid != tgid || slot.nr != nr) {
+        flush_syscall_slot(ctx, generation, slot);
+    }
+    if slot.count == 0 {
+        slot.tgid = tgid;
+        slot.nr = nr;
+        slot.count = 1;
+        slot.ns = duration;
+        slot.max_ns = duration;
+        slot.bucket = bucket as u32;
+    } else {
+        slot.count += 1;
+        slot.ns += duration;
+        if duration > slot.max_ns {
+            slot.max_ns = duration;
+        }
+        if slot.bucket != bucket as u32 {
+            slot.bucket = SLOT_MIXED_BUCKETS;
+        }
+    }
+    if let Some(count) = slot.buckets.get_mut(bucket) {
+        *count += 1;
+    }
 }
 
 /// Argument `index` (0 or 1) of the syscall that is exiting: the saved user registers

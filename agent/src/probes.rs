@@ -9,8 +9,8 @@ use std::{
 };
 
 use agent_common::{
-    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, Peer, ProbeConfig, SampleKey, SampleValue,
-    Signal, StackTrace, TotalCache, TotalKey, TotalValue,
+    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, Peer, ProbeConfig, SYSCALL_SLOTS,
+    SampleKey, SampleValue, Signal, StackTrace, SyscallSlot, TotalCache, TotalKey, TotalValue,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -168,6 +168,7 @@ pub struct Probes {
     comms: aya::maps::HashMap<MapData, u32, [u8; 16]>,
     peers: aya::maps::HashMap<MapData, u32, Peer>,
     total_cache: PerCpuArray<MapData, TotalCache>,
+    syscall_cache: PerCpuArray<MapData, SyscallSlot>,
     totals: [MapData; 2],
     samples: [MapData; 2],
     stacks: [MapData; 2],
@@ -417,6 +418,13 @@ impl Probes {
                     source,
                 }
             })?;
+        let syscall_cache =
+            PerCpuArray::try_from(take_map(&mut ebpf, "SYSCALL_CACHE")?).map_err(|source| {
+                ProbeError::MapApi {
+                    map: "SYSCALL_CACHE",
+                    source,
+                }
+            })?;
         let totals = [
             hash_map(&mut ebpf, "TOTALS_0")?,
             hash_map(&mut ebpf, "TOTALS_1")?,
@@ -437,6 +445,7 @@ impl Probes {
             comms,
             peers,
             total_cache,
+            syscall_cache,
             totals,
             samples,
             stacks,
@@ -522,6 +531,7 @@ impl Probes {
                 source,
             })?;
         self.drain_total_caches(retired, &mut totals)?;
+        self.drain_syscall_cache(retired, &mut totals)?;
         let mut losses = vec![0u64; LOSS_COUNTERS as usize];
         for (index, total) in losses.iter_mut().enumerate() {
             let per_cpu =
@@ -611,6 +621,46 @@ impl Probes {
                     }
                 })?;
             self.total_cache.set(index, empty, 0).map_err(map_error)?;
+        }
+        Ok(())
+    }
+}
+
+impl Probes {
+    /// Moves what the per-CPU syscall cache slots of generation `retired` hold into
+    /// `totals` (one entry per CPU and slot; the accumulator merges them: counts, sums and
+    /// buckets add up, maxima take the larger), and empties the slots that held anything.
+    fn drain_syscall_cache(
+        &mut self,
+        retired: u32,
+        totals: &mut Vec<(TotalKey, TotalValue)>,
+    ) -> Result<(), ProbeError> {
+        let map_error = |source| ProbeError::MapApi {
+            map: "SYSCALL_CACHE",
+            source,
+        };
+        let first = retired * SYSCALL_SLOTS;
+        for index in first..first + SYSCALL_SLOTS {
+            let per_cpu = self.syscall_cache.get(&index, 0).map_err(map_error)?;
+            let cpus = per_cpu.len();
+            let before = totals.len();
+            totals.extend(
+                per_cpu
+                    .iter()
+                    .filter(|slot| slot.count != 0)
+                    .map(SyscallSlot::total),
+            );
+            if totals.len() == before {
+                continue;
+            }
+            let empty =
+                PerCpuValues::try_from(vec![SyscallSlot::default(); cpus]).map_err(|err| {
+                    ProbeError::Map {
+                        map: "SYSCALL_CACHE",
+                        source: err,
+                    }
+                })?;
+            self.syscall_cache.set(index, empty, 0).map_err(map_error)?;
         }
         Ok(())
     }
