@@ -13,7 +13,7 @@ use crate::{
 #[command(
     name = "stallscope-agent",
     version,
-    about = "Host agent of stallscope: eBPF wait-time profiling (off-CPU, on-CPU) with kernel and user stacks"
+    about = "Host agent of stallscope: eBPF wait-time profiling (off-CPU by cause, run queue, locks, syscalls, disk, network; on-CPU for contrast) with kernel and user stacks"
 )]
 pub struct Cli {
     /// Log as JSON lines instead of text.
