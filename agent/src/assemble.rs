@@ -492,6 +492,10 @@ impl Accumulator {
             "user_stack_probably_truncated".to_owned(),
             self.resolver.truncated_stacks,
         );
+        meta.losses.insert(
+            "user_stack_cut_at_unmapped_address".to_owned(),
+            self.resolver.cut_stacks,
+        );
         let (timed_out, stuck) = self.resolver.read_timeouts();
         meta.losses.insert(
             "process_read_timed_out".to_owned(),

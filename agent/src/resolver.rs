@@ -232,6 +232,21 @@ const MAX_BINARIES: usize = 1024;
 /// Symbolized frames kept over all binaries before old binaries' caches are dropped.
 const MAX_CACHED_OFFSETS: usize = 1 << 20;
 
+const NOT_MAPPED: &str = "not mapped when the process was read";
+
+/// Cuts a user stack (innermost first), normalized against a snapshot taken after it,
+/// before its first caller address that no executable mapping covers; says whether it
+/// cut. The leaf is kept whatever it is: an unmapped leaf is a fact worth showing.
+fn cut_at_unmapped(frames: &mut Vec<NormFrame>) -> bool {
+    let bad = frames.iter().skip(1).position(
+        |frame| matches!(frame, NormFrame::Unknown { reason, .. } if *reason == NOT_MAPPED),
+    );
+    if let Some(good) = bad {
+        frames.truncate(good + 1);
+    }
+    bad.is_some()
+}
+
 /// One address of a stack against its process's snapshot; `stale` is set when the
 /// snapshot may be too old to map it.
 fn normalize_address(snapshot: &ProcessSnapshot, address: u64, stale: &mut bool) -> NormFrame {
@@ -240,7 +255,7 @@ fn normalize_address(snapshot: &ProcessSnapshot, address: u64, stale: &mut bool)
         return NormFrame::Unknown {
             address,
             module: None,
-            reason: "not mapped when the process was read",
+            reason: NOT_MAPPED,
         };
     };
     if let Some(file) = mapping.file {
@@ -296,6 +311,8 @@ pub struct Resolver {
     pub kernel: KernelSymbolizer,
     /// User stacks probably cut short (no thread entry point reached), this period.
     pub truncated_stacks: u64,
+    /// User stacks cut where the frame-pointer walk left mapped code, this period.
+    pub cut_stacks: u64,
 }
 
 impl Resolver {
@@ -332,6 +349,7 @@ impl Resolver {
             boot: procs::boot_clock(),
             kernel: KernelSymbolizer::new(),
             truncated_stacks: 0,
+            cut_stacks: 0,
         };
         if let Some(vdso) = binaries::own_vdso() {
             resolver.add_binary(binaries::VDSO_FILE, Arc::new(vdso));
@@ -507,8 +525,9 @@ impl Resolver {
             let Some(pending) = self.pending.get(&key) else {
                 continue;
             };
-            if let Some(frames) = self.normalize(key.0, pending, last_chance) {
+            if let Some((frames, cut)) = self.normalize(key.0, pending, last_chance) {
                 self.pending.remove(&key);
+                self.cut_stacks += u64::from(cut);
                 for frame in frames.iter() {
                     if let NormFrame::File { file, offset, .. } = frame {
                         self.want(*file, *offset);
@@ -527,41 +546,47 @@ impl Resolver {
 
     /// Normalizes a stack against its process's snapshot, or `None` to wait for a (newer)
     /// snapshot: none yet, or one taken before the stack whose mappings miss an address.
+    /// Also says whether the stack was cut: in a snapshot taken after the stack, an
+    /// address past the leaf that no executable mapping covers cannot be a return
+    /// address. The frame-pointer walk went wrong there (a thread fresh out of `clone3`
+    /// has no frame chain yet, and the kernel's walker follows whatever `rbp` holds), so
+    /// the stack ends at the last good frame instead of listing garbage.
     fn normalize(
         &self,
         pid: u32,
         pending: &PendingStack,
         last_chance: bool,
-    ) -> Option<Arc<[NormFrame]>> {
+    ) -> Option<(Arc<[NormFrame]>, bool)> {
         let entry = self.processes.get(&pid);
         let exited = entry.is_some_and(|e| e.exited);
         let Some(snapshot) = entry.and_then(|e| e.snapshot.as_ref()) else {
             if last_chance || exited {
                 let reason = "process exited before its memory map was read";
-                return Some(
-                    pending
-                        .addresses
-                        .iter()
-                        .map(|&address| NormFrame::Unknown {
-                            address,
-                            module: None,
-                            reason,
-                        })
-                        .collect(),
-                );
+                let frames = pending
+                    .addresses
+                    .iter()
+                    .map(|&address| NormFrame::Unknown {
+                        address,
+                        module: None,
+                        reason,
+                    })
+                    .collect();
+                return Some((frames, false));
             }
             return None;
         };
         let mut stale = false;
-        let frames: Arc<[NormFrame]> = pending
+        let mut frames: Vec<NormFrame> = pending
             .addresses
             .iter()
             .map(|&address| normalize_address(snapshot, address, &mut stale))
             .collect();
-        if stale && !last_chance && !exited && snapshot.taken < pending.since {
+        let fresh = snapshot.taken >= pending.since;
+        if stale && !last_chance && !exited && !fresh {
             return None;
         }
-        Some(frames)
+        let cut = fresh && cut_at_unmapped(&mut frames);
+        Some((frames.into(), cut))
     }
 
     fn want(&mut self, file: FileId, offset: u64) {
@@ -899,6 +924,7 @@ impl Resolver {
         self.pending.retain(|(pid, _), _| !gone.contains(pid));
         self.evict_binaries();
         self.truncated_stacks = 0;
+        self.cut_stacks = 0;
         self.period += 1;
     }
 
@@ -949,5 +975,42 @@ impl Resolver {
                 + symbols.stats.timed_out.load(Ordering::Relaxed),
             read.stuck_threads() + binaries.stuck_threads() + symbols.stuck_threads(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unknown(reason: &'static str) -> NormFrame {
+        NormFrame::Unknown {
+            address: 0x55d5_a199_902f,
+            module: None,
+            reason,
+        }
+    }
+
+    fn jit() -> NormFrame {
+        NormFrame::Jit(Arc::from("jitted"))
+    }
+
+    #[test]
+    fn a_walk_into_unmapped_memory_is_cut_before_it() {
+        let mut frames = vec![
+            jit(),
+            jit(),
+            unknown(NOT_MAPPED),
+            unknown(NOT_MAPPED),
+            jit(),
+        ];
+        assert!(cut_at_unmapped(&mut frames));
+        assert_eq!(frames.len(), 2);
+    }
+
+    #[test]
+    fn an_unmapped_leaf_and_other_unknowns_are_kept() {
+        let mut frames = vec![unknown(NOT_MAPPED), jit(), unknown("anonymous"), jit()];
+        assert!(!cut_at_unmapped(&mut frames));
+        assert_eq!(frames.len(), 4);
     }
 }

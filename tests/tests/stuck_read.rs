@@ -97,7 +97,17 @@ fn a_hung_filesystem_delays_no_other_profile() {
             .filter(|f| f.kind == FrameKind::User && f.function.starts_with("[unknown]"))
             .map(|f| f.function.as_str())
             .collect();
-        assert!(unknown.is_empty(), "unsymbolized frames: {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "unsymbolized frames in thread {} ({}): {unknown:?}; whole stack: {:?}; maps now: {}",
+            label(sample, "thread"),
+            label(sample, "tid"),
+            profile
+                .stack_frames(sample)
+                .map(|f| f.function.as_str())
+                .collect::<Vec<_>>(),
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
+        );
     }
     assert!(
         other
