@@ -24,8 +24,8 @@ use stallscope_profile::{Labels, Profile};
 
 use super::{
     AgentSummary, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder, Retention,
-    SeriesColumns, SeriesLine, Storage, StorageError, StoreOutcome, Target, TimeRange, Window,
-    bucket_of, sqlite::series_key,
+    SeriesColumns, SeriesLine, Storage, StorageError, StoreOutcome, Target, TargetsBuilder,
+    TimeRange, Window, bucket_of, sqlite::series_key,
 };
 use crate::batch::{NormalizedBatch, SignalDef, StoredStack};
 
@@ -613,24 +613,11 @@ impl Storage for ClickHouseStore {
         );
         let rows: Vec<(String, String, String, String, String, i64, i64)> =
             self.client.query_raw(&sql).fetch_all().await?;
-        let mut targets: BTreeMap<(String, String, String, String), Target> = BTreeMap::new();
+        let mut targets = TargetsBuilder::default();
         for (host, service, process, pid, signal, first, last) in rows {
-            let key = (host, service, process, pid);
-            let target = targets.entry(key.clone()).or_insert_with(|| Target {
-                host: key.0,
-                service: key.1,
-                process: key.2,
-                pid: key.3,
-                signals: Vec::new(),
-                first_unix_s: first,
-                last_unix_s: last,
-            });
-            target.signals.push(signal);
-            target.signals.sort();
-            target.first_unix_s = target.first_unix_s.min(first);
-            target.last_unix_s = target.last_unix_s.max(last);
+            targets.add((host, service, process, pid), signal, first, last);
         }
-        Ok(targets.into_values().collect())
+        Ok(targets.finish())
     }
 
     async fn agents(&self) -> Result<Vec<AgentSummary>, StorageError> {

@@ -128,6 +128,39 @@ pub struct Target {
     pub last_unix_s: i64,
 }
 
+/// Builds [`Target`]s from rows of (host, service, process, pid, signal, first, last), one
+/// row per signal: both backends' `targets` query returns that shape.
+#[derive(Default)]
+pub(crate) struct TargetsBuilder(BTreeMap<(String, String, String, String), Target>);
+
+impl TargetsBuilder {
+    pub(crate) fn add(
+        &mut self,
+        key: (String, String, String, String),
+        signal: String,
+        first_unix_s: i64,
+        last_unix_s: i64,
+    ) {
+        let target = self.0.entry(key.clone()).or_insert_with(|| Target {
+            host: key.0,
+            service: key.1,
+            process: key.2,
+            pid: key.3,
+            signals: Vec::new(),
+            first_unix_s,
+            last_unix_s,
+        });
+        target.signals.push(signal);
+        target.signals.sort();
+        target.first_unix_s = target.first_unix_s.min(first_unix_s);
+        target.last_unix_s = target.last_unix_s.max(last_unix_s);
+    }
+
+    pub(crate) fn finish(self) -> Vec<Target> {
+        self.0.into_values().collect()
+    }
+}
+
 /// What the collector knows about one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSummary {

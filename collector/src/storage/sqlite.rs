@@ -9,7 +9,7 @@ mod rollup;
 mod write;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
@@ -25,7 +25,7 @@ use self::{
 };
 use super::{
     AgentSummary, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine, Storage, StorageError,
-    StoreOutcome, Target, TimeRange, Window, bucket_of,
+    StoreOutcome, Target, TargetsBuilder, TimeRange, Window, bucket_of,
 };
 use crate::batch::NormalizedBatch;
 
@@ -329,27 +329,13 @@ impl Storage for SqliteStore {
                 "SELECT host, service, process, pid, signal, min(first_s), max(last_s) FROM series
                  WHERE last_s >= ?1 AND first_s < ?2 GROUP BY host, service, process, pid, signal",
             )?;
-            let mut targets: BTreeMap<(String, String, String, String), Target> = BTreeMap::new();
+            let mut targets = TargetsBuilder::default();
             let mut rows = stmt.query(params![from_s, until_s])?;
             while let Some(row) = rows.next()? {
-                let key: (String, String, String, String) =
-                    (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
-                let signal: String = row.get(4)?;
-                let (first, last): (i64, i64) = (row.get(5)?, row.get(6)?);
-                let target = targets.entry(key.clone()).or_insert_with(|| Target {
-                    host: key.0,
-                    service: key.1,
-                    process: key.2,
-                    pid: key.3,
-                    signals: Vec::new(),
-                    first_unix_s: first,
-                    last_unix_s: last,
-                });
-                target.signals.push(signal);
-                target.first_unix_s = target.first_unix_s.min(first);
-                target.last_unix_s = target.last_unix_s.max(last);
+                let key = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                targets.add(key, row.get(4)?, row.get(5)?, row.get(6)?);
             }
-            Ok(targets.into_values().collect())
+            Ok(targets.finish())
         })
         .await
     }
