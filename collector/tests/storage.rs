@@ -59,12 +59,16 @@ fn sqlite() -> SqliteStore {
 }
 
 async fn clickhouse() -> Option<ClickHouseStore> {
-    let database = format!(
+    clickhouse_named(&format!(
         "stallscope_test_{}_{}",
         std::process::id(),
         NEXT_DB.fetch_add(1, Ordering::SeqCst)
-    );
-    match ClickHouseStore::connect(&clickhouse_url(), &database, retention()).await {
+    ))
+    .await
+}
+
+async fn clickhouse_named(database: &str) -> Option<ClickHouseStore> {
+    match ClickHouseStore::connect(&clickhouse_url(), database, retention()).await {
         Ok(store) => Some(store),
         Err(err) => {
             assert!(
@@ -470,4 +474,84 @@ async fn clickhouse_replay_after_partial_store_counts_once() {
         .expect("profile");
     assert_eq!(column_total(&profile, "off_cpu"), per_batch * OFF_CPU_NS);
     store.drop_database().await.expect("drop test database");
+}
+
+/// Duplicates whose writes were not recorded in `row_writes` still count once: a batch
+/// with a marker but no recorded write (as an old replica leaves during a rolling
+/// upgrade), and rows that were stored before `row_writes` existed (`legacy_rows`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_unrecorded_duplicates_count_once() {
+    let database = format!(
+        "stallscope_test_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    );
+    let Some(store) = clickhouse_named(&database).await else {
+        return;
+    };
+    let raw = clickhouse::Client::default()
+        .with_url(clickhouse_url())
+        .with_validation(false)
+        .with_database(&database);
+    let sql = |statement: &'static str| {
+        let raw = raw.clone();
+        async move { raw.query(statement).execute().await.expect(statement) }
+    };
+    let shape = Shape::default();
+    let per_batch = i64::try_from(shape.samples_per_signal()).expect("small") * OFF_CPU_NS;
+    let off_cpu_in = |store: &ClickHouseStore, from: i64| {
+        let store = store.clone();
+        async move {
+            let profile = store
+                .profile(range(from - 60, from + 60), Filter::default())
+                .await
+                .expect("profile");
+            column_total(&profile, "off_cpu")
+        }
+    };
+
+    // Written twice and acknowledged, then the record of its writes is lost.
+    store
+        .store_rows_without_marker(&batch("agent-1", 0, T0, shape))
+        .await
+        .expect("partial store");
+    store
+        .store(batch("agent-1", 0, T0, shape))
+        .await
+        .expect("replay");
+    sql("TRUNCATE TABLE row_writes").await;
+    assert_eq!(
+        off_cpu_in(&store, T0).await,
+        per_batch,
+        "marker without a record"
+    );
+    // A batch stored once, its write recorded: read without FINAL, counted once.
+    store
+        .store(batch("agent-1", 1, T0 + 600, shape))
+        .await
+        .expect("store");
+    assert_eq!(
+        off_cpu_in(&store, T0 + 600).await,
+        per_batch,
+        "recorded once"
+    );
+
+    // Rows written twice and never acknowledged, by a version without `row_writes`.
+    store
+        .store_rows_without_marker(&batch("agent-1", 2, T0 + 1200, shape))
+        .await
+        .expect("partial store");
+    store
+        .store_rows_without_marker(&batch("agent-1", 2, T0 + 1200, shape))
+        .await
+        .expect("second partial store");
+    sql("DROP TABLE row_writes").await;
+    sql("DROP TABLE legacy_rows").await;
+    let upgraded = clickhouse_named(&database).await.expect("reconnect");
+    assert_eq!(
+        off_cpu_in(&upgraded, T0 + 1200).await,
+        per_batch,
+        "rows stored before row_writes existed"
+    );
+    upgraded.drop_database().await.expect("drop test database");
 }

@@ -214,14 +214,18 @@ pub fn run(backends: &[&str]) -> anyhow::Result<()> {
                     &database,
                 ],
             );
-            let _ = std::process::Command::new("curl")
-                .args([
-                    "-s",
-                    &url,
-                    "--data-binary",
-                    &format!("DROP DATABASE IF EXISTS {database}"),
-                ])
-                .output();
+            if std::env::var_os("BENCH_KEEP_DATA").is_some() {
+                eprintln!("bench: kept ClickHouse database {database} (BENCH_KEEP_DATA)");
+            } else {
+                let _ = std::process::Command::new("curl")
+                    .args([
+                        "-s",
+                        &url,
+                        "--data-binary",
+                        &format!("DROP DATABASE IF EXISTS {database}"),
+                    ])
+                    .output();
+            }
             report("ClickHouse", &figures?);
         } else {
             eprintln!(

@@ -7,6 +7,15 @@
 //! `FINAL` collapses at query time and merges collapse on disk. The batch marker is
 //! written last; it only lets a replica skip re-inserting a batch it knows is stored.
 //!
+//! `FINAL` is expensive (on 18.16 a single-threaded merge of every part the query reads:
+//! three to four times the plain query), and duplicates are rare: they need a crash or
+//! two replicas racing. So every attempt to write a batch's rows is first recorded in
+//! `row_writes`, and a query over raw rows uses `FINAL` only when it cannot rule
+//! duplicates out: some batch in its span was written more than once, or a stored batch
+//! (it has a marker) has no recorded write (written by a version before `row_writes`, for
+//! example an old replica during a rolling upgrade), or the span reaches rows that were
+//! already stored when `row_writes` was created (`legacy_rows`).
+//!
 //! Downsampling writes each coarser tier into its own table and records, per tier, up to
 //! where it was downsampled; queries read each tier only for its own time span, so no
 //! row is ever counted in two tiers and no mutation (`ALTER DELETE`) is needed. Old days
@@ -41,7 +50,7 @@ const IN_CHUNK: usize = 2000;
 mod rows;
 
 use self::rows::{
-    BatchRow, SampleRow, SeriesRow, SignalRow, StackRow, TierRow, WindowRow, day_number,
+    BatchRow, RowWrite, SampleRow, SeriesRow, SignalRow, StackRow, TierRow, WindowRow, day_number,
 };
 
 /// One agent's summary as the `agents` query returns it.
@@ -144,6 +153,13 @@ impl ClickHouseStore {
             "CREATE TABLE IF NOT EXISTS downsampled (tier UInt8, until DateTime)
              ENGINE = ReplacingMergeTree ORDER BY (tier, until)"
                 .to_owned(),
+            // Attempts to write sample rows, and since when they are recorded.
+            "CREATE TABLE IF NOT EXISTS row_writes (ts DateTime, agent String, sequence UInt64)
+             ENGINE = MergeTree PARTITION BY toYYYYMMDD(ts) ORDER BY (ts, agent, sequence)"
+                .to_owned(),
+            "CREATE TABLE IF NOT EXISTS legacy_rows (until DateTime)
+             ENGINE = MergeTree ORDER BY until"
+                .to_owned(),
         ];
         for tier in 0..self.retention.tiers.len() {
             statements.push(format!(
@@ -153,10 +169,80 @@ impl ClickHouseStore {
                 Self::samples_table(tier)
             ));
         }
+        let tracked: u8 = self
+            .client
+            .query("EXISTS TABLE row_writes")
+            .fetch_one()
+            .await?;
         for statement in statements {
             self.client.query(&statement).execute().await?;
         }
+        if tracked == 0 {
+            // Raw rows stored by a version without `row_writes` may hold duplicates
+            // nobody recorded: spans up to the newest of them always use `FINAL`.
+            self.client
+                .query("INSERT INTO legacy_rows SELECT max(ts) FROM samples")
+                .execute()
+                .await?;
+        }
         Ok(())
+    }
+
+    /// Drops the whole-day partitions of `table` before day `day_limit` (`YYYYMMDD`);
+    /// returns the rows they held.
+    async fn drop_days_before(&self, table: &str, day_limit: i64) -> Result<u64, StorageError> {
+        let parts: Vec<(String, u64)> = self
+            .client
+            .query_raw(&format!(
+                "SELECT partition, sum(rows) FROM system.parts WHERE database = {} AND table = {} AND active GROUP BY partition",
+                quote(&self.database),
+                quote(table)
+            ))
+            .fetch_all()
+            .await?;
+        let mut dropped = 0;
+        for (partition, rows) in parts {
+            if partition
+                .trim_matches('\'')
+                .parse::<i64>()
+                .is_ok_and(|day| day < day_limit)
+            {
+                self.client
+                    .query_raw(&format!("ALTER TABLE {table} DROP PARTITION {partition}"))
+                    .execute()
+                    .await?;
+                dropped += rows;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Whether reading raw rows (tier 0) of `[lo, hi)` needs `FINAL` (see the module
+    /// notes). The batches checked are those whose rows can fall in the span, with a
+    /// margin of one bucket on each side.
+    async fn needs_final(&self, lo: i64, hi: i64) -> Result<bool, StorageError> {
+        let base = self.retention.base_resolution_s();
+        let (from, until) = (lo - base, hi + base);
+        let (legacy, rewritten, unrecorded): (u32, u64, u64) = self
+            .client
+            .query_raw(&format!(
+                "SELECT
+                   (SELECT toUInt32(max(until)) FROM legacy_rows),
+                   (SELECT count() FROM (SELECT agent, sequence FROM row_writes
+                      WHERE ts >= toDateTime({wf}) AND ts < toDateTime({wu})
+                      GROUP BY agent, sequence HAVING count() > 1)),
+                   (SELECT count() FROM (SELECT DISTINCT agent, sequence FROM batches
+                      WHERE start_ns >= {bf} AND start_ns < {bu})
+                    WHERE (agent, sequence) NOT IN (SELECT agent, sequence FROM row_writes
+                      WHERE ts >= toDateTime({wf}) AND ts < toDateTime({wu})))",
+                wf = ts_u32(from - base),
+                wu = ts_u32(until),
+                bf = from.saturating_mul(1_000_000_000),
+                bu = until.saturating_mul(1_000_000_000),
+            ))
+            .fetch_one()
+            .await?;
+        Ok(lo <= i64::from(legacy) || rewritten > 0 || unrecorded > 0)
     }
 
     /// Writes a batch's dictionary entries, series and sample rows, but not its marker:
@@ -178,8 +264,20 @@ impl ClickHouseStore {
                 base,
             ))
         };
-        // Dictionary and series first, samples next, markers last (the caller): whatever
-        // a crash interrupts, a replay writes identical rows.
+        // The attempt first, dictionary and series next, then samples, markers last (the
+        // caller): whatever a crash interrupts, a replay writes identical rows and queries
+        // know to collapse them.
+        let mut insert = self.client.insert::<RowWrite>("row_writes").await?;
+        for batch in batches {
+            insert
+                .write(&RowWrite {
+                    ts: ts_of(batch),
+                    agent: batch.agent.clone(),
+                    sequence: batch.sequence,
+                })
+                .await?;
+        }
+        insert.end().await?;
         let mut insert = self.client.insert::<SignalRow>("signals").await?;
         for batch in batches {
             for s in &batch.signals {
@@ -344,7 +442,7 @@ impl ClickHouseStore {
         &self,
         from_s: i64,
         until_s: i64,
-    ) -> Result<Vec<(String, i64, i64)>, StorageError> {
+    ) -> Result<Vec<(usize, String, i64, i64)>, StorageError> {
         let done = self.downsampled_until().await?;
         let mut spans = Vec::new();
         let mut upper = i64::MAX;
@@ -352,7 +450,7 @@ impl ClickHouseStore {
             let lo = from_s.max(lower);
             let hi = until_s.min(upper);
             if lo < hi {
-                spans.push((Self::samples_table(tier), lo, hi));
+                spans.push((tier, Self::samples_table(tier), lo, hi));
             }
             upper = lower;
             if lower == 0 {
@@ -430,8 +528,10 @@ impl ClickHouseStore {
             .map_or(1, |t| t.resolution.as_secs() as i64)
     }
 
-    /// Runs `sql_for(ids, table, lo, hi)` over chunks of `ids` and every tier span,
-    /// collecting the rows.
+    /// Runs `sql_for(ids, source, lo, hi)` over chunks of `ids` and every tier span,
+    /// collecting the rows; `source` is the tier's table, with `FINAL` where duplicates
+    /// may need collapsing (downsampled tiers always: a repeated downsampling writes
+    /// identical rows).
     async fn over_tiers<T>(
         &self,
         ids: &[i64],
@@ -443,14 +543,20 @@ impl ClickHouseStore {
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
         let mut out = Vec::new();
-        for (table, lo, hi) in self.tier_spans(from_s, until_s).await? {
+        for (tier, table, lo, hi) in self.tier_spans(from_s, until_s).await? {
+            let source = if tier > 0 || self.needs_final(lo, hi).await? {
+                format!("{table} FINAL")
+            } else {
+                table
+            };
+            let table = &source;
             for chunk in ids.chunks(IN_CHUNK) {
                 let list = chunk
                     .iter()
                     .map(i64::to_string)
                     .collect::<Vec<_>>()
                     .join(",");
-                let sql = sql_for(&list, &table, lo, hi);
+                let sql = sql_for(&list, table, lo, hi);
                 out.extend(self.client.query_raw(&sql).fetch_all::<T>().await?);
             }
         }
@@ -515,7 +621,7 @@ impl Storage for ClickHouseStore {
         let rows: Vec<(i64, i64, i64, i64)> = self
             .over_tiers(&ids, from_s, until_s, |list, table, lo, hi| {
                 format!(
-                    "SELECT series, stack, sum(value), sum(count) FROM {table} FINAL
+                    "SELECT series, stack, sum(value), sum(count) FROM {table}
                      WHERE series IN ({list}) AND ts >= toDateTime({lo}) AND ts < toDateTime({hi})
                      GROUP BY series, stack"
                 )
@@ -574,7 +680,7 @@ impl Storage for ClickHouseStore {
             .over_tiers(&ids, from_s, until_s, |list, table, lo, hi| {
                 format!(
                     "SELECT series, toInt64(toUInt32(ts)) - ((toInt64(toUInt32(ts)) - {from_s}) % {step_s}) AS bucket,
-                            sum(value), sum(count) FROM {table} FINAL
+                            sum(value), sum(count) FROM {table}
                      WHERE series IN ({list}) AND ts >= toDateTime({lo}) AND ts < toDateTime({hi})
                      GROUP BY series, bucket"
                 )
@@ -744,29 +850,13 @@ impl Storage for ClickHouseStore {
                 done.get(index).copied().unwrap_or(0)
             };
             let day_limit = day_number(below);
-            let parts: Vec<(String, u64)> = self
-                .client
-                .query_raw(&format!(
-                    "SELECT partition, sum(rows) FROM system.parts WHERE database = {} AND table = {} AND active GROUP BY partition",
-                    quote(&self.database),
-                    quote(&table)
-                ))
-                .fetch_all()
-                .await?;
-            for (partition, rows) in parts {
-                if partition
-                    .trim_matches('\'')
-                    .parse::<i64>()
-                    .is_ok_and(|day| day < day_limit)
-                {
-                    self.client
-                        .query_raw(&format!("ALTER TABLE {table} DROP PARTITION {partition}"))
-                        .execute()
-                        .await?;
-                    if index + 1 == tiers.len() {
-                        report.rows_deleted += rows;
-                    }
-                }
+            let dropped = self.drop_days_before(&table, day_limit).await?;
+            if index + 1 == tiers.len() {
+                report.rows_deleted += dropped;
+            }
+            if index == 0 {
+                // The record of row writes is needed as long as raw rows are read.
+                self.drop_days_before("row_writes", day_limit).await?;
             }
         }
         Ok(report)

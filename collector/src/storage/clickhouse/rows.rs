@@ -14,6 +14,14 @@ pub(super) struct SampleRow {
     pub(super) count: i64,
 }
 
+/// One attempt to write a batch's sample rows (see `ClickHouseStore::needs_final`).
+#[derive(Row, Serialize, Deserialize)]
+pub(super) struct RowWrite {
+    pub(super) ts: u32,
+    pub(super) agent: String,
+    pub(super) sequence: u64,
+}
+
 #[derive(Row, Serialize, Deserialize)]
 pub(super) struct StackRow {
     pub(super) id: i64,
