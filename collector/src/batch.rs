@@ -3,6 +3,7 @@
 //! failure is an [`InvalidBatch`] whose text becomes the gRPC status message.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, HashMap},
     io::Read as _,
 };
@@ -248,6 +249,14 @@ pub fn decode_frame(
             claimed: frame.uncompressed_size,
         });
     }
+    if let Some(raw) = decompress_as_claimed(frame) {
+        return DecodedBatch::decode(Bytes::from(raw)).map_err(|err| InvalidBatch::Decode {
+            sequence,
+            reason: err.to_string(),
+        });
+    }
+    // The batch is not what it claims (larger, or not zstd at all): decode it the slow
+    // way, which tells which.
     let mut decoder =
         zstd::stream::read::Decoder::new(frame.batch_zstd.as_slice()).map_err(|err| {
             InvalidBatch::Compression {
@@ -276,6 +285,31 @@ pub fn decode_frame(
     DecodedBatch::decode(Bytes::from(raw)).map_err(|err| InvalidBatch::Decode {
         sequence,
         reason: err.to_string(),
+    })
+}
+
+thread_local! {
+    /// One decompression context per decoding thread, reused: creating one (and its
+    /// window buffers) for each batch cost more allocator time than decompressing it.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// Decompresses `frame` into exactly its claimed size (at most the limit, checked by the
+/// caller) with this thread's context; `None` if it does not fit or is not valid zstd.
+fn decompress_as_claimed(frame: &v1::IngestFrame) -> Option<Vec<u8>> {
+    let claimed = usize::try_from(frame.uncompressed_size).ok()?;
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.try_borrow_mut().ok()?;
+        if cell.is_none() {
+            *cell = zstd::bulk::Decompressor::new().ok();
+        }
+        let decompressor = cell.as_mut()?;
+        let mut raw = Vec::with_capacity(claimed);
+        decompressor
+            .decompress_to_buffer(frame.batch_zstd.as_slice(), &mut raw)
+            .ok()?;
+        Some(raw)
     })
 }
 
@@ -492,5 +526,50 @@ impl StoredStack {
         Self::decode(bytes)
             .ok()
             .map(|stack| stack.frames.iter().map(frame_from_wire).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn frame(payload: &[u8], claimed: u64) -> v1::IngestFrame {
+        v1::IngestFrame {
+            sequence: 3,
+            uncompressed_size: claimed,
+            batch_zstd: zstd::bulk::compress(payload, 3).expect("compress"),
+        }
+    }
+
+    #[test]
+    fn claimed_sizes_are_a_hint_and_the_limit_holds() {
+        let batch = crate::synthetic::batch("a", "h", 3, 10, 20, crate::synthetic::Shape::default());
+        let encoded = batch.encode_to_vec();
+        let limits = BatchLimits::default();
+        let exact = decode_frame(&frame(&encoded, encoded.len() as u64), &limits).expect("decode");
+        assert_eq!(exact.frames.len(), batch.frames.len());
+        // Claiming less or more than the truth decodes the same (through the slow path).
+        for claimed in [0, 10, encoded.len() as u64 * 2] {
+            let decoded = decode_frame(&frame(&encoded, claimed), &limits).expect("decode");
+            assert_eq!(decoded, exact, "claimed {claimed}");
+        }
+        // Larger than the limit while claiming less: refused for its size.
+        let small = BatchLimits {
+            max_uncompressed_bytes: encoded.len() as u64 - 1,
+            ..limits
+        };
+        let err = decode_frame(&frame(&encoded, 100), &small).expect_err("too large");
+        assert!(err.is_size(), "{err}");
+        let garbage = v1::IngestFrame {
+            sequence: 3,
+            uncompressed_size: 100,
+            batch_zstd: vec![1, 2, 3, 4],
+        };
+        assert!(matches!(
+            decode_frame(&garbage, &limits),
+            Err(InvalidBatch::Compression { .. })
+        ));
     }
 }
