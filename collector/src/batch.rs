@@ -321,7 +321,7 @@ pub fn normalize(
     batch: impl Into<DecodedBatch>,
     limits: &BatchLimits,
 ) -> Result<NormalizedBatch, InvalidBatch> {
-    let batch: DecodedBatch = batch.into();
+    let mut batch: DecodedBatch = batch.into();
     let bad = |reason: String| InvalidBatch::Inconsistent { sequence, reason };
     if batch.sequence != sequence {
         return Err(bad(format!(
@@ -372,8 +372,10 @@ pub fn normalize(
         })
         .collect::<Result<_, _>>()?;
     let frame_count = batch.frames.len();
-    let mut stacks = Vec::with_capacity(batch.stacks.len());
-    for (index, stack) in batch.stacks.iter().enumerate() {
+    // Taken, so each stack's frame list moves into its definition instead of a copy.
+    let wire_stacks = std::mem::take(&mut batch.stacks);
+    let mut stacks = Vec::with_capacity(wire_stacks.len());
+    for (index, stack) in wire_stacks.into_iter().enumerate() {
         if let Some(&dangling) = stack.frames.iter().find(|&&f| f as usize >= frame_count) {
             return Err(bad(format!(
                 "stack {index} refers to frame {dangling}, but the batch has {frame_count} frames"
@@ -381,7 +383,7 @@ pub fn normalize(
         }
         stacks.push(StackDef {
             id: stack_id(stack.frames.iter().map(|&f| hashes[f as usize])),
-            frames: stack.frames.clone(),
+            frames: stack.frames,
         });
     }
     let string = |index: u32| -> Result<&str, InvalidBatch> {
@@ -400,7 +402,7 @@ pub fn normalize(
     // Samples of one series (same labels, other stacks) share their label indices: the
     // series is built once per distinct (signal, label indices).
     let mut series_of: HashMap<(u32, &[u32]), i64> = HashMap::new();
-    let mut rows: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
+    let mut rows: HashMap<(i64, i64), (i64, i64)> = HashMap::with_capacity(batch.samples.len());
     let mut used_stacks = vec![false; stacks.len()];
     for (index, sample) in batch.samples.iter().enumerate() {
         let signal = signals.get(sample.signal as usize).ok_or_else(|| {
@@ -545,7 +547,8 @@ mod tests {
 
     #[test]
     fn claimed_sizes_are_a_hint_and_the_limit_holds() {
-        let batch = crate::synthetic::batch("a", "h", 3, 10, 20, crate::synthetic::Shape::default());
+        let batch =
+            crate::synthetic::batch("a", "h", 3, 10, 20, crate::synthetic::Shape::default());
         let encoded = batch.encode_to_vec();
         let limits = BatchLimits::default();
         let exact = decode_frame(&frame(&encoded, encoded.len() as u64), &limits).expect("decode");
