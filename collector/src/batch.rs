@@ -3,6 +3,7 @@
 //! failure is an [`InvalidBatch`] whose text becomes the gRPC status message.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, HashMap},
     io::Read as _,
 };
@@ -248,6 +249,14 @@ pub fn decode_frame(
             claimed: frame.uncompressed_size,
         });
     }
+    if let Some(raw) = decompress_as_claimed(frame) {
+        return DecodedBatch::decode(Bytes::from(raw)).map_err(|err| InvalidBatch::Decode {
+            sequence,
+            reason: err.to_string(),
+        });
+    }
+    // The batch is not what it claims (larger, or not zstd at all): decode it the slow
+    // way, which tells which.
     let mut decoder =
         zstd::stream::read::Decoder::new(frame.batch_zstd.as_slice()).map_err(|err| {
             InvalidBatch::Compression {
@@ -279,6 +288,31 @@ pub fn decode_frame(
     })
 }
 
+thread_local! {
+    /// One decompression context per decoding thread, reused: creating one (and its
+    /// window buffers) for each batch cost more allocator time than decompressing it.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// Decompresses `frame` into exactly its claimed size (at most the limit, checked by the
+/// caller) with this thread's context; `None` if it does not fit or is not valid zstd.
+fn decompress_as_claimed(frame: &v1::IngestFrame) -> Option<Vec<u8>> {
+    let claimed = usize::try_from(frame.uncompressed_size).ok()?;
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.try_borrow_mut().ok()?;
+        if cell.is_none() {
+            *cell = zstd::bulk::Decompressor::new().ok();
+        }
+        let decompressor = cell.as_mut()?;
+        let mut raw = Vec::with_capacity(claimed);
+        decompressor
+            .decompress_to_buffer(frame.batch_zstd.as_slice(), &mut raw)
+            .ok()?;
+        Some(raw)
+    })
+}
+
 /// Checks every index of `batch` and builds the storage form, attributing it to `agent`
 /// (the identity the transport established, not the one the batch claims).
 pub fn normalize(
@@ -287,7 +321,7 @@ pub fn normalize(
     batch: impl Into<DecodedBatch>,
     limits: &BatchLimits,
 ) -> Result<NormalizedBatch, InvalidBatch> {
-    let batch: DecodedBatch = batch.into();
+    let mut batch: DecodedBatch = batch.into();
     let bad = |reason: String| InvalidBatch::Inconsistent { sequence, reason };
     if batch.sequence != sequence {
         return Err(bad(format!(
@@ -338,8 +372,10 @@ pub fn normalize(
         })
         .collect::<Result<_, _>>()?;
     let frame_count = batch.frames.len();
-    let mut stacks = Vec::with_capacity(batch.stacks.len());
-    for (index, stack) in batch.stacks.iter().enumerate() {
+    // Taken, so each stack's frame list moves into its definition instead of a copy.
+    let wire_stacks = std::mem::take(&mut batch.stacks);
+    let mut stacks = Vec::with_capacity(wire_stacks.len());
+    for (index, stack) in wire_stacks.into_iter().enumerate() {
         if let Some(&dangling) = stack.frames.iter().find(|&&f| f as usize >= frame_count) {
             return Err(bad(format!(
                 "stack {index} refers to frame {dangling}, but the batch has {frame_count} frames"
@@ -347,7 +383,7 @@ pub fn normalize(
         }
         stacks.push(StackDef {
             id: stack_id(stack.frames.iter().map(|&f| hashes[f as usize])),
-            frames: stack.frames.clone(),
+            frames: stack.frames,
         });
     }
     let string = |index: u32| -> Result<&str, InvalidBatch> {
@@ -366,7 +402,7 @@ pub fn normalize(
     // Samples of one series (same labels, other stacks) share their label indices: the
     // series is built once per distinct (signal, label indices).
     let mut series_of: HashMap<(u32, &[u32]), i64> = HashMap::new();
-    let mut rows: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
+    let mut rows: HashMap<(i64, i64), (i64, i64)> = HashMap::with_capacity(batch.samples.len());
     let mut used_stacks = vec![false; stacks.len()];
     for (index, sample) in batch.samples.iter().enumerate() {
         let signal = signals.get(sample.signal as usize).ok_or_else(|| {
@@ -492,5 +528,51 @@ impl StoredStack {
         Self::decode(bytes)
             .ok()
             .map(|stack| stack.frames.iter().map(frame_from_wire).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn frame(payload: &[u8], claimed: u64) -> v1::IngestFrame {
+        v1::IngestFrame {
+            sequence: 3,
+            uncompressed_size: claimed,
+            batch_zstd: zstd::bulk::compress(payload, 3).expect("compress"),
+        }
+    }
+
+    #[test]
+    fn claimed_sizes_are_a_hint_and_the_limit_holds() {
+        let batch =
+            crate::synthetic::batch("a", "h", 3, 10, 20, crate::synthetic::Shape::default());
+        let encoded = batch.encode_to_vec();
+        let limits = BatchLimits::default();
+        let exact = decode_frame(&frame(&encoded, encoded.len() as u64), &limits).expect("decode");
+        assert_eq!(exact.frames.len(), batch.frames.len());
+        // Claiming less or more than the truth decodes the same (through the slow path).
+        for claimed in [0, 10, encoded.len() as u64 * 2] {
+            let decoded = decode_frame(&frame(&encoded, claimed), &limits).expect("decode");
+            assert_eq!(decoded, exact, "claimed {claimed}");
+        }
+        // Larger than the limit while claiming less: refused for its size.
+        let small = BatchLimits {
+            max_uncompressed_bytes: encoded.len() as u64 - 1,
+            ..limits
+        };
+        let err = decode_frame(&frame(&encoded, 100), &small).expect_err("too large");
+        assert!(err.is_size(), "{err}");
+        let garbage = v1::IngestFrame {
+            sequence: 3,
+            uncompressed_size: 100,
+            batch_zstd: vec![1, 2, 3, 4],
+        };
+        assert!(matches!(
+            decode_frame(&garbage, &limits),
+            Err(InvalidBatch::Compression { .. })
+        ));
     }
 }

@@ -48,14 +48,18 @@ fn retention() -> Retention {
     }
 }
 
-fn sqlite() -> SqliteStore {
+fn sqlite_dir() -> PathBuf {
     let dir: PathBuf = std::env::temp_dir().join(format!(
         "stallscope-storage-{}-{}",
         std::process::id(),
         NEXT_DB.fetch_add(1, Ordering::SeqCst)
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    SqliteStore::open(&dir, retention()).expect("open SQLite")
+    dir
+}
+
+fn sqlite() -> SqliteStore {
+    SqliteStore::open(&sqlite_dir(), retention()).expect("open SQLite")
 }
 
 async fn clickhouse() -> Option<ClickHouseStore> {
@@ -554,4 +558,42 @@ async fn clickhouse_unrecorded_duplicates_count_once() {
         "rows stored before row_writes existed"
     );
     upgraded.drop_database().await.expect("drop test database");
+}
+
+/// A data directory of an older layout (one row per sample, before the file carried a
+/// version) is refused with one line saying what to do, never misread; one of this
+/// layout opens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_refuses_a_data_dir_of_another_layout() {
+    let old = sqlite_dir();
+    std::fs::create_dir_all(&old).expect("data dir");
+    rusqlite::Connection::open(old.join("stallscope.db"))
+        .and_then(|conn| {
+            conn.execute_batch(
+                "CREATE TABLE samples (
+                    svc INTEGER NOT NULL, ts INTEGER NOT NULL, series INTEGER NOT NULL,
+                    stack INTEGER NOT NULL, value INTEGER NOT NULL, count INTEGER NOT NULL,
+                    PRIMARY KEY (svc, ts, series, stack)) WITHOUT ROWID;",
+            )
+        })
+        .expect("an old-layout file");
+    let Err(err) = SqliteStore::open(&old, retention()) else {
+        panic!("a data directory of the old layout was opened");
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("layout version 0") && text.contains("move the data directory aside"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "one line: {text}");
+
+    let current = sqlite_dir();
+    let store = SqliteStore::open(&current, retention()).expect("open");
+    store
+        .store(batch("agent-1", 0, T0, Shape::default()))
+        .await
+        .expect("store");
+    drop(store);
+    let reopened = SqliteStore::open(&current, retention()).expect("reopen");
+    assert!(reopened.is_stored("agent-1", 0).await.expect("check"));
 }

@@ -27,6 +27,8 @@ pub enum StorageError {
     Worker(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("SQLite: {0}; the data file is damaged")]
+    Corrupt(#[from] sqlite::MalformedStacks),
 }
 
 /// What storing a batch did.

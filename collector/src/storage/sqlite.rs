@@ -1,11 +1,13 @@
 //! The embedded backend: one SQLite file in WAL mode. A batch, its dedup marker, new
 //! stacks and series go in one transaction, so a batch is either wholly stored with its
-//! marker or not at all; rows of the same (series, bucket, stack) are summed on insert.
+//! marker or not at all. A row is one series' stacks in one time bucket, packed in a
+//! blob (`stacks.rs`); rows of the same (series, bucket) are merged on insert.
 //! An hourly rollup tier (`rollup.rs`) answers long ranges; writes are in `write.rs`,
 //! queries in `read.rs`.
 
 mod read;
 mod rollup;
+mod stacks;
 mod write;
 
 use std::{
@@ -18,7 +20,7 @@ use std::{
 use rusqlite::{Connection, params};
 use stallscope_profile::Profile;
 
-pub use self::read::series_key;
+pub use self::{read::series_key, stacks::MalformedStacks};
 use self::{
     rollup::RollupSpan,
     write::{Writer, store_group},
@@ -47,21 +49,47 @@ CREATE INDEX IF NOT EXISTS series_service ON series (service, last_s);
 -- Rows are clustered by service, then time: a batch appends at a few places (one per
 -- service) instead of all over the table, and a service's time range is one contiguous
 -- scan.
+-- One row per (series, bucket): `stacks` holds each stack's summed value and count
+-- (stacks.rs), so a batch writes a row per series, not per sample.
 CREATE TABLE IF NOT EXISTS samples (
-    svc INTEGER NOT NULL, ts INTEGER NOT NULL, series INTEGER NOT NULL, stack INTEGER NOT NULL,
-    value INTEGER NOT NULL, count INTEGER NOT NULL,
-    PRIMARY KEY (svc, ts, series, stack)) WITHOUT ROWID;
+    svc INTEGER NOT NULL, ts INTEGER NOT NULL, series INTEGER NOT NULL, stacks BLOB NOT NULL,
+    PRIMARY KEY (svc, ts, series)) WITHOUT ROWID;
 -- The hourly rollup tier: sums of `samples` per hour, valid for the hours between the
 -- `rollup_from` and `rollup_until` entries of `meta` (see rollup.rs).
 CREATE TABLE IF NOT EXISTS rollup (
-    svc INTEGER NOT NULL, hour INTEGER NOT NULL, series INTEGER NOT NULL, stack INTEGER NOT NULL,
-    value INTEGER NOT NULL, count INTEGER NOT NULL,
-    PRIMARY KEY (svc, hour, series, stack)) WITHOUT ROWID;
+    svc INTEGER NOT NULL, hour INTEGER NOT NULL, series INTEGER NOT NULL, stacks BLOB NOT NULL,
+    PRIMARY KEY (svc, hour, series)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS windows (
     from_ns INTEGER NOT NULL, until_ns INTEGER NOT NULL, host TEXT NOT NULL,
     service TEXT NOT NULL, source TEXT NOT NULL, note TEXT NOT NULL);
 ";
+
+/// The layout version in the file's `user_version`. Version 0 with tables is the layout
+/// before it was versioned (one row per sample).
+const SCHEMA_VERSION: i64 = 1;
+
+/// Creates the tables in a new file; refuses a file of another layout with one line
+/// saying what to do, since rows of the old layout cannot be read as the new one.
+fn create_schema(conn: &Connection, path: &Path) -> Result<(), StorageError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+        [],
+        |row| row.get(0),
+    )?;
+    if tables > 0 && version != SCHEMA_VERSION {
+        return Err(StorageError::Invalid(format!(
+            "{} holds stallscope's storage layout version {version}, this collector reads version {SCHEMA_VERSION} \
+             (one row per series and bucket); move the data directory aside or delete it to start afresh",
+            path.display()
+        )));
+    }
+    conn.execute_batch(&format!(
+        "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+    ))?;
+    Ok(())
+}
 
 /// The SQLite backend. Cloning shares the connections.
 #[derive(Clone)]
@@ -98,7 +126,8 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.busy_timeout(Duration::from_secs(30))?;
-        conn.execute_batch(SCHEMA)?;
+        create_schema(&conn, &path)?;
+        stacks::register(&conn)?;
         // Multi-row statements of several sizes per table, plus the rest.
         conn.set_prepared_statement_cache_capacity(64);
         let rollup = RollupSpan::load(&conn)?;
@@ -237,10 +266,9 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
             let resolution = next.resolution.as_secs().max(1) as i64;
             let cutoff = bucket_of(now_s - keep, resolution);
             let mut merge = tx.prepare_cached(
-                "INSERT INTO samples SELECT svc, ts - (ts % ?3), series, stack, value, count FROM samples
-                 WHERE svc = ?1 AND ts < ?2 AND ts % ?3 != 0
-                 ON CONFLICT (svc, ts, series, stack) DO UPDATE SET value = value + excluded.value,
-                                                                    count = count + excluded.count",
+                "INSERT INTO samples SELECT svc, ts - (ts % ?3), series, stacks_sum(stacks) FROM samples
+                 WHERE svc = ?1 AND ts < ?2 AND ts % ?3 != 0 GROUP BY 2, 3
+                 ON CONFLICT (svc, ts, series) DO UPDATE SET stacks = stacks_merge(stacks, excluded.stacks)",
             )?;
             let mut delete = tx.prepare_cached(
                 "DELETE FROM samples WHERE svc = ?1 AND ts < ?2 AND ts % ?3 != 0",
@@ -412,7 +440,8 @@ impl Storage for SqliteStore {
     }
 }
 
-/// Row-level facts for tests and benchmarks: (rows in `samples`, distinct batches).
+/// Row-level facts for tests and benchmarks: (rows in `samples`, one per series and
+/// bucket; distinct batches).
 pub fn raw_counts(path: &Path) -> Result<(u64, u64), StorageError> {
     let conn = Connection::open(path)?;
     let rows: i64 = conn.query_row("SELECT count(*) FROM samples", [], |r| r.get(0))?;

@@ -1,6 +1,7 @@
-//! The SQLite read path: series chosen by their indexed columns, then their rows summed
-//! per (series, stack) inside SQLite, whole hours from the rollup and the rest from
-//! `samples`, all in one read transaction so maintenance cannot commit between the parts.
+//! The SQLite read path: series chosen by their indexed columns, then their rows (one
+//! per series and bucket, its stacks in a blob) read in one clustered scan per service and
+//! summed per (series, stack), whole hours from the rollup and the rest from `samples`,
+//! all in one read transaction so maintenance cannot commit between the parts.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -10,7 +11,7 @@ use std::{
 use rusqlite::{Connection, OptionalExtension as _, params};
 use stallscope_profile::{Labels, Profile};
 
-use super::rollup::RollupSpan;
+use super::{rollup::RollupSpan, stacks};
 use crate::{
     batch::{SignalDef, StoredStack},
     storage::{
@@ -137,8 +138,8 @@ pub fn query_profile(
         by_service.entry(s.svc).or_default().insert(s.id);
     }
     // Whole hours the rollup holds come from it, the edges from the 10 s rows. Each part
-    // is aggregated inside SQLite (one clustered scan per service), crossing into Rust
-    // once per distinct (series, stack) and part instead of once per stored row.
+    // is one clustered scan per service, crossing into Rust once per (series, bucket):
+    // the stacks of a row come packed in its blob.
     let span = RollupSpan::load(&snapshot)?;
     let (lo, hi) = span.usable(from_s, until_s);
     let mut parts: Vec<(&str, i64, i64)> = Vec::with_capacity(3);
@@ -159,10 +160,14 @@ pub fn query_profile(
             let mut rows = stmt.query(params![svc, part_from, part_until])?;
             while let Some(r) = rows.next()? {
                 let series: i64 = r.get(0)?;
-                if wanted.contains(&series) {
-                    let sum = sums.entry((series, r.get(1)?)).or_default();
-                    sum.0 = sum.0.saturating_add(r.get(2)?);
-                    sum.1 = sum.1.saturating_add(r.get(3)?);
+                if !wanted.contains(&series) {
+                    continue;
+                }
+                for entry in stacks::decode(blob(r, 1)?) {
+                    let entry = entry?;
+                    let sum = sums.entry((series, entry.stack)).or_default();
+                    sum.0 = sum.0.saturating_add(entry.value);
+                    sum.1 = sum.1.saturating_add(entry.count);
                 }
             }
         }
@@ -190,34 +195,49 @@ pub fn query_profile(
     Ok(builder.finish(range, format!("{} series matched", series.len()), losses))
 }
 
-const SAMPLES_SUMS: &str = "SELECT series, stack, sum(value), sum(count) FROM samples
-     WHERE svc = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY series, stack";
-const ROLLUP_SUMS: &str = "SELECT series, stack, sum(value), sum(count) FROM rollup
-     WHERE svc = ?1 AND hour >= ?2 AND hour < ?3 GROUP BY series, stack";
+const SAMPLES_SUMS: &str =
+    "SELECT series, stacks FROM samples WHERE svc = ?1 AND ts >= ?2 AND ts < ?3";
+const ROLLUP_SUMS: &str =
+    "SELECT series, stacks FROM rollup WHERE svc = ?1 AND hour >= ?2 AND hour < ?3";
 
-/// Calls `row(series, ts, stack, value, count)` for every row of `series` in
-/// `[from_s, until_s)`: one clustered scan per service.
+/// Column `index` of `row` as a blob.
+fn blob<'a>(row: &'a rusqlite::Row<'_>, index: usize) -> Result<&'a [u8], StorageError> {
+    Ok(row
+        .get_ref(index)?
+        .as_blob()
+        .map_err(rusqlite::Error::from)?)
+}
+
+/// Calls `row(series, ts, value, count)` for every stored (series, bucket) of `series` in
+/// `[from_s, until_s)`, summed over its stacks: one clustered scan per service.
 fn for_rows(
     conn: &Connection,
     series: &[SeriesRow],
     from_s: i64,
     until_s: i64,
-    mut row: impl FnMut(i64, i64, i64, i64, i64),
+    mut row: impl FnMut(i64, i64, i64, i64),
 ) -> Result<(), StorageError> {
     let mut by_service: HashMap<i64, HashSet<i64>> = HashMap::new();
     for s in series {
         by_service.entry(s.svc).or_default().insert(s.id);
     }
     let mut stmt = conn.prepare_cached(
-        "SELECT series, ts, stack, value, count FROM samples WHERE svc = ?1 AND ts >= ?2 AND ts < ?3",
+        "SELECT series, ts, stacks FROM samples WHERE svc = ?1 AND ts >= ?2 AND ts < ?3",
     )?;
     for (svc, wanted) in by_service {
         let mut rows = stmt.query(params![svc, from_s, until_s])?;
         while let Some(r) = rows.next()? {
             let series: i64 = r.get(0)?;
-            if wanted.contains(&series) {
-                row(series, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+            if !wanted.contains(&series) {
+                continue;
             }
+            let (mut value, mut count) = (0_i64, 0_i64);
+            for entry in stacks::decode(blob(r, 2)?) {
+                let entry = entry?;
+                value = value.saturating_add(entry.value);
+                count = count.saturating_add(entry.count);
+            }
+            row(series, r.get(1)?, value, count);
         }
     }
     Ok(())
@@ -250,7 +270,7 @@ pub fn query_series(
         &series,
         from_s,
         until_s,
-        |series, ts, _, value, count| {
+        |series, ts, value, count| {
             if let Some((key, unit)) = key_of.get(&series) {
                 let line = lines
                     .entry(key.clone())

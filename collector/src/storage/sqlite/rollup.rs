@@ -1,5 +1,5 @@
-//! The hourly rollup tier of the SQLite backend: per (service, hour, series, stack) sums of
-//! the rows in `samples`, so a long range reads one row per hour instead of one per 10 s
+//! The hourly rollup tier of the SQLite backend: per (service, hour, series) the sums per
+//! stack of the rows in `samples` (a blob, as there), so a long range reads one row per hour instead of one per 10 s
 //! bucket. `samples` stays the source of truth; the rollup is an index over it whose
 //! valid span `[from, until)` (whole hours) is stored in `meta` next to it.
 //!
@@ -84,10 +84,9 @@ pub fn extend(
         return Ok(());
     }
     let mut roll = tx.prepare_cached(
-        "INSERT INTO rollup SELECT svc, ts - (ts % 3600), series, stack, sum(value), sum(count)
-         FROM samples WHERE svc = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY 2, 3, 4
-         ON CONFLICT (svc, hour, series, stack) DO UPDATE SET value = value + excluded.value,
-                                                              count = count + excluded.count",
+        "INSERT INTO rollup SELECT svc, ts - (ts % 3600), series, stacks_sum(stacks)
+         FROM samples WHERE svc = ?1 AND ts >= ?2 AND ts < ?3 GROUP BY 2, 3
+         ON CONFLICT (svc, hour, series) DO UPDATE SET stacks = stacks_merge(stacks, excluded.stacks)",
     )?;
     for &svc in services {
         roll.execute(params![svc, start, end])?;
