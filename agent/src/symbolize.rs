@@ -243,12 +243,15 @@ impl LaneSymbolizers {
         &entry.symbolizer
     }
 
-    /// Evicts least recently used state until the lane is within its budgets.
+    /// Evicts least recently used state until the lane is within its budgets. The heap
+    /// that parsed DWARF leaves free goes back to the kernel: glibc would otherwise keep
+    /// the arena at its high-water mark (24 MB after one large debug build).
     fn trim(&mut self) {
+        let mut evicted = false;
         loop {
             let bytes: u64 = self.by_binary.values().map(|k| k.source_bytes).sum();
             if self.by_binary.len() <= BINARIES_PER_LANE && bytes <= SOURCE_BYTES_PER_LANE {
-                return;
+                break;
             }
             let Some(oldest) = self
                 .by_binary
@@ -256,9 +259,13 @@ impl LaneSymbolizers {
                 .min_by_key(|(_, kept)| kept.used)
                 .map(|(id, _)| *id)
             else {
-                return;
+                break;
             };
             self.by_binary.remove(&oldest);
+            evicted = true;
+        }
+        if evicted {
+            crate::system::release_free_memory();
         }
     }
 
