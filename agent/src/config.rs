@@ -720,7 +720,8 @@ mod tests {
     fn symbols_section() {
         let config = Config::build(FileConfig::default(), Overrides::default()).expect("defaults");
         assert_eq!(config.dwarf_max, symbolize::DWARF_MAX_BYTES);
-        let file: FileConfig = toml::from_str("[symbols]\ndwarf_max_mb = 256\n").expect("valid toml");
+        let file: FileConfig =
+            toml::from_str("[symbols]\ndwarf_max_mb = 256\n").expect("valid toml");
         let config = Config::build(file, Overrides::default()).expect("valid config");
         assert_eq!(config.resolver_settings().dwarf_max, 256 << 20);
         let huge: FileConfig =

@@ -315,7 +315,10 @@ mod tests {
         assert!(fp.present(), "{fp:?}");
         // Test builds carry DWARF; it is part of the file.
         let size = exe.metadata().expect("metadata").len();
-        assert!(info.has_dwarf && info.dwarf_bytes > 0 && info.dwarf_bytes < size, "{info:?}");
+        assert!(
+            info.has_dwarf && info.dwarf_bytes > 0 && info.dwarf_bytes < size,
+            "{info:?}"
+        );
         let text = info
             .loads
             .iter()

@@ -914,7 +914,9 @@ impl Resolver {
         let mut over: Vec<(String, u64)> = self
             .binaries
             .values()
-            .filter(|b| b.last_used == self.period && b.file.dwarf_bytes() > self.settings.dwarf_max)
+            .filter(|b| {
+                b.last_used == self.period && b.file.dwarf_bytes() > self.settings.dwarf_max
+            })
             .map(|b| (b.file.path.to_string(), b.file.dwarf_bytes()))
             .collect();
         over.sort();

@@ -360,7 +360,10 @@ mod tests {
         let here = own_function_frame as *const () as u64;
         let mapping = crate::procfs::find_mapping(&mappings, here).expect("mapped");
         let binary = crate::binaries::open_binary(std::process::id(), mapping).expect("opens");
-        assert!(binary.dwarf_bytes() > 0, "test binaries are built with DWARF");
+        assert!(
+            binary.dwarf_bytes() > 0,
+            "test binaries are built with DWARF"
+        );
         let offset = mapping.file_offset(here);
         let mut lane = LaneSymbolizers::default();
         let frames = symbolize_offsets(&mut lane, 0, &binary, &[offset], dwarf_max);
@@ -372,7 +375,10 @@ mod tests {
         let frame = own_function_frame(u64::MAX);
         assert!(frame.function.contains("own_function_frame"), "{frame:?}");
         assert!(
-            frame.file.as_deref().is_some_and(|f| f.ends_with("symbolize.rs")),
+            frame
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("symbolize.rs")),
             "{frame:?}"
         );
         assert!(frame.line.is_some(), "{frame:?}");
@@ -382,7 +388,11 @@ mod tests {
     fn dwarf_over_the_budget_gives_the_symbol_only() {
         let frame = own_function_frame(0);
         assert!(frame.function.contains("own_function_frame"), "{frame:?}");
-        assert_eq!((frame.file.as_deref(), frame.line), (None, None), "{frame:?}");
+        assert_eq!(
+            (frame.file.as_deref(), frame.line),
+            (None, None),
+            "{frame:?}"
+        );
     }
 
     #[test]
