@@ -281,7 +281,7 @@ impl LaneSymbolizers {
 /// build with 95 MB of DWARF costs 40 MB for its first address and over 100 MB for a few
 /// hundred, in one burst. A binary with more DWARF (a debug build, a large C++ or Rust
 /// service's debug file) is symbolized from its ELF symbol table instead: demangled
-/// function names, without file:line and without inlined frames; each profile notes
+/// function names, without `file:line` and without inlined frames; each profile notes
 /// which binaries were. Bounds the transient cost of one symbolization job to about the
 /// budget (`[symbols] dwarf_max_mb` raises or lowers it).
 pub const DWARF_MAX_BYTES: u64 = 16 << 20;
