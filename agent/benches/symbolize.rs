@@ -20,7 +20,7 @@ use stallscope_agent::{
     elf,
     procfs::FileId,
     resolver::{Resolver, ResolverSettings},
-    symbolize::{LaneSymbolizers, symbolize_offsets},
+    symbolize::{DWARF_MAX_BYTES, LaneSymbolizers, symbolize_offsets},
 };
 
 /// Code addresses in this binary: starts of functions of the agent library, each
@@ -113,7 +113,13 @@ fn cold(c: &mut Criterion) {
         info,
     };
     let started = Instant::now();
-    let frames = symbolize_offsets(&mut LaneSymbolizers::default(), 0, &binary, &offsets);
+    let frames = symbolize_offsets(
+        &mut LaneSymbolizers::default(),
+        0,
+        &binary,
+        &offsets,
+        DWARF_MAX_BYTES,
+    );
     eprintln!(
         "cold: first symbolization of {} addresses in {} ({:.1} MB): {:?}",
         frames.len(),
@@ -126,7 +132,15 @@ fn cold(c: &mut Criterion) {
     group.bench_function("cold, 1000 addresses of the agent binary", |b| {
         b.iter_batched(
             LaneSymbolizers::default,
-            |mut lane| black_box(symbolize_offsets(&mut lane, 0, &binary, &offsets)),
+            |mut lane| {
+                black_box(symbolize_offsets(
+                    &mut lane,
+                    0,
+                    &binary,
+                    &offsets,
+                    DWARF_MAX_BYTES,
+                ))
+            },
             BatchSize::PerIteration,
         );
     });

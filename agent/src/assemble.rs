@@ -507,6 +507,13 @@ impl Accumulator {
                 "{stuck} reader threads are stuck in reads of other processes' files (hung filesystem?)"
             ));
         }
+        for (path, dwarf_bytes) in self.resolver.symbols_only() {
+            meta.notes.push(format!(
+                "{path}: function names only (no file:line, no inlined frames): its {} MB of DWARF exceed the {} MB symbolization budget (symbols.dwarf_max_mb)",
+                dwarf_bytes >> 20,
+                self.resolver.dwarf_max() >> 20
+            ));
+        }
         for binary in &meta.binaries {
             if binary.frame_pointers == Some(false) {
                 meta.notes.push(format!(

@@ -32,6 +32,16 @@ pub struct BinaryFile {
     pub info: ElfInfo,
 }
 
+impl BinaryFile {
+    /// Bytes of DWARF the binary's symbols would be read from: its debug file's, if it
+    /// has one, else its own.
+    pub fn dwarf_bytes(&self) -> u64 {
+        self.debug
+            .as_ref()
+            .map_or(self.info.dwarf_bytes, |debug| debug.dwarf_bytes)
+    }
+}
+
 /// How `/proc/PID/maps` encodes a device (`major:minor`), from a `stat` device number.
 fn maps_dev(dev: u64) -> u64 {
     (u64::from(libc::major(dev)) << 32) | u64::from(libc::minor(dev))

@@ -16,6 +16,7 @@ use crate::{
     identity::ServiceRule,
     probes::{MapSizes, ProbeSettings, SchedHookChoice},
     resolver::ResolverSettings,
+    symbolize,
 };
 
 #[derive(Debug, Error)]
@@ -224,6 +225,18 @@ pub struct FileConfig {
     pub drain_interval: Option<Duration>,
     #[serde(default)]
     pub identity: IdentityFile,
+    #[serde(default)]
+    pub symbols: SymbolsFile,
+}
+
+/// `[symbols]`: how user stacks are symbolized.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SymbolsFile {
+    /// Binaries with more DWARF than this many megabytes are symbolized from their
+    /// symbol tables (function names only); bounds the memory one symbolization takes.
+    /// 0: never read DWARF.
+    pub dwarf_max_mb: Option<u64>,
 }
 
 /// `[identity]`: how processes are named and what is read about them.
@@ -346,6 +359,8 @@ pub struct Config {
     pub collect_cmdline: bool,
     pub service_rules: Vec<ServiceRule>,
     pub read_deadline: Duration,
+    /// Binaries with more DWARF (bytes) are symbolized from their symbol tables.
+    pub dwarf_max: u64,
 }
 
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
@@ -528,6 +543,16 @@ impl Config {
             (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&read_deadline),
             format!("{read_deadline:?}"),
         )?;
+        let dwarf_max_mb = file
+            .symbols
+            .dwarf_max_mb
+            .unwrap_or(symbolize::DWARF_MAX_BYTES >> 20);
+        check_range(
+            "symbols.dwarf_max_mb",
+            "at most 65536 (64 GB)",
+            dwarf_max_mb <= 1 << 16,
+            dwarf_max_mb,
+        )?;
         Ok(Self {
             signals,
             target_pid: flags.pid,
@@ -548,6 +573,7 @@ impl Config {
             collect_cmdline: flags.cmdline || file.identity.cmdline.unwrap_or(false),
             service_rules: file.identity.service,
             read_deadline,
+            dwarf_max: dwarf_max_mb << 20,
         })
     }
 
@@ -558,6 +584,7 @@ impl Config {
             service_rules: self.service_rules.clone(),
             read_deadline: self.read_deadline,
             target_pid: self.target_pid,
+            dwarf_max: self.dwarf_max,
             ..ResolverSettings::default()
         }
     }
@@ -687,6 +714,20 @@ mod tests {
             toml::from_str("[[identity.service]]\nservice = \"x\"\n").expect("valid toml");
         let err = Config::build(empty, Overrides::default()).expect_err("no matcher");
         assert!(err.to_string().contains("matches nothing"), "{err}");
+    }
+
+    #[test]
+    fn symbols_section() {
+        let config = Config::build(FileConfig::default(), Overrides::default()).expect("defaults");
+        assert_eq!(config.dwarf_max, symbolize::DWARF_MAX_BYTES);
+        let file: FileConfig =
+            toml::from_str("[symbols]\ndwarf_max_mb = 256\n").expect("valid toml");
+        let config = Config::build(file, Overrides::default()).expect("valid config");
+        assert_eq!(config.resolver_settings().dwarf_max, 256 << 20);
+        let huge: FileConfig =
+            toml::from_str("[symbols]\ndwarf_max_mb = 100000\n").expect("valid toml");
+        let err = Config::build(huge, Overrides::default()).expect_err("out of range");
+        assert!(err.to_string().contains("symbols.dwarf_max_mb"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct ElfInfo {
     pub has_symtab: bool,
     /// Has DWARF line information of its own.
     pub has_dwarf: bool,
+    /// Bytes of its DWARF sections (`.debug_*`, uncompressed): what parsing its debug
+    /// information may touch and decompress.
+    pub dwarf_bytes: u64,
 }
 
 impl ElfInfo {
@@ -108,6 +111,19 @@ pub fn inspect(file: &File) -> io::Result<ElfInfo> {
     let has_symtab = object.section_by_name(".symtab").is_some();
     let has_dwarf = object.section_by_name(".debug_line").is_some()
         || object.section_by_name(".zdebug_line").is_some();
+    let dwarf_bytes = object
+        .sections()
+        .filter(|section| {
+            section
+                .name()
+                .is_ok_and(|name| name.starts_with(".debug_") || name.starts_with(".zdebug_"))
+        })
+        .map(|section| {
+            section
+                .compressed_file_range()
+                .map_or(section.size(), |range| range.uncompressed_size)
+        })
+        .sum();
     // The symbol table (else the dynamic one), to sample function entries from without
     // reading all of it: large binaries have millions of symbols.
     let symbols = (object.is_64() && object.is_little_endian())
@@ -128,6 +144,7 @@ pub fn inspect(file: &File) -> io::Result<ElfInfo> {
         frame_pointers: None,
         has_symtab,
         has_dwarf,
+        dwarf_bytes,
     };
     if let Some((offset, size)) = symbols {
         let functions = sample_functions(file, offset, size);
@@ -219,6 +236,8 @@ pub struct DebugFile {
     pub file: File,
     /// Where it was found (as the agent opened it).
     pub path: PathBuf,
+    /// Bytes of its DWARF sections.
+    pub dwarf_bytes: u64,
 }
 
 /// Looks for the separate debug file of a binary at `path` (as its process sees it),
@@ -263,6 +282,7 @@ pub fn find_debug_file(roots: &[PathBuf], path: &str, info: &ElfInfo) -> Option<
         (matches && (debug.has_dwarf || debug.has_symtab)).then_some(DebugFile {
             file,
             path: candidate,
+            dwarf_bytes: debug.dwarf_bytes,
         })
     })
 }
@@ -293,6 +313,12 @@ mod tests {
         // Built with force-frame-pointers (see .cargo/config.toml).
         let fp = info.frame_pointers.expect("has function symbols");
         assert!(fp.present(), "{fp:?}");
+        // Test builds carry DWARF; it is part of the file.
+        let size = exe.metadata().expect("metadata").len();
+        assert!(
+            info.has_dwarf && info.dwarf_bytes > 0 && info.dwarf_bytes < size,
+            "{info:?}"
+        );
         let text = info
             .loads
             .iter()

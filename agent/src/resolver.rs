@@ -51,6 +51,8 @@ pub struct ResolverSettings {
     pub settle_budget: Duration,
     /// Only this process (and nothing else) is profiled.
     pub target_pid: Option<u32>,
+    /// Binaries with more DWARF than this are symbolized from their symbol tables.
+    pub dwarf_max: u64,
 }
 
 impl Default for ResolverSettings {
@@ -62,6 +64,7 @@ impl Default for ResolverSettings {
             symbolize_deadline: Duration::from_secs(20),
             settle_budget: Duration::from_secs(5),
             target_pid: None,
+            dwarf_max: symbolize::DWARF_MAX_BYTES,
         }
     }
 }
@@ -604,6 +607,7 @@ impl Resolver {
     }
 
     fn request_symbols(&mut self) {
+        let dwarf_max = self.settings.dwarf_max;
         for (&id, binary) in &mut self.binaries {
             if binary.wanted.is_empty() {
                 continue;
@@ -617,7 +621,7 @@ impl Resolver {
                 lanes::key_of(&binary.key),
                 self.settings.symbolize_deadline,
                 move |lane: &mut LaneSymbolizers| {
-                    let frames = symbolize::symbolize_offsets(lane, id, &file, &offsets);
+                    let frames = symbolize::symbolize_offsets(lane, id, &file, &offsets, dwarf_max);
                     shared.report(Outcome::Symbols {
                         binary: id,
                         offsets,
@@ -902,6 +906,25 @@ impl Resolver {
             .collect();
         infos.sort_by(|a, b| a.path.cmp(&b.path));
         infos
+    }
+
+    /// Binaries used this period whose DWARF is over the budget (symbolized from their
+    /// symbol tables): path and bytes of DWARF.
+    pub fn symbols_only(&self) -> Vec<(String, u64)> {
+        let mut over: Vec<(String, u64)> = self
+            .binaries
+            .values()
+            .filter(|b| {
+                b.last_used == self.period && b.file.dwarf_bytes() > self.settings.dwarf_max
+            })
+            .map(|b| (b.file.path.to_string(), b.file.dwarf_bytes()))
+            .collect();
+        over.sort();
+        over
+    }
+
+    pub fn dwarf_max(&self) -> u64 {
+        self.settings.dwarf_max
     }
 
     /// Ends a profile period: forgets processes that exited before it and user stacks of

@@ -243,12 +243,15 @@ impl LaneSymbolizers {
         &entry.symbolizer
     }
 
-    /// Evicts least recently used state until the lane is within its budgets.
+    /// Evicts least recently used state until the lane is within its budgets. The heap
+    /// that parsed DWARF leaves free goes back to the kernel: glibc would otherwise keep
+    /// the arena at its high-water mark (24 MB after one large debug build).
     fn trim(&mut self) {
+        let mut evicted = false;
         loop {
             let bytes: u64 = self.by_binary.values().map(|k| k.source_bytes).sum();
             if self.by_binary.len() <= BINARIES_PER_LANE && bytes <= SOURCE_BYTES_PER_LANE {
-                return;
+                break;
             }
             let Some(oldest) = self
                 .by_binary
@@ -256,9 +259,13 @@ impl LaneSymbolizers {
                 .min_by_key(|(_, kept)| kept.used)
                 .map(|(id, _)| *id)
             else {
-                return;
+                break;
             };
             self.by_binary.remove(&oldest);
+            evicted = true;
+        }
+        if evicted {
+            crate::system::release_free_memory();
         }
     }
 
@@ -268,14 +275,27 @@ impl LaneSymbolizers {
     }
 }
 
-/// Symbolizes file offsets of one binary (`binary` is its id in the agent's table).
-/// Returns one entry per offset; an offset without a symbol gets an `[unknown]` frame
-/// naming the binary and offset.
+/// Most bytes of DWARF (`.debug_*` sections, uncompressed) the agent parses to symbolize
+/// one binary, by default. Parsing DWARF maps the file and touches most of it (unit
+/// headers, string tables, line programs), then builds tables from it: a 111 MB debug
+/// build with 95 MB of DWARF costs 40 MB for its first address and over 100 MB for a few
+/// hundred, in one burst. A binary with more DWARF (a debug build, a large C++ or Rust
+/// service's debug file) is symbolized from its ELF symbol table instead: demangled
+/// function names, without `file:line` and without inlined frames; each profile notes
+/// which binaries were. Bounds the transient cost of one symbolization job to about the
+/// budget (`[symbols] dwarf_max_mb` raises or lowers it).
+pub const DWARF_MAX_BYTES: u64 = 16 << 20;
+
+/// Symbolizes file offsets of one binary (`binary` is its id in the agent's table), with
+/// DWARF if the binary's (or its debug file's) DWARF is at most `dwarf_max` bytes, else
+/// from its symbol table. Returns one entry per offset; an offset without a symbol gets
+/// an `[unknown]` frame naming the binary and offset.
 pub fn symbolize_offsets(
     lane: &mut LaneSymbolizers,
     binary: u32,
     file: &BinaryFile,
     offsets: &[u64],
+    dwarf_max: u64,
 ) -> Vec<(u64, Frames)> {
     let module = file.path.to_string();
     let source_file = file.debug.as_ref().map_or(&file.file, |debug| &debug.file);
@@ -283,7 +303,9 @@ pub fn symbolize_offsets(
     let source_bytes = source_file.metadata().map_or(0, |meta| meta.len());
     // Through the agent's own descriptor: works whatever namespace the binary lives in,
     // and after it was deleted or its process exited.
-    let source = Source::Elf(Elf::new(format!("/proc/self/fd/{source_fd}")));
+    let mut elf = Elf::new(format!("/proc/self/fd/{source_fd}"));
+    elf.debug_syms = file.dwarf_bytes() <= dwarf_max;
+    let source = Source::Elf(elf);
     let vaddrs: Vec<Option<u64>> = offsets.iter().map(|&o| file.info.vaddr_of(o)).collect();
     let valid: Vec<u64> = vaddrs.iter().flatten().copied().collect();
     let symbolizer = lane.get(binary, source_bytes);
@@ -327,6 +349,50 @@ mod tests {
     fn return_addresses_are_looked_up_one_byte_earlier() {
         assert_eq!(lookup_addresses(&[10, 20, 30], true), vec![10, 19, 29]);
         assert_eq!(lookup_addresses(&[10, 20], false), vec![9, 19]);
+    }
+
+    /// Symbolizes a function of this test binary (a debug build, with DWARF) under a
+    /// DWARF budget; returns the innermost frame.
+    #[inline(never)]
+    fn own_function_frame(dwarf_max: u64) -> Frame {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
+        let mappings = crate::procfs::parse_maps(&maps);
+        let here = own_function_frame as *const () as u64;
+        let mapping = crate::procfs::find_mapping(&mappings, here).expect("mapped");
+        let binary = crate::binaries::open_binary(std::process::id(), mapping).expect("opens");
+        assert!(
+            binary.dwarf_bytes() > 0,
+            "test binaries are built with DWARF"
+        );
+        let offset = mapping.file_offset(here);
+        let mut lane = LaneSymbolizers::default();
+        let frames = symbolize_offsets(&mut lane, 0, &binary, &[offset], dwarf_max);
+        frames[0].1.last().expect("a frame").clone()
+    }
+
+    #[test]
+    fn dwarf_within_the_budget_gives_file_and_line() {
+        let frame = own_function_frame(u64::MAX);
+        assert!(frame.function.contains("own_function_frame"), "{frame:?}");
+        assert!(
+            frame
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("symbolize.rs")),
+            "{frame:?}"
+        );
+        assert!(frame.line.is_some(), "{frame:?}");
+    }
+
+    #[test]
+    fn dwarf_over_the_budget_gives_the_symbol_only() {
+        let frame = own_function_frame(0);
+        assert!(frame.function.contains("own_function_frame"), "{frame:?}");
+        assert_eq!(
+            (frame.file.as_deref(), frame.line),
+            (None, None),
+            "{frame:?}"
+        );
     }
 
     #[test]
