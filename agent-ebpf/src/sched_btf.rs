@@ -145,9 +145,6 @@ pub fn sched_switch_out_btf(ctx: BtfTracePointContext) -> i32 {
     let preempt: u64 = ctx.arg(0);
     let prev: *mut task_struct = ctx.arg(1);
     let prev_state: u64 = ctx.arg(3);
-    if wants(Signal::Syscall) || wants(Signal::SocketWait) {
-        crate::syscall::spill_syscall_entry(&ctx, prev);
-    }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     switch_out(

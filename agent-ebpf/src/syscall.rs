@@ -12,9 +12,7 @@ use agent_common::{
     SyscallSlot, THREAD_IN_SYSCALL, hist_bucket, syscall_slot,
 };
 use aya_ebpf::{
-    EbpfContext,
-    bindings::task_struct,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
     maps::{Array, PerCpuArray},
     programs::BtfTracePointContext,
@@ -23,7 +21,7 @@ use aya_ebpf::{
 use crate::{
     maps::{
         SLOT_SYSCALL, add_sample, capture_current_stack, config, flush_syscall_slot, generation,
-        remember_comm, wanted_current, wants,
+        wanted_current, wants,
     },
     threads::{current_task, thread_of, thread_or_create},
 };
@@ -48,76 +46,26 @@ const ARG0_OFFSET: usize = 0;
 #[cfg(bpf_target_arch = "aarch64")]
 const ARG1_OFFSET: usize = 8;
 
-/// The syscall in progress on this CPU: written at `sys_enter` by the current thread,
-/// consumed at its `sys_exit`, or moved to the thread's storage when the thread is
-/// switched out inside the syscall ([`spill_syscall_entry`]). So `task` is either zero or
-/// the thread on the CPU, and a syscall that does not block costs no task-storage lookup.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SyscallEntry {
-    task: u64,
-    since_ns: u64,
-    nr: u32,
-    pad: u32,
-}
-
-#[map]
-static SYSCALL_ENTRY: PerCpuArray<SyscallEntry> = PerCpuArray::with_max_entries(1, 0);
-
 /// `sys_enter(struct pt_regs *regs, long id)`.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     if !wanted_current() {
         return 0;
     }
+    let task = current_task();
     let id: u64 = ctx.arg(1);
     // The network signal alone needs only the socket syscalls: every other syscall skips
     // the thread state.
     if !wants(Signal::Syscall) && !crate::net::is_socket_syscall(id as u32) {
         return 0;
     }
-    // A per-CPU array lookup of a valid index cannot fail.
-    let Some(entry) = SYSCALL_ENTRY.get_ptr_mut(0) else {
+    let Some(thread) = thread_or_create(&ctx, Signal::Syscall, task, true) else {
         return 0;
     };
-    // SAFETY: this CPU's entry; `sys_enter` does not nest with itself or with the
-    // scheduler on a CPU.
-    let entry = unsafe { &mut *entry };
-    entry.task = current_task() as u64;
     // SAFETY: helper without arguments.
-    entry.since_ns = unsafe { bpf_ktime_get_ns() };
-    entry.nr = id as u32;
-    0
-}
-
-/// Called when `prev` is switched out (scheduler programs): if it is inside a syscall
-/// that this CPU's entry holds, the entry moves to its task storage, where `sys_exit`
-/// finds it on whichever CPU the thread returns on.
-#[inline(always)]
-pub fn spill_syscall_entry<C: EbpfContext>(ctx: &C, prev: *mut task_struct) {
-    let Some(entry) = SYSCALL_ENTRY.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's entry (see `sys_enter_btf`).
-    let entry = unsafe { &mut *entry };
-    if entry.task == 0 || entry.task != prev as u64 {
-        return;
-    }
-    entry.task = 0;
-    if let Some(thread) = thread_or_create(ctx, Signal::Syscall, prev, true) {
-        thread.syscall_since_ns = entry.since_ns;
-        thread.syscall_nr = entry.nr;
-        thread.flags |= THREAD_IN_SYSCALL;
-    }
-}
-
-/// `sched_switch(bool preempt, struct task_struct *prev, ...)`, attached only when no
-/// scheduler program is (`sched_switch_out_btf` spills otherwise): keeps the syscall in
-/// progress of a thread that blocks.
-#[btf_tracepoint(function = "sched_switch")]
-pub fn sched_switch_syscall_btf(ctx: BtfTracePointContext) -> i32 {
-    let prev: *mut task_struct = ctx.arg(1);
-    spill_syscall_entry(&ctx, prev);
+    thread.syscall_since_ns = unsafe { bpf_ktime_get_ns() };
+    thread.syscall_nr = id as u32;
+    thread.flags |= THREAD_IN_SYSCALL;
     0
 }
 
@@ -125,34 +73,22 @@ pub fn sched_switch_syscall_btf(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
     let task = current_task();
-    let Some(entry) = SYSCALL_ENTRY.get_ptr_mut(0) else {
+    let Some(thread) = thread_of(task) else {
         return 0;
     };
-    // SAFETY: this CPU's entry (see `sys_enter_btf`).
-    let entry = unsafe { &mut *entry };
-    let (since, nr) = if entry.task == task as u64 && entry.task != 0 {
-        entry.task = 0;
-        (entry.since_ns, entry.nr)
-    } else {
-        // Switched out inside the syscall: the entry is in the thread's storage.
-        let Some(thread) = thread_of(task) else {
-            return 0;
-        };
-        if thread.flags & THREAD_IN_SYSCALL == 0 {
-            return 0;
-        }
-        thread.flags &= !THREAD_IN_SYSCALL;
-        (thread.syscall_since_ns, thread.syscall_nr)
-    };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if since == 0 || since > now {
+    if thread.flags & THREAD_IN_SYSCALL == 0 {
         return 0;
     }
-    let duration = now - since;
+    thread.flags &= !THREAD_IN_SYSCALL;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if thread.syscall_since_ns == 0 || thread.syscall_since_ns > now {
+        return 0;
+    }
+    let duration = now - thread.syscall_since_ns;
     let generation = generation();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let ids = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let nr = thread.syscall_nr;
+    let ids = (thread.tgid, thread.tid);
     if wants(Signal::Syscall) {
         syscall_latency(&ctx, generation, task, ids, nr, duration);
     }
@@ -168,12 +104,12 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
 fn syscall_latency(
     ctx: &BtfTracePointContext,
     generation: u32,
-    task: *mut task_struct,
+    task: *mut aya_ebpf::bindings::task_struct,
     (tgid, tid): (u32, u32),
     nr: u32,
     duration: u64,
 ) {
-    add_syscall_total(ctx, generation, (tgid, tid), nr, duration);
+    add_syscall_total(ctx, generation, tgid, nr, duration);
     if duration < config!(syscall_slow_threshold_ns) {
         return;
     }
@@ -207,7 +143,7 @@ fn syscall_latency(
 fn add_syscall_total(
     ctx: &BtfTracePointContext,
     generation: u32,
-    (tgid, tid): (u32, u32),
+    tgid: u32,
     nr: u32,
     duration: u64,
 ) {
@@ -224,9 +160,6 @@ fn add_syscall_total(
         flush_syscall_slot(ctx, generation, slot);
     }
     if slot.count == 0 {
-        // A new (process, syscall) on this CPU: the thread's name, for processes that end
-        // before the drain (threads seen only here get no thread state).
-        remember_comm(tid);
         slot.tgid = tgid;
         slot.nr = nr;
         slot.count = 1;
@@ -275,7 +208,7 @@ pub fn read_ptr(base: u64, offset: u32) -> u64 {
 /// The `struct file` behind descriptor `fd` of `task` (task->files->fdt->fd[fd]), zero
 /// if there is none or the offsets are unknown.
 #[inline(always)]
-pub fn fd_file(task: *mut task_struct, fd: u64) -> u64 {
+pub fn fd_file(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> u64 {
     if config!(fd_walk) == 0 {
         return 0;
     }
@@ -313,7 +246,7 @@ pub fn file_kind(file: u64) -> FdKind {
 
 /// What file descriptor `fd` of `task` refers to: task->files->fdt->fd[fd]->f_inode->i_mode.
 #[inline(always)]
-fn fd_kind(task: *mut task_struct, fd: u64) -> FdKind {
+fn fd_kind(task: *mut aya_ebpf::bindings::task_struct, fd: u64) -> FdKind {
     let file = fd_file(task, fd);
     if file == 0 {
         return FdKind::Unknown;

@@ -301,20 +301,14 @@ pub fn attach_lock(
     Ok(attached)
 }
 
-/// Syscall programs (BTF raw tracepoints). A syscall's start is kept per CPU until the
-/// thread is switched out; `sched_switch_out_btf` moves it to the thread's storage then,
-/// and when that program is not attached (`sched_btf` false) a small one of its own does.
-pub fn attach_syscall(
-    ebpf: &mut Ebpf,
-    btf: Option<(&Btf, &aya::Btf)>,
-    sched_btf: bool,
-) -> Result<(), ProbeError> {
-    let mut programs = vec![("sys_enter_btf", "sys_enter"), ("sys_exit_btf", "sys_exit")];
-    if !sched_btf {
-        programs.push(("sched_switch_syscall_btf", "sched_switch"));
-    }
+/// Syscall programs (BTF raw tracepoints).
+pub fn attach_syscall(ebpf: &mut Ebpf, btf: Option<(&Btf, &aya::Btf)>) -> Result<(), ProbeError> {
     match btf {
-        Some((ours, theirs)) if btf_syscall_supported(ours) => attach_btf(ebpf, theirs, &programs),
+        Some((ours, theirs)) if btf_syscall_supported(ours) => attach_btf(
+            ebpf,
+            theirs,
+            &[("sys_enter_btf", "sys_enter"), ("sys_exit_btf", "sys_exit")],
+        ),
         _ => Err(ProbeError::Unsupported {
             signal: "syscall",
             need: "BTF tracepoints sys_enter/sys_exit (kernel BTF)",

@@ -344,11 +344,7 @@ impl Probes {
             hooks.push((Signal::Lock, attached.join(", ")));
         }
         if wants(Signal::Syscall) || wants(Signal::SocketWait) {
-            attach::attach_syscall(
-                &mut ebpf,
-                btf_pair,
-                sched_hook == Some(SchedHook::BtfTracepoint),
-            )?;
+            attach::attach_syscall(&mut ebpf, btf_pair)?;
             let mut fd_syscalls: Array<_, u8> =
                 Array::try_from(take_map(&mut ebpf, "FD_SYSCALLS")?).map_err(|source| {
                     ProbeError::MapApi {
