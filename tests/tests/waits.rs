@@ -190,13 +190,29 @@ fn syscalls_land_in_the_right_buckets_with_stacks_and_fd_kinds() {
     if !require_root("syscalls") {
         return;
     }
-    let dir = scratch_dir("syscalls-files");
+    syscalls_with_signals("syscalls", "syscall");
+}
+
+/// The same with the scheduler programs on: the syscall and off-CPU signals share the
+/// thread state that a blocked syscall keeps its start in.
+#[test]
+fn syscalls_with_offcpu_on_land_in_the_right_buckets() {
+    if !require_root("syscalls-offcpu") {
+        return;
+    }
+    syscalls_with_signals("syscalls-offcpu", "syscall,offcpu");
+}
+
+/// 50 fsyncs and 50 pipe reads that wait 20 ms each: every one in its bucket, the slow
+/// ones with the marker stack and the right kind of file.
+fn syscalls_with_signals(tag: &str, signals: &str) {
+    let dir = scratch_dir(&format!("{tag}-files"));
     let dir_arg = dir.to_string_lossy().into_owned();
     let (profile, exit) = record_profile(
-        "syscalls",
+        tag,
         &["syscalls", &dir_arg, "50", "20"],
-        "syscalls.pb.gz",
-        &["--signals", "syscall"],
+        &format!("{tag}.pb.gz"),
+        &["--signals", signals],
     );
     for (syscall, key, marker) in [
         ("read", "pipe_read_ns", "syscall_marker_pipe_read"),
