@@ -184,9 +184,28 @@ fn report(backend: &str, figures: &Figures) {
     );
 }
 
+/// Set in the release xtask that a debug xtask hands the collector benchmark to.
+const RELEASE_LOAD: &str = "STALLSCOPE_BENCH_RELEASE_LOAD";
+
 pub fn run(backends: &[&str]) -> anyhow::Result<()> {
     util::cargo(&["build", "--release", "--bins"])?;
     let release = util::root().join("target/release");
+    if cfg!(debug_assertions) && std::env::var_os(RELEASE_LOAD).is_none() {
+        // The load generator (four gRPC clients) shares the two cores with the collector:
+        // as a debug build it takes CPU the collector would have had. The release xtask
+        // (built just now) runs the benchmark instead.
+        let mut args = vec!["bench", "ingest"];
+        args.extend_from_slice(backends);
+        let status = std::process::Command::new(release.join("xtask"))
+            .args(&args)
+            .env(RELEASE_LOAD, "1")
+            .status()
+            .context("running the release xtask")?;
+        if !status.success() {
+            bail!("the collector benchmark failed ({status})");
+        }
+        return Ok(());
+    }
     if backends.is_empty() || backends.contains(&"sqlite") {
         let dir =
             std::env::temp_dir().join(format!("stallscope-bench-sqlite-{}", std::process::id()));
