@@ -139,6 +139,8 @@ pub struct Lanes<L: Default + 'static> {
     cool_down: Duration,
     stuck_threads: Arc<AtomicUsize>,
     max_stuck: usize,
+    /// Niceness of the worker threads (0: the agent's own priority).
+    nice: i32,
     pub stats: Arc<LaneStats>,
 }
 
@@ -149,6 +151,18 @@ impl<L: Default + 'static> Lanes<L> {
         count: usize,
         max_stuck: usize,
         cool_down: Duration,
+    ) -> Arc<Self> {
+        Self::with_nice(name, count, max_stuck, cool_down, 0)
+    }
+
+    /// Like [`Lanes::new`], with worker threads at (absolute) niceness `nice`: background
+    /// work that should yield the CPU to the host's workloads when they want it.
+    pub fn with_nice(
+        name: &'static str,
+        count: usize,
+        max_stuck: usize,
+        cool_down: Duration,
+        nice: i32,
     ) -> Arc<Self> {
         let lanes: Arc<[Arc<Lane<L>>]> = (0..count.max(1))
             .map(|_| {
@@ -172,10 +186,11 @@ impl<L: Default + 'static> Lanes<L> {
             cool_down,
             stuck_threads,
             max_stuck,
+            nice,
             stats: Arc::new(LaneStats::default()),
         });
         for (index, lane) in this.lanes.iter().enumerate() {
-            if !spawn_worker(name, index, &this.lanes, 0, &this.stuck_threads) {
+            if !spawn_worker(name, nice, index, &this.lanes, 0, &this.stuck_threads) {
                 lane.lock().dead = true;
             }
         }
@@ -258,7 +273,14 @@ impl<L: Default + 'static> Lanes<L> {
             self.stuck_threads.fetch_add(1, Ordering::Relaxed);
             let mut refused = Vec::new();
             let replaced = self.stuck_threads.load(Ordering::Relaxed) <= self.max_stuck
-                && spawn_worker(self.name, index, &self.lanes, epoch, &self.stuck_threads);
+                && spawn_worker(
+                    self.name,
+                    self.nice,
+                    index,
+                    &self.lanes,
+                    epoch,
+                    &self.stuck_threads,
+                );
             if !replaced {
                 state.dead = true;
                 refused.extend(state.jobs.drain(..));
@@ -313,6 +335,7 @@ fn supervise<L: Default + 'static>(lanes: &Weak<Lanes<L>>) {
 /// Starts the worker of lane `index` for `epoch`; false if no thread could be created.
 fn spawn_worker<L: Default + 'static>(
     name: &str,
+    nice: i32,
     index: usize,
     lanes: &Arc<[Arc<Lane<L>>]>,
     epoch: u64,
@@ -322,7 +345,17 @@ fn spawn_worker<L: Default + 'static>(
     let lanes = Arc::clone(lanes);
     thread::Builder::new()
         .name(format!("{name}-{index}"))
-        .spawn(move || work(&lanes, index, epoch, &stuck))
+        .spawn(move || {
+            if nice != 0 {
+                // Linux applies PRIO_PROCESS to one thread when given its id. Failure
+                // (not permitted) leaves the thread at the agent's priority.
+                // SAFETY: plain syscalls on the calling thread.
+                let _ = unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice)
+                };
+            }
+            work(&lanes, index, epoch, &stuck);
+        })
         .is_ok()
 }
 
@@ -407,6 +440,39 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+
+    #[test]
+    fn background_lanes_run_their_jobs_at_their_niceness() {
+        let niceness_of_job = |lanes: &Arc<Lanes<()>>| {
+            let (tx, rx) = mpsc::channel::<i32>();
+            lanes.submit(Job::new(
+                7,
+                Duration::from_secs(10),
+                move |()| {
+                    // SAFETY: plain syscalls about the calling thread.
+                    let nice = unsafe {
+                        libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t)
+                    };
+                    let _ = tx.send(nice);
+                },
+                |_| {},
+            ));
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("the job ran")
+        };
+        // SAFETY: as above.
+        let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let plain = Lanes::<()>::new("plain", 1, 1, Duration::from_secs(60));
+        assert_eq!(niceness_of_job(&plain), own);
+        let background = Lanes::<()>::with_nice("nice", 1, 1, Duration::from_secs(60), 5);
+        // Niceness is absolute: 5, unless the test itself runs nicer than that and may not
+        // raise its priority.
+        let nice = niceness_of_job(&background);
+        assert!(
+            nice == 5 || (own > 5 && nice == own),
+            "niceness {nice}, own {own}"
+        );
+    }
 
     #[test]
     fn jobs_run_and_a_stuck_job_does_not_hold_up_other_keys() {

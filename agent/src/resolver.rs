@@ -232,6 +232,9 @@ const BINARY_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Binaries kept when unused for a while; past it the least recently used are dropped.
 const MAX_BINARIES: usize = 1024;
+/// Niceness of the symbolization threads: under contention a nice-10 thread gets about a
+/// tenth of what a workload thread at 0 gets, and all of an idle CPU.
+const SYMBOLIZE_NICE: i32 = 10;
 /// Symbolized frames kept over all binaries before old binaries' caches are dropped.
 const MAX_CACHED_OFFSETS: usize = 1 << 20;
 
@@ -323,7 +326,10 @@ impl Resolver {
         let (outbox, inbox) = mpsc::channel();
         let read_lanes = Lanes::new("proc-read", 4, 64, Duration::from_secs(60));
         let binary_lanes = Lanes::new("binary-read", 2, 32, Duration::from_secs(60));
-        let symbol_lanes = Lanes::new("symbolize", 2, 16, Duration::from_secs(60));
+        // Symbolization is the agent's heaviest background work and nothing waits on it
+        // but the next profile: it yields the CPU to the host's workloads.
+        let symbol_lanes =
+            Lanes::with_nice("symbolize", 2, 16, Duration::from_secs(60), SYMBOLIZE_NICE);
         let shared = Arc::new(Shared {
             collect_cmdline: settings.collect_cmdline,
             read_deadline: settings.read_deadline,
