@@ -506,7 +506,6 @@ impl ClickHouseStore {
             self.client.query_raw(&sql).fetch_all().await?;
         let mut out = HashMap::new();
         for (id, host, service, pid, signal, cause, labels_json) in rows {
-            let labels: Labels = serde_json::from_str(&labels_json).unwrap_or_default();
             let columns = SeriesColumns {
                 host: &host,
                 service: &service,
@@ -514,7 +513,7 @@ impl ClickHouseStore {
                 signal: &signal,
                 cause: &cause,
             };
-            if filter.matches(&columns, &labels) {
+            if let Some(labels) = filter.matching_labels(&columns, &labels_json) {
                 out.insert(id, (signal, cause, labels));
             }
         }

@@ -90,6 +90,16 @@ impl Filter {
                 .iter()
                 .all(|(key, value)| labels.get(key).is_some_and(|v| v == value))
     }
+
+    /// A stored series row's labels (JSON as both backends store them), if it passes.
+    pub fn matching_labels(
+        &self,
+        columns: &SeriesColumns<'_>,
+        labels_json: &str,
+    ) -> Option<Labels> {
+        let labels: Labels = serde_json::from_str(labels_json).unwrap_or_default();
+        self.matches(columns, &labels).then_some(labels)
+    }
 }
 
 /// The indexed columns of a series.

@@ -62,7 +62,6 @@ pub fn matching_series(
         let signal: String = row.get(4)?;
         let cause: String = row.get(5)?;
         let labels_json: String = row.get(6)?;
-        let labels: Labels = serde_json::from_str(&labels_json).unwrap_or_default();
         let columns = SeriesColumns {
             host: &host,
             service: &service,
@@ -70,7 +69,7 @@ pub fn matching_series(
             signal: &signal,
             cause: &cause,
         };
-        if filter.matches(&columns, &labels) {
+        if let Some(labels) = filter.matching_labels(&columns, &labels_json) {
             out.push(SeriesRow {
                 id: row.get(0)?,
                 svc: row.get(7)?,
