@@ -217,6 +217,8 @@ pub struct Profile {
     frame_index: HashMap<Frame, FrameId>,
     #[serde(skip)]
     sample_index: HashMap<(Vec<FrameId>, Labels), usize>,
+    #[serde(skip)]
+    histogram_index: HashMap<(String, Labels), usize>,
 }
 
 impl Profile {
@@ -407,14 +409,16 @@ impl Profile {
 
     /// Adds a histogram, merging it into one with the same signal and labels.
     pub fn add_histogram(&mut self, histogram: &Histogram) {
-        match self
-            .histograms
-            .iter_mut()
-            .find(|h| h.signal == histogram.signal && h.labels == histogram.labels)
-        {
-            Some(existing) => existing.merge(histogram),
-            None => self.histograms.push(histogram.clone()),
+        if self.histogram_index.len() != self.histograms.len() {
+            self.rebuild_indexes();
         }
+        let key = (histogram.signal.clone(), histogram.labels.clone());
+        if let Some(&index) = self.histogram_index.get(&key) {
+            self.histograms[index].merge(histogram);
+            return;
+        }
+        self.histogram_index.insert(key, self.histograms.len());
+        self.histograms.push(histogram.clone());
     }
 
     fn rebuild_indexes(&mut self) {
@@ -429,6 +433,12 @@ impl Profile {
             .iter()
             .enumerate()
             .map(|(index, sample)| ((sample.stack.clone(), sample.labels.clone()), index))
+            .collect();
+        self.histogram_index = self
+            .histograms
+            .iter()
+            .enumerate()
+            .map(|(index, h)| ((h.signal.clone(), h.labels.clone()), index))
             .collect();
     }
 }
@@ -482,6 +492,38 @@ mod tests {
         assert_eq!(profile.samples.len(), 2);
         assert_eq!(profile.total(0), 22);
         assert!(profile.stack_contains(&profile.samples[0], "b"));
+    }
+
+    #[test]
+    fn histograms_merge_by_signal_and_labels() {
+        let histogram = |signal: &str, pid: &str, ns: u64| Histogram {
+            signal: signal.into(),
+            labels: labels(&[("pid", pid)]),
+            count: 1,
+            sum_ns: ns,
+            max_ns: ns,
+            buckets: vec![0, 1],
+        };
+        let mut profile = Profile::default();
+        // Many label sets (a host with thousands of processes) stay one histogram each.
+        for pid in 0..5000 {
+            profile.add_histogram(&histogram("syscall", &pid.to_string(), 10));
+        }
+        profile.add_histogram(&histogram("syscall", "7", 30));
+        profile.add_histogram(&histogram("runqueue", "7", 5));
+        // Pushed directly (as a decoder does), then merged into.
+        profile.histograms.push(histogram("disk", "7", 1));
+        profile.add_histogram(&histogram("disk", "7", 2));
+        assert_eq!(profile.histograms.len(), 5002);
+        let seven = profile
+            .histograms
+            .iter()
+            .find(|h| h.signal == "syscall" && h.labels["pid"] == "7")
+            .expect("pid 7");
+        assert_eq!((seven.count, seven.sum_ns, seven.max_ns), (2, 40, 30));
+        assert_eq!(seven.buckets, vec![0, 2]);
+        let disk = profile.histograms.iter().find(|h| h.signal == "disk");
+        assert_eq!(disk.map(|h| h.count), Some(2));
     }
 
     #[test]
