@@ -119,6 +119,7 @@ impl Accumulator {
 
     /// Adds one drained generation.
     pub fn ingest(&mut self, drained: Drained) {
+        self.resolver.apply_reports();
         // Names the probes saw win over /proc: they outlive the threads.
         for (id, name) in drained.names {
             self.thread_names.insert(id, name);
@@ -169,10 +170,11 @@ impl Accumulator {
             return;
         }
         self.resolver.discover(tgid);
+        // The probes' name of the main thread is the process's name: no read needed.
         let known = self.thread_names.get(&tgid).cloned();
         self.process_names.entry(tgid).or_insert_with(|| {
-            read_comm(&Path::new("/proc").join(tgid.to_string()))
-                .or(known)
+            known
+                .or_else(|| read_comm(&Path::new("/proc").join(tgid.to_string())))
                 .unwrap_or_else(|| format!("[pid {tgid}]"))
         });
         if tid == 0 {

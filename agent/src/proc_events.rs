@@ -1,8 +1,11 @@
 //! New processes, as they start: the kernel's process-events connector (netlink) reports
 //! every fork, exec and exit. A process is read shortly after its exec (once the dynamic
 //! loader has mapped its libraries) and again a little later, so a process that lives
-//! less than a drain interval is still symbolized after it exits. Without the connector
-//! (no `CAP_NET_ADMIN`, a kernel without it) processes are read at first sight in a drain.
+//! less than a drain interval is still symbolized after it exits. A fork without exec is
+//! not read at all: the child inherits its parent's snapshot (see the resolver), which
+//! keeps a host that forks hundreds of workers a second from costing hundreds of
+//! `/proc/PID/maps` reads. Without the connector (no `CAP_NET_ADMIN`, a kernel without
+//! it) processes are read at first sight in a drain.
 
 use std::{
     cmp::Reverse,
@@ -18,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::resolver::Shared;
+use crate::{procs, resolver::Shared};
 
 const NETLINK_CONNECTOR: libc::c_int = 11;
 const CN_IDX_PROC: u32 = 1;
@@ -32,21 +35,24 @@ const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 const NLMSG_HDRLEN: usize = 16;
 /// Size of `struct cn_msg` before its payload.
 const CN_MSG_LEN: usize = 20;
+/// Offset of `timestamp_ns` in `struct proc_event` (after what and cpu).
+const TIMESTAMP: usize = 8;
 /// Offset of `event_data` in `struct proc_event` (what, cpu, aligned timestamp).
 const EVENT_DATA: usize = 16;
 
 /// After an exec, when to read the process: once the loader is done, and once more for
 /// libraries loaded at start-up.
 const EXEC_READS: [Duration; 2] = [Duration::from_millis(20), Duration::from_millis(300)];
-/// After a fork without exec (a worker process), when to read it.
-const FORK_READ: Duration = Duration::from_millis(20);
 
 /// A process event from the connector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcEvent {
-    /// A new process (not a thread).
+    /// A new process (not a thread) of process `parent`, at `timestamp_ns`
+    /// (`CLOCK_MONOTONIC`).
     Fork {
         pid: u32,
+        parent: u32,
+        timestamp_ns: u64,
     },
     Exec {
         pid: u32,
@@ -63,6 +69,11 @@ pub fn parse_events(datagram: &[u8]) -> Vec<ProcEvent> {
         buf.get(at..at + 4)
             .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
     };
+    let u64_at = |buf: &[u8], at: usize| -> Option<u64> {
+        buf.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
     let mut events = Vec::new();
     let mut offset = 0;
     while let Some(len) = u32_at(datagram, offset) {
@@ -77,10 +88,18 @@ pub fn parse_events(datagram: &[u8]) -> Vec<ProcEvent> {
         let first = u32_at(message, data);
         let second = u32_at(message, data + 4);
         let event = match (what, first, second) {
-            (Some(PROC_EVENT_FORK), Some(_parent), Some(_parent_tgid)) => {
-                match (u32_at(message, data + 8), u32_at(message, data + 12)) {
-                    (Some(child), Some(child_tgid)) if child == child_tgid => {
-                        Some(ProcEvent::Fork { pid: child })
+            (Some(PROC_EVENT_FORK), Some(_parent), Some(parent_tgid)) => {
+                match (
+                    u32_at(message, data + 8),
+                    u32_at(message, data + 12),
+                    u64_at(message, event + TIMESTAMP),
+                ) {
+                    (Some(child), Some(child_tgid), Some(timestamp_ns)) if child == child_tgid => {
+                        Some(ProcEvent::Fork {
+                            pid: child,
+                            parent: parent_tgid,
+                            timestamp_ns,
+                        })
                     }
                     _ => None,
                 }
@@ -220,10 +239,15 @@ fn run(socket: &OwnedFd, shared: &Arc<Shared>, target: Option<u32>, stop: &Atomi
             for event in parse_events(&buffer[..received as usize]) {
                 match event {
                     ProcEvent::Exec { pid } if target.is_none_or(|t| t == pid) => {
+                        shared.execed(pid);
                         due.extend(EXEC_READS.iter().map(|d| Reverse((now + *d, pid))));
                     }
-                    ProcEvent::Fork { pid } if target.is_none() => {
-                        due.push(Reverse((now + FORK_READ, pid)));
+                    ProcEvent::Fork {
+                        pid,
+                        parent,
+                        timestamp_ns,
+                    } if target.is_none() => {
+                        shared.forked(parent, pid, procs::boot_ticks_of_monotonic(timestamp_ns));
                     }
                     ProcEvent::Exit { pid } if target.is_none_or(|t| t == pid) => {
                         shared.exited(pid);
@@ -263,6 +287,8 @@ mod tests {
         bytes[..4].copy_from_slice(&len.to_ne_bytes());
         let event = NLMSG_HDRLEN + CN_MSG_LEN;
         bytes[event..event + 4].copy_from_slice(&what.to_ne_bytes());
+        let timestamp = 1_000_000_000u64 + u64::from(data[2]);
+        bytes[event + TIMESTAMP..event + EVENT_DATA].copy_from_slice(&timestamp.to_ne_bytes());
         for (i, value) in data.iter().enumerate() {
             let at = event + EVENT_DATA + 4 * i;
             bytes[at..at + 4].copy_from_slice(&value.to_ne_bytes());
@@ -280,7 +306,11 @@ mod tests {
         assert_eq!(
             parse_events(&datagram),
             vec![
-                ProcEvent::Fork { pid: 50 },
+                ProcEvent::Fork {
+                    pid: 50,
+                    parent: 1,
+                    timestamp_ns: 1_000_000_050
+                },
                 ProcEvent::Exec { pid: 50 },
                 ProcEvent::Exit { pid: 50 }
             ]

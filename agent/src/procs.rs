@@ -24,10 +24,35 @@ pub struct ProcessSnapshot {
     pub cmdline: Option<String>,
     pub maps: Arc<[Mapping]>,
     pub perf_map: Option<Arc<PerfMap>>,
+    /// When the mappings were read (for an inherited snapshot: the parent's read).
     pub taken: Instant,
+    /// Copied from the parent at fork rather than read: its mappings are the parent's
+    /// as of `taken`, so an address they miss is no proof of a bad stack.
+    pub inherited: bool,
 }
 
 impl ProcessSnapshot {
+    /// The snapshot of `child`, forked (without exec) from the process of `self`: a fork
+    /// copies the address space, names, cgroup and perf map, so nothing needs reading.
+    /// `start_ticks` comes from the fork event.
+    #[must_use]
+    pub fn forked(&self, child: u32, start_ticks: u64) -> Self {
+        Self {
+            pid: child,
+            start_ticks,
+            // A child shares its parent's pid namespace (a fork into a new one execs).
+            ns_pid: if self.ns_pid == self.pid { child } else { 0 },
+            comm: self.comm.clone(),
+            exe: self.exe.clone(),
+            cgroup: self.cgroup.clone(),
+            cmdline: self.cmdline.clone(),
+            maps: Arc::clone(&self.maps),
+            perf_map: self.perf_map.clone(),
+            taken: self.taken,
+            inherited: true,
+        }
+    }
+
     /// The mapping of the executable itself (its first one).
     pub fn exe_mapping(&self) -> Option<&Mapping> {
         let exe = self.exe.as_deref()?;
@@ -94,6 +119,7 @@ pub fn read_snapshot(pid: u32, collect_cmdline: bool) -> io::Result<ProcessSnaps
         maps,
         perf_map,
         taken: Instant::now(),
+        inherited: false,
     })
 }
 
@@ -113,6 +139,26 @@ pub fn boot_clock() -> (i64, i64) {
     (btime, i64::from(hz as i32))
 }
 
+/// Clock ticks after boot (the unit of `start_ticks`) of `monotonic_ns`, a recent
+/// `CLOCK_MONOTONIC` time such as a process event's timestamp: the kernel counts process
+/// start times on the boot-time clock, which runs ahead of the monotonic one by the
+/// time spent suspended.
+pub fn boot_ticks_of_monotonic(monotonic_ns: u64) -> u64 {
+    let now = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec; the clocks exist on every supported kernel.
+        unsafe { libc::clock_gettime(clock, &raw mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
+    let suspended = now(libc::CLOCK_BOOTTIME).saturating_sub(now(libc::CLOCK_MONOTONIC));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    (monotonic_ns + suspended) / (1_000_000_000 / hz)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +172,46 @@ mod tests {
         assert_eq!(snapshot.ns_pid, std::process::id());
         let without = read_snapshot(std::process::id(), false).expect("own snapshot");
         assert!(without.cmdline.is_none());
+    }
+
+    #[test]
+    fn a_forked_child_inherits_its_parents_snapshot() {
+        let parent = read_snapshot(std::process::id(), false).expect("own snapshot");
+        let child = parent.forked(4_000_000, 77);
+        assert_eq!((child.pid, child.start_ticks), (4_000_000, 77));
+        assert!(Arc::ptr_eq(&child.maps, &parent.maps));
+        assert_eq!(
+            (child.comm.as_str(), &child.exe),
+            (parent.comm.as_str(), &parent.exe)
+        );
+        assert_eq!(child.taken, parent.taken);
+        assert!(child.inherited && !parent.inherited);
+    }
+
+    #[test]
+    fn boot_ticks_match_the_kernels_start_time() {
+        // This process started at `start_ticks`; a monotonic time read now converts to at
+        // least that, and to no more than the ticks elapsed since boot.
+        let own = procfs::start_ticks(std::process::id()).expect("own stat");
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+        let now = boot_ticks_of_monotonic(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+            .expect("uptime")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("uptime seconds");
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert!(now >= own, "{now} < {own}");
+        assert!(
+            (now as f64 - uptime * hz).abs() <= 2.0,
+            "{now} vs uptime {uptime}"
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! User-space symbolization and workload identity for the accumulator, without ever
 //! blocking the drain.
 //!
-//! 1. Processes are read (`procs.rs`) as soon as they are known: at start-up, on exec and
-//!    fork events (`proc_events.rs`), at first sight in a drain, and again when a stack
-//!    has an address their last snapshot does not map. A snapshot outlives its process.
+//! 1. Processes are read (`procs.rs`) as soon as they are known: at start-up, on exec
+//!    events (`proc_events.rs`), at first sight in a drain, and again when a stack has an
+//!    address their last snapshot does not map. A child forked without exec inherits its
+//!    parent's snapshot instead of being read (once the parent's is there). A snapshot
+//!    outlives its process.
 //! 2. A user stack is normalized at drain time against its process's snapshot: each
 //!    address becomes (binary file, file offset), a JIT symbol from the perf map, or an
 //!    explicit unknown.
@@ -87,6 +89,15 @@ enum Outcome {
     Exited {
         pid: u32,
     },
+    Forked {
+        parent: u32,
+        child: u32,
+        start_ticks: u64,
+    },
+    Execed {
+        pid: u32,
+        at: Instant,
+    },
 }
 
 /// What lane jobs and the process-event watcher share with the resolver.
@@ -135,6 +146,26 @@ impl Shared {
                 });
             },
         ));
+    }
+
+    /// Tells the resolver process `parent` forked `child` (started at `start_ticks`).
+    pub fn forked(&self, parent: u32, child: u32, start_ticks: u64) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.report(Outcome::Forked {
+            parent,
+            child,
+            start_ticks,
+        });
+    }
+
+    /// Tells the resolver process `pid` replaced its image: what was read of it before
+    /// is no model for the children it forks next.
+    pub fn execed(&self, pid: u32) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.report(Outcome::Execed {
+            pid,
+            at: Instant::now(),
+        });
     }
 
     /// Tells the resolver a process exited.
@@ -213,6 +244,8 @@ struct ProcessEntry {
     last_period: u64,
     /// (start ticks, executable) the change events last looked at.
     announced: Option<(u64, Option<String>)>,
+    /// When the process last called exec (as far as the agent saw).
+    execed_at: Option<Instant>,
 }
 
 enum FileState {
@@ -309,6 +342,8 @@ pub struct Resolver {
     by_key: HashMap<BinaryKey, BinaryId>,
     next_binary: BinaryId,
     pending: HashMap<(u32, u64), PendingStack>,
+    /// Children (pid, start ticks) forked by a parent whose snapshot is still being read.
+    forks_waiting: HashMap<u32, Vec<(u32, u64)>>,
     stacks: HashMap<(u32, u64), Arc<[NormFrame]>>,
     services: HashMap<String, ServiceState>,
     events: Vec<ChangeEvent>,
@@ -351,6 +386,7 @@ impl Resolver {
             by_key: HashMap::new(),
             next_binary: 0,
             pending: HashMap::new(),
+            forks_waiting: HashMap::new(),
             stacks: HashMap::new(),
             services: HashMap::new(),
             events: Vec::new(),
@@ -445,12 +481,18 @@ impl Resolver {
         self.normalize_pending(false);
     }
 
-    /// Applies what the lanes reported, normalizes stacks whose process is now known and
-    /// asks for the symbols still missing. Never blocks.
-    pub fn poll(&mut self) {
+    /// Applies what the lanes and the process-event watcher reported (before a drain's
+    /// processes are looked at: a forked child inherits rather than being read).
+    pub fn apply_reports(&mut self) {
         while let Ok(outcome) = self.inbox.try_recv() {
             self.apply(outcome);
         }
+    }
+
+    /// Applies what the lanes reported, normalizes stacks whose process is now known and
+    /// asks for the symbols still missing. Never blocks.
+    pub fn poll(&mut self) {
+        self.apply_reports();
         self.normalize_pending(false);
         self.request_symbols();
     }
@@ -468,7 +510,12 @@ impl Resolver {
                             .as_ref()
                             .is_none_or(|old| old.taken <= snapshot.taken);
                         if newer {
-                            entry.snapshot = Some(snapshot);
+                            entry.snapshot = Some(Arc::clone(&snapshot));
+                        }
+                        for (child, start_ticks) in
+                            self.forks_waiting.remove(&pid).unwrap_or_default()
+                        {
+                            self.inherit(&snapshot, child, start_ticks);
                         }
                     }
                     Err(reason) => {
@@ -477,8 +524,20 @@ impl Resolver {
                         } else {
                             entry.exited = true;
                         }
+                        // No parent snapshot to inherit: the children are read themselves.
+                        for (child, _) in self.forks_waiting.remove(&pid).unwrap_or_default() {
+                            self.request(child);
+                        }
                     }
                 }
+            }
+            Outcome::Forked {
+                parent,
+                child,
+                start_ticks,
+            } => self.forked(parent, child, start_ticks),
+            Outcome::Execed { pid, at } => {
+                self.processes.entry(pid).or_default().execed_at = Some(at);
             }
             Outcome::Exited { pid } => {
                 if let Some(entry) = self.processes.get_mut(&pid) {
@@ -528,6 +587,56 @@ impl Resolver {
         }
     }
 
+    /// Process `parent` forked `child`: the child's snapshot is a copy of the parent's, now
+    /// or once the parent's (next) read is done, which is then asked for if nothing asked
+    /// yet. A parent that forks right after its exec (before its exec read) is read once
+    /// for all its children.
+    fn forked(&mut self, parent: u32, child: u32, start_ticks: u64) {
+        let period = self.period;
+        self.processes.entry(child).or_default().last_period = period;
+        let parent_entry = self.processes.entry(parent).or_default();
+        // A snapshot from before the parent's last exec shows its previous image.
+        let current = parent_entry
+            .snapshot
+            .as_ref()
+            .filter(|s| parent_entry.execed_at.is_none_or(|at| s.taken >= at))
+            .cloned();
+        if let Some(snapshot) = current {
+            self.inherit(&snapshot, child, start_ticks);
+            return;
+        }
+        if parent_entry.exited {
+            self.request(child);
+            return;
+        }
+        if !parent_entry.requested {
+            parent_entry.requested = true;
+            parent_entry.last_period = period;
+            self.shared.request_snapshot(parent);
+        }
+        self.forks_waiting
+            .entry(parent)
+            .or_default()
+            .push((child, start_ticks));
+    }
+
+    /// Gives `child` a snapshot inherited from `parent`, unless it has one of its own.
+    fn inherit(&mut self, parent: &ProcessSnapshot, child: u32, start_ticks: u64) {
+        let entry = self.processes.entry(child).or_default();
+        if entry.snapshot.is_none() {
+            entry.snapshot = Some(Arc::new(parent.forked(child, start_ticks)));
+        }
+    }
+
+    /// Reads process `pid` unless it is being read, or is known to be gone.
+    fn request(&mut self, pid: u32) {
+        let entry = self.processes.entry(pid).or_default();
+        if !entry.requested && !entry.exited {
+            entry.requested = true;
+            self.shared.request_snapshot(pid);
+        }
+    }
+
     fn normalize_pending(&mut self, last_chance: bool) {
         let keys: Vec<(u32, u64)> = self.pending.keys().copied().collect();
         for key in keys {
@@ -544,11 +653,7 @@ impl Resolver {
                 }
                 self.stacks.insert(key, frames);
             } else {
-                let entry = self.processes.entry(key.0).or_default();
-                if !entry.requested && !entry.exited {
-                    entry.requested = true;
-                    self.shared.request_snapshot(key.0);
-                }
+                self.request(key.0);
             }
         }
     }
@@ -590,7 +695,7 @@ impl Resolver {
             .iter()
             .map(|&address| normalize_address(snapshot, address, &mut stale))
             .collect();
-        let fresh = snapshot.taken >= pending.since;
+        let fresh = !snapshot.inherited && snapshot.taken >= pending.since;
         if stale && !last_chance && !exited && !fresh {
             return None;
         }
@@ -951,6 +1056,8 @@ impl Resolver {
         self.processes.retain(|pid, _| !gone.contains(pid));
         self.stacks.retain(|(pid, _), _| !gone.contains(pid));
         self.pending.retain(|(pid, _), _| !gone.contains(pid));
+        self.forks_waiting
+            .retain(|parent, _| !gone.contains(parent));
         self.evict_binaries();
         self.truncated_stacks = 0;
         self.cut_stacks = 0;

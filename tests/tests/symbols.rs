@@ -1,5 +1,5 @@
 //! End to end, as root: symbols that hold up in production. A process that exits right
-//! after its last wait, a binary only visible inside its own mount namespace, a stripped
+//! after its last wait, worker processes forked without exec that live 10 ms, a binary only visible inside its own mount namespace, a stripped
 //! binary with a separate debug file and an inlined function, and JIT code named by a
 //! perf map must all come out symbolized.
 
@@ -97,6 +97,64 @@ fn process_that_exits_after_its_last_wait_is_fully_symbolized() {
         label(sample, "build_id"),
         fixtures::build_id(&workload_binary()).expect("workload has a build-id")
     );
+}
+
+#[test]
+fn forked_workers_that_exit_at_once_are_symbolized_from_their_parent() {
+    if !require_root("forked_workers_that_exit_at_once_are_symbolized_from_their_parent") {
+        return;
+    }
+    let _serial = serial();
+    let out = scratch_dir("forked").join("forked.pb.gz");
+    let out_arg = out.to_string_lossy().into_owned();
+    // Drained only when stopped; each worker is gone 10 ms after its fork, before any read
+    // of its own could start: its stacks resolve through the snapshot it inherits.
+    let agent = start_agent(&[
+        "record",
+        "--duration",
+        "10m",
+        "--signals",
+        "offcpu",
+        "--drain-interval",
+        "10m",
+        "-o",
+        &out_arg,
+    ])
+    .expect("agent starts");
+    let mut workload =
+        Workload::start(&workload_binary(), &["fork-workers", "20", "10"]).expect("workload");
+    let parent = workload.pid.to_string();
+    workload.go().expect("go");
+    workload
+        .wait_done(Duration::from_secs(60))
+        .expect("workers done");
+    let results = workload.results();
+    let (profile, _) = stop_agent(agent, &out);
+    workload
+        .finish(Duration::from_secs(10))
+        .expect("workload exits");
+
+    let workers: Vec<&str> = results["workers"].split(',').collect();
+    assert_eq!(workers.len(), 20);
+    let in_workers = |s: &Sample| workers.contains(&label(s, "pid"));
+    let marker = off_cpu_where(&profile, |s| {
+        in_workers(s) && profile.stack_contains(s, "offcpu_marker_sleep")
+    });
+    assert!(
+        within(marker, 200e6, 0.10),
+        "off-CPU time of the workers in offcpu_marker_sleep: {marker:.0} ns, they slept 20 x 10 ms"
+    );
+    let mine: Vec<&Sample> = profile.samples.iter().filter(|s| in_workers(s)).collect();
+    for sample in &mine {
+        let unknown: Vec<&str> = user_frames(&profile, sample)
+            .iter()
+            .filter(|f| f.function.starts_with("[unknown]"))
+            .map(|f| f.function.as_str())
+            .collect();
+        assert!(unknown.is_empty(), "unsymbolized frames: {unknown:?}");
+        assert!(label(sample, "exe").ends_with("/stallscope-workload"));
+        assert_ne!(label(sample, "pid"), parent);
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Scenarios for symbolization and identity: a process that exits right after its last
-//! wait, and JIT code named only by a perf map.
+//! wait, worker processes forked without exec that live a few milliseconds, and JIT code
+//! named only by a perf map.
 
 use std::{
     hint::black_box,
@@ -21,6 +22,36 @@ pub fn exit_soon(count: u32, spin: Duration) {
         x = black_box(x.wrapping_mul(31).wrapping_add(7));
     }
     result("waited_ns", u64::from(count) * 50_000_000);
+}
+
+/// Forks `workers` child processes (no exec), each blocking once for `wait` inside
+/// `offcpu_marker_sleep` and exiting at once; waits for all of them.
+pub fn fork_workers(workers: u32, wait: Duration) {
+    let mut children = Vec::new();
+    for _ in 0..workers {
+        // SAFETY: the process is single-threaded here; the child only sleeps and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                offcpu_marker_sleep(1, wait);
+                // SAFETY: ends the child without running the parent's exit handlers.
+                unsafe { libc::_exit(0) }
+            }
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            child => children.push(child),
+        }
+    }
+    for child in &children {
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(*child, &raw mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status),
+            "worker {child} ended with {status}"
+        );
+    }
+    let pids: Vec<String> = children.iter().map(ToString::to_string).collect();
+    result("workers", pids.join(","));
+    result("waited_ns", u64::from(workers) * wait.as_nanos() as u64);
 }
 
 /// Called by the JIT stub: the waits happen below a frame only the perf map can name.

@@ -15,7 +15,8 @@
 //!   namespaces the caller created (see `net.rs`); `net-rr`: request/response over
 //!   loopback, for the network benchmark.
 //! - `exit-soon N MS`: N x 50 ms in `offcpu_marker_sleep`, then MS of CPU, then exits
-//!   without waiting for stdin; `jit`: waits below JIT code named by a perf map (see
+//!   without waiting for stdin; `fork-workers N MS`: N worker processes forked without
+//!   exec, each MS in `offcpu_marker_sleep` and gone; `jit`: waits below JIT code named by a perf map (see
 //!   `identity.rs`).
 
 mod identity;
@@ -199,10 +200,11 @@ fn main() {
             println!("done");
             return;
         }
+        "fork-workers" => identity::fork_workers(arg(&args, 2, 20), ms(arg(&args, 3, 10))),
         "jit" => identity::jit(),
         other => {
             eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, jit or pulse"
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit or pulse"
             );
             std::process::exit(2);
         }
