@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::Signal;
+use agent_common::{Loss, Signal};
 use stallscope_profile::{Meta, Profile};
 
 use crate::{
@@ -205,7 +205,59 @@ pub fn summary_line(summary: &RecordSummary, output: &Path) -> String {
             ));
         }
     }
-    let lost: u64 = profile.meta.losses.values().sum();
+    // Events not measured at all, apart from those that only lost (part of) a stack or
+    // whose stack is probably cut short: the latter still count in every total.
+    let (lost, partial) =
+        profile
+            .meta
+            .losses
+            .iter()
+            .fold((0, 0), |(lost, partial), (name, &count)| {
+                if EVENT_LOSSES.iter().any(|loss| name.ends_with(loss.name())) {
+                    (lost + count, partial)
+                } else {
+                    (lost, partial + count)
+                }
+            });
     parts.push(format!("{lost} events lost"));
+    if partial > 0 {
+        parts.push(format!("{partial} stacks incomplete"));
+    }
     parts.join(", ")
+}
+
+/// Losses that cost a whole event (the others cost a stack, or part of one).
+const EVENT_LOSSES: [Loss; 4] = [
+    Loss::ThreadTableFull,
+    Loss::AggFull,
+    Loss::PendingFull,
+    Loss::MapBusy,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_tells_lost_events_from_incomplete_stacks() {
+        let mut profile = Profile::default();
+        for (name, count) in [
+            ("off-cpu.thread_table_full", 2),
+            ("syscall.aggregation_map_full", 1),
+            ("off-cpu.stack_table_full", 3),
+            ("user_stack_probably_truncated", 154),
+            ("stack_unresolved", 4),
+        ] {
+            profile.meta.losses.insert(name.into(), count);
+        }
+        let summary = RecordSummary {
+            profile,
+            elapsed: Duration::from_secs(1),
+        };
+        let line = summary_line(&summary, Path::new("out.folded"));
+        assert!(
+            line.ends_with("3 events lost, 161 stacks incomplete"),
+            "{line}"
+        );
+    }
 }
