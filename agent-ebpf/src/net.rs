@@ -338,6 +338,11 @@ pub fn socket_wait(
     if sk == 0 {
         return;
     }
+    // Local (Unix) sockets have no peer: one read spares them the socket table's lookup.
+    let family = read_u16(sk, config!(sk_family_offset));
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
     let Some(info) = socket_info(sk) else {
         return;
     };
