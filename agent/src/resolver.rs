@@ -93,6 +93,7 @@ enum Outcome {
         parent: u32,
         child: u32,
         start_ticks: u64,
+        at: Instant,
     },
     Execed {
         pid: u32,
@@ -155,6 +156,7 @@ impl Shared {
             parent,
             child,
             start_ticks,
+            at: Instant::now(),
         });
     }
 
@@ -535,7 +537,8 @@ impl Resolver {
                 parent,
                 child,
                 start_ticks,
-            } => self.forked(parent, child, start_ticks),
+                at,
+            } => self.forked(parent, child, start_ticks, at),
             Outcome::Execed { pid, at } => {
                 self.processes.entry(pid).or_default().execed_at = Some(at);
             }
@@ -591,9 +594,16 @@ impl Resolver {
     /// or once the parent's (next) read is done, which is then asked for if nothing asked
     /// yet. A parent that forks right after its exec (before its exec read) is read once
     /// for all its children.
-    fn forked(&mut self, parent: u32, child: u32, start_ticks: u64) {
+    fn forked(&mut self, parent: u32, child: u32, start_ticks: u64, at: Instant) {
         let period = self.period;
-        self.processes.entry(child).or_default().last_period = period;
+        let entry = self.processes.entry(child).or_default();
+        entry.last_period = period;
+        entry.exited = false;
+        entry.execed_at = None;
+        // What was read before the fork was an earlier process with the same pid.
+        if entry.snapshot.as_ref().is_some_and(|s| s.taken < at) {
+            entry.snapshot = None;
+        }
         let parent_entry = self.processes.entry(parent).or_default();
         // A snapshot from before the parent's last exec shows its previous image.
         let current = parent_entry
@@ -1148,5 +1158,73 @@ mod tests {
         let mut frames = vec![unknown(NOT_MAPPED), jit(), unknown("anonymous"), jit()];
         assert!(!cut_at_unmapped(&mut frames));
         assert_eq!(frames.len(), 4);
+    }
+
+    /// A pid no process has (above the kernel's limit of 2^22).
+    const CHILD: u32 = 5_000_000;
+
+    /// Polls until `pid` has a snapshot inherited at fork, and returns it.
+    fn inherited(resolver: &mut Resolver, pid: u32) -> Arc<ProcessSnapshot> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            resolver.poll();
+            let snapshot = resolver
+                .processes
+                .get(&pid)
+                .and_then(|e| e.snapshot.clone());
+            if let Some(snapshot) = snapshot.filter(|s| s.inherited) {
+                return snapshot;
+            }
+            assert!(Instant::now() < deadline, "no inherited snapshot for {pid}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_forked_child_replaces_an_earlier_process_with_its_pid() {
+        let mut resolver = Resolver::new(ResolverSettings::default());
+        let parent = std::process::id();
+        // An earlier process had the child's pid and exited; its snapshot is still kept.
+        let mut earlier = procs::read_snapshot(parent, false).expect("own snapshot");
+        earlier.comm = "earlier".into();
+        resolver.processes.insert(
+            CHILD,
+            ProcessEntry {
+                snapshot: Some(Arc::new(earlier)),
+                exited: true,
+                ..ProcessEntry::default()
+            },
+        );
+        // The parent is not read yet: the child waits for that read.
+        resolver.shared().forked(parent, CHILD, 42);
+        let child = inherited(&mut resolver, CHILD);
+        let own = procs::read_snapshot(parent, false).expect("own snapshot");
+        assert_eq!((child.pid, child.start_ticks), (CHILD, 42));
+        assert_eq!(child.comm, own.comm);
+        assert!(!resolver.processes[&CHILD].exited);
+        assert_eq!(
+            resolver.labels(CHILD, None)["exe"],
+            own.exe.expect("own exe")
+        );
+    }
+
+    #[test]
+    fn a_fork_right_after_exec_waits_for_the_new_image() {
+        let mut resolver = Resolver::new(ResolverSettings::default());
+        let parent = std::process::id();
+        let mut before_exec = procs::read_snapshot(parent, false).expect("own snapshot");
+        before_exec.comm = "before-exec".into();
+        resolver.processes.insert(
+            parent,
+            ProcessEntry {
+                snapshot: Some(Arc::new(before_exec)),
+                ..ProcessEntry::default()
+            },
+        );
+        resolver.shared().execed(parent);
+        resolver.shared().forked(parent, CHILD, 7);
+        let child = inherited(&mut resolver, CHILD);
+        assert_ne!(child.comm, "before-exec");
+        assert!(child.taken >= resolver.processes[&parent].execed_at.expect("exec seen"));
     }
 }
