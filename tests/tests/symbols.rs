@@ -1,13 +1,18 @@
 //! End to end, as root: symbols that hold up in production. A process that exits right
-//! after its last wait, worker processes forked without exec that live 10 ms, a binary only visible inside its own mount namespace, a stripped
-//! binary with a separate debug file and an inlined function, and JIT code named by a
-//! perf map must all come out symbolized.
+//! after its last wait, worker processes forked without exec that live 10 ms, a binary
+//! only visible inside its own mount namespace, a stripped binary with a separate debug
+//! file and an inlined function, and JIT code named by a perf map must all come out
+//! symbolized.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use stallscope_profile::{Frame, FrameKind, Profile, Sample};
 use stallscope_tests::{
-    Workload, binary, binary_dir,
+    AgentRun, Workload, binary, binary_dir,
     fixtures::{self, Build},
     label, record_started, require_root, scratch_dir, serial, start_agent, stop_agent, value_index,
 };
@@ -16,7 +21,7 @@ fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
     (actual - expected).abs() <= expected * tolerance
 }
 
-fn workload_binary() -> std::path::PathBuf {
+fn workload_binary() -> PathBuf {
     binary(&binary_dir(), "stallscope-workload").expect("workload built")
 }
 
@@ -32,16 +37,11 @@ fn user_frames<'a>(profile: &'a Profile, sample: &'a Sample) -> Vec<&'a Frame> {
         .collect()
 }
 
-#[test]
-fn process_that_exits_after_its_last_wait_is_fully_symbolized() {
-    if !require_root("process_that_exits_after_its_last_wait_is_fully_symbolized") {
-        return;
-    }
-    let _serial = serial();
-    let out = scratch_dir("exited").join("exited.pb.gz");
+/// Starts recording off-CPU time of the whole host, drained only when stopped, into
+/// `NAME.pb.gz` in a scratch directory.
+fn record_offcpu_until_stopped(name: &str) -> (AgentRun, PathBuf) {
+    let out = scratch_dir(name).join(format!("{name}.pb.gz"));
     let out_arg = out.to_string_lossy().into_owned();
-    // The whole host, drained only when stopped: the process is long gone by then, and
-    // it starts after the agent, so only process events can have told the agent about it.
     let agent = start_agent(&[
         "record",
         "--duration",
@@ -54,6 +54,18 @@ fn process_that_exits_after_its_last_wait_is_fully_symbolized() {
         &out_arg,
     ])
     .expect("agent starts");
+    (agent, out)
+}
+
+#[test]
+fn process_that_exits_after_its_last_wait_is_fully_symbolized() {
+    if !require_root("process_that_exits_after_its_last_wait_is_fully_symbolized") {
+        return;
+    }
+    let _serial = serial();
+    // The process is long gone by the drain, and it starts after the agent, so only
+    // process events can have told the agent about it.
+    let (agent, out) = record_offcpu_until_stopped("exited");
     let mut workload =
         Workload::start(&workload_binary(), &["exit-soon", "5", "100"]).expect("workload");
     let pid = workload.pid;
@@ -105,22 +117,9 @@ fn forked_workers_that_exit_at_once_are_symbolized_from_their_parent() {
         return;
     }
     let _serial = serial();
-    let out = scratch_dir("forked").join("forked.pb.gz");
-    let out_arg = out.to_string_lossy().into_owned();
-    // Drained only when stopped; each worker is gone 10 ms after its fork, before any read
-    // of its own could start: its stacks resolve through the snapshot it inherits.
-    let agent = start_agent(&[
-        "record",
-        "--duration",
-        "10m",
-        "--signals",
-        "offcpu",
-        "--drain-interval",
-        "10m",
-        "-o",
-        &out_arg,
-    ])
-    .expect("agent starts");
+    // Each worker is gone 10 ms after its fork, before any read of its own could start:
+    // its stacks resolve through the snapshot it inherits.
+    let (agent, out) = record_offcpu_until_stopped("forked");
     let mut workload =
         Workload::start(&workload_binary(), &["fork-workers", "20", "10"]).expect("workload");
     let parent = workload.pid.to_string();
