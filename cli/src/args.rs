@@ -112,6 +112,38 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Why a window was slow: what was different from normal, ranked by cause, with
+    /// evidence (locks, peers, devices, other processes, code paths, deploys).
+    Why {
+        /// A stored window's id (see `stallscope windows`); or give --service and a range.
+        window: Option<String>,
+        /// Start of the slow period: a duration ago (10m), Unix seconds or RFC 3339.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the slow period (default now).
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Compare with this range instead of the automatic baseline, FROM..UNTIL.
+        #[arg(long, value_name = "FROM..UNTIL")]
+        baseline: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = WhyFormat::Text)]
+        format: WhyFormat,
+        /// Write a differential flame graph per ranked cause into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// How `why` prints its report.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum WhyFormat {
+    /// A terminal report that fits a screen.
+    Text,
+    Json,
+    Markdown,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -26,7 +26,7 @@ use crate::{
 
 const MAX_PROFILE_BYTES: u64 = 1024 * 1024 * 1024;
 
-fn decode(bytes: &[u8]) -> anyhow::Result<Profile> {
+pub(crate) fn decode(bytes: &[u8]) -> anyhow::Result<Profile> {
     decode_pprof_with_limit(bytes, MAX_PROFILE_BYTES)
         .context("the collector sent a profile that does not decode")
 }
@@ -298,7 +298,7 @@ pub async fn diff(
 
 /// A differential flame graph (inferno: widths from `after`, red where time grew, blue
 /// where it shrank) or its folded input (`stack before after`).
-fn write_differential(
+pub(crate) fn write_differential(
     path: &Path,
     before: &Profile,
     after: &Profile,

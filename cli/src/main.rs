@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod report;
 mod timespec;
+mod why;
 
 use std::process::ExitCode;
 
@@ -87,5 +88,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => commands::series(&mut collector, range, filter, *by, step.as_deref(), *json).await,
         Command::Agents { json } => commands::agents(&mut collector, *json).await,
+        Command::Why {
+            window,
+            from,
+            until,
+            filter,
+            baseline,
+            format,
+            out_dir,
+        } => {
+            let now = timespec::now_ns();
+            let range = match (window, from) {
+                (Some(_), None) => None,
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("give a window id or --from/--until, not both")
+                }
+                (None, Some(from)) => {
+                    let from = timespec::parse_time(from, now)?;
+                    let until = until
+                        .as_deref()
+                        .map_or(Ok(now), |u| timespec::parse_time(u, now))?;
+                    anyhow::ensure!(
+                        from < until,
+                        "the range is empty: --from must be before --until"
+                    );
+                    Some((from, until))
+                }
+                (None, None) => anyhow::bail!(
+                    "name a window (`stallscope why WINDOW_ID`, ids from `stallscope windows`) or a period (`--service S --from 10m --until 5m`)"
+                ),
+            };
+            let baseline = baseline.as_deref().map(args::parse_span).transpose()?;
+            why::why(
+                &mut collector,
+                &why::WhyRequest {
+                    window_id: window.as_deref(),
+                    range,
+                    filter,
+                    baseline,
+                    format: *format,
+                    out_dir: out_dir.as_deref(),
+                },
+            )
+            .await
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod explain;
 pub mod faults;
 pub mod hash;
 pub mod identity;

@@ -3,6 +3,7 @@
 //! them; queries use bearer tokens instead), keepalive, message size limits, and the
 //! periodic retention pass.
 
+mod explain;
 mod ingest;
 mod query;
 

@@ -59,7 +59,7 @@ fn filter(filter: Option<v1::Filter>) -> Filter {
     }
 }
 
-fn storage_status(err: &StorageError) -> Status {
+pub(super) fn storage_status(err: &StorageError) -> Status {
     tracing::error!("query failed: {err}");
     Status::unavailable(format!("storage error: {err}"))
 }
@@ -219,6 +219,34 @@ impl<S: Storage> Query for QueryService<S> {
                 })
                 .collect(),
         }))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<v1::ExplainRequest>,
+    ) -> Result<Response<v1::ExplainResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        if !request.window_id.is_empty() {
+            return Err(Status::unimplemented(
+                "explain: windows by id are not stored yet; give a range and a service",
+            ));
+        }
+        let window = range(request.range, "explain")?;
+        let baseline = request
+            .baseline
+            .map(|b| range(Some(b), "explain (baseline)"))
+            .transpose()?;
+        let response = super::explain::answer(
+            &*self.storage,
+            window,
+            &filter(request.filter),
+            baseline,
+            None,
+            self.base_resolution_s,
+        )
+        .await?;
+        Ok(Response::new(response))
     }
 
     async fn agents(

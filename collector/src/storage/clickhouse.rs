@@ -33,8 +33,8 @@ use stallscope_profile::{Labels, Profile};
 
 use super::{
     AgentSummary, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder, Retention,
-    SeriesColumns, SeriesLine, Storage, StorageError, StoreOutcome, Target, TargetsBuilder,
-    TimeRange, Window, bucket_of, sqlite::series_key,
+    SeriesColumns, SeriesLine, SeriesTotals, Storage, StorageError, StoreOutcome, Target,
+    TargetsBuilder, TimeRange, Window, bucket_of, sqlite::series_key,
 };
 use crate::batch::{NormalizedBatch, SignalDef, StoredStack};
 
@@ -70,6 +70,15 @@ pub struct ClickHouseStore {
 
 fn ts_u32(unix_s: i64) -> u32 {
     u32::try_from(unix_s.max(0)).unwrap_or(u32::MAX)
+}
+
+/// A series a filter accepted: its indexed columns and labels.
+struct MatchedSeries {
+    host: String,
+    service: String,
+    signal: String,
+    cause: String,
+    labels: Labels,
 }
 
 fn quote(text: &str) -> String {
@@ -482,7 +491,7 @@ impl ClickHouseStore {
         &self,
         range: TimeRange,
         filter: &Filter,
-    ) -> Result<HashMap<i64, (String, String, Labels)>, StorageError> {
+    ) -> Result<HashMap<i64, MatchedSeries>, StorageError> {
         let (from_s, until_s) = range.seconds();
         let base = self.retention.base_resolution_s();
         let mut sql = format!(
@@ -514,7 +523,16 @@ impl ClickHouseStore {
                 cause: &cause,
             };
             if let Some(labels) = filter.matching_labels(&columns, &labels_json) {
-                out.insert(id, (signal, cause, labels));
+                out.insert(
+                    id,
+                    MatchedSeries {
+                        host,
+                        service,
+                        signal,
+                        cause,
+                        labels,
+                    },
+                );
             }
         }
         Ok(out)
@@ -650,7 +668,7 @@ impl Storage for ClickHouseStore {
             }
         }
         for (series_id, stack, value, count) in rows {
-            if let Some((signal, _, labels)) = series.get(&series_id) {
+            if let Some(MatchedSeries { signal, labels, .. }) = series.get(&series_id) {
                 builder.add(signal, labels, stack, value, count);
             }
         }
@@ -687,7 +705,7 @@ impl Storage for ClickHouseStore {
             .await?;
         let mut lines: LineSums = BTreeMap::new();
         for (series_id, bucket, value, count) in rows {
-            if let Some((signal, cause, _)) = series.get(&series_id) {
+            if let Some(MatchedSeries { signal, cause, .. }) = series.get(&series_id) {
                 let unit = units.get(signal).cloned().unwrap_or_default();
                 let line = lines
                     .entry(series_key(group_by, signal, cause))
@@ -705,6 +723,58 @@ impl Storage for ClickHouseStore {
                 points: points.into_iter().map(|(t, (v, c))| (t, v, c)).collect(),
             })
             .collect())
+    }
+
+    async fn series_totals(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+        step_s: i64,
+    ) -> Result<Vec<SeriesTotals>, StorageError> {
+        let (from_s, until_s) = range.seconds();
+        let step_s = step_s.max(1);
+        let mut series = self.matching_series(range, &filter).await?;
+        let ids: Vec<i64> = series.keys().copied().collect();
+        let rows: Vec<(i64, i64, i64, i64)> = self
+            .over_tiers(&ids, from_s, until_s, |list, table, lo, hi| {
+                format!(
+                    "SELECT series, toInt64(toUInt32(ts)) - ((toInt64(toUInt32(ts)) - {from_s}) % {step_s}) AS bucket,
+                            sum(value), sum(count) FROM {table}
+                     WHERE series IN ({list}) AND ts >= toDateTime({lo}) AND ts < toDateTime({hi})
+                     GROUP BY series, bucket"
+                )
+            })
+            .await?;
+        let mut points: HashMap<i64, BTreeMap<i64, (i64, i64)>> = HashMap::new();
+        for (series_id, bucket, value, count) in rows {
+            let point = points
+                .entry(series_id)
+                .or_default()
+                .entry(bucket)
+                .or_default();
+            point.0 = point.0.saturating_add(value);
+            point.1 = point.1.saturating_add(count);
+        }
+        let mut out: Vec<SeriesTotals> = points
+            .into_iter()
+            .filter_map(|(id, buckets)| {
+                let s = series.remove(&id)?;
+                Some(SeriesTotals {
+                    host: s.host,
+                    service: s.service,
+                    signal: s.signal,
+                    cause: s.cause,
+                    labels: s.labels,
+                    points: buckets.into_iter().map(|(t, (v, c))| (t, v, c)).collect(),
+                })
+            })
+            .collect();
+        // A stable order, like SQLite's (series in id order there).
+        out.sort_by(|a, b| {
+            (&a.host, &a.service, &a.signal, &a.labels)
+                .cmp(&(&b.host, &b.service, &b.signal, &b.labels))
+        });
+        Ok(out)
     }
 
     async fn targets(&self, range: TimeRange) -> Result<Vec<Target>, StorageError> {

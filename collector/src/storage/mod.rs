@@ -128,6 +128,21 @@ pub struct SeriesLine {
     pub points: Vec<(i64, i64, i64)>,
 }
 
+/// One series' totals per time bucket, summed over its stacks, with what identifies it:
+/// the raw material of `why` and of the windows detector, which group series by their
+/// labels (peer, lock, device, process...) themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesTotals {
+    pub host: String,
+    pub service: String,
+    pub signal: String,
+    pub cause: String,
+    pub labels: Labels,
+    /// (bucket start in Unix seconds, value, count), sorted by time; buckets without
+    /// rows are absent.
+    pub points: Vec<(i64, i64, i64)>,
+}
+
 /// A host/service/process seen in a range.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Target {
@@ -348,6 +363,15 @@ pub trait Storage: Send + Sync + 'static {
         group_by: GroupBy,
         step_s: i64,
     ) -> impl Future<Output = Result<Vec<SeriesLine>, StorageError>> + Send;
+
+    /// Every matching series with its value and count totals in buckets of `step_s`
+    /// seconds (aligned to `range`'s start).
+    fn series_totals(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+        step_s: i64,
+    ) -> impl Future<Output = Result<Vec<SeriesTotals>, StorageError>> + Send;
 
     fn targets(
         &self,

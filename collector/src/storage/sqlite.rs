@@ -26,8 +26,8 @@ use self::{
     write::{Writer, store_group},
 };
 use super::{
-    AgentSummary, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine, Storage, StorageError,
-    StoreOutcome, Target, TargetsBuilder, TimeRange, Window, bucket_of,
+    AgentSummary, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine, SeriesTotals, Storage,
+    StorageError, StoreOutcome, Target, TargetsBuilder, TimeRange, Window, bucket_of,
 };
 use crate::batch::NormalizedBatch;
 
@@ -345,6 +345,18 @@ impl Storage for SqliteStore {
     ) -> Result<Vec<SeriesLine>, StorageError> {
         self.blocking(move |inner| {
             read::query_series(&*lock(&inner.reader)?, range, &filter, group_by, step_s)
+        })
+        .await
+    }
+
+    async fn series_totals(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+        step_s: i64,
+    ) -> Result<Vec<SeriesTotals>, StorageError> {
+        self.blocking(move |inner| {
+            read::query_series_totals(&*lock(&inner.reader)?, range, &filter, step_s)
         })
         .await
     }

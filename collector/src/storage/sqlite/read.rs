@@ -15,8 +15,8 @@ use super::{rollup::RollupSpan, stacks};
 use crate::{
     batch::{SignalDef, StoredStack},
     storage::{
-        Filter, GroupBy, LineSums, Losses, ProfileBuilder, SeriesColumns, SeriesLine, StorageError,
-        TimeRange,
+        Filter, GroupBy, LineSums, Losses, ProfileBuilder, SeriesColumns, SeriesLine, SeriesTotals,
+        StorageError, TimeRange,
     },
 };
 
@@ -24,6 +24,8 @@ use crate::{
 pub struct SeriesRow {
     id: i64,
     svc: i64,
+    host: String,
+    service: String,
     signal: String,
     cause: String,
     labels: Labels,
@@ -73,6 +75,8 @@ pub fn matching_series(
             out.push(SeriesRow {
                 id: row.get(0)?,
                 svc: row.get(7)?,
+                host,
+                service,
                 signal,
                 cause,
                 labels,
@@ -289,6 +293,49 @@ pub fn query_series(
             key,
             value_unit,
             points: points.into_iter().map(|(t, (v, c))| (t, v, c)).collect(),
+        })
+        .collect())
+}
+
+/// Each matching series with its totals per bucket of `step_s` (aligned to the range's
+/// start).
+pub fn query_series_totals(
+    conn: &Connection,
+    range: TimeRange,
+    filter: &Filter,
+    step_s: i64,
+) -> Result<Vec<SeriesTotals>, StorageError> {
+    let (from_s, until_s) = range.seconds();
+    let step_s = step_s.max(1);
+    let series = matching_series(conn, range, filter)?;
+    let mut points: HashMap<i64, BTreeMap<i64, (i64, i64)>> = HashMap::new();
+    for_rows(
+        conn,
+        &series,
+        from_s,
+        until_s,
+        |series, ts, value, count| {
+            let point = points
+                .entry(series)
+                .or_default()
+                .entry(ts - (ts - from_s).rem_euclid(step_s))
+                .or_default();
+            point.0 = point.0.saturating_add(value);
+            point.1 = point.1.saturating_add(count);
+        },
+    )?;
+    Ok(series
+        .into_iter()
+        .filter_map(|s| {
+            let buckets = points.remove(&s.id)?;
+            Some(SeriesTotals {
+                host: s.host,
+                service: s.service,
+                signal: s.signal,
+                cause: s.cause,
+                labels: s.labels,
+                points: buckets.into_iter().map(|(t, (v, c))| (t, v, c)).collect(),
+            })
         })
         .collect())
 }

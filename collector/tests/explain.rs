@@ -1,0 +1,414 @@
+//! `why` on stored data, on every backend: a service with a request path (CPU work, a
+//! mutex, two downstream peers) and a lot of idle waiting (servers waiting for requests,
+//! a parked pool), healthy for 10 minutes with bucket-to-bucket noise, then degraded for
+//! a minute by one cause. The report must rank the injected cause first and name the
+//! object, say "inconclusive" for a healthy minute, and refuse plainly without data or
+//! without a baseline. (The scenario tests in tests/ do the same with real agents and a
+//! real service; this suite pins the engine's arithmetic on both backends.)
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use stallscope_collector::{
+    batch::{BatchLimits, normalize},
+    explain::{self, Question, Settings, report::Verdict},
+    storage::{
+        Retention, Storage, Tier, TimeRange, clickhouse::ClickHouseStore, sqlite::SqliteStore,
+    },
+};
+use stallscope_proto::v1;
+
+const SECOND: i64 = 1_000_000_000;
+/// 2026-01-01T00:00:00Z.
+const T0: i64 = 1_767_225_600;
+/// Healthy batches before the first degradation (10 s each).
+const HEALTHY: i64 = 60;
+
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn retention() -> Retention {
+    Retention {
+        tiers: vec![
+            Tier {
+                resolution: Duration::from_secs(10),
+                keep: Duration::from_secs(365 * 86_400),
+            },
+            Tier {
+                resolution: Duration::from_secs(60),
+                keep: Duration::from_secs(2 * 365 * 86_400),
+            },
+        ],
+    }
+}
+
+/// What one 10-second batch of the service looks like.
+#[derive(Debug, Clone, Copy, Default)]
+struct Phase {
+    /// Extra lock wait on the `inventory` futex, seconds per batch.
+    lock_s: f64,
+    /// Extra wait on peer B (shipping), seconds per batch.
+    slow_peer_s: f64,
+}
+
+/// Builds batches with named frames and labels.
+struct Builder {
+    batch: v1::Batch,
+}
+
+impl Builder {
+    fn new(sequence: u64, start_s: i64) -> Self {
+        let signal = |name: &str, value: &str, count: &str| v1::SignalType {
+            name: name.into(),
+            value_kind: value.into(),
+            value_unit: "nanoseconds".into(),
+            count_kind: count.into(),
+            count_unit: "count".into(),
+        };
+        Self {
+            batch: v1::Batch {
+                agent_id: "agent-1".into(),
+                host: "host-a".into(),
+                sequence,
+                start_unix_ns: start_s * SECOND,
+                duration_ns: 10 * SECOND,
+                signals: vec![
+                    signal("off-cpu", "off_cpu", "off_cpu_events"),
+                    signal("on-cpu", "on_cpu", "on_cpu_samples"),
+                    signal("lock", "lock_wait", "lock_waits"),
+                    signal("socket-wait", "socket_wait", "socket_waits"),
+                ],
+                strings: vec![String::new()],
+                ..v1::Batch::default()
+            },
+        }
+    }
+
+    fn string(&mut self, text: &str) -> u32 {
+        if let Some(i) = self.batch.strings.iter().position(|s| s == text) {
+            return i as u32;
+        }
+        self.batch.strings.push(text.into());
+        (self.batch.strings.len() - 1) as u32
+    }
+
+    /// A sample with a user stack of `functions` (innermost first) in /app/shop.
+    fn sample(
+        &mut self,
+        signal: u32,
+        functions: &[&str],
+        labels: &[(&str, &str)],
+        seconds: f64,
+        count: i64,
+    ) {
+        let mut frame_ids = Vec::new();
+        for function in functions {
+            self.batch.frames.push(v1::Frame {
+                function: (*function).into(),
+                module: "/app/shop".into(),
+                kind: v1::FrameKind::User as i32,
+                ..v1::Frame::default()
+            });
+            frame_ids.push((self.batch.frames.len() - 1) as u32);
+        }
+        self.batch.stacks.push(v1::Stack { frames: frame_ids });
+        let stack = (self.batch.stacks.len() - 1) as u32;
+        let mut all = vec![("service", "shop"), ("process", "shop"), ("pid", "42")];
+        all.extend_from_slice(labels);
+        let labels = all
+            .iter()
+            .flat_map(|(k, v)| [self.string(k), self.string(v)])
+            .collect();
+        self.batch.samples.push(v1::Sample {
+            stack,
+            signal,
+            labels,
+            value: (seconds * 1e9) as i64,
+            count,
+        });
+    }
+}
+
+/// Deterministic noise in [-amplitude, +amplitude].
+fn noise(sequence: u64, salt: u64, amplitude: f64) -> f64 {
+    let mut z =
+        sequence.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^= z >> 29;
+    z = z.wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 32;
+    ((z % 2001) as f64 / 1000.0 - 1.0) * amplitude
+}
+
+fn batch(sequence: u64, phase: Phase) -> v1::Batch {
+    let start = T0 + 10 * sequence as i64;
+    let mut b = Builder::new(sequence, start);
+    let n = |salt, amplitude| 1.0 + noise(sequence, salt, amplitude);
+    // 8 workers and a pool: 10 threads x 10 s of thread time per batch.
+    b.sample(
+        1,
+        &["render_page", "handle_request"],
+        &[("cause", "cpu-work")],
+        2.0 * n(1, 0.1),
+        98,
+    );
+    b.sample(
+        0,
+        &["lock_contended", "reserve_inventory", "handle_request"],
+        &[("cause", "lock"), ("state", "interruptible")],
+        0.05 * n(2, 0.3) + phase.lock_s,
+        50,
+    );
+    b.sample(
+        2,
+        &["lock_contended", "reserve_inventory", "handle_request"],
+        &[
+            ("lock_kind", "futex"),
+            ("lock", "0x7f00aa"),
+            ("lock_wait", "contention"),
+        ],
+        0.05 * n(2, 0.3) + phase.lock_s,
+        50,
+    );
+    let (peer_a, peer_b) = (1.0 * n(3, 0.1), 1.0 * n(4, 0.1) + phase.slow_peer_s);
+    let server = 30.0 * n(5, 0.05) - phase.slow_peer_s;
+    // Off-CPU network time: clients waiting for peers plus servers waiting for requests.
+    b.sample(
+        0,
+        &["recv", "call_peer", "handle_request"],
+        &[("cause", "network"), ("state", "interruptible")],
+        peer_a + peer_b + server,
+        3000,
+    );
+    b.sample(
+        3,
+        &["recv", "call_pricing", "handle_request"],
+        &[("direction", "client"), ("peer", "10.0.0.2:7001")],
+        peer_a,
+        1000,
+    );
+    b.sample(
+        3,
+        &["recv", "call_shipping", "handle_request"],
+        &[("direction", "client"), ("peer", "10.0.0.3:7002")],
+        peer_b,
+        1000,
+    );
+    b.sample(
+        3,
+        &["recv", "read_request"],
+        &[("direction", "server"), ("peer", "127.0.0.1")],
+        server,
+        1000,
+    );
+    b.sample(
+        0,
+        &["futex_wait", "park", "pool_worker"],
+        &[("cause", "other"), ("evidence", "futex: idle wait")],
+        40.0 * n(6, 0.05) - phase.lock_s,
+        100,
+    );
+    b.batch
+}
+
+async fn load<S: Storage>(store: &S, phases: &[(i64, Phase)]) {
+    let mut sequence = 0u64;
+    for &(batches, phase) in phases {
+        for _ in 0..batches {
+            let normalized = normalize(
+                "agent-1",
+                sequence,
+                batch(sequence, phase),
+                &BatchLimits::default(),
+            )
+            .expect("valid batch");
+            store.store(normalized).await.expect("store");
+            sequence += 1;
+        }
+    }
+}
+
+fn range(from_batch: i64, until_batch: i64) -> TimeRange {
+    TimeRange {
+        from_unix_ns: (T0 + 10 * from_batch) * SECOND,
+        until_unix_ns: (T0 + 10 * until_batch) * SECOND,
+    }
+}
+
+fn question(service: &str, window: TimeRange) -> Question {
+    Question {
+        window_id: None,
+        host: None,
+        service: Some(service.into()),
+        window,
+        baseline: None,
+        exclude: Vec::new(),
+    }
+}
+
+async fn suite<S: Storage>(store: &S) {
+    let healthy = Phase::default();
+    let lock = Phase {
+        lock_s: 15.0,
+        ..Phase::default()
+    };
+    let slow = Phase {
+        slow_peer_s: 5.0,
+        ..Phase::default()
+    };
+    // 10 min healthy, 1 min lock, 3 min healthy, 1 min slow peer B, 2 min healthy.
+    load(
+        store,
+        &[
+            (HEALTHY, healthy),
+            (6, lock),
+            (18, healthy),
+            (6, slow),
+            (12, healthy),
+        ],
+    )
+    .await;
+    let settings = Settings::default();
+
+    let lock_window = range(HEALTHY, HEALTHY + 6);
+    let report = explain::explain(store, &question("shop", lock_window), &settings)
+        .await
+        .expect("explain");
+    assert_eq!(report.verdict, Verdict::Explained, "{report:#?}");
+    assert_eq!(report.top_cause(), Some("lock"), "{report:#?}");
+    let top = &report.causes[0];
+    assert!(top.share > 0.9, "{top:#?}");
+    assert!(
+        top.evidence
+            .iter()
+            .any(|e| e.kind == "lock" && e.name == "futex 0x7f00aa"),
+        "{top:#?}"
+    );
+    assert!(
+        top.evidence
+            .iter()
+            .any(|e| e.details.iter().any(|d| d.contains("reserve_inventory"))),
+        "the waiters' code path: {top:#?}"
+    );
+    // The parked pool's time fell: idle, never ranked.
+    assert!(report.idle_window_ns_per_s < report.idle_baseline_ns_per_s);
+    assert!(report.baseline.iter().all(|p| p.kind == "before"));
+    assert!(report.baseline_buckets >= 50, "{}", report.baseline_buckets);
+
+    // Peer B slows down: off-CPU network time stays flat (its workers stop waiting for
+    // requests as long as they wait for B), but the request path's network time rises.
+    let slow_window = range(HEALTHY + 24, HEALTHY + 30);
+    let report = explain::explain(
+        store,
+        &Question {
+            // The lock window is known: it stays out of this baseline.
+            exclude: vec![explain::report::Span {
+                from_unix_ns: lock_window.from_unix_ns,
+                until_unix_ns: lock_window.until_unix_ns,
+            }],
+            ..question("shop", slow_window)
+        },
+        &settings,
+    )
+    .await
+    .expect("explain");
+    assert_eq!(report.top_cause(), Some("network"), "{report:#?}");
+    let network = &report.causes[0];
+    assert_eq!(network.evidence[0].name, "10.0.0.3:7002", "{network:#?}");
+    assert!(
+        network.evidence.iter().all(|e| e.name != "10.0.0.2:7001"),
+        "the healthy peer is not evidence: {network:#?}"
+    );
+    let lock_buckets: Vec<_> = report
+        .baseline
+        .iter()
+        .filter(|p| {
+            p.span.from_unix_ns < lock_window.until_unix_ns
+                && p.span.until_unix_ns > lock_window.from_unix_ns
+        })
+        .collect();
+    assert!(
+        lock_buckets.is_empty(),
+        "the known window is left out: {:?}",
+        report.baseline
+    );
+
+    // A healthy minute: inconclusive.
+    let report = explain::explain(
+        store,
+        &question("shop", range(HEALTHY + 12, HEALTHY + 18)),
+        &settings,
+    )
+    .await
+    .expect("explain");
+    assert_eq!(report.verdict, Verdict::Inconclusive, "{report:#?}");
+    assert!(report.causes.iter().all(|c| c.rank.is_none()));
+    assert!(
+        report.summary.starts_with("inconclusive"),
+        "{}",
+        report.summary
+    );
+
+    // No data: which service and range.
+    let report = explain::explain(store, &question("nosuch", lock_window), &settings)
+        .await
+        .expect("explain");
+    assert_eq!(report.verdict, Verdict::NoData);
+    assert!(
+        report.summary.contains("service nosuch"),
+        "{}",
+        report.summary
+    );
+
+    // At the very start there is nothing to compare with.
+    let report = explain::explain(store, &question("shop", range(1, 7)), &settings)
+        .await
+        .expect("explain");
+    assert_eq!(report.verdict, Verdict::NotEnoughBaseline, "{report:#?}");
+    assert!(
+        report.summary.contains("needs at least"),
+        "{}",
+        report.summary
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_explains_injected_causes() {
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "stallscope-explain-{}-{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = SqliteStore::open(&dir, retention()).expect("open SQLite");
+    suite(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_explains_injected_causes() {
+    let url = std::env::var("STALLSCOPE_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned());
+    let database = format!(
+        "stallscope_explain_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    );
+    match ClickHouseStore::connect(&url, &database, retention()).await {
+        Ok(store) => suite(&store).await,
+        Err(err) => {
+            assert!(
+                !in_ci(),
+                "ClickHouse at {url} is unreachable and CI=true forbids skipping: {err}"
+            );
+            eprintln!(
+                "skipping the ClickHouse run: {err} (start one with `cargo xtask clickhouse start`)"
+            );
+        }
+    }
+}
