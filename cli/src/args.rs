@@ -134,7 +134,27 @@ pub enum Command {
         /// Write a differential flame graph per ranked cause into this directory.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
+        /// Ranking method: why (what each cause explains, tested against the baseline's
+        /// variation) or nsigma (robust z-score alone; the evaluation's baseline).
+        #[arg(long, value_enum, default_value_t = RankerArg::Why)]
+        ranker: RankerArg,
     },
+}
+
+/// How `why` ranks causes.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RankerArg {
+    Why,
+    Nsigma,
+}
+
+impl RankerArg {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Why => "why",
+            Self::Nsigma => "nsigma",
+        }
+    }
 }
 
 /// How `why` prints its report.

@@ -96,6 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             baseline,
             format,
             out_dir,
+            ranker,
         } => {
             let now = timespec::now_ns();
             let range = match (window, from) {
@@ -128,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     baseline,
                     format: *format,
                     out_dir: out_dir.as_deref(),
+                    ranker: ranker.as_str(),
                 },
             )
             .await

@@ -30,6 +30,8 @@ pub struct WhyRequest<'a> {
     pub baseline: Option<(i64, i64)>,
     pub format: WhyFormat,
     pub out_dir: Option<&'a Path>,
+    /// `why` (default) or `nsigma` (the evaluation's baseline ranker).
+    pub ranker: &'a str,
 }
 
 pub async fn why(collector: &mut Collector, request: &WhyRequest<'_>) -> anyhow::Result<()> {
@@ -40,6 +42,7 @@ pub async fn why(collector: &mut Collector, request: &WhyRequest<'_>) -> anyhow:
             range: request.range.map(|(f, u)| time_range(f, u)),
             filter: Some(filter(request.filter)?),
             baseline: request.baseline.map(|(f, u)| time_range(f, u)),
+            ranker: request.ranker.to_owned(),
         })
         .await
         .map_err(|status| explain_status(&status, &collector.address))?

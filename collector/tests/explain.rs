@@ -338,6 +338,16 @@ async fn suite<S: Storage>(store: &S) {
         report.baseline
     );
 
+    // The n-sigma baseline ranker on the same data: it ranks by deviation alone.
+    let nsigma = Settings {
+        ranker: explain::Ranker::NSigma,
+        ..Settings::default()
+    };
+    let report = explain::explain(store, &question("shop", lock_window), &nsigma)
+        .await
+        .expect("explain");
+    assert_eq!(report.top_cause(), Some("lock"), "{report:#?}");
+
     // A healthy minute: inconclusive.
     let report = explain::explain(
         store,

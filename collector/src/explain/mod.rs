@@ -56,9 +56,25 @@ pub struct Question {
     pub exclude: Vec<Span>,
 }
 
+/// How causes and objects are ranked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ranker {
+    /// By how much of the change a cause explains, among changes the baseline's own
+    /// variation does not explain (bootstrap, false-discovery control).
+    #[default]
+    Why,
+    /// By robust z-score alone (the "n-sigma" method of the `RCAEval` benchmark): the
+    /// simple baseline `why` is measured against; significant at z >= 3.
+    NSigma,
+}
+
+/// The z-score at which the n-sigma ranker calls a change significant.
+pub const NSIGMA_THRESHOLD: f64 = 3.0;
+
 /// The thresholds of an answer (documented in the README's `why` section).
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub ranker: Ranker,
     /// The storage's finest bucket (seconds): the comparison's buckets are multiples.
     pub base_resolution_s: i64,
     /// About this many buckets per window (fewer for windows shorter than that many base
@@ -81,6 +97,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            ranker: Ranker::Why,
             base_resolution_s: 10,
             buckets_per_window: 30,
             policy: BaselinePolicy::default(),
@@ -281,11 +298,22 @@ pub async fn explain<S: Storage>(
         .into_iter()
         .map(|c| {
             let rates = timeline.rates(&c.amounts);
-            let p = timeline.p_value(&c.amounts, &mut rng);
-            (c, rates, p)
+            let score = match settings.ranker {
+                Ranker::Why => timeline.p_value(&c.amounts, &mut rng),
+                Ranker::NSigma => timeline.robust_z(&c.amounts),
+            };
+            (c, rates, score)
         })
         .collect();
-    let q_values = stats::benjamini_hochberg(&tested.iter().map(|t| t.2).collect::<Vec<_>>());
+    // Why: false-discovery-adjusted p-values; n-sigma: objects at z >= 3 pass (their
+    // "q" is then 0, and they are ordered by z below).
+    let q_values: Vec<f64> = match settings.ranker {
+        Ranker::Why => stats::benjamini_hochberg(&tested.iter().map(|t| t.2).collect::<Vec<_>>()),
+        Ranker::NSigma => tested
+            .iter()
+            .map(|t| if t.2 >= NSIGMA_THRESHOLD { 0.0 } else { 1.0 })
+            .collect(),
+    };
 
     // Stacks, syscalls and builds for the ranked causes.
     let (window_profile, baseline_profile) = if ranked.is_empty() {
@@ -308,13 +336,20 @@ pub async fn explain<S: Storage>(
             continue;
         }
         let floor = (cause.change_ns_per_s * 0.05).max(1e6);
-        let mut evidence: Vec<Evidence> = tested
+        let mut passed: Vec<(&(objects::Candidate, Rates, f64), f64)> = tested
             .iter()
-            .zip(&q_values)
+            .zip(q_values.iter().copied())
             .filter(|((c, rates, _), q)| {
-                c.category == category && **q <= settings.alpha && rates.change() > 0.0
+                c.category == category && *q <= settings.alpha && rates.change() > 0.0
             })
-            .map(|((c, rates, _), &q)| {
+            .collect();
+        match settings.ranker {
+            Ranker::Why => passed.sort_by(|a, b| b.0.1.change().total_cmp(&a.0.1.change())),
+            Ranker::NSigma => passed.sort_by(|a, b| b.0.2.total_cmp(&a.0.2)),
+        }
+        let mut evidence: Vec<Evidence> = passed
+            .into_iter()
+            .map(|((c, rates, _), q)| {
                 let mut e = objects::evidence(c, rates, q);
                 if c.kind == "lock"
                     && let Some(address) = c.name.split_whitespace().nth(1)
@@ -325,7 +360,6 @@ pub async fn explain<S: Storage>(
                 e
             })
             .collect();
-        evidence.sort_by(|a, b| b.change_ns_per_s().total_cmp(&a.change_ns_per_s()));
         match category {
             Category::CpuContention => {
                 if let Some(line) = &runqueue {
@@ -392,44 +426,61 @@ fn rank_causes(
     rng: &mut SplitMix64,
 ) {
     let empty = BucketAmounts::new();
-    let tested: Vec<(Category, Rates, f64)> = Category::ALL
+    let tested: Vec<(Category, Rates, f64, f64)> = Category::ALL
         .into_iter()
         .map(|category| {
             let a = amounts.get(&category).unwrap_or(&empty);
-            (category, timeline.rates(a), timeline.p_value(a, rng))
+            (
+                category,
+                timeline.rates(a),
+                timeline.p_value(a, rng),
+                timeline.robust_z(a),
+            )
         })
         .collect();
     let q = stats::benjamini_hochberg(&tested.iter().map(|t| t.2).collect::<Vec<_>>());
-    let mut causes: Vec<CauseChange> = tested
+    let mut causes: Vec<(CauseChange, f64)> = tested
         .iter()
         .zip(q)
-        .map(|((category, rates, p), q)| {
+        .map(|((category, rates, p, z), q)| {
             let change = rates.change();
             let big_enough = change
                 >= settings
                     .min_change_ns_per_s
                     .max(settings.min_relative_change * rates.baseline_ns_per_s);
-            CauseChange {
-                category: category.label().to_owned(),
-                rank: None,
-                window_ns_per_s: rates.window_ns_per_s,
-                baseline_ns_per_s: rates.baseline_ns_per_s,
-                change_ns_per_s: change,
-                window_ns_per_event: rates.window_ns_per_event,
-                baseline_ns_per_event: rates.baseline_ns_per_event,
-                share: 0.0,
-                p_value: *p,
-                q_value: q,
-                significant: q <= settings.alpha && big_enough,
-                evidence: Vec::new(),
-            }
+            let significant = match settings.ranker {
+                Ranker::Why => q <= settings.alpha && big_enough,
+                Ranker::NSigma => *z >= NSIGMA_THRESHOLD,
+            };
+            (
+                CauseChange {
+                    category: category.label().to_owned(),
+                    rank: None,
+                    window_ns_per_s: rates.window_ns_per_s,
+                    baseline_ns_per_s: rates.baseline_ns_per_s,
+                    change_ns_per_s: change,
+                    window_ns_per_event: rates.window_ns_per_event,
+                    baseline_ns_per_event: rates.baseline_ns_per_event,
+                    share: 0.0,
+                    p_value: *p,
+                    q_value: q,
+                    significant,
+                    evidence: Vec::new(),
+                },
+                *z,
+            )
         })
         .collect();
-    causes.sort_by(|a, b| {
+    // Why ranks by what a cause explains; n-sigma by how far it deviated.
+    causes.sort_by(|(a, za), (b, zb)| {
         b.significant
             .cmp(&a.significant)
-            .then(b.change_ns_per_s.total_cmp(&a.change_ns_per_s))
+            .then(match settings.ranker {
+                Ranker::Why => b.change_ns_per_s.total_cmp(&a.change_ns_per_s),
+                Ranker::NSigma => zb.total_cmp(za),
+            })
     });
+    let mut causes: Vec<CauseChange> = causes.into_iter().map(|(c, _)| c).collect();
     let total: f64 = causes
         .iter()
         .filter(|c| c.significant)

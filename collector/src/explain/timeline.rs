@@ -83,6 +83,28 @@ impl Timeline {
     }
 }
 
+impl Timeline {
+    /// The window's mean per-second rate as a robust z-score against the baseline's
+    /// buckets: (mean - median) / (1.4826 MAD), falling back to the standard deviation
+    /// and then to 1 ns/s when the baseline is flat. The "n-sigma" baseline ranker of the
+    /// `RCAEval` benchmark, in its robust form.
+    pub fn robust_z(&self, amounts: &BucketAmounts) -> f64 {
+        let step = self.step_s as f64;
+        let rate = |bucket: &i64| amounts.get(bucket).map_or(0.0, |(ns, _)| ns / step);
+        let baseline: Vec<f64> = self.baseline_runs.iter().flatten().map(rate).collect();
+        let window: Vec<f64> = self.window.iter().map(rate).collect();
+        let center = stats::median(&baseline);
+        let mut spread = stats::mad(&baseline);
+        if spread <= 0.0 {
+            let mean = stats::mean(&baseline);
+            let variance = baseline.iter().map(|v| (v - mean).powi(2)).sum::<f64>()
+                / baseline.len().max(1) as f64;
+            spread = variance.sqrt();
+        }
+        (stats::mean(&window) - center) / spread.max(1.0)
+    }
+}
+
 fn ratio(ns: f64, seconds: f64) -> f64 {
     if seconds > 0.0 { ns / seconds } else { 0.0 }
 }

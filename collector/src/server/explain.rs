@@ -6,7 +6,7 @@ use tonic::Status;
 
 use crate::{
     explain::{
-        self, Question, Settings,
+        self, Question, Ranker, Settings,
         report::{CauseChange, Evidence, Report, Span},
     },
     storage::{Filter, Storage, TimeRange},
@@ -97,8 +97,18 @@ pub async fn answer<S: Storage>(
     filter: &Filter,
     baseline: Option<TimeRange>,
     window_id: Option<String>,
+    ranker: &str,
     base_resolution_s: i64,
 ) -> Result<v1::ExplainResponse, Status> {
+    let ranker = match ranker {
+        "" | "why" => Ranker::Why,
+        "nsigma" => Ranker::NSigma,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "explain: unknown ranker `{other}` (use why or nsigma)"
+            )));
+        }
+    };
     if filter.service.is_none() && filter.host.is_none() {
         return Err(Status::invalid_argument(
             "explain: name a service (or a host) to explain, or a window id",
@@ -134,6 +144,7 @@ pub async fn answer<S: Storage>(
         exclude,
     };
     let settings = Settings {
+        ranker,
         base_resolution_s,
         ..Settings::default()
     };

@@ -243,6 +243,7 @@ impl<S: Storage> Query for QueryService<S> {
             &filter(request.filter),
             baseline,
             None,
+            &request.ranker,
             self.base_resolution_s,
         )
         .await?;
