@@ -16,33 +16,35 @@ use std::{
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use object::{Object, ObjectSymbol, SymbolKind};
 use stallscope_agent::{
-    binaries::BinaryFile,
-    elf,
-    procfs::FileId,
-    resolver::{Resolver, ResolverSettings},
-    symbolize::{DWARF_MAX_BYTES, LaneSymbolizers, symbolize_offsets},
+    process::procfs::FileId,
+    symbols::{
+        binaries::BinaryFile,
+        elf,
+        resolver::{Resolver, ResolverSettings},
+        symbolize::{DWARF_MAX_BYTES, LaneSymbolizers, symbolize_offsets},
+    },
 };
 
 /// Code addresses in this binary: starts of functions of the agent library, each
 /// looked up as a return address a few bytes into the function.
 fn own_stack() -> Vec<u64> {
     let functions: [u64; 16] = [
-        stallscope_agent::identity::redact_args as *const () as u64,
-        stallscope_agent::identity::cmdline_label as *const () as u64,
-        stallscope_agent::identity::from_proc_cgroup as *const () as u64,
-        stallscope_agent::identity::from_cgroup_path as *const () as u64,
-        stallscope_agent::identity::service_of as *const () as u64,
-        stallscope_agent::procfs::parse_maps as *const () as u64,
-        stallscope_agent::procfs::find_mapping as *const () as u64,
-        stallscope_agent::procfs::parse_ns_pid as *const () as u64,
-        stallscope_agent::procfs::parse_cmdline as *const () as u64,
-        stallscope_agent::procs::read_snapshot as *const () as u64,
+        stallscope_agent::process::identity::redact_args as *const () as u64,
+        stallscope_agent::process::identity::cmdline_label as *const () as u64,
+        stallscope_agent::process::identity::from_proc_cgroup as *const () as u64,
+        stallscope_agent::process::identity::from_cgroup_path as *const () as u64,
+        stallscope_agent::process::identity::service_of as *const () as u64,
+        stallscope_agent::process::procfs::parse_maps as *const () as u64,
+        stallscope_agent::process::procfs::find_mapping as *const () as u64,
+        stallscope_agent::process::procfs::parse_ns_pid as *const () as u64,
+        stallscope_agent::process::procfs::parse_cmdline as *const () as u64,
+        stallscope_agent::process::snapshot::read_snapshot as *const () as u64,
         elf::inspect as *const () as u64,
         elf::hex as *const () as u64,
-        stallscope_agent::binaries::reaches_root as *const () as u64,
-        stallscope_agent::symbolize::lookup_addresses as *const () as u64,
-        stallscope_agent::proc_events::parse_events as *const () as u64,
-        stallscope_agent::binaries::own_vdso as *const () as u64,
+        stallscope_agent::symbols::binaries::reaches_root as *const () as u64,
+        stallscope_agent::symbols::symbolize::lookup_addresses as *const () as u64,
+        stallscope_agent::process::events::parse_events as *const () as u64,
+        stallscope_agent::symbols::binaries::own_vdso as *const () as u64,
     ];
     // 32 frames, as deep as a typical service stack.
     functions.iter().flat_map(|&f| [f + 5, f + 9]).collect()

@@ -4,10 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use stallscope_agent::{
-    check,
-    cli::{Cli, Command},
-    config::parse_duration,
-    logging, record, run, system,
+    config::{
+        cli::{Cli, Command},
+        parse_duration,
+    },
+    logging,
+    sampling::{check, record, run},
+    system,
 };
 
 fn main() -> ExitCode {

@@ -7,6 +7,7 @@ mod bootstrap;
 mod clickhouse;
 mod debian;
 mod demo;
+mod lint;
 mod test;
 mod util;
 
@@ -43,8 +44,8 @@ fn main() -> ExitCode {
         "test" => test::run(rest),
         "bench" => bench::run(rest),
         "clickhouse" => clickhouse::run(rest),
-        "lint" => util::lint(),
-        "fmt" => util::fmt(),
+        "lint" => lint::lint(),
+        "fmt" => lint::fmt(),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

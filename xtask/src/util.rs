@@ -1,4 +1,4 @@
-//! Helpers shared by the tasks: paths, running commands, lint and fmt.
+//! Helpers shared by the tasks: paths, running commands, privileges.
 
 use std::{
     path::{Path, PathBuf},
@@ -38,38 +38,4 @@ pub fn is_root() -> bool {
 /// Whether this runs in CI (`CI=true`), where privileged tests must not skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-pub fn lint() -> anyhow::Result<()> {
-    crate::bootstrap::ensure()?;
-    cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    let toolchain = crate::bootstrap::toolchain_bin();
-    let path = std::env::join_paths(std::iter::once(toolchain).chain(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    )))?;
-    run(Command::new("cargo")
-        .args([
-            "+nightly",
-            "clippy",
-            "--package",
-            "agent-ebpf",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--release",
-            "--",
-            "-D",
-            "warnings",
-        ])
-        .env("PATH", path)
-        .env("CARGO_TARGET_DIR", root().join("target").join("ebpf-lint"))
-        .current_dir(root()))
-}
-
-pub fn fmt() -> anyhow::Result<()> {
-    run(Command::new("cargo")
-        .args(["+nightly", "fmt", "--all"])
-        .current_dir(root()))
 }

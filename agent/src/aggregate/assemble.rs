@@ -15,10 +15,13 @@ use agent_common::{
 use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta, Profile};
 
 use crate::{
-    accumulate::Accumulator,
-    calibrate::{self, Calibrated, Part},
-    cause::{self, Cause},
-    naming, syscalls,
+    aggregate::{
+        accumulate::Accumulator,
+        calibrate::{self, Calibrated, Part},
+        cause::{self, Cause},
+    },
+    naming,
+    probes::syscalls,
 };
 
 /// The totals entry a sample's amounts are calibrated against.

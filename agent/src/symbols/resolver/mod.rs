@@ -32,12 +32,16 @@ use std::{
 use stallscope_profile::{BinaryInfo, ChangeEvent, ChangeKind, Frame, FrameKind, Labels};
 
 use crate::{
-    binaries::{self, Binary, BinaryFile, BinaryId, BinaryKey},
-    identity::{self, ProcessNames, ServiceRule},
-    lanes::{self, Failure, Job, Lanes},
-    procfs::{self, FileId},
-    procs::{self, ProcessSnapshot},
-    symbolize::{self, Frames, KernelSymbolizer, LaneSymbolizers},
+    process::{
+        identity::{self, ProcessNames, ServiceRule},
+        procfs::{self, FileId},
+        snapshot::{self, ProcessSnapshot},
+    },
+    symbols::{
+        binaries::{self, Binary, BinaryFile, BinaryId, BinaryKey},
+        lanes::{self, Failure, Job, Lanes},
+        symbolize::{self, Frames, KernelSymbolizer, LaneSymbolizers},
+    },
 };
 
 /// How the resolver reads and names processes.
@@ -131,7 +135,7 @@ impl Shared {
             lanes::key_of(&("pid", pid)),
             self.read_deadline,
             move |()| {
-                let result = match procs::read_snapshot(pid, shared.collect_cmdline) {
+                let result = match snapshot::read_snapshot(pid, shared.collect_cmdline) {
                     Ok(snapshot) => {
                         shared.open_new_binaries(&snapshot);
                         Ok(Arc::new(snapshot))
@@ -393,7 +397,7 @@ impl Resolver {
             services: HashMap::new(),
             events: Vec::new(),
             period: 1,
-            boot: procs::boot_clock(),
+            boot: snapshot::boot_clock(),
             kernel: KernelSymbolizer::new(),
             truncated_stacks: 0,
             cut_stacks: 0,
@@ -1185,7 +1189,7 @@ mod tests {
         let mut resolver = Resolver::new(ResolverSettings::default());
         let parent = std::process::id();
         // An earlier process had the child's pid and exited; its snapshot is still kept.
-        let mut earlier = procs::read_snapshot(parent, false).expect("own snapshot");
+        let mut earlier = snapshot::read_snapshot(parent, false).expect("own snapshot");
         earlier.comm = "earlier".into();
         resolver.processes.insert(
             CHILD,
@@ -1198,7 +1202,7 @@ mod tests {
         // The parent is not read yet: the child waits for that read.
         resolver.shared().forked(parent, CHILD, 42);
         let child = inherited(&mut resolver, CHILD);
-        let own = procs::read_snapshot(parent, false).expect("own snapshot");
+        let own = snapshot::read_snapshot(parent, false).expect("own snapshot");
         assert_eq!((child.pid, child.start_ticks), (CHILD, 42));
         assert_eq!(child.comm, own.comm);
         assert!(!resolver.processes[&CHILD].exited);
@@ -1212,7 +1216,7 @@ mod tests {
     fn a_fork_right_after_exec_waits_for_the_new_image() {
         let mut resolver = Resolver::new(ResolverSettings::default());
         let parent = std::process::id();
-        let mut before_exec = procs::read_snapshot(parent, false).expect("own snapshot");
+        let mut before_exec = snapshot::read_snapshot(parent, false).expect("own snapshot");
         before_exec.comm = "before-exec".into();
         resolver.processes.insert(
             parent,

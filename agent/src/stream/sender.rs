@@ -23,7 +23,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::spool::Spool;
+use crate::stream::spool::Spool;
 
 /// Header naming the agent on plaintext connections (under mTLS the certificate does).
 pub const AGENT_HEADER: &str = "x-stallscope-agent";

@@ -16,9 +16,11 @@ use std::{
 use stallscope_profile::BinaryInfo;
 
 use crate::{
-    elf::{self, DebugFile, ElfInfo},
-    procfs::{FileId, Mapping},
-    symbolize::Frames,
+    process::procfs::{FileId, Mapping},
+    symbols::{
+        elf::{self, DebugFile, ElfInfo},
+        symbolize::Frames,
+    },
 };
 
 /// An opened, inspected binary.
@@ -262,9 +264,9 @@ mod tests {
     #[test]
     fn opens_own_binary_through_map_files() {
         let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
-        let mappings = crate::procfs::parse_maps(&maps);
+        let mappings = crate::process::procfs::parse_maps(&maps);
         let here = opens_own_binary_through_map_files as *const () as u64;
-        let mapping = crate::procfs::find_mapping(&mappings, here).expect("mapped");
+        let mapping = crate::process::procfs::find_mapping(&mappings, here).expect("mapped");
         // map_files needs CAP_SYS_ADMIN; the root-path fallback works for anyone.
         let binary = open_binary(std::process::id(), mapping).expect("opens");
         assert!(binary.info.vaddr_of(mapping.file_offset(here)).is_some());

@@ -4,7 +4,7 @@
 
 use std::{io, path::Path, sync::Arc, time::Instant};
 
-use crate::{
+use crate::process::{
     identity::{self, CgroupIdentity},
     procfs::{self, Mapping, PerfMap},
 };

@@ -15,7 +15,7 @@ use blazesym::symbolize::{
 };
 use stallscope_profile::{Frame, FrameKind};
 
-use crate::binaries::BinaryFile;
+use crate::symbols::binaries::BinaryFile;
 
 /// Frames of one address (inlined calls expanded), innermost first.
 pub type Frames = Arc<[Frame]>;
@@ -356,10 +356,11 @@ mod tests {
     #[inline(never)]
     fn own_function_frame(dwarf_max: u64) -> Frame {
         let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
-        let mappings = crate::procfs::parse_maps(&maps);
+        let mappings = crate::process::procfs::parse_maps(&maps);
         let here = own_function_frame as *const () as u64;
-        let mapping = crate::procfs::find_mapping(&mappings, here).expect("mapped");
-        let binary = crate::binaries::open_binary(std::process::id(), mapping).expect("opens");
+        let mapping = crate::process::procfs::find_mapping(&mappings, here).expect("mapped");
+        let binary =
+            crate::symbols::binaries::open_binary(std::process::id(), mapping).expect("opens");
         assert!(
             binary.dwarf_bytes() > 0,
             "test binaries are built with DWARF"

@@ -9,14 +9,15 @@ use std::{
     time::Duration,
 };
 
+pub mod cli;
+
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
-    identity::ServiceRule,
     probes::{MapSizes, ProbeSettings, SchedHookChoice},
-    resolver::ResolverSettings,
-    symbolize,
+    process::identity::ServiceRule,
+    symbols::{resolver::ResolverSettings, symbolize},
 };
 
 #[derive(Debug, Error)]

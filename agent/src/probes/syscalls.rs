@@ -3,7 +3,7 @@
 
 use agent_common::SocketOp;
 
-use crate::syscall_table::SYSCALLS;
+use crate::probes::syscall_table::SYSCALLS;
 
 /// The name of syscall `nr` on this architecture.
 pub fn name(nr: u32) -> Option<&'static str> {

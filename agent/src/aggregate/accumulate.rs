@@ -17,7 +17,7 @@ use stallscope_profile::{Frame, FrameId, FrameKind, Labels, Profile};
 use crate::{
     naming,
     probes::Drained,
-    resolver::{Resolver, ResolverSettings},
+    symbols::resolver::{Resolver, ResolverSettings},
 };
 
 /// Raw stacks kept for samples that refer to them in a later generation (stacks stored

@@ -4,11 +4,15 @@
 use std::{collections::HashSet, fmt::Write as _, path::Path, sync::mpsc, time::Duration};
 
 use crate::{
-    attach, binaries,
-    btf::{self, Btf},
     config::{Config, SignalName},
-    probes::{self, Probes, SchedHookChoice},
-    procs, system, tracefs,
+    probes::{
+        self, Probes, SchedHookChoice, attach,
+        btf::{self, Btf},
+        tracefs,
+    },
+    process::snapshot,
+    symbols::binaries,
+    system,
 };
 
 /// One line of the report.
@@ -116,7 +120,7 @@ fn binaries_report(pid: u32, deadline: Duration) -> String {
         format!("binaries of pid {pid} (frame pointers from a sample of function prologues):\n");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let snapshot = match procs::read_snapshot(pid, false) {
+        let snapshot = match snapshot::read_snapshot(pid, false) {
             Ok(snapshot) => snapshot,
             Err(err) => {
                 let _ = tx.send(Err(format!("cannot read pid {pid}: {err}")));

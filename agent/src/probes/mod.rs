@@ -18,12 +18,14 @@ use aya::{
 };
 use thiserror::Error;
 
-use crate::{
-    attach,
-    bpf_sys::{self, Barrier},
-    btf::{self, Btf},
-    syscalls, tracefs,
-};
+pub mod attach;
+pub mod bpf_sys;
+pub mod btf;
+mod syscall_table;
+pub mod syscalls;
+pub mod tracefs;
+
+use self::{bpf_sys::Barrier, btf::Btf};
 
 /// The probe object built by `build.rs`.
 static PROBES_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stallscope"));

@@ -11,11 +11,7 @@ use aya::{
     },
 };
 
-use crate::{
-    btf::Btf,
-    probes::{ProbeError, SchedHook},
-    tracefs,
-};
+use crate::probes::{ProbeError, SchedHook, btf::Btf, tracefs};
 
 /// Whether the BTF scheduler path works with this BTF: `sched_switch` must pass
 /// `prev_state` (5.18+) and `rseq_update` must exist.

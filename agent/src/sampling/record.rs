@@ -10,12 +10,13 @@ use agent_common::{Loss, Signal};
 use stallscope_profile::{Meta, Profile};
 
 use crate::{
-    accumulate::Accumulator,
+    aggregate::accumulate::Accumulator,
     config::{Config, SignalName},
     naming,
-    output::StagedOutput,
     probes::{ProbeError, Probes},
-    proc_events, shutdown, system,
+    process::events,
+    sampling::{output::StagedOutput, shutdown},
+    system,
 };
 
 /// What a recording produced, for the closing line.
@@ -49,7 +50,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
     // Processes are read as they start (and the ones running now, right away), so their
     // stacks are symbolized even if they exit before the next drain.
-    let _watcher = proc_events::watch(accumulator.resolver.shared(), config.target_pid);
+    let _watcher = events::watch(accumulator.resolver.shared(), config.target_pid);
     accumulator.discover_processes();
     let start_ns = system::unix_now_ns();
     let started = Instant::now();

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{procs, resolver::Shared};
+use crate::{process::snapshot, symbols::resolver::Shared};
 
 const NETLINK_CONNECTOR: libc::c_int = 11;
 const CN_IDX_PROC: u32 = 1;
@@ -247,7 +247,7 @@ fn run(socket: &OwnedFd, shared: &Arc<Shared>, target: Option<u32>, stop: &Atomi
                         parent,
                         timestamp_ns,
                     } if target.is_none() => {
-                        shared.forked(parent, pid, procs::boot_ticks_of_monotonic(timestamp_ns));
+                        shared.forked(parent, pid, snapshot::boot_ticks_of_monotonic(timestamp_ns));
                     }
                     ProcEvent::Exit { pid } if target.is_none_or(|t| t == pid) => {
                         shared.exited(pid);

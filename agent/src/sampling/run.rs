@@ -16,17 +16,20 @@ use clap::Args;
 use stallscope_profile::Meta;
 
 use crate::{
-    accumulate::Accumulator,
-    batch::{batch_from_profile, batch_totals},
-    cli::CommonArgs,
-    config::parse_duration,
+    aggregate::accumulate::Accumulator,
+    config::{cli::CommonArgs, parse_duration},
     naming,
     probes::{ProbeError, Probes},
-    proc_events,
-    record::{notes, signals_of},
-    shutdown,
-    spool::{Spool, SpoolLimits},
-    stream::{ClientTls, Sender, StreamSettings},
+    process::events,
+    sampling::{
+        record::{notes, signals_of},
+        shutdown,
+    },
+    stream::{
+        batch::{batch_from_profile, batch_totals},
+        sender::{ClientTls, Sender, StreamSettings},
+        spool::{Spool, SpoolLimits},
+    },
     system,
 };
 
@@ -165,7 +168,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     let mut accumulator = Accumulator::new(&signals_of(&config), config.resolver_settings());
     // As in `record`: processes are read as they start, so stacks of short-lived ones
     // still symbolize.
-    let _watcher = proc_events::watch(accumulator.resolver.shared(), config.target_pid);
+    let _watcher = events::watch(accumulator.resolver.shared(), config.target_pid);
     accumulator.discover_processes();
     let started = Instant::now();
     let host = system::hostname();

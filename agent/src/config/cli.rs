@@ -32,7 +32,7 @@ pub enum Command {
     Check(CommonArgs),
     /// Run as a daemon: sample continuously and stream batches to a collector, through
     /// an on-disk spool that survives restarts and outages.
-    Run(Box<crate::run::RunArgs>),
+    Run(Box<crate::sampling::run::RunArgs>),
 }
 
 #[derive(Debug, Args)]

@@ -1,0 +1,8 @@
+//! What the agent knows about other processes: `/proc/PID` parsing (`procfs`), a
+//! process's snapshot (`snapshot`), new processes as they start (`events`) and the
+//! workload identity derived from a process's cgroup and names (`identity`).
+
+pub mod events;
+pub mod identity;
+pub mod procfs;
+pub mod snapshot;
