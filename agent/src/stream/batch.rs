@@ -109,6 +109,40 @@ pub fn batch_from_profile(profile: &Profile, agent_id: &str) -> v1::Batch {
             }
         }
     }
+    // Change events (their labels share the string table) and the binaries table.
+    let events = profile
+        .meta
+        .events
+        .iter()
+        .map(|event| v1::ChangeEvent {
+            time_unix_ns: event.time_unix_ns,
+            kind: event.kind.as_str().to_owned(),
+            service: event.service.clone(),
+            pid: event.pid,
+            previous_pid: event.previous_pid.unwrap_or(0),
+            build_id: event.build_id.clone().unwrap_or_default(),
+            previous_build_id: event.previous_build_id.clone().unwrap_or_default(),
+            executable: event.executable.clone().unwrap_or_default(),
+            labels: (event.labels.iter())
+                .flat_map(|(key, value)| [intern(key), intern(value)])
+                .collect(),
+        })
+        .collect();
+    let binaries = (profile.meta.binaries.iter())
+        .map(|binary| v1::BinaryInfo {
+            path: binary.path.clone(),
+            build_id: binary.build_id.clone().unwrap_or_default(),
+            debug_file: binary.debug_file.clone().unwrap_or_default(),
+            frame_pointers: match binary.frame_pointers {
+                None => v1::FramePointers::Unknown,
+                Some(true) => v1::FramePointers::Present,
+                Some(false) => v1::FramePointers::Absent,
+            } as i32,
+            stacks: binary.stacks,
+            truncated_stacks: binary.truncated_stacks,
+            error: binary.error.clone().unwrap_or_default(),
+        })
+        .collect();
     v1::Batch {
         agent_id: agent_id.to_owned(),
         host: profile.meta.host.clone(),
@@ -132,6 +166,8 @@ pub fn batch_from_profile(profile: &Profile, agent_id: &str) -> v1::Batch {
             .collect(),
         notes: profile.meta.notes.clone(),
         spool_dropped_total: 0,
+        events,
+        binaries,
     }
 }
 
@@ -173,7 +209,32 @@ mod tests {
         profile.add(vec![read, main], labels("off-cpu"), &[100, 2, 0, 0]);
         profile.add(vec![main], labels("on-cpu"), &[0, 0, 50, 1]);
         profile.meta.host = "h".into();
+        profile.meta.events.push(stallscope_profile::ChangeEvent {
+            time_unix_ns: 7,
+            kind: stallscope_profile::ChangeKind::Deploy,
+            service: "svc".into(),
+            pid: 2,
+            previous_pid: Some(1),
+            build_id: Some("bb".into()),
+            previous_build_id: Some("aa".into()),
+            executable: None,
+            labels: Labels::from([("unit".to_owned(), "svc.service".to_owned())]),
+        });
+        profile.meta.binaries.push(stallscope_profile::BinaryInfo {
+            path: "/usr/bin/svc".into(),
+            frame_pointers: Some(false),
+            stacks: 3,
+            ..Default::default()
+        });
         let batch = batch_from_profile(&profile, "agent");
+        let event = &batch.events[0];
+        assert_eq!((event.kind.as_str(), event.previous_pid), ("deploy", 1));
+        let label = |i: usize| batch.strings[event.labels[i] as usize].as_str();
+        assert_eq!((label(0), label(1)), ("unit", "svc.service"));
+        assert_eq!(
+            batch.binaries[0].frame_pointers,
+            v1::FramePointers::Absent as i32
+        );
         assert_eq!(batch.signals.len(), 2);
         assert_eq!(batch.signals[0].name, "off-cpu");
         assert_eq!(batch.signals[1].count_kind, "on_cpu_samples");
