@@ -14,7 +14,10 @@ use stallscope_proto::v1;
 use thiserror::Error;
 
 pub use self::wire::{DecodedBatch, FrameRef, parse_frame};
-use crate::hash::StableHasher;
+use crate::{
+    events::{self, BinaryRecord, ChangeRecord},
+    hash::StableHasher,
+};
 
 mod wire;
 
@@ -201,6 +204,10 @@ pub struct NormalizedBatch {
     /// One row per distinct (series, stack).
     pub rows: Vec<Row>,
     pub losses: BTreeMap<String, u64>,
+    /// Change events (deploys, restarts) the agent saw in the interval.
+    pub events: Vec<ChangeRecord>,
+    /// The binaries of the interval's stacks, per service that ran through them.
+    pub binaries: Vec<BinaryRecord>,
 }
 
 impl NormalizedBatch {
@@ -361,13 +368,24 @@ pub fn normalize(
     {
         return Err(bad(format!("signal {empty} has no name or value kind")));
     }
+    let changes =
+        events::changes_from_wire(agent, &host, &batch.events, &batch.strings).map_err(&bad)?;
+    events::check_binaries(&batch.binaries).map_err(&bad)?;
+    // Frames' modules name their binaries, which are attributed to services below.
+    let want_modules = !batch.binaries.is_empty();
+    let mut modules: Vec<&str> = Vec::new();
     let hashes: Vec<u64> = batch
         .frames
         .iter()
         .enumerate()
         .map(|(index, frame)| {
             parse_frame(frame)
-                .map(|frame| frame_ref_hash(&frame))
+                .map(|frame| {
+                    if want_modules {
+                        modules.push(frame.module);
+                    }
+                    frame_ref_hash(&frame)
+                })
                 .map_err(|reason| bad(format!("frame {index} is not a valid Frame: {reason}")))
         })
         .collect::<Result<_, _>>()?;
@@ -464,6 +482,31 @@ pub fn normalize(
         })
         .collect();
     rows.sort_unstable_by_key(|row| (row.series, row.stack));
+    let binaries = if want_modules {
+        let service_of: HashMap<i64, &str> =
+            series.iter().map(|s| (s.id, s.service.as_str())).collect();
+        let frames_of: HashMap<i64, &[u32]> = stacks
+            .iter()
+            .map(|stack| (stack.id, stack.frames.as_slice()))
+            .collect();
+        let end = batch.start_unix_ns.saturating_add(batch.duration_ns);
+        events::attribute_binaries(
+            &host,
+            (batch.start_unix_ns, end),
+            &batch.binaries,
+            &modules,
+            rows.iter().filter_map(|row| {
+                Some((
+                    *service_of.get(&row.series)?,
+                    row.stack,
+                    *frames_of.get(&row.stack)?,
+                ))
+            }),
+        )
+    } else {
+        Vec::new()
+    };
+    drop(modules);
     Ok(NormalizedBatch {
         agent: agent.to_owned(),
         sequence,
@@ -481,6 +524,8 @@ pub fn normalize(
             .into_iter()
             .map(|l| (l.reason, l.count))
             .collect(),
+        events: changes,
+        binaries,
     })
 }
 

@@ -134,5 +134,7 @@ pub fn batch(
         }],
         notes: Vec::new(),
         spool_dropped_total: 0,
+        events: Vec::new(),
+        binaries: Vec::new(),
     }
 }

@@ -38,6 +38,10 @@ pub struct DecodedBatch {
     pub losses: Vec<v1::Loss>,
     #[prost(uint64, tag = "13")]
     pub spool_dropped_total: u64,
+    #[prost(message, repeated, tag = "14")]
+    pub events: Vec<v1::ChangeEvent>,
+    #[prost(message, repeated, tag = "15")]
+    pub binaries: Vec<v1::BinaryInfo>,
 }
 
 impl From<v1::Batch> for DecodedBatch {
