@@ -139,6 +139,26 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = RankerArg::Why)]
         ranker: RankerArg,
     },
+    /// Change events (deploys with both build-ids, restarts) of a service or host.
+    Events {
+        #[command(flatten)]
+        range: RangeArgs,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Also list the binaries seen (build-ids, frame pointers, truncated stacks).
+        #[arg(long)]
+        binaries: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Degradation windows: list them (the default), add, close or show one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Windows {
+        #[command(subcommand)]
+        action: Option<WindowsAction>,
+        #[command(flatten)]
+        list: WindowsList,
+    },
 }
 
 /// How `why` ranks causes.
@@ -166,13 +186,82 @@ pub enum WhyFormat {
     Markdown,
 }
 
+/// Host and service a query is about.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ScopeArgs {
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub service: Option<String>,
+}
+
+/// `stallscope windows` (listing).
+#[derive(Debug, Args, Clone, Default)]
+pub struct WindowsList {
+    #[command(flatten)]
+    pub range: RangeArgs,
+    /// Windows of this service (and those of every service).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Windows of this host (and those of every host).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// automatic, alertmanager or manual.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// open or closed.
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WindowsAction {
+    /// Mark a degradation window by hand.
+    Add {
+        /// The service that was degraded.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only on this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Start: a duration ago (15m), Unix seconds or RFC 3339.
+        #[arg(long)]
+        from: Option<String>,
+        /// End; without it the window stays open until `windows close`.
+        #[arg(long)]
+        until: Option<String>,
+        /// What happened.
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close an open window.
+    Close {
+        id: String,
+        /// When it ended (default now).
+        #[arg(long)]
+        at: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything known about one window.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum GroupArg {
     Signal,
     Cause,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone, Default)]
 pub struct RangeArgs {
     /// The last DURATION until now (e.g. 15m, 2h); default 15m.
     #[arg(long, conflicts_with_all = ["from", "until"])]

@@ -4,9 +4,11 @@
 mod args;
 mod client;
 mod commands;
+mod events;
 mod report;
 mod timespec;
 mod why;
+mod windows;
 
 use std::process::ExitCode;
 
@@ -133,6 +135,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await
+        }
+        Command::Events {
+            range,
+            scope,
+            binaries,
+            json,
+        } => events::events(&mut collector, range, scope, *binaries, *json).await,
+        Command::Windows { action, list } => {
+            windows::run(&mut collector, action.as_ref(), list).await
         }
     }
 }

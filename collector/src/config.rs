@@ -13,8 +13,10 @@ use thiserror::Error;
 
 use crate::{
     batch::BatchLimits,
+    http::HttpSettings,
     identity::QueryTokens,
     storage::{Retention, parse_span},
+    windows::alertmanager::LabelRule,
 };
 
 #[derive(Debug, Error)]
@@ -108,6 +110,25 @@ pub struct Cli {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Address of the HTTP listener (Alertmanager's webhook at /webhook/alertmanager);
+    /// off unless set. TLS and bearer tokens as for queries.
+    #[arg(long, value_name = "ADDR", env = "STALLSCOPE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Largest HTTP request body, in bytes (default 4 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub http_max_body_bytes: Option<usize>,
+    /// With TLS: the HTTP listener refuses clients without a certificate signed by
+    /// --client-ca (by default a certificate is verified when one is presented).
+    #[arg(long)]
+    pub http_require_client_cert: bool,
+    /// Alert labels naming a window's service, the first present wins
+    /// (default service,app,job,container,pod).
+    #[arg(long, value_name = "LABEL,...", value_delimiter = ',')]
+    pub alertmanager_service_labels: Option<Vec<String>>,
+    /// Alert labels naming a window's host, the first present wins, a `:port` stripped
+    /// (default instance,host,node,nodename).
+    #[arg(long, value_name = "LABEL,...", value_delimiter = ',')]
+    pub alertmanager_host_labels: Option<Vec<String>>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -131,6 +152,11 @@ pub struct FileConfig {
     pub max_message_bytes: Option<usize>,
     pub max_batch_bytes: Option<u64>,
     pub max_streams: Option<usize>,
+    pub http_listen: Option<SocketAddr>,
+    pub http_max_body_bytes: Option<usize>,
+    pub http_require_client_cert: Option<bool>,
+    pub alertmanager_service_labels: Option<Vec<String>>,
+    pub alertmanager_host_labels: Option<Vec<String>>,
 }
 
 /// TLS material, read at start-up.
@@ -160,6 +186,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub limits: BatchLimits,
     pub max_streams: usize,
+    /// The HTTP listener, when `--http-listen` is set.
+    pub http: Option<HttpSettings>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -190,6 +218,7 @@ impl Config {
     }
 
     pub fn build(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let http_keys = HttpKeys::of(&file);
         let invalid = |m: String| ConfigError::Invalid(m);
         let listen = cli.listen.or(file.listen).unwrap_or_else(|| {
             DEFAULT_LISTEN
@@ -299,6 +328,7 @@ impl Config {
             ));
         }
         let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
+        let http = http_settings(cli, http_keys, tls.is_some())?;
         Ok(Self {
             listen,
             storage,
@@ -309,6 +339,105 @@ impl Config {
             max_message_bytes,
             limits,
             max_streams,
+            http,
         })
     }
+}
+
+/// The file's keys the HTTP listener reads.
+struct HttpKeys {
+    http_listen: Option<SocketAddr>,
+    http_max_body_bytes: Option<usize>,
+    http_require_client_cert: Option<bool>,
+    alertmanager_service_labels: Option<Vec<String>>,
+    alertmanager_host_labels: Option<Vec<String>>,
+    allow_plaintext_non_loopback: Option<bool>,
+}
+
+impl HttpKeys {
+    fn of(file: &FileConfig) -> Self {
+        Self {
+            http_listen: file.http_listen,
+            http_max_body_bytes: file.http_max_body_bytes,
+            http_require_client_cert: file.http_require_client_cert,
+            alertmanager_service_labels: file.alertmanager_service_labels.clone(),
+            alertmanager_host_labels: file.alertmanager_host_labels.clone(),
+            allow_plaintext_non_loopback: file.allow_plaintext_non_loopback,
+        }
+    }
+}
+
+/// The HTTP listener's settings from flags and file; `None` when it is off.
+fn http_settings(
+    cli: &Cli,
+    file: HttpKeys,
+    tls: bool,
+) -> Result<Option<HttpSettings>, ConfigError> {
+    let invalid = |m: String| ConfigError::Invalid(m);
+    let Some(listen) = cli.http_listen.or(file.http_listen) else {
+        return Ok(None);
+    };
+    let allow_remote =
+        cli.allow_plaintext_non_loopback || file.allow_plaintext_non_loopback.unwrap_or(false);
+    if !tls && !listen.ip().is_loopback() && !allow_remote {
+        return Err(invalid(format!(
+            "refusing a plaintext HTTP listener on {listen}, which is not a loopback address: configure TLS (--tls-cert, --tls-key, --client-ca) or pass --allow-plaintext-non-loopback"
+        )));
+    }
+    let require_client_cert =
+        cli.http_require_client_cert || file.http_require_client_cert.unwrap_or(false);
+    if require_client_cert && !tls {
+        return Err(invalid(
+            "--http-require-client-cert needs TLS (--tls-cert, --tls-key, --client-ca)".to_owned(),
+        ));
+    }
+    let max_body_bytes = cli
+        .http_max_body_bytes
+        .or(file.http_max_body_bytes)
+        .unwrap_or(crate::http::DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes < 1024 {
+        return Err(invalid(
+            "--http-max-body-bytes must be at least 1024 bytes".to_owned(),
+        ));
+    }
+    let labels = |flag: &Option<Vec<String>>,
+                  key: &Option<Vec<String>>,
+                  name: &str,
+                  default: Vec<String>| {
+        let list: Vec<String> = flag
+            .clone()
+            .or_else(|| key.clone())
+            .unwrap_or(default)
+            .into_iter()
+            .map(|label| label.trim().to_owned())
+            .filter(|label| !label.is_empty())
+            .collect();
+        if list.is_empty() {
+            return Err(invalid(format!(
+                "--{name} lists no label: give at least one, e.g. service"
+            )));
+        }
+        Ok(list)
+    };
+    let defaults = LabelRule::default();
+    let label_rule = LabelRule {
+        service_labels: labels(
+            &cli.alertmanager_service_labels,
+            &file.alertmanager_service_labels,
+            "alertmanager-service-labels",
+            defaults.service_labels,
+        )?,
+        host_labels: labels(
+            &cli.alertmanager_host_labels,
+            &file.alertmanager_host_labels,
+            "alertmanager-host-labels",
+            defaults.host_labels,
+        )?,
+    };
+    Ok(Some(HttpSettings {
+        listen,
+        max_body_bytes,
+        require_client_cert,
+        label_rule,
+    }))
 }

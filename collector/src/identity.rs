@@ -121,23 +121,26 @@ impl QueryTokens {
 
     /// Checks the `authorization: Bearer <token>` header.
     pub fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        self.check_bearer(header).map_err(|reason| match reason {
+            TokenRefusal::Missing => Status::unauthenticated(
+                "queries need a bearer token: pass --token, set STALLSCOPE_TOKEN, or put `token` in the CLI config",
+            ),
+            other => Status::unauthenticated(other.to_string()),
+        })
+    }
+
+    /// Checks an `authorization` header's value (`Bearer <token>`), whatever the
+    /// transport (gRPC metadata, an HTTP header).
+    pub fn check_bearer(&self, header: Option<&str>) -> Result<(), TokenRefusal> {
         if !self.required {
             return Ok(());
         }
-        let header = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "queries need a bearer token: pass --token, set STALLSCOPE_TOKEN, or put `token` in the CLI config",
-                )
-            })?;
+        let header = header.ok_or(TokenRefusal::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization header must be `Bearer <token>`")
-            })?
+            .ok_or(TokenRefusal::NotBearer)?
             .trim()
             .as_bytes();
         // Compare against every token in full, so timing says nothing about which
@@ -149,11 +152,20 @@ impl QueryTokens {
         if matched {
             Ok(())
         } else {
-            Err(Status::unauthenticated(
-                "the bearer token is not valid for this collector",
-            ))
+            Err(TokenRefusal::Invalid)
         }
     }
+}
+
+/// Why a bearer token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("a bearer token is required (`authorization: Bearer <token>`)")]
+    Missing,
+    #[error("the authorization header must be `Bearer <token>`")]
+    NotBearer,
+    #[error("the bearer token is not valid for this collector")]
+    Invalid,
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

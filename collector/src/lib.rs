@@ -1,16 +1,19 @@
 //! stallscope-collector: receives agents' batch streams, stores every batch exactly once
-//! (SQLite embedded, or ClickHouse for fleets), downsamples old data and answers the
-//! CLI's queries over gRPC.
+//! (SQLite embedded, or ClickHouse for fleets), downsamples old data, keeps degradation
+//! windows (by hand, from Alertmanager's webhook) and answers the CLI's queries over gRPC.
 
 pub mod batch;
 pub mod config;
+pub mod events;
 pub mod explain;
 pub mod faults;
 pub mod hash;
+pub mod http;
 pub mod identity;
 pub mod server;
 pub mod storage;
 pub mod synthetic;
+pub mod windows;
 
 /// Nanoseconds since the Unix epoch.
 pub fn unix_now_ns() -> i64 {

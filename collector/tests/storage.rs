@@ -1,7 +1,13 @@
 //! One storage test suite, run against every backend: SQLite always, ClickHouse when a
 //! server is reachable at `STALLSCOPE_CLICKHOUSE_URL` (default `http://127.0.0.1:18123`,
 //! where `cargo xtask test` starts one); with `CI=true` an unreachable ClickHouse fails
-//! the suite instead of skipping it.
+//! the suite instead of skipping it. Windows and change events have their parts in
+//! `storage/`.
+
+#[path = "storage/events.rs"]
+mod events;
+#[path = "storage/windows.rs"]
+mod windows;
 
 use std::{
     path::PathBuf,
@@ -12,7 +18,7 @@ use std::{
 use stallscope_collector::{
     batch::{BatchLimits, NormalizedBatch, normalize},
     storage::{
-        Filter, GroupBy, Retention, Storage, StoreOutcome, Tier, TimeRange, Window,
+        Filter, GroupBy, Retention, Storage, StoreOutcome, Tier, TimeRange,
         clickhouse::ClickHouseStore, sqlite::SqliteStore,
     },
     synthetic::{self, OFF_CPU_NS, ON_CPU_NS, Shape},
@@ -267,31 +273,6 @@ async fn suite<S: Storage>(store: &S) {
         ("agent-1", 10, 0, 9)
     );
 
-    // Windows.
-    let window = Window {
-        from_unix_ns: (T0 + 5) * SECOND,
-        until_unix_ns: (T0 + 25) * SECOND,
-        host: "host-a".into(),
-        service: "svc-1".into(),
-        source: "manual".into(),
-        note: "slow".into(),
-    };
-    store.add_window(window.clone()).await.expect("add window");
-    assert_eq!(
-        store
-            .windows(whole, Filter::default())
-            .await
-            .expect("windows"),
-        vec![window]
-    );
-    assert!(
-        store
-            .windows(range(T0 + 30, T0 + 40), Filter::default())
-            .await
-            .expect("windows")
-            .is_empty()
-    );
-
     // Retention: after 1 h rows merge into 1-minute buckets, totals unchanged; after
     // 6 h they are gone.
     let before = store
@@ -438,12 +419,81 @@ async fn sqlite_backend_passes_the_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_backend_passes_the_suite() {
+async fn sqlite_windows_keep_the_latest_version() {
+    windows::suite(&sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_windows_keep_the_latest_version() {
     let Some(store) = clickhouse().await else {
         return;
     };
-    suite(&store).await;
+    windows::suite(&store).await;
     store.drop_database().await.expect("drop test database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_change_events_are_stored_once() {
+    events::suite(&sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_change_events_are_stored_once() {
+    let Some(store) = clickhouse().await else {
+        return;
+    };
+    events::suite(&store).await;
+    store.drop_database().await.expect("drop test database");
+}
+
+/// Two collector replicas on one ClickHouse database derive the same window and both
+/// write it, at once, in several versions: one window, the latest version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_replicas_writing_one_window_store_one() {
+    let name = format!(
+        "stallscope_test_{}_{}",
+        std::process::id(),
+        NEXT_DB.fetch_add(1, Ordering::SeqCst)
+    );
+    let (Some(first), Some(second)) =
+        (clickhouse_named(&name).await, clickhouse_named(&name).await)
+    else {
+        return;
+    };
+    let mut versions = Vec::new();
+    for version in 1..=4_i64 {
+        let mut window = windows::window(
+            "auto-shared",
+            stallscope_collector::windows::WindowSource::Automatic,
+            "checkout",
+            T0,
+        );
+        window.updated_unix_ns = version;
+        window.end_unix_ns = (version == 4).then_some((T0 + 90) * SECOND);
+        versions.push(window);
+    }
+    let mut writes = Vec::new();
+    for window in &versions {
+        for store in [&first, &second] {
+            let (store, window) = (store.clone(), window.clone());
+            writes.push(tokio::spawn(
+                async move { store.upsert_window(window).await },
+            ));
+        }
+    }
+    for write in writes {
+        write.await.expect("task").expect("upsert");
+    }
+    for store in [&first, &second] {
+        let listed = store
+            .windows(range(T0 - 60, T0 + 3600), Default::default())
+            .await
+            .expect("list");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0], versions[3]);
+        assert!(store.open_windows(None).await.expect("open").is_empty());
+    }
+    first.drop_database().await.expect("drop test database");
 }
 
 /// A collector that crashed after writing a batch's rows but before its marker: the

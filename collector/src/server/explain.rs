@@ -10,6 +10,7 @@ use crate::{
         report::{CauseChange, Evidence, Report, Span},
     },
     storage::{Filter, Storage, TimeRange},
+    windows::WindowFilter,
 };
 
 fn proto_range(span: Span) -> v1::TimeRange {
@@ -121,18 +122,20 @@ pub async fn answer<S: Storage>(
             .saturating_sub(8 * 86_400 * 1_000_000_000),
         until_unix_ns: window.until_unix_ns,
     };
+    let scope = WindowFilter {
+        host: filter.host.clone(),
+        service: filter.service.clone(),
+        ..WindowFilter::default()
+    };
     let exclude: Vec<Span> = storage
-        .windows(lookback, filter.clone())
+        .windows(lookback, scope)
         .await
         .map_err(|e| super::query::storage_status(&e))?
         .into_iter()
         .map(|w| Span {
-            from_unix_ns: w.from_unix_ns,
-            until_unix_ns: if w.until_unix_ns > w.from_unix_ns {
-                w.until_unix_ns
-            } else {
-                i64::MAX
-            },
+            from_unix_ns: w.onset_unix_ns,
+            // An open window reaches to now.
+            until_unix_ns: w.end_unix_ns.unwrap_or(i64::MAX),
         })
         .collect();
     let question = Question {

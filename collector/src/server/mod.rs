@@ -30,6 +30,8 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: tonic::transport::Error,
     },
+    #[error("{0}")]
+    Http(#[from] crate::http::HttpError),
 }
 
 /// Serves `storage` until `shutdown` completes.
@@ -114,6 +116,21 @@ pub async fn serve<S: Storage>(
         })
     };
 
+    // The HTTP listener (Alertmanager's webhook), bound before anything is served so a
+    // taken port fails the start.
+    let http = match &config.http {
+        Some(settings) => Some(
+            crate::http::start(
+                Arc::clone(&storage),
+                settings,
+                config.tls.as_ref(),
+                config.tokens.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
     let max = config.max_message_bytes;
     let result = builder
         .add_service(health_service)
@@ -131,5 +148,8 @@ pub async fn serve<S: Storage>(
             source,
         });
     maintenance.abort();
+    if let Some(http) = http {
+        http.abort();
+    }
     result
 }

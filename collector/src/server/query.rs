@@ -8,8 +8,10 @@ use stallscope_proto::v1::{self, query_server::Query};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    events::wire::{binary_to_wire, event_to_wire},
     identity::QueryTokens,
     storage::{Filter, GroupBy, Storage, StorageError, TimeRange},
+    windows::{self, ManualWindow, WindowError, WindowFilter, wire::to_wire},
 };
 
 /// Widest time range one query may cover.
@@ -57,6 +59,37 @@ fn filter(filter: Option<v1::Filter>) -> Filter {
             .map(|l| (l.key, l.value))
             .collect(),
     }
+}
+
+fn window_status(err: WindowError) -> Status {
+    match err {
+        WindowError::Invalid(message) => Status::invalid_argument(message),
+        WindowError::NotFound(_) => Status::not_found(err.to_string()),
+        WindowError::AlreadyClosed { .. } => Status::failed_precondition(err.to_string()),
+        WindowError::Storage(err) => storage_status(&err),
+    }
+}
+
+/// The optional parts of a windows listing's request.
+fn window_filter(
+    filter: Option<v1::Filter>,
+    source: &str,
+    state: &str,
+) -> Result<WindowFilter, Status> {
+    let filter = filter.unwrap_or_default();
+    let set = |text: String| (!text.is_empty()).then_some(text);
+    Ok(WindowFilter {
+        host: set(filter.host),
+        service: set(filter.service),
+        source: (!source.is_empty())
+            .then(|| source.parse())
+            .transpose()
+            .map_err(Status::invalid_argument)?,
+        state: (!state.is_empty())
+            .then(|| state.parse())
+            .transpose()
+            .map_err(Status::invalid_argument)?,
+    })
 }
 
 pub(super) fn storage_status(err: &StorageError) -> Status {
@@ -201,23 +234,101 @@ impl<S: Storage> Query for QueryService<S> {
     ) -> Result<Response<v1::WindowsResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
+        let range = range(request.range, "windows")?;
+        let filter = window_filter(request.filter, &request.source, &request.state)?;
         let windows = self
             .storage
-            .windows(range(request.range, "windows")?, filter(request.filter))
+            .windows(range, filter)
             .await
             .map_err(|e| storage_status(&e))?;
         Ok(Response::new(v1::WindowsResponse {
-            windows: windows
-                .into_iter()
-                .map(|w| v1::Window {
-                    from_unix_ns: w.from_unix_ns,
-                    until_unix_ns: w.until_unix_ns,
-                    host: w.host,
-                    service: w.service,
-                    source: w.source,
-                    note: w.note,
-                })
-                .collect(),
+            windows: windows.into_iter().map(to_wire).collect(),
+        }))
+    }
+
+    async fn events(
+        &self,
+        request: Request<v1::EventsRequest>,
+    ) -> Result<Response<v1::EventsResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let range = range(request.range, "events")?;
+        let filter = filter(request.filter);
+        let events = self
+            .storage
+            .events(range, filter.clone())
+            .await
+            .map_err(|e| storage_status(&e))?;
+        let binaries = if request.binaries {
+            self.storage
+                .binaries(range, filter)
+                .await
+                .map_err(|e| storage_status(&e))?
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(v1::EventsResponse {
+            events: events.into_iter().map(event_to_wire).collect(),
+            binaries: binaries.into_iter().map(binary_to_wire).collect(),
+        }))
+    }
+
+    async fn add_window(
+        &self,
+        request: Request<v1::AddWindowRequest>,
+    ) -> Result<Response<v1::AddWindowResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let manual = ManualWindow {
+            host: request.host,
+            service: request.service,
+            from_unix_ns: request.from_unix_ns,
+            until_unix_ns: (request.until_unix_ns != 0).then_some(request.until_unix_ns),
+            note: request.note,
+        };
+        let (window, created) = windows::add_manual(&*self.storage, manual, crate::unix_now_ns())
+            .await
+            .map_err(window_status)?;
+        if created {
+            tracing::info!("window {} added by hand", window.id);
+        }
+        Ok(Response::new(v1::AddWindowResponse {
+            window: Some(to_wire(window)),
+            created,
+        }))
+    }
+
+    async fn close_window(
+        &self,
+        request: Request<v1::CloseWindowRequest>,
+    ) -> Result<Response<v1::CloseWindowResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let at = (request.at_unix_ns != 0).then_some(request.at_unix_ns);
+        let window = windows::close(&*self.storage, &request.id, at, crate::unix_now_ns())
+            .await
+            .map_err(window_status)?;
+        tracing::info!("window {} closed by hand", window.id);
+        Ok(Response::new(v1::CloseWindowResponse {
+            window: Some(to_wire(window)),
+        }))
+    }
+
+    async fn get_window(
+        &self,
+        request: Request<v1::GetWindowRequest>,
+    ) -> Result<Response<v1::GetWindowResponse>, Status> {
+        self.authorize(&request)?;
+        let id = request.into_inner().id;
+        windows::valid_id(&id).map_err(Status::invalid_argument)?;
+        let window = self
+            .storage
+            .window(id.clone())
+            .await
+            .map_err(|e| storage_status(&e))?
+            .ok_or_else(|| window_status(WindowError::NotFound(id)))?;
+        Ok(Response::new(v1::GetWindowResponse {
+            window: Some(to_wire(window)),
         }))
     }
 
@@ -227,12 +338,35 @@ impl<S: Storage> Query for QueryService<S> {
     ) -> Result<Response<v1::ExplainResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        if !request.window_id.is_empty() {
-            return Err(Status::unimplemented(
-                "explain: windows by id are not stored yet; give a range and a service",
-            ));
-        }
-        let window = range(request.range, "explain")?;
+        // A stored window: its period and scope (an open one up to now).
+        let (window, filter, window_id) = if request.window_id.is_empty() {
+            (
+                range(request.range, "explain")?,
+                filter(request.filter),
+                None,
+            )
+        } else {
+            let id = request.window_id;
+            windows::valid_id(&id).map_err(Status::invalid_argument)?;
+            let stored = self
+                .storage
+                .window(id.clone())
+                .await
+                .map_err(|e| storage_status(&e))?
+                .ok_or_else(|| window_status(WindowError::NotFound(id.clone())))?;
+            let until = stored.end_unix_ns.unwrap_or_else(crate::unix_now_ns);
+            let span = v1::TimeRange {
+                from_unix_ns: stored.onset_unix_ns,
+                until_unix_ns: until.max(stored.onset_unix_ns + 1),
+            };
+            let set = |text: String| (!text.is_empty()).then_some(text);
+            let scope = Filter {
+                host: set(stored.host),
+                service: set(stored.service),
+                ..Filter::default()
+            };
+            (range(Some(span), "explain")?, scope, Some(id))
+        };
         let baseline = request
             .baseline
             .map(|b| range(Some(b), "explain (baseline)"))
@@ -240,9 +374,9 @@ impl<S: Storage> Query for QueryService<S> {
         let response = super::explain::answer(
             &*self.storage,
             window,
-            &filter(request.filter),
+            &filter,
             baseline,
-            None,
+            window_id,
             &request.ranker,
             self.base_resolution_s,
         )

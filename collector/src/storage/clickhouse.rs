@@ -34,9 +34,13 @@ use stallscope_profile::{Labels, Profile};
 use super::{
     AgentSummary, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder, Retention,
     SeriesColumns, SeriesLine, SeriesTotals, Storage, StorageError, StoreOutcome, Target,
-    TargetsBuilder, TimeRange, Window, bucket_of, sqlite::series_key,
+    TargetsBuilder, TimeRange, bucket_of, sqlite::series_key,
 };
-use crate::batch::{NormalizedBatch, SignalDef, StoredStack};
+use crate::{
+    batch::{NormalizedBatch, SignalDef, StoredStack},
+    events::{BinaryRecord, ChangeRecord},
+    windows::{UpsertOutcome, Window, WindowFilter, WindowSource},
+};
 
 /// A batch waiting for the next group insert, with where its outcome goes.
 type Pending = (
@@ -47,10 +51,12 @@ type Pending = (
 /// Ids per `IN (...)` list, to stay well below ClickHouse's default query size limit.
 const IN_CHUNK: usize = 2000;
 
+mod events;
 mod rows;
+mod windows;
 
 use self::rows::{
-    BatchRow, RowWrite, SampleRow, SeriesRow, SignalRow, StackRow, TierRow, WindowRow, day_number,
+    BatchRow, RowWrite, SampleRow, SeriesRow, SignalRow, StackRow, TierRow, day_number,
 };
 
 /// One agent's summary as the `agents` query returns it.
@@ -155,10 +161,8 @@ impl ClickHouseStore {
                 signal String, service String, process String, pid String, cause String, labels String)
              ENGINE = ReplacingMergeTree PARTITION BY toYYYYMM(ts) ORDER BY (service, host, id, ts)"
                 .to_owned(),
-            "CREATE TABLE IF NOT EXISTS windows (from_ns Int64, until_ns Int64, host String,
-                service String, source String, note String)
-             ENGINE = MergeTree ORDER BY from_ns"
-                .to_owned(),
+            windows::TABLE.to_owned(),
+            windows::DROP_PLACEHOLDER.to_owned(),
             "CREATE TABLE IF NOT EXISTS downsampled (tier UInt8, until DateTime)
              ENGINE = ReplacingMergeTree ORDER BY (tier, until)"
                 .to_owned(),
@@ -170,6 +174,7 @@ impl ClickHouseStore {
              ENGINE = MergeTree ORDER BY until"
                 .to_owned(),
         ];
+        statements.extend(events::TABLES.map(str::to_owned));
         for tier in 0..self.retention.tiers.len() {
             statements.push(format!(
                 "CREATE TABLE IF NOT EXISTS {} (series Int64, ts DateTime, stack Int64, batch Int64,
@@ -348,7 +353,7 @@ impl ClickHouseStore {
             }
         }
         insert.end().await?;
-        Ok(())
+        self.write_changes(batches).await
     }
 
     async fn write_markers(&self, batches: &[&NormalizedBatch]) -> Result<(), StorageError> {
@@ -821,46 +826,43 @@ impl Storage for ClickHouseStore {
             .collect())
     }
 
-    async fn add_window(&self, window: Window) -> Result<(), StorageError> {
-        let mut insert = self.client.insert::<WindowRow>("windows").await?;
-        insert
-            .write(&WindowRow {
-                from_ns: window.from_unix_ns,
-                until_ns: window.until_unix_ns,
-                host: window.host,
-                service: window.service,
-                source: window.source,
-                note: window.note,
-            })
-            .await?;
-        insert.end().await?;
-        Ok(())
+    async fn events(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+    ) -> Result<Vec<ChangeRecord>, StorageError> {
+        self.query_events(range, &filter).await
     }
 
-    async fn windows(&self, range: TimeRange, filter: Filter) -> Result<Vec<Window>, StorageError> {
-        let mut sql = format!(
-            "SELECT from_ns, until_ns, host, service, source, note FROM windows WHERE until_ns > {} AND from_ns < {}",
-            range.from_unix_ns, range.until_unix_ns
-        );
-        if let Some(host) = &filter.host {
-            let _ = write!(sql, " AND host = {}", quote(host));
-        }
-        if let Some(service) = &filter.service {
-            let _ = write!(sql, " AND service = {}", quote(service));
-        }
-        sql.push_str(" ORDER BY from_ns");
-        let rows: Vec<WindowRow> = self.client.query_raw(&sql).fetch_all().await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Window {
-                from_unix_ns: r.from_ns,
-                until_unix_ns: r.until_ns,
-                host: r.host,
-                service: r.service,
-                source: r.source,
-                note: r.note,
-            })
-            .collect())
+    async fn binaries(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+    ) -> Result<Vec<BinaryRecord>, StorageError> {
+        self.query_binaries(range, &filter).await
+    }
+
+    async fn upsert_window(&self, window: Window) -> Result<UpsertOutcome, StorageError> {
+        self.put_window(&window).await
+    }
+
+    async fn window(&self, id: String) -> Result<Option<Window>, StorageError> {
+        self.get_window(&id).await
+    }
+
+    async fn windows(
+        &self,
+        range: TimeRange,
+        filter: WindowFilter,
+    ) -> Result<Vec<Window>, StorageError> {
+        self.list_windows(range, &filter).await
+    }
+
+    async fn open_windows(
+        &self,
+        source: Option<WindowSource>,
+    ) -> Result<Vec<Window>, StorageError> {
+        self.list_open_windows(source).await
     }
 
     async fn maintain(&self, now_unix_s: i64) -> Result<MaintenanceReport, StorageError> {
@@ -922,6 +924,9 @@ impl Storage for ClickHouseStore {
             let dropped = self.drop_days_before(&table, day_limit).await?;
             if index + 1 == tiers.len() {
                 report.rows_deleted += dropped;
+                for table in ["change_events", "binaries"] {
+                    self.drop_days_before(table, day_limit).await?;
+                }
             }
             if index == 0 {
                 // The record of row writes is needed as long as raw rows are read.

@@ -1,7 +1,8 @@
 //! Storage behind one trait, with two implementations: SQLite (embedded, the default) and
 //! ClickHouse (a fleet: many stateless collector replicas, one database). Both store a
-//! batch exactly once per (agent, sequence), keep stacks in a deduplicated dictionary,
-//! and downsample old rows into coarser time buckets.
+//! batch exactly once per (agent, sequence) with its change events and binaries, keep
+//! stacks in a deduplicated dictionary, downsample old rows into coarser time buckets,
+//! and keep degradation windows by id, latest version first.
 
 pub mod clickhouse;
 mod rows;
@@ -13,7 +14,11 @@ use stallscope_profile::{Labels, Profile};
 use thiserror::Error;
 
 pub use self::rows::{ProfileBuilder, bucket_of};
-use crate::batch::NormalizedBatch;
+use crate::{
+    batch::NormalizedBatch,
+    events::{BinaryRecord, ChangeRecord},
+    windows::{UpsertOutcome, Window, WindowFilter, WindowSource},
+};
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -202,17 +207,6 @@ pub struct AgentSummary {
     pub samples: u64,
 }
 
-/// A degradation window (filled by the windows feature; stored and listed here).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Window {
-    pub from_unix_ns: i64,
-    pub until_unix_ns: i64,
-    pub host: String,
-    pub service: String,
-    pub source: String,
-    pub note: String,
-}
-
 /// One resolution tier: rows are kept in buckets of `resolution` while younger than
 /// `keep`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,12 +374,47 @@ pub trait Storage: Send + Sync + 'static {
 
     fn agents(&self) -> impl Future<Output = Result<Vec<AgentSummary>, StorageError>> + Send;
 
-    fn add_window(&self, window: Window) -> impl Future<Output = Result<(), StorageError>> + Send;
-
-    fn windows(
+    /// Change events in `range` (by event time) of the host and service `filter` names
+    /// (its other fields are ignored), oldest first.
+    fn events(
         &self,
         range: TimeRange,
         filter: Filter,
+    ) -> impl Future<Output = Result<Vec<ChangeRecord>, StorageError>> + Send;
+
+    /// The binaries seen in `range` per (host, service, path, build-id), summed.
+    fn binaries(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+    ) -> impl Future<Output = Result<Vec<BinaryRecord>, StorageError>> + Send;
+
+    /// Stores `window` under its id unless the stored version is as new or newer
+    /// (`updated_unix_ns`) or says the same: the latest version wins, and a repeat
+    /// changes nothing. On ClickHouse two replicas writing one id store one window.
+    fn upsert_window(
+        &self,
+        window: Window,
+    ) -> impl Future<Output = Result<UpsertOutcome, StorageError>> + Send;
+
+    /// The latest version of one window.
+    fn window(
+        &self,
+        id: String,
+    ) -> impl Future<Output = Result<Option<Window>, StorageError>> + Send;
+
+    /// Windows overlapping `range` (open ones extend to now) that `filter` selects,
+    /// by onset.
+    fn windows(
+        &self,
+        range: TimeRange,
+        filter: WindowFilter,
+    ) -> impl Future<Output = Result<Vec<Window>, StorageError>> + Send;
+
+    /// Every open window, of one source or all, by onset.
+    fn open_windows(
+        &self,
+        source: Option<WindowSource>,
     ) -> impl Future<Output = Result<Vec<Window>, StorageError>> + Send;
 
     /// Downsamples and deletes by the retention policy, as of `now_unix_s`.

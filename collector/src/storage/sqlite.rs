@@ -5,9 +5,11 @@
 //! An hourly rollup tier (`rollup.rs`) answers long ranges; writes are in `write.rs`,
 //! queries in `read.rs`.
 
+mod events;
 mod read;
 mod rollup;
 mod stacks;
+mod windows;
 mod write;
 
 use std::{
@@ -27,9 +29,13 @@ use self::{
 };
 use super::{
     AgentSummary, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine, SeriesTotals, Storage,
-    StorageError, StoreOutcome, Target, TargetsBuilder, TimeRange, Window, bucket_of,
+    StorageError, StoreOutcome, Target, TargetsBuilder, TimeRange, bucket_of,
 };
-use crate::batch::NormalizedBatch;
+use crate::{
+    batch::NormalizedBatch,
+    events::{BinaryRecord, ChangeRecord},
+    windows::{UpsertOutcome, Window, WindowFilter, WindowSource},
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS batches (
@@ -60,9 +66,6 @@ CREATE TABLE IF NOT EXISTS rollup (
     svc INTEGER NOT NULL, hour INTEGER NOT NULL, series INTEGER NOT NULL, stacks BLOB NOT NULL,
     PRIMARY KEY (svc, hour, series)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS windows (
-    from_ns INTEGER NOT NULL, until_ns INTEGER NOT NULL, host TEXT NOT NULL,
-    service TEXT NOT NULL, source TEXT NOT NULL, note TEXT NOT NULL);
 ";
 
 /// The layout version in the file's `user_version`. Version 0 with tables is the layout
@@ -127,6 +130,8 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.busy_timeout(Duration::from_secs(30))?;
         create_schema(&conn, &path)?;
+        events::create(&conn)?;
+        windows::create(&conn)?;
         stacks::register(&conn)?;
         // Multi-row statements of several sizes per table, plus the rest.
         conn.set_prepared_statement_cache_capacity(64);
@@ -294,6 +299,7 @@ fn maintain(inner: &Inner, now_s: i64) -> Result<MaintenanceReport, StorageError
                 "DELETE FROM batches WHERE start_ns < ?1",
                 [cutoff.saturating_mul(1_000_000_000)],
             )?;
+            events::delete_before(&tx, cutoff.saturating_mul(1_000_000_000))?;
         }
     }
     rollup::extend(&tx, &mut span, &services, now_s)?;
@@ -404,46 +410,49 @@ impl Storage for SqliteStore {
         .await
     }
 
-    async fn add_window(&self, window: Window) -> Result<(), StorageError> {
-        self.blocking(move |inner| {
-            let writer = lock(&inner.writer)?;
-            writer.conn.execute(
-                "INSERT INTO windows VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    window.from_unix_ns,
-                    window.until_unix_ns,
-                    window.host,
-                    window.service,
-                    window.source,
-                    window.note
-                ],
-            )?;
-            Ok(())
-        })
-        .await
+    async fn events(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+    ) -> Result<Vec<ChangeRecord>, StorageError> {
+        self.blocking(move |inner| events::events(&*lock(&inner.reader)?, range, &filter))
+            .await
     }
 
-    async fn windows(&self, range: TimeRange, filter: Filter) -> Result<Vec<Window>, StorageError> {
-        self.blocking(move |inner| {
-            let conn = lock(&inner.reader)?;
-            let mut stmt = conn.prepare_cached(
-                "SELECT from_ns, until_ns, host, service, source, note FROM windows
-                 WHERE until_ns > ?1 AND from_ns < ?2 AND (?3 IS NULL OR host = ?3) AND (?4 IS NULL OR service = ?4)
-                 ORDER BY from_ns",
-            )?;
-            let rows = stmt.query_map(params![range.from_unix_ns, range.until_unix_ns, filter.host, filter.service], |row| {
-                Ok(Window {
-                    from_unix_ns: row.get(0)?,
-                    until_unix_ns: row.get(1)?,
-                    host: row.get(2)?,
-                    service: row.get(3)?,
-                    source: row.get(4)?,
-                    note: row.get(5)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
+    async fn binaries(
+        &self,
+        range: TimeRange,
+        filter: Filter,
+    ) -> Result<Vec<BinaryRecord>, StorageError> {
+        self.blocking(move |inner| events::binaries(&*lock(&inner.reader)?, range, &filter))
+            .await
+    }
+
+    async fn upsert_window(&self, window: Window) -> Result<UpsertOutcome, StorageError> {
+        self.blocking(move |inner| windows::upsert(&mut lock(&inner.writer)?.conn, &window))
+            .await
+    }
+
+    async fn window(&self, id: String) -> Result<Option<Window>, StorageError> {
+        self.blocking(move |inner| windows::get(&*lock(&inner.reader)?, &id))
+            .await
+    }
+
+    async fn windows(
+        &self,
+        range: TimeRange,
+        filter: WindowFilter,
+    ) -> Result<Vec<Window>, StorageError> {
+        self.blocking(move |inner| windows::list(&*lock(&inner.reader)?, range, &filter))
+            .await
+    }
+
+    async fn open_windows(
+        &self,
+        source: Option<WindowSource>,
+    ) -> Result<Vec<Window>, StorageError> {
+        self.blocking(move |inner| windows::open(&*lock(&inner.reader)?, source))
+            .await
     }
 
     async fn maintain(&self, now_unix_s: i64) -> Result<MaintenanceReport, StorageError> {

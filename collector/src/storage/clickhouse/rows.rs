@@ -65,16 +65,6 @@ pub(super) struct BatchRow {
 }
 
 #[derive(Row, Serialize, Deserialize)]
-pub(super) struct WindowRow {
-    pub(super) from_ns: i64,
-    pub(super) until_ns: i64,
-    pub(super) host: String,
-    pub(super) service: String,
-    pub(super) source: String,
-    pub(super) note: String,
-}
-
-#[derive(Row, Serialize, Deserialize)]
 pub(super) struct TierRow {
     pub(super) tier: u8,
     pub(super) until: u32,

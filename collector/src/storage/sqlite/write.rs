@@ -95,6 +95,7 @@ pub fn store_group(
                 continue;
             }
             outcomes.push(StoreOutcome::Stored);
+            super::events::write(&tx, batch)?;
             let ts = bucket_of(batch.start_unix_ns.div_euclid(1_000_000_000), base_res);
             for signal in &batch.signals {
                 if !known_signals.contains(&signal.name) && seen_signals.insert(&signal.name) {
