@@ -18,9 +18,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub mod alertmanager;
 pub mod collector;
+pub mod http;
 pub mod netlab;
 pub mod pki;
+pub mod proxy;
 pub mod streaming;
 pub mod wire;
 

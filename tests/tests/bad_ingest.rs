@@ -1,5 +1,5 @@
-//! Bad input to the collector's ingest: truncated or random bytes, inconsistent batches,
-//! an oversized frame and a compression bomb are each refused with a clear gRPC status,
+//! Bad input to the collector's ingest: truncated or random bytes, inconsistent batches
+//! (their change events and binaries too), an oversized frame and a compression bomb are each refused with a clear gRPC status,
 //! the collector's memory stays bounded, and a well-behaved agent streaming at the same
 //! time keeps being served.
 
@@ -97,6 +97,19 @@ fn malformed_oversized_and_bomb_frames_are_refused_and_others_served() {
     inconsistent.samples[0].stack = 10_000;
     let mut odd_labels = good(6);
     odd_labels.samples[0].labels.push(1);
+    let mut dangling_event_label = good(9);
+    dangling_event_label.events.push(v1::ChangeEvent {
+        time_unix_ns: now_ns(),
+        kind: "deploy".to_owned(),
+        service: "svc-0".to_owned(),
+        labels: vec![1, 99_999],
+        ..v1::ChangeEvent::default()
+    });
+    let mut huge_binary = good(10);
+    huge_binary.binaries.push(v1::BinaryInfo {
+        path: "/".repeat(5000),
+        ..v1::BinaryInfo::default()
+    });
     let cases: Vec<(&str, IngestFrame, Code, &str)> = vec![
         (
             "random bytes",
@@ -149,6 +162,18 @@ fn malformed_oversized_and_bomb_frames_are_refused_and_others_served() {
             frame(&odd_labels),
             Code::InvalidArgument,
             "odd number of label",
+        ),
+        (
+            "change event label past the string table",
+            frame(&dangling_event_label),
+            Code::InvalidArgument,
+            "change event 0 refers to string 99999",
+        ),
+        (
+            "binary path over the size limit",
+            frame(&huge_binary),
+            Code::InvalidArgument,
+            "binary 0: the path is 5000 bytes long",
         ),
         (
             "claimed size over the limit",

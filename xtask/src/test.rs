@@ -9,7 +9,8 @@ use crate::{bootstrap, clickhouse, debian, util};
 /// the network tests build namespaces and veth pairs (`ip`), shape a path (`tc`) and
 /// drop packets on one (`nft`); a C compiler and binutils build, strip and split the
 /// debug info of the C workload the symbolization tests make; util-linux's `unshare`
-/// gives a workload its own mount namespace; ClickHouse is the fleet storage backend.
+/// gives a workload its own mount namespace; ClickHouse is the fleet storage backend;
+/// Alertmanager is the real sender of the webhook the collector receives.
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -19,6 +20,7 @@ const TEST_PACKAGES: &[&str] = &[
     "binutils",
     "util-linux",
     "clickhouse-server",
+    "prometheus-alertmanager",
 ];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
