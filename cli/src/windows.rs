@@ -125,8 +125,7 @@ fn window_error(status: &tonic::Status, collector: &Collector) -> anyhow::Error 
             "{}: list windows with `stallscope windows --since 7d`",
             status.message()
         ),
-        Code::FailedPrecondition => anyhow::anyhow!("{}", status.message()),
-        Code::InvalidArgument => anyhow::anyhow!("{}", status.message()),
+        Code::FailedPrecondition | Code::InvalidArgument => anyhow::anyhow!("{}", status.message()),
         _ => explain(status, &collector.address),
     }
 }

@@ -328,7 +328,7 @@ impl Config {
             ));
         }
         let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
-        let http = http_settings(cli, http_keys, tls.is_some())?;
+        let http = http_settings(cli, &http_keys, tls.is_some())?;
         Ok(Self {
             listen,
             storage,
@@ -370,7 +370,7 @@ impl HttpKeys {
 /// The HTTP listener's settings from flags and file; `None` when it is off.
 fn http_settings(
     cli: &Cli,
-    file: HttpKeys,
+    file: &HttpKeys,
     tls: bool,
 ) -> Result<Option<HttpSettings>, ConfigError> {
     let invalid = |m: String| ConfigError::Invalid(m);

@@ -22,6 +22,7 @@ use stallscope_collector::{
         clickhouse::ClickHouseStore, sqlite::SqliteStore,
     },
     synthetic::{self, OFF_CPU_NS, ON_CPU_NS, Shape},
+    windows::{WindowFilter, WindowSource},
 };
 
 const SECOND: i64 = 1_000_000_000;
@@ -462,12 +463,7 @@ async fn clickhouse_replicas_writing_one_window_store_one() {
     };
     let mut versions = Vec::new();
     for version in 1..=4_i64 {
-        let mut window = windows::window(
-            "auto-shared",
-            stallscope_collector::windows::WindowSource::Automatic,
-            "checkout",
-            T0,
-        );
+        let mut window = windows::window("auto-shared", WindowSource::Automatic, "checkout", T0);
         window.updated_unix_ns = version;
         window.end_unix_ns = (version == 4).then_some((T0 + 90) * SECOND);
         versions.push(window);
@@ -486,7 +482,7 @@ async fn clickhouse_replicas_writing_one_window_store_one() {
     }
     for store in [&first, &second] {
         let listed = store
-            .windows(range(T0 - 60, T0 + 3600), Default::default())
+            .windows(range(T0 - 60, T0 + 3600), WindowFilter::default())
             .await
             .expect("list");
         assert_eq!(listed.len(), 1, "{listed:?}");

@@ -5,6 +5,7 @@
 //! Alerts are posted to its API (`/api/v2/alerts`) as Prometheus would.
 
 use std::{
+    fmt::Write as _,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -59,12 +60,13 @@ fn config(webhook: &Webhook) -> String {
         webhook.token_file.display()
     );
     if let Some((ca, cert, key)) = &webhook.tls {
-        http_config.push_str(&format!(
+        let _ = write!(
+            http_config,
             "          tls_config:\n            ca_file: {}\n            cert_file: {}\n            key_file: {}\n            server_name: localhost\n",
             ca.display(),
             cert.display(),
             key.display()
-        ));
+        );
     }
     // Resends every 2-3 s: a group is flushed every group_interval and, with nothing
     // new, notified again once repeat_interval has passed.

@@ -4,6 +4,7 @@
 //! collector's HTTP listener and to Alertmanager's API without an HTTP library.
 
 use std::{
+    fmt::Write as _,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
@@ -87,10 +88,12 @@ pub fn request(
     };
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(head, "{name}: {value}\r\n");
     }
     match framing {
-        Framing::ContentLength => head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len())),
+        Framing::ContentLength => {
+            let _ = write!(head, "Content-Length: {}\r\n\r\n", body.len());
+        }
         Framing::Chunked => head.push_str("Transfer-Encoding: chunked\r\n\r\n"),
     }
     let mut out = head.into_bytes();

@@ -284,6 +284,9 @@ fn a_real_alertmanager_opens_and_closes_one_window_clickhouse() {
     );
 }
 
+/// (case, token, body, framing, expected status, expected reason).
+type BadCase<'a> = (&'a str, Option<&'a str>, String, Framing, u16, &'a str);
+
 #[test]
 fn bad_webhook_input_gets_a_4xx_with_one_line_and_stores_nothing() {
     let dir = scratch("am-bad-input");
@@ -304,7 +307,7 @@ fn bad_webhook_input_gets_a_4xx_with_one_line_and_stores_nothing() {
         r#"{{"version":"4","padding":"{}","groupKey":"k","status":"firing","alerts":[]}}"#,
         "x".repeat(5000)
     );
-    let cases: Vec<(&str, Option<&str>, String, Framing, u16, &str)> = vec![
+    let cases: Vec<BadCase<'_>> = vec![
         ("no token", None, valid("4"), Framing::ContentLength, 401, "bearer token is required"),
         ("wrong token", Some("guess"), valid("4"), Framing::ContentLength, 401, "not valid"),
         ("invalid JSON", Some(TEST_TOKEN), "{\"version\": \"4\", \"groupKey\": ".to_owned(), Framing::ContentLength, 400, "invalid JSON"),

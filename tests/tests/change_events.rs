@@ -189,7 +189,7 @@ fn deploy_is_listed(name: &str, collector_args: &[&str]) {
     let app_path = app.to_string_lossy().into_owned();
     let builds: Vec<&str> = binaries
         .iter()
-        .filter(|b| b["path"] == Value::from(app_path.clone()))
+        .filter(|b| b["path"] == app_path.as_str())
         .filter_map(|b| b["build_id"].as_str())
         .collect();
     assert!(

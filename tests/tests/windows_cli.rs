@@ -106,24 +106,24 @@ fn scenario(url: &str) {
     assert_eq!(open["end"], Value::Null);
 
     let all = ok_json(url, &["windows", "--since", "1h"]);
-    assert_eq!(ids(&all), [past_id.clone(), open_id.clone()]);
+    assert_eq!(ids(&all), [past_id.as_str(), open_id.as_str()]);
     assert_eq!(
         ids(&ok_json(
             url,
             &["windows", "--since", "1h", "--service", "checkout"]
         )),
-        [past_id.clone()]
+        [past_id.as_str()]
     );
     assert_eq!(
         ids(&ok_json(
             url,
             &["windows", "--since", "1h", "--state", "open"]
         )),
-        [open_id.clone()]
+        [open_id.as_str()]
     );
     assert_eq!(
         ids(&ok_json(url, &["windows", "--since", "15m"])),
-        [open_id.clone()],
+        [open_id.as_str()],
         "the closed one ended 20 minutes ago"
     );
     assert!(

@@ -197,7 +197,7 @@ async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, route
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => serve_connection(stream, router, peer).await,
                         Ok(Err(err)) => {
-                            tracing::info!("HTTP client {peer}: TLS handshake failed: {err}")
+                            tracing::info!("HTTP client {peer}: TLS handshake failed: {err}");
                         }
                         Err(_) => tracing::info!("HTTP client {peer}: TLS handshake timed out"),
                     }

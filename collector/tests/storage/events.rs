@@ -11,6 +11,9 @@ use stallscope_proto::v1;
 
 use super::{SECOND, T0, range};
 
+/// (service, path, build-id, stacks, truncated stacks, frame pointers) of a binary.
+type BinaryRow<'a> = (&'a str, &'a str, &'a str, u64, u64, Option<bool>);
+
 fn intern(batch: &mut v1::Batch, text: &str) -> u32 {
     if let Some(index) = batch.strings.iter().position(|s| s == text) {
         return index as u32;
@@ -144,7 +147,7 @@ pub async fn suite<S: Storage>(store: &S) {
         .binaries(whole, Filter::default())
         .await
         .expect("binaries");
-    let rows: Vec<(&str, &str, &str, u64, u64, Option<bool>)> = binaries
+    let rows: Vec<BinaryRow<'_>> = binaries
         .iter()
         .map(|b| {
             (
