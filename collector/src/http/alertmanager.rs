@@ -2,8 +2,8 @@
 //! 2xx: stored (or already stored: deliveries are idempotent). 4xx for what will never
 //! be valid (Alertmanager does not retry those): 401 without a valid bearer token, 413
 //! for a body over the limit, 400 for anything else wrong with the payload, each with a
-//! one-line reason and nothing stored. 5xx only when storage failed, which a retry may
-//! fix.
+//! one-line reason and nothing stored. 503 only for what a retry may fix: storage
+//! failed, or the body did not arrive within 30 s.
 
 use std::sync::Arc;
 
@@ -69,10 +69,14 @@ pub async fn receive<S: Storage>(
                 &format!("reading the body failed: {err}"),
             );
         }
+        // Slow, not invalid: a 4xx would make Alertmanager drop the delivery.
         Err(_) => {
             return text(
-                StatusCode::REQUEST_TIMEOUT,
-                &format!("the body did not arrive within {}s", BODY_TIMEOUT.as_secs()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the body did not arrive within {} s; retry",
+                    BODY_TIMEOUT.as_secs()
+                ),
             );
         }
     };
