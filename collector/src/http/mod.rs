@@ -58,7 +58,7 @@ pub struct HttpSettings {
 
 #[derive(Debug, Error)]
 pub enum HttpError {
-    #[error("HTTP listener on {addr}: {source}")]
+    #[error("HTTP listener on {addr} (--http-listen)")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

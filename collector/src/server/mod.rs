@@ -30,7 +30,7 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: tonic::transport::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Http(#[from] crate::http::HttpError),
 }
 
