@@ -55,11 +55,15 @@ struct Phase {
     lock_s: f64,
     /// Extra wait on peer B (shipping), seconds per batch.
     slow_peer_s: f64,
+    /// The second build runs (build-id `bb`), whose `render_page` costs this much more
+    /// CPU per batch.
+    new_build_cpu_s: Option<f64>,
 }
 
 /// Builds batches with named frames and labels.
 struct Builder {
     batch: v1::Batch,
+    build: &'static str,
 }
 
 impl Builder {
@@ -87,6 +91,7 @@ impl Builder {
                 strings: vec![String::new()],
                 ..v1::Batch::default()
             },
+            build: "aa",
         }
     }
 
@@ -119,7 +124,12 @@ impl Builder {
         }
         self.batch.stacks.push(v1::Stack { frames: frame_ids });
         let stack = (self.batch.stacks.len() - 1) as u32;
-        let mut all = vec![("service", "shop"), ("process", "shop"), ("pid", "42")];
+        let mut all = vec![
+            ("service", "shop"),
+            ("process", "shop"),
+            ("pid", "42"),
+            ("build_id", self.build),
+        ];
         all.extend_from_slice(labels);
         let labels = all
             .iter()
@@ -150,6 +160,10 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
     let mut b = Builder::new(sequence, start);
     let n = |salt, amplitude| 1.0 + noise(sequence, salt, amplitude);
     // 8 workers and a pool: 10 threads x 10 s of thread time per batch.
+    let extra_cpu = phase.new_build_cpu_s.unwrap_or(0.0);
+    if phase.new_build_cpu_s.is_some() {
+        b.build = "bb";
+    }
     b.sample(
         1,
         &["render_page", "handle_request"],
@@ -157,6 +171,15 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         2.0 * n(1, 0.1),
         98,
     );
+    if extra_cpu > 0.0 {
+        b.sample(
+            1,
+            &["render_page_v2", "render_page", "handle_request"],
+            &[("cause", "cpu-work")],
+            extra_cpu,
+            147,
+        );
+    }
     b.sample(
         0,
         &["lock_contended", "reserve_inventory", "handle_request"],
@@ -210,23 +233,39 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         0,
         &["futex_wait", "park", "pool_worker"],
         &[("cause", "other"), ("evidence", "futex: idle wait")],
-        40.0 * n(6, 0.05) - phase.lock_s,
+        40.0 * n(6, 0.05) - phase.lock_s - extra_cpu,
         100,
     );
     b.batch
 }
 
+/// The deploy event an agent reports when the second build's process starts.
+fn deploy_event(batch: &mut v1::Batch) {
+    batch.events.push(v1::ChangeEvent {
+        time_unix_ns: batch.start_unix_ns + SECOND,
+        kind: "deploy".into(),
+        service: "shop".into(),
+        pid: 43,
+        previous_pid: 42,
+        build_id: "bb".into(),
+        previous_build_id: "aa".into(),
+        executable: "/app/shop".into(),
+        labels: Vec::new(),
+    });
+}
+
 async fn load<S: Storage>(store: &S, phases: &[(i64, Phase)]) {
     let mut sequence = 0u64;
+    let mut deployed = false;
     for &(batches, phase) in phases {
         for _ in 0..batches {
-            let normalized = normalize(
-                "agent-1",
-                sequence,
-                batch(sequence, phase),
-                &BatchLimits::default(),
-            )
-            .expect("valid batch");
+            let mut wire = batch(sequence, phase);
+            if phase.new_build_cpu_s.is_some() && !deployed {
+                deploy_event(&mut wire);
+                deployed = true;
+            }
+            let normalized =
+                normalize("agent-1", sequence, wire, &BatchLimits::default()).expect("valid batch");
             store.store(normalized).await.expect("store");
             sequence += 1;
         }
@@ -261,7 +300,12 @@ async fn suite<S: Storage>(store: &S) {
         slow_peer_s: 5.0,
         ..Phase::default()
     };
-    // 10 min healthy, 1 min lock, 3 min healthy, 1 min slow peer B, 2 min healthy.
+    let deploy = Phase {
+        new_build_cpu_s: Some(3.0),
+        ..Phase::default()
+    };
+    // 10 min healthy, 1 min lock, 3 min healthy, 1 min slow peer B, 3 min healthy, then
+    // a deploy of a slower build.
     load(
         store,
         &[
@@ -269,7 +313,8 @@ async fn suite<S: Storage>(store: &S) {
             (6, lock),
             (18, healthy),
             (6, slow),
-            (12, healthy),
+            (18, healthy),
+            (6, deploy),
         ],
     )
     .await;
@@ -337,6 +382,31 @@ async fn suite<S: Storage>(store: &S) {
         "the known window is left out: {:?}",
         report.baseline
     );
+
+    // The deploy: CPU work grew, in the new build only, and the stored event is listed.
+    let deploy_window = range(HEALTHY + 48, HEALTHY + 54);
+    let report = explain::explain(store, &question("shop", deploy_window), &settings)
+        .await
+        .expect("explain");
+    assert_eq!(report.top_cause(), Some("cpu-work"), "{report:#?}");
+    let build = report.causes[0]
+        .evidence
+        .iter()
+        .find(|e| e.kind == "build")
+        .unwrap_or_else(|| panic!("no build evidence: {report:#?}"));
+    assert_eq!(build.name, "bb");
+    assert!(
+        build
+            .details
+            .iter()
+            .any(|d| d.contains("grew in the new build: render_page_v2")),
+        "{build:#?}"
+    );
+    let event = &report.events[0];
+    assert_eq!(event.kind, "deploy");
+    assert_eq!(event.build_id.as_deref(), Some("bb"));
+    assert_eq!(event.previous_build_id.as_deref(), Some("aa"));
+    assert!(event.detail.contains("pid 42 -> 43"), "{event:#?}");
 
     // The n-sigma baseline ranker on the same data: it ranks by deviation alone.
     let nsigma = Settings {

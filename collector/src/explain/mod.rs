@@ -38,7 +38,10 @@ use self::{
     stats::SplitMix64,
     timeline::{BucketAmounts, Rates, Timeline},
 };
-use crate::storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange};
+use crate::{
+    events::ChangeRecord,
+    storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange},
+};
 
 const NS: i64 = 1_000_000_000;
 
@@ -327,6 +330,42 @@ pub async fn explain<S: Storage>(
         baseline: &baseline_profile,
         baseline_seconds: timeline.baseline_seconds(),
     };
+    // Change events near the window: the stored ones (deploys with both build-ids,
+    // restarts), else build-ids the window ran and the baseline never did.
+    let length_s = until_s - from_s;
+    let stored = storage
+        .events(range_s(from_s - length_s, until_s), filter.clone())
+        .await?;
+    report.events = stored.iter().map(|e| event_note(e, from_s)).collect();
+    let mut deploys: Vec<(String, Vec<String>)> = stored
+        .iter()
+        .filter(|e| e.kind == "deploy" && !e.build_id.is_empty())
+        .map(|e| {
+            let previous = (!e.previous_build_id.is_empty())
+                .then(|| e.previous_build_id.clone())
+                .into_iter()
+                .collect();
+            (e.build_id.clone(), previous)
+        })
+        .collect();
+    if deploys.is_empty()
+        && let Some((new, old)) = compared.new_builds()
+    {
+        let old: Vec<String> = old.into_iter().collect();
+        for build in new {
+            report.events.push(EventNote {
+                time_unix_ns: question.window.from_unix_ns,
+                kind: "deploy".into(),
+                host: question.host.clone().unwrap_or_default(),
+                service: question.service.clone().unwrap_or_default(),
+                build_id: Some(build.clone()),
+                previous_build_id: old.first().cloned(),
+                detail: "a build-id the baseline never ran appears in the window (no stored event)"
+                    .into(),
+            });
+            deploys.push((build, old.clone()));
+        }
+    }
     let runqueue = objects::runqueue_detail(&all_series, &timeline);
     for cause in &mut report.causes {
         let Some(category) = Category::from_label(&cause.category) else {
@@ -367,33 +406,20 @@ pub async fn explain<S: Storage>(
                 }
             }
             Category::CpuWork => {
-                if let Some((new, old)) = compared.new_builds() {
-                    for build in &new {
-                        let mut e = detail_only("build", &format!("new build-id {build}"));
-                        e.name.clone_from(build);
-                        e.details.push(format!(
-                            "the baseline ran {}",
-                            old.iter().cloned().collect::<Vec<_>>().join(", ")
-                        ));
-                        for grown in compared.grown_in_build(build, floor) {
-                            e.details.push(format!(
-                                "grew in the new build: {} +{}/s",
-                                grown.name,
-                                human_ns(grown.change_ns_per_s())
-                            ));
-                        }
-                        evidence.push(e);
-                        report.events.push(EventNote {
-                            time_unix_ns: question.window.from_unix_ns,
-                            kind: "deploy".into(),
-                            host: question.host.clone().unwrap_or_default(),
-                            service: question.service.clone().unwrap_or_default(),
-                            build_id: Some(build.clone()),
-                            previous_build_id: old.iter().next().cloned(),
-                            detail: "a build-id the baseline never ran appears in the window"
-                                .into(),
-                        });
+                for (build, previous) in &deploys {
+                    let mut e = detail_only("build", build);
+                    if !previous.is_empty() {
+                        e.details
+                            .push(format!("the baseline ran {}", previous.join(", ")));
                     }
+                    for grown in compared.grown_in_build(build, floor) {
+                        e.details.push(format!(
+                            "grew in the new build: {} +{}/s",
+                            grown.name,
+                            human_ns(grown.change_ns_per_s())
+                        ));
+                    }
+                    evidence.push(e);
                 }
                 evidence.extend(compared.grown_functions(category, floor));
             }
@@ -580,6 +606,30 @@ async fn profiles<S: Storage>(
     Ok((window, baseline))
 }
 
+/// A stored change event as the report lists it, placed relative to the window's start.
+fn event_note(event: &ChangeRecord, window_from_s: i64) -> EventNote {
+    let offset_s = event.time_unix_ns / NS - window_from_s;
+    let when = if offset_s < 0 {
+        format!("{} before the window", human_span(-offset_s))
+    } else {
+        format!("{} into the window", human_span(offset_s))
+    };
+    let pids = match event.previous_pid {
+        Some(previous) => format!("pid {previous} -> {}", event.pid),
+        None => format!("pid {}", event.pid),
+    };
+    EventNote {
+        time_unix_ns: event.time_unix_ns,
+        kind: event.kind.clone(),
+        host: event.host.clone(),
+        service: event.service.clone(),
+        build_id: (!event.build_id.is_empty()).then(|| event.build_id.clone()),
+        previous_build_id: (!event.previous_build_id.is_empty())
+            .then(|| event.previous_build_id.clone()),
+        detail: format!("{when} ({pids})"),
+    }
+}
+
 fn detail_only(kind: &str, line: &str) -> Evidence {
     Evidence {
         kind: kind.to_owned(),
@@ -708,6 +758,14 @@ fn summary(report: &Report, question: &Question) -> String {
     line.push(')');
     if let Some(e) = top.evidence.first() {
         let _ = write!(line, ": {} {}", e.kind, e.name);
+    }
+    if let Some(deploy) = report.events.iter().find(|e| e.kind == "deploy") {
+        let _ = write!(
+            line,
+            "; deploy of build {} {}",
+            deploy.build_id.as_deref().unwrap_or("?"),
+            deploy.detail
+        );
     }
     line
 }
