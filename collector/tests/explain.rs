@@ -52,12 +52,12 @@ fn retention() -> Retention {
 #[derive(Debug, Clone, Copy, Default)]
 struct Phase {
     /// Extra lock wait on the `inventory` futex, seconds per batch.
-    lock_s: f64,
+    extra_lock: f64,
     /// Extra wait on peer B (shipping), seconds per batch.
-    slow_peer_s: f64,
+    extra_peer_b: f64,
     /// The second build runs (build-id `bb`), whose `render_page` costs this much more
     /// CPU per batch.
-    new_build_cpu_s: Option<f64>,
+    new_build_extra_cpu: Option<f64>,
 }
 
 /// Builds batches with named frames and labels.
@@ -160,8 +160,8 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
     let mut b = Builder::new(sequence, start);
     let n = |salt, amplitude| 1.0 + noise(sequence, salt, amplitude);
     // 8 workers and a pool: 10 threads x 10 s of thread time per batch.
-    let extra_cpu = phase.new_build_cpu_s.unwrap_or(0.0);
-    if phase.new_build_cpu_s.is_some() {
+    let extra_cpu = phase.new_build_extra_cpu.unwrap_or(0.0);
+    if phase.new_build_extra_cpu.is_some() {
         b.build = "bb";
     }
     b.sample(
@@ -184,7 +184,7 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         0,
         &["lock_contended", "reserve_inventory", "handle_request"],
         &[("cause", "lock"), ("state", "interruptible")],
-        0.05 * n(2, 0.3) + phase.lock_s,
+        0.05 * n(2, 0.3) + phase.extra_lock,
         50,
     );
     b.sample(
@@ -195,11 +195,11 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
             ("lock", "0x7f00aa"),
             ("lock_wait", "contention"),
         ],
-        0.05 * n(2, 0.3) + phase.lock_s,
+        0.05 * n(2, 0.3) + phase.extra_lock,
         50,
     );
-    let (peer_a, peer_b) = (1.0 * n(3, 0.1), 1.0 * n(4, 0.1) + phase.slow_peer_s);
-    let server = 30.0 * n(5, 0.05) - phase.slow_peer_s;
+    let (peer_a, peer_b) = (1.0 * n(3, 0.1), 1.0 * n(4, 0.1) + phase.extra_peer_b);
+    let server = 30.0 * n(5, 0.05) - phase.extra_peer_b;
     // Off-CPU network time: clients waiting for peers plus servers waiting for requests.
     b.sample(
         0,
@@ -233,7 +233,7 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         0,
         &["futex_wait", "park", "pool_worker"],
         &[("cause", "other"), ("evidence", "futex: idle wait")],
-        40.0 * n(6, 0.05) - phase.lock_s - extra_cpu,
+        40.0 * n(6, 0.05) - phase.extra_lock - extra_cpu,
         100,
     );
     b.batch
@@ -260,7 +260,7 @@ async fn load<S: Storage>(store: &S, phases: &[(i64, Phase)]) {
     for &(batches, phase) in phases {
         for _ in 0..batches {
             let mut wire = batch(sequence, phase);
-            if phase.new_build_cpu_s.is_some() && !deployed {
+            if phase.new_build_extra_cpu.is_some() && !deployed {
                 deploy_event(&mut wire);
                 deployed = true;
             }
@@ -293,15 +293,15 @@ fn question(service: &str, window: TimeRange) -> Question {
 async fn suite<S: Storage>(store: &S) {
     let healthy = Phase::default();
     let lock = Phase {
-        lock_s: 15.0,
+        extra_lock: 15.0,
         ..Phase::default()
     };
     let slow = Phase {
-        slow_peer_s: 5.0,
+        extra_peer_b: 5.0,
         ..Phase::default()
     };
     let deploy = Phase {
-        new_build_cpu_s: Some(3.0),
+        new_build_extra_cpu: Some(3.0),
         ..Phase::default()
     };
     // 10 min healthy, 1 min lock, 3 min healthy, 1 min slow peer B, 3 min healthy, then
