@@ -1,9 +1,23 @@
 //! Syscall names, and which syscalls take a file descriptor as their first argument (the
-//! probes classify that descriptor's file for slow syscalls).
+//! probes classify that descriptor's file for slow syscalls). The numbers and names of
+//! each supported architecture (the kernel ABI, as the `libc` crate lists it) are in
+//! `x86_64.rs` and `aarch64.rs`.
 
 use agent_common::SocketOp;
 
-use crate::probes::syscall_table::SYSCALLS;
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+use self::aarch64::SYSCALLS;
+#[cfg(target_arch = "x86_64")]
+use self::x86_64::SYSCALLS;
+
+/// Syscall (number, name) pairs, sorted by number: none known on other architectures.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYSCALLS: &[(u32, &str)] = &[];
 
 /// The name of syscall `nr` on this architecture.
 pub fn name(nr: u32) -> Option<&'static str> {
