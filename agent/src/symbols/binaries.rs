@@ -3,24 +3,13 @@
 //! deleted files), and kept open: symbolization reads it later through the agent's own
 //! descriptor, after the process is gone. A binary is known by its build-id (by its file
 //! identity without one), so every process and container running the same build shares
-//! one entry and one cache of symbolized frames.
+//! one entry (the resolver's binary table) and one cache of symbolized frames.
 
-use std::{
-    collections::{HashMap, HashSet},
-    fs::File,
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
-    sync::Arc,
-};
-
-use stallscope_profile::BinaryInfo;
+use std::{fs::File, os::unix::fs::MetadataExt, path::PathBuf, sync::Arc};
 
 use crate::{
     process::procfs::{FileId, Mapping},
-    symbols::{
-        elf::{self, DebugFile, ElfInfo},
-        symbolize::Frames,
-    },
+    symbols::elf::{self, DebugFile, ElfInfo},
 };
 
 /// An opened, inspected binary.
@@ -152,68 +141,6 @@ pub enum BinaryKey {
 
 /// Id of a binary in the table.
 pub type BinaryId = u32;
-
-/// One binary and its symbolized frames.
-pub struct Binary {
-    pub key: BinaryKey,
-    pub file: Arc<BinaryFile>,
-    /// Symbolized frames by file offset.
-    pub frames: HashMap<u64, Frames>,
-    /// Offsets asked for and not answered yet.
-    pub requested: HashSet<u64>,
-    /// Offsets waiting to be asked for (batched per poll).
-    pub wanted: Vec<u64>,
-    /// Profile period this binary was last used in (for eviction).
-    pub last_used: u64,
-    pub stacks: u64,
-    pub truncated_stacks: u64,
-    /// Why symbolization failed for its last batch, if it did.
-    pub error: Option<String>,
-}
-
-impl Binary {
-    pub fn new(key: BinaryKey, file: Arc<BinaryFile>) -> Self {
-        Self {
-            key,
-            file,
-            frames: HashMap::new(),
-            requested: HashSet::new(),
-            wanted: Vec::new(),
-            last_used: 0,
-            stacks: 0,
-            truncated_stacks: 0,
-            error: None,
-        }
-    }
-
-    /// Queues `offset` for symbolization unless known or asked for already.
-    pub fn want(&mut self, offset: u64) {
-        if !self.frames.contains_key(&offset) && self.requested.insert(offset) {
-            self.wanted.push(offset);
-        }
-    }
-
-    /// The facts a profile carries about this binary; resets its per-profile counts.
-    pub fn take_info(&mut self) -> BinaryInfo {
-        BinaryInfo {
-            path: self.file.path.to_string(),
-            build_id: self.file.info.build_id_hex(),
-            debug_file: self
-                .file
-                .debug
-                .as_ref()
-                .map(|debug| debug.path.display().to_string()),
-            frame_pointers: self
-                .file
-                .info
-                .frame_pointers
-                .map(elf::FramePointers::present),
-            stacks: std::mem::take(&mut self.stacks),
-            truncated_stacks: std::mem::take(&mut self.truncated_stacks),
-            error: self.error.clone(),
-        }
-    }
-}
 
 /// Functions a complete user stack ends in (its thread's entry point).
 const STACK_ROOTS: [&str; 12] = [

@@ -1,0 +1,186 @@
+//! The processes the resolver knows: read when first seen, inherited by a child forked
+//! without exec, forgotten a period after they exit.
+
+use std::{sync::Arc, time::Instant};
+
+use super::Resolver;
+use crate::process::snapshot::ProcessSnapshot;
+
+#[derive(Default)]
+pub(super) struct ProcessEntry {
+    pub(super) snapshot: Option<Arc<ProcessSnapshot>>,
+    pub(super) requested: bool,
+    pub(super) exited: bool,
+    /// Profile period the process was last part of.
+    pub(super) last_period: u64,
+    /// (start ticks, executable) the change events last looked at.
+    pub(super) announced: Option<(u64, Option<String>)>,
+    /// When the process last called exec (as far as the agent saw).
+    pub(super) execed_at: Option<Instant>,
+}
+
+impl Resolver {
+    /// Reads every process that exists now (or only the target).
+    pub fn discover_existing(&mut self) {
+        let pids: Vec<u32> = match self.settings.target_pid {
+            Some(pid) => vec![pid],
+            None => std::fs::read_dir("/proc")
+                .map(|dir| {
+                    dir.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        for pid in pids {
+            self.discover(pid);
+        }
+    }
+
+    /// A process was seen in a drain: read it if it is new.
+    pub fn discover(&mut self, pid: u32) {
+        if pid == 0 {
+            return;
+        }
+        let period = self.period;
+        let entry = self.processes.entry(pid).or_default();
+        entry.last_period = period;
+        if entry.snapshot.is_none() && !entry.requested && !entry.exited {
+            entry.requested = true;
+            self.shared.request_snapshot(pid);
+        }
+    }
+
+    /// Process `parent` forked `child`: the child's snapshot is a copy of the parent's, now
+    /// or once the parent's (next) read is done, which is then asked for if nothing asked
+    /// yet. A parent that forks right after its exec (before its exec read) is read once
+    /// for all its children.
+    pub(super) fn forked(&mut self, parent: u32, child: u32, start_ticks: u64, at: Instant) {
+        let period = self.period;
+        let entry = self.processes.entry(child).or_default();
+        entry.last_period = period;
+        entry.exited = false;
+        entry.execed_at = None;
+        // What was read before the fork was an earlier process with the same pid.
+        if entry.snapshot.as_ref().is_some_and(|s| s.taken < at) {
+            entry.snapshot = None;
+        }
+        let parent_entry = self.processes.entry(parent).or_default();
+        // A snapshot from before the parent's last exec shows its previous image.
+        let current = parent_entry
+            .snapshot
+            .as_ref()
+            .filter(|s| parent_entry.execed_at.is_none_or(|at| s.taken >= at))
+            .cloned();
+        if let Some(snapshot) = current {
+            self.inherit(&snapshot, child, start_ticks);
+            return;
+        }
+        if parent_entry.exited {
+            self.request(child);
+            return;
+        }
+        if !parent_entry.requested {
+            parent_entry.requested = true;
+            parent_entry.last_period = period;
+            self.shared.request_snapshot(parent);
+        }
+        self.forks_waiting
+            .entry(parent)
+            .or_default()
+            .push((child, start_ticks));
+    }
+
+    /// Gives `child` a snapshot inherited from `parent`, unless it has one of its own.
+    pub(super) fn inherit(&mut self, parent: &ProcessSnapshot, child: u32, start_ticks: u64) {
+        let entry = self.processes.entry(child).or_default();
+        if entry.snapshot.is_none() {
+            entry.snapshot = Some(Arc::new(parent.forked(child, start_ticks)));
+        }
+    }
+
+    /// Reads process `pid` unless it is being read, or is known to be gone.
+    pub(super) fn request(&mut self, pid: u32) {
+        let entry = self.processes.entry(pid).or_default();
+        if !entry.requested && !entry.exited {
+            entry.requested = true;
+            self.shared.request_snapshot(pid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{process::snapshot, symbols::resolver::ResolverSettings};
+
+    /// A pid no process has (above the kernel's limit of 2^22).
+    const CHILD: u32 = 5_000_000;
+
+    /// Polls until `pid` has a snapshot inherited at fork, and returns it.
+    fn inherited(resolver: &mut Resolver, pid: u32) -> Arc<ProcessSnapshot> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            resolver.poll();
+            let snapshot = resolver
+                .processes
+                .get(&pid)
+                .and_then(|e| e.snapshot.clone());
+            if let Some(snapshot) = snapshot.filter(|s| s.inherited) {
+                return snapshot;
+            }
+            assert!(Instant::now() < deadline, "no inherited snapshot for {pid}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_forked_child_replaces_an_earlier_process_with_its_pid() {
+        let mut resolver = Resolver::new(ResolverSettings::default());
+        let parent = std::process::id();
+        // An earlier process had the child's pid and exited; its snapshot is still kept.
+        let mut earlier = snapshot::read_snapshot(parent, false).expect("own snapshot");
+        earlier.comm = "earlier".into();
+        resolver.processes.insert(
+            CHILD,
+            ProcessEntry {
+                snapshot: Some(Arc::new(earlier)),
+                exited: true,
+                ..ProcessEntry::default()
+            },
+        );
+        // The parent is not read yet: the child waits for that read.
+        resolver.shared().forked(parent, CHILD, 42);
+        let child = inherited(&mut resolver, CHILD);
+        let own = snapshot::read_snapshot(parent, false).expect("own snapshot");
+        assert_eq!((child.pid, child.start_ticks), (CHILD, 42));
+        assert_eq!(child.comm, own.comm);
+        assert!(!resolver.processes[&CHILD].exited);
+        assert_eq!(
+            resolver.labels(CHILD, None)["exe"],
+            own.exe.expect("own exe")
+        );
+    }
+
+    #[test]
+    fn a_fork_right_after_exec_waits_for_the_new_image() {
+        let mut resolver = Resolver::new(ResolverSettings::default());
+        let parent = std::process::id();
+        let mut before_exec = snapshot::read_snapshot(parent, false).expect("own snapshot");
+        before_exec.comm = "before-exec".into();
+        resolver.processes.insert(
+            parent,
+            ProcessEntry {
+                snapshot: Some(Arc::new(before_exec)),
+                ..ProcessEntry::default()
+            },
+        );
+        resolver.shared().execed(parent);
+        resolver.shared().forked(parent, CHILD, 7);
+        let child = inherited(&mut resolver, CHILD);
+        assert_ne!(child.comm, "before-exec");
+        assert!(child.taken >= resolver.processes[&parent].execed_at.expect("exec seen"));
+    }
+}
