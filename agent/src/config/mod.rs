@@ -1,19 +1,26 @@
 //! The agent's validated configuration: a TOML file (optional) merged with command-line
 //! flags, checked once, so the rest of the agent never sees an invalid value.
 
+pub mod cli;
+mod file;
+mod signals;
+
 use std::{
     collections::BTreeSet,
     fmt,
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
-pub mod cli;
-
-use serde::Deserialize;
 use thiserror::Error;
 
+pub use self::{
+    file::{
+        FileConfig, IdentityFile, LockFile, NetworkFile, OffCpuFile, OnCpuFile, ProbesFile,
+        SymbolsFile, SyscallFile,
+    },
+    signals::{SignalName, parse_signals},
+};
 use crate::{
     probes::{MapSizes, ProbeSettings, SchedHookChoice},
     process::identity::ServiceRule,
@@ -49,127 +56,6 @@ pub enum ConfigError {
     EmptyServiceRule { index: usize, service: String },
 }
 
-/// A signal the agent can capture, by its command-line name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SignalName {
-    OffCpu,
-    OnCpu,
-    RunQueue,
-    Lock,
-    Syscall,
-    Disk,
-    Connect,
-    SocketWait,
-    Tcp,
-}
-
-impl SignalName {
-    pub const ALL: [Self; 9] = [
-        Self::OffCpu,
-        Self::OnCpu,
-        Self::RunQueue,
-        Self::Lock,
-        Self::Syscall,
-        Self::Disk,
-        Self::Connect,
-        Self::SocketWait,
-        Self::Tcp,
-    ];
-    pub const NAMES: [&'static str; 10] = [
-        "offcpu",
-        "oncpu",
-        "runqueue",
-        "lock",
-        "syscall",
-        "disk",
-        "connect",
-        "socket-wait",
-        "tcp",
-        "network (= connect, socket-wait, tcp)",
-    ];
-    /// What `network` stands for.
-    pub const NETWORK: [Self; 3] = [Self::Connect, Self::SocketWait, Self::Tcp];
-    /// What `record` captures when no signal is named.
-    pub const DEFAULT: [Self; 2] = [Self::OffCpu, Self::OnCpu];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::OffCpu => "offcpu",
-            Self::OnCpu => "oncpu",
-            Self::RunQueue => "runqueue",
-            Self::Lock => "lock",
-            Self::Syscall => "syscall",
-            Self::Disk => "disk",
-            Self::Connect => "connect",
-            Self::SocketWait => "socket-wait",
-            Self::Tcp => "tcp",
-        }
-    }
-
-    /// The probes' signal.
-    pub const fn signal(self) -> agent_common::Signal {
-        match self {
-            Self::OffCpu => agent_common::Signal::OffCpu,
-            Self::OnCpu => agent_common::Signal::OnCpu,
-            Self::RunQueue => agent_common::Signal::RunQueue,
-            Self::Lock => agent_common::Signal::Lock,
-            Self::Syscall => agent_common::Signal::Syscall,
-            Self::Disk => agent_common::Signal::Disk,
-            Self::Connect => agent_common::Signal::Connect,
-            Self::SocketWait => agent_common::Signal::SocketWait,
-            Self::Tcp => agent_common::Signal::Tcp,
-        }
-    }
-}
-
-impl fmt::Display for SignalName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SignalName {
-    type Err = ConfigError;
-
-    fn from_str(name: &str) -> Result<Self, Self::Err> {
-        match name
-            .trim()
-            .to_ascii_lowercase()
-            .replace(['-', '_'], "")
-            .as_str()
-        {
-            "offcpu" => Ok(Self::OffCpu),
-            "oncpu" => Ok(Self::OnCpu),
-            "runqueue" | "rq" => Ok(Self::RunQueue),
-            "lock" | "locks" => Ok(Self::Lock),
-            "syscall" | "syscalls" => Ok(Self::Syscall),
-            "disk" | "io" => Ok(Self::Disk),
-            "connect" | "tcpconnect" => Ok(Self::Connect),
-            "socketwait" | "socketwaits" | "socket" => Ok(Self::SocketWait),
-            "tcp" => Ok(Self::Tcp),
-            _ => Err(ConfigError::UnknownSignal(name.trim().to_owned())),
-        }
-    }
-}
-
-/// Parses a comma-separated signal list such as `offcpu,oncpu` (`network` names the three
-/// network signals).
-pub fn parse_signals(list: &str) -> Result<BTreeSet<SignalName>, ConfigError> {
-    let mut signals = BTreeSet::new();
-    for part in list.split(',').filter(|part| !part.trim().is_empty()) {
-        let name = part.trim().to_ascii_lowercase();
-        if name == "network" || name == "net" {
-            signals.extend(SignalName::NETWORK);
-        } else {
-            signals.insert(SignalName::from_str(part)?);
-        }
-    }
-    if signals.is_empty() {
-        return Err(ConfigError::NoSignals);
-    }
-    Ok(signals)
-}
-
 /// Parses `500ms`, `10s`, `2m`, `1h`, `250us` (a bare number means seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
     let text = text.trim();
@@ -194,130 +80,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
         return Err(ConfigError::Duration(text.to_owned()));
     }
     Ok(Duration::from_secs_f64(seconds))
-}
-
-fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Duration>, D::Error> {
-    let text = Option::<String>::deserialize(deserializer)?;
-    text.map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
-        .transpose()
-}
-
-/// The TOML configuration file. Every field is optional; flags override it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// Signals to capture, e.g. `["offcpu", "oncpu"]`.
-    pub signals: Option<Vec<String>>,
-    #[serde(default)]
-    pub offcpu: OffCpuFile,
-    #[serde(default)]
-    pub oncpu: OnCpuFile,
-    #[serde(default)]
-    pub lock: LockFile,
-    #[serde(default)]
-    pub syscall: SyscallFile,
-    #[serde(default)]
-    pub network: NetworkFile,
-    #[serde(default)]
-    pub probes: ProbesFile,
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub drain_interval: Option<Duration>,
-    #[serde(default)]
-    pub identity: IdentityFile,
-    #[serde(default)]
-    pub symbols: SymbolsFile,
-}
-
-/// `[symbols]`: how user stacks are symbolized.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SymbolsFile {
-    /// Binaries with more DWARF than this many megabytes are symbolized from their
-    /// symbol tables (function names only); bounds the memory one symbolization takes.
-    /// 0: never read DWARF.
-    pub dwarf_max_mb: Option<u64>,
-}
-
-/// `[identity]`: how processes are named and what is read about them.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityFile {
-    /// Collect command lines (secret-looking values redacted). Off by default.
-    pub cmdline: Option<bool>,
-    /// `[[identity.service]]` rules naming the `service` label; the first match wins.
-    #[serde(default)]
-    pub service: Vec<ServiceRule>,
-    /// Deadline of one read of another process's files (`/proc`, its binaries).
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub read_deadline: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OffCpuFile {
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub stack_threshold: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LockFile {
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub stack_threshold: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SyscallFile {
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub slow_threshold: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkFile {
-    /// Socket syscalls shorter than this are not socket waits.
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub min_wait: Option<Duration>,
-    /// Socket waits at least this long always get stacks; shorter ones are sampled.
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub stack_threshold: Option<Duration>,
-    /// A TCP connection's smoothed RTT is sampled at most once per this interval.
-    #[serde(default, deserialize_with = "deserialize_duration")]
-    pub rtt_interval: Option<Duration>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OnCpuFile {
-    pub frequency_hz: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProbesFile {
-    pub sched_hook: Option<SchedHookChoice>,
-    pub btf: Option<PathBuf>,
-    pub max_threads: Option<u32>,
-    pub max_totals: Option<u32>,
-    pub max_samples: Option<u32>,
-    pub max_stacks: Option<u32>,
-    pub max_pending: Option<u32>,
-}
-
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|err| ConfigError::Parse {
-            path: path.to_owned(),
-            message: err.message().to_owned(),
-        })
-    }
 }
 
 /// Flags that can override the file, as the command line gives them (all optional).
@@ -638,23 +400,6 @@ mod tests {
     }
 
     #[test]
-    fn signals() {
-        let all = parse_signals("offcpu, on-cpu,runqueue,lock,syscall,disk").expect("valid");
-        assert_eq!(all.len(), 6);
-        let network = parse_signals("network,disk").expect("valid");
-        assert_eq!(network.len(), 4);
-        assert!(network.contains(&SignalName::SocketWait));
-        let one = parse_signals("socket-wait").expect("valid");
-        assert_eq!(
-            one.into_iter().collect::<Vec<_>>(),
-            [SignalName::SocketWait]
-        );
-        let err = parse_signals("offcpu,bogus").expect_err("invalid");
-        assert!(err.to_string().contains("unknown signal `bogus`"), "{err}");
-        assert!(matches!(parse_signals(" , "), Err(ConfigError::NoSignals)));
-    }
-
-    #[test]
     fn flags_override_file_and_ranges_are_checked() {
         let file: FileConfig = toml::from_str(
             r#"
@@ -729,12 +474,6 @@ mod tests {
             toml::from_str("[symbols]\ndwarf_max_mb = 100000\n").expect("valid toml");
         let err = Config::build(huge, Overrides::default()).expect_err("out of range");
         assert!(err.to_string().contains("symbols.dwarf_max_mb"), "{err}");
-    }
-
-    #[test]
-    fn unknown_file_keys_are_rejected() {
-        let err = toml::from_str::<FileConfig>("sampling = 3").expect_err("unknown key");
-        assert!(err.to_string().contains("sampling"), "{err}");
     }
 
     #[test]

@@ -2,14 +2,6 @@
 //! for each signal (falling back where it must), configures map sizes and read-only
 //! globals, and exposes the drain of one generation of aggregated data.
 
-use std::{path::Path, time::Duration};
-
-use agent_common::{LOSS_COUNTERS, Peer, ProbeConfig, Signal, SyscallSlot, TotalCache};
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray},
-};
-
 pub mod attach;
 pub mod bpf_sys;
 pub mod btf;
@@ -18,6 +10,14 @@ mod error;
 mod settings;
 pub mod syscalls;
 pub mod tracefs;
+
+use std::{path::Path, time::Duration};
+
+use agent_common::{LOSS_COUNTERS, Peer, ProbeConfig, Signal, SyscallSlot, TotalCache};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, PerCpuArray},
+};
 
 use self::{bpf_sys::Barrier, btf::Btf};
 pub use self::{

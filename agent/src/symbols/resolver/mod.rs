@@ -18,6 +18,12 @@
 //! All reads of other processes' files and memory happen on deadline-bounded lanes;
 //! results come back as messages this side polls.
 
+mod binary_table;
+mod labels;
+mod normalize;
+mod processes;
+mod shared;
+
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
@@ -31,21 +37,6 @@ use std::{
 
 use stallscope_profile::{ChangeEvent, FrameKind};
 
-use crate::{
-    process::{identity::ServiceRule, procfs::FileId, snapshot},
-    symbols::{
-        binaries::{self, BinaryId, BinaryKey},
-        lanes::Lanes,
-        symbolize::{self, KernelSymbolizer, LaneSymbolizers},
-    },
-};
-
-mod binary_table;
-mod labels;
-mod normalize;
-mod processes;
-mod shared;
-
 pub use self::shared::Shared;
 use self::{
     binary_table::{Binary, FileState},
@@ -53,6 +44,14 @@ use self::{
     normalize::{NormFrame, PendingStack},
     processes::ProcessEntry,
     shared::Outcome,
+};
+use crate::{
+    process::{identity::ServiceRule, procfs::FileId, snapshot},
+    symbols::{
+        binaries::{self, BinaryId, BinaryKey},
+        lanes::Lanes,
+        symbolize::{self, KernelSymbolizer, LaneSymbolizers},
+    },
 };
 
 /// How the resolver reads and names processes.
