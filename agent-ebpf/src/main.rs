@@ -1,4 +1,7 @@
-//! stallscope's eBPF probes: one module per probe family, shared maps in `maps`.
+//! stallscope's eBPF probes: one module per probe family (sched_btf, sched_tp, oncpu, lock,
+//! syscall, net, io), the raw syscall hooks two families share in `raw_syscalls`, shared
+//! maps in `maps`, per-thread state in `threads` and `task_storage`, kernel reads in
+//! `kernel`. No family imports another.
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the only atomic add the BPF target offers (see `maps::atomic_add`).
@@ -6,10 +9,12 @@
 #![allow(internal_features)]
 
 mod io;
+mod kernel;
 mod lock;
 mod maps;
 mod net;
 mod oncpu;
+mod raw_syscalls;
 mod sched_btf;
 mod sched_tp;
 mod syscall;

@@ -37,11 +37,11 @@ use aya_ebpf::{
 };
 
 use crate::{
+    kernel::{fd_file, file_kind, read_ptr, syscall_arg},
     maps::{
         SLOT_NET, SLOT_SYSCALL, add_sample, add_total, capture_current_stack, config, generation,
         remember_comm, wanted, wants,
     },
-    syscall::{fd_file, file_kind, read_ptr, syscall_arg},
 };
 
 /// The [`SocketOp`] of each syscall number (0: not a socket operation), set by the agent.
