@@ -2,7 +2,8 @@
 //! every fork, exec and exit. A process is read shortly after its exec (once the dynamic
 //! loader has mapped its libraries) and again a little later, so a process that lives
 //! less than a drain interval is still symbolized after it exits. A fork without exec is
-//! not read at all: the child inherits its parent's snapshot (see the resolver), which
+//! not read at all: the child inherits its parent's snapshot (the resolver, told through
+//! [`ProcessListener`], does that), which
 //! keeps a host that forks hundreds of workers a second from costing hundreds of
 //! `/proc/PID/maps` reads. Without the connector (no `CAP_NET_ADMIN`, a kernel without
 //! it) processes are read at first sight in a drain.
@@ -21,7 +22,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{process::snapshot, symbols::resolver::Shared};
+use crate::process::snapshot;
+
+/// Who hears of processes as they start and end (the resolver): fork, exec and exit as
+/// they happen, and when a process should be read.
+pub trait ProcessListener: Send + Sync {
+    /// Process `parent` forked `child`, started at `start_ticks` (boot clock ticks).
+    fn forked(&self, parent: u32, child: u32, start_ticks: u64);
+    /// Process `pid` replaced its image.
+    fn execed(&self, pid: u32);
+    /// Process `pid` exited.
+    fn exited(&self, pid: u32);
+    /// Process `pid` should be read now (a while after its exec).
+    fn read(&self, pid: u32);
+}
 
 const NETLINK_CONNECTOR: libc::c_int = 11;
 const CN_IDX_PROC: u32 = 1;
@@ -203,7 +217,7 @@ fn subscribe() -> io::Result<OwnedFd> {
 
 /// Starts watching; `target` limits the reads to one process. `None` (logged) if the
 /// connector is unavailable.
-pub fn watch(shared: Arc<Shared>, target: Option<u32>) -> Option<ProcWatcher> {
+pub fn watch(listener: Arc<dyn ProcessListener>, target: Option<u32>) -> Option<ProcWatcher> {
     let socket = match subscribe() {
         Ok(socket) => socket,
         Err(err) => {
@@ -217,11 +231,11 @@ pub fn watch(shared: Arc<Shared>, target: Option<u32>) -> Option<ProcWatcher> {
     let stopped = Arc::clone(&stop);
     let spawned = thread::Builder::new()
         .name("proc-events".into())
-        .spawn(move || run(&socket, &shared, target, &stopped));
+        .spawn(move || run(&socket, listener.as_ref(), target, &stopped));
     spawned.ok().map(|_| ProcWatcher { stop })
 }
 
-fn run(socket: &OwnedFd, shared: &Arc<Shared>, target: Option<u32>, stop: &AtomicBool) {
+fn run(socket: &OwnedFd, listener: &dyn ProcessListener, target: Option<u32>, stop: &AtomicBool) {
     let mut due: BinaryHeap<Reverse<(Instant, u32)>> = BinaryHeap::new();
     let mut buffer = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::Relaxed) {
@@ -239,7 +253,7 @@ fn run(socket: &OwnedFd, shared: &Arc<Shared>, target: Option<u32>, stop: &Atomi
             for event in parse_events(&buffer[..received as usize]) {
                 match event {
                     ProcEvent::Exec { pid } if target.is_none_or(|t| t == pid) => {
-                        shared.execed(pid);
+                        listener.execed(pid);
                         due.extend(EXEC_READS.iter().map(|d| Reverse((now + *d, pid))));
                     }
                     ProcEvent::Fork {
@@ -247,10 +261,14 @@ fn run(socket: &OwnedFd, shared: &Arc<Shared>, target: Option<u32>, stop: &Atomi
                         parent,
                         timestamp_ns,
                     } if target.is_none() => {
-                        shared.forked(parent, pid, snapshot::boot_ticks_of_monotonic(timestamp_ns));
+                        listener.forked(
+                            parent,
+                            pid,
+                            snapshot::boot_ticks_of_monotonic(timestamp_ns),
+                        );
                     }
                     ProcEvent::Exit { pid } if target.is_none_or(|t| t == pid) => {
-                        shared.exited(pid);
+                        listener.exited(pid);
                     }
                     _ => {}
                 }
@@ -272,7 +290,7 @@ fn run(socket: &OwnedFd, shared: &Arc<Shared>, target: Option<u32>, stop: &Atomi
                 break;
             }
             due.pop();
-            shared.request_snapshot(pid);
+            listener.read(pid);
         }
     }
 }

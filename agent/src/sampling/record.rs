@@ -50,7 +50,7 @@ pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Res
     let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
     // Processes are read as they start (and the ones running now, right away), so their
     // stacks are symbolized even if they exit before the next drain.
-    let _watcher = events::watch(accumulator.resolver.shared(), config.target_pid);
+    let _watcher = events::watch(accumulator.resolver.event_feed(), config.target_pid);
     accumulator.discover_processes();
     let start_ns = system::unix_now_ns();
     let started = Instant::now();

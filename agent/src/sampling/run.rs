@@ -168,7 +168,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     let mut accumulator = Accumulator::new(&signals_of(&config), config.resolver_settings());
     // As in `record`: processes are read as they start, so stacks of short-lived ones
     // still symbolize.
-    let _watcher = events::watch(accumulator.resolver.shared(), config.target_pid);
+    let _watcher = events::watch(accumulator.resolver.event_feed(), config.target_pid);
     accumulator.discover_processes();
     let started = Instant::now();
     let host = system::hostname();

@@ -37,16 +37,15 @@ use std::{
 
 use stallscope_profile::{ChangeEvent, FrameKind};
 
-pub use self::shared::Shared;
 use self::{
     binary_table::{Binary, FileState},
     labels::ServiceState,
     normalize::{NormFrame, PendingStack},
     processes::ProcessEntry,
-    shared::Outcome,
+    shared::{EventFeed, Outcome, Shared},
 };
 use crate::{
-    process::{identity::ServiceRule, procfs::FileId, snapshot},
+    process::{events::ProcessListener, identity::ServiceRule, procfs::FileId, snapshot},
     symbols::{
         binaries::{self, BinaryId, BinaryKey},
         lanes::Lanes,
@@ -163,8 +162,8 @@ impl Resolver {
     }
 
     /// For the process-event watcher.
-    pub fn shared(&self) -> Arc<Shared> {
-        Arc::clone(&self.shared)
+    pub fn event_feed(&self) -> Arc<dyn ProcessListener> {
+        Arc::new(EventFeed(Arc::clone(&self.shared)))
     }
 
     /// Applies what the lanes and the process-event watcher reported (before a drain's

@@ -152,7 +152,7 @@ mod tests {
             },
         );
         // The parent is not read yet: the child waits for that read.
-        resolver.shared().forked(parent, CHILD, 42);
+        resolver.event_feed().forked(parent, CHILD, 42);
         let child = inherited(&mut resolver, CHILD);
         let own = snapshot::read_snapshot(parent, false).expect("own snapshot");
         assert_eq!((child.pid, child.start_ticks), (CHILD, 42));
@@ -177,8 +177,8 @@ mod tests {
                 ..ProcessEntry::default()
             },
         );
-        resolver.shared().execed(parent);
-        resolver.shared().forked(parent, CHILD, 7);
+        resolver.event_feed().execed(parent);
+        resolver.event_feed().forked(parent, CHILD, 7);
         let child = inherited(&mut resolver, CHILD);
         assert_ne!(child.comm, "before-exec");
         assert!(child.taken >= resolver.processes[&parent].execed_at.expect("exec seen"));

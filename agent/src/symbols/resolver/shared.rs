@@ -13,6 +13,7 @@ use std::{
 
 use crate::{
     process::{
+        events::ProcessListener,
         procfs::FileId,
         snapshot::{self, ProcessSnapshot},
     },
@@ -54,7 +55,7 @@ pub(super) enum Outcome {
 }
 
 /// What lane jobs and the process-event watcher share with the resolver.
-pub struct Shared {
+pub(super) struct Shared {
     pub(super) collect_cmdline: bool,
     pub(super) read_deadline: Duration,
     /// Reads of `/proc/PID` files: quick, and needed promptly (a process may be short-lived).
@@ -164,6 +165,27 @@ impl Shared {
                 .source(lanes::key_of(&("dev", file_id.dev))),
             );
         }
+    }
+}
+
+/// The process-event watcher's handle on the resolver.
+pub(super) struct EventFeed(pub(super) Arc<Shared>);
+
+impl ProcessListener for EventFeed {
+    fn forked(&self, parent: u32, child: u32, start_ticks: u64) {
+        self.0.forked(parent, child, start_ticks);
+    }
+
+    fn execed(&self, pid: u32) {
+        self.0.execed(pid);
+    }
+
+    fn exited(&self, pid: u32) {
+        self.0.exited(pid);
+    }
+
+    fn read(&self, pid: u32) {
+        self.0.request_snapshot(pid);
     }
 }
 
