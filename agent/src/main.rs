@@ -6,7 +6,7 @@ use clap::Parser;
 use stallscope_agent::{
     config::{
         cli::{Cli, Command},
-        parse_duration,
+        flag_duration,
     },
     logging,
     sampling::{check, record, run},
@@ -31,13 +31,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Record(args) => {
             let config = args.common.config()?;
-            let duration = parse_duration(&args.duration)?;
+            let duration = flag_duration("--duration", &args.duration)?;
             let summary = record::record(&config, duration, &args.output)?;
             eprintln!("{}", record::summary_line(&summary, &args.output));
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let summary = run::run(&args)?;
+            let config = args.config()?;
+            let summary = run::run(&config)?;
             eprintln!("{}", run::summary_line(&summary));
             Ok(ExitCode::SUCCESS)
         }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Config, ConfigError, FileConfig, Overrides},
+    config::{Config, ConfigError, FileConfig, Overrides, RunConfig, RunOverrides},
     probes::SchedHookChoice,
 };
 
@@ -32,7 +32,7 @@ pub enum Command {
     Check(CommonArgs),
     /// Run as a daemon: sample continuously and stream batches to a collector, through
     /// an on-disk spool that survives restarts and outages.
-    Run(Box<crate::sampling::run::RunArgs>),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +101,91 @@ pub struct CommonArgs {
     pub cmdline: bool,
 }
 
+#[derive(Debug, Args)]
+#[command(after_help = RUN_DEFAULTS)]
+pub struct RunArgs {
+    /// Collector address: https://HOST:PORT (mTLS) or http://HOST:PORT (plaintext, when the
+    /// collector allows it). Default: run.collector in --config, else http://127.0.0.1:7070.
+    #[arg(long, env = "STALLSCOPE_COLLECTOR")]
+    pub collector: Option<String>,
+    /// Agent identity on plaintext connections (under mTLS the certificate's name is used).
+    /// Default: the host name.
+    #[arg(long)]
+    pub agent_id: Option<String>,
+    /// Client certificate (PEM) for mTLS; needs --tls-key and --tls-ca (or the [run]
+    /// section's tls_key and tls_ca).
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signed the collector's certificate.
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name in the collector's certificate, if not the address's host.
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Length of one batch (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub batch_interval: Option<String>,
+    /// Directory of the on-disk spool of unacknowledged batches (default
+    /// /var/lib/stallscope-agent/spool).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Most batches kept in the spool; the oldest are dropped (and counted) beyond it
+    /// (default 8640).
+    #[arg(long, value_name = "N")]
+    pub spool_max_batches: Option<usize>,
+    /// Most bytes kept in the spool (default 268435456).
+    #[arg(long, value_name = "BYTES")]
+    pub spool_max_bytes: Option<u64>,
+    /// How long to keep sending after SIGTERM/SIGINT before exiting (default 5s).
+    #[arg(long, value_name = "DURATION")]
+    pub flush_timeout: Option<String>,
+    /// Longest wait between reconnection attempts (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub max_backoff: Option<String>,
+    /// Stop after this long (default: run until SIGTERM/SIGINT).
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Where `run`'s settings come from, printed after its `--help`.
+const RUN_DEFAULTS: &str = "Every run option can also be set in the [run] section of the --config file \
+(collector, agent_id, tls_cert, tls_key, tls_ca, tls_server_name, batch_interval, spool_dir, \
+spool_max_batches, spool_max_bytes, flush_timeout, max_backoff); flags override the file.";
+
+impl RunArgs {
+    /// Merges the flags with the configuration file (its sampling settings and its
+    /// `[run]` section) and validates the result.
+    pub fn config(&self) -> Result<RunConfig, ConfigError> {
+        let mut file = self.common.file()?;
+        let run_file = std::mem::take(&mut file.run);
+        let sampling = self.common.build(file)?;
+        RunConfig::build(
+            sampling,
+            run_file,
+            RunOverrides {
+                collector: self.collector.clone(),
+                agent_id: self.agent_id.clone(),
+                tls_cert: self.tls_cert.clone(),
+                tls_key: self.tls_key.clone(),
+                tls_ca: self.tls_ca.clone(),
+                tls_server_name: self.tls_server_name.clone(),
+                batch_interval: self.batch_interval.clone(),
+                spool_dir: self.spool_dir.clone(),
+                spool_max_batches: self.spool_max_batches,
+                spool_max_bytes: self.spool_max_bytes,
+                flush_timeout: self.flush_timeout.clone(),
+                max_backoff: self.max_backoff.clone(),
+                duration: self.duration.clone(),
+            },
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum SchedHookArg {
     Auto,
@@ -110,10 +195,19 @@ pub enum SchedHookArg {
 impl CommonArgs {
     /// Merges the flags with the configuration file and validates the result.
     pub fn config(&self) -> Result<Config, ConfigError> {
-        let file = match &self.config {
-            Some(path) => FileConfig::load(path)?,
-            None => FileConfig::default(),
-        };
+        self.build(self.file()?)
+    }
+
+    /// The configuration file, if one was given.
+    fn file(&self) -> Result<FileConfig, ConfigError> {
+        match &self.config {
+            Some(path) => FileConfig::load(path),
+            None => Ok(FileConfig::default()),
+        }
+    }
+
+    /// Merges the flags with `file` and validates the result.
+    fn build(&self, file: FileConfig) -> Result<Config, ConfigError> {
         Config::build(
             file,
             Overrides {

@@ -8,16 +8,8 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{ConfigError, parse_duration};
+use super::{ConfigError, deserialize_duration};
 use crate::{probes::SchedHookChoice, process::identity::ServiceRule};
-
-fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Duration>, D::Error> {
-    let text = Option::<String>::deserialize(deserializer)?;
-    text.map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
-        .transpose()
-}
 
 /// The TOML configuration file. Every field is optional; flags override it.
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +35,9 @@ pub struct FileConfig {
     pub identity: IdentityFile,
     #[serde(default)]
     pub symbols: SymbolsFile,
+    /// `[run]`: how `stallscope-agent run` streams (ignored by `record` and `check`).
+    #[serde(default)]
+    pub run: RunFile,
 }
 
 /// `[symbols]`: how user stacks are symbolized.
@@ -122,6 +117,29 @@ pub struct ProbesFile {
     pub max_pending: Option<u32>,
 }
 
+/// `[run]` in the TOML file. Every key is optional; flags override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// `https://HOST:PORT` (mTLS) or `http://HOST:PORT` (plaintext).
+    pub collector: Option<String>,
+    /// Identity on plaintext connections (under mTLS the certificate names the agent).
+    pub agent_id: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub batch_interval: Option<Duration>,
+    pub spool_dir: Option<PathBuf>,
+    pub spool_max_batches: Option<usize>,
+    pub spool_max_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub flush_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub max_backoff: Option<Duration>,
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -130,14 +148,63 @@ impl FileConfig {
         })?;
         toml::from_str(&text).map_err(|err| ConfigError::Parse {
             path: path.to_owned(),
-            message: err.message().to_owned(),
+            message: match err.span().and_then(|span| key_at(&text, span.start)) {
+                Some(key) => format!("{key}: {}", err.message()),
+                None => err.message().to_owned(),
+            },
         })
     }
+}
+
+/// The dotted key (`run.batch_interval`) of the line holding byte `offset` of a TOML
+/// `text`, with the table it sits in, so an error names the key it is about.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|header| header.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let path =
+            std::env::temp_dir().join(format!("stallscope-keys-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "drain_interval = \"2s\"\n[run]\nbatch_interval = \"soon\"\n",
+        )
+        .expect("write");
+        let err = FileConfig::load(&path).expect_err("bad duration");
+        assert!(
+            err.to_string()
+                .contains("run.batch_interval: invalid duration `soon`"),
+            "{err}"
+        );
+        std::fs::write(&path, "[run]\nspool_max = 3\n").expect("write");
+        let err = FileConfig::load(&path).expect_err("unknown key");
+        assert!(
+            err.to_string().contains("run.spool_max: unknown field"),
+            "{err}"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn unknown_file_keys_are_rejected() {

@@ -3,6 +3,7 @@
 
 pub mod cli;
 mod file;
+mod run;
 mod signals;
 
 use std::{
@@ -12,13 +13,15 @@ use std::{
     time::Duration,
 };
 
+use serde::Deserialize;
 use thiserror::Error;
 
 pub use self::{
     file::{
         FileConfig, IdentityFile, LockFile, NetworkFile, OffCpuFile, OnCpuFile, ProbesFile,
-        SymbolsFile, SyscallFile,
+        RunFile, SymbolsFile, SyscallFile,
     },
+    run::{RunConfig, RunOverrides, TlsFiles},
     signals::{SignalName, parse_signals},
 };
 use crate::{
@@ -35,6 +38,18 @@ pub enum ConfigError {
     NoSignals,
     #[error("invalid duration `{0}`: use a number with a unit, e.g. 500ms, 10s, 2m, 1h")]
     Duration(String),
+    #[error(
+        "invalid duration `{value}` for {flag}: use a number with a unit, e.g. 500ms, 10s, 2m, 1h"
+    )]
+    FlagDuration { flag: &'static str, value: String },
+    #[error(
+        "{what} `{value}` is not a collector address: use http://HOST:PORT (plaintext) or https://HOST:PORT (mTLS)"
+    )]
+    Collector { what: &'static str, value: String },
+    #[error(
+        "TLS needs the client certificate, its key and the collector's CA together (tls_cert, tls_key, tls_ca in [run], or --tls-cert, --tls-key, --tls-ca); only {given} given"
+    )]
+    TlsIncomplete { given: String },
     #[error("{what} must be {rule}, got {value}")]
     OutOfRange {
         what: &'static str,
@@ -138,6 +153,23 @@ pub const DEFAULT_FREQUENCY_HZ: u64 = 49;
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(1);
 
+/// A duration given on the command line with `flag`; the error names the flag.
+pub fn flag_duration(flag: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    parse_duration(text).map_err(|_| ConfigError::FlagDuration {
+        flag,
+        value: text.trim().to_owned(),
+    })
+}
+
+/// A duration in the TOML file, such as `"500ms"`.
+fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    let text = Option::<String>::deserialize(deserializer)?;
+    text.map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 fn check_range(
     what: &'static str,
     rule: &'static str,
@@ -158,12 +190,12 @@ fn check_range(
 /// A threshold from the flag, else the file, else the default; between 1 us and 10 s.
 fn threshold(
     what: &'static str,
-    flag: Option<&String>,
+    (flag_name, flag): (&'static str, Option<&String>),
     file: Option<Duration>,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     let value = match flag {
-        Some(text) => parse_duration(text)?,
+        Some(text) => flag_duration(flag_name, text)?,
         None => file.unwrap_or(default),
     };
     check_range(
@@ -185,37 +217,37 @@ impl Config {
         };
         let offcpu_stack_threshold = threshold(
             "the off-CPU stack threshold",
-            flags.offcpu_threshold.as_ref(),
+            ("--offcpu-threshold", flags.offcpu_threshold.as_ref()),
             file.offcpu.stack_threshold,
             DEFAULT_STACK_THRESHOLD,
         )?;
         let lock_stack_threshold = threshold(
             "the lock stack threshold",
-            flags.lock_threshold.as_ref(),
+            ("--lock-threshold", flags.lock_threshold.as_ref()),
             file.lock.stack_threshold,
             DEFAULT_LOCK_THRESHOLD,
         )?;
         let syscall_slow_threshold = threshold(
             "the slow-syscall threshold",
-            flags.syscall_threshold.as_ref(),
+            ("--syscall-threshold", flags.syscall_threshold.as_ref()),
             file.syscall.slow_threshold,
             DEFAULT_SYSCALL_THRESHOLD,
         )?;
         let socket_wait_min = threshold(
             "the minimum socket wait",
-            None,
+            ("", None),
             file.network.min_wait,
             DEFAULT_SOCKET_WAIT_MIN,
         )?;
         let socket_stack_threshold = threshold(
             "the socket-wait stack threshold",
-            None,
+            ("", None),
             file.network.stack_threshold,
             DEFAULT_SOCKET_STACK_THRESHOLD,
         )?;
         let tcp_rtt_interval = threshold(
             "the RTT sampling interval",
-            None,
+            ("", None),
             file.network.rtt_interval,
             DEFAULT_TCP_RTT_INTERVAL,
         )?;
@@ -230,7 +262,7 @@ impl Config {
             oncpu_frequency_hz,
         )?;
         let drain_interval = match &flags.drain_interval {
-            Some(text) => parse_duration(text)?,
+            Some(text) => flag_duration("--drain-interval", text)?,
             None => file.drain_interval.unwrap_or(DEFAULT_DRAIN_INTERVAL),
         };
         check_range(

@@ -6,18 +6,17 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use clap::Args;
 use stallscope_profile::Meta;
 
 use crate::{
     aggregate::accumulate::Accumulator,
-    config::{cli::CommonArgs, parse_duration},
+    config::RunConfig,
     naming,
     probes::{ProbeError, Probes},
     process::events,
@@ -28,65 +27,10 @@ use crate::{
     stream::{
         batch::{batch_from_profile, batch_totals},
         sender::{ClientTls, Sender, StreamSettings},
-        spool::{Spool, SpoolLimits},
+        spool::Spool,
     },
     system,
 };
-
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Collector address: https://HOST:PORT (mTLS) or http://HOST:PORT (plaintext, when the
-    /// collector allows it).
-    #[arg(
-        long,
-        env = "STALLSCOPE_COLLECTOR",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    pub collector: String,
-    /// Agent identity on plaintext connections (under mTLS the certificate's name is used).
-    /// Default: the host name.
-    #[arg(long)]
-    pub agent_id: Option<String>,
-    /// Client certificate (PEM) for mTLS.
-    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-    /// Client private key (PEM).
-    #[arg(long, value_name = "PATH")]
-    pub tls_key: Option<PathBuf>,
-    /// CA (PEM) that signed the collector's certificate.
-    #[arg(long, value_name = "PATH")]
-    pub tls_ca: Option<PathBuf>,
-    /// Name in the collector's certificate, if not the address's host.
-    #[arg(long, value_name = "NAME")]
-    pub tls_server_name: Option<String>,
-    /// Length of one batch.
-    #[arg(long, value_name = "DURATION", default_value = "10s")]
-    pub batch_interval: String,
-    /// Directory of the on-disk spool of unacknowledged batches.
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/var/lib/stallscope-agent/spool"
-    )]
-    pub spool_dir: PathBuf,
-    /// Most batches kept in the spool; the oldest are dropped (and counted) beyond it.
-    #[arg(long, value_name = "N", default_value_t = 8640)]
-    pub spool_max_batches: usize,
-    /// Most bytes kept in the spool.
-    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024 * 1024)]
-    pub spool_max_bytes: u64,
-    /// How long to keep sending after SIGTERM/SIGINT before exiting.
-    #[arg(long, value_name = "DURATION", default_value = "5s")]
-    pub flush_timeout: String,
-    /// Longest wait between reconnection attempts.
-    #[arg(long, value_name = "DURATION", default_value = "30s")]
-    pub max_backoff: String,
-    /// Stop after this long (default: run until SIGTERM/SIGINT).
-    #[arg(long, value_name = "DURATION")]
-    pub duration: Option<String>,
-    #[command(flatten)]
-    pub common: CommonArgs,
-}
 
 /// What a run did, for its closing line.
 pub struct RunSummary {
@@ -99,38 +43,24 @@ pub struct RunSummary {
     pub totals: BTreeMap<String, i64>,
 }
 
-fn read_file(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
+fn read_file(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
 
-pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
-    let config = args.common.config()?;
-    let batch_interval = parse_duration(&args.batch_interval)?;
-    anyhow::ensure!(
-        batch_interval >= config.drain_interval && batch_interval <= Duration::from_secs(3600),
-        "--batch-interval must be between the drain interval ({:?}) and 1h",
-        config.drain_interval
-    );
-    let flush_timeout = parse_duration(&args.flush_timeout)?;
-    let max_backoff = parse_duration(&args.max_backoff)?.max(Duration::from_millis(250));
-    let duration = args.duration.as_deref().map(parse_duration).transpose()?;
-    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
-        (Some(cert), Some(key), Some(ca)) => Some(ClientTls {
-            cert_pem: read_file(cert, "client certificate")?,
-            key_pem: read_file(key, "client key")?,
-            ca_pem: read_file(ca, "collector CA")?,
-            server_name: args.tls_server_name.clone(),
+pub fn run(run: &RunConfig) -> anyhow::Result<RunSummary> {
+    let config = &run.sampling;
+    let batch_interval = run.batch_interval;
+    let tls = match &run.tls {
+        Some(files) => Some(ClientTls {
+            cert_pem: read_file(&files.cert, "client certificate")?,
+            key_pem: read_file(&files.key, "client key")?,
+            ca_pem: read_file(&files.ca, "collector CA")?,
+            server_name: files.server_name.clone(),
         }),
-        _ => None,
+        None => None,
     };
-    let agent_id = args.agent_id.clone().unwrap_or_else(system::hostname);
-    let spool = Spool::open(
-        &args.spool_dir,
-        SpoolLimits {
-            max_batches: args.spool_max_batches,
-            max_bytes: args.spool_max_bytes,
-        },
-    )?;
+    let agent_id = run.agent_id.clone();
+    let spool = Spool::open(&run.spool_dir, run.spool_limits)?;
     let first_sequence = spool.next_sequence();
     let leftover = spool.pending().len();
     let spool = Arc::new(Mutex::new(spool));
@@ -141,11 +71,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     let sender = Sender::start(
         Arc::clone(&spool),
         StreamSettings {
-            collector: args.collector.clone(),
+            collector: run.collector.clone(),
             agent_id: agent_id.clone(),
             tls,
             window: 32,
-            max_backoff,
+            max_backoff: run.max_backoff,
         },
     )?;
     if leftover > 0 {
@@ -159,13 +89,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     // Tests and scripts wait for this line (at info level) before starting a workload.
     tracing::info!(
         "probes attached; streaming to {} as {agent_id}",
-        args.collector
+        run.collector
     );
     for (signal, hook) in &probes.hooks {
         tracing::info!("{}: {hook}", naming::signal_label(*signal));
     }
-    let notes = notes(&config, &probes.hooks);
-    let mut accumulator = Accumulator::new(&signals_of(&config), config.resolver_settings());
+    let notes = notes(config, &probes.hooks);
+    let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
     // As in `record`: processes are read as they start, so stacks of short-lived ones
     // still symbolize.
     let _watcher = events::watch(accumulator.resolver.event_feed(), config.target_pid);
@@ -212,7 +142,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
         Ok(())
     };
     loop {
-        if shutdown::requested() || duration.is_some_and(|d| started.elapsed() >= d) {
+        if shutdown::requested() || run.duration.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
         let now = Instant::now();
@@ -235,7 +165,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     accumulator.ingest(probes.drain()?);
     close_batch(&mut accumulator, true)?;
     drop(probes);
-    summary.flushed = sender.flush_and_stop(flush_timeout);
+    summary.flushed = sender.flush_and_stop(run.flush_timeout);
     summary.dropped_total = spool.lock().map_or(0, |s| s.dropped_total());
     Ok(summary)
 }
