@@ -1,9 +1,11 @@
-//! The agent's commands: `record` (one file), `run` (the daemon streaming to a
-//! collector), `check` (what this kernel offers), with the file writer of `record`
-//! (`output`) and the SIGINT/SIGTERM handling they share (`shutdown`).
+//! The agent's commands: `record` (one file) and `run` (the daemon streaming to a
+//! collector), both the one sampling loop of `sampler` with a different sink; `check`
+//! (what this kernel offers); the file writer of `record` (`output`) and the
+//! SIGINT/SIGTERM handling of the loop (`shutdown`).
 
 pub mod check;
 pub mod output;
 pub mod record;
 pub mod run;
+pub mod sampler;
 pub mod shutdown;

@@ -3,21 +3,18 @@
 use std::{
     io::{IsTerminal, Write},
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agent_common::{Loss, Signal};
-use stallscope_profile::{Meta, Profile};
+use anyhow::Context as _;
+use stallscope_profile::Profile;
 
-use crate::{
-    aggregate::accumulate::Accumulator,
-    config::{Config, SignalName},
-    naming,
-    probes::{ProbeError, Probes},
-    process::events,
-    sampling::{output::StagedOutput, shutdown},
-    system,
+use super::{
+    output::StagedOutput,
+    sampler::{Sink, sample},
 };
+use crate::{aggregate::accumulate::Accumulator, config::Config, naming};
 
 /// What a recording produced, for the closing line.
 pub struct RecordSummary {
@@ -25,146 +22,83 @@ pub struct RecordSummary {
     pub elapsed: Duration,
 }
 
-pub fn signals_of(config: &Config) -> Vec<Signal> {
-    config
-        .signals
-        .iter()
-        .map(|signal| signal.signal())
-        .collect()
-}
-
 /// Records for `duration` (or until SIGINT/SIGTERM) and writes `output`.
 pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Result<RecordSummary> {
-    let staged = StagedOutput::create(output)?;
-    if !crate::probes::privileged() {
-        return Err(ProbeError::NotPrivileged.into());
-    }
-    shutdown::install();
-    let mut probes = Probes::load(&config.probe_settings())?;
-    system::release_free_memory();
-    for (signal, hook) in &probes.hooks {
-        tracing::info!("{}: {hook}", naming::signal_label(*signal));
-    }
-    // Tests and scripts wait for this line (at info level) before starting a workload.
-    tracing::info!("probes attached; recording for {duration:?}");
-    let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
-    // Processes are read as they start (and the ones running now, right away), so their
-    // stacks are symbolized even if they exit before the next drain.
-    let _watcher = events::watch(accumulator.resolver.event_feed(), config.target_pid);
-    accumulator.discover_processes();
-    let start_ns = system::unix_now_ns();
-    let started = Instant::now();
-    let progress = std::io::stderr().is_terminal();
-    let mut next_drain = started + config.drain_interval;
-    loop {
-        let now = Instant::now();
-        let elapsed = now - started;
-        if elapsed >= duration || shutdown::requested() {
-            break;
-        }
-        let wake = next_drain.min(started + duration);
-        std::thread::sleep(
-            wake.saturating_duration_since(now)
-                .min(Duration::from_millis(100)),
-        );
-        if Instant::now() >= next_drain {
-            accumulator.ingest(probes.drain()?);
-            next_drain += config.drain_interval;
-            if progress {
-                print_progress(&accumulator, started.elapsed(), duration);
-            }
-        }
-    }
-    accumulator.ingest(probes.drain()?);
-    let elapsed = started.elapsed();
-    let hooks = probes.hooks.clone();
-    drop(probes);
-    if progress {
-        eprint!("\r\x1b[2K");
-    }
-    let meta = Meta {
-        start_unix_ns: start_ns,
-        duration_ns: i64::try_from(elapsed.as_nanos()).unwrap_or(i64::MAX),
-        host: system::hostname(),
-        notes: notes(config, &hooks),
-        ..Meta::default()
+    let mut sink = FileSink {
+        staged: Some(StagedOutput::create(output)?),
+        signals: config.signals.iter().map(|s| s.as_str()).collect(),
+        duration,
+        progress: std::io::stderr().is_terminal(),
+        written: None,
     };
-    let profile = accumulator.finish(meta);
-    for binary in profile
-        .meta
-        .binaries
-        .iter()
-        .filter(|b| b.truncated_stacks > 0)
-    {
-        tracing::info!(
-            "{}: {} of {} user stacks ending there probably truncated (frame pointers: {})",
-            binary.path,
-            binary.truncated_stacks,
-            binary.stacks,
-            binary
-                .frame_pointers
-                .map_or("unknown", |fp| if fp { "yes" } else { "no" })
-        );
-    }
-    let title = format!(
-        "stallscope {} on {}, {:.1}s",
-        config
-            .signals
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(" + "),
-        profile.meta.host,
-        elapsed.as_secs_f64()
-    );
-    staged.commit(&profile, &title)?;
+    let elapsed = sample(config, Some(duration), &mut sink)?;
+    let profile = sink
+        .written
+        .context("the recording ended without a profile")?;
     Ok(RecordSummary { profile, elapsed })
 }
 
-/// The facts a profile carries about how it was recorded: agent and kernel versions, the
-/// hooks the loaded probes use (`hooks`), thresholds, the target.
-pub(crate) fn notes(config: &Config, hooks: &[(Signal, String)]) -> Vec<String> {
-    let mut notes = vec![
-        system::AGENT_VERSION.to_owned(),
-        format!("kernel {}", system::kernel_release()),
-    ];
-    for (signal, hook) in hooks {
-        notes.push(format!("{} probes: {hook}", naming::signal_label(*signal)));
+/// `record`'s sink: one profile, at the end, into one file.
+struct FileSink {
+    /// The output file, until the profile is written.
+    staged: Option<StagedOutput>,
+    signals: Vec<&'static str>,
+    duration: Duration,
+    /// Whether stderr is a terminal, for the progress line.
+    progress: bool,
+    /// The profile written.
+    written: Option<Profile>,
+}
+
+impl Sink for FileSink {
+    fn interval(&self) -> Option<Duration> {
+        None
     }
-    if config.wants(SignalName::OffCpu) {
-        notes.push(format!(
-            "off-CPU stacks: every wait >= {:?}, shorter waits threshold-sampled and calibrated to exact totals",
-            config.offcpu_stack_threshold
-        ));
+
+    fn describe(&self) -> String {
+        format!("recording for {:?}", self.duration)
     }
-    if config.wants(SignalName::Lock) {
-        notes.push(format!(
-            "lock stacks: every wait >= {:?}, shorter waits threshold-sampled and calibrated",
-            config.lock_stack_threshold
-        ));
+
+    fn drained(&mut self, accumulator: &Accumulator, elapsed: Duration) {
+        if self.progress {
+            print_progress(accumulator, elapsed, self.duration);
+        }
     }
-    if config.wants(SignalName::Syscall) {
-        notes.push(format!(
-            "syscall stacks: syscalls >= {:?}",
-            config.syscall_slow_threshold
-        ));
+
+    fn accept(&mut self, profile: Profile, _last: bool) -> anyhow::Result<()> {
+        if self.progress {
+            eprint!("\r\x1b[2K");
+        }
+        for binary in profile
+            .meta
+            .binaries
+            .iter()
+            .filter(|b| b.truncated_stacks > 0)
+        {
+            tracing::info!(
+                "{}: {} of {} user stacks ending there probably truncated (frame pointers: {})",
+                binary.path,
+                binary.truncated_stacks,
+                binary.stacks,
+                binary
+                    .frame_pointers
+                    .map_or("unknown", |fp| if fp { "yes" } else { "no" })
+            );
+        }
+        let title = format!(
+            "stallscope {} on {}, {:.1}s",
+            self.signals.join(" + "),
+            profile.meta.host,
+            profile.meta.duration_ns as f64 / 1e9
+        );
+        let staged = self
+            .staged
+            .take()
+            .context("a recording writes one profile")?;
+        staged.commit(&profile, &title)?;
+        self.written = Some(profile);
+        Ok(())
     }
-    if config.wants(SignalName::SocketWait) {
-        notes.push(format!(
-            "socket waits: socket syscalls >= {:?}; stacks for every wait >= {:?}, shorter waits threshold-sampled and calibrated",
-            config.socket_wait_min, config.socket_stack_threshold
-        ));
-    }
-    if config.wants(SignalName::Tcp) {
-        notes.push(format!(
-            "tcp: smoothed RTT sampled at most every {:?} per connection",
-            config.tcp_rtt_interval
-        ));
-    }
-    if let Some(pid) = config.target_pid {
-        notes.push(format!("only pid {pid}"));
-    }
-    notes
 }
 
 fn print_progress(accumulator: &Accumulator, elapsed: Duration, duration: Duration) {

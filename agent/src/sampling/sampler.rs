@@ -1,0 +1,195 @@
+//! The one sampling loop of `record` and `run`: load and attach the probes, drain them
+//! every drain interval into the accumulator, close a profile every interval of the sink
+//! (or once, at the end) and hand it to the sink, and stop cleanly at the deadline or on
+//! SIGINT/SIGTERM: a last drain, the probes detached, the last profile handed over. The
+//! sink is the only difference between the commands: a file for `record`, the spool and
+//! the collector for `run`.
+
+use std::time::{Duration, Instant};
+
+use agent_common::Signal;
+use stallscope_profile::{Meta, Profile};
+
+use super::shutdown;
+use crate::{
+    aggregate::accumulate::Accumulator,
+    config::{Config, SignalName},
+    naming,
+    probes::{self, ProbeError, Probes},
+    process::events,
+    system,
+};
+
+/// Where finished profiles go.
+pub trait Sink {
+    /// How often a profile is closed and handed over; `None`: once, when sampling ends.
+    fn interval(&self) -> Option<Duration>;
+
+    /// What the sink does with the profiles, for the line scripts and tests wait for
+    /// (`probes attached; <this>`).
+    fn describe(&self) -> String;
+
+    /// Called after every drain, with the time sampled so far (progress output).
+    fn drained(&mut self, _accumulator: &Accumulator, _elapsed: Duration) {}
+
+    /// A finished profile of the period since the previous one (`last`: the final one,
+    /// after the probes were detached).
+    fn accept(&mut self, profile: Profile, last: bool) -> anyhow::Result<()>;
+}
+
+/// The signals of a configuration, as the probes number them.
+pub fn signals_of(config: &Config) -> Vec<Signal> {
+    config
+        .signals
+        .iter()
+        .map(|signal| signal.signal())
+        .collect()
+}
+
+/// Samples with `config` for `duration` (or until SIGINT/SIGTERM), handing finished
+/// profiles to `sink`; returns how long it sampled (up to the last drain).
+pub fn sample(
+    config: &Config,
+    duration: Option<Duration>,
+    sink: &mut dyn Sink,
+) -> anyhow::Result<Duration> {
+    if !probes::privileged() {
+        return Err(ProbeError::NotPrivileged.into());
+    }
+    shutdown::install();
+    let mut probes = Probes::load(&config.probe_settings())?;
+    system::release_free_memory();
+    for (signal, hook) in &probes.hooks {
+        tracing::info!("{}: {hook}", naming::signal_label(*signal));
+    }
+    // Tests and scripts wait for this line (at info level) before starting a workload.
+    tracing::info!("probes attached; {}", sink.describe());
+    let notes = notes(config, &probes.hooks);
+    let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
+    // Processes are read as they start (and the ones running now, right away), so their
+    // stacks are symbolized even if they exit before the next drain.
+    let _watcher = events::watch(accumulator.resolver.event_feed(), config.target_pid);
+    accumulator.discover_processes();
+    let host = system::hostname();
+    let started = Instant::now();
+    let mut period = Period::begin();
+    let mut next_drain = started + config.drain_interval;
+    let mut next_close = sink.interval().map(|every| started + every);
+    loop {
+        let now = Instant::now();
+        if shutdown::requested() || duration.is_some_and(|d| now - started >= d) {
+            break;
+        }
+        let mut wake = next_drain;
+        if let Some(close) = next_close {
+            wake = wake.min(close);
+        }
+        if let Some(duration) = duration {
+            wake = wake.min(started + duration);
+        }
+        std::thread::sleep(
+            wake.saturating_duration_since(now)
+                .min(Duration::from_millis(100)),
+        );
+        let now = Instant::now();
+        if now >= next_drain {
+            accumulator.ingest(probes.drain()?);
+            next_drain += config.drain_interval;
+            sink.drained(&accumulator, started.elapsed());
+        }
+        if let (Some(close), Some(every)) = (next_close, sink.interval())
+            && now >= close
+        {
+            let profile = period.close(&mut accumulator, &host, &notes, Instant::now());
+            sink.accept(profile, false)?;
+            next_close = Some(close + every);
+        }
+    }
+    accumulator.ingest(probes.drain()?);
+    let ended = Instant::now();
+    drop(probes);
+    let profile = period.close(&mut accumulator, &host, &notes, ended);
+    sink.accept(profile, true)?;
+    Ok(ended - started)
+}
+
+/// The start of the period the next profile covers.
+struct Period {
+    start_unix_ns: i64,
+    started: Instant,
+}
+
+impl Period {
+    fn begin() -> Self {
+        Self {
+            start_unix_ns: system::unix_now_ns(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The profile of the period ending at `end`; the next period starts now.
+    fn close(
+        &mut self,
+        accumulator: &mut Accumulator,
+        host: &str,
+        notes: &[String],
+        end: Instant,
+    ) -> Profile {
+        let meta = Meta {
+            start_unix_ns: self.start_unix_ns,
+            duration_ns: i64::try_from(end.saturating_duration_since(self.started).as_nanos())
+                .unwrap_or(i64::MAX),
+            host: host.to_owned(),
+            notes: notes.to_vec(),
+            ..Meta::default()
+        };
+        *self = Self::begin();
+        accumulator.finish(meta)
+    }
+}
+
+/// The facts a profile carries about how it was recorded: agent and kernel versions, the
+/// hooks the loaded probes use (`hooks`), thresholds, the target.
+pub fn notes(config: &Config, hooks: &[(Signal, String)]) -> Vec<String> {
+    let mut notes = vec![
+        system::AGENT_VERSION.to_owned(),
+        format!("kernel {}", system::kernel_release()),
+    ];
+    for (signal, hook) in hooks {
+        notes.push(format!("{} probes: {hook}", naming::signal_label(*signal)));
+    }
+    if config.wants(SignalName::OffCpu) {
+        notes.push(format!(
+            "off-CPU stacks: every wait >= {:?}, shorter waits threshold-sampled and calibrated to exact totals",
+            config.offcpu_stack_threshold
+        ));
+    }
+    if config.wants(SignalName::Lock) {
+        notes.push(format!(
+            "lock stacks: every wait >= {:?}, shorter waits threshold-sampled and calibrated",
+            config.lock_stack_threshold
+        ));
+    }
+    if config.wants(SignalName::Syscall) {
+        notes.push(format!(
+            "syscall stacks: syscalls >= {:?}",
+            config.syscall_slow_threshold
+        ));
+    }
+    if config.wants(SignalName::SocketWait) {
+        notes.push(format!(
+            "socket waits: socket syscalls >= {:?}; stacks for every wait >= {:?}, shorter waits threshold-sampled and calibrated",
+            config.socket_wait_min, config.socket_stack_threshold
+        ));
+    }
+    if config.wants(SignalName::Tcp) {
+        notes.push(format!(
+            "tcp: smoothed RTT sampled at most every {:?} per connection",
+            config.tcp_rtt_interval
+        ));
+    }
+    if let Some(pid) = config.target_pid {
+        notes.push(format!("only pid {pid}"));
+    }
+    notes
+}
