@@ -2,12 +2,13 @@
 //! fixed-width integers, loss counters and the read-only probe configuration.
 //!
 //! Everything here is `#[repr(C)]`, fixed-width and free of implicit padding, so the kernel
-//! side and the user side agree byte for byte.
+//! side and the user side agree byte for byte; `layout.rs` checks that at compile time.
 #![no_std]
 
 mod config;
 mod keys;
 mod kinds;
+mod layout;
 mod loss;
 mod net;
 mod state;
@@ -56,30 +57,7 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use core::mem::size_of;
-
     use super::*;
-
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<TotalKey>(), 16);
-        assert_eq!(size_of::<TotalValue>(), 8 * (4 + HIST_BUCKETS));
-        assert_eq!(size_of::<SyscallSlot>(), 8 + 3 * 8 + 8 + 8 * HIST_BUCKETS);
-        assert_eq!(size_of::<SampleKey>(), 4 + 4 + 8 + 8 + 4 + 4 + 24);
-        assert_eq!(size_of::<SampleValue>(), 40);
-        assert_eq!(size_of::<StackTrace>(), 8 + 8 * MAX_STACK_DEPTH);
-        assert_eq!(size_of::<ThreadState>(), 6 * 8 + 4 * 4 + 8);
-        assert_eq!(size_of::<TpThreadState>(), 32);
-        assert_eq!(
-            size_of::<PendingWait>(),
-            9 * 8 + 8 + 8 + size_of::<StackTrace>()
-        );
-        assert_eq!(size_of::<DiskRequestKey>(), 16);
-        assert_eq!(size_of::<DiskRequest>(), 48);
-        assert_eq!(size_of::<ProbeConfig>(), 6 * 8 + 36 * 4);
-        assert_eq!(size_of::<Peer>(), 24);
-        assert_eq!(size_of::<SocketInfo>(), 48);
-    }
 
     #[test]
     fn peers_map_ipv4_into_ipv6_and_have_stable_ids() {
