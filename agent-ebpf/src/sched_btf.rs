@@ -309,6 +309,10 @@ fn switch_out(
     if let Some(snapshot) = USER_SNAPSHOT.get_or_create(prev) {
         // SAFETY: the thread's own storage; the buffer size is the array's size.
         let snapshot = unsafe { &mut *snapshot };
+        // SAFETY: the helper writes at most the byte length passed, which is exactly the
+        // size of `snapshot.ips` (this thread's own storage, borrowed mutably here only);
+        // `ctx` is this program's context, and at `sched_switch` the current task is
+        // `prev`, so BPF_F_USER_STACK walks the switching-out thread's own user stack.
         let written = unsafe {
             bpf_get_stack(
                 ctx.as_ptr(),
