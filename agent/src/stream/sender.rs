@@ -7,7 +7,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -73,6 +73,8 @@ struct Shared {
     stopping: AtomicBool,
     deadline: Mutex<Option<Instant>>,
     settings: StreamSettings,
+    /// A thread panicked while it held the spool's lock.
+    poisoned: AtomicBool,
 }
 
 impl Shared {
@@ -81,19 +83,39 @@ impl Shared {
             && self
                 .deadline
                 .lock()
-                .ok()
-                .and_then(|d| *d)
+                .map_or_else(|poisoned| *poisoned.into_inner(), |d| *d)
                 .is_none_or(|deadline| Instant::now() >= deadline)
     }
 
     /// Time left before the flush deadline, if stopping.
     fn time_left(&self) -> Option<Duration> {
-        let deadline = self.deadline.lock().ok().and_then(|d| *d)?;
+        let deadline = self
+            .deadline
+            .lock()
+            .map_or_else(|poisoned| *poisoned.into_inner(), |d| *d)?;
         Some(deadline.saturating_duration_since(Instant::now()))
     }
 
+    /// Whether everything spooled was acknowledged (never, once the spool is poisoned).
     fn spool_empty(&self) -> bool {
-        self.spool.lock().map_or(true, |s| s.is_empty())
+        self.spool().is_some_and(|s| s.is_empty())
+    }
+
+    /// The spool, unless a thread panicked while holding its lock: its in-memory state
+    /// may then be half-updated, so the sender stops (said once, in the log) and leaves
+    /// the batches on disk, where the next start finds and sends them.
+    fn spool(&self) -> Option<MutexGuard<'_, Spool>> {
+        match self.spool.lock() {
+            Ok(spool) => Some(spool),
+            Err(_) => {
+                if !self.poisoned.swap(true, Ordering::SeqCst) {
+                    tracing::error!(
+                        "a thread panicked while it held the spool: the sender stops; unacknowledged batches stay on disk and are sent at the next start"
+                    );
+                }
+                None
+            }
+        }
     }
 }
 
@@ -113,6 +135,7 @@ impl Sender {
             stopping: AtomicBool::new(false),
             deadline: Mutex::new(None),
             settings,
+            poisoned: AtomicBool::new(false),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -137,9 +160,12 @@ impl Sender {
     /// Sends what is left, for at most `timeout`, then stops. Returns whether the spool
     /// was emptied.
     pub fn flush_and_stop(mut self, timeout: Duration) -> bool {
-        if let Ok(mut deadline) = self.shared.deadline.lock() {
-            *deadline = Some(Instant::now() + timeout);
-        }
+        // The deadline is a plain value, whole even if a thread panicked holding it.
+        *self
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + timeout);
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake.notify_one();
         self.shared.stop.notify_one();
@@ -245,14 +271,18 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
     let mut backoff = Backoff::new(shared.settings.max_backoff);
     let mut failures = 0_u32;
     loop {
-        if shared.stop_now() || (shared.stopping.load(Ordering::SeqCst) && shared.spool_empty()) {
+        // A poisoned spool ends the sender (`spool()` says so in the log).
+        if shared.spool().is_none()
+            || shared.stop_now()
+            || (shared.stopping.load(Ordering::SeqCst) && shared.spool_empty())
+        {
             return;
         }
         match session(&shared, &endpoint, &mut backoff).await {
             SessionEnd::Done => return,
             SessionEnd::Refused { sequence, message } => {
                 tracing::error!("collector refused batch {sequence}: {message}; dropping it");
-                if let Ok(mut spool) = shared.spool.lock()
+                if let Some(mut spool) = shared.spool()
                     && let Err(err) = spool.discard(sequence)
                 {
                     tracing::error!("{err}");
@@ -307,7 +337,7 @@ async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) ->
     }
     // Sending starts before the response headers arrive: the first frames go out as
     // soon as the stream is open.
-    if let Ok(mut spool) = shared.spool.lock() {
+    if let Some(mut spool) = shared.spool() {
         spool.reset_in_flight();
     }
     let mut in_flight: VecDeque<u64> = VecDeque::new();
@@ -325,7 +355,7 @@ async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) ->
         if shared.stopping.load(Ordering::SeqCst) && in_flight.is_empty() && shared.spool_empty() {
             return SessionEnd::Done;
         }
-        if shared.stop_now() {
+        if shared.stop_now() || shared.poisoned.load(Ordering::SeqCst) {
             return SessionEnd::Done;
         }
         tokio::select! {
@@ -333,7 +363,7 @@ async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) ->
                 Ok(Some(ack)) => {
                     backoff.reset();
                     in_flight.retain(|&s| s != ack.sequence);
-                    if let Ok(mut spool) = shared.spool.lock()
+                    if let Some(mut spool) = shared.spool()
                         && let Err(err) = spool.acknowledge(ack.sequence)
                     {
                         tracing::error!("{err}");
@@ -362,7 +392,7 @@ fn fill_window(
     in_flight: &mut VecDeque<u64>,
     last_sent: &mut Option<u64>,
 ) {
-    let Ok(mut spool) = shared.spool.lock() else {
+    let Some(mut spool) = shared.spool() else {
         return;
     };
     while in_flight.len() < window {
@@ -405,6 +435,55 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::spool::SpoolLimits;
+
+    #[test]
+    fn a_poisoned_spool_stops_the_sender_and_is_not_reported_flushed() {
+        let dir = std::env::temp_dir().join(format!("stallscope-poisoned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spool = Arc::new(Mutex::new(
+            Spool::open(&dir, SpoolLimits::default()).expect("spool opens"),
+        ));
+        let holder = Arc::clone(&spool);
+        let _ = std::thread::spawn(move || {
+            let _guard = holder.lock();
+            panic!("a thread panics while it holds the spool (expected by this test)");
+        })
+        .join();
+        assert!(spool.is_poisoned());
+        let sender = Sender::start(
+            Arc::clone(&spool),
+            StreamSettings {
+                // Nothing listens on port 1: without the poison check the sender would
+                // retry until the flush deadline.
+                collector: "http://127.0.0.1:1".to_owned(),
+                agent_id: "poisoned".to_owned(),
+                tls: None,
+                window: 4,
+                max_backoff: Duration::from_secs(1),
+            },
+        )
+        .expect("sender starts");
+        // The sender notices by itself, without being told to stop.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sender
+            .thread
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the sender kept going on a poisoned spool"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(sender.shared.poisoned.load(Ordering::SeqCst));
+        assert!(
+            !sender.flush_and_stop(Duration::from_secs(1)),
+            "a poisoned spool was reported as flushed"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn backoff_grows_with_jitter_up_to_the_maximum() {
