@@ -1,8 +1,9 @@
 //! What the agent reads about another process from `/proc/PID`: its executable mappings
 //! (to normalize user addresses to file offsets), its start time (to tell a recycled pid
 //! from the process that had it), its names, cgroup and namespace pid, and its JIT perf
-//! map. Every function here may block on the target (a held mmap lock, a hung mount) and
-//! is only called from a deadline-bounded lane (`lanes.rs`).
+//! map. The reads are the agent's own (bounded in size, and every function that reads may
+//! block on the target, a held mmap lock or a hung mount, so it is only called from a
+//! deadline-bounded lane, `symbols/lanes.rs`); the `procfs` crate parses what they read.
 
 use std::{
     fs::File,
@@ -10,6 +11,11 @@ use std::{
     os::unix::fs::{FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Arc,
+};
+
+use procfs::{
+    FromBufRead, FromRead,
+    process::{MMPermissions, MMapPath, MemoryMap, MemoryMaps, Stat, Status},
 };
 
 /// A file's identity on this host: device and inode, as `/proc/PID/maps` shows them. While
@@ -51,41 +57,58 @@ impl Mapping {
     }
 }
 
-/// Parses `/proc/PID/maps`, keeping executable mappings, sorted by address.
-pub fn parse_maps(text: &str) -> Vec<Mapping> {
-    let mut mappings: Vec<Mapping> = text.lines().filter_map(parse_maps_line).collect();
+/// Parses `/proc/PID/maps` (as read, bytes) with the `procfs` crate, keeping executable
+/// mappings, sorted by address.
+pub fn parse_maps(maps: &[u8]) -> io::Result<Vec<Mapping>> {
+    let maps = MemoryMaps::from_buf_read(maps).map_err(|err| unparsable("maps", &err))?;
+    let mut mappings: Vec<Mapping> = maps.into_iter().filter_map(executable_mapping).collect();
     mappings.sort_by_key(|m| m.start);
-    mappings
+    Ok(mappings)
 }
 
-fn parse_maps_line(line: &str) -> Option<Mapping> {
-    let mut fields = line.splitn(6, ' ');
-    let range = fields.next()?;
-    let perms = fields.next()?;
-    let offset = fields.next()?;
-    let dev = fields.next()?;
-    let inode = fields.next()?;
-    let path = fields.next().unwrap_or("").trim_start();
-    if perms.as_bytes().get(2) != Some(&b'x') {
+/// The agent's view of one line of `/proc/PID/maps`, if it is executable.
+fn executable_mapping(map: MemoryMap) -> Option<Mapping> {
+    if !map.perms.contains(MMPermissions::EXECUTE) {
         return None;
     }
-    let (start, end) = range.split_once('-')?;
-    let (major, minor) = dev.split_once(':')?;
-    let inode: u64 = inode.parse().ok()?;
-    let dev = (u64::from_str_radix(major, 16).ok()? << 32) | u64::from_str_radix(minor, 16).ok()?;
+    let path = match map.pathname {
+        MMapPath::Path(path) => path.to_string_lossy().into_owned(),
+        MMapPath::Anonymous => String::new(),
+        MMapPath::Vdso => "[vdso]".to_owned(),
+        MMapPath::Vvar => "[vvar]".to_owned(),
+        MMapPath::Vsyscall => "[vsyscall]".to_owned(),
+        MMapPath::Heap => "[heap]".to_owned(),
+        MMapPath::Stack => "[stack]".to_owned(),
+        MMapPath::TStack(tid) => format!("[stack:{tid}]"),
+        MMapPath::Rollup => "[rollup]".to_owned(),
+        MMapPath::Vsys(key) => format!("/SYSV{key:08x}"),
+        MMapPath::Other(name) => format!("[{name}]"),
+    };
     let (path, deleted) = match path.strip_suffix(" (deleted)") {
-        Some(path) => (path, true),
+        Some(path) => (path.to_owned(), true),
         None => (path, false),
     };
-    let file = (inode != 0 && path.starts_with('/')).then_some(FileId { dev, inode });
+    let (major, minor) = map.dev;
+    let dev = (u64::from(major as u32) << 32) | u64::from(minor as u32);
+    let file = (map.inode != 0 && path.starts_with('/')).then_some(FileId {
+        dev,
+        inode: map.inode,
+    });
     Some(Mapping {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset: u64::from_str_radix(offset, 16).ok()?,
+        start: map.address.0,
+        end: map.address.1,
+        offset: map.offset,
         file,
         path: Arc::from(path),
         deleted,
     })
+}
+
+fn unparsable(file: &str, err: &dyn std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("unparsable /proc/PID/{file}: {err}"),
+    )
 }
 
 /// The mapping holding `address` in `mappings` (sorted by start).
@@ -95,41 +118,41 @@ pub fn find_mapping(mappings: &[Mapping], address: u64) -> Option<&Mapping> {
     (address < mapping.end).then_some(mapping)
 }
 
-/// Reads a small `/proc` file to a string; at most `limit` bytes.
-pub fn read_small(path: &Path, limit: u64) -> io::Result<String> {
-    let mut text = String::new();
-    File::open(path)?.take(limit).read_to_string(&mut text)?;
-    Ok(text)
+/// Reads a small `/proc` file; at most `limit` bytes.
+pub fn read_small(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
-/// The process's start time in clock ticks after boot (field 22 of `/proc/PID/stat`).
+/// The process's start time in clock ticks after boot (`starttime` of `/proc/PID/stat`).
 pub fn start_ticks(pid: u32) -> io::Result<u64> {
     let stat = read_small(Path::new(&format!("/proc/{pid}/stat")), 4096)?;
     parse_start_ticks(&stat)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unparsable /proc/PID/stat"))
 }
 
-fn parse_start_ticks(stat: &str) -> Option<u64> {
-    // The comm (field 2) may hold spaces and parentheses: fields resume after the last `)`.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // Field 3 is the first after the comm; field 22 is 19 further on.
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+/// `starttime` of a `/proc/PID/stat` (as read, bytes), parsed by the `procfs` crate.
+fn parse_start_ticks(stat: &[u8]) -> io::Result<u64> {
+    Stat::from_read(stat)
+        .map(|stat| stat.starttime)
+        .map_err(|err| unparsable("stat", &err))
 }
 
-/// The pid of the process in its own (innermost) pid namespace, from `NSpid:`.
-pub fn parse_ns_pid(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("NSpid:"))
-        .and_then(|pids| pids.split_whitespace().last())
-        .and_then(|pid| pid.parse().ok())
+/// The pid of the process in its own (innermost) pid namespace, from `NSpid:` of a
+/// `/proc/PID/status` (as read, bytes), parsed by the `procfs` crate.
+pub fn parse_ns_pid(status: &[u8]) -> Option<u32> {
+    let status = Status::from_buf_read(status).ok()?;
+    let innermost = *status.nspid?.last()?;
+    u32::try_from(innermost).ok()
 }
 
-/// Command-line arguments from `/proc/PID/cmdline` (NUL-separated).
-pub fn parse_cmdline(raw: &str) -> Vec<String> {
-    raw.split('\0')
+/// Command-line arguments from `/proc/PID/cmdline` (NUL-separated bytes). The `procfs`
+/// crate only parses this file through its own unbounded read (`Process::cmdline`), so
+/// the split stays here, behind the agent's bounded read.
+pub fn parse_cmdline(raw: &[u8]) -> Vec<String> {
+    raw.split(|&byte| byte == 0)
         .filter(|arg| !arg.is_empty())
-        .map(str::to_owned)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
         .collect()
 }
 
@@ -212,7 +235,7 @@ mod tests {
 
     #[test]
     fn parses_executable_mappings() {
-        let maps = parse_maps(MAPS);
+        let maps = parse_maps(MAPS.as_bytes()).expect("parses");
         assert_eq!(maps.len(), 4, "{maps:?}");
         let app = &maps[0];
         assert_eq!(
@@ -248,15 +271,45 @@ mod tests {
 
     #[test]
     fn start_time_skips_odd_comms() {
-        let stat = "42 (a) b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 777 0 0";
-        assert_eq!(parse_start_ticks(stat), Some(777));
-        assert_eq!(parse_start_ticks("garbage"), None);
+        let stat = "42 (a) b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 777 \
+                    1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+        assert_eq!(parse_start_ticks(stat.as_bytes()).expect("parses"), 777);
+        assert!(parse_start_ticks(b"garbage").is_err());
+    }
+
+    #[test]
+    fn own_stat_and_status_parse() {
+        let pid = std::process::id();
+        assert!(start_ticks(pid).expect("own stat") > 0);
+        let status = read_small(Path::new("/proc/self/status"), 64 * 1024).expect("status");
+        // Not in a pid namespace of its own here: the innermost pid is the pid.
+        assert_eq!(parse_ns_pid(&status), Some(pid));
+        assert_eq!(parse_ns_pid(b"Name:\tx\n"), None);
     }
 
     #[test]
     fn namespace_pid_is_the_innermost() {
-        assert_eq!(parse_ns_pid("Name:\tx\nNSpid:\t4242\t7\n"), Some(7));
-        assert_eq!(parse_ns_pid("Name:\tx\n"), None);
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let status = status
+            .lines()
+            .map(|line| {
+                if line.starts_with("NSpid:") {
+                    "NSpid:\t4242\t7"
+                } else {
+                    line
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(parse_ns_pid(status.as_bytes()), Some(7));
+    }
+
+    #[test]
+    fn command_lines_split_at_nul() {
+        assert_eq!(
+            parse_cmdline(b"/usr/bin/app\0--token\0s3cret\0\0"),
+            ["/usr/bin/app", "--token", "s3cret"]
+        );
     }
 
     #[test]

@@ -69,9 +69,9 @@ pub fn read_snapshot(pid: u32, collect_cmdline: bool) -> io::Result<ProcessSnaps
     let dir = Path::new(&dir);
     let start_ticks = procfs::start_ticks(pid)?;
     let maps: Arc<[Mapping]> =
-        procfs::parse_maps(&procfs::read_small(&dir.join("maps"), 64 * 1024 * 1024)?).into();
+        procfs::parse_maps(&procfs::read_small(&dir.join("maps"), 64 * 1024 * 1024)?)?.into();
     let comm = procfs::read_small(&dir.join("comm"), 256)
-        .map(|c| c.trim_end().to_owned())
+        .map(|c| String::from_utf8_lossy(&c).trim_end().to_owned())
         .unwrap_or_default();
     let exe = std::fs::read_link(dir.join("exe")).ok().map(|path| {
         let path = path.to_string_lossy().into_owned();
@@ -79,7 +79,7 @@ pub fn read_snapshot(pid: u32, collect_cmdline: bool) -> io::Result<ProcessSnaps
             .map_or(path.clone(), str::to_owned)
     });
     let cgroup = procfs::read_small(&dir.join("cgroup"), SMALL_FILE_LIMIT)
-        .map(|text| identity::from_proc_cgroup(&text))
+        .map(|text| identity::from_proc_cgroup(&String::from_utf8_lossy(&text)))
         .unwrap_or_default();
     let ns_pid = procfs::read_small(&dir.join("status"), SMALL_FILE_LIMIT)
         .ok()

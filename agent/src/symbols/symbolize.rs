@@ -355,8 +355,8 @@ mod tests {
     /// DWARF budget; returns the innermost frame.
     #[inline(never)]
     fn own_function_frame(dwarf_max: u64) -> Frame {
-        let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
-        let mappings = crate::process::procfs::parse_maps(&maps);
+        let maps = std::fs::read("/proc/self/maps").expect("own maps");
+        let mappings = crate::process::procfs::parse_maps(&maps).expect("own maps parse");
         let here = own_function_frame as *const () as u64;
         let mapping = crate::process::procfs::find_mapping(&mappings, here).expect("mapped");
         let binary =
