@@ -3,13 +3,16 @@
 
 use std::process::Command;
 
+use anyhow::bail;
+
 use crate::{
-    bootstrap,
+    bootstrap, import_cycles,
     util::{cargo, root, run},
 };
 
 pub fn lint() -> anyhow::Result<()> {
     bootstrap::ensure()?;
+    import_cycle_check()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     let toolchain = bootstrap::toolchain_bin();
@@ -34,6 +37,38 @@ pub fn lint() -> anyhow::Result<()> {
         .env("PATH", path)
         .env("CARGO_TARGET_DIR", root().join("target").join("ebpf-lint"))
         .current_dir(root()))
+}
+
+/// No module of a crate imports another that imports it back (see `import_cycles.rs`).
+pub fn import_cycle_check() -> anyhow::Result<()> {
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml"))?;
+    let members = workspace_members(&manifest);
+    let roots = import_cycles::crate_roots(&root(), &members);
+    let cycles = import_cycles::check(&roots)?;
+    if !cycles.is_empty() {
+        bail!(
+            "import cycles between modules (move what both need into a module both import, or make one a child of the other):\n{}",
+            cycles.join("\n")
+        );
+    }
+    eprintln!(
+        "xtask: no import cycles between the modules of {} crate roots",
+        roots.len()
+    );
+    Ok(())
+}
+
+/// The `members = [...]` of the workspace manifest.
+fn workspace_members(manifest: &str) -> Vec<&str> {
+    let Some(start) = manifest.find("members = [") else {
+        return Vec::new();
+    };
+    let list = &manifest[start + "members = [".len()..];
+    let list = &list[..list.find(']').unwrap_or(list.len())];
+    list.split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| !m.is_empty() && !m.starts_with('#'))
+        .collect()
 }
 
 pub fn fmt() -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ mod bootstrap;
 mod clickhouse;
 mod debian;
 mod demo;
+mod import_cycles;
 mod lint;
 mod test;
 mod util;
@@ -25,7 +26,8 @@ tasks:
               `symbolize`: criterion benchmarks of symbolization; `ingest`, `query`
               [sqlite|clickhouse]: collector ingest throughput and 24 h query latency
   clickhouse start|stop  a private ClickHouse on 127.0.0.1:18123 for running tests by hand
-  lint        rustfmt check and clippy (host crates and the eBPF crate)
+  lint        import-cycle check, rustfmt check and clippy (host crates and the eBPF crate)
+  import-cycles  only the import-cycle check of lint: no module imports one that imports it back
   fmt         format the workspace with nightly rustfmt (import grouping)";
 
 fn main() -> ExitCode {
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "clickhouse" => clickhouse::run(rest),
         "lint" => lint::lint(),
+        "import-cycles" => lint::import_cycle_check(),
         "fmt" => lint::fmt(),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
