@@ -220,6 +220,8 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> anyhow::Result<Exi
 pub struct AgentRun {
     child: Child,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// The thread collecting stderr; it ends when the agent's stderr closes.
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 /// How an agent run ended.
@@ -245,7 +247,7 @@ impl AgentRun {
         let stderr = child.stderr.take().context("agent stderr")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(mut lines) = sink.lock() {
                     lines.push(line);
@@ -255,6 +257,7 @@ impl AgentRun {
         Ok(Self {
             child,
             stderr: lines,
+            reader: Some(reader),
         })
     }
 
@@ -325,8 +328,13 @@ impl AgentRun {
     /// Waits for the agent to exit.
     pub fn wait(mut self, timeout: Duration) -> anyhow::Result<AgentExit> {
         let status = wait_with_timeout(&mut self.child, timeout)?;
-        // Give the reader thread a moment to collect the last lines.
-        thread::sleep(Duration::from_millis(50));
+        // The agent exited, so its stderr is closed: the reader has the last lines once
+        // it reaches the end.
+        if let Some(reader) = self.reader.take() {
+            reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the agent's stderr reader panicked"))?;
+        }
         Ok(AgentExit {
             status,
             stderr: self.stderr_text(),
