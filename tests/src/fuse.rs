@@ -1,7 +1,8 @@
-//! A FUSE filesystem serving one read-only file, that can be told to stop answering: a
-//! real hung mount, for testing that the agent's reads of other processes' files have
-//! deadlines. Speaks the kernel's FUSE protocol on `/dev/fuse` directly (root mounts it
-//! with mount(2)), so the tests need no FUSE library or helper binary.
+//! A FUSE filesystem serving one file, that can be told to stop answering (a real hung
+//! mount, for testing that the agent's reads of other processes' files have deadlines) or
+//! can take a fixed time for every write (a slow disk, once a loop device sits on the
+//! file). Speaks the kernel's FUSE protocol on `/dev/fuse` directly (root mounts it with
+//! mount(2)), so the tests need no FUSE library or helper binary.
 
 use std::{
     ffi::CString,
@@ -14,6 +15,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -23,6 +25,7 @@ const FUSE_FORGET: u32 = 2;
 const FUSE_GETATTR: u32 = 3;
 const FUSE_OPEN: u32 = 14;
 const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
 const FUSE_RELEASE: u32 = 18;
 const FUSE_FLUSH: u32 = 25;
 const FUSE_INIT: u32 = 26;
@@ -49,6 +52,27 @@ impl FrozenFs {
     /// Mounts at `mount_point` a filesystem whose only file `name` has `contents`
     /// (executable).
     pub fn mount(mount_point: &Path, name: &str, contents: Vec<u8>) -> anyhow::Result<Self> {
+        Self::mount_with(mount_point, name, contents, Duration::ZERO)
+    }
+
+    /// Mounts at `mount_point` a filesystem whose only file `name` is `size` bytes of
+    /// zeros, writable, and answers every write only after `write_delay`: each write to
+    /// the file (from a loop device on it, say) takes at least that long.
+    pub fn mount_slow_writes(
+        mount_point: &Path,
+        name: &str,
+        size: usize,
+        write_delay: Duration,
+    ) -> anyhow::Result<Self> {
+        Self::mount_with(mount_point, name, vec![0; size], write_delay)
+    }
+
+    fn mount_with(
+        mount_point: &Path,
+        name: &str,
+        contents: Vec<u8>,
+        write_delay: Duration,
+    ) -> anyhow::Result<Self> {
         let device = OpenOptions::new()
             .read(true)
             .write(true)
@@ -84,6 +108,7 @@ impl FrozenFs {
             device: device.try_clone()?,
             name: name.as_bytes().to_vec(),
             contents,
+            write_delay,
             frozen: Arc::clone(&frozen),
             withheld: Arc::clone(&withheld),
         };
@@ -180,6 +205,8 @@ struct Server {
     device: File,
     name: Vec<u8>,
     contents: Vec<u8>,
+    /// How long each write waits before it is answered.
+    write_delay: Duration,
     frozen: Arc<AtomicBool>,
     withheld: Arc<AtomicUsize>,
 }
@@ -235,6 +262,20 @@ impl Server {
                     let start = offset.min(self.contents.len());
                     let end = start.saturating_add(size).min(self.contents.len());
                     Some(Ok(self.contents[start..end].to_vec()))
+                }
+                FUSE_WRITE => {
+                    // struct fuse_write_in: fh, offset, size, write_flags, lock_owner,
+                    // flags, padding (40 bytes), then the data.
+                    let offset = usize::try_from(u64_at(body, 8)).unwrap_or(usize::MAX);
+                    let data = body.get(40..).unwrap_or_default();
+                    let start = offset.min(self.contents.len());
+                    let end = start.saturating_add(data.len()).min(self.contents.len());
+                    self.contents[start..end].copy_from_slice(&data[..end - start]);
+                    thread::sleep(self.write_delay);
+                    // struct fuse_write_out: size written, padding.
+                    let mut reply = (data.len() as u32).to_ne_bytes().to_vec();
+                    reply.extend_from_slice(&[0u8; 4]);
+                    Some(Ok(reply))
                 }
                 FUSE_RELEASE | FUSE_FLUSH => Some(Ok(Vec::new())),
                 FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT => None,

@@ -1,10 +1,15 @@
 //! End to end, as root, on the real kernel: every kind of waiting, injected by the bundled
 //! workload and measured by it, compared with what the agent reports.
 
-use std::process::Command;
+use std::{path::Path, process::Command, time::Duration};
 
 use stallscope_profile::{FrameKind, Histogram, Profile, Sample};
-use stallscope_tests::{label, record_profile, require_root, scratch_dir, value_index};
+use stallscope_tests::{
+    fuse::FrozenFs, label, record_profile, require_root, scratch_dir, value_index,
+};
+
+/// Buckets of the agent's histograms (log2 of nanoseconds, 1 ns to about 9 minutes).
+const HISTOGRAM_BUCKETS: usize = 40;
 
 /// The workload's process name as the kernel truncates it (15 bytes).
 const WORKLOAD: &str = "stallscope-work";
@@ -183,6 +188,43 @@ fn kernel_lock_contention_has_kernel_stacks_and_a_kind() {
     let kinds: std::collections::BTreeSet<&str> =
         kernel_locks.iter().map(|s| label(s, "lock_kind")).collect();
     eprintln!("kernel lock kinds seen: {kinds:?}");
+    // mmap and munmap take the mmap lock (an rw-semaphore) for writing: eight threads
+    // doing nothing else contend on it.
+    let lock = value_index(&profile, "lock_wait", "nanoseconds");
+    let rwsem_write = total(&profile, lock, |s| {
+        label(s, "process") == WORKLOAD && label(s, "lock_kind") == "rwsem-write"
+    });
+    assert!(
+        rwsem_write > 0.0,
+        "no rwsem-write waits from mmap/munmap; kinds seen: {kinds:?}"
+    );
+    // Each kind is what the waiter's kernel stack says it waited in.
+    for sample in &kernel_locks {
+        let kind = label(sample, "lock_kind");
+        let slow_paths: &[&str] = match kind {
+            "rwsem-write" => &["down_write"],
+            "rwsem-read" => &["down_read"],
+            "spin" => &["spin_lock", "read_lock", "write_lock"],
+            "mutex" => &["mutex_lock"],
+            "rt-mutex" => &["rt_mutex"],
+            "percpu-rwsem" => &["percpu_down"],
+            other => panic!("unexpected kernel lock kind `{other}`"),
+        };
+        let kernel: Vec<&str> = profile
+            .stack_frames(sample)
+            .filter(|f| f.kind == FrameKind::Kernel)
+            .map(|f| f.function.as_str())
+            .collect();
+        if kernel.is_empty() {
+            continue;
+        }
+        assert!(
+            kernel
+                .iter()
+                .any(|f| slow_paths.iter().any(|path| f.contains(path))),
+            "a `{kind}` wait whose kernel stack has no {slow_paths:?} frame: {kernel:?}"
+        );
+    }
 }
 
 #[test]
@@ -310,17 +352,14 @@ fn runqueue_wait_of_pinned_threads() {
     );
 }
 
-/// A loop device over a file in the scratch directory, detached on drop.
+/// A loop device over `backing`, detached on drop.
 struct LoopDevice(String);
 
 impl LoopDevice {
-    fn create(test: &str) -> Self {
-        let backing = scratch_dir(test).join("disk.img");
-        let file = std::fs::File::create(&backing).expect("backing file");
-        file.set_len(16 << 20).expect("size backing file");
+    fn attach(backing: &Path) -> Self {
         let out = Command::new("losetup")
             .args(["--find", "--show"])
-            .arg(&backing)
+            .arg(backing)
             .output()
             .expect("losetup runs");
         assert!(
@@ -338,24 +377,36 @@ impl Drop for LoopDevice {
     }
 }
 
+/// What every write to the slow disk waits (the FUSE file under the loop device answers
+/// each write after this long).
+const DISK_DELAY: Duration = Duration::from_millis(20);
+const DISK_WRITES: u64 = 50;
+
 #[test]
 fn disk_latency_is_attributed_to_the_writer() {
     if !require_root("disk") {
         return;
     }
-    let device = LoopDevice::create("disk");
+    // A slow disk: a loop device on a file whose filesystem takes DISK_DELAY per write.
+    let mount = scratch_dir("disk-fuse");
+    let fs = FrozenFs::mount_slow_writes(&mount, "disk.img", 16 << 20, DISK_DELAY)
+        .expect("mount the slow filesystem");
+    let device = LoopDevice::attach(&mount.join("disk.img"));
     let name = device.0.trim_start_matches("/dev/").to_owned();
-    let (profile, _) = record_profile(
+    let writes = DISK_WRITES.to_string();
+    let (profile, exit) = record_profile(
         "disk",
-        &["disk", &device.0, "200"],
+        &["disk", &device.0, &writes],
         "disk.pb.gz",
         &["--signals", "disk"],
     );
+    drop(device);
+    drop(fs);
     let ios = value_index(&profile, "disk_ios", "count");
     let ours = |s: &Sample| label(s, "device") == name && label(s, "process") == WORKLOAD;
     let count = profile.total_where(ios, ours);
     assert!(
-        count >= 200,
+        count >= DISK_WRITES as i64,
         "only {count} I/Os on {name} attributed to the workload"
     );
     assert!(
@@ -366,6 +417,34 @@ fn disk_latency_is_attributed_to_the_writer() {
             .any(|s| profile.stack_contains(s, "disk_marker_write")),
         "no disk sample with the writer's stack"
     );
-    let hist = histogram(&profile, "disk", &[("device", &name), ("op", "write")]);
-    assert!(hist.count >= 200, "disk histogram: {hist:?}");
+    // The latency: each write request waited at least the injected delay, and no longer
+    // than the write calls that contained them took (the workload timed those).
+    let hist = histogram(
+        &profile,
+        "disk",
+        &[("device", &name), ("op", "write"), ("process", WORKLOAD)],
+    );
+    let injected = DISK_WRITES * DISK_DELAY.as_nanos() as u64;
+    let calls: u64 = exit.workload["disk_write_ns"].parse().expect("number");
+    let slow = events_in(
+        hist,
+        bucket(DISK_DELAY.as_nanos() as u64),
+        HISTOGRAM_BUCKETS - 1,
+    );
+    assert!(
+        slow >= DISK_WRITES,
+        "{slow} of {} write requests at or above the injected {DISK_DELAY:?}: {:?}",
+        hist.count,
+        hist.buckets
+    );
+    eprintln!(
+        "disk: {} write requests, {} ns in all ({} ns injected, write calls {calls} ns); buckets {:?}",
+        hist.count, hist.sum_ns, injected, hist.buckets
+    );
+    assert!(
+        hist.sum_ns >= injected && hist.sum_ns <= calls,
+        "disk write latency {} ns in all: the injected delay makes it at least {injected} ns, \
+         the workload's write calls took {calls} ns",
+        hist.sum_ns
+    );
 }
