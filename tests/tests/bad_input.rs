@@ -146,3 +146,53 @@ fn missing_btf() {
         "BTF file /nonexistent/vmlinux is unreadable",
     );
 }
+
+/// A configuration file with `text`, in a directory of its own (so `fails` finds no
+/// leftovers in the run's directory).
+fn config_file(test: &str, text: &str) -> PathBuf {
+    let path = scratch_dir(&format!("{test}-config")).join("agent.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn run_config_errors_name_the_key_and_the_value() {
+    let dir = scratch_dir("run-config");
+    let spool = dir.join("spool");
+    let bad_duration = config_file("run-duration", "[run]\nbatch_interval = \"soon\"\n");
+    fails(
+        Command::new(agent())
+            .arg("run")
+            .arg("--config")
+            .arg(&bad_duration)
+            .arg("--spool-dir")
+            .arg(&spool),
+        &dir,
+        "run.batch_interval: invalid duration `soon`",
+    );
+    let unknown = config_file("run-unknown", "[run]\nspool_max = 3\n");
+    fails(
+        Command::new(agent())
+            .arg("run")
+            .arg("--config")
+            .arg(&unknown)
+            .arg("--spool-dir")
+            .arg(&spool),
+        &dir,
+        "run.spool_max: unknown field `spool_max`",
+    );
+    fails(
+        Command::new(agent())
+            .args(["run", "--batch-interval", "100ms", "--spool-dir"])
+            .arg(&spool),
+        &dir,
+        "run.batch_interval (--batch-interval) must be at least the drain interval and at most 1h, got 100ms",
+    );
+    fails(
+        Command::new(agent())
+            .args(["run", "--flush-timeout", "later", "--spool-dir"])
+            .arg(&spool),
+        &dir,
+        "invalid duration `later` for --flush-timeout",
+    );
+}
