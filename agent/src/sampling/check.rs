@@ -187,6 +187,10 @@ fn describe_binary(binary: &binaries::BinaryFile) -> String {
 
 /// The verifier's work for the heaviest program, against its limit.
 fn verifier_summary(work: &[(String, u32)]) -> String {
+    // Every program's count, for comparing builds (`RUST_LOG=debug`).
+    for (name, count) in work {
+        tracing::debug!("verifier work: {name} {count} instructions");
+    }
     match work.first() {
         Some((name, count)) => format!(
             "{} programs; most verifier work: {name}, {count} of 1000000 instructions",
