@@ -65,9 +65,18 @@ pub fn crate_roots(root: &Path, members: &[&str]) -> Vec<PathBuf> {
     roots
 }
 
-/// Checks every crate root; returns one paragraph per cycle found (empty: none).
-pub fn check(roots: &[PathBuf]) -> anyhow::Result<Vec<String>> {
-    let mut reports = Vec::new();
+/// One cycle: the crate root it is in, the sibling modules that import each other, and
+/// a paragraph naming the import lines.
+#[derive(Debug)]
+pub struct Cycle {
+    pub root: PathBuf,
+    pub modules: BTreeSet<String>,
+    pub report: String,
+}
+
+/// Checks every crate root; returns the cycles found (empty: none).
+pub fn check(roots: &[PathBuf]) -> anyhow::Result<Vec<Cycle>> {
+    let mut found = Vec::new();
     for root in roots {
         let modules = module_tree(root)?;
         let mut imports = Vec::new();
@@ -76,11 +85,15 @@ pub fn check(roots: &[PathBuf]) -> anyhow::Result<Vec<String>> {
                 .with_context(|| format!("reading {}", module.file.display()))?;
             imports.extend(imports_of(path, &text, &modules));
         }
-        for cycle in cycles(&modules, &imports) {
-            reports.push(format!("{}: {cycle}", root.display()));
+        for (component, text) in cycles(&modules, &imports) {
+            found.push(Cycle {
+                root: root.clone(),
+                modules: component,
+                report: format!("{}: {text}", root.display()),
+            });
         }
     }
-    Ok(reports)
+    Ok(found)
 }
 
 /// The modules of the crate whose root file is `root`, by path.
@@ -410,7 +423,10 @@ fn reexport_origin(
 }
 
 /// Cycles between sibling subtrees, at every level of the module tree.
-fn cycles(modules: &BTreeMap<ModPath, Module>, imports: &[Import]) -> Vec<String> {
+fn cycles(
+    modules: &BTreeMap<ModPath, Module>,
+    imports: &[Import],
+) -> Vec<(BTreeSet<String>, String)> {
     // For each parent module: edges between its children, with one import as evidence.
     let mut graphs: BTreeMap<ModPath, BTreeMap<(String, String), &Import>> = BTreeMap::new();
     for import in imports {
@@ -451,7 +467,7 @@ fn cycles(modules: &BTreeMap<ModPath, Module>, imports: &[Import]) -> Vec<String
                     );
                 }
             }
-            found.push(text);
+            found.push((component, text));
         }
     }
     found
@@ -584,10 +600,18 @@ mod tests {
                 ),
             ],
         );
-        let reports = check(&[root]).expect("reads");
-        assert_eq!(reports.len(), 1, "{reports:?}");
-        assert!(reports[0].contains("{cli, run}"), "{}", reports[0]);
-        assert!(reports[0].contains("run.rs:1"), "{}", reports[0]);
+        let cycles = check(&[root]).expect("reads");
+        assert_eq!(cycles.len(), 1, "{cycles:?}");
+        assert!(
+            cycles[0].report.contains("{cli, run}"),
+            "{}",
+            cycles[0].report
+        );
+        assert!(
+            cycles[0].report.contains("run.rs:1"),
+            "{}",
+            cycles[0].report
+        );
     }
 
     #[test]
@@ -605,9 +629,12 @@ mod tests {
                 ),
             ],
         );
-        let reports = check(&[root.clone()]).expect("reads");
-        assert_eq!(reports.len(), 1, "{reports:?}");
-        assert!(reports[0].contains("{probes, sampling}"), "{}", reports[0]);
+        let cycles = check(&[root.clone()]).expect("reads");
+        assert_eq!(cycles.len(), 1, "{cycles:?}");
+        assert_eq!(
+            cycles[0].modules,
+            BTreeSet::from(["probes".to_owned(), "sampling".to_owned()])
+        );
         // Without the call back, the graph is a tree.
         std::fs::write(
             root.with_file_name("probes").join("load.rs"),
