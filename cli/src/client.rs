@@ -65,7 +65,9 @@ fn protocol_hint(reason: &str, address: &str) -> &'static str {
         } else {
             " (the server there does not speak gRPC over TLS: a --plaintext collector needs http://; check the port)"
         }
-    } else if lower.contains("invalid content type") || lower.contains("text/html") {
+    } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message") {
+        " (the server there does not speak TLS: a --plaintext collector needs http://; check the port)"
+    } else if lower.contains("invalid content-type") || lower.contains("text/html") {
         " (an HTTP server answered, not a stallscope collector: check the port)"
     } else {
         ""
@@ -232,4 +234,23 @@ pub fn filter(args: &FilterArgs) -> anyhow::Result<v1::Filter> {
         cause: args.cause.clone().unwrap_or_default(),
         labels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_mismatches_get_a_hint() {
+        let plaintext = protocol_hint("h2 protocol error: http2 error", "http://h:7070");
+        assert!(plaintext.contains("needs https://"), "{plaintext}");
+        let tls = protocol_hint(
+            "transport error: received corrupt message of type InvalidContentType",
+            "https://h:7070",
+        );
+        assert!(tls.contains("needs http://"), "{tls}");
+        assert_eq!(protocol_hint("connection refused", "http://h:7070"), "");
+        assert_eq!(describe(Duration::from_secs(120)), "2m");
+        assert_eq!(describe(Duration::from_millis(1500)), "1.5s");
+    }
 }

@@ -79,7 +79,11 @@ fn parse_top(output: &str) -> (f64, f64, Vec<String>) {
             let (shown, rest) = rest.split_once(", ")?;
             let total = rest.split(" of ").nth(1)?.split_whitespace().next()?;
             Some((
-                if shown == "0" { Some(0.0) } else { pprof_ns(shown) }?,
+                if shown == "0" {
+                    Some(0.0)
+                } else {
+                    pprof_ns(shown)
+                }?,
                 pprof_ns(total)?,
             ))
         })
@@ -175,7 +179,10 @@ fn readme_pprof_commands_print_whole_names_and_the_selected_time() {
             let total = app.total(default) as f64;
             (&app, total, total)
         };
-        assert!(selected_ns > 0.0, "`{command}` selects nothing in the recording");
+        assert!(
+            selected_ns > 0.0,
+            "`{command}` selects nothing in the recording"
+        );
         for word in &mut words {
             if word == "app.pb.gz" {
                 *word = app_path.to_string_lossy().into_owned();
@@ -195,7 +202,10 @@ fn readme_pprof_commands_print_whole_names_and_the_selected_time() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "`{command}` failed: {stderr}");
         let (shown, total, names) = parse_top(&stdout);
-        assert!(!names.is_empty(), "`{command}` printed no rows:\n{stdout}{stderr}");
+        assert!(
+            !names.is_empty(),
+            "`{command}` printed no rows:\n{stdout}{stderr}"
+        );
         assert!(
             (total - total_ns).abs() <= total_ns * 0.01,
             "`{command}`: pprof's total {total} ns, the profile's {total_ns} ns:\n{stdout}"

@@ -168,6 +168,7 @@ fn collector_stopped_with_sigterm_while_an_agent_streams_exits_in_time_and_loses
         .wait_exit(Duration::from_secs(60))
         .unwrap_or_else(|err| panic!("{err:#}; log: {}", collector.log()));
     let took = signalled.elapsed();
+    eprintln!("the collector stopped {took:?} after SIGTERM");
     assert!(status.success(), "{status}: {}", collector.log());
     assert!(
         took < Duration::from_secs(10 + 3),
