@@ -33,8 +33,8 @@ use stallscope_profile::{Labels, Profile};
 
 use super::{
     AgentSummary, CPU_SIGNAL, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder,
-    Retention, SeriesColumns, SeriesLine, SeriesTotals, Storage, StorageError, StoreOutcome, Target,
-    TargetKey, TargetsBuilder, TimeRange, WAIT_SIGNAL, bucket_of, sqlite::series_key,
+    Retention, SeriesColumns, SeriesLine, SeriesTotals, Storage, StorageError, StoreOutcome,
+    Target, TargetKey, TargetsBuilder, TimeRange, WAIT_SIGNAL, bucket_of, sqlite::series_key,
 };
 use crate::{
     batch::{NormalizedBatch, SignalDef, StoredStack},

@@ -29,8 +29,8 @@ use self::{
 };
 use super::{
     AgentSummary, CPU_SIGNAL, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine,
-    SeriesTotals, Storage, StorageError, StoreOutcome, Target, TargetKey, TargetsBuilder, TimeRange,
-    WAIT_SIGNAL, bucket_of,
+    SeriesTotals, Storage, StorageError, StoreOutcome, Target, TargetKey, TargetsBuilder,
+    TimeRange, WAIT_SIGNAL, bucket_of,
 };
 use crate::{
     batch::NormalizedBatch,
