@@ -122,6 +122,7 @@ impl BatchBuilder {
             losses: Vec::new(),
             notes: Vec::new(),
             spool_dropped_total: 0,
+            ..v1::Batch::default()
         }
     }
 }
