@@ -1,14 +1,23 @@
-//! Command-line arguments of `stallscope` and where the collector address and
-//! credentials come from: a flag, else an environment variable, else the config file
-//! (`--config`, `STALLSCOPE_CONFIG`, or `~/.config/stallscope/cli.toml`).
+//! Command-line arguments of `stallscope` and where the collector address, credentials
+//! and deadlines come from: a flag, else an environment variable, else the config file
+//! (`--config`, `STALLSCOPE_CONFIG`, or `~/.config/stallscope/cli.toml`). Values are
+//! checked as they are parsed (durations with a unit, known signals and causes).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::timespec::{now_ns, parse_duration, parse_time};
+use crate::{
+    names,
+    timespec::{duration_arg, now_ns, parse_duration, parse_time},
+};
+
+/// Default deadline of the TCP (and TLS) connection to the collector.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default deadline of one query.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,17 +46,27 @@ pub struct ConnectionArgs {
     /// Name in the collector's certificate, if not the address's host.
     #[arg(long, global = true, value_name = "NAME")]
     pub server_name: Option<String>,
-    /// Config file with `collector`, `token` (or `token_file`), `ca`, `server_name`.
+    /// Config file with `collector`, `token` (or `token_file`), `ca`, `server_name`,
+    /// `connect_timeout`, `timeout` [default: ~/.config/stallscope/cli.toml].
     #[arg(long, global = true, env = "STALLSCOPE_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Give up connecting to the collector after this long [default: 5s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = duration_arg, allow_hyphen_values = true)]
+    pub connect_timeout: Option<Duration>,
+    /// Give up on a query the collector has not answered after this long [default: 60s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = duration_arg, allow_hyphen_values = true)]
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Hosts, services and processes with data, their signals and time ranges.
+    /// Services with data, by wait (off-CPU) time: hosts, processes, signals, time ranges.
     Targets {
         #[command(flatten)]
         range: RangeArgs,
+        /// One row per process (pid) instead of one per service.
+        #[arg(long)]
+        pids: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -71,6 +90,7 @@ pub enum Command {
         /// Rows per table.
         #[arg(short = 'n', long, default_value_t = 15)]
         limit: usize,
+        /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -87,8 +107,10 @@ pub enum Command {
         output: Option<PathBuf>,
         #[command(flatten)]
         filter: FilterArgs,
+        /// Rows in the table of changes.
         #[arg(short = 'n', long, default_value_t = 15)]
         limit: usize,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -101,14 +123,17 @@ pub enum Command {
         /// Group by signal or cause.
         #[arg(long, value_enum, default_value_t = GroupArg::Signal)]
         by: GroupArg,
-        /// Bucket width (default: about 60 buckets).
-        #[arg(long)]
-        step: Option<String>,
+        /// Width of one mark (default: about 60 marks); rounded up to whole storage
+        /// buckets (10s, or 1m for data older than a day).
+        #[arg(long, value_name = "DURATION", value_parser = duration_arg, allow_hyphen_values = true)]
+        step: Option<Duration>,
+        /// Print JSON instead of sparklines.
         #[arg(long)]
         json: bool,
     },
     /// Agents that sent data: batches stored, sequences, spool drops.
     Agents {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -263,14 +288,14 @@ pub enum GroupArg {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct RangeArgs {
-    /// The last DURATION until now (e.g. 15m, 2h); default 15m.
-    #[arg(long, conflicts_with_all = ["from", "until"])]
-    pub since: Option<String>,
+    /// The last DURATION until now, with a unit (15m, 2h, 1d) [default: 15m].
+    #[arg(long, value_name = "DURATION", conflicts_with_all = ["from", "until"], value_parser = duration_arg, allow_hyphen_values = true)]
+    pub since: Option<Duration>,
     /// Start: now, a duration ago (2h), Unix seconds or RFC 3339.
-    #[arg(long)]
+    #[arg(long, value_name = "TIME")]
     pub from: Option<String>,
-    /// End (default now).
-    #[arg(long)]
+    /// End: like --from [default: now].
+    #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
 }
 
@@ -279,13 +304,10 @@ impl RangeArgs {
     pub fn resolve(&self) -> anyhow::Result<(i64, i64)> {
         let now = now_ns();
         let (from, until) = match (&self.since, &self.from) {
-            (Some(since), _) => {
-                let span = parse_duration(since)?;
-                (
-                    now - i64::try_from(span.as_nanos()).unwrap_or(i64::MAX),
-                    now,
-                )
-            }
+            (Some(span), _) => (
+                now - i64::try_from(span.as_nanos()).unwrap_or(i64::MAX),
+                now,
+            ),
             (None, Some(from)) => (
                 parse_time(from, now)?,
                 self.until
@@ -323,19 +345,26 @@ pub fn parse_span(text: &str) -> anyhow::Result<(i64, i64)> {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct FilterArgs {
+    /// Host name, as the agent reports it (`stallscope targets` lists them).
     #[arg(long)]
     pub host: Option<String>,
-    /// Service (the process name until services are labeled).
+    /// Service label: a `[[identity.service]]` rule's name, else the systemd unit, else
+    /// the executable's file name (python3.11, not the python3 symlink);
+    /// `stallscope targets` lists them. The process name is `--label process=NAME`.
     #[arg(long)]
     pub service: Option<String>,
+    /// Process id (as seen from the host).
     #[arg(long)]
     pub pid: Option<u32>,
-    /// Signal: off-cpu, on-cpu, ...
-    #[arg(long)]
+    /// Signal: off-cpu, on-cpu, runqueue, lock, syscall, disk, tcp-connect, socket-wait,
+    /// tcp.
+    #[arg(long, value_parser = names::signal)]
     pub signal: Option<String>,
-    #[arg(long)]
+    /// Cause of off-CPU time: cpu-work, cpu-contention, lock, disk, network, other.
+    #[arg(long, value_parser = names::cause)]
     pub cause: Option<String>,
-    /// Further label matches, KEY=VALUE (repeatable).
+    /// Further label matches, KEY=VALUE (repeatable), e.g. thread=worker-1 or
+    /// peer=10.0.0.7:5432.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
 }
@@ -349,6 +378,10 @@ pub struct FileConfig {
     pub token_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
     pub server_name: Option<String>,
+    /// e.g. "5s".
+    pub connect_timeout: Option<String>,
+    /// e.g. "60s".
+    pub timeout: Option<String>,
 }
 
 /// Where to connect and with what, after flags, environment and file are merged.
@@ -358,6 +391,21 @@ pub struct Connection {
     pub token: Option<String>,
     pub ca: Option<PathBuf>,
     pub server_name: Option<String>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+/// A TOML parse error as one line, with the line it is on.
+fn toml_error(path: &std::path::Path, text: &str, err: &toml::de::Error) -> anyhow::Error {
+    let line = err
+        .span()
+        .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+    let at = line.map(|l| format!(", line {l}")).unwrap_or_default();
+    anyhow::anyhow!(
+        "config file {}{at}: {}",
+        path.display(),
+        err.message().trim().replace('\n', " ")
+    )
 }
 
 impl ConnectionArgs {
@@ -367,13 +415,15 @@ impl ConnectionArgs {
             std::env::var_os("HOME")
                 .map(|home| PathBuf::from(home).join(".config/stallscope/cli.toml"))
         });
+        let file_name = path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let file = match path {
             Some(path) if explicit || path.exists() => {
                 let text = std::fs::read_to_string(&path)
                     .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text).map_err(|err| {
-                    anyhow::anyhow!("config file {}: {}", path.display(), err.message())
-                })?
+                toml::from_str(&text).map_err(|err| toml_error(&path, &text, &err))?
             }
             _ => FileConfig::default(),
         };
@@ -387,7 +437,27 @@ impl ConnectionArgs {
             ),
             (None, None, None) => None,
         };
+        let file_duration =
+            |key: &str, value: Option<&String>| -> anyhow::Result<Option<Duration>> {
+                value
+                    .map(|text| {
+                        parse_duration(text)
+                            .with_context(|| format!("config file {file_name}: `{key}`"))
+                    })
+                    .transpose()
+            };
+        let connect_timeout = match self.connect_timeout {
+            Some(timeout) => timeout,
+            None => file_duration("connect_timeout", file.connect_timeout.as_ref())?
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        };
+        let timeout = match self.timeout {
+            Some(timeout) => timeout,
+            None => file_duration("timeout", file.timeout.as_ref())?.unwrap_or(DEFAULT_TIMEOUT),
+        };
         Ok(Connection {
+            connect_timeout,
+            timeout,
             collector: self
                 .collector
                 .clone()

@@ -1,9 +1,12 @@
 //! The subcommands: each asks the collector, then prints a table (or JSON) or writes a
-//! file. Files appear complete or not at all (temporary file, then rename).
+//! file. Files appear complete or not at all (temporary file, then rename). A query that
+//! matches no data says so and fails, instead of writing an empty file.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     io::{BufWriter, Write as _},
     path::Path,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -19,9 +22,10 @@ use stallscope_proto::v1;
 
 use crate::{
     args::{FilterArgs, GroupArg, RangeArgs, parse_span},
-    client::{Collector, explain, filter, time_range},
-    report::{changes, human_ns, short_stack, sparkline, top},
-    timespec::{format_time, parse_duration},
+    client::{Collector, filter, time_range},
+    report::{changes, human_ns, sparkline, top},
+    table::{Column, render},
+    timespec::format_time,
 };
 
 const MAX_PROFILE_BYTES: u64 = 1024 * 1024 * 1024;
@@ -44,7 +48,7 @@ async fn fetch_profile(
             filter: Some(filter(filter_args)?),
         })
         .await
-        .map_err(|status| explain(&status, &collector.address))?;
+        .map_err(|status| collector.explain(&status))?;
     decode(&response.into_inner().pprof)
 }
 
@@ -95,9 +99,25 @@ fn describe_filter(args: &FilterArgs) -> String {
     }
 }
 
+/// One row of `targets`: a service (its processes merged) or one process.
+#[derive(Debug, Default, serde::Serialize)]
+struct TargetRow {
+    host: String,
+    service: String,
+    /// Process names.
+    processes: BTreeSet<String>,
+    pids: BTreeSet<String>,
+    signals: BTreeSet<String>,
+    wait_ns: i64,
+    cpu_ns: i64,
+    first_unix_ns: i64,
+    last_unix_ns: i64,
+}
+
 pub async fn targets(
     collector: &mut Collector,
     range: &RangeArgs,
+    per_pid: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let (from, until) = range.resolve()?;
@@ -107,19 +127,62 @@ pub async fn targets(
             range: Some(time_range(from, until)),
         })
         .await
-        .map_err(|status| explain(&status, &collector.address))?
+        .map_err(|status| collector.explain(&status))?
         .into_inner()
         .targets;
+    let mut rows: BTreeMap<(String, String, String), TargetRow> = BTreeMap::new();
+    for t in &targets {
+        let key = (
+            t.host.clone(),
+            t.service.clone(),
+            if per_pid {
+                t.pid.clone()
+            } else {
+                String::new()
+            },
+        );
+        let row = rows.entry(key).or_insert_with(|| TargetRow {
+            host: t.host.clone(),
+            service: t.service.clone(),
+            first_unix_ns: t.first_unix_ns,
+            last_unix_ns: t.last_unix_ns,
+            ..TargetRow::default()
+        });
+        row.processes.insert(t.process.clone());
+        row.pids.insert(t.pid.clone());
+        row.signals.extend(t.signals.iter().cloned());
+        row.wait_ns = row.wait_ns.saturating_add(t.wait_ns);
+        row.cpu_ns = row.cpu_ns.saturating_add(t.cpu_ns);
+        row.first_unix_ns = row.first_unix_ns.min(t.first_unix_ns);
+        row.last_unix_ns = row.last_unix_ns.max(t.last_unix_ns);
+    }
+    let mut rows: Vec<TargetRow> = rows.into_values().collect();
+    rows.sort_by(|a, b| {
+        b.wait_ns
+            .cmp(&a.wait_ns)
+            .then(b.cpu_ns.cmp(&a.cpu_ns))
+            .then_with(|| (&a.host, &a.service).cmp(&(&b.host, &b.service)))
+    });
     if json {
-        let rows: Vec<serde_json::Value> = targets
+        let rows: Vec<serde_json::Value> = rows
             .iter()
-            .map(|t| serde_json::json!({"host": t.host, "service": t.service, "process": t.process, "pid": t.pid,
-                "signals": t.signals, "first": format_time(t.first_unix_ns), "last": format_time(t.last_unix_ns)}))
+            .map(|t| {
+                let mut row = serde_json::json!({"host": t.host, "service": t.service,
+                    "processes": t.processes, "signals": t.signals, "wait_ns": t.wait_ns, "cpu_ns": t.cpu_ns,
+                    "first": format_time(t.first_unix_ns), "last": format_time(t.last_unix_ns)});
+                if per_pid {
+                    row["pid"] = t.pids.iter().next().cloned().unwrap_or_default().into();
+                    row["process"] = t.processes.iter().next().cloned().unwrap_or_default().into();
+                } else {
+                    row["pids"] = t.pids.len().into();
+                }
+                row
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    if targets.is_empty() {
+    if rows.is_empty() {
         println!(
             "no data between {} and {}",
             format_time(from),
@@ -127,22 +190,76 @@ pub async fn targets(
         );
         return Ok(());
     }
-    println!(
-        "{:<20} {:<24} {:>8}  {:<20} {:<20} SIGNALS",
-        "HOST", "SERVICE", "PID", "FIRST", "LAST"
-    );
-    for t in &targets {
+    let join = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");
+    let time = |ns: i64| {
+        if ns > 0 {
+            human_ns(ns as f64)
+        } else {
+            "-".to_owned()
+        }
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|t| {
+            let mut cells = vec![t.host.clone(), t.service.clone()];
+            if per_pid {
+                cells.push(join(&t.pids));
+                cells.push(join(&t.processes));
+            } else {
+                cells.push(t.pids.len().to_string());
+            }
+            cells.extend([
+                time(t.wait_ns),
+                time(t.cpu_ns),
+                format_time(t.first_unix_ns),
+                format_time(t.last_unix_ns),
+                join(&t.signals),
+            ]);
+            cells
+        })
+        .collect();
+    let mut columns = vec![Column::left("HOST", 24), Column::left("SERVICE", 32)];
+    if per_pid {
+        columns.extend([Column::right("PID"), Column::left("PROCESS", 16)]);
+    } else {
+        columns.push(Column::right("PIDS"));
+    }
+    columns.extend([
+        Column::right("WAIT"),
+        Column::right("CPU"),
+        Column::left("FIRST", 20),
+        Column::left("LAST", 20),
+        Column::left("SIGNALS", 80),
+    ]);
+    print!("{}", render(&columns, &table));
+    if !per_pid {
         println!(
-            "{:<20} {:<24} {:>8}  {:<20} {:<20} {}",
-            t.host,
-            t.service,
-            t.pid,
-            format_time(t.first_unix_ns),
-            format_time(t.last_unix_ns),
-            t.signals.join(",")
+            "(WAIT: off-CPU time, CPU: on-CPU time, {} to {}; --pids lists processes)",
+            format_time(from),
+            format_time(until)
         );
     }
     Ok(())
+}
+
+/// ` for service=x` for a filter, nothing for none.
+fn for_filter(args: &FilterArgs) -> String {
+    let filter = describe_filter(args);
+    if filter == "everything" {
+        String::new()
+    } else {
+        format!(" for {filter}")
+    }
+}
+
+/// The error for a query that matched nothing.
+fn no_data(filter_args: &FilterArgs, from: i64, until: i64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no data for {} between {} and {}: `stallscope targets` lists the services and signals the collector has",
+        describe_filter(filter_args),
+        format_time(from),
+        format_time(until)
+    )
 }
 
 pub async fn flame(
@@ -159,6 +276,9 @@ pub async fn flame(
     })?;
     let (from, until) = range.resolve()?;
     let profile = fetch_profile(collector, from, until, filter_args).await?;
+    if profile.samples.is_empty() {
+        return Err(no_data(filter_args, from, until));
+    }
     let title = format!(
         "stallscope: {} from {} to {}",
         describe_filter(filter_args),
@@ -193,6 +313,9 @@ pub async fn top_command(
 ) -> anyhow::Result<()> {
     let (from, until) = range.resolve()?;
     let profile = fetch_profile(collector, from, until, filter_args).await?;
+    if profile.samples.is_empty() {
+        return Err(no_data(filter_args, from, until));
+    }
     let top = top(&profile, limit);
     if json {
         println!("{}", serde_json::to_string_pretty(&top)?);
@@ -211,29 +334,62 @@ pub async fn top_command(
         human_ns(top.total_ns as f64),
         kinds.join(", ")
     );
-    if top.total_ns == 0 {
-        println!("no samples: check `stallscope targets` for what the collector has");
-        return Ok(());
-    }
-    println!("\n{:>7} {:>11} {:>11}  FUNCTION", "SHARE", "TOTAL", "SELF");
-    for row in &top.functions {
-        println!(
-            "{:>6.1}% {:>11} {:>11}  {}",
-            row.share * 100.0,
-            human_ns(row.total_ns as f64),
-            human_ns(row.self_ns as f64),
-            row.function
-        );
-    }
-    println!("\n{:>7} {:>11}  STACK (innermost first)", "SHARE", "TIME");
-    for row in &top.stacks {
-        println!(
-            "{:>6.1}% {:>11}  {}",
-            row.share * 100.0,
-            human_ns(row.value_ns as f64),
-            short_stack(&row.stack, 6)
-        );
-    }
+    println!(
+        "\nFUNCTIONS by time on the stack (thread entry, syscall entry and scheduler frames left out)"
+    );
+    let functions: Vec<Vec<String>> = top
+        .functions
+        .iter()
+        .map(|row| {
+            vec![
+                format!("{:.1}%", row.share * 100.0),
+                human_ns(row.total_ns as f64),
+                human_ns(row.self_ns as f64),
+                row.function.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                Column::right("SHARE"),
+                Column::right("TOTAL"),
+                Column::right("SELF"),
+                Column::left("FUNCTION", 0),
+            ],
+            &functions
+        )
+    );
+    println!(
+        "\nWAITS by process, signal/cause and the program's own frames nearest the wait (innermost first)"
+    );
+    let waits: Vec<Vec<String>> = top
+        .stacks
+        .iter()
+        .map(|row| {
+            vec![
+                format!("{:.1}%", row.share * 100.0),
+                human_ns(row.value_ns as f64),
+                row.process.clone(),
+                row.kind(),
+                row.code(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                Column::right("SHARE"),
+                Column::right("TIME"),
+                Column::left("PROCESS", 16),
+                Column::left("SIGNAL/CAUSE", 24),
+                Column::left("CODE", 0),
+            ],
+            &waits
+        )
+    );
     Ok(())
 }
 
@@ -256,44 +412,112 @@ pub async fn diff(
             filter: Some(filter(filter_args)?),
         })
         .await
-        .map_err(|status| explain(&status, &collector.address))?
+        .map_err(|status| collector.explain(&status))?
         .into_inner();
     let before_profile = decode(&response.before_pprof)?;
     let after_profile = decode(&response.after_pprof)?;
+    // Rates are per second of covered time (a collector that does not report coverage
+    // gets the ranges' lengths).
+    let seconds = |covered_ns: i64, range: (i64, i64), profile: &Profile| -> f64 {
+        if covered_ns > 0 || profile.samples.is_empty() {
+            covered_ns as f64 / 1e9
+        } else {
+            (range.1 - range.0) as f64 / 1e9
+        }
+    };
+    let before_s = seconds(response.before_covered_ns, before_range, &before_profile);
+    let after_s = seconds(response.after_covered_ns, after_range, &after_profile);
+    if before_s <= 0.0 && after_s <= 0.0 {
+        anyhow::bail!(
+            "no data for {} in either range ({before}, {after}): `stallscope targets` lists what the collector has",
+            describe_filter(filter_args)
+        );
+    }
+    for (side, text, covered, range) in [
+        ("before", before, before_s, before_range),
+        ("after", after, after_s, after_range),
+    ] {
+        let asked = (range.1 - range.0) as f64 / 1e9;
+        if covered <= 0.0 {
+            eprintln!(
+                "warning: the {side} range {text} has no data{}: every change below is against nothing",
+                for_filter(filter_args)
+            );
+        } else if covered < asked * LITTLE_DATA {
+            eprintln!(
+                "warning: the {side} range {text} has data for {} of its {}: rates are per second with data",
+                human_duration(covered),
+                human_duration(asked)
+            );
+        }
+    }
     if let Some(path) = output {
         write_differential(path, &before_profile, &after_profile, before, after)?;
         eprintln!("wrote {}", path.display());
     }
-    let changes = changes(&before_profile, &after_profile, limit);
+    let changes = changes(&before_profile, before_s, &after_profile, after_s, limit);
     if json {
-        println!("{}", serde_json::to_string_pretty(&changes)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "before_covered_s": before_s,
+                "after_covered_s": after_s,
+                "changes": changes,
+            }))?
+        );
         return Ok(());
     }
     println!(
-        "wait time per second of wall time, before {before} vs after {after} ({})",
+        "wait time per second with data, before {before} ({} of data) vs after {after} ({} of data), {}",
+        human_duration(before_s),
+        human_duration(after_s),
         describe_filter(filter_args)
     );
-    println!(
-        "{:>12} {:>12} {:>12}  FUNCTION",
-        "BEFORE/s", "AFTER/s", "CHANGE/s"
+    let rows: Vec<Vec<String>> = changes
+        .iter()
+        .map(|c| {
+            vec![
+                human_ns(c.before_ns_per_s),
+                human_ns(c.after_ns_per_s),
+                format!(
+                    "{}{}",
+                    if c.delta_ns_per_s > 0.0 { "+" } else { "" },
+                    human_ns(c.delta_ns_per_s)
+                ),
+                c.function.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                Column::right("BEFORE/s"),
+                Column::right("AFTER/s"),
+                Column::right("CHANGE/s"),
+                Column::left("FUNCTION", 0),
+            ],
+            &rows
+        )
     );
-    for c in &changes {
-        println!(
-            "{:>12} {:>12} {:>12}  {}",
-            human_ns(c.before_ns_per_s),
-            human_ns(c.after_ns_per_s),
-            format!(
-                "{}{}",
-                if c.delta_ns_per_s > 0.0 { "+" } else { "" },
-                human_ns(c.delta_ns_per_s)
-            ),
-            c.function
-        );
-    }
     if changes.is_empty() {
         println!("no differences");
     }
     Ok(())
+}
+
+/// A side of a diff covering less than this share of its range gets a warning.
+const LITTLE_DATA: f64 = 0.9;
+
+/// `90s`, `15m`, `2.5h`: a span of seconds for messages.
+fn human_duration(seconds: f64) -> String {
+    if seconds >= 2.0 * 3600.0 {
+        format!("{:.1}h", seconds / 3600.0)
+    } else if seconds >= 120.0 {
+        format!("{:.0}m", seconds / 60.0)
+    } else {
+        format!("{seconds:.0}s")
+    }
 }
 
 /// A differential flame graph (inferno: widths from `after`, red where time grew, blue
@@ -354,19 +578,19 @@ pub(crate) fn write_differential(
     })
 }
 
+/// Most marks a sparkline gets (a terminal's width).
+const MAX_MARKS: i64 = 400;
+
 pub async fn series(
     collector: &mut Collector,
     range: &RangeArgs,
     filter_args: &FilterArgs,
     by: GroupArg,
-    step: Option<&str>,
+    step: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<()> {
     let (from, until) = range.resolve()?;
-    let step_ns = match step {
-        Some(step) => i64::try_from(parse_duration(step)?.as_nanos()).unwrap_or(i64::MAX),
-        None => 0,
-    };
+    let step_ns = step.map_or(0, |step| i64::try_from(step.as_nanos()).unwrap_or(i64::MAX));
     let response = collector
         .client
         .series(v1::SeriesRequest {
@@ -380,54 +604,111 @@ pub async fn series(
             step_ns,
         })
         .await
-        .map_err(|status| explain(&status, &collector.address))?
+        .map_err(|status| collector.explain(&status))?
         .into_inner();
+    if response.lines.is_empty() {
+        return Err(no_data(filter_args, from, until));
+    }
+    let covered: BTreeMap<i64, i64> = response
+        .coverage
+        .iter()
+        .map(|c| (c.unix_ns, c.covered_ns))
+        .collect();
     if json {
         let lines: Vec<serde_json::Value> = response
             .lines
             .iter()
             .map(|l| serde_json::json!({"key": l.key, "unit": l.value_unit,
-                "points": l.points.iter().map(|p| serde_json::json!({"unix_ns": p.unix_ns, "value": p.value, "count": p.count})).collect::<Vec<_>>()}))
+                "points": l.points.iter().map(|p| serde_json::json!({"unix_ns": p.unix_ns, "value": p.value, "count": p.count,
+                    "covered_ns": covered.get(&p.unix_ns).copied().unwrap_or(0)})).collect::<Vec<_>>()}))
+            .collect();
+        let coverage: Vec<serde_json::Value> = response
+            .coverage
+            .iter()
+            .map(|c| serde_json::json!({"unix_ns": c.unix_ns, "covered_ns": c.covered_ns}))
             .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"step_ns": response.step_ns, "lines": lines})
+                &serde_json::json!({"step_ns": response.step_ns, "lines": lines, "coverage": coverage})
             )?
         );
         return Ok(());
     }
+    // Marks start at multiples of the step, as the collector's buckets do, so each holds
+    // whole storage buckets.
     let step = response.step_ns.max(1);
-    let buckets = usize::try_from((until - from) / step + 1)
-        .unwrap_or(1)
-        .min(400);
+    let first_mark = from - from.rem_euclid(step);
+    let marks = (until - first_mark + step - 1) / step;
+    anyhow::ensure!(
+        marks <= MAX_MARKS,
+        "{marks} marks of {} do not fit a line: use a --step of at least {} (or --json)",
+        human_ns(step as f64),
+        human_ns(((until - first_mark) / MAX_MARKS) as f64)
+    );
+    let marks = usize::try_from(marks.max(1)).unwrap_or(1);
+    let covered_s: f64 = covered.values().sum::<i64>() as f64 / 1e9;
+    let asked_s = (until - from) as f64 / 1e9;
     println!(
-        "{} to {}, one mark per {}:",
+        "{} to {}, one mark per {} (height: rate per second with data; blank: no data), {} of data",
         format_time(from),
         format_time(until),
-        human_ns(step as f64)
+        human_duration(step as f64 / 1e9),
+        human_duration(covered_s),
     );
-    if response.lines.is_empty() {
-        println!("no data: check `stallscope targets` for what the collector has");
-    }
-    for line in &response.lines {
-        let mut values = vec![0_i64; buckets];
-        for point in &line.points {
-            let index = usize::try_from((point.unix_ns - from).div_euclid(step))
-                .unwrap_or(0)
-                .min(buckets - 1);
-            values[index] += point.value;
-        }
-        let total: i64 = values.iter().sum();
-        let seconds = (until - from) as f64 / 1e9;
+    if covered_s < asked_s * LITTLE_DATA {
         println!(
-            "{:<16} {}  total {}, {}/s",
-            line.key,
-            sparkline(&values),
-            human_ns(total as f64),
-            human_ns(total as f64 / seconds)
+            "note: data covers {} of the {} asked for",
+            human_duration(covered_s),
+            human_duration(asked_s)
         );
     }
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for line in &response.lines {
+        let mut values = vec![0_i64; marks];
+        for point in &line.points {
+            let index = usize::try_from((point.unix_ns - first_mark).div_euclid(step))
+                .unwrap_or(0)
+                .min(marks - 1);
+            values[index] += point.value;
+        }
+        let rates: Vec<Option<f64>> = values
+            .iter()
+            .enumerate()
+            .map(|(index, &value)| {
+                let start = first_mark + index as i64 * step;
+                covered
+                    .get(&start)
+                    .filter(|&&ns| ns > 0)
+                    .map(|&ns| value as f64 / (ns as f64 / 1e9))
+            })
+            .collect();
+        let total: i64 = values.iter().sum();
+        rows.push(vec![
+            line.key.clone(),
+            sparkline(&rates),
+            human_ns(total as f64),
+            format!("{}/s", human_ns(total as f64 / covered_s.max(1e-9))),
+        ]);
+    }
+    print!(
+        "{}",
+        render(
+            &[
+                Column::left(
+                    match by {
+                        GroupArg::Signal => "SIGNAL",
+                        GroupArg::Cause => "CAUSE",
+                    },
+                    24
+                ),
+                Column::left("OVER TIME", MAX_MARKS as usize),
+                Column::right("TOTAL"),
+                Column::right("PER SECOND"),
+            ],
+            &rows
+        )
+    );
     Ok(())
 }
 
@@ -436,7 +717,7 @@ pub async fn agents(collector: &mut Collector, json: bool) -> anyhow::Result<()>
         .client
         .agents(v1::AgentsRequest {})
         .await
-        .map_err(|status| explain(&status, &collector.address))?
+        .map_err(|status| collector.explain(&status))?
         .into_inner()
         .agents;
     if json {

@@ -5,7 +5,7 @@ use stallscope_proto::v1;
 
 use crate::{
     args::{RangeArgs, ScopeArgs},
-    client::{Collector, explain, time_range},
+    client::{Collector, time_range},
     timespec::format_time,
     windows::resolve_range,
 };
@@ -46,7 +46,7 @@ pub async fn events(
             binaries,
         })
         .await
-        .map_err(|status| explain(&status, &collector.address))?
+        .map_err(|status| collector.explain(&status))?
         .into_inner();
     if json {
         let optional = |text: &str| (!text.is_empty()).then(|| text.to_owned());

@@ -5,14 +5,17 @@ mod args;
 mod client;
 mod commands;
 mod events;
+mod frames;
+mod names;
 mod report;
+mod table;
 mod timespec;
 mod why;
 mod windows;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{Parser as _, error::ErrorKind};
 
 use crate::args::{Cli, Command};
 
@@ -20,7 +23,10 @@ fn main() -> ExitCode {
     // Output piped into `head` ends quietly, like other command-line tools.
     // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -47,11 +53,39 @@ fn main() -> ExitCode {
     }
 }
 
+/// Help and version go out as clap writes them; a usage error becomes one line (clap's
+/// first), with a non-zero exit.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = err.print();
+        return if err.use_stderr() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let rendered = err.render().to_string();
+    let first = rendered
+        .lines()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("stallscope: {first} (see --help)");
+    ExitCode::from(2)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let connection = cli.connection.resolve()?;
     let mut collector = client::connect(&connection).await?;
     match &cli.command {
-        Command::Targets { range, json } => commands::targets(&mut collector, range, *json).await,
+        Command::Targets { range, pids, json } => {
+            commands::targets(&mut collector, range, *pids, *json).await
+        }
         Command::Flame {
             output,
             range,
@@ -88,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             by,
             step,
             json,
-        } => commands::series(&mut collector, range, filter, *by, step.as_deref(), *json).await,
+        } => commands::series(&mut collector, range, filter, *by, *step, *json).await,
         Command::Agents { json } => commands::agents(&mut collector, *json).await,
         Command::Why {
             window,

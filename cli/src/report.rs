@@ -1,11 +1,18 @@
 //! What `top` and `diff` compute from profiles: one time column (every signal's
 //! nanoseconds summed, each sample belonging to one signal), functions ranked by total
-//! and self time, stacks ranked by time, changes between two profiles, and sparklines.
+//! and self time (without the entry and scheduler frames every stack shares), waits
+//! grouped by what tells them apart (process, signal and cause, the program's own frames
+//! nearest the wait), changes between two profiles, and sparklines.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
-use stallscope_profile::{FlameView, Profile, view::frame_name};
+use stallscope_profile::{Frame, Profile, view::frame_name};
+
+use crate::frames::{is_plumbing, telling_frames};
+
+/// Own-code frames shown per row of `top`.
+pub const FRAMES_PER_ROW: usize = 3;
 
 /// Nanoseconds per time sample type, e.g. `off_cpu` -> total.
 pub fn totals_by_kind(profile: &Profile) -> BTreeMap<String, i64> {
@@ -28,12 +35,45 @@ pub struct FunctionRow {
     pub share: f64,
 }
 
+/// Waits that look alike to a person: one process, signal and cause, and the same own
+/// frames nearest the wait.
 #[derive(Debug, Clone, Serialize)]
 pub struct StackRow {
-    /// Root first, `;`-separated, with the view's label frames.
-    pub stack: String,
+    pub process: String,
+    pub signal: String,
+    /// Empty for signals without a cause label.
+    pub cause: String,
+    /// The program's own frames nearest the wait, innermost first (else other user
+    /// frames, else kernel frames).
+    pub frames: Vec<String>,
+    /// The function those frames called into (a library's or the kernel's), if any.
+    pub calling: Option<String>,
+    /// The heaviest whole stack of the group, root first, `;`-separated.
+    pub example_stack: String,
     pub value_ns: i64,
     pub share: f64,
+}
+
+impl StackRow {
+    /// `signal/cause`, or the signal alone.
+    pub fn kind(&self) -> String {
+        if self.cause.is_empty() {
+            self.signal.clone()
+        } else {
+            format!("{}/{}", self.signal, self.cause)
+        }
+    }
+
+    /// The frames for a table: `inner <- outer  [in callee]`.
+    pub fn code(&self) -> String {
+        let mut text = self.frames.join(" <- ");
+        if let Some(calling) = &self.calling {
+            text.push_str("  [in ");
+            text.push_str(calling);
+            text.push(']');
+        }
+        text
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,24 +92,84 @@ fn share(part: i64, total: i64) -> f64 {
     }
 }
 
-/// Function totals (inclusive, self) of a one-column profile.
+/// Function totals (inclusive, self) of a one-column profile, leaving out the entry and
+/// scheduler frames every stack shares ([`is_plumbing`]).
 pub fn function_times(time: &Profile) -> HashMap<String, (i64, i64)> {
     let mut functions: HashMap<String, (i64, i64)> = HashMap::new();
     for sample in &time.samples {
         let value = sample.values.first().copied().unwrap_or(0);
         let mut seen = HashSet::new();
-        for (depth, frame) in time.stack_frames(sample).enumerate() {
+        let mut innermost = true;
+        for frame in time.stack_frames(sample) {
+            if is_plumbing(frame) {
+                continue;
+            }
             let name = frame_name(frame);
             let entry = functions.entry(name.clone()).or_default();
             if seen.insert(name) {
                 entry.0 += value;
             }
-            if depth == 0 {
+            if innermost {
                 entry.1 += value;
+                innermost = false;
             }
         }
     }
     functions
+}
+
+fn label<'a>(labels: &'a stallscope_profile::Labels, key: &str) -> &'a str {
+    labels.get(key).map_or("", String::as_str)
+}
+
+/// Waits grouped by [`StackRow`]'s key, heaviest first.
+fn stack_rows(time: &Profile, total: i64) -> Vec<StackRow> {
+    type Key = (String, String, String, Vec<String>, Option<String>);
+    let mut groups: HashMap<Key, (i64, i64, String)> = HashMap::new();
+    for sample in &time.samples {
+        let value = sample.values.first().copied().unwrap_or(0);
+        let stack: Vec<&Frame> = time.stack_frames(sample).collect();
+        let (frames, calling) = telling_frames(&stack, FRAMES_PER_ROW);
+        let key: Key = (
+            label(&sample.labels, "process").to_owned(),
+            label(&sample.labels, "signal").to_owned(),
+            label(&sample.labels, "cause").to_owned(),
+            frames.iter().map(|f| frame_name(f)).collect(),
+            calling.map(frame_name),
+        );
+        let group = groups.entry(key).or_insert((0, i64::MIN, String::new()));
+        group.0 += value;
+        if value > group.1 {
+            group.1 = value;
+            group.2 = stack
+                .iter()
+                .rev()
+                .map(|f| frame_name(f))
+                .collect::<Vec<_>>()
+                .join(";");
+        }
+    }
+    let mut rows: Vec<StackRow> = groups
+        .into_iter()
+        .map(
+            |((process, signal, cause, frames, calling), (value_ns, _, example_stack))| StackRow {
+                process,
+                signal,
+                cause,
+                frames,
+                calling,
+                example_stack,
+                value_ns,
+                share: share(value_ns, total),
+            },
+        )
+        .collect();
+    rows.sort_by(|a, b| {
+        b.value_ns
+            .cmp(&a.value_ns)
+            .then_with(|| a.example_stack.cmp(&b.example_stack))
+    });
+    rows
 }
 
 pub fn top(profile: &Profile, limit: usize) -> Top {
@@ -91,23 +191,7 @@ pub fn top(profile: &Profile, limit: usize) -> Top {
             .then(a.function.cmp(&b.function))
     });
     functions.truncate(limit);
-    let view = FlameView {
-        root_labels: vec!["signal".to_owned()],
-        leaf_labels: vec!["state".to_owned()],
-    };
-    let mut stacks: Vec<StackRow> = stallscope_profile::folded_stacks(&time, 0, &view)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(frames, value)| {
-            let value_ns = i64::try_from(value).unwrap_or(i64::MAX);
-            StackRow {
-                stack: frames.join(";"),
-                value_ns,
-                share: share(value_ns, total),
-            }
-        })
-        .collect();
-    stacks.sort_by(|a, b| b.value_ns.cmp(&a.value_ns).then(a.stack.cmp(&b.stack)));
+    let mut stacks = stack_rows(&time, total);
     stacks.truncate(limit);
     Top {
         total_ns: total,
@@ -127,17 +211,25 @@ pub struct Change {
     pub delta_ns_per_s: f64,
 }
 
-/// Functions whose inclusive time per second changed most between two profiles.
-pub fn changes(before: &Profile, after: &Profile, limit: usize) -> Vec<Change> {
-    let per_second = |profile: &Profile| {
-        let seconds = (profile.meta.duration_ns as f64 / 1e9).max(1e-9);
+/// Functions whose inclusive time per second changed most between two profiles, each
+/// side's time divided by the seconds it covers (time with data, not the range asked
+/// for: a range half without data would otherwise read as a halving).
+pub fn changes(
+    before: &Profile,
+    before_seconds: f64,
+    after: &Profile,
+    after_seconds: f64,
+    limit: usize,
+) -> Vec<Change> {
+    let per_second = |profile: &Profile, seconds: f64| {
+        let seconds = seconds.max(1e-9);
         function_times(&profile.time_only())
             .into_iter()
             .map(|(name, (total, _))| (name, total as f64 / seconds))
             .collect::<HashMap<String, f64>>()
     };
-    let before = per_second(before);
-    let after = per_second(after);
+    let before = per_second(before, before_seconds);
+    let after = per_second(after, after_seconds);
     let names: HashSet<&String> = before.keys().chain(after.keys()).collect();
     let mut changes: Vec<Change> = names
         .into_iter()
@@ -177,31 +269,19 @@ pub fn human_ns(ns: f64) -> String {
     }
 }
 
-/// A sparkline of `values` with block characters, one per value.
-pub fn sparkline(values: &[i64]) -> String {
+/// A sparkline with block characters, one per mark: the height is the mark's value
+/// against the largest; a mark without data (`None`) is blank.
+pub fn sparkline(values: &[Option<f64>]) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-    let max = values.iter().copied().max().unwrap_or(0).max(1);
+    let max = values.iter().flatten().copied().fold(0.0_f64, f64::max);
     values
         .iter()
-        .map(|&v| {
-            if v <= 0 {
-                ' '
-            } else {
-                BARS[((v as f64 / max as f64) * 7.0).round().clamp(0.0, 7.0) as usize]
-            }
+        .map(|value| match value {
+            None => ' ',
+            Some(v) if max <= 0.0 || *v <= 0.0 => BARS[0],
+            Some(v) => BARS[((v / max) * 7.0).round().clamp(0.0, 7.0) as usize],
         })
         .collect()
-}
-
-/// Shortens a `;`-separated stack for a table: the innermost `keep` frames.
-pub fn short_stack(stack: &str, keep: usize) -> String {
-    let frames: Vec<&str> = stack.split(';').collect();
-    if frames.len() <= keep {
-        return frames.join(" <- ");
-    }
-    let mut inner: Vec<&str> = frames[frames.len() - keep..].to_vec();
-    inner.reverse();
-    format!("{} <- ... ({} frames)", inner.join(" <- "), frames.len())
 }
 
 #[cfg(test)]
@@ -246,7 +326,8 @@ mod tests {
             (top.functions[1].total_ns, top.functions[1].self_ns),
             (35, 35)
         );
-        assert_eq!(top.stacks[0].stack, "main;read");
+        assert_eq!(top.stacks[0].frames, ["read", "main"]);
+        assert_eq!(top.stacks[0].example_stack, "main;read");
         assert!((top.stacks[0].share - 30.0 / 45.0).abs() < 1e-9);
     }
 
@@ -254,7 +335,7 @@ mod tests {
     fn changes_compare_rates() {
         let before = profile(&[(&["main", "read"], 100)], 10);
         let after = profile(&[(&["main", "read"], 100), (&["main", "lock"], 50)], 5);
-        let changes = changes(&before, &after, 10);
+        let changes = changes(&before, 10.0, &after, 5.0, 10);
         assert_eq!(changes[0].function, "main");
         assert!((changes[0].delta_ns_per_s - 20.0).abs() < 1e-9);
         assert!(
@@ -266,9 +347,8 @@ mod tests {
 
     #[test]
     fn sparklines_and_units() {
-        assert_eq!(sparkline(&[0, 1, 7]), " ▂█");
+        assert_eq!(sparkline(&[None, Some(0.0), Some(1.0), Some(7.0)]), " ▁▂█");
         assert_eq!(human_ns(1_500_000_000.0), "1.500s");
         assert_eq!(human_ns(2_500.0), "2.5us");
-        assert_eq!(short_stack("a;b;c;d", 2), "d <- c <- ... (4 frames)");
     }
 }

@@ -13,9 +13,14 @@ pub fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// Parses `30s`, `15m`, `2h`, `1d`, `500ms`.
+/// Parses a positive duration with its unit: `30s`, `15m`, `2h`, `1d`, `500ms`. A bare
+/// number is refused (seconds or minutes? the reader cannot tell), and so are zero and
+/// negative durations.
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let text = text.trim();
+    if text.starts_with('-') {
+        bail!("`{text}`: a duration must be positive, e.g. 30s, 15m, 2h or 1d");
+    }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -24,18 +29,27 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         .parse()
         .with_context(|| format!("`{text}` is not a duration such as 30s, 15m, 2h or 1d"))?;
     let seconds = number
-        * match unit {
+        * match unit.trim() {
             "ms" => 1e-3,
-            "s" | "" => 1.0,
+            "s" => 1.0,
             "m" | "min" => 60.0,
             "h" => 3600.0,
             "d" => 86_400.0,
-            _ => bail!("`{text}`: unknown unit `{unit}` (use ms, s, m, h or d)"),
+            "" => bail!("`{text}` has no unit: write {text}s, {text}m, {text}h or {text}d"),
+            other => bail!("`{text}`: unknown unit `{other}` (use ms, s, m, h or d)"),
         };
-    if !(0.0..=1e10).contains(&seconds) {
+    if seconds <= 0.0 {
+        bail!("`{text}`: a duration must be longer than zero");
+    }
+    if seconds > 1e10 {
         bail!("`{text}` is out of range");
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// [`parse_duration`] for clap.
+pub fn duration_arg(text: &str) -> Result<Duration, String> {
+    parse_duration(text).map_err(|err| err.to_string())
 }
 
 /// Parses a point in time (see the module docs) relative to `now_ns`.
@@ -155,7 +169,24 @@ mod tests {
             1_700_000_000 * NS
         );
         assert!(parse_time("yesterday", now).is_err());
+        assert!(parse_time("10", now).is_err(), "a bare number has no unit");
         assert!(parse_time("2023-13-01T00:00:00Z", now).is_err());
         assert_eq!(format_time(1_700_000_000 * NS), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn durations_need_a_unit_and_a_positive_length() {
+        assert_eq!(parse_duration("90s").expect("90s"), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("500ms").expect("ms"),
+            Duration::from_millis(500)
+        );
+        let no_unit = parse_duration("10").expect_err("bare number");
+        assert!(no_unit.to_string().contains("has no unit"), "{no_unit}");
+        let zero = parse_duration("0s").expect_err("zero");
+        assert!(zero.to_string().contains("longer than zero"), "{zero}");
+        let negative = parse_duration("-5s").expect_err("negative");
+        assert!(negative.to_string().contains("positive"), "{negative}");
+        assert!(parse_duration("5 parsecs").is_err());
     }
 }

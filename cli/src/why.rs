@@ -14,7 +14,7 @@ use stallscope_proto::v1;
 
 use crate::{
     args::{FilterArgs, WhyFormat},
-    client::{Collector, explain as explain_status, filter, time_range},
+    client::{Collector, filter, time_range},
     commands::{decode, write_differential},
     report::human_ns,
     timespec::format_time,
@@ -45,7 +45,7 @@ pub async fn why(collector: &mut Collector, request: &WhyRequest<'_>) -> anyhow:
             ranker: request.ranker.to_owned(),
         })
         .await
-        .map_err(|status| explain_status(&status, &collector.address))?
+        .map_err(|status| collector.explain(&status))?
         .into_inner();
     let mut written = Vec::new();
     if let Some(dir) = request.out_dir
@@ -410,7 +410,7 @@ async fn cause_profile(
             .client
             .profile(request)
             .await
-            .map_err(|status| explain_status(&status, &collector.address))?
+            .map_err(|status| collector.explain(&status))?
             .into_inner();
         let part = decode(&reply.pprof)?;
         if merged.sample_types.is_empty() {

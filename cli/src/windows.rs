@@ -7,7 +7,7 @@ use tonic::Code;
 
 use crate::{
     args::{RangeArgs, WindowsAction, WindowsList},
-    client::{Collector, explain, time_range},
+    client::{Collector, time_range},
     timespec::{format_time, now_ns, parse_duration, parse_time},
 };
 
@@ -126,7 +126,7 @@ fn window_error(status: &tonic::Status, collector: &Collector) -> anyhow::Error 
             status.message()
         ),
         Code::FailedPrecondition | Code::InvalidArgument => anyhow::anyhow!("{}", status.message()),
-        _ => explain(status, &collector.address),
+        _ => collector.explain(status),
     }
 }
 

@@ -104,6 +104,10 @@ pub struct Cli {
     /// Most concurrent agent streams.
     #[arg(long, value_name = "N")]
     pub max_streams: Option<usize>,
+    /// After SIGTERM or SIGINT, how long open calls may take to finish before the
+    /// collector exits anyway (agents' streams end at once and reconnect later).
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
     /// TOML configuration file; flags override it.
     #[arg(short, long, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -157,6 +161,7 @@ pub struct FileConfig {
     pub http_require_client_cert: Option<bool>,
     pub alertmanager_service_labels: Option<Vec<String>>,
     pub alertmanager_host_labels: Option<Vec<String>>,
+    pub shutdown_timeout: Option<String>,
 }
 
 /// TLS material, read at start-up.
@@ -188,7 +193,11 @@ pub struct Config {
     pub max_streams: usize,
     /// The HTTP listener, when `--http-listen` is set.
     pub http: Option<HttpSettings>,
+    pub shutdown_timeout: Duration,
 }
+
+/// How long open calls may run on after the shutdown signal, by default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 
@@ -329,6 +338,10 @@ impl Config {
         }
         let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
         let http = http_settings(cli, &http_keys, tls.is_some())?;
+        let shutdown_timeout = match cli.shutdown_timeout.clone().or(file.shutdown_timeout) {
+            Some(text) => parse_span(&text).map_err(invalid)?,
+            None => DEFAULT_SHUTDOWN_TIMEOUT,
+        };
         Ok(Self {
             listen,
             storage,
@@ -340,6 +353,7 @@ impl Config {
             limits,
             max_streams,
             http,
+            shutdown_timeout,
         })
     }
 }

@@ -1,12 +1,13 @@
 //! `stallscope-collector`: parse flags, build the validated configuration, open storage,
 //! serve until SIGINT or SIGTERM.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use stallscope_collector::{
     config::{Cli, Config, StorageConfig},
+    data_dir::DataDirLock,
     server,
     storage::{clickhouse::ClickHouseStore, sqlite::SqliteStore},
 };
@@ -23,14 +24,27 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
-            eprintln!(
-                "stallscope-collector: {}",
-                chain.join(": ").replace('\n', " ")
-            );
+            eprintln!("stallscope-collector: {}", one_line(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: wrappers often repeat their
+/// source's text (`transport error: transport error`).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text.replace('\n', " ")
 }
 
 fn init_logging(json: bool) {
@@ -39,6 +53,8 @@ fn init_logging(json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in redirected logs.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let _ = if json {
         builder.json().try_init()
@@ -60,31 +76,27 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
-    tracing::info!("shutting down");
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let config = Config::from_cli(cli)?;
+    // One collector per SQLite data directory, checked before anything is opened.
+    let _data_dir_lock = match &config.storage {
+        StorageConfig::Sqlite { data_dir } => Some(DataDirLock::acquire(data_dir)?),
+        StorageConfig::ClickHouse { .. } => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
-        let mode = if config.tls.is_some() {
-            "mTLS"
-        } else {
-            "plaintext"
-        };
+    let result = runtime.block_on(async {
         match &config.storage {
             StorageConfig::Sqlite { data_dir } => {
                 let store = SqliteStore::open(data_dir, config.retention.clone())
                     .with_context(|| format!("opening SQLite storage in {}", data_dir.display()))?;
-                tracing::info!(
-                    "listening on {} ({mode}), storage SQLite {}",
-                    config.listen,
-                    store.path().display()
-                );
-                server::serve(store, &config, shutdown_signal()).await?;
+                let listener = server::bind(&config).await?;
+                let description = format!("storage SQLite {}", store.path().display());
+                server::serve(store, &config, listener, &description, shutdown_signal()).await?;
             }
             StorageConfig::ClickHouse { url, database } => {
                 let store = ClickHouseStore::connect(url, database, config.retention.clone())
@@ -92,13 +104,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     .with_context(|| {
                         format!("connecting to ClickHouse at {url} (is it running?)")
                     })?;
-                tracing::info!(
-                    "listening on {} ({mode}), storage ClickHouse {url}/{database}",
-                    config.listen
-                );
-                server::serve(store, &config, shutdown_signal()).await?;
+                let listener = server::bind(&config).await?;
+                let description = format!("storage ClickHouse {url}/{database}");
+                server::serve(store, &config, listener, &description, shutdown_signal()).await?;
             }
         }
         Ok(())
-    })
+    });
+    // Tasks still running (a query past the grace period) are dropped here, not awaited.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }

@@ -262,6 +262,11 @@ async fn suite<S: Storage>(store: &S) {
     assert_eq!(targets[0].signals, ["off-cpu", "on-cpu"]);
     assert_eq!(targets[0].first_unix_s, T0);
     assert_eq!(targets[0].last_unix_s, T0 + 90);
+    // Wait (off-CPU) and CPU time in the range: half of every batch is svc-0's.
+    assert_eq!(targets[0].wait_ns, 11 * per_batch / 2 * OFF_CPU_NS);
+    assert_eq!(targets[0].cpu_ns, 11 * per_batch / 2 * ON_CPU_NS);
+    let early_targets = store.targets(range(T0, T0 + 50)).await.expect("targets");
+    assert_eq!(early_targets[0].wait_ns, 6 * per_batch / 2 * OFF_CPU_NS);
     let agents = store.agents().await.expect("agents");
     assert_eq!(agents.len(), 2);
     assert_eq!(
@@ -359,6 +364,15 @@ async fn long_range_suite<S: Storage>(store: &S) {
             .await
             .expect("profile");
         assert_eq!(off_cpu(&edges), batches(14), "round {round}: edges");
+        // Targets' wait time reads the same parts (rollup hours and 10 s edges).
+        let wait: i64 = store
+            .targets(range(T0 + 900, T0 + 2 * 3600 + 1560))
+            .await
+            .expect("targets")
+            .iter()
+            .map(|t| t.wait_ns)
+            .sum();
+        assert_eq!(wait, batches(14), "round {round}: targets' wait time");
         let hour = store
             .profile(range(T0 + 3600, T0 + 2 * 3600), Filter::default())
             .await

@@ -255,6 +255,29 @@ mod tests {
     }
 
     #[test]
+    fn demangled_names_are_marked_demangled_so_pprof_keeps_them_whole() {
+        let mut profile = Profile::new(vec![SampleType::new("off_cpu", "nanoseconds")]);
+        let name = "<std::sys::thread::unix::Thread>::new::thread_start";
+        let frame = profile.intern(Frame {
+            function: name.to_owned(),
+            module: Some("/usr/bin/app".to_owned()),
+            file: None,
+            line: None,
+            address: 0x10,
+            kind: FrameKind::User,
+        });
+        profile.add(vec![frame], Labels::new(), &[1]);
+        let message = encode::to_message(&profile);
+        let function = &message.function[0];
+        let string = |index: i64| message.string_table[index as usize].as_str();
+        assert_eq!(string(function.name), name);
+        // pprof simplifies only functions whose system name equals the name.
+        assert_ne!(string(function.system_name), string(function.name));
+        let decoded = decode_pprof(&encode_pprof(&profile)).expect("decodes");
+        assert_eq!(decoded.frames[0].function, name);
+    }
+
+    #[test]
     fn raw_protobuf_is_accepted() {
         let profile = sample_profile();
         let decoded = decode_pprof(&encode_pprof_uncompressed(&profile)).expect("raw decodes");

@@ -94,7 +94,7 @@ impl CollectorProcess {
         let deadline = Instant::now() + timeout;
         loop {
             if self.log().contains(LISTENING_LOG) {
-                // The log line comes just before the socket is bound.
+                // The log line comes once the socket is bound; connect to be sure.
                 for _ in 0..100 {
                     if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                         return Ok(());
@@ -119,6 +119,12 @@ impl CollectorProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Asks the collector to stop with SIGTERM, as a service manager would.
+    pub fn terminate(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
     }
 
     /// Waits for the process to exit by itself (fault injection), up to `timeout`.
@@ -199,6 +205,34 @@ fn spawn(
         }
     });
     Ok((child, lines))
+}
+
+/// Runs `stallscope-collector <args>` that is expected to exit by itself (bad input, a
+/// refused start), killing it after `timeout`; returns its exit and output.
+pub fn run_collector(bin_dir: &Path, args: &[&str], timeout: Duration) -> anyhow::Result<Output> {
+    let binary = binary(bin_dir, "stallscope-collector")?;
+    let mut child = Command::new(&binary)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output()?;
+            bail!(
+                "stallscope-collector {} still running after {timeout:?}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output()?)
 }
 
 /// Runs `stallscope <args>` against `collector_url` with the test token.

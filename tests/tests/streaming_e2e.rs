@@ -237,7 +237,7 @@ fn streamed_profiles_match_a_local_recording() {
         top["by_kind"]["off_cpu"].as_i64().expect("off_cpu"),
         "series and top disagree"
     );
-    let targets = cli_json(&bin, &url, &["targets", "--since", "15m"]).expect("targets");
+    let targets = cli_json(&bin, &url, &["targets", "--since", "15m", "--pids"]).expect("targets");
     assert!(
         targets
             .as_array()

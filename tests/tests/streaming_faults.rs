@@ -1,9 +1,15 @@
 //! Faults between agent and collector, as root with real probes (profiling a steady
 //! workload, 1 s batches): a 60 s collector outage, an agent killed with SIGKILL and restarted, a
-//! collector killed between storing and acknowledging (SQLite and ClickHouse), and a
-//! full spool. Totals must match exactly and nothing may be stored twice.
+//! collector killed between storing and acknowledging (SQLite and ClickHouse), a
+//! collector stopped with SIGTERM while the agent streams, and a full spool. Totals must
+//! match exactly and nothing may be stored twice.
 
-use std::{collections::BTreeMap, path::Path, thread::sleep, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
 use stallscope_profile::pprof::decode_pprof;
 use stallscope_tests::{
@@ -109,6 +115,81 @@ fn collector_outage_of_60s_loses_and_duplicates_nothing() {
     let (summary, exit) = stop_run(agent).expect("agent stops");
     assert!(summary.all_acknowledged, "{}", exit.stderr);
     assert!(summary.batches >= 60, "{summary:?}");
+    let info = agent_info(&url);
+    assert_eq!(info["batches"].as_u64(), Some(summary.batches), "{info}");
+    assert_eq!(info["first_sequence"].as_u64(), Some(0));
+    assert_eq!(info["last_sequence"].as_u64(), summary.last_sequence);
+    assert_eq!(collector_totals(&url, &dir), nonzero(&summary.totals));
+}
+
+/// Waits until the collector has stored at least `batches` batches of its one agent.
+fn wait_for_batches(url: &str, batches: u64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let stored = cli_json(&binary_dir(), url, &["agents"])
+            .ok()
+            .and_then(|agents| agents.get(0).and_then(|a| a["batches"].as_u64()))
+            .unwrap_or(0);
+        if stored >= batches {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the collector stored {stored} batches, waiting for {batches}"
+        );
+        sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn collector_stopped_with_sigterm_while_an_agent_streams_exits_in_time_and_loses_nothing() {
+    if !require_root(
+        "collector_stopped_with_sigterm_while_an_agent_streams_exits_in_time_and_loses_nothing",
+    ) {
+        return;
+    }
+    let dir = scratch("fault-sigterm");
+    // The default shutdown deadline (10 s).
+    let mut collector = start(free_port().expect("port"), &sqlite_args(&dir), &[]);
+    let url = collector.plaintext_url();
+    let (_workload, pid) = pulse();
+    let agent = start_run(
+        &binary_dir(),
+        &url,
+        &dir.join("spool"),
+        "sigterm-agent",
+        &["--pid", &pid],
+    )
+    .expect("agent runs");
+    wait_for_batches(&url, 3);
+    let signalled = Instant::now();
+    collector.terminate();
+    let status = collector
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|err| panic!("{err:#}; log: {}", collector.log()));
+    let took = signalled.elapsed();
+    eprintln!("the collector stopped {took:?} after SIGTERM");
+    assert!(status.success(), "{status}: {}", collector.log());
+    assert!(
+        took < Duration::from_secs(10 + 3),
+        "the collector took {took:?} to stop (deadline 10s): {}",
+        collector.log()
+    );
+    assert!(
+        !collector.log().contains('\u{1b}'),
+        "colour codes in the collector's piped log"
+    );
+    // The agent keeps profiling into its spool; a new collector gets the rest.
+    sleep(Duration::from_secs(3));
+    collector.restart(&[]).expect("collector comes back");
+    sleep(Duration::from_secs(5));
+    let (summary, exit) = stop_run(agent).expect("agent stops");
+    assert!(summary.all_acknowledged, "{}", exit.stderr);
+    assert!(
+        !exit.stderr.contains('\u{1b}'),
+        "colour codes in the agent's piped log: {}",
+        exit.stderr
+    );
     let info = agent_info(&url);
     assert_eq!(info["batches"].as_u64(), Some(summary.batches), "{info}");
     assert_eq!(info["first_sequence"].as_u64(), Some(0));

@@ -3,13 +3,15 @@
 //! each only after storage returned. Up to [`PIPELINE_DEPTH`] frames of a stream are
 //! decoded and stored concurrently (so they can share a group commit), and their acks go
 //! out in frame order. A malformed frame ends that agent's stream with a clear status;
-//! other agents are unaffected.
+//! other agents are unaffected. When the collector shuts down, every stream stops taking
+//! frames, acknowledges those already being stored, and ends with `UNAVAILABLE`, which
+//! agents treat as "reconnect later" (they resend whatever was not acknowledged).
 
 use std::{pin::Pin, sync::Arc};
 
 use stallscope_proto::v1::{Ack, IngestFrame, ingest_server::Ingest};
 use tokio::{
-    sync::{Semaphore, mpsc},
+    sync::{Semaphore, mpsc, watch},
     task::JoinHandle,
 };
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -32,6 +34,14 @@ pub struct IngestService<S> {
     /// Bounds concurrent decompressions, so memory stays within
     /// `permits x max_uncompressed_bytes` whatever agents send.
     pub decoders: Arc<Semaphore>,
+    /// Becomes true when the collector shuts down.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// The status a stream ends with when the collector shuts down. Agents' senders treat
+/// `UNAVAILABLE` as a transient failure: they back off, reconnect and resend.
+pub fn shutting_down() -> Status {
+    Status::unavailable("the collector is shutting down; reconnect later")
 }
 
 fn invalid_status(err: &InvalidBatch) -> Status {
@@ -50,6 +60,7 @@ impl<S> Clone for IngestService<S> {
             limits: self.limits,
             streams: Arc::clone(&self.streams),
             decoders: Arc::clone(&self.decoders),
+            stopping: self.stopping.clone(),
         }
     }
 }
@@ -113,6 +124,9 @@ impl<S: Storage> Ingest for IngestService<S> {
         &self,
         request: Request<Streaming<IngestFrame>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        if *self.stopping.borrow() {
+            return Err(shutting_down());
+        }
         let agent = identity::agent_identity(&request, self.identity)?;
         let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(
@@ -125,12 +139,22 @@ impl<S: Storage> Ingest for IngestService<S> {
         let (handlers, mut in_order) =
             mpsc::channel::<JoinHandle<Result<Ack, Status>>>(PIPELINE_DEPTH);
         let service = self.clone();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let _permit = permit;
             tracing::info!("agent {agent} connected");
             let agent: Arc<str> = Arc::from(agent);
             loop {
-                let frame = match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    () = async { drop(stopping.wait_for(|stopping| *stopping).await) } => {
+                        // Frames already taken are stored and acknowledged first (the
+                        // acks go out in order), then the stream ends.
+                        let _ = handlers.send(tokio::spawn(async { Err(shutting_down()) })).await;
+                        break;
+                    }
+                };
+                let frame = match message {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(status) => {

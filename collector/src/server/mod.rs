@@ -1,11 +1,14 @@
 //! The gRPC server: ingest and query services, standard health and reflection, TLS with
 //! optional client certificates (required by ingest, which takes the agent identity from
-//! them; queries use bearer tokens instead), keepalive, message size limits, and the
-//! periodic retention pass.
+//! them; queries use bearer tokens instead), keepalive, message size limits, the periodic
+//! retention pass, and a bounded shutdown: on the signal, agents' streams end with
+//! `UNAVAILABLE` (their senders reconnect later and resend what was not acknowledged),
+//! and whatever is still open after the grace period is abandoned.
 
 mod explain;
 mod ingest;
 mod query;
+pub mod sniff;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -13,8 +16,12 @@ use stallscope_proto::{
     FILE_DESCRIPTOR_SET,
     v1::{ingest_server::IngestServer, query_server::QueryServer},
 };
-use tokio::sync::Semaphore;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
+use tokio_stream::StreamExt as _;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
 pub use self::{ingest::IngestService, query::QueryService};
 use crate::{config::Config, identity::IdentitySource, storage::Storage};
@@ -28,19 +35,47 @@ pub enum ServeError {
     #[error("serving on {addr}: {source}")]
     Serve {
         addr: std::net::SocketAddr,
+        #[source]
         source: tonic::transport::Error,
     },
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
 }
 
-/// Serves `storage` until `shutdown` completes.
+/// Binds the listening socket (before anything says it listens).
+pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
+    TcpListener::bind(config.listen).await.map_err(|err| {
+        let hint = match err.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                ": another process (another collector?) listens there; stop it or choose --listen"
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                ": no interface of this machine has that address; choose --listen"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                ": ports below 1024 need privileges; choose --listen"
+            }
+            _ => "",
+        };
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot listen on {}: {err}{hint}", config.listen),
+        )
+    })
+}
+
+/// Serves `storage` on `listener` until `shutdown` completes, then stops within
+/// `config.shutdown_timeout`. Logs `listening on` once every port (the HTTP one too) is
+/// bound, naming the storage with `storage_description`.
 pub async fn serve<S: Storage>(
     storage: S,
     config: &Config,
+    listener: TcpListener,
+    storage_description: &str,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let storage = Arc::new(storage);
+    let (stopping_tx, stopping) = watch::channel(false);
     let identity = if config.tls.is_some() {
         IdentitySource::Certificate
     } else {
@@ -53,11 +88,12 @@ pub async fn serve<S: Storage>(
         limits: config.limits,
         streams: Arc::new(Semaphore::new(config.max_streams)),
         decoders: Arc::new(Semaphore::new(cores)),
+        stopping: stopping.clone(),
     };
     let query = QueryService {
         storage: Arc::clone(&storage),
         tokens: config.tokens.clone(),
-        base_resolution_s: config.retention.base_resolution_s(),
+        retention: config.retention.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -83,7 +119,6 @@ pub async fn serve<S: Storage>(
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
         .concurrency_limit_per_connection(64);
     if let Some(tls) = &config.tls {
         let tls_config = ServerTlsConfig::new()
@@ -131,8 +166,41 @@ pub async fn serve<S: Storage>(
         None => None,
     };
 
+    // Every port is bound now: say so (the tests wait for this line).
+    tracing::info!(
+        "listening on {} ({}), {storage_description}",
+        config.listen,
+        if config.tls.is_some() {
+            "mTLS"
+        } else {
+            "plaintext"
+        }
+    );
+
+    // Accepted sockets: keepalive and no Nagle (as tonic's own listener sets them), and a
+    // look at the first bytes for a hint when a client speaks another protocol.
+    let expect_tls = config.tls.is_some();
+    let listen = config.listen;
+    let last_warnings = sniff::last_warnings();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+        .map(move |accepted| {
+            accepted.map(|stream| {
+                sniff::SniffedStream::new(stream, expect_tls, listen, Arc::clone(&last_warnings))
+            })
+        });
+
+    let grace = config.shutdown_timeout;
+    let signalled = async move {
+        shutdown.await;
+        tracing::info!(
+            "shutting down: agents' streams end now (they reconnect later), waiting at most {grace:?} for open calls"
+        );
+        let _ = stopping_tx.send(true);
+    };
     let max = config.max_message_bytes;
-    let result = builder
+    let serving = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IngestServer::new(ingest).max_decoding_message_size(max))
@@ -141,15 +209,29 @@ pub async fn serve<S: Storage>(
                 .max_decoding_message_size(64 * 1024)
                 .max_encoding_message_size(usize::MAX),
         )
-        .serve_with_shutdown(config.listen, shutdown)
-        .await
-        .map_err(|source| ServeError::Serve {
-            addr: config.listen,
+        .serve_with_incoming_shutdown(incoming, signalled);
+    let mut stopped = stopping;
+    let deadline = async move {
+        if stopped.wait_for(|stopping| *stopping).await.is_err() {
+            // The sender is gone only once serving ended; nothing to time.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        served = serving => served.map_err(|source| ServeError::Serve {
+            addr: listen,
             source,
-        });
+        }),
+        () = deadline => {
+            tracing::warn!("connections still open {grace:?} after the shutdown signal: closing them");
+            Ok(())
+        }
+    };
     maintenance.abort();
     if let Some(http) = http {
         http.abort();
     }
+    tracing::info!("stopped");
     result
 }

@@ -1,5 +1,7 @@
 //! The query API: every call is authorized by bearer token, validated (time ranges,
-//! grouping), answered from storage, and profiles travel as pprof messages.
+//! grouping), answered from storage, and profiles travel as pprof messages. Rates are per
+//! second of covered time: the stored buckets of the workload asked about, so a range
+//! that only partly has data is not diluted by the part without.
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     events::wire::{binary_to_wire, event_to_wire},
     identity::QueryTokens,
-    storage::{Filter, GroupBy, Storage, StorageError, TimeRange},
+    storage::{Filter, GroupBy, Retention, SeriesLine, Storage, StorageError, TimeRange},
     windows::{self, ManualWindow, WindowError, WindowFilter, wire::to_wire},
 };
 
@@ -20,8 +22,72 @@ const MAX_RANGE_NS: i64 = 366 * 24 * 3600 * 1_000_000_000;
 pub struct QueryService<S> {
     pub storage: Arc<S>,
     pub tokens: QueryTokens,
-    /// Resolution of the finest tier: the smallest useful series step.
-    pub base_resolution_s: i64,
+    /// Storage tiers: a bucket's width depends on its age.
+    pub retention: Retention,
+}
+
+const NS: i64 = 1_000_000_000;
+
+/// The storage resolution, in seconds, of rows `age_s` old: the first tier that keeps
+/// them (rows older than every tier's keep are gone; the coarsest stands in).
+fn resolution_at(retention: &Retention, age_s: i64) -> i64 {
+    retention
+        .tiers
+        .iter()
+        .find(|tier| age_s < tier.keep.as_secs() as i64)
+        .or(retention.tiers.last())
+        .map_or(1, |tier| tier.resolution.as_secs().max(1) as i64)
+}
+
+/// The stored buckets in `lines` (points at bucket starts, step 1 s) as merged time spans
+/// in nanoseconds, each bucket as wide as its tier's resolution, clipped to
+/// `[from_ns, until_ns)`.
+fn covered_spans(
+    lines: &[SeriesLine],
+    retention: &Retention,
+    now_s: i64,
+    from_ns: i64,
+    until_ns: i64,
+) -> Vec<(i64, i64)> {
+    let mut starts: Vec<i64> = lines
+        .iter()
+        .flat_map(|line| line.points.iter().map(|point| point.0))
+        .collect();
+    starts.sort_unstable();
+    starts.dedup();
+    let mut spans: Vec<(i64, i64)> = Vec::new();
+    for start_s in starts {
+        let width_s = resolution_at(retention, now_s - start_s);
+        let from = start_s.saturating_mul(NS).max(from_ns);
+        let until = (start_s + width_s).saturating_mul(NS).min(until_ns);
+        if from >= until {
+            continue;
+        }
+        match spans.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(until),
+            _ => spans.push((from, until)),
+        }
+    }
+    spans
+}
+
+/// Nanoseconds of `spans` inside `[from_ns, until_ns)`.
+fn covered_within(spans: &[(i64, i64)], from_ns: i64, until_ns: i64) -> i64 {
+    spans
+        .iter()
+        .map(|&(from, until)| (until.min(until_ns) - from.max(from_ns)).max(0))
+        .sum()
+}
+
+/// The part of a filter that names a workload (host, service, pid): coverage is the time
+/// the workload has data at all, whatever signal or cause the query narrows to.
+fn workload_only(filter: &Filter) -> Filter {
+    Filter {
+        host: filter.host.clone(),
+        service: filter.service.clone(),
+        pid: filter.pid.clone(),
+        ..Filter::default()
+    }
 }
 
 fn range(range: Option<v1::TimeRange>, what: &str) -> Result<TimeRange, Status> {
@@ -102,6 +168,34 @@ impl<S: Storage> QueryService<S> {
         self.tokens.check(request.metadata())
     }
 
+    /// The covered spans of `range` for the workload `filter` names.
+    async fn coverage(
+        &self,
+        range: TimeRange,
+        filter: &Filter,
+        lines: Option<&[SeriesLine]>,
+    ) -> Result<Vec<(i64, i64)>, Status> {
+        let fetched;
+        let lines = if let Some(lines) = lines {
+            lines
+        } else {
+            fetched = self
+                .storage
+                .series(range, workload_only(filter), GroupBy::Signal, 1)
+                .await
+                .map_err(|e| storage_status(&e))?;
+            &fetched
+        };
+        let now_ns = crate::unix_now_ns();
+        Ok(covered_spans(
+            lines,
+            &self.retention,
+            now_ns / NS,
+            range.from_unix_ns,
+            range.until_unix_ns.min(now_ns),
+        ))
+    }
+
     async fn pprof(&self, range: TimeRange, filter: Filter) -> Result<(Vec<u8>, u64), Status> {
         let profile = self
             .storage
@@ -137,8 +231,10 @@ impl<S: Storage> Query for QueryService<S> {
                     process: t.process,
                     pid: t.pid,
                     signals: t.signals,
-                    first_unix_ns: t.first_unix_s.saturating_mul(1_000_000_000),
-                    last_unix_ns: t.last_unix_s.saturating_mul(1_000_000_000),
+                    first_unix_ns: t.first_unix_s.saturating_mul(NS),
+                    last_unix_ns: t.last_unix_s.saturating_mul(NS),
+                    wait_ns: t.wait_ns,
+                    cpu_ns: t.cpu_ns,
                 })
                 .collect(),
         }))
@@ -172,42 +268,82 @@ impl<S: Storage> Query for QueryService<S> {
                 )));
             }
         };
-        let span_s = (range.until_unix_ns - range.from_unix_ns) / 1_000_000_000;
-        let step_s = if request.step_ns > 0 {
-            request.step_ns / 1_000_000_000
+        let span_s = (range.until_unix_ns - range.from_unix_ns) / NS;
+        let requested_s = if request.step_ns > 0 {
+            (request.step_ns + NS - 1) / NS
         } else {
             span_s / 60
-        }
-        .max(self.base_resolution_s)
-        .max(1);
+        };
+        // Marks hold whole storage buckets: the step is a multiple of the coarsest
+        // resolution in the range (that of its oldest rows), and marks start at multiples
+        // of the step, so every mark holds the same number of buckets.
+        let resolution_s = resolution_at(
+            &self.retention,
+            crate::unix_now_ns() / NS - range.from_unix_ns / NS,
+        );
+        let step_s =
+            (requested_s.max(resolution_s) + resolution_s - 1) / resolution_s * resolution_s;
         if span_s / step_s > 100_000 {
             return Err(Status::invalid_argument(
                 "series: the step is too small for this range (over 100000 points)",
             ));
         }
-        let lines = self
+        let filter = filter(request.filter);
+        // Every stored bucket on its own (step 1 s), summed into marks below.
+        let buckets = self
             .storage
-            .series(range, filter(request.filter), group_by, step_s)
+            .series(range, filter.clone(), group_by, 1)
             .await
             .map_err(|e| storage_status(&e))?;
+        let spans = if filter == workload_only(&filter) {
+            self.coverage(range, &filter, Some(&buckets)).await?
+        } else {
+            self.coverage(range, &filter, None).await?
+        };
+        let mark_of = |unix_s: i64| unix_s - unix_s.rem_euclid(step_s);
+        let mut marks: Vec<i64> = spans
+            .iter()
+            .flat_map(|&(from, until)| {
+                let first = mark_of(from / NS);
+                let last = mark_of((until - 1) / NS);
+                (0..=(last - first) / step_s).map(move |i| first + i * step_s)
+            })
+            .collect();
+        marks.dedup();
+        let coverage = marks
+            .into_iter()
+            .map(|mark| v1::Coverage {
+                unix_ns: mark.saturating_mul(NS),
+                covered_ns: covered_within(&spans, mark * NS, (mark + step_s) * NS),
+            })
+            .collect();
         Ok(Response::new(v1::SeriesResponse {
-            step_ns: step_s * 1_000_000_000,
-            lines: lines
+            step_ns: step_s * NS,
+            lines: buckets
                 .into_iter()
-                .map(|line| v1::SeriesLine {
-                    key: line.key,
-                    value_unit: line.value_unit,
-                    points: line
-                        .points
-                        .into_iter()
-                        .map(|(t, value, count)| v1::SeriesPoint {
-                            unix_ns: t.saturating_mul(1_000_000_000),
-                            value,
-                            count,
-                        })
-                        .collect(),
+                .map(|line| {
+                    let mut sums: std::collections::BTreeMap<i64, (i64, i64)> =
+                        std::collections::BTreeMap::new();
+                    for (t, value, count) in line.points {
+                        let sum = sums.entry(mark_of(t)).or_default();
+                        sum.0 = sum.0.saturating_add(value);
+                        sum.1 = sum.1.saturating_add(count);
+                    }
+                    v1::SeriesLine {
+                        key: line.key,
+                        value_unit: line.value_unit,
+                        points: sums
+                            .into_iter()
+                            .map(|(t, (value, count))| v1::SeriesPoint {
+                                unix_ns: t.saturating_mul(NS),
+                                value,
+                                count,
+                            })
+                            .collect(),
+                    }
                 })
                 .collect(),
+            coverage,
         }))
     }
 
@@ -220,11 +356,16 @@ impl<S: Storage> Query for QueryService<S> {
         let before = range(request.before, "diff (before)")?;
         let after = range(request.after, "diff (after)")?;
         let filter = filter(request.filter);
+        let covered = |spans: Vec<(i64, i64)>| spans.iter().map(|(from, until)| until - from).sum();
+        let before_covered_ns = covered(self.coverage(before, &filter, None).await?);
+        let after_covered_ns = covered(self.coverage(after, &filter, None).await?);
         let (before_pprof, _) = self.pprof(before, filter.clone()).await?;
         let (after_pprof, _) = self.pprof(after, filter).await?;
         Ok(Response::new(v1::DiffResponse {
             before_pprof,
             after_pprof,
+            before_covered_ns,
+            after_covered_ns,
         }))
     }
 
@@ -378,7 +519,7 @@ impl<S: Storage> Query for QueryService<S> {
             baseline,
             window_id,
             &request.ranker,
-            self.base_resolution_s,
+            self.retention.base_resolution_s(),
         )
         .await?;
         Ok(Response::new(response))
@@ -409,5 +550,39 @@ impl<S: Storage> Query for QueryService<S> {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(starts: &[i64]) -> SeriesLine {
+        SeriesLine {
+            key: "off-cpu".to_owned(),
+            value_unit: "nanoseconds".to_owned(),
+            points: starts.iter().map(|&t| (t, 1, 1)).collect(),
+        }
+    }
+
+    #[test]
+    fn coverage_is_the_union_of_stored_buckets_clipped_to_the_range() {
+        let retention = Retention::default();
+        let now_s = 1_000_000;
+        // Two lines sharing buckets, a gap, and a bucket half outside the range.
+        let lines = [
+            line(&[999_000, 999_010, 999_040]),
+            line(&[999_010, 999_020]),
+        ];
+        let spans = covered_spans(&lines, &retention, now_s, 999_005 * NS, 999_045 * NS);
+        assert_eq!(
+            spans,
+            vec![(999_005 * NS, 999_030 * NS), (999_040 * NS, 999_045 * NS)]
+        );
+        assert_eq!(covered_within(&spans, 999_000 * NS, 999_020 * NS), 15 * NS);
+        // Rows older than the first tier's day are minute buckets.
+        assert_eq!(resolution_at(&retention, 100), 10);
+        assert_eq!(resolution_at(&retention, 2 * 86_400), 60);
+        assert_eq!(resolution_at(&retention, 100 * 86_400), 60);
     }
 }

@@ -32,9 +32,9 @@ use clickhouse::Client;
 use stallscope_profile::{Labels, Profile};
 
 use super::{
-    AgentSummary, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder, Retention,
-    SeriesColumns, SeriesLine, SeriesTotals, Storage, StorageError, StoreOutcome, Target,
-    TargetsBuilder, TimeRange, bucket_of, sqlite::series_key,
+    AgentSummary, CPU_SIGNAL, Filter, GroupBy, LineSums, Losses, MaintenanceReport, ProfileBuilder,
+    Retention, SeriesColumns, SeriesLine, SeriesTotals, Storage, StorageError, StoreOutcome,
+    Target, TargetKey, TargetsBuilder, TimeRange, WAIT_SIGNAL, bucket_of, sqlite::series_key,
 };
 use crate::{
     batch::{NormalizedBatch, SignalDef, StoredStack},
@@ -609,6 +609,10 @@ impl ClickHouseStore {
     }
 }
 
+/// A row of the targets query: (series id, host, service, process, pid, signal, first,
+/// last).
+type TargetRow = (i64, String, String, String, String, String, i64, i64);
+
 impl Storage for ClickHouseStore {
     async fn is_stored(&self, agent: &str, sequence: u64) -> Result<bool, StorageError> {
         let count: u64 = self
@@ -785,17 +789,37 @@ impl Storage for ClickHouseStore {
     async fn targets(&self, range: TimeRange) -> Result<Vec<Target>, StorageError> {
         let (from_s, until_s) = range.seconds();
         let sql = format!(
-            "SELECT host, service, process, pid, signal, toInt64(toUInt32(min(ts))), toInt64(toUInt32(max(ts))) FROM series
+            "SELECT id, host, service, process, pid, signal, toInt64(toUInt32(min(ts))), toInt64(toUInt32(max(ts))) FROM series
              WHERE ts >= toDateTime({}) AND ts < toDateTime({})
-             GROUP BY host, service, process, pid, signal",
+             GROUP BY id, host, service, process, pid, signal",
             ts_u32(bucket_of(from_s, self.retention.base_resolution_s()) - self.coarsest_resolution_s()),
             ts_u32(until_s)
         );
-        let rows: Vec<(String, String, String, String, String, i64, i64)> =
-            self.client.query_raw(&sql).fetch_all().await?;
+        let rows: Vec<TargetRow> = self.client.query_raw(&sql).fetch_all().await?;
         let mut targets = TargetsBuilder::default();
-        for (host, service, process, pid, signal, first, last) in rows {
-            targets.add((host, service, process, pid), signal, first, last);
+        // Series holding wait or CPU time: their totals are summed below.
+        let mut timed: HashMap<i64, (TargetKey, String)> = HashMap::new();
+        for (id, host, service, process, pid, signal, first, last) in rows {
+            let key: TargetKey = (host, service, process, pid);
+            if signal == WAIT_SIGNAL || signal == CPU_SIGNAL {
+                timed.insert(id, (key.clone(), signal.clone()));
+            }
+            targets.add(key, signal, first, last);
+        }
+        let ids: Vec<i64> = timed.keys().copied().collect();
+        let totals: Vec<(i64, i64)> = self
+            .over_tiers(&ids, from_s, until_s, |list, table, lo, hi| {
+                format!(
+                    "SELECT series, sum(value) FROM {table}
+                     WHERE series IN ({list}) AND ts >= toDateTime({lo}) AND ts < toDateTime({hi})
+                     GROUP BY series"
+                )
+            })
+            .await?;
+        for (id, total) in totals {
+            if let Some((key, signal)) = timed.get(&id) {
+                targets.add_time(key, signal, total);
+            }
         }
         Ok(targets.finish())
     }

@@ -158,17 +158,29 @@ pub struct Target {
     pub signals: Vec<String>,
     pub first_unix_s: i64,
     pub last_unix_s: i64,
+    /// Off-CPU time in the range (the [`WAIT_SIGNAL`]), nanoseconds.
+    pub wait_ns: i64,
+    /// On-CPU time in the range (the [`CPU_SIGNAL`]), nanoseconds.
+    pub cpu_ns: i64,
 }
 
+/// The signal whose time `targets` reports as wait time, and the one it reports as CPU.
+pub const WAIT_SIGNAL: &str = "off-cpu";
+pub const CPU_SIGNAL: &str = "on-cpu";
+
+/// A target's key: (host, service, process, pid).
+pub(crate) type TargetKey = (String, String, String, String);
+
 /// Builds [`Target`]s from rows of (host, service, process, pid, signal, first, last), one
-/// row per signal: both backends' `targets` query returns that shape.
+/// row per signal, and the time totals of their wait and CPU series: both backends'
+/// `targets` query returns that shape.
 #[derive(Default)]
-pub(crate) struct TargetsBuilder(BTreeMap<(String, String, String, String), Target>);
+pub(crate) struct TargetsBuilder(BTreeMap<TargetKey, Target>);
 
 impl TargetsBuilder {
     pub(crate) fn add(
         &mut self,
-        key: (String, String, String, String),
+        key: TargetKey,
         signal: String,
         first_unix_s: i64,
         last_unix_s: i64,
@@ -181,11 +193,27 @@ impl TargetsBuilder {
             signals: Vec::new(),
             first_unix_s,
             last_unix_s,
+            wait_ns: 0,
+            cpu_ns: 0,
         });
-        target.signals.push(signal);
-        target.signals.sort();
+        if !target.signals.contains(&signal) {
+            target.signals.push(signal);
+            target.signals.sort();
+        }
         target.first_unix_s = target.first_unix_s.min(first_unix_s);
         target.last_unix_s = target.last_unix_s.max(last_unix_s);
+    }
+
+    /// Adds `value_ns` of `signal` to the target's wait or CPU time (other signals'
+    /// time overlaps the off-CPU time, so it is not added).
+    pub(crate) fn add_time(&mut self, key: &TargetKey, signal: &str, value_ns: i64) {
+        if let Some(target) = self.0.get_mut(key) {
+            if signal == WAIT_SIGNAL {
+                target.wait_ns = target.wait_ns.saturating_add(value_ns);
+            } else if signal == CPU_SIGNAL {
+                target.cpu_ns = target.cpu_ns.saturating_add(value_ns);
+            }
+        }
     }
 
     pub(crate) fn finish(self) -> Vec<Target> {

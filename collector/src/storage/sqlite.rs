@@ -28,8 +28,9 @@ use self::{
     write::{Writer, store_group},
 };
 use super::{
-    AgentSummary, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine, SeriesTotals, Storage,
-    StorageError, StoreOutcome, Target, TargetsBuilder, TimeRange, bucket_of,
+    AgentSummary, CPU_SIGNAL, Filter, GroupBy, MaintenanceReport, Retention, SeriesLine,
+    SeriesTotals, Storage, StorageError, StoreOutcome, Target, TargetKey, TargetsBuilder,
+    TimeRange, WAIT_SIGNAL, bucket_of,
 };
 use crate::{
     batch::NormalizedBatch,
@@ -372,14 +373,30 @@ impl Storage for SqliteStore {
             let conn = lock(&inner.reader)?;
             let (from_s, until_s) = range.seconds();
             let mut stmt = conn.prepare_cached(
-                "SELECT host, service, process, pid, signal, min(first_s), max(last_s) FROM series
-                 WHERE last_s >= ?1 AND first_s < ?2 GROUP BY host, service, process, pid, signal",
+                "SELECT host, service, process, pid, signal, first_s, last_s, id, svc FROM series
+                 WHERE last_s >= ?1 AND first_s < ?2",
             )?;
             let mut targets = TargetsBuilder::default();
+            // Series holding wait or CPU time: their totals are summed below.
+            let mut timed: HashMap<i64, (TargetKey, String)> = HashMap::new();
+            let mut by_service: HashMap<i64, HashSet<i64>> = HashMap::new();
             let mut rows = stmt.query(params![from_s, until_s])?;
             while let Some(row) = rows.next()? {
-                let key = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
-                targets.add(key, row.get(4)?, row.get(5)?, row.get(6)?);
+                let key: TargetKey = (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                let signal: String = row.get(4)?;
+                if signal == WAIT_SIGNAL || signal == CPU_SIGNAL {
+                    let id: i64 = row.get(7)?;
+                    by_service.entry(row.get(8)?).or_default().insert(id);
+                    timed.insert(id, (key.clone(), signal.clone()));
+                }
+                targets.add(key, signal, row.get(5)?, row.get(6)?);
+            }
+            drop(rows);
+            drop(stmt);
+            for (id, total) in read::value_totals(&conn, range, &by_service)? {
+                if let Some((key, signal)) = timed.get(&id) {
+                    targets.add_time(key, signal, total);
+                }
             }
             Ok(targets.finish())
         })

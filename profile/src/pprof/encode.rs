@@ -121,7 +121,13 @@ impl Builder {
         self.functions.push(proto::Function {
             id,
             name,
-            system_name: name,
+            // Names arrive demangled. pprof demangles, and "simplifies" by deleting every
+            // `<...>` and `(...)` group, each function whose system name equals its name
+            // (`<std::sys::thread::unix::Thread>::new::thread_start` would read
+            // `::new::thread_start`); a function whose system name differs counts as
+            // demangled already and keeps its whole name. We keep no mangled name, so the
+            // system name stays empty and the whole name is in `name`.
+            system_name: 0,
             filename,
             start_line: 0,
         });

@@ -140,41 +140,16 @@ pub fn query_profile(
     for s in &series {
         by_service.entry(s.svc).or_default().insert(s.id);
     }
-    // Whole hours the rollup holds come from it, the edges from the 10 s rows. Each part
-    // is one clustered scan per service, crossing into Rust once per (series, bucket):
-    // the stacks of a row come packed in its blob.
-    let span = RollupSpan::load(&snapshot)?;
-    let (lo, hi) = span.usable(from_s, until_s);
-    let mut parts: Vec<(&str, i64, i64)> = Vec::with_capacity(3);
-    if lo < hi {
-        parts.push((SAMPLES_SUMS, from_s, lo));
-        parts.push((ROLLUP_SUMS, lo, hi));
-        parts.push((SAMPLES_SUMS, hi, until_s));
-    } else {
-        parts.push((SAMPLES_SUMS, from_s, until_s));
-    }
     let mut sums: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
-    for (sql, part_from, part_until) in parts {
-        if part_from >= part_until {
-            continue;
+    for_stored_rows(&snapshot, &by_service, from_s, until_s, |series, packed| {
+        for entry in stacks::decode(packed) {
+            let entry = entry?;
+            let sum = sums.entry((series, entry.stack)).or_default();
+            sum.0 = sum.0.saturating_add(entry.value);
+            sum.1 = sum.1.saturating_add(entry.count);
         }
-        let mut stmt = snapshot.prepare_cached(sql)?;
-        for (svc, wanted) in &by_service {
-            let mut rows = stmt.query(params![svc, part_from, part_until])?;
-            while let Some(r) = rows.next()? {
-                let series: i64 = r.get(0)?;
-                if !wanted.contains(&series) {
-                    continue;
-                }
-                for entry in stacks::decode(blob(r, 1)?) {
-                    let entry = entry?;
-                    let sum = sums.entry((series, entry.stack)).or_default();
-                    sum.0 = sum.0.saturating_add(entry.value);
-                    sum.1 = sum.1.saturating_add(entry.count);
-                }
-            }
-        }
-    }
+        Ok(())
+    })?;
     let mut sums: Vec<((i64, i64), (i64, i64))> = sums.into_iter().collect();
     // A stable order, so equal queries build equal profiles.
     sums.sort_unstable_by_key(|entry| entry.0);
@@ -196,6 +171,67 @@ pub fn query_profile(
     let losses = losses_in(&snapshot, range, filter.host.as_deref())?;
     snapshot.commit()?;
     Ok(builder.finish(range, format!("{} series matched", series.len()), losses))
+}
+
+/// Calls `row(series, packed stacks)` for every stored row of the wanted series
+/// (`service id -> series ids`) in `[from_s, until_s)`: whole hours the rollup holds come
+/// from it, the edges from the 10 s rows. Each part is one clustered scan per service,
+/// crossing into Rust once per (series, bucket): the stacks of a row come packed in its
+/// blob. Call inside one read transaction, so maintenance cannot move rows between the
+/// parts.
+fn for_stored_rows(
+    conn: &Connection,
+    by_service: &HashMap<i64, HashSet<i64>>,
+    from_s: i64,
+    until_s: i64,
+    mut row: impl FnMut(i64, &[u8]) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    let span = RollupSpan::load(conn)?;
+    let (lo, hi) = span.usable(from_s, until_s);
+    let mut parts: Vec<(&str, i64, i64)> = Vec::with_capacity(3);
+    if lo < hi {
+        parts.push((SAMPLES_SUMS, from_s, lo));
+        parts.push((ROLLUP_SUMS, lo, hi));
+        parts.push((SAMPLES_SUMS, hi, until_s));
+    } else {
+        parts.push((SAMPLES_SUMS, from_s, until_s));
+    }
+    for (sql, part_from, part_until) in parts {
+        if part_from >= part_until {
+            continue;
+        }
+        let mut stmt = conn.prepare_cached(sql)?;
+        for (svc, wanted) in by_service {
+            let mut rows = stmt.query(params![svc, part_from, part_until])?;
+            while let Some(r) = rows.next()? {
+                let series: i64 = r.get(0)?;
+                if wanted.contains(&series) {
+                    row(series, blob(r, 1)?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The value totals of the given series (`service id -> series ids`) over `range`.
+pub fn value_totals(
+    conn: &Connection,
+    range: TimeRange,
+    by_service: &HashMap<i64, HashSet<i64>>,
+) -> Result<HashMap<i64, i64>, StorageError> {
+    let snapshot = conn.unchecked_transaction()?;
+    let (from_s, until_s) = range.seconds();
+    let mut totals: HashMap<i64, i64> = HashMap::new();
+    for_stored_rows(&snapshot, by_service, from_s, until_s, |series, packed| {
+        let total = totals.entry(series).or_default();
+        for entry in stacks::decode(packed) {
+            *total = total.saturating_add(entry?.value);
+        }
+        Ok(())
+    })?;
+    snapshot.commit()?;
+    Ok(totals)
 }
 
 const SAMPLES_SUMS: &str =

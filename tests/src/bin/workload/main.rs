@@ -142,9 +142,21 @@ fn pulse() {
     }
 }
 
+/// The scenarios, as `--help` lists them and as an unknown name is answered.
+const SCENARIOS: &str = "markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit or pulse";
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map_or("markers", String::as_str);
+    // Answered before the handshake: nothing waits on stdin for these.
+    if matches!(scenario, "-h" | "--help" | "help") {
+        println!(
+            "stallscope-workload [SCENARIO [ARGS...]]: a workload with known, injected waits for stallscope's tests.\n\
+             It prints `ready <pid>`, waits for a line on stdin, runs the scenario, prints `done`\n\
+             and stays alive until stdin closes. Scenarios: {SCENARIOS} (default markers)."
+        );
+        return;
+    }
     println!("ready {}", std::process::id());
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
@@ -203,9 +215,7 @@ fn main() {
         "fork-workers" => identity::fork_workers(arg(&args, 2, 20), ms(arg(&args, 3, 10))),
         "jit" => identity::jit(),
         other => {
-            eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit or pulse"
-            );
+            eprintln!("unknown scenario {other}: use {SCENARIOS}");
             std::process::exit(2);
         }
     }
