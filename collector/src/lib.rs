@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod detect;
 pub mod events;
 pub mod explain;
 pub mod faults;

@@ -1,0 +1,808 @@
+//! The detection task of a collector: every tick it reads the buckets that became
+//! complete for each host, feeds every (host, service) with data to its
+//! [`ScopeDetector`], turns what they report into stored windows, and runs `why` on them.
+//!
+//! - **Complete buckets only.** An agent's batch goes into the bucket its start falls in
+//!   and reaches the collector a moment after it ends, so the data of bucket `b` of a host
+//!   whose batches start `phase` seconds into a bucket is complete at
+//!   `b + step + phase + grace`. The phase is read from the agents' last batch starts at
+//!   each history refresh (unknown: a whole bucket).
+//! - **Bounded reading.** Each tick reads only the new buckets, one query per host; the
+//!   earlier days' same-time stretches are read piecewise at each history refresh (only
+//!   the part not read yet); after a start the recent history is read once, in chunks.
+//! - **One window per degradation, whatever the number of replicas.** Before a window is
+//!   stored, the open automatic windows are read: if the scope has one, this replica takes
+//!   it up instead. Otherwise the window's id is derived from the scope and the id of the
+//!   scope's previous automatic window (a chain), so replicas that open at the same moment
+//!   derive the same id and write the same window; a replica that opens later finds the
+//!   open one. Every write reads the stored version first and keeps what others changed
+//!   (a window closed by hand or by another replica stays closed).
+//! - **Restarts.** Open automatic windows are read back and taken up where they are;
+//!   the recent history is replayed, which rebuilds the baselines and the tests.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    sync::Arc,
+};
+
+use tokio::task::JoinSet;
+
+use super::{
+    indicators::{IndicatorKey, Observations, observe},
+    scope::{CloseReason, Crossed, Event, OpenWindow, ScopeDetector},
+    settings::DetectSettings,
+    store::{IndicatorRecord, StoredWindow, WindowStore},
+};
+use crate::{
+    explain::{self, Question, report::Span},
+    storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange},
+};
+
+const NS: i64 = 1_000_000_000;
+const DAY_S: i64 = 86_400;
+/// Most buckets read in one query (a history replay is read in chunks).
+const CHUNK_BUCKETS: i64 = 180;
+/// The longest a top cause may be (the window model's limit for names).
+const MAX_CAUSE: usize = 253;
+
+/// One host: where its reading stands, its batch phase, its scopes.
+#[derive(Debug, Default)]
+struct HostState {
+    next_bucket: i64,
+    phase_s: Option<f64>,
+    /// Earlier-day buckets already read, per day back: up to this bucket.
+    earlier_read_until: BTreeMap<i64, i64>,
+    first_data_s: i64,
+    scopes: BTreeMap<String, ScopeDetector>,
+}
+
+/// A window this replica looks after.
+#[derive(Debug, Clone)]
+struct Managed {
+    host: String,
+    service: String,
+    /// Last time (wall clock, Unix seconds) `why` ran on it.
+    explained_s: i64,
+    open: bool,
+}
+
+/// What a tick did (for logs and tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TickReport {
+    pub buckets_read: usize,
+    pub opened: Vec<String>,
+    pub adopted: Vec<String>,
+    pub closed: Vec<String>,
+    pub explained: Vec<String>,
+}
+
+/// The collector's window detector.
+pub struct Detector<S> {
+    storage: Arc<S>,
+    settings: DetectSettings,
+    step_s: i64,
+    hosts: BTreeMap<String, HostState>,
+    started: bool,
+    next_refresh_s: i64,
+    /// Windows of every source near the recent history (refreshed with it).
+    known: Vec<StoredWindow>,
+    managed: BTreeMap<String, Managed>,
+    /// Events whose storage write failed, retried first at the next tick.
+    pending: Vec<(String, String, Event)>,
+    explains: JoinSet<(String, Result<Option<String>, StorageError>)>,
+    explaining: BTreeSet<String>,
+}
+
+fn floor_to(value: i64, step: i64) -> i64 {
+    value.div_euclid(step) * step
+}
+
+fn chain_id(host: &str, service: &str, previous: Option<&str>) -> String {
+    let hash = crate::hash::StableHasher::new()
+        .str("automatic")
+        .str(host)
+        .str(service)
+        .str(previous.unwrap_or(""))
+        .finish();
+    format!("a-{:016x}", hash as u64)
+}
+
+fn records(window: &OpenWindow) -> Vec<IndicatorRecord> {
+    let mut out: Vec<IndicatorRecord> = window
+        .crossed
+        .iter()
+        .map(|c| IndicatorRecord {
+            name: c.key.to_string(),
+            baseline: c.baseline,
+            observed: c.observed,
+            score: c.score,
+        })
+        .collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score));
+    out
+}
+
+/// The top cause as a window carries it: the category `why` ranked first and its first
+/// piece of evidence, e.g. `network (peer 10.0.0.7:5432)`.
+pub fn top_cause_of(report: &explain::report::Report) -> Option<String> {
+    let top = report.causes.iter().find(|c| c.rank == Some(1))?;
+    let mut text = match top.evidence.first() {
+        Some(e) if !e.name.is_empty() => format!("{} ({} {})", top.category, e.kind, e.name),
+        _ => top.category.clone(),
+    };
+    if text.len() > MAX_CAUSE {
+        let mut cut = MAX_CAUSE;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    Some(text)
+}
+
+impl<S: Storage + WindowStore> Detector<S> {
+    /// A detector over `storage`, whose finest buckets are `step_s` seconds.
+    pub fn new(storage: Arc<S>, settings: DetectSettings, step_s: i64) -> Self {
+        Self {
+            storage,
+            settings,
+            step_s: step_s.max(1),
+            hosts: BTreeMap::new(),
+            started: false,
+            next_refresh_s: i64::MIN,
+            known: Vec::new(),
+            managed: BTreeMap::new(),
+            pending: Vec::new(),
+            explains: JoinSet::new(),
+            explaining: BTreeSet::new(),
+        }
+    }
+
+    /// Runs until `shutdown` completes, a tick every `tick`.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) {
+        let mut ticker = tokio::time::interval(self.settings.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = ticker.tick() => {
+                    match self.tick(crate::unix_now_ns()).await {
+                        Ok(report) => {
+                            for id in &report.opened {
+                                tracing::info!("degradation window {id} opened");
+                            }
+                            for id in &report.closed {
+                                tracing::info!("degradation window {id} closed");
+                            }
+                        }
+                        Err(err) => tracing::warn!("window detection: {err} (retrying at the next tick)"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The scopes (host, service) being watched, and whether each has a window open.
+    pub fn scopes(&self) -> Vec<(String, String, Option<String>)> {
+        self.hosts
+            .iter()
+            .flat_map(|(host, state)| {
+                state.scopes.iter().map(|(service, scope)| {
+                    (
+                        host.clone(),
+                        service.clone(),
+                        scope.open_window().map(|w| w.id.clone()),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// One round at wall-clock time `now_unix_ns`.
+    pub async fn tick(&mut self, now_unix_ns: i64) -> Result<TickReport, StorageError> {
+        let mut report = TickReport::default();
+        let now_s = now_unix_ns.div_euclid(NS);
+        if !self.started {
+            self.refresh(now_s).await?;
+            self.take_up_open_windows().await?;
+            self.started = true;
+        } else if now_s >= self.next_refresh_s {
+            self.refresh(now_s).await?;
+        }
+        for (host, service, event) in std::mem::take(&mut self.pending) {
+            self.apply(&host, &service, event, now_s, &mut report)
+                .await?;
+        }
+        let hosts: Vec<String> = self.hosts.keys().cloned().collect();
+        for host in hosts {
+            while let Some(state) = self.hosts.get(&host) {
+                let phase = state.phase_s.unwrap_or(self.step_s as f64);
+                let due = now_unix_ns as f64 / NS as f64
+                    - self.step_s as f64
+                    - phase
+                    - self.settings.grace.as_secs_f64();
+                let last_due = floor_to(due.floor() as i64, self.step_s);
+                let from = state.next_bucket;
+                if from > last_due {
+                    break;
+                }
+                let until = (last_due + self.step_s).min(from + CHUNK_BUCKETS * self.step_s);
+                self.read_buckets(&host, from, until, now_s, &mut report)
+                    .await?;
+                if let Some(state) = self.hosts.get_mut(&host) {
+                    state.next_bucket = until;
+                }
+            }
+        }
+        self.collect_explains(now_unix_ns, &mut report).await?;
+        self.start_explains(now_unix_ns);
+        Ok(report)
+    }
+
+    /// Re-reads the hosts and services with data, the agents' batch phases, the windows
+    /// to leave out, and the newest part of the earlier days.
+    async fn refresh(&mut self, now_s: i64) -> Result<(), StorageError> {
+        let settings = &self.settings;
+        let refresh_s = (settings.history_refresh.as_secs() as i64).max(1);
+        let epoch = floor_to(now_s, refresh_s);
+        self.next_refresh_s = epoch + refresh_s;
+        let recent_s = settings.recent_history.as_secs() as i64;
+        let targets = self
+            .storage
+            .targets(TimeRange {
+                from_unix_ns: (now_s - recent_s) * NS,
+                until_unix_ns: (now_s + self.step_s) * NS,
+            })
+            .await?;
+        let start = floor_to(now_s - recent_s, self.step_s);
+        for target in &targets {
+            let state = self
+                .hosts
+                .entry(target.host.clone())
+                .or_insert_with(|| HostState {
+                    next_bucket: start,
+                    first_data_s: target.first_unix_s,
+                    ..HostState::default()
+                });
+            state.first_data_s = state.first_data_s.min(target.first_unix_s);
+        }
+        let step_ns = self.step_s * NS;
+        for agent in self.storage.agents().await? {
+            if let Some(state) = self.hosts.get_mut(&agent.host) {
+                let phase = agent.last_batch_unix_ns.rem_euclid(step_ns) as f64 / NS as f64;
+                state.phase_s = Some(state.phase_s.map_or(phase, |p: f64| p.max(phase)));
+            }
+        }
+        let days = i64::from(settings.earlier_days);
+        self.known = self
+            .storage
+            .windows_overlapping(TimeRange {
+                from_unix_ns: (now_s - recent_s - days * DAY_S - DAY_S) * NS,
+                until_unix_ns: i64::MAX,
+            })
+            .await?;
+        let spans = self.known.clone();
+        for (host, state) in &mut self.hosts {
+            for (service, scope) in &mut state.scopes {
+                if let Some(phase) = state.phase_s {
+                    scope.set_phase(phase);
+                }
+                scope.set_known(&known_for(&spans, host, service, self.step_s));
+            }
+            // Scopes without data for the whole recent history and no window are dropped.
+            let oldest = now_s - recent_s;
+            state.scopes.retain(|_, scope| {
+                scope.open_window().is_some() || scope.last_bucket().is_some_and(|b| b >= oldest)
+            });
+        }
+        let listed: BTreeSet<&str> = targets.iter().map(|t| t.host.as_str()).collect();
+        self.hosts
+            .retain(|host, state| listed.contains(host.as_str()) || !state.scopes.is_empty());
+        self.read_earlier_days(epoch).await
+    }
+
+    /// For each host and earlier day, reads the part of the same-time stretch not read yet
+    /// and forgets what slid out of it.
+    async fn read_earlier_days(&mut self, epoch: i64) -> Result<(), StorageError> {
+        let days = i64::from(self.settings.earlier_days);
+        if days == 0 {
+            return Ok(());
+        }
+        let half = (self.settings.earlier_day_span.as_secs() as i64 / 2).max(self.step_s);
+        let step = self.step_s;
+        let hosts: Vec<String> = self.hosts.keys().cloned().collect();
+        for host in hosts {
+            for day in 1..=days {
+                let (lo, hi) = (
+                    floor_to(epoch - day * DAY_S - half, step),
+                    floor_to(epoch - day * DAY_S + half, step),
+                );
+                let Some(state) = self.hosts.get(&host) else {
+                    continue;
+                };
+                if state.first_data_s >= hi {
+                    continue;
+                }
+                let from = state
+                    .earlier_read_until
+                    .get(&day)
+                    .copied()
+                    .unwrap_or(lo)
+                    .max(lo);
+                if from >= hi {
+                    continue;
+                }
+                let series = self
+                    .storage
+                    .series_totals(
+                        TimeRange {
+                            from_unix_ns: from * NS,
+                            until_unix_ns: hi * NS,
+                        },
+                        Filter {
+                            host: Some(host.clone()),
+                            ..Filter::default()
+                        },
+                        step,
+                    )
+                    .await?;
+                let observed = observe_by_service(series, step, &self.settings);
+                if let Some(state) = self.hosts.get_mut(&host) {
+                    state.earlier_read_until.insert(day, hi);
+                    for (service, buckets) in observed {
+                        if let Some(scope) = state.scopes.get_mut(&service) {
+                            for (bucket, observations) in &buckets {
+                                scope.history_mut().add_earlier(*bucket, observations);
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(state) = self.hosts.get_mut(&host) {
+                let keep = |bucket: i64| {
+                    (1..=days).any(|day| {
+                        let centre = epoch - day * DAY_S;
+                        bucket >= centre - half && bucket < centre + half
+                    })
+                };
+                for scope in state.scopes.values_mut() {
+                    scope.history_mut().retain_earlier(keep);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a start: every open automatic window is taken up by its scope.
+    async fn take_up_open_windows(&mut self) -> Result<(), StorageError> {
+        for window in self.storage.open_automatic_windows().await? {
+            let scope = self.scope_mut(&window.host, &window.service);
+            let crossed = window
+                .indicators
+                .iter()
+                .filter_map(|i| {
+                    let key: IndicatorKey = i.name.parse().ok()?;
+                    Some(Crossed::restored(key, i.baseline, i.observed, i.score))
+                })
+                .collect();
+            let bucket = scope.bucket_of_data(window.onset_unix_ns);
+            scope.resume(OpenWindow::resumed(
+                window.id.clone(),
+                window.onset_unix_ns,
+                bucket,
+                crossed,
+            ));
+            self.managed.insert(
+                window.id.clone(),
+                Managed {
+                    host: window.host.clone(),
+                    service: window.service.clone(),
+                    explained_s: 0,
+                    open: true,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn scope_mut(&mut self, host: &str, service: &str) -> &mut ScopeDetector {
+        let step = self.step_s;
+        let known = known_for(&self.known, host, service, step);
+        let state = self.hosts.entry(host.to_owned()).or_default();
+        let phase = state.phase_s;
+        state.scopes.entry(service.to_owned()).or_insert_with(|| {
+            let mut scope = ScopeDetector::new(host, service, step);
+            if let Some(phase) = phase {
+                scope.set_phase(phase);
+            }
+            scope.set_known(&known);
+            scope
+        })
+    }
+
+    /// Reads `[from, until)` of one host and feeds every bucket to its scopes.
+    async fn read_buckets(
+        &mut self,
+        host: &str,
+        from: i64,
+        until: i64,
+        now_s: i64,
+        report: &mut TickReport,
+    ) -> Result<(), StorageError> {
+        let series = self
+            .storage
+            .series_totals(
+                TimeRange {
+                    from_unix_ns: from * NS,
+                    until_unix_ns: until * NS,
+                },
+                Filter {
+                    host: Some(host.to_owned()),
+                    ..Filter::default()
+                },
+                self.step_s,
+            )
+            .await?;
+        let mut observed = observe_by_service(series, self.step_s, &self.settings);
+        for service in observed.keys() {
+            self.scope_mut(host, service);
+        }
+        let mut bucket = from;
+        while bucket < until {
+            report.buckets_read += 1;
+            let mut events = Vec::new();
+            if let Some(state) = self.hosts.get_mut(host) {
+                for (service, scope) in &mut state.scopes {
+                    let observations = observed
+                        .get_mut(service)
+                        .and_then(|buckets| buckets.remove(&bucket));
+                    for event in scope.process(bucket, observations, &self.settings) {
+                        events.push((service.clone(), event));
+                    }
+                }
+            }
+            for (service, event) in events {
+                self.apply(host, &service, event, now_s, report).await?;
+            }
+            bucket += self.step_s;
+        }
+        Ok(())
+    }
+
+    /// Stores what a scope reported; a failed write is retried at the next tick.
+    async fn apply(
+        &mut self,
+        host: &str,
+        service: &str,
+        event: Event,
+        now_s: i64,
+        report: &mut TickReport,
+    ) -> Result<(), StorageError> {
+        let result = match &event {
+            Event::Opened(window) => {
+                self.store_opened(host, service, window, now_s, report)
+                    .await
+            }
+            Event::Updated(window) => self.store_version(host, service, window, None, now_s).await,
+            Event::Closed {
+                window,
+                end_unix_ns,
+                reason,
+            } => {
+                let stored = self
+                    .store_version(host, service, window, Some((*end_unix_ns, *reason)), now_s)
+                    .await;
+                if stored.is_ok() {
+                    report.closed.push(window.id.clone());
+                }
+                stored
+            }
+        };
+        if let Err(err) = result {
+            self.pending
+                .push((host.to_owned(), service.to_owned(), event));
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// A new window: taken up if the scope already has one open in storage, else stored
+    /// under the next id of the scope's chain.
+    async fn store_opened(
+        &mut self,
+        host: &str,
+        service: &str,
+        window: &OpenWindow,
+        now_s: i64,
+        report: &mut TickReport,
+    ) -> Result<(), StorageError> {
+        let open = self.storage.open_automatic_windows().await?;
+        if let Some(stored) = open.iter().find(|w| w.host == host && w.service == service) {
+            self.scope_mut(host, service)
+                .adopt(&stored.id, stored.onset_unix_ns);
+            self.manage(&stored.id, host, service, true, now_s);
+            report.adopted.push(stored.id.clone());
+            return Ok(());
+        }
+        let previous = self
+            .storage
+            .windows_overlapping(TimeRange {
+                from_unix_ns: 0,
+                until_unix_ns: i64::MAX,
+            })
+            .await?
+            .into_iter()
+            .filter(|w| w.automatic && w.host == host && w.service == service)
+            .max_by(|a, b| {
+                a.onset_unix_ns
+                    .cmp(&b.onset_unix_ns)
+                    .then_with(|| a.id.cmp(&b.id))
+            });
+        let id = chain_id(host, service, previous.as_ref().map(|w| w.id.as_str()));
+        if let Some(existing) = self.storage.window_by_id(id.clone()).await? {
+            // Another replica stored it between the two reads.
+            let scope = self.scope_mut(host, service);
+            match existing.end_unix_ns {
+                None => {
+                    scope.adopt(&existing.id, existing.onset_unix_ns);
+                    self.manage(&existing.id, host, service, true, now_s);
+                    report.adopted.push(existing.id);
+                }
+                Some(end) => scope.closed_elsewhere(end.div_euclid(NS)),
+            }
+            return Ok(());
+        }
+        let stored = StoredWindow {
+            id: id.clone(),
+            automatic: true,
+            host: host.to_owned(),
+            service: service.to_owned(),
+            onset_unix_ns: window.onset_unix_ns,
+            end_unix_ns: None,
+            indicators: records(window),
+            note: String::new(),
+            top_cause: None,
+            updated_unix_ns: now_s * NS,
+        };
+        self.storage.put_window(stored).await?;
+        self.scope_mut(host, service).rename_open(&id);
+        self.manage(&id, host, service, true, now_s);
+        report.opened.push(id);
+        Ok(())
+    }
+
+    /// Looks after window `id`: `why` runs on it `explain_interval` after `now_s` (and
+    /// when it closes).
+    fn manage(&mut self, id: &str, host: &str, service: &str, open: bool, now_s: i64) {
+        let entry = self
+            .managed
+            .entry(id.to_owned())
+            .or_insert_with(|| Managed {
+                host: host.to_owned(),
+                service: service.to_owned(),
+                explained_s: now_s,
+                open,
+            });
+        entry.open = open;
+    }
+
+    /// Writes a new version of a window this scope has open (or closes it), keeping what
+    /// others changed: a window already closed stays closed, the earliest onset wins,
+    /// the top cause is kept.
+    async fn store_version(
+        &mut self,
+        host: &str,
+        service: &str,
+        window: &OpenWindow,
+        close: Option<(i64, CloseReason)>,
+        now_s: i64,
+    ) -> Result<(), StorageError> {
+        let stored = self.storage.window_by_id(window.id.clone()).await?;
+        if let Some(stored) = &stored
+            && let Some(end) = stored.end_unix_ns
+        {
+            // Closed elsewhere (by hand, or by another replica).
+            if close.is_none() {
+                self.scope_mut(host, service)
+                    .closed_elsewhere(end.div_euclid(NS));
+            }
+            self.manage(&window.id, host, service, false, now_s);
+            return Ok(());
+        }
+        let note = match close {
+            Some((_, CloseReason::NoData)) => format!(
+                "closed: no data or too little activity for more than {} buckets",
+                self.settings.max_gap
+            ),
+            Some((_, CloseReason::TooLong)) => format!(
+                "closed after {} s open: the level it reached is the new baseline",
+                self.settings.max_window.as_secs()
+            ),
+            _ => stored.as_ref().map(|s| s.note.clone()).unwrap_or_default(),
+        };
+        let version = StoredWindow {
+            id: window.id.clone(),
+            automatic: true,
+            host: host.to_owned(),
+            service: service.to_owned(),
+            onset_unix_ns: stored.as_ref().map_or(window.onset_unix_ns, |s| {
+                s.onset_unix_ns.min(window.onset_unix_ns)
+            }),
+            end_unix_ns: close.map(|(end, _)| end),
+            indicators: records(window),
+            note,
+            top_cause: stored.as_ref().and_then(|s| s.top_cause.clone()),
+            updated_unix_ns: (now_s * NS).max(stored.as_ref().map_or(0, |s| s.updated_unix_ns + 1)),
+        };
+        self.storage.put_window(version).await?;
+        self.manage(&window.id, host, service, close.is_none(), now_s);
+        Ok(())
+    }
+
+    /// Starts `why` on windows due for it: open ones every `explain_interval`, closed ones
+    /// once.
+    fn start_explains(&mut self, now_unix_ns: i64) {
+        let now_s = now_unix_ns.div_euclid(NS);
+        let interval = self.settings.explain_interval.as_secs() as i64;
+        let due: Vec<(String, Managed)> = self
+            .managed
+            .iter()
+            .filter(|(id, m)| {
+                !self.explaining.contains(*id) && (!m.open || now_s - m.explained_s >= interval)
+            })
+            .map(|(id, m)| (id.clone(), m.clone()))
+            .collect();
+        for (id, managed) in due {
+            let storage = Arc::clone(&self.storage);
+            let step_s = self.step_s;
+            let exclude: Vec<Span> = self
+                .known
+                .iter()
+                .filter(|w| w.id != id && w.covers(&managed.host, &managed.service))
+                .map(|w| Span {
+                    from_unix_ns: w.onset_unix_ns,
+                    until_unix_ns: w.end_unix_ns.unwrap_or(i64::MAX),
+                })
+                .collect();
+            self.explaining.insert(id.clone());
+            if let Some(m) = self.managed.get_mut(&id) {
+                m.explained_s = now_s;
+            }
+            self.explains.spawn(async move {
+                let result = explain_window(&*storage, &id, exclude, step_s, now_unix_ns).await;
+                (id, result)
+            });
+        }
+    }
+
+    /// Stores the top causes of finished `why` runs.
+    async fn collect_explains(
+        &mut self,
+        now_unix_ns: i64,
+        report: &mut TickReport,
+    ) -> Result<(), StorageError> {
+        while let Some(done) = self.explains.try_join_next() {
+            self.explained(done, now_unix_ns, report).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the `why` runs in flight and stores their causes (tests, shutdown).
+    pub async fn finish_explains(&mut self, now_unix_ns: i64) -> Result<TickReport, StorageError> {
+        let mut report = TickReport::default();
+        while let Some(done) = self.explains.join_next().await {
+            self.explained(done, now_unix_ns, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    async fn explained(
+        &mut self,
+        done: Result<(String, Result<Option<String>, StorageError>), tokio::task::JoinError>,
+        now_unix_ns: i64,
+        report: &mut TickReport,
+    ) -> Result<(), StorageError> {
+        let Ok((id, result)) = done else {
+            return Ok(());
+        };
+        self.explaining.remove(&id);
+        if self.managed.get(&id).is_some_and(|m| !m.open) {
+            self.managed.remove(&id);
+        }
+        let cause = match result {
+            Ok(cause) => cause,
+            Err(err) => {
+                tracing::warn!("why on window {id}: {err}");
+                return Ok(());
+            }
+        };
+        report.explained.push(id.clone());
+        let Some(cause) = cause else {
+            return Ok(());
+        };
+        let Some(mut stored) = self.storage.window_by_id(id.clone()).await? else {
+            return Ok(());
+        };
+        if stored.top_cause.as_deref() == Some(cause.as_str()) {
+            return Ok(());
+        }
+        stored.top_cause = Some(cause);
+        stored.updated_unix_ns = now_unix_ns.max(stored.updated_unix_ns + 1);
+        self.storage.put_window(stored).await
+    }
+}
+
+/// `why` on one stored window: its top cause, if `why` ranked one.
+async fn explain_window<S: Storage + WindowStore>(
+    storage: &S,
+    id: &str,
+    exclude: Vec<Span>,
+    step_s: i64,
+    now_unix_ns: i64,
+) -> Result<Option<String>, StorageError> {
+    let Some(window) = storage.window_by_id(id.to_owned()).await? else {
+        return Ok(None);
+    };
+    let question = Question {
+        window_id: Some(window.id.clone()),
+        host: Some(window.host.clone()).filter(|h| !h.is_empty()),
+        service: Some(window.service.clone()).filter(|s| !s.is_empty()),
+        window: TimeRange {
+            from_unix_ns: window.onset_unix_ns,
+            until_unix_ns: window.end_unix_ns.unwrap_or(now_unix_ns),
+        },
+        baseline: None,
+        exclude,
+    };
+    let settings = explain::Settings {
+        base_resolution_s: step_s,
+        ..explain::Settings::default()
+    };
+    let report = explain::explain(storage, &question, &settings).await?;
+    Ok(top_cause_of(&report))
+}
+
+/// The windows of `host`/`service` among `windows`, as spans in seconds, and whether
+/// each is automatic.
+fn known_for(
+    windows: &[StoredWindow],
+    host: &str,
+    service: &str,
+    step_s: i64,
+) -> Vec<((i64, i64), bool)> {
+    windows
+        .iter()
+        .filter(|w| w.covers(host, service))
+        .map(|w| {
+            let from = w.onset_unix_ns.div_euclid(NS);
+            let until = w.end_unix_ns.map_or(i64::MAX, |end| {
+                (end + NS - 1).div_euclid(NS).max(from + step_s.min(1))
+            });
+            (
+                (from, until),
+                w.automatic && w.host == host && w.service == service,
+            )
+        })
+        .collect()
+}
+
+/// Observations per service and bucket, from one host's series.
+fn observe_by_service(
+    series: Vec<SeriesTotals>,
+    step_s: i64,
+    settings: &DetectSettings,
+) -> BTreeMap<String, BTreeMap<i64, Observations>> {
+    let mut by_service: BTreeMap<String, Vec<SeriesTotals>> = BTreeMap::new();
+    for s in series {
+        by_service.entry(s.service.clone()).or_default().push(s);
+    }
+    by_service
+        .into_iter()
+        .map(|(service, series)| {
+            let observed = observe(&series, step_s, settings);
+            (service, observed)
+        })
+        .collect()
+}
