@@ -14,6 +14,7 @@ use thiserror::Error;
 use crate::{
     batch::BatchLimits,
     http::HttpSettings,
+    detect::{DetectArgs, DetectFile, DetectSettings},
     identity::QueryTokens,
     storage::{Retention, parse_span},
     windows::alertmanager::LabelRule,
@@ -129,6 +130,8 @@ pub struct Cli {
     /// (default instance,host,node,nodename).
     #[arg(long, value_name = "LABEL,...", value_delimiter = ',')]
     pub alertmanager_host_labels: Option<Vec<String>>,
+    #[command(flatten)]
+    pub detect: DetectArgs,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -157,6 +160,8 @@ pub struct FileConfig {
     pub http_require_client_cert: Option<bool>,
     pub alertmanager_service_labels: Option<Vec<String>>,
     pub alertmanager_host_labels: Option<Vec<String>>,
+    /// Automatic degradation windows (`[detect]`).
+    pub detect: Option<DetectFile>,
 }
 
 /// TLS material, read at start-up.
@@ -188,6 +193,8 @@ pub struct Config {
     pub max_streams: usize,
     /// The HTTP listener, when `--http-listen` is set.
     pub http: Option<HttpSettings>,
+    /// Automatic degradation windows.
+    pub detect: DetectSettings,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -329,6 +336,7 @@ impl Config {
         }
         let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
         let http = http_settings(cli, &http_keys, tls.is_some())?;
+        let detect = DetectSettings::build(&cli.detect, file.detect.as_ref()).map_err(invalid)?;
         Ok(Self {
             listen,
             storage,
@@ -340,6 +348,7 @@ impl Config {
             limits,
             max_streams,
             http,
+            detect,
         })
     }
 }
