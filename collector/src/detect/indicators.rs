@@ -7,7 +7,8 @@
 //!   `other`), is left out of the sum: a background thread sleeping a second per second
 //!   would otherwise make every share move with the load.
 //! - `runqueue-per-wakeup`: run-queue latency per wakeup or preemption (CPU contention).
-//! - `lock-per-wait`: lock wait per contended wait (idle futex waits left out).
+//! - `lock-per-wait`: lock wait per contended wait (futex waits whose stacks show a lock
+//!   being acquired, and kernel locks; condition variables and parked pools left out).
 //! - `disk-per-io:<device>`: block I/O latency per request.
 //! - `socket-wait-per-op:<peer>`: a client's wait per receive/send/poll on one peer.
 //! - `connect-per-attempt:<peer>`: TCP connect latency per attempt.
@@ -23,7 +24,7 @@ use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use super::settings::DetectSettings;
 use crate::{
-    explain::categories::{Category, CategoryBuckets, is_client, signals},
+    explain::categories::{Category, CategoryBuckets, is_client},
     storage::SeriesTotals,
 };
 
@@ -178,6 +179,42 @@ struct Ratio {
     denominator: f64,
 }
 
+/// The signals the indicators read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    OnCpu,
+    OffCpu,
+    RunQueue,
+    Lock,
+    Disk,
+    SocketWait,
+    Connect,
+    Tcp,
+    Other,
+}
+
+/// A stored series' signal. Agents name signals after their pprof sample types
+/// (`lock-wait`, `disk-io`, `tcp-srtt`), earlier data and `why`'s tests by the short
+/// names (`lock`, `disk`, `tcp`): both are read.
+fn signal_of(name: &str) -> Signal {
+    let normalized: String = name
+        .chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    match normalized.as_str() {
+        "oncpu" => Signal::OnCpu,
+        "offcpu" => Signal::OffCpu,
+        "runqueue" => Signal::RunQueue,
+        "lock" | "lockwait" => Signal::Lock,
+        "disk" | "diskio" => Signal::Disk,
+        "socketwait" => Signal::SocketWait,
+        "tcpconnect" | "connect" => Signal::Connect,
+        "tcp" | "tcpsrtt" => Signal::Tcp,
+        _ => Signal::Other,
+    }
+}
+
 fn label<'a>(series: &'a SeriesTotals, key: &str) -> Option<&'a str> {
     series.labels.get(key).map(String::as_str)
 }
@@ -202,17 +239,23 @@ pub fn observe(
     for s in series {
         for &(bucket, value, count) in &s.points {
             let (value, count) = (value as f64, count as f64);
-            match s.signal.as_str() {
-                signals::RUNQUEUE => add(
+            match signal_of(&s.signal) {
+                Signal::RunQueue => add(
                     bucket,
                     IndicatorKey::of(Kind::RunQueuePerWakeup),
                     value,
                     count,
                 ),
-                signals::LOCK if label(s, "lock_wait") != Some("idle") => {
+                // Futex waits count when their stacks show a lock being acquired (not
+                // a condition variable or a parked pool, not an unrecognised stack);
+                // kernel locks always.
+                Signal::Lock
+                    if !matches!(label(s, "lock_kind"), Some("futex" | "futex-pi"))
+                        || label(s, "lock_wait") == Some("contention") =>
+                {
                     add(bucket, IndicatorKey::of(Kind::LockPerWait), value, count);
                 }
-                signals::DISK => {
+                Signal::Disk => {
                     if let Some(device) = label(s, "device") {
                         add(
                             bucket,
@@ -222,7 +265,7 @@ pub fn observe(
                         );
                     }
                 }
-                signals::SOCKET_WAIT if is_client(s) => {
+                Signal::SocketWait if is_client(s) => {
                     work.entry(bucket).or_default().1 += count;
                     if let Some(peer) = label(s, "peer") {
                         add(
@@ -240,7 +283,7 @@ pub fn observe(
                         );
                     }
                 }
-                signals::CONNECT => {
+                Signal::Connect => {
                     if let Some(peer) = label(s, "peer") {
                         add(
                             bucket,
@@ -250,7 +293,7 @@ pub fn observe(
                         );
                     }
                 }
-                signals::TCP if label(s, "event") == Some("retransmit") && is_client(s) => {
+                Signal::Tcp if label(s, "event") == Some("retransmit") && is_client(s) => {
                     if let Some(peer) = label(s, "peer") {
                         // Retransmit rows count events; their value is not a time.
                         add(
@@ -261,8 +304,8 @@ pub fn observe(
                         );
                     }
                 }
-                signals::ON_CPU => work.entry(bucket).or_default().0 += value,
-                signals::OFF_CPU => work.entry(bucket).or_default().2 += count,
+                Signal::OnCpu => work.entry(bucket).or_default().0 += value,
+                Signal::OffCpu => work.entry(bucket).or_default().2 += count,
                 _ => {}
             }
         }
@@ -405,6 +448,36 @@ mod tests {
         let thin = &observe(&bucket(1, 2), 10, &settings)[&0];
         // 10 requests of 3 ms: 30 ms in 10 s is under 20 ms/s of request-path time.
         assert!(thin.values.is_empty(), "{:?}", thin.values);
+    }
+
+    #[test]
+    fn signals_are_read_by_the_names_agents_store_them_under() {
+        let settings = DetectSettings::default();
+        let mut data = bucket(100, 2);
+        for (signal, labels) in [
+            (
+                "lock-wait",
+                vec![("lock_kind", "futex"), ("lock_wait", "contention")],
+            ),
+            ("disk-io", vec![("device", "sda"), ("op", "write")]),
+        ] {
+            data.push(series(signal, "", &labels, &[(0, 4_000 * MS, 1000)]));
+        }
+        data.push(series(
+            "tcp-srtt",
+            "",
+            &[
+                ("event", "retransmit"),
+                ("direction", "client"),
+                ("peer", "10.0.0.2:80"),
+            ],
+            &[(0, 0, 20)],
+        ));
+        let observed = &observe(&data, 10, &settings)[&0];
+        assert!((observed.values[&IndicatorKey::of(Kind::LockPerWait)] - 4e6).abs() < 1.0);
+        assert!((observed.values[&IndicatorKey::with(Kind::DiskPerIo, "sda")] - 4e6).abs() < 1.0);
+        let retransmits = IndicatorKey::with(Kind::RetransmitsPerOp, "10.0.0.2:80");
+        assert!((observed.values[&retransmits] - 0.02).abs() < 1e-9);
     }
 
     #[test]

@@ -217,24 +217,8 @@ impl<S: Storage + WindowStore> Detector<S> {
         }
         let hosts: Vec<String> = self.hosts.keys().cloned().collect();
         for host in hosts {
-            while let Some(state) = self.hosts.get(&host) {
-                let phase = state.phase_s.unwrap_or(self.step_s as f64);
-                let due = now_unix_ns as f64 / NS as f64
-                    - self.step_s as f64
-                    - phase
-                    - self.settings.grace.as_secs_f64();
-                let last_due = floor_to(due.floor() as i64, self.step_s);
-                let from = state.next_bucket;
-                if from > last_due {
-                    break;
-                }
-                let until = (last_due + self.step_s).min(from + CHUNK_BUCKETS * self.step_s);
-                self.read_buckets(&host, from, until, now_s, &mut report)
-                    .await?;
-                if let Some(state) = self.hosts.get_mut(&host) {
-                    state.next_bucket = until;
-                }
-            }
+            self.advance_host(&host, now_unix_ns, now_s, &mut report)
+                .await?;
         }
         self.collect_explains(now_unix_ns, &mut report).await?;
         self.start_explains(now_unix_ns);
@@ -280,7 +264,7 @@ impl<S: Storage + WindowStore> Detector<S> {
             .storage
             .windows_overlapping(TimeRange {
                 from_unix_ns: (now_s - recent_s - days * DAY_S - DAY_S) * NS,
-                until_unix_ns: i64::MAX,
+                until_unix_ns: i64::MAX / 4,
             })
             .await?;
         let spans = self.known.clone();
@@ -422,32 +406,88 @@ impl<S: Storage + WindowStore> Detector<S> {
         })
     }
 
-    /// Reads `[from, until)` of one host and feeds every bucket to its scopes.
-    async fn read_buckets(
+    /// Reads a host's new buckets and feeds the complete ones to its scopes. A bucket is
+    /// complete once the host has data in a later bucket (agents send in order), once it
+    /// holds data and its batch should have arrived (`grace` after its end), or, empty,
+    /// `max_delay` after that.
+    async fn advance_host(
+        &mut self,
+        host: &str,
+        now_unix_ns: i64,
+        now_s: i64,
+        report: &mut TickReport,
+    ) -> Result<(), StorageError> {
+        let step = self.step_s;
+        let now = now_unix_ns as f64 / NS as f64;
+        loop {
+            let Some(state) = self.hosts.get(host) else {
+                return Ok(());
+            };
+            let from = state.next_bucket;
+            // The earliest the bucket's batch can have ended.
+            if now < (from + step) as f64 + state.phase_s.unwrap_or(0.0) {
+                return Ok(());
+            }
+            let phase = state.phase_s.unwrap_or(step as f64);
+            let until = (floor_to(now_s, step) + step).min(from + CHUNK_BUCKETS * step);
+            let series = self
+                .storage
+                .series_totals(
+                    TimeRange {
+                        from_unix_ns: from * NS,
+                        until_unix_ns: until * NS,
+                    },
+                    Filter {
+                        host: Some(host.to_owned()),
+                        ..Filter::default()
+                    },
+                    step,
+                )
+                .await?;
+            let with_data: BTreeSet<i64> = series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.0))
+                .collect();
+            let grace = self.settings.grace.as_secs_f64();
+            let max_delay = self.settings.max_delay.as_secs_f64();
+            let mut complete = with_data.last().copied().unwrap_or(from);
+            for &bucket in with_data.iter().rev() {
+                if (bucket + step) as f64 + phase + grace <= now {
+                    complete = complete.max(bucket + step);
+                    break;
+                }
+            }
+            let given_up = (now - phase - max_delay).floor() as i64 - step;
+            complete = complete.max(floor_to(given_up, step) + step).min(until);
+            if complete <= from {
+                return Ok(());
+            }
+            let observed = observe_by_service(series, step, &self.settings);
+            self.feed(host, from, complete, observed, now_s, report)
+                .await?;
+            if let Some(state) = self.hosts.get_mut(host) {
+                state.next_bucket = complete;
+            }
+            if complete < until {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Feeds buckets `[from, until)` of one host, in order, to its scopes.
+    async fn feed(
         &mut self,
         host: &str,
         from: i64,
         until: i64,
+        mut observed: BTreeMap<String, BTreeMap<i64, Observations>>,
         now_s: i64,
         report: &mut TickReport,
     ) -> Result<(), StorageError> {
-        let series = self
-            .storage
-            .series_totals(
-                TimeRange {
-                    from_unix_ns: from * NS,
-                    until_unix_ns: until * NS,
-                },
-                Filter {
-                    host: Some(host.to_owned()),
-                    ..Filter::default()
-                },
-                self.step_s,
-            )
-            .await?;
-        let mut observed = observe_by_service(series, self.step_s, &self.settings);
         for service in observed.keys() {
-            self.scope_mut(host, service);
+            if observed[service].keys().any(|&b| b >= from && b < until) {
+                self.scope_mut(host, service);
+            }
         }
         let mut bucket = from;
         while bucket < until {
@@ -530,7 +570,7 @@ impl<S: Storage + WindowStore> Detector<S> {
             .storage
             .windows_overlapping(TimeRange {
                 from_unix_ns: 0,
-                until_unix_ns: i64::MAX,
+                until_unix_ns: i64::MAX / 4,
             })
             .await?
             .into_iter()

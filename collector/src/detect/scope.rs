@@ -265,6 +265,11 @@ impl ScopeDetector {
         self.open.as_ref().or(self.resume.as_ref())
     }
 
+    /// The baselines in use (as of the last bucket's grid point).
+    pub fn baselines(&self) -> &BTreeMap<IndicatorKey, Baseline> {
+        &self.baselines
+    }
+
     pub fn history(&self) -> &History {
         &self.history
     }

@@ -16,9 +16,14 @@ use serde::Deserialize;
 pub struct DetectSettings {
     /// Whether the collector looks for windows at all.
     pub enabled: bool,
-    /// How long after a bucket's data should have arrived (its agent's batch end) the
-    /// bucket is read: batches reach the collector a moment after they close.
+    /// How long after a bucket's data should have arrived (its agent's batch end) a
+    /// bucket holding data is taken as complete: batches reach the collector a moment
+    /// after they close. (A bucket is also complete as soon as the host has data in a
+    /// later one: agents send their batches in order.)
     pub grace: Duration,
+    /// How long to wait for a bucket that has no data at all before taking it as empty
+    /// (an agent that stopped, or one that fell behind).
+    pub max_delay: Duration,
     /// How often the detector wakes to see whether a bucket became complete.
     pub tick: Duration,
     /// The recent history the baseline is drawn from.
@@ -92,6 +97,7 @@ impl Default for DetectSettings {
         Self {
             enabled: true,
             grace: Duration::from_secs(3),
+            max_delay: Duration::from_secs(30),
             tick: Duration::from_secs(1),
             recent_history: Duration::from_secs(2 * 3600),
             earlier_days: 7,
@@ -109,7 +115,7 @@ impl Default for DetectSettings {
             z_clip: 8.0,
             z_close: 2.0,
             close_buckets: 3,
-            max_gap: 6,
+            max_gap: 12,
             max_window: Duration::from_secs(3600),
             explain_interval: Duration::from_secs(300),
             max_indicators: 48,
@@ -131,6 +137,7 @@ impl Default for DetectSettings {
 pub struct DetectFile {
     pub enabled: Option<bool>,
     pub grace: Option<String>,
+    pub max_delay: Option<String>,
     pub tick: Option<String>,
     pub recent_history: Option<String>,
     pub earlier_days: Option<u32>,
@@ -178,6 +185,10 @@ pub struct DetectArgs {
     /// Buckets a bucket waits before it joins the baseline (default 6).
     #[arg(long, value_name = "N")]
     pub detect_baseline_lag: Option<u32>,
+    /// Buckets without data after which a test starts over and an open window closes
+    /// (default 12).
+    #[arg(long, value_name = "N")]
+    pub detect_max_gap: Option<u32>,
     /// How often baselines are recomputed (default 1m).
     #[arg(long, value_name = "DURATION")]
     pub detect_baseline_refresh: Option<String>,
@@ -237,6 +248,7 @@ impl DetectSettings {
                 flag_or_file(&args.detect_grace, &f.grace).as_ref(),
                 d.grace,
             )?,
+            max_delay: duration("max_delay", f.max_delay.as_ref(), d.max_delay)?,
             tick: duration("tick", f.tick.as_ref(), d.tick)?,
             recent_history: duration(
                 "recent_history",
@@ -279,7 +291,7 @@ impl DetectSettings {
             z_clip: f.z_clip.unwrap_or(d.z_clip),
             z_close: f.z_close.unwrap_or(d.z_close),
             close_buckets: f.close_buckets.unwrap_or(d.close_buckets),
-            max_gap: f.max_gap.unwrap_or(d.max_gap),
+            max_gap: args.detect_max_gap.or(f.max_gap).unwrap_or(d.max_gap),
             max_window: duration("max_window", f.max_window.as_ref(), d.max_window)?,
             explain_interval: duration(
                 "explain_interval",
