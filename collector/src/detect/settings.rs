@@ -102,7 +102,7 @@ impl Default for DetectSettings {
             recent_history: Duration::from_secs(2 * 3600),
             earlier_days: 7,
             earlier_day_span: Duration::from_secs(3600),
-            history_refresh: Duration::from_secs(300),
+            history_refresh: Duration::from_secs(60),
             baseline_refresh: Duration::from_secs(60),
             baseline_lag: 6,
             min_baseline_buckets: 24,
