@@ -159,6 +159,8 @@ pub struct ScopeDetector {
     not_before: i64,
     first_bucket: Option<i64>,
     last_bucket: Option<i64>,
+    /// The last bucket in which the scope had any data.
+    last_data_bucket: Option<i64>,
 }
 
 fn window_id(host: &str, service: &str, onset_bucket: i64) -> String {
@@ -189,6 +191,7 @@ impl ScopeDetector {
             not_before: i64::MIN,
             first_bucket: None,
             last_bucket: None,
+            last_data_bucket: None,
         }
     }
 
@@ -282,6 +285,11 @@ impl ScopeDetector {
         self.last_bucket
     }
 
+    /// The last bucket in which the scope had data.
+    pub fn last_data_bucket(&self) -> Option<i64> {
+        self.last_data_bucket
+    }
+
     fn data_start_ns(&self, bucket: i64) -> f64 {
         (bucket as f64 + self.phase_s) * NS as f64
     }
@@ -325,6 +333,9 @@ impl ScopeDetector {
                 .baselines(epoch, step_s, &self.excluded(), settings);
             self.cusums
                 .retain(|key, _| self.baselines.contains_key(key));
+        }
+        if observations.is_some() {
+            self.last_data_bucket = Some(bucket);
         }
         let observations = observations.unwrap_or_default();
         let mut steps: BTreeMap<IndicatorKey, Step> = BTreeMap::new();

@@ -20,6 +20,9 @@
 //! - **Restarts.** Open automatic windows are read back and taken up where they are;
 //!   the recent history is replayed, which rebuilds the baselines and the tests.
 
+mod explaining;
+mod writes;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
@@ -28,23 +31,19 @@ use std::{
 
 use tokio::task::JoinSet;
 
+pub use self::explaining::top_cause_of;
 use super::{
     indicators::{IndicatorKey, Observations, observe},
-    scope::{CloseReason, Crossed, Event, OpenWindow, ScopeDetector},
+    scope::{Crossed, Event, OpenWindow, ScopeDetector},
     settings::DetectSettings,
-    store::{IndicatorRecord, StoredWindow, WindowStore},
+    store::{StoredWindow, WindowStore},
 };
-use crate::{
-    explain::{self, Question, report::Span},
-    storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange},
-};
+use crate::storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange};
 
 const NS: i64 = 1_000_000_000;
 const DAY_S: i64 = 86_400;
 /// Most buckets read in one query (a history replay is read in chunks).
 const CHUNK_BUCKETS: i64 = 180;
-/// The longest a top cause may be (the window model's limit for names).
-const MAX_CAUSE: usize = 253;
 
 /// One host: where its reading stands, its batch phase, its scopes.
 #[derive(Debug, Default)]
@@ -96,49 +95,6 @@ pub struct Detector<S> {
 
 fn floor_to(value: i64, step: i64) -> i64 {
     value.div_euclid(step) * step
-}
-
-fn chain_id(host: &str, service: &str, previous: Option<&str>) -> String {
-    let hash = crate::hash::StableHasher::new()
-        .str("automatic")
-        .str(host)
-        .str(service)
-        .str(previous.unwrap_or(""))
-        .finish();
-    format!("a-{:016x}", hash as u64)
-}
-
-fn records(window: &OpenWindow) -> Vec<IndicatorRecord> {
-    let mut out: Vec<IndicatorRecord> = window
-        .crossed
-        .iter()
-        .map(|c| IndicatorRecord {
-            name: c.key.to_string(),
-            baseline: c.baseline,
-            observed: c.observed,
-            score: c.score,
-        })
-        .collect();
-    out.sort_by(|a, b| b.score.total_cmp(&a.score));
-    out
-}
-
-/// The top cause as a window carries it: the category `why` ranked first and its first
-/// piece of evidence, e.g. `network (peer 10.0.0.7:5432)`.
-pub fn top_cause_of(report: &explain::report::Report) -> Option<String> {
-    let top = report.causes.iter().find(|c| c.rank == Some(1))?;
-    let mut text = match top.evidence.first() {
-        Some(e) if !e.name.is_empty() => format!("{} ({} {})", top.category, e.kind, e.name),
-        _ => top.category.clone(),
-    };
-    if text.len() > MAX_CAUSE {
-        let mut cut = MAX_CAUSE;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    Some(text)
 }
 
 impl<S: Storage + WindowStore> Detector<S> {
@@ -278,7 +234,8 @@ impl<S: Storage + WindowStore> Detector<S> {
             // Scopes without data for the whole recent history and no window are dropped.
             let oldest = now_s - recent_s;
             state.scopes.retain(|_, scope| {
-                scope.open_window().is_some() || scope.last_bucket().is_some_and(|b| b >= oldest)
+                scope.open_window().is_some()
+                    || scope.last_data_bucket().is_none_or(|b| b >= oldest)
             });
         }
         let listed: BTreeSet<&str> = targets.iter().map(|t| t.host.as_str()).collect();
@@ -510,298 +467,6 @@ impl<S: Storage + WindowStore> Detector<S> {
         }
         Ok(())
     }
-
-    /// Stores what a scope reported; a failed write is retried at the next tick.
-    async fn apply(
-        &mut self,
-        host: &str,
-        service: &str,
-        event: Event,
-        now_s: i64,
-        report: &mut TickReport,
-    ) -> Result<(), StorageError> {
-        let result = match &event {
-            Event::Opened(window) => {
-                self.store_opened(host, service, window, now_s, report)
-                    .await
-            }
-            Event::Updated(window) => self.store_version(host, service, window, None, now_s).await,
-            Event::Closed {
-                window,
-                end_unix_ns,
-                reason,
-            } => {
-                let stored = self
-                    .store_version(host, service, window, Some((*end_unix_ns, *reason)), now_s)
-                    .await;
-                if stored.is_ok() {
-                    report.closed.push(window.id.clone());
-                }
-                stored
-            }
-        };
-        if let Err(err) = result {
-            self.pending
-                .push((host.to_owned(), service.to_owned(), event));
-            return Err(err);
-        }
-        Ok(())
-    }
-
-    /// A new window: taken up if the scope already has one open in storage, else stored
-    /// under the next id of the scope's chain.
-    async fn store_opened(
-        &mut self,
-        host: &str,
-        service: &str,
-        window: &OpenWindow,
-        now_s: i64,
-        report: &mut TickReport,
-    ) -> Result<(), StorageError> {
-        let open = self.storage.open_automatic_windows().await?;
-        if let Some(stored) = open.iter().find(|w| w.host == host && w.service == service) {
-            self.scope_mut(host, service)
-                .adopt(&stored.id, stored.onset_unix_ns);
-            self.manage(&stored.id, host, service, true, now_s);
-            report.adopted.push(stored.id.clone());
-            return Ok(());
-        }
-        let previous = self
-            .storage
-            .windows_overlapping(TimeRange {
-                from_unix_ns: 0,
-                until_unix_ns: i64::MAX / 4,
-            })
-            .await?
-            .into_iter()
-            .filter(|w| w.automatic && w.host == host && w.service == service)
-            .max_by(|a, b| {
-                a.onset_unix_ns
-                    .cmp(&b.onset_unix_ns)
-                    .then_with(|| a.id.cmp(&b.id))
-            });
-        let id = chain_id(host, service, previous.as_ref().map(|w| w.id.as_str()));
-        if let Some(existing) = self.storage.window_by_id(id.clone()).await? {
-            // Another replica stored it between the two reads.
-            let scope = self.scope_mut(host, service);
-            match existing.end_unix_ns {
-                None => {
-                    scope.adopt(&existing.id, existing.onset_unix_ns);
-                    self.manage(&existing.id, host, service, true, now_s);
-                    report.adopted.push(existing.id);
-                }
-                Some(end) => scope.closed_elsewhere(end.div_euclid(NS)),
-            }
-            return Ok(());
-        }
-        let stored = StoredWindow {
-            id: id.clone(),
-            automatic: true,
-            host: host.to_owned(),
-            service: service.to_owned(),
-            onset_unix_ns: window.onset_unix_ns,
-            end_unix_ns: None,
-            indicators: records(window),
-            note: String::new(),
-            top_cause: None,
-            updated_unix_ns: now_s * NS,
-        };
-        self.storage.put_window(stored).await?;
-        self.scope_mut(host, service).rename_open(&id);
-        self.manage(&id, host, service, true, now_s);
-        report.opened.push(id);
-        Ok(())
-    }
-
-    /// Looks after window `id`: `why` runs on it `explain_interval` after `now_s` (and
-    /// when it closes).
-    fn manage(&mut self, id: &str, host: &str, service: &str, open: bool, now_s: i64) {
-        let entry = self
-            .managed
-            .entry(id.to_owned())
-            .or_insert_with(|| Managed {
-                host: host.to_owned(),
-                service: service.to_owned(),
-                explained_s: now_s,
-                open,
-            });
-        entry.open = open;
-    }
-
-    /// Writes a new version of a window this scope has open (or closes it), keeping what
-    /// others changed: a window already closed stays closed, the earliest onset wins,
-    /// the top cause is kept.
-    async fn store_version(
-        &mut self,
-        host: &str,
-        service: &str,
-        window: &OpenWindow,
-        close: Option<(i64, CloseReason)>,
-        now_s: i64,
-    ) -> Result<(), StorageError> {
-        let stored = self.storage.window_by_id(window.id.clone()).await?;
-        if let Some(stored) = &stored
-            && let Some(end) = stored.end_unix_ns
-        {
-            // Closed elsewhere (by hand, or by another replica).
-            if close.is_none() {
-                self.scope_mut(host, service)
-                    .closed_elsewhere(end.div_euclid(NS));
-            }
-            self.manage(&window.id, host, service, false, now_s);
-            return Ok(());
-        }
-        let note = match close {
-            Some((_, CloseReason::NoData)) => format!(
-                "closed: no data or too little activity for more than {} buckets",
-                self.settings.max_gap
-            ),
-            Some((_, CloseReason::TooLong)) => format!(
-                "closed after {} s open: the level it reached is the new baseline",
-                self.settings.max_window.as_secs()
-            ),
-            _ => stored.as_ref().map(|s| s.note.clone()).unwrap_or_default(),
-        };
-        let version = StoredWindow {
-            id: window.id.clone(),
-            automatic: true,
-            host: host.to_owned(),
-            service: service.to_owned(),
-            onset_unix_ns: stored.as_ref().map_or(window.onset_unix_ns, |s| {
-                s.onset_unix_ns.min(window.onset_unix_ns)
-            }),
-            end_unix_ns: close.map(|(end, _)| end),
-            indicators: records(window),
-            note,
-            top_cause: stored.as_ref().and_then(|s| s.top_cause.clone()),
-            updated_unix_ns: (now_s * NS).max(stored.as_ref().map_or(0, |s| s.updated_unix_ns + 1)),
-        };
-        self.storage.put_window(version).await?;
-        self.manage(&window.id, host, service, close.is_none(), now_s);
-        Ok(())
-    }
-
-    /// Starts `why` on windows due for it: open ones every `explain_interval`, closed ones
-    /// once.
-    fn start_explains(&mut self, now_unix_ns: i64) {
-        let now_s = now_unix_ns.div_euclid(NS);
-        let interval = self.settings.explain_interval.as_secs() as i64;
-        let due: Vec<(String, Managed)> = self
-            .managed
-            .iter()
-            .filter(|(id, m)| {
-                !self.explaining.contains(*id) && (!m.open || now_s - m.explained_s >= interval)
-            })
-            .map(|(id, m)| (id.clone(), m.clone()))
-            .collect();
-        for (id, managed) in due {
-            let storage = Arc::clone(&self.storage);
-            let step_s = self.step_s;
-            let exclude: Vec<Span> = self
-                .known
-                .iter()
-                .filter(|w| w.id != id && w.covers(&managed.host, &managed.service))
-                .map(|w| Span {
-                    from_unix_ns: w.onset_unix_ns,
-                    until_unix_ns: w.end_unix_ns.unwrap_or(i64::MAX),
-                })
-                .collect();
-            self.explaining.insert(id.clone());
-            if let Some(m) = self.managed.get_mut(&id) {
-                m.explained_s = now_s;
-            }
-            self.explains.spawn(async move {
-                let result = explain_window(&*storage, &id, exclude, step_s, now_unix_ns).await;
-                (id, result)
-            });
-        }
-    }
-
-    /// Stores the top causes of finished `why` runs.
-    async fn collect_explains(
-        &mut self,
-        now_unix_ns: i64,
-        report: &mut TickReport,
-    ) -> Result<(), StorageError> {
-        while let Some(done) = self.explains.try_join_next() {
-            self.explained(done, now_unix_ns, report).await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the `why` runs in flight and stores their causes (tests, shutdown).
-    pub async fn finish_explains(&mut self, now_unix_ns: i64) -> Result<TickReport, StorageError> {
-        let mut report = TickReport::default();
-        while let Some(done) = self.explains.join_next().await {
-            self.explained(done, now_unix_ns, &mut report).await?;
-        }
-        Ok(report)
-    }
-
-    async fn explained(
-        &mut self,
-        done: Result<(String, Result<Option<String>, StorageError>), tokio::task::JoinError>,
-        now_unix_ns: i64,
-        report: &mut TickReport,
-    ) -> Result<(), StorageError> {
-        let Ok((id, result)) = done else {
-            return Ok(());
-        };
-        self.explaining.remove(&id);
-        if self.managed.get(&id).is_some_and(|m| !m.open) {
-            self.managed.remove(&id);
-        }
-        let cause = match result {
-            Ok(cause) => cause,
-            Err(err) => {
-                tracing::warn!("why on window {id}: {err}");
-                return Ok(());
-            }
-        };
-        report.explained.push(id.clone());
-        let Some(cause) = cause else {
-            return Ok(());
-        };
-        let Some(mut stored) = self.storage.window_by_id(id.clone()).await? else {
-            return Ok(());
-        };
-        if stored.top_cause.as_deref() == Some(cause.as_str()) {
-            return Ok(());
-        }
-        stored.top_cause = Some(cause);
-        stored.updated_unix_ns = now_unix_ns.max(stored.updated_unix_ns + 1);
-        self.storage.put_window(stored).await
-    }
-}
-
-/// `why` on one stored window: its top cause, if `why` ranked one.
-async fn explain_window<S: Storage + WindowStore>(
-    storage: &S,
-    id: &str,
-    exclude: Vec<Span>,
-    step_s: i64,
-    now_unix_ns: i64,
-) -> Result<Option<String>, StorageError> {
-    let Some(window) = storage.window_by_id(id.to_owned()).await? else {
-        return Ok(None);
-    };
-    let question = Question {
-        window_id: Some(window.id.clone()),
-        host: Some(window.host.clone()).filter(|h| !h.is_empty()),
-        service: Some(window.service.clone()).filter(|s| !s.is_empty()),
-        window: TimeRange {
-            from_unix_ns: window.onset_unix_ns,
-            until_unix_ns: window.end_unix_ns.unwrap_or(now_unix_ns),
-        },
-        baseline: None,
-        exclude,
-    };
-    let settings = explain::Settings {
-        base_resolution_s: step_s,
-        ..explain::Settings::default()
-    };
-    let report = explain::explain(storage, &question, &settings).await?;
-    Ok(top_cause_of(&report))
 }
 
 /// The windows of `host`/`service` among `windows`, as spans in seconds, and whether
