@@ -13,8 +13,8 @@ use thiserror::Error;
 
 use crate::{
     batch::BatchLimits,
-    http::HttpSettings,
     detect::{DetectArgs, DetectFile, DetectSettings},
+    http::HttpSettings,
     identity::QueryTokens,
     storage::{Retention, parse_span},
     windows::alertmanager::LabelRule,

@@ -5,7 +5,10 @@
 
 use std::future::Future;
 
-use crate::storage::{StorageError, TimeRange};
+use crate::{
+    storage::{Storage, StorageError, TimeRange},
+    windows::{Indicator, Window, WindowFilter, WindowSource},
+};
 
 /// One indicator that crossed, as stored on the window.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,4 +70,86 @@ pub trait WindowStore: Send + Sync + 'static {
         &self,
         window: StoredWindow,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
+}
+
+fn from_window(window: Window) -> StoredWindow {
+    StoredWindow {
+        automatic: window.source == WindowSource::Automatic,
+        indicators: window
+            .indicators
+            .into_iter()
+            .map(|i| IndicatorRecord {
+                name: i.name,
+                baseline: i.baseline,
+                observed: i.observed,
+                score: i.score,
+            })
+            .collect(),
+        id: window.id,
+        host: window.host,
+        service: window.service,
+        onset_unix_ns: window.onset_unix_ns,
+        end_unix_ns: window.end_unix_ns,
+        note: window.note,
+        top_cause: window.top_cause,
+        updated_unix_ns: window.updated_unix_ns,
+    }
+}
+
+/// The detector writes automatic windows only.
+fn to_window(window: StoredWindow) -> Window {
+    Window {
+        id: window.id,
+        source: WindowSource::Automatic,
+        host: window.host,
+        service: window.service,
+        onset_unix_ns: window.onset_unix_ns,
+        end_unix_ns: window.end_unix_ns,
+        indicators: window
+            .indicators
+            .into_iter()
+            .map(|i| Indicator {
+                name: i.name,
+                baseline: i.baseline,
+                observed: i.observed,
+                score: i.score,
+            })
+            .collect(),
+        alert: None,
+        note: window.note,
+        top_cause: window.top_cause,
+        updated_unix_ns: window.updated_unix_ns,
+    }
+}
+
+/// Window storage as the collector's backends provide it.
+impl<S: Storage> WindowStore for S {
+    async fn open_automatic_windows(&self) -> Result<Vec<StoredWindow>, StorageError> {
+        Ok(self
+            .open_windows(Some(WindowSource::Automatic))
+            .await?
+            .into_iter()
+            .map(from_window)
+            .collect())
+    }
+
+    async fn window_by_id(&self, id: String) -> Result<Option<StoredWindow>, StorageError> {
+        Ok(self.window(id).await?.map(from_window))
+    }
+
+    async fn windows_overlapping(
+        &self,
+        range: TimeRange,
+    ) -> Result<Vec<StoredWindow>, StorageError> {
+        Ok(self
+            .windows(range, WindowFilter::default())
+            .await?
+            .into_iter()
+            .map(from_window)
+            .collect())
+    }
+
+    async fn put_window(&self, window: StoredWindow) -> Result<(), StorageError> {
+        self.upsert_window(to_window(window)).await.map(|_| ())
+    }
 }

@@ -1,7 +1,7 @@
 //! The gRPC server: ingest and query services, standard health and reflection, TLS with
 //! optional client certificates (required by ingest, which takes the agent identity from
 //! them; queries use bearer tokens instead), keepalive, message size limits, and the
-//! periodic retention pass.
+//! periodic retention pass, and the window detector (`detect`).
 
 mod explain;
 mod ingest;
@@ -116,6 +116,16 @@ pub async fn serve<S: Storage>(
         })
     };
 
+    // Automatic degradation windows: a task reading complete buckets every tick.
+    let detection = config.detect.enabled.then(|| {
+        let detector = crate::detect::Detector::new(
+            Arc::clone(&storage),
+            config.detect.clone(),
+            config.retention.base_resolution_s(),
+        );
+        tokio::spawn(detector.run(std::future::pending()))
+    });
+
     // The HTTP listener (Alertmanager's webhook), bound before anything is served so a
     // taken port fails the start.
     let http = match &config.http {
@@ -148,6 +158,9 @@ pub async fn serve<S: Storage>(
             source,
         });
     maintenance.abort();
+    if let Some(detection) = detection {
+        detection.abort();
+    }
     if let Some(http) = http {
         http.abort();
     }
