@@ -59,13 +59,21 @@ fn spread_floor(class: Class, median: f64, settings: &DetectSettings) -> f64 {
         .max(f64::MIN_POSITIVE)
 }
 
+/// A bucket start as held in histories: Unix seconds in 32 bits (until 2106), so a value
+/// costs 8 bytes.
+type Bucket = u32;
+
+fn held(bucket: i64) -> Bucket {
+    Bucket::try_from(bucket.max(0)).unwrap_or(Bucket::MAX)
+}
+
 /// One indicator's history.
 #[derive(Debug, Clone, Default)]
 struct Values {
     /// (bucket, value), in bucket order.
-    recent: VecDeque<(i64, f32)>,
+    recent: VecDeque<(Bucket, f32)>,
     /// The same time on earlier days, as of the last history refresh.
-    earlier: Vec<(i64, f32)>,
+    earlier: Vec<(Bucket, f32)>,
 }
 
 /// The history of every indicator of one scope.
@@ -89,17 +97,25 @@ impl History {
                 continue;
             }
             let entry = self.values.entry(key.clone()).or_default();
-            if entry.recent.back().is_some_and(|&(last, _)| last >= bucket) {
+            if entry
+                .recent
+                .back()
+                .is_some_and(|&(last, _)| last >= held(bucket))
+            {
                 continue;
             }
-            entry.recent.push_back((bucket, value as f32));
+            entry.recent.push_back((held(bucket), value as f32));
         }
     }
 
     /// Forgets recent values older than `oldest_s` and indicators with nothing left.
     pub fn trim(&mut self, oldest_s: i64) {
         for values in self.values.values_mut() {
-            while values.recent.front().is_some_and(|&(b, _)| b < oldest_s) {
+            while values
+                .recent
+                .front()
+                .is_some_and(|&(b, _)| b < held(oldest_s))
+            {
                 values.recent.pop_front();
             }
         }
@@ -117,9 +133,9 @@ impl History {
     pub fn add_earlier(&mut self, bucket: i64, observations: &Observations) {
         for (key, &value) in &observations.values {
             if let Some(values) = self.values.get_mut(key)
-                && !values.earlier.iter().any(|&(b, _)| b == bucket)
+                && !values.earlier.iter().any(|&(b, _)| b == held(bucket))
             {
-                values.earlier.push((bucket, value as f32));
+                values.earlier.push((held(bucket), value as f32));
             }
         }
     }
@@ -127,7 +143,7 @@ impl History {
     /// Keeps the earlier days' values whose bucket `keep` accepts.
     pub fn retain_earlier(&mut self, keep: impl Fn(i64) -> bool) {
         for values in self.values.values_mut() {
-            values.earlier.retain(|&(b, _)| keep(b));
+            values.earlier.retain(|&(b, _)| keep(i64::from(b)));
         }
     }
 
@@ -165,9 +181,9 @@ impl History {
                 values
                     .recent
                     .iter()
-                    .filter(|&&(b, _)| b >= oldest && b < newest)
+                    .filter(|&&(b, _)| i64::from(b) >= oldest && i64::from(b) < newest)
                     .chain(values.earlier.iter())
-                    .filter(|&&(b, _)| !excluded(b, step_s, spans))
+                    .filter(|&&(b, _)| !excluded(i64::from(b), step_s, spans))
                     .map(|&(_, v)| f64::from(v)),
             );
             if pool.len() < settings.min_baseline_buckets as usize {
