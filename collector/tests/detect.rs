@@ -129,7 +129,12 @@ impl Builder {
             frames: vec![(self.batch.frames.len() - 1) as u32],
         });
         let stack = (self.batch.stacks.len() - 1) as u32;
-        let mut all = vec![("service", "shop"), ("process", "shop"), ("pid", "42")];
+        let mut all = vec![
+            ("service", "shop"),
+            ("process", "shop"),
+            ("pid", "42"),
+            ("exe", "/app/shop"),
+        ];
         all.extend_from_slice(labels);
         let labels = all
             .iter()

@@ -214,6 +214,7 @@ mod tests {
         Observations {
             busy_ns: 1e9,
             values: std::iter::once((key.clone(), value)).collect(),
+            weights: BTreeMap::new(),
         }
     }
 

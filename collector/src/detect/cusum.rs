@@ -5,7 +5,8 @@
 //! (one wild bucket adds at most that much), but only when the rise is also large enough
 //! in absolute and relative terms (`min_*_increase`, `min_*_relative`); a bucket whose rise
 //! is too small scores at most 0, so a statistically clear but harmless drift cannot add
-//! up. The sum `S = max(0, S + score - cusum_k)` alarms when it reaches `cusum_h` *and*
+//! up; nor can a rise that costs the service less than `min_impact` of extra wait per
+//! second of wall time (a rare lock or a thin stream of operations getting slower). The sum `S = max(0, S + score - cusum_k)` alarms when it reaches `cusum_h` *and*
 //! the last `open_buckets` evaluated buckets all crossed the gate (z >= `z_open` with a
 //! large enough effect): sustained, significant and large.
 //!
@@ -33,16 +34,19 @@ pub struct Step {
     pub large: bool,
 }
 
-/// How one bucket compares with the baseline.
+/// How one bucket compares with the baseline. `impact` is the extra wait per second of
+/// wall time the rise means (`None`: not a time, no impact gate).
 pub fn step(
     bucket: i64,
     value: f64,
+    impact: Option<f64>,
     baseline: &Baseline,
     class: Class,
     settings: &DetectSettings,
 ) -> Step {
     let z = baseline.z(value);
-    let large = value - baseline.median >= min_effect(class, baseline.median, settings);
+    let large = value - baseline.median >= min_effect(class, baseline.median, settings)
+        && impact.is_none_or(|ns_per_s| ns_per_s >= settings.min_impact_ns_per_s);
     Step {
         bucket,
         value,
@@ -166,7 +170,7 @@ mod tests {
     }
 
     fn feed(cusum: &mut Cusum, bucket: i64, value: f64, settings: &DetectSettings) -> bool {
-        let s = step(bucket, value, &baseline(), Class::Latency, settings);
+        let s = step(bucket, value, None, &baseline(), Class::Latency, settings);
         cusum.update(s, settings)
     }
 
@@ -206,6 +210,17 @@ mod tests {
             let v = if i % 2 == 0 { 9e6 } else { 1e6 };
             assert!(!feed(&mut cusum, i, v, &settings));
         }
+    }
+
+    #[test]
+    fn a_rise_that_costs_little_time_does_not_count() {
+        let settings = DetectSettings::default();
+        // Nine times slower, but on 10 events a second: 80 ms/s... counts; on 5, 40 ms/s
+        // does not (under the 50 ms/s minimum impact).
+        let costly = step(0, 9e6, Some(8e6 * 10.0), &baseline(), Class::Latency, &settings);
+        let cheap = step(0, 9e6, Some(8e6 * 5.0), &baseline(), Class::Latency, &settings);
+        assert!(costly.crossing && costly.large);
+        assert!(!cheap.crossing && !cheap.large);
     }
 
     #[test]

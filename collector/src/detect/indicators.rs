@@ -170,6 +170,18 @@ pub struct Observations {
     /// Request-path thread time in the bucket (ns).
     pub busy_ns: f64,
     pub values: BTreeMap<IndicatorKey, f64>,
+    /// Per indicator, its denominator per second of wall time (events, operations, or
+    /// request-path ns per second): a rise of the indicator times this is the extra
+    /// wait per second it costs. Absent: not a time (retransmits).
+    pub weights: BTreeMap<IndicatorKey, f64>,
+}
+
+impl Observations {
+    /// The extra wait per second of wall time (ns) a rise of `key` by `rise` means in
+    /// this bucket; `None` when the indicator is not a time.
+    pub fn impact(&self, key: &IndicatorKey, rise: f64) -> Option<f64> {
+        self.weights.get(key).map(|w| rise * w)
+    }
 }
 
 /// A ratio being summed over a bucket's series.
@@ -312,6 +324,7 @@ pub fn observe(
     }
     let min_events = settings.min_events(step_s);
     let min_busy = settings.min_busy_ns(step_s);
+    let seconds = step_s.max(1) as f64;
     let mut out: BTreeMap<i64, Observations> = BTreeMap::new();
     for (&bucket, sums) in &categories.buckets {
         let busy: f64 = SHARE_CATEGORIES.iter().map(|&c| sums.ns(c)).sum();
@@ -321,10 +334,11 @@ pub fn observe(
             continue;
         }
         for category in SHARE_CATEGORIES {
-            observations.values.insert(
-                IndicatorKey::of(Kind::Share(category)),
-                sums.ns(category) / busy,
-            );
+            let key = IndicatorKey::of(Kind::Share(category));
+            observations
+                .values
+                .insert(key.clone(), sums.ns(category) / busy);
+            observations.weights.insert(key, busy / seconds);
         }
     }
     for (&bucket, &(cpu_ns, client_ops, waits)) in &work {
@@ -334,15 +348,15 @@ pub fn observe(
         if observations.busy_ns < min_busy {
             continue;
         }
-        if client_ops >= min_events {
-            observations
-                .values
-                .insert(IndicatorKey::of(Kind::CpuPerClientOp), cpu_ns / client_ops);
-        }
-        if waits >= min_events {
-            observations
-                .values
-                .insert(IndicatorKey::of(Kind::CpuPerWait), cpu_ns / waits);
+        for (kind, operations) in [
+            (Kind::CpuPerClientOp, client_ops),
+            (Kind::CpuPerWait, waits),
+        ] {
+            if operations >= min_events {
+                let key = IndicatorKey::of(kind);
+                observations.values.insert(key.clone(), cpu_ns / operations);
+                observations.weights.insert(key, operations / seconds);
+            }
         }
     }
     for ((bucket, key), ratio) in ratios {
@@ -351,6 +365,11 @@ pub fn observe(
         };
         if observations.busy_ns < min_busy || ratio.denominator < min_events {
             continue;
+        }
+        if key.kind != Kind::RetransmitsPerOp {
+            observations
+                .weights
+                .insert(key.clone(), ratio.denominator / seconds);
         }
         observations
             .values

@@ -344,7 +344,9 @@ impl ScopeDetector {
             let cusum = self.cusums.entry(key.clone()).or_default();
             match observations.values.get(key) {
                 Some(&value) => {
-                    let step = cusum::step(bucket, value, baseline, key.kind.class(), settings);
+                    let impact = observations.impact(key, value - baseline.median);
+                    let step =
+                        cusum::step(bucket, value, impact, baseline, key.kind.class(), settings);
                     if cusum.update(step, settings) {
                         alarms.push(key.clone());
                     }

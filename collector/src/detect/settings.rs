@@ -73,6 +73,10 @@ pub struct DetectSettings {
     pub explain_interval: Duration,
     /// Most indicators kept per (host, service) (objects beyond are not tracked).
     pub max_indicators: usize,
+    /// A rise counts only if it costs the scope at least this much extra wait per second
+    /// of wall time (ns; the rise times the events, operations or request-path time per
+    /// second behind the indicator).
+    pub min_impact_ns_per_s: f64,
     /// Minimum rise of a share of request-path time (absolute, 0..1)...
     pub min_share_increase: f64,
     /// ...and relative to its baseline.
@@ -119,6 +123,7 @@ impl Default for DetectSettings {
             max_window: Duration::from_secs(3600),
             explain_interval: Duration::from_secs(300),
             max_indicators: 48,
+            min_impact_ns_per_s: 50e6,
             min_share_increase: 0.10,
             min_share_relative: 0.3,
             min_latency_increase_ns: 100e3,
@@ -159,6 +164,7 @@ pub struct DetectFile {
     pub max_window: Option<String>,
     pub explain_interval: Option<String>,
     pub max_indicators: Option<usize>,
+    pub min_impact: Option<String>,
     pub min_share_increase: Option<f64>,
     pub min_share_relative: Option<f64>,
     pub min_latency_increase: Option<String>,
@@ -299,6 +305,10 @@ impl DetectSettings {
                 d.explain_interval,
             )?,
             max_indicators: f.max_indicators.unwrap_or(d.max_indicators),
+            min_impact_ns_per_s: match &f.min_impact {
+                Some(text) => duration("min_impact", Some(text), Duration::ZERO)?.as_nanos() as f64,
+                None => d.min_impact_ns_per_s,
+            },
             min_share_increase: f.min_share_increase.unwrap_or(d.min_share_increase),
             min_share_relative: f.min_share_relative.unwrap_or(d.min_share_relative),
             min_latency_increase_ns: match &f.min_latency_increase {
@@ -347,6 +357,7 @@ impl DetectSettings {
             ("min_retransmit_increase", self.min_retransmit_increase),
             ("spread_floor", self.spread_floor),
             ("min_busy", self.min_busy_ns_per_s),
+            ("min_impact", self.min_impact_ns_per_s),
         ];
         for (key, value) in non_negative {
             if !(value.is_finite() && value >= 0.0) {

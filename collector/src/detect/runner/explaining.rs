@@ -37,9 +37,15 @@ impl<S: Storage + WindowStore> Detector<S> {
     /// Starts `why` on windows due for it: open ones every `explain_interval`, closed ones
     /// once.
     pub(super) fn start_explains(&mut self, now_unix_ns: i64) {
+        // One at a time: `why` reads much more than a tick does, and on SQLite every read
+        // takes turns on one connection; detection must not wait behind a queue of them.
+        if !self.explains.is_empty() {
+            return;
+        }
         let now_s = now_unix_ns.div_euclid(NS);
         let interval = self.settings.explain_interval.as_secs() as i64;
-        let due: Vec<(String, Managed)> = self
+        // Closed windows first (their last run), then the open one explained longest ago.
+        let mut due: Vec<(String, Managed)> = self
             .managed
             .iter()
             .filter(|(id, m)| {
@@ -47,6 +53,8 @@ impl<S: Storage + WindowStore> Detector<S> {
             })
             .map(|(id, m)| (id.clone(), m.clone()))
             .collect();
+        due.sort_by_key(|(_, m)| (m.open, m.explained_s));
+        due.truncate(1);
         for (id, managed) in due {
             let storage = Arc::clone(&self.storage);
             let step_s = self.step_s;

@@ -493,7 +493,8 @@ fn known_for(
         .collect()
 }
 
-/// Observations per service and bucket, from one host's series.
+/// Observations per service and bucket, from one host's series. Kernel threads (series
+/// without an executable) are not services and are not watched.
 fn observe_by_service(
     series: Vec<SeriesTotals>,
     step_s: i64,
@@ -505,6 +506,7 @@ fn observe_by_service(
     }
     by_service
         .into_iter()
+        .filter(|(_, series)| series.iter().any(|s| s.labels.contains_key("exe")))
         .map(|(service, series)| {
             let observed = observe(&series, step_s, settings);
             (service, observed)
