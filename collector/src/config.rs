@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::{
     batch::BatchLimits,
+    detect::{DetectArgs, DetectFile, DetectSettings},
     http::HttpSettings,
     identity::QueryTokens,
     storage::{Retention, parse_span},
@@ -133,6 +134,8 @@ pub struct Cli {
     /// (default instance,host,node,nodename).
     #[arg(long, value_name = "LABEL,...", value_delimiter = ',')]
     pub alertmanager_host_labels: Option<Vec<String>>,
+    #[command(flatten)]
+    pub detect: DetectArgs,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -162,6 +165,8 @@ pub struct FileConfig {
     pub alertmanager_service_labels: Option<Vec<String>>,
     pub alertmanager_host_labels: Option<Vec<String>>,
     pub shutdown_timeout: Option<String>,
+    /// Automatic degradation windows (`[detect]`).
+    pub detect: Option<DetectFile>,
 }
 
 /// TLS material, read at start-up.
@@ -194,6 +199,8 @@ pub struct Config {
     /// The HTTP listener, when `--http-listen` is set.
     pub http: Option<HttpSettings>,
     pub shutdown_timeout: Duration,
+    /// Automatic degradation windows.
+    pub detect: DetectSettings,
 }
 
 /// How long open calls may run on after the shutdown signal, by default.
@@ -342,6 +349,7 @@ impl Config {
             Some(text) => parse_span(&text).map_err(invalid)?,
             None => DEFAULT_SHUTDOWN_TIMEOUT,
         };
+        let detect = DetectSettings::build(&cli.detect, file.detect.as_ref()).map_err(invalid)?;
         Ok(Self {
             listen,
             storage,
@@ -354,6 +362,7 @@ impl Config {
             max_streams,
             http,
             shutdown_timeout,
+            detect,
         })
     }
 }

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod config;
 pub mod data_dir;
+pub mod detect;
 pub mod events;
 pub mod explain;
 pub mod faults;

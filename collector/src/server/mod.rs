@@ -1,10 +1,9 @@
 //! The gRPC server: ingest and query services, standard health and reflection, TLS with
 //! optional client certificates (required by ingest, which takes the agent identity from
 //! them; queries use bearer tokens instead), keepalive, message size limits, the periodic
-//! retention pass, and a bounded shutdown: on the signal, agents' streams end with
-//! `UNAVAILABLE` (their senders reconnect later and resend what was not acknowledged),
-//! and whatever is still open after the grace period is abandoned.
-
+//! retention pass, the window detector (`detect`), and a bounded shutdown: on the signal,
+//! agents' streams end with `UNAVAILABLE` (their senders reconnect later and resend what
+//! was not acknowledged), and whatever is still open after the grace period is abandoned.
 mod explain;
 mod ingest;
 mod query;
@@ -151,6 +150,16 @@ pub async fn serve<S: Storage>(
         })
     };
 
+    // Automatic degradation windows: a task reading complete buckets every tick.
+    let detection = config.detect.enabled.then(|| {
+        let detector = crate::detect::Detector::new(
+            Arc::clone(&storage),
+            config.detect.clone(),
+            config.retention.base_resolution_s(),
+        );
+        tokio::spawn(detector.run(std::future::pending()))
+    });
+
     // The HTTP listener (Alertmanager's webhook), bound before anything is served so a
     // taken port fails the start.
     let http = match &config.http {
@@ -229,6 +238,9 @@ pub async fn serve<S: Storage>(
         }
     };
     maintenance.abort();
+    if let Some(detection) = detection {
+        detection.abort();
+    }
     if let Some(http) = http {
         http.abort();
     }
