@@ -378,6 +378,7 @@ pub async fn series(
             }
             .to_owned(),
             step_ns,
+            per_scope: false,
         })
         .await
         .map_err(|status| explain(&status, &collector.address))?

@@ -16,6 +16,7 @@ use crate::{
     http::HttpSettings,
     identity::QueryTokens,
     storage::{Retention, parse_span},
+    ui::UiSettings,
     windows::alertmanager::LabelRule,
 };
 
@@ -129,6 +130,10 @@ pub struct Cli {
     /// (default instance,host,node,nodename).
     #[arg(long, value_name = "LABEL,...", value_delimiter = ',')]
     pub alertmanager_host_labels: Option<Vec<String>>,
+    /// Address of the web UI (services, timelines, windows, flame graphs); off unless
+    /// set. TLS as for queries; signed in with a query token.
+    #[arg(long, value_name = "ADDR", env = "STALLSCOPE_UI_LISTEN")]
+    pub ui_listen: Option<SocketAddr>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -157,6 +162,7 @@ pub struct FileConfig {
     pub http_require_client_cert: Option<bool>,
     pub alertmanager_service_labels: Option<Vec<String>>,
     pub alertmanager_host_labels: Option<Vec<String>>,
+    pub ui_listen: Option<SocketAddr>,
 }
 
 /// TLS material, read at start-up.
@@ -188,6 +194,8 @@ pub struct Config {
     pub max_streams: usize,
     /// The HTTP listener, when `--http-listen` is set.
     pub http: Option<HttpSettings>,
+    /// The web UI, when `--ui-listen` is set.
+    pub ui: Option<UiSettings>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -329,6 +337,12 @@ impl Config {
         }
         let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
         let http = http_settings(cli, &http_keys, tls.is_some())?;
+        let ui = crate::ui::settings(
+            cli.ui_listen.or(file.ui_listen),
+            tls.is_some(),
+            cli.allow_plaintext_non_loopback || file.allow_plaintext_non_loopback.unwrap_or(false),
+        )
+        .map_err(invalid)?;
         Ok(Self {
             listen,
             storage,
@@ -340,6 +354,7 @@ impl Config {
             limits,
             max_streams,
             http,
+            ui,
         })
     }
 }

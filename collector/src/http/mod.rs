@@ -173,7 +173,11 @@ pub async fn start<S: Storage>(
     Ok(tokio::spawn(accept_loop(listener, acceptor, router)))
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, router: Router) {
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    router: Router,
+) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {

@@ -6,6 +6,7 @@
 mod explain;
 mod ingest;
 mod query;
+pub mod series;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -32,6 +33,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
+    #[error(transparent)]
+    Ui(#[from] crate::ui::UiError),
 }
 
 /// Serves `storage` until `shutdown` completes.
@@ -131,6 +134,21 @@ pub async fn serve<S: Storage>(
         None => None,
     };
 
+    // The web UI, on its own listener, answering through the same query service.
+    let ui = match &config.ui {
+        Some(settings) => Some(
+            crate::ui::start(
+                Arc::clone(&storage),
+                settings,
+                config.tls.as_ref(),
+                config.tokens.clone(),
+                config.retention.base_resolution_s(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
     let max = config.max_message_bytes;
     let result = builder
         .add_service(health_service)
@@ -150,6 +168,9 @@ pub async fn serve<S: Storage>(
     maintenance.abort();
     if let Some(http) = http {
         http.abort();
+    }
+    if let Some(ui) = ui {
+        ui.abort();
     }
     result
 }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     events::wire::{binary_to_wire, event_to_wire},
     identity::QueryTokens,
-    storage::{Filter, GroupBy, Storage, StorageError, TimeRange},
+    storage::{Filter, Storage, StorageError, TimeRange},
     windows::{self, ManualWindow, WindowError, WindowFilter, wire::to_wire},
 };
 
@@ -163,15 +163,7 @@ impl<S: Storage> Query for QueryService<S> {
         self.authorize(&request)?;
         let request = request.into_inner();
         let range = range(request.range, "series")?;
-        let group_by = match request.group_by.as_str() {
-            "" | "signal" => GroupBy::Signal,
-            "cause" => GroupBy::Cause,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "group_by `{other}`: use signal or cause"
-                )));
-            }
-        };
+        let grouping = super::series::Grouping::parse(&request.group_by)?;
         let span_s = (range.until_unix_ns - range.from_unix_ns) / 1_000_000_000;
         let step_s = if request.step_ns > 0 {
             request.step_ns / 1_000_000_000
@@ -185,29 +177,18 @@ impl<S: Storage> Query for QueryService<S> {
                 "series: the step is too small for this range (over 100000 points)",
             ));
         }
-        let lines = self
-            .storage
-            .series(range, filter(request.filter), group_by, step_s)
-            .await
-            .map_err(|e| storage_status(&e))?;
+        let lines = super::series::lines(
+            &*self.storage,
+            range,
+            filter(request.filter),
+            grouping,
+            step_s,
+            request.per_scope,
+        )
+        .await?;
         Ok(Response::new(v1::SeriesResponse {
             step_ns: step_s * 1_000_000_000,
-            lines: lines
-                .into_iter()
-                .map(|line| v1::SeriesLine {
-                    key: line.key,
-                    value_unit: line.value_unit,
-                    points: line
-                        .points
-                        .into_iter()
-                        .map(|(t, value, count)| v1::SeriesPoint {
-                            unix_ns: t.saturating_mul(1_000_000_000),
-                            value,
-                            count,
-                        })
-                        .collect(),
-                })
-                .collect(),
+            lines,
         }))
     }
 
