@@ -212,10 +212,17 @@ fn login(token: &str, origin: Option<&str>) -> Request<Body> {
 #[tokio::test]
 async fn the_login_page_sets_an_http_only_cookie_that_opens_the_pages() {
     let f = fixture("login").await;
-    let (response, body) = send(&f.router, login("wrong", Some("http://127.0.0.1:7072"))).await;
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert!(body.contains("not valid"), "{body}");
+    let (response, _) = send(&f.router, login("wrong", Some("http://127.0.0.1:7072"))).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert!(response.headers().get(header::SET_COOKIE).is_none());
+    let again = response.headers()[header::LOCATION]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(again.starts_with("/login?failed=1&next="), "{again}");
+    let (response, body) = send(&f.router, get(&again, None)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(body.contains("not valid"), "{body}");
     let (response, _) = send(&f.router, login(TOKEN, Some("https://evil.example"))).await;
     assert_eq!(
         response.status(),

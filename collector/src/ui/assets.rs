@@ -1,6 +1,6 @@
 //! The UI's static files, embedded in the binary (no CDN, nothing fetched at run time):
-//! one stylesheet and one plain script (timeline range selection, flame graph zoom and
-//! search). Served with an `ETag` so browsers revalidate cheaply after an upgrade.
+//! one stylesheet, one plain script (timeline range selection, flame graph zoom and
+//! search) and an icon. Served with an `ETag` so browsers revalidate cheaply after an upgrade.
 
 use std::sync::LazyLock;
 
@@ -12,9 +12,10 @@ use axum::{
 
 pub const CSS_PATH: &str = "/assets/ui.css";
 pub const JS_PATH: &str = "/assets/ui.js";
+pub const ICON_PATH: &str = "/assets/icon.svg";
 
 /// Every embedded file: name, content type, content.
-const FILES: [(&str, &str, &str); 2] = [
+const FILES: [(&str, &str, &str); 3] = [
     (
         "ui.css",
         "text/css; charset=utf-8",
@@ -25,6 +26,7 @@ const FILES: [(&str, &str, &str); 2] = [
         "text/javascript; charset=utf-8",
         include_str!("assets/ui.js"),
     ),
+    ("icon.svg", "image/svg+xml", include_str!("assets/icon.svg")),
 ];
 
 static ETAGS: LazyLock<Vec<String>> = LazyLock::new(|| {

@@ -151,6 +151,8 @@ fn login_markup(next: &str, error: Option<&str>) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { "Sign in · stallscope" }
+                // No icon request: the UI's icon is behind the sign-in.
+                link rel="icon" href="data:,";
                 style { (maud::PreEscaped(LOGIN_STYLE)) }
             }
             body {
@@ -190,7 +192,10 @@ pub async fn login_page<S: Storage>(
     if !state.tokens.required() {
         return see_other(next);
     }
-    login_response(StatusCode::OK, next, None)
+    let error = params
+        .get("failed")
+        .map(|_| "That token is not valid for this collector.");
+    login_response(StatusCode::OK, next, error)
 }
 
 /// Whether a form post comes from this UI's own pages (a browser sends `Origin` with
@@ -230,11 +235,11 @@ pub async fn login<S: Storage>(
             .into_response();
     }
     let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
-        return login_response(
+        return (
             StatusCode::PAYLOAD_TOO_LARGE,
-            "/services",
-            Some("The form was too large."),
-        );
+            format!("the login form is limited to {MAX_FORM_BYTES} bytes\n"),
+        )
+            .into_response();
     };
     let form = Params::parse_form(&bytes);
     let next = safe_next(form.get("next")).to_owned();
@@ -246,11 +251,12 @@ pub async fn login<S: Storage>(
             .is_ok();
     if !valid {
         tracing::warn!("web UI: a sign-in with an invalid token was refused");
-        return login_response(
-            StatusCode::UNAUTHORIZED,
-            &next,
-            Some("That token is not valid for this collector."),
-        );
+        // Post, redirect, get: the form shows again with the reason, and reloading it
+        // does not post the token again.
+        return see_other(&super::params::href(
+            "/login",
+            &[("failed", "1"), ("next", &next)],
+        ));
     }
     let mut response = see_other(&next);
     if let Some(value) = cookie(

@@ -240,6 +240,8 @@ pub fn timeline(stacked: &Stacked, marks: &Marks, show_idle: bool, href: &str) -
     const RIGHT: f64 = 10.0;
     const TOP: f64 = 20.0;
     const BOTTOM: f64 = 22.0;
+    /// Wide enough for the longest source name.
+    const TAB_MIN: f64 = 84.0;
     let plot_w = W - LEFT - RIGHT;
     let plot_h = H - TOP - BOTTOM;
     let columns = stacked.columns(show_idle);
@@ -305,10 +307,13 @@ pub fn timeline(stacked: &Stacked, marks: &Marks, show_idle: bool, href: &str) -
             }
             @for w in &marks.windows {
                 @let (a, b) = band(Range { from_ns: w.from_ns, until_ns: w.until_ns.unwrap_or(stacked.until_s * 1_000_000_000) });
+                @let tab_w = (b - a).max(TAB_MIN);
+                // Kept inside the plot even for a window at its right edge.
+                @let tab_x = a.min(LEFT + plot_w - tab_w);
                 a.wintab href=(format!("/windows/{}", w.id)) {
                     title { (w.title) }
-                    rect class={"tab win-" (w.source)} x=(format!("{a:.1}")) y="2" width=(format!("{:.1}", (b - a).max(60.0))) height=(TOP - 4.0) rx="2" {}
-                    text x=(format!("{:.1}", a + 4.0)) y=(TOP - 6.0) { (w.source) }
+                    rect class={"tab win-" (w.source)} x=(format!("{tab_x:.1}")) y="2" width=(format!("{tab_w:.1}")) height=(TOP - 4.0) rx="2" {}
+                    text x=(format!("{:.1}", tab_x + 4.0)) y=(TOP - 6.0) { (w.source) }
                 }
             }
         }

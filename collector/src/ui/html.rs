@@ -35,15 +35,13 @@ pub fn category_title(category: &str) -> &'static str {
 /// Wait per second of wall time, as `why` prints it: seconds of waiting per second, the
 /// average number of threads waiting.
 pub fn rate(ns_per_s: f64) -> String {
-    format!("{:.3} s/s", ns_per_s / 1e9)
+    // `+ 0.0` turns a negative zero (an empty float sum) into zero.
+    format!("{:.3} s/s", ns_per_s / 1e9 + 0.0)
 }
 
 pub fn signed_rate(ns_per_s: f64) -> String {
-    format!(
-        "{}{:.3} s/s",
-        if ns_per_s >= 0.0 { "+" } else { "" },
-        ns_per_s / 1e9
-    )
+    let value = ns_per_s / 1e9 + 0.0;
+    format!("{}{value:.3} s/s", if value >= 0.0 { "+" } else { "" })
 }
 
 /// Nanoseconds for people (`1.2 ms`).
@@ -83,6 +81,7 @@ pub fn layout(title: &str, section: Section, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · stallscope" }
                 link rel="stylesheet" href=(super::assets::CSS_PATH);
+                link rel="icon" href=(super::assets::ICON_PATH) type="image/svg+xml";
                 script src=(super::assets::JS_PATH) defer {}
             }
             body {

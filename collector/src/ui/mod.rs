@@ -76,7 +76,7 @@ pub struct UiState<S> {
 
 /// The Content-Security-Policy of every page: scripts, styles and forms from the UI
 /// only; no inline script, no inline style, nothing remote, no framing.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Security headers on every answer (a handler may set its own CSP: the login page).
 async fn security_headers(mut response: Response) -> Response {
@@ -89,7 +89,7 @@ async fn security_headers(mut response: Response) -> Response {
     }
     for (name, value) in [
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (header::X_FRAME_OPTIONS, "DENY"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
