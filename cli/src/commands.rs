@@ -602,6 +602,7 @@ pub async fn series(
             }
             .to_owned(),
             step_ns,
+            per_scope: false,
         })
         .await
         .map_err(|status| collector.explain(&status))?

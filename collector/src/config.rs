@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use thiserror::Error;
 
+pub use crate::tls::TlsFiles;
 use crate::{
     batch::BatchLimits,
     detect::{DetectArgs, DetectFile, DetectSettings},
@@ -136,6 +137,10 @@ pub struct Cli {
     pub alertmanager_host_labels: Option<Vec<String>>,
     #[command(flatten)]
     pub detect: DetectArgs,
+    /// Address of the web UI (services, timelines, windows, flame graphs); off unless
+    /// set. TLS as for queries; signed in with a query token.
+    #[arg(long, value_name = "ADDR", env = "STALLSCOPE_UI_LISTEN")]
+    pub ui_listen: Option<SocketAddr>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -167,14 +172,7 @@ pub struct FileConfig {
     pub shutdown_timeout: Option<String>,
     /// Automatic degradation windows (`[detect]`).
     pub detect: Option<DetectFile>,
-}
-
-/// TLS material, read at start-up.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub client_ca_pem: Vec<u8>,
+    pub ui_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +199,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Automatic degradation windows.
     pub detect: DetectSettings,
+    /// The web UI, when `--ui-listen` is set.
+    pub ui: Option<UiSettings>,
 }
 
 /// How long open calls may run on after the shutdown signal, by default.
@@ -350,6 +350,12 @@ impl Config {
             None => DEFAULT_SHUTDOWN_TIMEOUT,
         };
         let detect = DetectSettings::build(&cli.detect, file.detect.as_ref()).map_err(invalid)?;
+        let ui = ui_settings(
+            cli.ui_listen.or(file.ui_listen),
+            tls.is_some(),
+            cli.allow_plaintext_non_loopback || file.allow_plaintext_non_loopback.unwrap_or(false),
+        )
+        .map_err(invalid)?;
         Ok(Self {
             listen,
             storage,
@@ -363,6 +369,7 @@ impl Config {
             http,
             shutdown_timeout,
             detect,
+            ui,
         })
     }
 }
@@ -463,4 +470,48 @@ fn http_settings(
         require_client_cert,
         label_rule,
     }))
+}
+
+/// The web UI's validated settings.
+#[derive(Debug, Clone)]
+pub struct UiSettings {
+    pub listen: SocketAddr,
+}
+
+/// The UI's settings from `--ui-listen` / `ui_listen`; `None` when it is off. Plaintext
+/// only on loopback unless non-loopback plaintext is explicitly allowed.
+fn ui_settings(
+    listen: Option<SocketAddr>,
+    tls: bool,
+    allow_plaintext_non_loopback: bool,
+) -> Result<Option<UiSettings>, String> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    if !tls && !listen.ip().is_loopback() && !allow_plaintext_non_loopback {
+        return Err(format!(
+            "refusing a plaintext web UI on {listen}, which is not a loopback address: configure TLS (--tls-cert, --tls-key, --client-ca) or pass --allow-plaintext-non-loopback"
+        ));
+    }
+    Ok(Some(UiSettings { listen }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_collector_file_carries_a_detect_section() {
+        // The README's settings for 2 s buckets.
+        let text = "listen = \"127.0.0.1:7070\"\n[detect]\ngrace = \"1s\"\nmax_delay = \"6s\"\nbaseline_refresh = \"12s\"\nhistory_refresh = \"10s\"\n";
+        let file: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        let settings = DetectSettings::build(&DetectArgs::default(), file.detect.as_ref())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.max_delay, Duration::from_secs(6));
+        assert_eq!(settings.history_refresh, Duration::from_secs(10));
+        assert_eq!(
+            settings.open_buckets,
+            DetectSettings::default().open_buckets
+        );
+    }
 }

@@ -119,6 +119,11 @@ impl QueryTokens {
         self.tokens.is_empty()
     }
 
+    /// Whether callers need a token (false only with `--insecure-no-query-auth`).
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
     /// Checks the `authorization: Bearer <token>` header.
     pub fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
         let header = metadata.get("authorization").and_then(|v| v.to_str().ok());

@@ -1,6 +1,7 @@
 //! stallscope-collector: receives agents' batch streams, stores every batch exactly once
 //! (SQLite embedded, or ClickHouse for fleets), downsamples old data, keeps degradation
-//! windows (by hand, from Alertmanager's webhook) and answers the CLI's queries over gRPC.
+//! windows (by hand, from Alertmanager's webhook), answers the CLI's queries over gRPC and
+//! serves a web UI on the same queries.
 
 pub mod batch;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod server;
 pub mod storage;
 pub mod synthetic;
+pub mod tls;
 pub mod windows;
 
 /// Nanoseconds since the Unix epoch.

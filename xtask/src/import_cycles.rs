@@ -629,7 +629,7 @@ mod tests {
                 ),
             ],
         );
-        let cycles = check(&[root.clone()]).expect("reads");
+        let cycles = check(std::slice::from_ref(&root)).expect("reads");
         assert_eq!(cycles.len(), 1, "{cycles:?}");
         assert_eq!(
             cycles[0].modules,

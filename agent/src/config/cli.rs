@@ -104,16 +104,17 @@ pub struct CommonArgs {
 #[derive(Debug, Args)]
 #[command(after_help = RUN_DEFAULTS)]
 pub struct RunArgs {
-    /// Collector address: https://HOST:PORT (mTLS) or http://HOST:PORT (plaintext, when the
-    /// collector allows it). Default: run.collector in --config, else http://127.0.0.1:7070.
+    /// Collector address: `https://HOST:PORT` (mTLS) or `http://HOST:PORT` (plaintext, when
+    /// the collector allows it). Default: `run.collector` in --config, else
+    /// `http://127.0.0.1:7070`.
     #[arg(long, env = "STALLSCOPE_COLLECTOR")]
     pub collector: Option<String>,
     /// Agent identity on plaintext connections (under mTLS the certificate's name is used).
     /// Default: the host name.
     #[arg(long)]
     pub agent_id: Option<String>,
-    /// Client certificate (PEM) for mTLS; needs --tls-key and --tls-ca (or the [run]
-    /// section's tls_key and tls_ca).
+    /// Client certificate (PEM) for mTLS; needs --tls-key and --tls-ca (or the `[run]`
+    /// section's `tls_key` and `tls_ca`).
     #[arg(long, value_name = "PATH")]
     pub tls_cert: Option<PathBuf>,
     /// Client private key (PEM).

@@ -105,16 +105,15 @@ impl Shared {
     /// may then be half-updated, so the sender stops (said once, in the log) and leaves
     /// the batches on disk, where the next start finds and sends them.
     fn spool(&self) -> Option<MutexGuard<'_, Spool>> {
-        match self.spool.lock() {
-            Ok(spool) => Some(spool),
-            Err(_) => {
-                if !self.poisoned.swap(true, Ordering::SeqCst) {
-                    tracing::error!(
-                        "a thread panicked while it held the spool: the sender stops; unacknowledged batches stay on disk and are sent at the next start"
-                    );
-                }
-                None
+        if let Ok(spool) = self.spool.lock() {
+            Some(spool)
+        } else {
+            if !self.poisoned.swap(true, Ordering::SeqCst) {
+                tracing::error!(
+                    "a thread panicked while it held the spool: the sender stops; unacknowledged batches stay on disk and are sent at the next start"
+                );
             }
+            None
         }
     }
 }

@@ -217,8 +217,22 @@ mod tests {
         let settings = DetectSettings::default();
         // Nine times slower, but on 10 events a second: 80 ms/s... counts; on 5, 40 ms/s
         // does not (under the 50 ms/s minimum impact).
-        let costly = step(0, 9e6, Some(8e6 * 10.0), &baseline(), Class::Latency, &settings);
-        let cheap = step(0, 9e6, Some(8e6 * 5.0), &baseline(), Class::Latency, &settings);
+        let costly = step(
+            0,
+            9e6,
+            Some(8e6 * 10.0),
+            &baseline(),
+            Class::Latency,
+            &settings,
+        );
+        let cheap = step(
+            0,
+            9e6,
+            Some(8e6 * 5.0),
+            &baseline(),
+            Class::Latency,
+            &settings,
+        );
         assert!(costly.crossing && costly.large);
         assert!(!cheap.crossing && !cheap.large);
     }

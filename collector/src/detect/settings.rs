@@ -404,22 +404,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_collector_file_carries_a_detect_section() {
-        // The README's settings for 2 s buckets.
-        let text = "listen = \"127.0.0.1:7070\"\n[detect]\ngrace = \"1s\"\nmax_delay = \"6s\"\nbaseline_refresh = \"12s\"\nhistory_refresh = \"10s\"\n";
-        let file: crate::config::FileConfig =
-            toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
-        let settings = DetectSettings::build(&DetectArgs::default(), file.detect.as_ref())
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(settings.max_delay, Duration::from_secs(6));
-        assert_eq!(settings.history_refresh, Duration::from_secs(10));
-        assert_eq!(
-            settings.open_buckets,
-            DetectSettings::default().open_buckets
-        );
-    }
-
-    #[test]
     fn durations_take_sub_second_units() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));

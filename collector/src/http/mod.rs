@@ -29,7 +29,7 @@ use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    config::TlsFiles, identity::QueryTokens, storage::Storage, windows::alertmanager::LabelRule,
+    identity::QueryTokens, storage::Storage, tls::TlsFiles, windows::alertmanager::LabelRule,
 };
 
 /// Where Alertmanager posts its webhook.
@@ -173,7 +173,11 @@ pub async fn start<S: Storage>(
     Ok(tokio::spawn(accept_loop(listener, acceptor, router)))
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, router: Router) {
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    router: Router,
+) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {

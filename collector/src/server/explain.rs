@@ -130,7 +130,7 @@ pub async fn answer<S: Storage>(
     let exclude: Vec<Span> = storage
         .windows(lookback, scope)
         .await
-        .map_err(|e| super::query::storage_status(&e))?
+        .map_err(|e| super::storage_status(&e))?
         .into_iter()
         .map(|w| Span {
             from_unix_ns: w.onset_unix_ns,
@@ -153,6 +153,6 @@ pub async fn answer<S: Storage>(
     };
     let report = explain::explain(storage, &question, &settings)
         .await
-        .map_err(|e| super::query::storage_status(&e))?;
+        .map_err(|e| super::storage_status(&e))?;
     Ok(to_proto(report))
 }

@@ -4,10 +4,13 @@
 //! retention pass, the window detector (`detect`), and a bounded shutdown: on the signal,
 //! agents' streams end with `UNAVAILABLE` (their senders reconnect later and resend what
 //! was not acknowledged), and whatever is still open after the grace period is abandoned.
+
 mod explain;
 mod ingest;
 mod query;
+pub mod series;
 pub mod sniff;
+pub mod ui;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -39,6 +42,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
+    #[error(transparent)]
+    Ui(#[from] ui::UiError),
 }
 
 /// Binds the listening socket (before anything says it listens).
@@ -208,6 +213,21 @@ pub async fn serve<S: Storage>(
         );
         let _ = stopping_tx.send(true);
     };
+    // The web UI, on its own listener, answering through the same query service.
+    let ui = match &config.ui {
+        Some(settings) => Some(
+            ui::start(
+                Arc::clone(&storage),
+                settings,
+                config.tls.as_ref(),
+                config.tokens.clone(),
+                config.retention.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
     let max = config.max_message_bytes;
     let serving = builder
         .add_service(health_service)
@@ -245,5 +265,14 @@ pub async fn serve<S: Storage>(
         http.abort();
     }
     tracing::info!("stopped");
+    if let Some(ui) = ui {
+        ui.abort();
+    }
     result
+}
+
+/// A storage failure as the status a query answers with (logged here, once).
+pub(crate) fn storage_status(err: &crate::storage::StorageError) -> tonic::Status {
+    tracing::error!("query failed: {err}");
+    tonic::Status::unavailable(format!("storage error: {err}"))
 }

@@ -9,10 +9,11 @@ use stallscope_profile::encode_pprof_uncompressed;
 use stallscope_proto::v1::{self, query_server::Query};
 use tonic::{Request, Response, Status};
 
+use super::storage_status;
 use crate::{
     events::wire::{binary_to_wire, event_to_wire},
     identity::QueryTokens,
-    storage::{Filter, GroupBy, Retention, SeriesLine, Storage, StorageError, TimeRange},
+    storage::{Filter, GroupBy, Retention, SeriesLine, Storage, TimeRange},
     windows::{self, ManualWindow, WindowError, WindowFilter, wire::to_wire},
 };
 
@@ -158,11 +159,6 @@ fn window_filter(
     })
 }
 
-pub(super) fn storage_status(err: &StorageError) -> Status {
-    tracing::error!("query failed: {err}");
-    Status::unavailable(format!("storage error: {err}"))
-}
-
 impl<S: Storage> QueryService<S> {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         self.tokens.check(request.metadata())
@@ -259,15 +255,7 @@ impl<S: Storage> Query for QueryService<S> {
         self.authorize(&request)?;
         let request = request.into_inner();
         let range = range(request.range, "series")?;
-        let group_by = match request.group_by.as_str() {
-            "" | "signal" => GroupBy::Signal,
-            "cause" => GroupBy::Cause,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "group_by `{other}`: use signal or cause"
-                )));
-            }
-        };
+        let grouping = super::series::Grouping::parse(&request.group_by)?;
         let span_s = (range.until_unix_ns - range.from_unix_ns) / NS;
         let requested_s = if request.step_ns > 0 {
             (request.step_ns + NS - 1) / NS
@@ -289,17 +277,7 @@ impl<S: Storage> Query for QueryService<S> {
             ));
         }
         let filter = filter(request.filter);
-        // Every stored bucket on its own (step 1 s), summed into marks below.
-        let buckets = self
-            .storage
-            .series(range, filter.clone(), group_by, 1)
-            .await
-            .map_err(|e| storage_status(&e))?;
-        let spans = if filter == workload_only(&filter) {
-            self.coverage(range, &filter, Some(&buckets)).await?
-        } else {
-            self.coverage(range, &filter, None).await?
-        };
+        let spans = self.coverage(range, &filter, None).await?;
         let mark_of = |unix_s: i64| unix_s - unix_s.rem_euclid(step_s);
         let mut marks: Vec<i64> = spans
             .iter()
@@ -317,32 +295,19 @@ impl<S: Storage> Query for QueryService<S> {
                 covered_ns: covered_within(&spans, mark * NS, (mark + step_s) * NS),
             })
             .collect();
+        // Storage sums buckets into steps that start at multiples of the step: the marks.
+        let lines = super::series::lines(
+            &*self.storage,
+            range,
+            filter,
+            grouping,
+            step_s,
+            request.per_scope,
+        )
+        .await?;
         Ok(Response::new(v1::SeriesResponse {
             step_ns: step_s * NS,
-            lines: buckets
-                .into_iter()
-                .map(|line| {
-                    let mut sums: std::collections::BTreeMap<i64, (i64, i64)> =
-                        std::collections::BTreeMap::new();
-                    for (t, value, count) in line.points {
-                        let sum = sums.entry(mark_of(t)).or_default();
-                        sum.0 = sum.0.saturating_add(value);
-                        sum.1 = sum.1.saturating_add(count);
-                    }
-                    v1::SeriesLine {
-                        key: line.key,
-                        value_unit: line.value_unit,
-                        points: sums
-                            .into_iter()
-                            .map(|(t, (value, count))| v1::SeriesPoint {
-                                unix_ns: t.saturating_mul(NS),
-                                value,
-                                count,
-                            })
-                            .collect(),
-                    }
-                })
-                .collect(),
+            lines,
             coverage,
         }))
     }

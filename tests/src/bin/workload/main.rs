@@ -18,9 +18,12 @@
 //!   without waiting for stdin; `fork-workers N MS`: N worker processes forked without
 //!   exec, each MS in `offcpu_marker_sleep` and gone; `jit`: waits below JIT code named by a perf map (see
 //!   `identity.rs`).
+//! - `phases HEALTHY_S DEGRADED_S RECOVERED_S`: a request-serving service that degrades
+//!   once, by lock contention (see `phases.rs`).
 
 mod identity;
 mod net;
+mod phases;
 mod waits;
 
 use std::{
@@ -143,7 +146,7 @@ fn pulse() {
 }
 
 /// The scenarios, as `--help` lists them and as an unknown name is answered.
-const SCENARIOS: &str = "markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit or pulse";
+const SCENARIOS: &str = "markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit, phases or pulse";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -214,6 +217,11 @@ fn main() {
         }
         "fork-workers" => identity::fork_workers(arg(&args, 2, 20), ms(arg(&args, 3, 10))),
         "jit" => identity::jit(),
+        "phases" => phases::run(
+            Duration::from_secs(arg(&args, 2, 50)),
+            Duration::from_secs(arg(&args, 3, 25)),
+            Duration::from_secs(arg(&args, 4, 15)),
+        ),
         other => {
             eprintln!("unknown scenario {other}: use {SCENARIOS}");
             std::process::exit(2);
