@@ -17,7 +17,7 @@ use stallscope_profile::Meta;
 
 use crate::{
     aggregate::accumulate::Accumulator,
-    config::{cli::CommonArgs, parse_duration},
+    config::{cli::CommonArgs, parse_duration_of},
     naming,
     probes::{ProbeError, Probes},
     process::events,
@@ -28,7 +28,7 @@ use crate::{
     stream::{
         batch::{batch_from_profile, batch_totals},
         sender::{ClientTls, Sender, StreamSettings},
-        spool::{Spool, SpoolLimits},
+        spool::{Appended, Spool, SpoolLimits},
     },
     system,
 };
@@ -60,7 +60,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
     /// Length of one batch.
-    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        default_value = "10s"
+    )]
     pub batch_interval: String,
     /// Directory of the on-disk spool of unacknowledged batches.
     #[arg(
@@ -76,13 +81,23 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024 * 1024)]
     pub spool_max_bytes: u64,
     /// How long to keep sending after SIGTERM/SIGINT before exiting.
-    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        default_value = "5s"
+    )]
     pub flush_timeout: String,
     /// Longest wait between reconnection attempts.
-    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        default_value = "30s"
+    )]
     pub max_backoff: String,
     /// Stop after this long (default: run until SIGTERM/SIGINT).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub duration: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
@@ -105,15 +120,20 @@ fn read_file(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
 
 pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     let config = args.common.config()?;
-    let batch_interval = parse_duration(&args.batch_interval)?;
+    let batch_interval = parse_duration_of("--batch-interval", &args.batch_interval)?;
     anyhow::ensure!(
         batch_interval >= config.drain_interval && batch_interval <= Duration::from_secs(3600),
         "--batch-interval must be between the drain interval ({:?}) and 1h",
         config.drain_interval
     );
-    let flush_timeout = parse_duration(&args.flush_timeout)?;
-    let max_backoff = parse_duration(&args.max_backoff)?.max(Duration::from_millis(250));
-    let duration = args.duration.as_deref().map(parse_duration).transpose()?;
+    let flush_timeout = parse_duration_of("--flush-timeout", &args.flush_timeout)?;
+    let max_backoff =
+        parse_duration_of("--max-backoff", &args.max_backoff)?.max(Duration::from_millis(250));
+    let duration = args
+        .duration
+        .as_deref()
+        .map(|text| parse_duration_of("--duration", text))
+        .transpose()?;
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
         (Some(cert), Some(key), Some(ca)) => Some(ClientTls {
             cert_pem: read_file(cert, "client certificate")?,
@@ -196,17 +216,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
         let profile = accumulator.finish(meta);
         let batch = batch_from_profile(&profile, &agent_id);
         batch_totals(&batch, &mut summary.totals);
-        let sequence = spool
+        let appended = spool
             .lock()
             .map_err(|_| anyhow::anyhow!("the sender thread panicked"))?
             .append(batch)?;
         summary.batches += 1;
-        summary.last_sequence = Some(sequence);
-        sender.wake();
-        tracing::debug!(
-            "batch {sequence} spooled{}",
-            if last { " (last)" } else { "" }
-        );
+        if let Appended::Stored(sequence) = appended {
+            summary.last_sequence = Some(sequence);
+            sender.wake();
+            tracing::debug!(
+                "batch {sequence} spooled{}",
+                if last { " (last)" } else { "" }
+            );
+        }
         batch_start_ns = now_ns;
         batch_started = Instant::now();
         Ok(())
@@ -235,7 +257,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<RunSummary> {
     accumulator.ingest(probes.drain()?);
     close_batch(&mut accumulator, true)?;
     drop(probes);
-    summary.flushed = sender.flush_and_stop(flush_timeout);
+    let flush = sender.flush_and_stop(flush_timeout);
+    summary.flushed = flush.emptied;
+    if !flush.emptied {
+        tracing::warn!(
+            "stopped after the {flush_timeout:?} flush timeout with {} batches left in the spool for the next start: collector {}: {}",
+            flush.left,
+            args.collector,
+            flush
+                .problem
+                .as_deref()
+                .unwrap_or("no answer before the deadline")
+        );
+    }
     summary.dropped_total = spool.lock().map_or(0, |s| s.dropped_total());
     Ok(summary)
 }

@@ -31,6 +31,15 @@ pub const AGENT_HEADER: &str = "x-stallscope-agent";
 /// Largest frame the agent sends (the collector's default limit is 16 MiB).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Deadline of a connection (TCP, TLS and HTTP/2 handshakes).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline of the collector's answer to a new stream: it answers at once, before any
+/// batch is stored, so a peer that accepts the connection and stays silent is no
+/// collector (or a hung one).
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest wait for the next acknowledgement while batches are in flight.
+const ACK_DEADLINE: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Error)]
 pub enum StreamError {
     #[error(
@@ -73,6 +82,8 @@ struct Shared {
     stopping: AtomicBool,
     deadline: Mutex<Option<Instant>>,
     settings: StreamSettings,
+    /// What last kept batches from being acknowledged (for the closing report).
+    problem: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -95,6 +106,52 @@ impl Shared {
     fn spool_empty(&self) -> bool {
         self.spool.lock().map_or(true, |s| s.is_empty())
     }
+
+    fn set_problem(&self, problem: String) {
+        if let Ok(mut slot) = self.problem.lock() {
+            *slot = Some(problem);
+        }
+    }
+
+    /// Resolves once stopping and past the flush deadline.
+    async fn past_deadline(&self) {
+        while !self.stop_now() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Why a bounded step did not complete.
+enum Cut {
+    /// Its own deadline passed.
+    Deadline(Duration),
+    /// Stopping, and the flush deadline passed.
+    Stopped,
+}
+
+/// Runs `step` until it completes, `limit` passes, or (when stopping) the flush deadline
+/// passes: no network step of the sender can hold the agent's exit.
+async fn bounded<T>(
+    shared: &Shared,
+    limit: Duration,
+    step: impl Future<Output = T>,
+) -> Result<T, Cut> {
+    tokio::select! {
+        out = step => Ok(out),
+        () = tokio::time::sleep(limit) => Err(Cut::Deadline(limit)),
+        () = shared.past_deadline() => Err(Cut::Stopped),
+    }
+}
+
+/// How a flush at the end of a run went.
+#[derive(Debug, Clone)]
+pub struct FlushOutcome {
+    /// Every batch was acknowledged.
+    pub emptied: bool,
+    /// Batches left in the spool for the next start.
+    pub left: usize,
+    /// What kept them from being acknowledged, as far as the sender knows.
+    pub problem: Option<String>,
 }
 
 /// The sender thread.
@@ -113,6 +170,7 @@ impl Sender {
             stopping: AtomicBool::new(false),
             deadline: Mutex::new(None),
             settings,
+            problem: Mutex::new(None),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -134,9 +192,9 @@ impl Sender {
         self.shared.wake.notify_one();
     }
 
-    /// Sends what is left, for at most `timeout`, then stops. Returns whether the spool
-    /// was emptied.
-    pub fn flush_and_stop(mut self, timeout: Duration) -> bool {
+    /// Sends what is left, for at most `timeout`, then stops (every network step of the
+    /// sender is bounded by the deadline, so this returns shortly after it).
+    pub fn flush_and_stop(mut self, timeout: Duration) -> FlushOutcome {
         if let Ok(mut deadline) = self.shared.deadline.lock() {
             *deadline = Some(Instant::now() + timeout);
         }
@@ -146,7 +204,12 @@ impl Sender {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        self.shared.spool_empty()
+        let left = self.shared.spool.lock().map_or(0, |s| s.pending().len());
+        FlushOutcome {
+            emptied: left == 0,
+            left,
+            problem: self.shared.problem.lock().ok().and_then(|p| p.clone()),
+        }
     }
 }
 
@@ -158,7 +221,7 @@ fn endpoint(settings: &StreamSettings) -> Result<Endpoint, StreamError> {
     }
     let mut endpoint = Channel::from_shared(settings.collector.clone())
         .map_err(|_| address())?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_DEADLINE)
         .timeout(Duration::from_secs(120))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
@@ -259,6 +322,7 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                 }
             }
             SessionEnd::Failed(reason) => {
+                shared.set_problem(reason.clone());
                 failures += 1;
                 let wait = backoff.next();
                 // The first failure and then every tenth, so an outage is visible but
@@ -285,9 +349,18 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
 }
 
 async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) -> SessionEnd {
-    let channel = match endpoint.connect().await {
-        Ok(channel) => channel,
-        Err(err) => return SessionEnd::Failed(format!("cannot connect: {}", error_chain(&err))),
+    let channel = match bounded(shared, CONNECT_DEADLINE, endpoint.connect()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(err)) => {
+            return SessionEnd::Failed(format!("cannot connect: {}", error_chain(&err)));
+        }
+        Err(Cut::Deadline(limit)) => {
+            return SessionEnd::Failed(format!("no connection within {limit:?}"));
+        }
+        Err(Cut::Stopped) => {
+            shared.set_problem("the flush deadline passed while connecting".to_owned());
+            return SessionEnd::Done;
+        }
     };
     let mut client = IngestClient::new(channel)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -313,24 +386,56 @@ async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) ->
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut last_sent: Option<u64> = None;
     fill_window(shared, &tx, window, &mut in_flight, &mut last_sent);
-    let mut acks = match client.stream(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
+    let mut acks = match bounded(shared, ANSWER_DEADLINE, client.stream(request)).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => {
             return SessionEnd::Failed(format!("{:?}: {}", status.code(), status.message()));
+        }
+        Err(Cut::Deadline(limit)) => {
+            return SessionEnd::Failed(format!(
+                "it accepted the connection but did not answer within {limit:?} (is it a stallscope collector?)"
+            ));
+        }
+        Err(Cut::Stopped) => {
+            shared.set_problem(
+                "the flush deadline passed while waiting for the collector to answer (it accepted the connection but did not answer)"
+                    .to_owned(),
+            );
+            return SessionEnd::Done;
         }
     };
     tracing::info!("streaming to {}", shared.settings.collector);
+    let mut last_ack = Instant::now();
     loop {
+        let before = in_flight.len();
         fill_window(shared, &tx, window, &mut in_flight, &mut last_sent);
+        if before == 0 && !in_flight.is_empty() {
+            // The acknowledgement deadline counts from the first batch in flight.
+            last_ack = Instant::now();
+        }
         if shared.stopping.load(Ordering::SeqCst) && in_flight.is_empty() && shared.spool_empty() {
             return SessionEnd::Done;
         }
         if shared.stop_now() {
+            if let Some(first) = in_flight.front() {
+                shared.set_problem(format!(
+                    "the flush deadline passed with {} batches sent and not acknowledged (oldest {first})",
+                    in_flight.len()
+                ));
+            }
             return SessionEnd::Done;
+        }
+        if let Some(&oldest) = in_flight.front()
+            && last_ack.elapsed() >= ACK_DEADLINE
+        {
+            return SessionEnd::Failed(format!(
+                "batch {oldest} was not acknowledged within {ACK_DEADLINE:?}"
+            ));
         }
         tokio::select! {
             message = acks.message() => match message {
                 Ok(Some(ack)) => {
+                    last_ack = Instant::now();
                     backoff.reset();
                     in_flight.retain(|&s| s != ack.sequence);
                     if let Ok(mut spool) = shared.spool.lock()
