@@ -68,15 +68,15 @@ mod tests {
         assert_eq!(size_of::<SampleKey>(), 4 + 4 + 8 + 8 + 4 + 4 + 24);
         assert_eq!(size_of::<SampleValue>(), 40);
         assert_eq!(size_of::<StackTrace>(), 8 + 8 * MAX_STACK_DEPTH);
-        assert_eq!(size_of::<ThreadState>(), 6 * 8 + 4 * 4 + 8);
+        assert_eq!(size_of::<ThreadState>(), 7 * 8 + 6 * 4 + 8);
         assert_eq!(size_of::<TpThreadState>(), 32);
         assert_eq!(
             size_of::<PendingWait>(),
-            9 * 8 + 8 + 8 + size_of::<StackTrace>()
+            9 * 8 + 8 + 8 + 8 + size_of::<StackTrace>()
         );
         assert_eq!(size_of::<DiskRequestKey>(), 16);
         assert_eq!(size_of::<DiskRequest>(), 48);
-        assert_eq!(size_of::<ProbeConfig>(), 6 * 8 + 36 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), 6 * 8 + 44 * 4);
         assert_eq!(size_of::<Peer>(), 24);
         assert_eq!(size_of::<SocketInfo>(), 48);
     }

@@ -5,6 +5,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod filelock;
 mod io;
 mod lock;
 mod maps;

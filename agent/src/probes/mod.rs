@@ -5,7 +5,7 @@
 use std::{
     os::fd::AsFd,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use agent_common::{
@@ -141,6 +141,8 @@ pub struct ProbeSettings {
     pub tcp_rtt_interval: Duration,
     pub oncpu_frequency_hz: u64,
     pub target_tgid: Option<u32>,
+    /// A process left out when every process is measured (the agent's own).
+    pub exclude_tgid: Option<u32>,
     pub sched_hook: SchedHookChoice,
     pub btf_path: Option<PathBuf>,
     pub map_sizes: MapSizes,
@@ -158,6 +160,8 @@ pub struct Drained {
     pub names: Vec<(u32, String)>,
     /// The peers the network signals' entries in this generation refer to, by id.
     pub peers: Vec<(u32, Peer)>,
+    /// When the probes started loading: every wait they measure started after it.
+    pub measuring_since: Option<Instant>,
 }
 
 /// Loaded and attached probes.
@@ -181,6 +185,8 @@ pub struct Probes {
     pub oncpu_cpus: usize,
     /// What serves each signal, for `check` and the log.
     pub hooks: Vec<(Signal, String)>,
+    /// When loading started: no wait they measure started earlier.
+    measuring_since: Instant,
 }
 
 /// Whether this process may load tracing programs: root, or `CAP_BPF` + `CAP_PERFMON`, or
@@ -232,6 +238,7 @@ fn load_btf(path: Option<&Path>) -> Result<Option<(Btf, aya::Btf)>, ProbeError> 
 
 impl Probes {
     pub fn load(settings: &ProbeSettings) -> Result<Self, ProbeError> {
+        let measuring_since = Instant::now();
         if !privileged() {
             return Err(ProbeError::NotPrivileged);
         }
@@ -246,6 +253,7 @@ impl Probes {
             socket_stack_threshold_ns: nanos(settings.socket_stack_threshold),
             tcp_rtt_interval_ns: nanos(settings.tcp_rtt_interval),
             target_tgid: settings.target_tgid.unwrap_or(0),
+            exclude_tgid: settings.exclude_tgid.unwrap_or(0),
             signals: settings
                 .signals
                 .iter()
@@ -263,6 +271,8 @@ impl Probes {
         config.futex_nr = nr("futex");
         config.futex_wait_nr = nr("futex_wait");
         config.futex_waitv_nr = nr("futex_waitv");
+        config.flock_nr = nr("flock");
+        config.fcntl_nr = nr("fcntl");
         // Futex waits are seen by the scheduler programs, so the lock signal needs them.
         let sched = wants(Signal::OffCpu) || wants(Signal::RunQueue) || wants(Signal::Lock);
         let use_btf_sched = sched
@@ -312,6 +322,7 @@ impl Probes {
         let btf_pair = btf.as_ref().map(|(ours, theirs)| (ours, theirs));
         let mut hooks = Vec::new();
         let mut sched_hook = None;
+        let mut file_lock_hook = None;
         if sched {
             let hook = attach::attach_sched(
                 &mut ebpf,
@@ -324,11 +335,24 @@ impl Probes {
                 // Nothing attached: the lock signal falls back to kernel locks only.
                 sched_hook = None;
             }
+            let file_locks = if hook == SchedHook::BtfTracepoint
+                && (wants(Signal::OffCpu) || wants(Signal::Lock))
+            {
+                btf_pair
+                    .and_then(|(ours, theirs)| attach::attach_file_locks(&mut ebpf, ours, theirs))
+            } else {
+                None
+            };
             for signal in [Signal::OffCpu, Signal::RunQueue] {
                 if wants(signal) {
-                    hooks.push((signal, hook.describe().to_owned()));
+                    let mut hook = hook.describe().to_owned();
+                    if signal == Signal::OffCpu && file_locks.is_some() {
+                        hook.push_str("; file lock waits from tp_btf filelock events");
+                    }
+                    hooks.push((signal, hook));
                 }
             }
+            file_lock_hook = file_locks;
         }
         let mut oncpu_cpus = 0;
         if wants(Signal::OnCpu) {
@@ -342,7 +366,8 @@ impl Probes {
             ));
         }
         if wants(Signal::Lock) {
-            let attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook)?;
+            let mut attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook)?;
+            attached.extend(file_lock_hook);
             hooks.push((Signal::Lock, attached.join(", ")));
         }
         if wants(Signal::Syscall) || wants(Signal::SocketWait) {
@@ -457,6 +482,7 @@ impl Probes {
             sched_hook,
             oncpu_cpus,
             hooks,
+            measuring_since,
         })
     }
 
@@ -586,6 +612,7 @@ impl Probes {
             losses,
             names,
             peers,
+            measuring_since: Some(self.measuring_since),
         })
     }
 }

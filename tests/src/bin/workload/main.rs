@@ -10,7 +10,8 @@
 //! - `pulse`: thread `pulse` sleeps 10 ms and spins about 1 ms, over and over, until
 //!   stdin closes: steady off-CPU and on-CPU activity at little cost (streaming tests).
 //! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
-//!   (see `waits.rs`).
+//!   (see `waits.rs`); `file-lock flock|fcntl THREADS ROUNDS HOLD_MS DIR`: file lock
+//!   waits behind another process (see `filelock.rs`).
 //! - `net-connect`, `net-peers`, `net-bulk`: network waits between two network
 //!   namespaces the caller created (see `net.rs`); `net-rr`: request/response over
 //!   loopback, for the network benchmark.
@@ -19,6 +20,7 @@
 //!   exec, each MS in `offcpu_marker_sleep` and gone; `jit`: waits below JIT code named by a perf map (see
 //!   `identity.rs`).
 
+mod filelock;
 mod identity;
 mod net;
 mod waits;
@@ -145,6 +147,11 @@ fn pulse() {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scenario = args.get(1).map_or("markers", String::as_str);
+    if scenario == "file-lock-holder" {
+        // The other process of `file-lock`, started by it: no handshake.
+        filelock::holder(text(&args, 2), ms(arg(&args, 3, 10)), text(&args, 4));
+        return;
+    }
     println!("ready {}", std::process::id());
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
@@ -165,6 +172,13 @@ fn main() {
         }
         "mutex" => waits::mutex(arg(&args, 2, 4), arg(&args, 3, 5), ms(arg(&args, 4, 10))),
         "kernel-lock" => waits::kernel_lock(arg(&args, 2, 8), ms(arg(&args, 3, 1000))),
+        "file-lock" => filelock::file_lock(
+            text(&args, 2),
+            arg(&args, 3, 4),
+            arg(&args, 4, 40),
+            ms(arg(&args, 5, 10)),
+            args.get(6).map_or("/tmp", String::as_str),
+        ),
         "syscalls" => waits::syscalls(
             args.get(2).map_or("/tmp", String::as_str),
             arg(&args, 3, 50),
@@ -204,7 +218,7 @@ fn main() {
         "jit" => identity::jit(),
         other => {
             eprintln!(
-                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit or pulse"
+                "unknown scenario {other}: use markers, churn, mutex, kernel-lock, file-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit or pulse"
             );
             std::process::exit(2);
         }
