@@ -101,19 +101,26 @@ const SCRATCH_SLOTS: u32 = 7;
 const EEXIST: i32 = 17;
 const EBUSY: i32 = 16;
 
-/// Whether the probes measure this process (all, or the one `record --pid` names).
+/// Whether the probes measure this process: the one `record --pid` names, else every
+/// process but the agent itself (unless it asked to be included).
 #[inline(always)]
 pub fn wanted(tgid: u32) -> bool {
     let target = config!(target_tgid);
-    target == 0 || target == tgid
+    if target != 0 {
+        target == tgid
+    } else {
+        tgid != config!(exclude_tgid)
+    }
 }
 
-/// Whether the probes measure the current process; asks for its ids only when one
-/// process is targeted.
+/// Whether the probes measure the current process; asks for its ids only when a process
+/// is targeted or excluded.
 #[inline(always)]
 pub fn wanted_current() -> bool {
-    let target: u32 = config!(target_tgid);
-    target == 0 || (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32 == target
+    if config!(target_tgid) == 0 && config!(exclude_tgid) == 0 {
+        return true;
+    }
+    wanted((aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32)
 }
 
 /// The generation programs write into; read once per program run.

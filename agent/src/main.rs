@@ -6,7 +6,7 @@ use clap::Parser;
 use stallscope_agent::{
     config::{
         cli::{Cli, Command},
-        parse_duration,
+        parse_duration_of,
     },
     logging,
     sampling::{check, record, run},
@@ -31,7 +31,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Record(args) => {
             let config = args.common.config()?;
-            let duration = parse_duration(&args.duration)?;
+            let duration = parse_duration_of("--duration", &args.duration)?;
             let summary = record::record(&config, duration, &args.output)?;
             eprintln!("{}", record::summary_line(&summary, &args.output));
             Ok(ExitCode::SUCCESS)

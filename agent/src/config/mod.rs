@@ -28,6 +28,15 @@ pub enum ConfigError {
     NoSignals,
     #[error("invalid duration `{0}`: use a number with a unit, e.g. 500ms, 10s, 2m, 1h")]
     Duration(String),
+    #[error("duration `{0}` has no unit: write {0}s for seconds (or ms, m, h)")]
+    DurationUnit(String),
+    #[error("duration `{0}` is not positive: give one above zero, e.g. 10s")]
+    DurationNotPositive(String),
+    #[error("{what}: {source}")]
+    Setting {
+        what: &'static str,
+        source: Box<ConfigError>,
+    },
     #[error("{what} must be {rule}, got {value}")]
     OutOfRange {
         what: &'static str,
@@ -39,8 +48,12 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("config file {path} line {line}: {message} (the format: docs/config.md)")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("no process with pid {0}: check the pid (for example with `ps -p {0}`)")]
     NoSuchProcess(u32),
     #[error(
@@ -170,9 +183,14 @@ pub fn parse_signals(list: &str) -> Result<BTreeSet<SignalName>, ConfigError> {
     Ok(signals)
 }
 
-/// Parses `500ms`, `10s`, `2m`, `1h`, `250us` (a bare number means seconds).
+/// Parses a positive duration with its unit: `500ms`, `10s`, `2m`, `1h`, `250us`,
+/// `100ns`. A bare number is refused (`10` could mean anything), as are zero and
+/// negative durations.
 pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
     let text = text.trim();
+    if text.starts_with('-') {
+        return Err(ConfigError::DurationNotPositive(text.to_owned()));
+    }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -180,20 +198,36 @@ pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
     let number: f64 = number
         .parse()
         .map_err(|_| ConfigError::Duration(text.to_owned()))?;
+    if number == 0.0 {
+        return Err(ConfigError::DurationNotPositive(text.to_owned()));
+    }
     let seconds_per_unit = match unit.trim() {
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,
         "ms" => 1e-3,
-        "" | "s" => 1.0,
+        "s" => 1.0,
         "m" | "min" => 60.0,
         "h" => 3600.0,
+        "" => return Err(ConfigError::DurationUnit(text.to_owned())),
         _ => return Err(ConfigError::Duration(text.to_owned())),
     };
     let seconds = number * seconds_per_unit;
-    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
+    if !seconds.is_finite() || seconds > 1e9 {
         return Err(ConfigError::Duration(text.to_owned()));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    let duration = Duration::from_secs_f64(seconds);
+    if duration.is_zero() {
+        return Err(ConfigError::DurationNotPositive(text.to_owned()));
+    }
+    Ok(duration)
+}
+
+/// [`parse_duration`] of the value of `what` (a flag or setting), naming it in errors.
+pub fn parse_duration_of(what: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    parse_duration(text).map_err(|source| ConfigError::Setting {
+        what,
+        source: Box::new(source),
+    })
 }
 
 fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
@@ -228,6 +262,8 @@ pub struct FileConfig {
     pub identity: IdentityFile,
     #[serde(default)]
     pub symbols: SymbolsFile,
+    /// Profile the agent's own threads too (default false: the agent leaves itself out).
+    pub include_agent: Option<bool>,
 }
 
 /// `[symbols]`: how user stacks are symbolized.
@@ -313,9 +349,19 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|err| ConfigError::Parse {
+        Self::parse(&text).map_err(|(line, message)| ConfigError::Parse {
             path: path.to_owned(),
-            message: err.message().to_owned(),
+            line,
+            message,
+        })
+    }
+
+    /// Parses the text of a configuration file; an error carries its line (1-based).
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        toml::from_str(text).map_err(|err: toml::de::Error| {
+            let at = err.span().map_or(0, |span| span.start.min(text.len()));
+            let line = text[..at].matches('\n').count() + 1;
+            (line, err.message().trim_end().to_owned())
         })
     }
 }
@@ -338,6 +384,7 @@ pub struct Overrides {
     pub max_pending: Option<u32>,
     pub drain_interval: Option<String>,
     pub cmdline: bool,
+    pub include_agent: bool,
 }
 
 /// The validated configuration.
@@ -362,6 +409,8 @@ pub struct Config {
     pub read_deadline: Duration,
     /// Binaries with more DWARF (bytes) are symbolized from their symbol tables.
     pub dwarf_max: u64,
+    /// Profile the agent's own process too.
+    pub include_agent: bool,
 }
 
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
@@ -401,7 +450,7 @@ fn threshold(
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     let value = match flag {
-        Some(text) => parse_duration(text)?,
+        Some(text) => parse_duration_of(what, text)?,
         None => file.unwrap_or(default),
     };
     check_range(
@@ -468,7 +517,7 @@ impl Config {
             oncpu_frequency_hz,
         )?;
         let drain_interval = match &flags.drain_interval {
-            Some(text) => parse_duration(text)?,
+            Some(text) => parse_duration_of("--drain-interval", text)?,
             None => file.drain_interval.unwrap_or(DEFAULT_DRAIN_INTERVAL),
         };
         check_range(
@@ -575,6 +624,7 @@ impl Config {
             service_rules: file.identity.service,
             read_deadline,
             dwarf_max: dwarf_max_mb << 20,
+            include_agent: flags.include_agent || file.include_agent.unwrap_or(false),
         })
     }
 
@@ -605,6 +655,7 @@ impl Config {
             tcp_rtt_interval: self.tcp_rtt_interval,
             oncpu_frequency_hz: self.oncpu_frequency_hz,
             target_tgid: self.target_pid,
+            exclude_tgid: (!self.include_agent).then(std::process::id),
             sched_hook: self.sched_hook,
             btf_path: self.btf.clone(),
             map_sizes: self.map_sizes,
@@ -625,16 +676,48 @@ mod tests {
         );
         assert_eq!(parse_duration("2m").expect("m"), Duration::from_secs(120));
         assert_eq!(
-            parse_duration("1.5").expect("bare"),
+            parse_duration("1.5s").expect("fraction"),
             Duration::from_millis(1500)
         );
         assert_eq!(
             parse_duration("250us").expect("us"),
             Duration::from_micros(250)
         );
-        for bad in ["", "ten", "5 parsecs", "-1s", "1e400s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
+        for bad in ["", "ten", "5 parsecs", "1e400s"] {
+            assert!(
+                matches!(parse_duration(bad), Err(ConfigError::Duration(_))),
+                "{bad}"
+            );
         }
+        // A bare number, zero and negative durations each get their own one-line error.
+        let bare = parse_duration("10").expect_err("no unit").to_string();
+        assert_eq!(
+            bare,
+            "duration `10` has no unit: write 10s for seconds (or ms, m, h)"
+        );
+        for not_positive in ["0s", "0", "0.0ms", "-5s", "-1"] {
+            let err = parse_duration(not_positive).expect_err("not positive");
+            assert!(
+                matches!(err, ConfigError::DurationNotPositive(_)),
+                "{not_positive}: {err}"
+            );
+        }
+        let named = parse_duration_of("--duration", "0s").expect_err("zero");
+        assert_eq!(
+            named.to_string(),
+            "--duration: duration `0s` is not positive: give one above zero, e.g. 10s"
+        );
+    }
+
+    #[test]
+    fn parse_errors_carry_the_line() {
+        let text = "drain_interval = \"1s\"\n\n[offcpu]\nstack_threshold = 5\n";
+        let (line, message) = FileConfig::parse(text).expect_err("a number is no duration");
+        assert_eq!(line, 4, "{message}");
+        let (line, message) =
+            FileConfig::parse("[oncpu]\nfrequency_hz = 49\nbogus = 1\n").expect_err("unknown key");
+        assert_eq!(line, 3, "{message}");
+        assert!(message.contains("bogus"), "{message}");
     }
 
     #[test]
@@ -729,6 +812,40 @@ mod tests {
             toml::from_str("[symbols]\ndwarf_max_mb = 100000\n").expect("valid toml");
         let err = Config::build(huge, Overrides::default()).expect_err("out of range");
         assert!(err.to_string().contains("symbols.dwarf_max_mb"), "{err}");
+    }
+
+    /// The TOML blocks of `docs/config.md` (the reference), the README and ARCHITECTURE.
+    fn documented_toml() -> Vec<(&'static str, String)> {
+        let docs = [
+            ("docs/config.md", include_str!("../../docs/config.md")),
+            ("README.md", include_str!("../../README.md")),
+            ("ARCHITECTURE.md", include_str!("../../ARCHITECTURE.md")),
+        ];
+        let mut blocks = Vec::new();
+        for (name, text) in docs {
+            let mut rest = text;
+            while let Some(start) = rest.find("```toml\n") {
+                let body = &rest[start + 8..];
+                let end = body.find("```").expect("closed block");
+                blocks.push((name, body[..end].to_owned()));
+                rest = &body[end + 3..];
+            }
+        }
+        blocks
+    }
+
+    #[test]
+    fn the_reference_parses() {
+        let blocks = documented_toml();
+        assert!(
+            blocks.iter().any(|(name, _)| *name == "docs/config.md"),
+            "docs/config.md has no example"
+        );
+        for (name, block) in blocks {
+            let file = FileConfig::parse(&block)
+                .unwrap_or_else(|(line, err)| panic!("{name}, block line {line}: {err}"));
+            Config::build(file, Overrides::default()).unwrap_or_else(|err| panic!("{name}: {err}"));
+        }
     }
 
     #[test]
