@@ -233,6 +233,32 @@ impl Accumulator {
         violations
     }
 
+    /// Reports [`Self::check_wait_window`] as losses, one per signal it checks.
+    pub(crate) fn report_wait_window(
+        &mut self,
+        meta: &mut stallscope_profile::Meta,
+        totals: &HashMap<TotalKey, TotalValue>,
+    ) {
+        let violations = self.check_wait_window(totals);
+        for &signal in self
+            .signals
+            .iter()
+            .filter(|signal| THREAD_WAIT_SIGNALS.contains(signal))
+        {
+            let broken = violations
+                .iter()
+                .find(|(s, _)| *s == signal)
+                .map_or(0, |(_, count)| *count);
+            meta.losses.insert(
+                format!(
+                    "{}.thread_wait_exceeds_window",
+                    naming::signal_label(signal)
+                ),
+                broken,
+            );
+        }
+    }
+
     /// Starts reading the processes that exist already (all, or the target).
     pub fn discover_processes(&mut self) {
         self.resolver.discover_existing();

@@ -572,24 +572,7 @@ impl Accumulator {
             }
         }
         self.reported_losses.clone_from(&self.losses);
-        let violations = self.check_wait_window(totals);
-        for &signal in self
-            .signals
-            .iter()
-            .filter(|signal| crate::accumulate::THREAD_WAIT_SIGNALS.contains(signal))
-        {
-            let broken = violations
-                .iter()
-                .find(|(s, _)| *s == signal)
-                .map_or(0, |(_, count)| *count);
-            meta.losses.insert(
-                format!(
-                    "{}.thread_wait_exceeds_window",
-                    naming::signal_label(signal)
-                ),
-                broken,
-            );
-        }
+        self.report_wait_window(meta, totals);
         meta.losses.insert(
             "stack_unresolved".to_owned(),
             std::mem::take(&mut self.unresolved_stacks),

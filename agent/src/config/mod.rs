@@ -14,6 +14,13 @@ pub mod cli;
 use serde::Deserialize;
 use thiserror::Error;
 
+mod duration;
+#[cfg(test)]
+mod reference;
+
+use duration::deserialize_duration;
+pub use duration::{parse_duration, parse_duration_of};
+
 use crate::{
     probes::{MapSizes, ProbeSettings, SchedHookChoice},
     process::identity::ServiceRule,
@@ -181,61 +188,6 @@ pub fn parse_signals(list: &str) -> Result<BTreeSet<SignalName>, ConfigError> {
         return Err(ConfigError::NoSignals);
     }
     Ok(signals)
-}
-
-/// Parses a positive duration with its unit: `500ms`, `10s`, `2m`, `1h`, `250us`,
-/// `100ns`. A bare number is refused (`10` could mean anything), as are zero and
-/// negative durations.
-pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
-    let text = text.trim();
-    if text.starts_with('-') {
-        return Err(ConfigError::DurationNotPositive(text.to_owned()));
-    }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| ConfigError::Duration(text.to_owned()))?;
-    if number == 0.0 {
-        return Err(ConfigError::DurationNotPositive(text.to_owned()));
-    }
-    let seconds_per_unit = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        "" => return Err(ConfigError::DurationUnit(text.to_owned())),
-        _ => return Err(ConfigError::Duration(text.to_owned())),
-    };
-    let seconds = number * seconds_per_unit;
-    if !seconds.is_finite() || seconds > 1e9 {
-        return Err(ConfigError::Duration(text.to_owned()));
-    }
-    let duration = Duration::from_secs_f64(seconds);
-    if duration.is_zero() {
-        return Err(ConfigError::DurationNotPositive(text.to_owned()));
-    }
-    Ok(duration)
-}
-
-/// [`parse_duration`] of the value of `what` (a flag or setting), naming it in errors.
-pub fn parse_duration_of(what: &'static str, text: &str) -> Result<Duration, ConfigError> {
-    parse_duration(text).map_err(|source| ConfigError::Setting {
-        what,
-        source: Box::new(source),
-    })
-}
-
-fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Duration>, D::Error> {
-    let text = Option::<String>::deserialize(deserializer)?;
-    text.map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
-        .transpose()
 }
 
 /// The TOML configuration file. Every field is optional; flags override it.
@@ -668,59 +620,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s").expect("10s"), Duration::from_secs(10));
-        assert_eq!(
-            parse_duration("500ms").expect("ms"),
-            Duration::from_millis(500)
-        );
-        assert_eq!(parse_duration("2m").expect("m"), Duration::from_secs(120));
-        assert_eq!(
-            parse_duration("1.5s").expect("fraction"),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            parse_duration("250us").expect("us"),
-            Duration::from_micros(250)
-        );
-        for bad in ["", "ten", "5 parsecs", "1e400s"] {
-            assert!(
-                matches!(parse_duration(bad), Err(ConfigError::Duration(_))),
-                "{bad}"
-            );
-        }
-        // A bare number, zero and negative durations each get their own one-line error.
-        let bare = parse_duration("10").expect_err("no unit").to_string();
-        assert_eq!(
-            bare,
-            "duration `10` has no unit: write 10s for seconds (or ms, m, h)"
-        );
-        for not_positive in ["0s", "0", "0.0ms", "-5s", "-1"] {
-            let err = parse_duration(not_positive).expect_err("not positive");
-            assert!(
-                matches!(err, ConfigError::DurationNotPositive(_)),
-                "{not_positive}: {err}"
-            );
-        }
-        let named = parse_duration_of("--duration", "0s").expect_err("zero");
-        assert_eq!(
-            named.to_string(),
-            "--duration: duration `0s` is not positive: give one above zero, e.g. 10s"
-        );
-    }
-
-    #[test]
-    fn parse_errors_carry_the_line() {
-        let text = "drain_interval = \"1s\"\n\n[offcpu]\nstack_threshold = 5\n";
-        let (line, message) = FileConfig::parse(text).expect_err("a number is no duration");
-        assert_eq!(line, 4, "{message}");
-        let (line, message) =
-            FileConfig::parse("[oncpu]\nfrequency_hz = 49\nbogus = 1\n").expect_err("unknown key");
-        assert_eq!(line, 3, "{message}");
-        assert!(message.contains("bogus"), "{message}");
-    }
-
-    #[test]
     fn signals() {
         let all = parse_signals("offcpu, on-cpu,runqueue,lock,syscall,disk").expect("valid");
         assert_eq!(all.len(), 6);
@@ -812,40 +711,6 @@ mod tests {
             toml::from_str("[symbols]\ndwarf_max_mb = 100000\n").expect("valid toml");
         let err = Config::build(huge, Overrides::default()).expect_err("out of range");
         assert!(err.to_string().contains("symbols.dwarf_max_mb"), "{err}");
-    }
-
-    /// The TOML blocks of `docs/config.md` (the reference), the README and ARCHITECTURE.
-    fn documented_toml() -> Vec<(&'static str, String)> {
-        let docs = [
-            ("docs/config.md", include_str!("../../docs/config.md")),
-            ("README.md", include_str!("../../README.md")),
-            ("ARCHITECTURE.md", include_str!("../../ARCHITECTURE.md")),
-        ];
-        let mut blocks = Vec::new();
-        for (name, text) in docs {
-            let mut rest = text;
-            while let Some(start) = rest.find("```toml\n") {
-                let body = &rest[start + 8..];
-                let end = body.find("```").expect("closed block");
-                blocks.push((name, body[..end].to_owned()));
-                rest = &body[end + 3..];
-            }
-        }
-        blocks
-    }
-
-    #[test]
-    fn the_reference_parses() {
-        let blocks = documented_toml();
-        assert!(
-            blocks.iter().any(|(name, _)| *name == "docs/config.md"),
-            "docs/config.md has no example"
-        );
-        for (name, block) in blocks {
-            let file = FileConfig::parse(&block)
-                .unwrap_or_else(|(line, err)| panic!("{name}, block line {line}: {err}"));
-            Config::build(file, Overrides::default()).unwrap_or_else(|err| panic!("{name}: {err}"));
-        }
     }
 
     #[test]
