@@ -7,11 +7,13 @@
 
 use agent_common::{LockKind, Signal};
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 
 use crate::{
-    maps::{config, wanted_current},
+    maps::{config, wanted},
     threads::{current_task, thread_of, thread_or_create},
 };
 
@@ -32,7 +34,7 @@ fn read_at<T: Default>(base: u64, offset: u32) -> T {
 /// wait), or forgets it when the attempt got the lock or gave up.
 #[inline(always)]
 fn note_request(ctx: &BtfTracePointContext, kind: LockKind, inode: u64, request: u64, ret: i32) {
-    if !wanted_current() {
+    if !wanted((bpf_get_current_pid_tgid() >> 32) as u32) {
         return;
     }
     if ret != FILE_LOCK_DEFERRED {
@@ -52,13 +54,15 @@ fn note_request(ctx: &BtfTracePointContext, kind: LockKind, inode: u64, request:
     let sb = read_at::<u64>(inode, config!(inode_sb_offset));
     thread.file_lock_dev = read_at::<u32>(sb, config!(sb_dev_offset));
     // The request waits behind `flc_blocker`: the lock holding it up (or a request queued
-    // ahead of it that conflicts), whose `flc_pid` is its owner's process.
+    // ahead of it that conflicts), whose `flc_pid` is its owner's process. Open file
+    // description locks belong to no process (`flc_pid` -1): unknown.
     thread.file_lock_holder = if request == 0 {
         0
     } else {
         let core = request + u64::from(config!(file_lock_core_offset));
         let blocker = read_at::<u64>(core, config!(flc_blocker_offset));
-        read_at::<u32>(blocker, config!(flc_pid_offset))
+        let pid = read_at::<i32>(blocker, config!(flc_pid_offset));
+        if pid > 0 { pid as u32 } else { 0 }
     };
 }
 

@@ -113,14 +113,13 @@ pub fn wanted(tgid: u32) -> bool {
     }
 }
 
-/// Whether the probes measure the current process; asks for its ids only when a process
-/// is targeted or excluded.
+/// Whether the current process is the one `record --pid` names (or none is named); asks
+/// for its ids only when one is. It does not leave the agent itself out: hot paths check
+/// [`wanted`] on the thread state's tgid instead of asking for the ids on every event.
 #[inline(always)]
-pub fn wanted_current() -> bool {
-    if config!(target_tgid) == 0 && config!(exclude_tgid) == 0 {
-        return true;
-    }
-    wanted((aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32)
+pub fn wanted_target_current() -> bool {
+    let target: u32 = config!(target_tgid);
+    target == 0 || (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32 == target
 }
 
 /// The generation programs write into; read once per program run.

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use crate::{
     maps::{
         SLOT_SYSCALL, add_sample, capture_current_stack, config, flush_syscall_slot, generation,
-        wanted_current, wants,
+        wanted, wanted_target_current, wants,
     },
     threads::{current_task, thread_of, thread_or_create},
 };
@@ -49,7 +49,7 @@ const ARG1_OFFSET: usize = 8;
 /// `sys_enter(struct pt_regs *regs, long id)`.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
-    if !wanted_current() {
+    if !wanted_target_current() {
         return 0;
     }
     let task = current_task();
@@ -62,6 +62,10 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     let Some(thread) = thread_or_create(&ctx, Signal::Syscall, task, true) else {
         return 0;
     };
+    if !wanted(thread.tgid) {
+        // The agent itself.
+        return 0;
+    }
     // SAFETY: helper without arguments.
     thread.syscall_since_ns = unsafe { bpf_ktime_get_ns() };
     thread.syscall_nr = id as u32;
