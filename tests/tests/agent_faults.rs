@@ -139,6 +139,10 @@ fn a_full_spool_disk_drops_the_oldest_counts_exactly_and_keeps_profiling() {
         .cloned()
         .expect("one agent");
     let stored = info["batches"].as_u64().expect("batches");
+    eprintln!(
+        "closed {} batches: {stored} stored, {} dropped (collector: {})",
+        summary.batches, summary.dropped_total, info["spool_dropped_total"]
+    );
     assert!(summary.dropped_total >= 6, "{summary:?}");
     assert_eq!(
         stored + summary.dropped_total,
@@ -188,6 +192,7 @@ fn a_silent_collector_does_not_hold_the_exit_past_the_flush_timeout() {
         .wait(Duration::from_secs(60))
         .expect("the agent exits by itself");
     let took = started.elapsed();
+    eprintln!("exited {took:?} after attaching (5 s run, 5 s flush timeout)");
     assert!(exit.status.success(), "{}", exit.stderr);
     let exit = exit.stderr;
     // 5 s of recording, at most 5 s of flushing, and the closing batch.

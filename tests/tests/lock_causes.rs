@@ -59,6 +59,11 @@ fn rust_mutex_contention_is_lock_without_any_user_frame_saying_so() {
     let expected = number(&exit.workload, "mutex_wait_ns");
     let off = value_index(&profile, "off_cpu", "nanoseconds");
     let as_lock = profile.total_where(off, |s| contended(s) && label(s, "cause") == "lock") as f64;
+    eprintln!(
+        "std Mutex, no DWARF, default signals: cause=lock {:.3} s, workload {:.3} s",
+        as_lock / 1e9,
+        expected / 1e9
+    );
     assert!(
         within(as_lock, expected, 0.15),
         "contenders' off-CPU time with cause=lock: {:.3} s, the workload waited {:.3} s for the lock",
@@ -79,6 +84,11 @@ fn rust_mutex_contention_is_lock_without_any_user_frame_saying_so() {
     let contention = profile.total_where(lock, |s| {
         contended(s) && label(s, "signal") == "lock" && label(s, "lock_wait") == "contention"
     }) as f64;
+    eprintln!(
+        "std Mutex, no DWARF, lock signal: contention {:.3} s, workload {:.3} s",
+        contention / 1e9,
+        expected / 1e9
+    );
     assert!(
         within(contention, expected, 0.10),
         "lock contention {:.3} s, the workload waited {:.3} s",
@@ -118,6 +128,11 @@ fn file_lock_waits(mode: &str, kind: &str) {
         .filter(|s| waiter(s) && label(s, "signal") == "lock" && label(s, "lock_kind") == kind)
         .collect();
     let measured: f64 = file_waits.iter().map(|s| s.values[lock] as f64).sum();
+    eprintln!(
+        "{mode}: lock signal {:.3} s of {kind}, workload {:.3} s, holder {holder}, inode {inode}",
+        measured / 1e9,
+        expected / 1e9
+    );
     assert!(
         within(measured, expected, 0.10),
         "{mode}: lock signal {:.3} s of {kind} waits, the workload waited {:.3} s",
@@ -143,6 +158,7 @@ fn file_lock_waits(mode: &str, kind: &str) {
     }
     let off = value_index(&profile, "off_cpu", "nanoseconds");
     let as_lock = profile.total_where(off, |s| waiter(s) && label(s, "cause") == "lock") as f64;
+    eprintln!("{mode}: off-CPU cause=lock {:.3} s", as_lock / 1e9);
     assert!(
         within(as_lock, expected, 0.15),
         "{mode}: off-CPU cause=lock {:.3} s, the workload waited {:.3} s",
@@ -259,6 +275,13 @@ fn concurrent_recordings_hold_the_wait_invariant_and_the_truth() {
         let contention = profile.total_where(lock, |s| {
             contended(s) && label(s, "signal") == "lock" && label(s, "lock_wait") == "contention"
         }) as f64;
+        eprintln!(
+            "agent {index}: contention {:.3} s, workload {:.3} s, {} threads, profile {:.3} s",
+            contention / 1e9,
+            expected / 1e9,
+            lock_per_thread(&profile).len(),
+            duration as f64 / 1e9
+        );
         assert!(
             within(contention, expected, 0.10),
             "agent {index}: lock contention {:.3} s, its workload waited {:.3} s",

@@ -93,7 +93,10 @@ fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SpoolError
         let _ = fs::remove_file(&temp);
         return Err(err);
     }
-    fs::rename(&temp, path).map_err(io(path))?;
+    if let Err(err) = fs::rename(&temp, path) {
+        let _ = fs::remove_file(&temp);
+        return Err(io(path)(err));
+    }
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
