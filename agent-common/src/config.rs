@@ -47,7 +47,9 @@ pub struct ProbeConfig {
     pub futex_nr: u32,
     pub futex_wait_nr: u32,
     pub futex_waitv_nr: u32,
-    pub pad: u32,
+    /// This process (tgid) is not measured when every process is (the agent itself);
+    /// zero excludes nothing.
+    pub exclude_tgid: u32,
     /// 1 when BTF gave every offset of the fd walk (`files`, `fdt`, `fd`, `max_fds`,
     /// `f_inode`, `i_mode`; several of them are legitimately zero).
     pub fd_walk: u32,
@@ -75,7 +77,22 @@ pub struct ProbeConfig {
     /// The `skb_drop_reason` value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` on this
     /// kernel (`u32::MAX` if it has none).
     pub listen_overflow_reason: u32,
-    pub pad2: u32,
+    /// Syscall numbers of `flock` and `fcntl` (`u32::MAX` where there is none): a
+    /// deferred file lock request is waited for inside one of them.
+    pub flock_nr: u32,
+    pub fcntl_nr: u32,
+    /// Offsets for file locks: `struct file_lock`'s `c` (its `struct file_lock_core`,
+    /// 6.9+; zero before, when the fields sit in `file_lock` itself), and in that core
+    /// `flc_blocker` and `flc_pid`; `i_ino` and `i_sb` of `struct inode`, `s_dev` of
+    /// `struct super_block`.
+    pub file_lock_core_offset: u32,
+    pub flc_blocker_offset: u32,
+    pub flc_pid_offset: u32,
+    pub inode_ino_offset: u32,
+    pub inode_sb_offset: u32,
+    pub sb_dev_offset: u32,
+    /// 1 when BTF gave every file-lock offset above.
+    pub file_lock_walk: u32,
 }
 
 impl ProbeConfig {
@@ -104,7 +121,7 @@ impl ProbeConfig {
         futex_nr: u32::MAX,
         futex_wait_nr: u32::MAX,
         futex_waitv_nr: u32::MAX,
-        pad: 0,
+        exclude_tgid: 0,
         fd_walk: 0,
         file_private_data_offset: 0,
         socket_sk_offset: 0,
@@ -121,7 +138,15 @@ impl ProbeConfig {
         ephemeral_port_lo: 32768,
         ephemeral_port_hi: 60999,
         listen_overflow_reason: u32::MAX,
-        pad2: 0,
+        flock_nr: u32::MAX,
+        fcntl_nr: u32::MAX,
+        file_lock_core_offset: 0,
+        flc_blocker_offset: 0,
+        flc_pid_offset: 0,
+        inode_ino_offset: 0,
+        inode_sb_offset: 0,
+        sb_dev_offset: 0,
+        file_lock_walk: 0,
     };
 
     /// Whether `signal` is enabled.

@@ -173,10 +173,16 @@ pub enum LockKind {
     /// User-space priority-inheritance futex lock (`FUTEX_LOCK_PI`, `FUTEX_LOCK_PI2`).
     FutexPi = 7,
     Other = 8,
+    /// A whole-file lock (`flock`) held by another open file.
+    FileFlock = 9,
+    /// A POSIX record lock (`fcntl` `F_SETLKW`, `F_OFD_SETLKW`, `lockf`).
+    FilePosix = 10,
+    /// A file lease being broken (an `open` or `truncate` waiting for the lease holder).
+    FileLease = 11,
 }
 
 impl LockKind {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::Spin,
         Self::Mutex,
         Self::RwsemRead,
@@ -186,7 +192,15 @@ impl LockKind {
         Self::Futex,
         Self::FutexPi,
         Self::Other,
+        Self::FileFlock,
+        Self::FilePosix,
+        Self::FileLease,
     ];
+
+    /// A lock on a file (the lock object is an inode).
+    pub const fn is_file(self) -> bool {
+        matches!(self, Self::FileFlock | Self::FilePosix | Self::FileLease)
+    }
 
     pub const fn from_u8(value: u8) -> Option<Self> {
         match value {
@@ -199,6 +213,9 @@ impl LockKind {
             6 => Some(Self::Futex),
             7 => Some(Self::FutexPi),
             8 => Some(Self::Other),
+            9 => Some(Self::FileFlock),
+            10 => Some(Self::FilePosix),
+            11 => Some(Self::FileLease),
             _ => None,
         }
     }

@@ -41,13 +41,15 @@ assert_no_padding! {
     SampleValue { ns, count, est_ns, est_count_fp, tail_ns }
     StackTrace { len, flags, ips }
     ThreadState {
-        off_since_ns, woken_ns, lock_since_ns, lock_addr, syscall_since_ns, futex_uaddr, tgid,
-        tid, syscall_nr, pad32, state, flags, lock_kind, wait_hint, futex_kind, pad,
+        off_since_ns, woken_ns, lock_since_ns, lock_addr, syscall_since_ns, futex_uaddr,
+        file_lock_ino, tgid, tid, syscall_nr, pad32, file_lock_dev, file_lock_holder, state,
+        flags, lock_kind, wait_hint, futex_kind, file_lock_kind, pad,
     }
     TpThreadState { off_since_ns, tgid, state, pad, kstack, ustack }
     PendingWait {
         wait_ns, tail_ns, est_ns, est_count_fp, user_ip, user_sp, futex_uaddr, lock_ns,
-        lock_est_ns, tgid, pad32, state, flags, wait_hint, futex_kind, pad, kstack,
+        lock_est_ns, tgid, pad32, lock_dev, lock_holder, state, flags, wait_hint, futex_kind,
+        pad, kstack,
     }
     DiskRequestKey { dev, pad, sector }
     DiskRequest { start_ns, issue_ns, kstack, ustack, tgid, tid, op, flags, pad }
@@ -57,11 +59,12 @@ assert_no_padding! {
         signals, task_pid_offset, task_tgid_offset, task_flags_offset, task_rseq_offset,
         task_files_offset, files_fdt_offset, fdt_fd_offset, fdt_max_fds_offset,
         file_inode_offset, inode_mode_offset, tp_prev_state_offset, tp_next_pid_offset,
-        tp_block_rwbs_offset, futex_nr, futex_wait_nr, futex_waitv_nr, pad, fd_walk,
+        tp_block_rwbs_offset, futex_nr, futex_wait_nr, futex_waitv_nr, exclude_tgid, fd_walk,
         file_private_data_offset, socket_sk_offset, sk_daddr_offset, sk_dport_offset,
         sk_num_offset, sk_family_offset, sk_state_offset, sk_v6_daddr_offset, sk_err_offset,
         sk_protocol_offset, tcp_srtt_offset, sock_walk, ephemeral_port_lo, ephemeral_port_hi,
-        listen_overflow_reason, pad2,
+        listen_overflow_reason, flock_nr, fcntl_nr, file_lock_core_offset, flc_blocker_offset,
+        flc_pid_offset, inode_ino_offset, inode_sb_offset, sb_dev_offset, file_lock_walk,
     }
     Peer { addr, remote_port, local_port, family, direction, flags, pad }
     SocketInfo { connect_start_ns, last_rtt_ns, kstack, ustack, tgid, tid, peer_id, direction, pad }
@@ -73,10 +76,10 @@ const _: () = assert!(size_of::<TotalValue>() == 8 * (4 + HIST_BUCKETS));
 const _: () = assert!(size_of::<SampleKey>() == 56);
 const _: () = assert!(size_of::<SampleValue>() == 40);
 const _: () = assert!(size_of::<StackTrace>() == 8 + 8 * MAX_STACK_DEPTH);
-const _: () = assert!(size_of::<ThreadState>() == 72);
+const _: () = assert!(size_of::<ThreadState>() == 7 * 8 + 6 * 4 + 8);
 const _: () = assert!(size_of::<TpThreadState>() == 32);
 const _: () = assert!(size_of::<DiskRequestKey>() == 16);
 const _: () = assert!(size_of::<DiskRequest>() == 48);
-const _: () = assert!(size_of::<ProbeConfig>() == 6 * 8 + 36 * 4);
+const _: () = assert!(size_of::<ProbeConfig>() == 6 * 8 + 44 * 4);
 const _: () = assert!(size_of::<Peer>() == 24);
 const _: () = assert!(size_of::<SocketInfo>() == 48);

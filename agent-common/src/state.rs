@@ -15,14 +15,21 @@ pub struct ThreadState {
     pub lock_addr: u64,
     /// Start of the syscall in progress (syscall signal); zero if none.
     pub syscall_since_ns: u64,
-    /// The futex the thread waited on when it was switched out (lock signal); zero if it
-    /// was not in a futex wait.
+    /// The user-space lock the thread waited on when it was switched out (lock signal):
+    /// the futex address, or the inode number of a file lock; zero if none.
     pub futex_uaddr: u64,
+    /// The inode number of the file lock the kernel deferred this thread's request for
+    /// (set by the file-lock tracepoints, cleared at the request's next attempt).
+    pub file_lock_ino: u64,
     pub tgid: u32,
     pub tid: u32,
     /// Number of the syscall in progress.
     pub syscall_nr: u32,
     pub pad32: u32,
+    /// The device (kernel `dev_t`) of that file's filesystem.
+    pub file_lock_dev: u32,
+    /// The process holding (or queued ahead for) the conflicting lock; zero if unknown.
+    pub file_lock_holder: u32,
     /// The [`crate::OffCpuState`] at switch-out.
     pub state: u8,
     /// `THREAD_*` bits.
@@ -31,16 +38,34 @@ pub struct ThreadState {
     pub lock_kind: u8,
     /// `WAIT_HINT_*`: what the thread was known to wait for at switch-out.
     pub wait_hint: u8,
-    /// The [`crate::LockKind`] of the futex wait (`Futex` or `FutexPi`).
+    /// The [`crate::LockKind`] of the user-space lock wait (`Futex`, `FutexPi`, `File*`).
     pub futex_kind: u8,
-    pub pad: [u8; 3],
+    /// The [`crate::LockKind`] of the deferred file lock request; zero if none.
+    pub file_lock_kind: u8,
+    pub pad: [u8; 2],
 }
 
-/// [`ThreadState::wait_hint`], and `detail` of off-CPU keys: nothing known.
+/// [`ThreadState::wait_hint`], and `detail` of off-CPU keys (and of lock samples of
+/// user-space locks): nothing known.
 pub const WAIT_HINT_NONE: u8 = 0;
 /// The thread was switched out inside a kernel lock contention (seen by the lock signal's
 /// `contention_begin`): the scheduler frames of such waits are not in task stacks.
 pub const WAIT_HINT_KERNEL_LOCK: u8 = 1;
+/// Switched out in a futex wait that acquires a lock, as the kernel saw the call:
+/// `FUTEX_LOCK_PI`, or a wait for a futex word holding 2, the "locked, with waiters"
+/// state of the three-state mutex that glibc's locks, Rust's `std::sync::Mutex`, Go's
+/// runtime locks (and most futex mutexes) use. Condition variables, parkers, joins and
+/// semaphores wait on other values (sequence counters, 0, -1, a thread id).
+pub const WAIT_HINT_FUTEX_LOCK: u8 = 2;
+/// Switched out in another futex wait: the call alone does not tell a lock from a
+/// condition or a parker, the waiter's user stack decides.
+pub const WAIT_HINT_FUTEX: u8 = 3;
+/// Switched out waiting on a priority-inheritance condition variable
+/// (`FUTEX_WAIT_REQUEUE_PI`): waiting for a signal, not for a lock.
+pub const WAIT_HINT_FUTEX_CONDVAR: u8 = 4;
+/// Switched out waiting for a file lock (`flock`, `fcntl` record locks, a lease break),
+/// as the kernel's file-lock tracepoints saw it deferred.
+pub const WAIT_HINT_FILE_LOCK: u8 = 5;
 
 /// [`ThreadState::flags`]: a sampled wait of this thread waits in the pending table for
 /// its user stack.
@@ -93,11 +118,14 @@ pub struct PendingWait {
     pub lock_est_ns: u64,
     pub tgid: u32,
     pub pad32: u32,
+    /// A file lock's device and holder (see [`ThreadState`]).
+    pub lock_dev: u32,
+    pub lock_holder: u32,
     pub state: u8,
     pub flags: u8,
     /// `WAIT_HINT_*` at switch-out.
     pub wait_hint: u8,
-    /// The [`crate::LockKind`] of the futex wait.
+    /// The [`crate::LockKind`] of the user-space lock wait.
     pub futex_kind: u8,
     pub pad: [u8; 4],
     /// The kernel stack of the thread where it blocked, taken at switch-in.

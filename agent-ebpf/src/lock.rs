@@ -61,17 +61,20 @@ pub fn contention_end_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let since = thread.lock_since_ns;
-    thread.lock_since_ns = 0;
-    if since > now {
-        return 0;
+    if since <= now {
+        record_wait(
+            &ctx,
+            (thread.tgid, thread.tid),
+            thread.lock_kind,
+            lock,
+            now - since,
+        );
     }
-    record_wait(
-        &ctx,
-        (thread.tgid, thread.tid),
-        thread.lock_kind,
-        lock,
-        now - since,
-    );
+    // Cleared last: an interrupt that contends a lock while this program runs sees the
+    // contention in progress and leaves the thread's state alone. (Its own
+    // `contention_end` cannot run while this program does, so a `contention_begin` it
+    // recorded would never end, and a much later end of that lock would count from it.)
+    thread.lock_since_ns = 0;
     0
 }
 

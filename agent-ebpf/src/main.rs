@@ -8,6 +8,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod filelock;
 mod io;
 mod kernel;
 mod lock;

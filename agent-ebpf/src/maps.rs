@@ -101,17 +101,23 @@ const SCRATCH_SLOTS: u32 = 7;
 const EEXIST: i32 = 17;
 const EBUSY: i32 = 16;
 
-/// Whether the probes measure this process (all, or the one `record --pid` names).
+/// Whether the probes measure this process: the one `record --pid` names, else every
+/// process but the agent itself (unless it asked to be included).
 #[inline(always)]
 pub fn wanted(tgid: u32) -> bool {
     let target = config!(target_tgid);
-    target == 0 || target == tgid
+    if target != 0 {
+        target == tgid
+    } else {
+        tgid != config!(exclude_tgid)
+    }
 }
 
-/// Whether the probes measure the current process; asks for its ids only when one
-/// process is targeted.
+/// Whether the current process is the one `record --pid` names (or none is named); asks
+/// for its ids only when one is. It does not leave the agent itself out: hot paths check
+/// [`wanted`] on the thread state's tgid instead of asking for the ids on every event.
 #[inline(always)]
-pub fn wanted_current() -> bool {
+pub fn wanted_target_current() -> bool {
     let target: u32 = config!(target_tgid);
     target == 0 || (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32 == target
 }

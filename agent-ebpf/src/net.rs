@@ -169,8 +169,7 @@ fn register(peer: &Peer) -> u32 {
 /// whose owner is not known yet are measured only when every process is.
 #[inline(always)]
 fn wanted_owner(tgid: u32) -> bool {
-    let target = config!(target_tgid);
-    target == 0 || target == tgid
+    crate::maps::wanted(tgid)
 }
 
 /// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.

@@ -5,15 +5,14 @@
 use agent_common::{SampleKey, SampleValue, Signal};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::perf_event, programs::PerfEventContext};
 
-use crate::maps::{SLOT_PERF, add_sample, capture_current_stack, config, generation};
+use crate::maps::{SLOT_PERF, add_sample, capture_current_stack, generation, wanted};
 
 #[perf_event]
 pub fn oncpu_sample(ctx: PerfEventContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
-    let target = config!(target_tgid);
-    if tid == 0 || (target != 0 && target != tgid) {
+    if tid == 0 || !wanted(tgid) {
         return 0;
     }
     // SAFETY: the context is the kernel's `bpf_perf_event_data`; reading `sample_period`

@@ -8,7 +8,7 @@ use agent_common::{Signal, THREAD_IN_SYSCALL};
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 
 use crate::{
-    maps::{generation, wanted_current, wants},
+    maps::{generation, wanted, wanted_target_current, wants},
     net::{is_socket_syscall, socket_wait},
     syscall::syscall_latency,
     threads::{current_task, thread_of, thread_or_create},
@@ -17,7 +17,7 @@ use crate::{
 /// `sys_enter(struct pt_regs *regs, long id)`.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
-    if !wanted_current() {
+    if !wanted_target_current() {
         return 0;
     }
     let task = current_task();
@@ -30,6 +30,10 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     let Some(thread) = thread_or_create(&ctx, Signal::Syscall, task, true) else {
         return 0;
     };
+    if !wanted(thread.tgid) {
+        // The agent itself.
+        return 0;
+    }
     // SAFETY: helper without arguments.
     thread.syscall_since_ns = unsafe { bpf_ktime_get_ns() };
     thread.syscall_nr = id as u32;

@@ -16,14 +16,17 @@
 //! wait, and the off-CPU wait records that part as its runnable tail.
 //!
 //! User-space lock waits: a thread switched out inside a futex syscall (its saved user
-//! registers say which syscall, and which futex) waits on that futex; the blocked part of
-//! the wait is a lock wait, sampled and attributed with the same stacks.
+//! registers say which syscall, which futex, which operation and value) waits on that
+//! futex; one with a file lock request the kernel deferred (`filelock.rs`) waits for that
+//! file. The blocked part of the wait is a lock wait, sampled and attributed with the
+//! same stacks; the kernel's evidence of what the wait is for travels as its wait hint.
 
 use agent_common::{
     EST_COUNT_FP_SHIFT, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_OFFCPU,
     FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, LockKind, Loss, NO_STACK, OffCpuState, PendingWait,
     RunQueueKind, SampleKey, SampleValue, Signal, StackTrace, THREAD_HAS_RSEQ, THREAD_KERNEL,
-    THREAD_PENDING, THREAD_USER_SNAPSHOT, ThreadState, TotalKey, WAIT_HINT_KERNEL_LOCK,
+    THREAD_PENDING, THREAD_USER_SNAPSHOT, ThreadState, TotalKey, WAIT_HINT_FILE_LOCK,
+    WAIT_HINT_FUTEX, WAIT_HINT_FUTEX_CONDVAR, WAIT_HINT_FUTEX_LOCK, WAIT_HINT_KERNEL_LOCK,
     WAIT_HINT_NONE,
 };
 use aya_ebpf::{
@@ -91,13 +94,42 @@ const FUTEX_LOCK_PI: u64 = 6;
 const FUTEX_WAIT_BITSET: u64 = 9;
 const FUTEX_WAIT_REQUEUE_PI: u64 = 11;
 const FUTEX_LOCK_PI2: u64 = 13;
+/// The futex word of a three-state mutex that is locked and has waiters: a thread that
+/// waits for the word to change from this value waits to acquire a lock.
+const MUTEX_LOCKED_WITH_WAITERS: u32 = 2;
 
-/// The futex the current thread waits on, if it is inside a futex wait syscall: from its
-/// saved user registers (a syscall entry saves the return address in both `cx` and `ip`
-/// and the flags in both `r11` and `flags`, which tells it apart from an interrupt).
+/// A user-space lock wait as the kernel sees it at switch-out.
+struct UserWait {
+    /// The futex address, or the file's inode number.
+    object: u64,
+    kind: LockKind,
+    /// `WAIT_HINT_*`: the kernel's evidence of what the wait is for.
+    hint: u8,
+}
+
+/// The evidence of a futex wait for the word to change from `value`.
+#[inline(always)]
+fn futex_wait(uaddr: u64, value: u32) -> UserWait {
+    UserWait {
+        object: uaddr,
+        kind: LockKind::Futex,
+        hint: if value == MUTEX_LOCKED_WITH_WAITERS {
+            WAIT_HINT_FUTEX_LOCK
+        } else {
+            WAIT_HINT_FUTEX
+        },
+    }
+}
+
+/// What the current thread waits for, if it is inside a futex wait syscall or waits for
+/// a file lock the kernel deferred (`file_lock`: the thread's note of it, kind and
+/// inode): from its saved user registers (a syscall entry saves the return address in
+/// both `cx` and `ip` and the flags in both `r11` and `flags`, which tells it apart from
+/// an interrupt). The futex operation and the value waited on tell a lock acquire from
+/// other waits.
 #[cfg(not(bpf_target_arch = "aarch64"))]
 #[inline(always)]
-fn futex_wait_of(task: *mut task_struct) -> Option<(u64, LockKind)> {
+fn user_wait_of(task: *mut task_struct, file_lock: (u8, u64)) -> Option<UserWait> {
     // SAFETY: `task` is the current task's BTF pointer.
     let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
     if regs.is_null() {
@@ -106,25 +138,55 @@ fn futex_wait_of(task: *mut task_struct) -> Option<(u64, LockKind)> {
     // SAFETY: a fault-tolerant read of the saved user registers.
     let block: [u64; regs::SYSCALL_BLOCK_LEN] =
         unsafe { bpf_probe_read_kernel(regs.add(regs::SYSCALL_BLOCK_OFFSET).cast()) }.ok()?;
-    let [r11, _, _, _, _, cx, _, si, di, orig_ax, ip, cs, flags] = block;
+    let [r11, _, _, _, _, cx, dx, si, di, orig_ax, ip, cs, flags] = block;
     if cs & 3 != 3 || cx != ip || r11 != flags {
         return None;
     }
     let nr = orig_ax as u32;
+    let (file_kind, inode) = file_lock;
+    // A deferred flock or record lock is waited for inside `flock` or `fcntl` (a request
+    // interrupted by a signal leaves its note behind: outside them it means nothing); a
+    // lease is waited for between two tracepoints that always fire.
+    if file_kind != 0
+        && (file_kind == LockKind::FileLease as u8
+            || nr == config!(flock_nr)
+            || nr == config!(fcntl_nr))
+    {
+        return Some(UserWait {
+            object: inode,
+            kind: LockKind::from_u8(file_kind).unwrap_or(LockKind::Other),
+            hint: WAIT_HINT_FILE_LOCK,
+        });
+    }
     if nr == config!(futex_nr) {
+        // futex(uaddr, op, val, ...)
         match si & FUTEX_CMD_MASK {
-            FUTEX_WAIT | FUTEX_WAIT_BITSET | FUTEX_WAIT_REQUEUE_PI => Some((di, LockKind::Futex)),
-            FUTEX_LOCK_PI | FUTEX_LOCK_PI2 => Some((di, LockKind::FutexPi)),
+            FUTEX_WAIT | FUTEX_WAIT_BITSET => Some(futex_wait(di, dx as u32)),
+            FUTEX_WAIT_REQUEUE_PI => Some(UserWait {
+                object: di,
+                kind: LockKind::Futex,
+                hint: WAIT_HINT_FUTEX_CONDVAR,
+            }),
+            FUTEX_LOCK_PI | FUTEX_LOCK_PI2 => Some(UserWait {
+                object: di,
+                kind: LockKind::FutexPi,
+                hint: WAIT_HINT_FUTEX_LOCK,
+            }),
             _ => None,
         }
     } else if nr == config!(futex_wait_nr) {
-        Some((di, LockKind::Futex))
+        // futex_wait(uaddr, val, mask, flags, timeout, clockid)
+        Some(futex_wait(di, si as u32))
     } else if nr == config!(futex_waitv_nr) {
         // `struct futex_waitv { u64 val; u64 uaddr; ... }`: the first futex's address, read
         // in the waiter's own context.
         // SAFETY: a fault-tolerant read of the current thread's own memory.
         let uaddr = unsafe { bpf_probe_read_user((di + 8) as *const u64) }.ok()?;
-        Some((uaddr, LockKind::Futex))
+        Some(UserWait {
+            object: uaddr,
+            kind: LockKind::Futex,
+            hint: WAIT_HINT_FUTEX,
+        })
     } else {
         None
     }
@@ -132,7 +194,7 @@ fn futex_wait_of(task: *mut task_struct) -> Option<(u64, LockKind)> {
 
 #[cfg(bpf_target_arch = "aarch64")]
 #[inline(always)]
-fn futex_wait_of(_task: *mut task_struct) -> Option<(u64, LockKind)> {
+fn user_wait_of(_task: *mut task_struct, _file_lock: (u8, u64)) -> Option<UserWait> {
     None
 }
 
@@ -285,13 +347,21 @@ fn switch_out(
         WAIT_HINT_NONE
     };
     thread.futex_uaddr = 0;
-    if wants(Signal::Lock)
+    let want_lock = wants(Signal::Lock);
+    if (want_lock || wants(Signal::OffCpu))
         && thread.state != OffCpuState::Runnable as u8
         && thread.flags & THREAD_KERNEL == 0
-        && let Some((uaddr, kind)) = futex_wait_of(prev)
+        && let Some(wait) = user_wait_of(prev, (thread.file_lock_kind, thread.file_lock_ino))
     {
-        thread.futex_uaddr = uaddr;
-        thread.futex_kind = kind as u8;
+        if thread.wait_hint == WAIT_HINT_NONE {
+            thread.wait_hint = wait.hint;
+        }
+        // Blocked on a kernel lock inside the syscall (the mmap lock, taken by a fault on
+        // the futex word): a kernel lock wait, which `contention_end` counts. Not twice.
+        if want_lock && thread.lock_since_ns == 0 {
+            thread.futex_uaddr = wait.object;
+            thread.futex_kind = wait.kind as u8;
+        }
     }
     let stacks_wanted = wants(Signal::OffCpu) || wants(Signal::Lock);
     if !stacks_wanted || thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
@@ -420,6 +490,11 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     pending.flags = if want_offcpu { 0 } else { FLAG_NO_OFFCPU };
     pending.futex_uaddr = futex;
     pending.futex_kind = thread.futex_kind;
+    (pending.lock_dev, pending.lock_holder) = if thread.wait_hint == WAIT_HINT_FILE_LOCK {
+        (thread.file_lock_dev, thread.file_lock_holder)
+    } else {
+        (0, 0)
+    };
     let blocked_ns = wait_ns - tail_ns;
     // The lock sample's share: the blocked part, exact or scaled like the wait.
     (pending.lock_ns, pending.lock_est_ns) = if est_count_fp == 0 {
@@ -548,7 +623,12 @@ fn emit<C: EbpfContext>(ctx: &C, generation: u32, tid: u32, pending: &PendingWai
             signal: Signal::Lock as u8,
             class: pending.futex_kind,
             flags: pending.flags & !FLAG_NO_OFFCPU,
-            object: [pending.futex_uaddr, 0, 0],
+            detail: pending.wait_hint,
+            object: [
+                pending.futex_uaddr,
+                u64::from(pending.lock_dev),
+                u64::from(pending.lock_holder),
+            ],
             ..SampleKey::default()
         };
         let value = SampleValue {

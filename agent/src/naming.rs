@@ -75,6 +75,9 @@ pub const fn lock_kind_label(kind: LockKind) -> &'static str {
         LockKind::Futex => "futex",
         LockKind::FutexPi => "futex-pi",
         LockKind::Other => "other",
+        LockKind::FileFlock => "file-flock",
+        LockKind::FilePosix => "file-posix",
+        LockKind::FileLease => "file-lease",
     }
 }
 

@@ -196,3 +196,53 @@ fn run_config_errors_name_the_key_and_the_value() {
         "invalid duration `later` for --flush-timeout",
     );
 }
+
+#[test]
+fn durations_need_a_unit_and_must_be_positive() {
+    let dir = scratch_dir("duration-units");
+    let out = dir.join("x.svg");
+    for (flag, value, expected) in [
+        (
+            "-d",
+            "10",
+            "--duration: duration `10` has no unit: write 10s",
+        ),
+        ("-d", "0s", "--duration: duration `0s` is not positive"),
+        ("-d", "-5s", "--duration: duration `-5s` is not positive"),
+        (
+            "--offcpu-threshold",
+            "5",
+            "--offcpu-threshold: duration `5` has no unit",
+        ),
+    ] {
+        fails(
+            Command::new(agent())
+                .args(["record", flag, value, "-o"])
+                .arg(&out),
+            &dir,
+            expected,
+        );
+    }
+}
+
+#[test]
+fn config_file_errors_name_the_line() {
+    let dir = scratch_dir("config-line");
+    let config =
+        std::env::temp_dir().join(format!("stallscope-bad-config-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "signals = [\"offcpu\"]\n\n[offcpu]\nstack_threshold = 5\n",
+    )
+    .expect("write config");
+    fails(
+        Command::new(agent())
+            .args(["record", "-d", "1s", "--config"])
+            .arg(&config)
+            .arg("-o")
+            .arg(dir.join("x.svg")),
+        &dir,
+        "line 4",
+    );
+    let _ = std::fs::remove_file(&config);
+}

@@ -275,3 +275,84 @@ fn words_are_told_from_hex() {
     assert!(has_word("abc", "abc"));
     assert!(!has_word("0x7fabc1 [unknown] 0x7f0abc", "abc"));
 }
+
+/// Records the whole host while a shell loop runs `runs` short-lived copies of `sleep`
+/// named `napper` (each replacing the last), with `config` as the agent's configuration
+/// file (if any). Returns the restart events of the profile and the napper's service.
+fn record_sleep_loop(
+    test: &str,
+    config: Option<&str>,
+) -> (Vec<stallscope_profile::ChangeEvent>, String) {
+    let dir = scratch_dir(test);
+    let napper = dir.join("stallscope-napper");
+    std::fs::copy("/bin/sleep", &napper).expect("copy sleep");
+    let out = dir.join("loop.pb.gz");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut args = vec![
+        "record",
+        "--duration",
+        "10m",
+        "--signals",
+        "offcpu",
+        "-o",
+        &out_arg,
+    ];
+    let config_path = dir.join("agent.toml");
+    let config_arg = config_path.to_string_lossy().into_owned();
+    if let Some(text) = config {
+        std::fs::write(&config_path, text).expect("write config");
+        args.extend(["--config", &config_arg]);
+    }
+    let agent = start_agent(&args).expect("agent starts");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do {} 0.2; done",
+            napper.display()
+        ))
+        .status()
+        .expect("shell loop runs");
+    assert!(status.success());
+    let (profile, _) = stop_agent(agent, &out);
+    let restarts: Vec<_> = profile
+        .meta
+        .events
+        .iter()
+        .filter(|e| e.kind == ChangeKind::Restart)
+        .cloned()
+        .collect();
+    (restarts, napper.to_string_lossy().into_owned())
+}
+
+#[test]
+fn short_lived_commands_are_no_restarts_but_declared_services_are() {
+    if !require_root("short_lived_commands_are_no_restarts_but_declared_services_are") {
+        return;
+    }
+    let _serial = serial();
+    // Twelve 0.2 s commands replacing each other: no service restarted.
+    let (restarts, _) = record_sleep_loop("restart-loop", None);
+    let loop_restarts: Vec<_> = restarts
+        .iter()
+        .filter(|e| e.service == "stallscope-napper")
+        .collect();
+    assert!(
+        loop_restarts.is_empty(),
+        "a shell loop's commands became restart events: {loop_restarts:?}"
+    );
+    // The same processes, declared a service by a rule: each replacement is a restart.
+    let rule = "[[identity.service]]\nservice = \"napper\"\nprocess = \"stallscope-napp\"\n";
+    let (restarts, napper) = record_sleep_loop("restart-rule", Some(rule));
+    let declared: Vec<_> = restarts.iter().filter(|e| e.service == "napper").collect();
+    assert!(
+        declared.len() >= 8,
+        "a declared service's replacements were not restarts ({} of 11): {restarts:?}",
+        declared.len()
+    );
+    assert!(
+        declared
+            .iter()
+            .all(|e| e.executable.as_deref() == Some(napper.as_str())),
+        "{declared:?}"
+    );
+}

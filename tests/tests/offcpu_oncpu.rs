@@ -142,3 +142,40 @@ fn svg_output_is_written_directly() {
     assert!(svg.contains("<svg"), "not an SVG");
     assert!(svg.contains("offcpu_marker_sleep") && svg.contains("oncpu_marker_spin"));
 }
+
+/// Off-CPU time of the agent's own process in a whole-host recording of 2 s.
+fn agent_own_time(test: &str, extra: &[&str]) -> i64 {
+    let out = scratch_dir(test).join("host.pb.gz");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut args = vec![
+        "record",
+        "--duration",
+        "10m",
+        "--signals",
+        "offcpu",
+        "-o",
+        out_arg.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let _serial = stallscope_tests::serial();
+    let agent = stallscope_tests::start_agent(&args).expect("agent starts");
+    let pid = agent.pid().to_string();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (profile, _) = stallscope_tests::stop_agent(agent, &out);
+    let off = index(&profile, "off_cpu", "nanoseconds");
+    profile.total_where(off, |s| label(s, "pid") == pid)
+}
+
+#[test]
+fn the_agent_leaves_itself_out_unless_asked() {
+    if !require_root("the_agent_leaves_itself_out_unless_asked") {
+        return;
+    }
+    let left_out = agent_own_time("self-out", &[]);
+    assert_eq!(left_out, 0, "the agent profiled its own threads");
+    let included = agent_own_time("self-in", &["--include-agent"]);
+    assert!(
+        included > 0,
+        "--include-agent: no off-CPU time of the agent's own threads"
+    );
+}

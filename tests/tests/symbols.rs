@@ -324,3 +324,83 @@ fn check_tells_which_binaries_lack_frame_pointers() {
     );
     drop(workload);
 }
+
+/// Function names (`t`/`T` symbols) of `binary`, as `nm` lists them.
+fn nm_functions(binary: &Path) -> std::collections::BTreeSet<String> {
+    let output = Command::new("nm")
+        .arg(binary)
+        .output()
+        .expect("nm runs (cargo xtask test installs binutils)");
+    assert!(output.status.success(), "nm {}", binary.display());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (_, kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+            matches!(kind, "t" | "T").then(|| name.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn short_c_function_names_are_named_as_nm_names_them() {
+    if !require_root("short_c_function_names_are_named_as_nm_names_them") {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch_dir("short-names");
+    let with_dwarf = dir.join("shortnames");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shortnames.c");
+    let status = Command::new("cc")
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&with_dwarf)
+        .arg(&source)
+        .status()
+        .expect("cc runs");
+    assert!(status.success(), "cc failed");
+    // The same without DWARF: the symbol table names the functions.
+    let symbols_only = dir.join("shortnames-nodwarf");
+    let status = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&with_dwarf)
+        .arg(&symbols_only)
+        .status()
+        .expect("objcopy runs");
+    assert!(status.success(), "objcopy --strip-debug failed");
+    let chain = ["abcd", "abc", "xy", "x", "w", "c", "a"];
+    for exe in [&with_dwarf, &symbols_only] {
+        let names = nm_functions(exe);
+        for function in chain {
+            assert!(names.contains(function), "nm lacks {function}: {names:?}");
+        }
+        let workload = Workload::start(exe, &[]).expect("program starts");
+        let (profile, _) = record_started(
+            "short-names",
+            workload,
+            "short.pb.gz",
+            &["--signals", "offcpu"],
+        );
+        let module = exe.to_string_lossy();
+        let mut seen = std::collections::BTreeSet::new();
+        for sample in &profile.samples {
+            for frame in user_frames(&profile, sample) {
+                if frame.module.as_deref() == Some(module.as_ref()) {
+                    assert!(
+                        names.contains(&frame.function),
+                        "{}: frame `{}` is no function of the binary (nm: {names:?})",
+                        exe.display(),
+                        frame.function
+                    );
+                    seen.insert(frame.function.clone());
+                }
+            }
+        }
+        for function in chain {
+            assert!(
+                seen.contains(function),
+                "{}: `{function}` missing from the stacks; named: {seen:?}",
+                exe.display()
+            );
+        }
+    }
+}

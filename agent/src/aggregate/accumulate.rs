@@ -7,6 +7,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use agent_common::{
@@ -56,8 +57,25 @@ pub struct Accumulator {
     lost_user_stacks: HashSet<(u32, u64)>,
     /// Read timeouts already reported in an earlier profile.
     pub(crate) reported_timeouts: u64,
+    /// When the probes started measuring: no wait they report started earlier.
+    measuring_since: Option<Instant>,
+    /// Whether a broken wait-window invariant was logged already (once is enough).
+    window_violation_logged: bool,
     pub resolver: Resolver,
 }
+
+/// Signals whose waits of one thread never overlap: a thread waits for one thing at a
+/// time, so its waits add up to at most the time it was measured.
+pub(crate) const THREAD_WAIT_SIGNALS: [Signal; 4] = [
+    Signal::OffCpu,
+    Signal::RunQueue,
+    Signal::Lock,
+    Signal::SocketWait,
+];
+
+/// Clock slack of the wait-window check (the probes' clock and the agent's are the same
+/// monotonic clock; this covers reading it at slightly different moments).
+const WINDOW_SLACK: Duration = Duration::from_millis(10);
 
 impl Accumulator {
     pub fn new(signals: &[Signal], settings: ResolverSettings) -> Self {
@@ -85,6 +103,8 @@ impl Accumulator {
             unresolved_stacks: 0,
             lost_user_stacks: HashSet::new(),
             reported_timeouts: 0,
+            measuring_since: None,
+            window_violation_logged: false,
             resolver: Resolver::new(settings),
         }
     }
@@ -119,6 +139,9 @@ impl Accumulator {
 
     /// Adds one drained generation.
     pub fn ingest(&mut self, drained: Drained) {
+        if self.measuring_since.is_none() {
+            self.measuring_since = drained.measuring_since;
+        }
         self.resolver.apply_reports();
         // Names the probes saw win over /proc: they outlive the threads.
         for (id, name) in drained.names {
@@ -158,6 +181,82 @@ impl Accumulator {
             self.losses = drained.losses;
         }
         self.resolver.poll();
+    }
+
+    /// The invariant of per-thread waits: for each signal of [`THREAD_WAIT_SIGNALS`], no
+    /// thread waited longer in total than the probes have been measuring (every wait
+    /// reported started after they loaded, and one thread's waits do not overlap). A
+    /// violation means a wait was counted twice somewhere: the threads that break it are
+    /// counted per signal (`<signal>.thread_wait_exceeds_window`, a loss) and the first
+    /// one is logged.
+    pub(crate) fn check_wait_window(
+        &mut self,
+        totals: &HashMap<TotalKey, TotalValue>,
+    ) -> Vec<(Signal, u64)> {
+        let Some(since) = self.measuring_since else {
+            return Vec::new();
+        };
+        let window = since.elapsed() + WINDOW_SLACK;
+        let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        let mut per_thread: HashMap<(u8, u32, u32), u64> = HashMap::new();
+        for (key, value) in totals {
+            if key.tid != 0 && THREAD_WAIT_SIGNALS.iter().any(|&s| s as u8 == key.signal) {
+                *per_thread
+                    .entry((key.signal, key.tgid, key.tid))
+                    .or_default() += value.ns;
+            }
+        }
+        let mut violations: Vec<(Signal, u64)> = Vec::new();
+        for &signal in &THREAD_WAIT_SIGNALS {
+            let mut broken: Vec<(u32, u32, u64)> = per_thread
+                .iter()
+                .filter(|((s, _, _), ns)| *s == signal as u8 && **ns > window_ns)
+                .map(|(&(_, tgid, tid), &ns)| (tgid, tid, ns))
+                .collect();
+            if broken.is_empty() {
+                continue;
+            }
+            broken.sort_unstable();
+            if !self.window_violation_logged {
+                self.window_violation_logged = true;
+                let (tgid, tid, ns) = broken[0];
+                tracing::warn!(
+                    "{}: thread {tid} of process {tgid} waited {:.3}s in a {:.3}s window: a wait was counted twice (counted as the loss {}.thread_wait_exceeds_window; logged once)",
+                    naming::signal_label(signal),
+                    ns as f64 / 1e9,
+                    window.as_secs_f64(),
+                    naming::signal_label(signal),
+                );
+            }
+            violations.push((signal, broken.len() as u64));
+        }
+        violations
+    }
+
+    /// Reports [`Self::check_wait_window`] as losses, one per signal it checks.
+    pub(crate) fn report_wait_window(
+        &mut self,
+        meta: &mut stallscope_profile::Meta,
+        totals: &HashMap<TotalKey, TotalValue>,
+    ) {
+        let violations = self.check_wait_window(totals);
+        for &signal in self
+            .signals
+            .iter()
+            .filter(|signal| THREAD_WAIT_SIGNALS.contains(signal))
+        {
+            let broken = violations
+                .iter()
+                .find(|(s, _)| *s == signal)
+                .map_or(0, |(_, count)| *count);
+            meta.losses.insert(
+                format!(
+                    "{}.thread_wait_exceeds_window",
+                    naming::signal_label(signal)
+                ),
+                broken,
+            );
+        }
     }
 
     /// Starts reading the processes that exist already (all, or the target).
@@ -321,4 +420,39 @@ fn read_comm(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join("comm"))
         .ok()
         .map(|comm| comm.trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock_total(tid: u32, ns: u64) -> (TotalKey, TotalValue) {
+        let key = TotalKey {
+            tgid: 7,
+            tid,
+            signal: Signal::Lock as u8,
+            ..TotalKey::default()
+        };
+        let value = TotalValue {
+            count: 1,
+            ns,
+            ..TotalValue::default()
+        };
+        (key, value)
+    }
+
+    #[test]
+    fn a_thread_waiting_longer_than_the_window_breaks_the_invariant() {
+        let mut acc = Accumulator::new(&[Signal::Lock], ResolverSettings::default());
+        acc.measuring_since = Instant::now().checked_sub(Duration::from_secs(1));
+        // Two waits of one thread adding up to less than the window, and one thread
+        // with more lock wait than time measured.
+        let mut totals = HashMap::from([lock_total(1, 900_000_000), lock_total(3, 1_500_000_000)]);
+        let (mut key, value) = lock_total(1, 50_000_000);
+        key.class = 1;
+        totals.insert(key, value);
+        assert_eq!(acc.check_wait_window(&totals), [(Signal::Lock, 1)]);
+        totals.remove(&lock_total(3, 0).0);
+        assert!(acc.check_wait_window(&totals).is_empty());
+    }
 }

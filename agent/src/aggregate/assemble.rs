@@ -335,17 +335,18 @@ impl Accumulator {
             labels.extend(identity(self, signal, sample.tgid, sample.tid));
         }
         match signal {
-            Signal::Lock => {
-                labels.insert("lock".into(), format!("{:#x}", sample.object[0]));
-                if matches!(
-                    LockKind::from_u8(sample.class),
-                    Some(LockKind::Futex | LockKind::FutexPi)
-                ) {
-                    let (_, user) = self.stacks_of(sample);
-                    let wait = cause::classify_futex(self.function_names(user));
-                    labels.insert("lock_wait".into(), wait.label().into());
+            Signal::Lock => match LockKind::from_u8(sample.class) {
+                Some(kind) if kind.is_file() => self.file_lock_labels(sample, &mut labels),
+                kind => {
+                    labels.insert("lock".into(), format!("{:#x}", sample.object[0]));
+                    if matches!(kind, Some(LockKind::Futex | LockKind::FutexPi)) {
+                        let (_, user) = self.stacks_of(sample);
+                        let wait =
+                            cause::classify_futex_wait(sample.detail, self.function_names(user));
+                        labels.insert("lock_wait".into(), wait.label().into());
+                    }
                 }
-            }
+            },
             Signal::Syscall => {
                 let kind = FdKind::from_u8(sample.detail).unwrap_or(FdKind::Unknown);
                 if kind != FdKind::Unknown {
@@ -361,6 +362,31 @@ impl Accumulator {
             labels.insert("stack_note".into(), note.into());
         }
         labels
+    }
+
+    /// Labels of a file lock wait: the file (device and inode: one lock object across
+    /// threads and processes) and the process holding the lock, where the kernel named it
+    /// (`flock` and record locks; a lease's holder is not in the request).
+    fn file_lock_labels(&self, sample: &SampleKey, labels: &mut Labels) {
+        let [ino, dev, holder] = sample.object;
+        let (major, minor) = naming::dev_numbers(dev as u32);
+        labels.insert("lock".into(), format!("file {major}:{minor} inode {ino}"));
+        labels.insert(
+            "lock_wait".into(),
+            cause::FutexWait::Contention.label().into(),
+        );
+        if holder != 0 {
+            let holder = holder as u32;
+            labels.insert("lock_holder_pid".into(), holder.to_string());
+            let name = self.process_names.get(&holder).cloned().or_else(|| {
+                std::fs::read_to_string(format!("/proc/{holder}/comm"))
+                    .ok()
+                    .map(|comm| comm.trim_end().to_owned())
+            });
+            if let Some(name) = name {
+                labels.insert("lock_holder".into(), name);
+            }
+        }
     }
 
     /// Off-CPU: each calibrated sample splits into its blocked part (cause from its
@@ -546,6 +572,7 @@ impl Accumulator {
             }
         }
         self.reported_losses.clone_from(&self.losses);
+        self.report_wait_window(meta, totals);
         meta.losses.insert(
             "stack_unresolved".to_owned(),
             std::mem::take(&mut self.unresolved_stacks),

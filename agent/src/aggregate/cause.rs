@@ -1,18 +1,27 @@
 //! Why a thread was off CPU, in the product's cause categories, decided from evidence the
-//! probes captured: the runnable tail of a wait is CPU contention; otherwise the kernel
-//! stack says where the thread blocked (innermost recognised frame wins), and for futex
-//! waits the user stack says whether it was waiting for a lock or parked idle.
+//! probes captured, the kernel's first: the runnable tail of a wait is CPU contention;
+//! otherwise what the kernel saw at switch-out (the wait hint: a kernel lock contention,
+//! a file lock request it deferred, the futex call's operation and value), then the
+//! kernel stack (innermost recognised frame wins); user frames, which may be missing
+//! (a frameless libc `syscall`, a binary without frame pointers), only break ties.
 //!
-//! The futex rule: a futex wait is lock contention when the waiter's user stack shows a
-//! lock-acquire path (`pthread_mutex_lock`/`__lll_lock_wait`, `pthread_rwlock_*lock`,
-//! Rust `std` `Mutex::lock_contended` / `RwLock::*_contended`, `parking_lot`'s
-//! `lock_slow`, the JVM's monitor enter); it is idle waiting when the stack shows a
+//! The futex rule: the kernel sees a lock acquire in `FUTEX_LOCK_PI` and in a wait for a
+//! futex word holding 2, the "locked, with waiters" state of the three-state mutex that
+//! glibc's locks, Rust's `std` `Mutex` and most futex mutexes use (condition variables,
+//! parkers, joins and semaphores wait on other values); `FUTEX_WAIT_REQUEUE_PI` is a
+//! condition variable. For other futex waits the user stack decides: lock contention when
+//! it shows a lock-acquire path (`pthread_mutex_lock`/`__lll_lock_wait`,
+//! `pthread_rwlock_*lock`, Rust `std` `Mutex::lock_contended` / `RwLock::*_contended`,
+//! `parking_lot`'s `lock_slow`, the JVM's monitor enter); idle waiting when it shows a
 //! condition variable or parking path (`pthread_cond_*wait`, `Condvar::wait`,
-//! `thread::park`, `Unsafe_Park`) and no lock-acquire frame (re-acquiring the mutex after
-//! a condition wait is contention again). A futex wait with neither is not claimed as
-//! contention: it counts as `other`, with the note `futex: no lock evidence`.
+//! `thread::park`, `Unsafe_Park`) and no lock-acquire frame. A futex wait with neither is
+//! not claimed as contention: it counts as `other`, with the note `futex: no lock
+//! evidence`.
 
-use agent_common::{OffCpuState, WAIT_HINT_KERNEL_LOCK};
+use agent_common::{
+    OffCpuState, WAIT_HINT_FILE_LOCK, WAIT_HINT_FUTEX, WAIT_HINT_FUTEX_CONDVAR,
+    WAIT_HINT_FUTEX_LOCK, WAIT_HINT_KERNEL_LOCK,
+};
 
 /// The product's cause categories (mutually exclusive, together exhaustive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -161,6 +170,16 @@ pub fn normalize(name: &str) -> String {
     out
 }
 
+/// Classifies a futex wait: from the kernel's view of the call (`hint`, a `WAIT_HINT_*`)
+/// where it decides, else from the waiter's user frames.
+pub fn classify_futex_wait<'a>(hint: u8, user: impl IntoIterator<Item = &'a str>) -> FutexWait {
+    match hint {
+        WAIT_HINT_FUTEX_LOCK => FutexWait::Contention,
+        WAIT_HINT_FUTEX_CONDVAR => FutexWait::Idle,
+        _ => classify_futex(user),
+    }
+}
+
 /// Classifies a futex wait from its user frames (function names, any order).
 pub fn classify_futex<'a>(user: impl IntoIterator<Item = &'a str>) -> FutexWait {
     let names: Vec<String> = user.into_iter().map(normalize).collect();
@@ -192,6 +211,13 @@ const KERNEL_PATTERNS: &[(&str, KernelWait)] = &[
     ("futex_wait", KernelWait::Futex),
     ("futex_do_wait", KernelWait::Futex),
     ("futex_lock_pi", KernelWait::Futex),
+    // File locks: flock, fcntl record locks, lease breaks.
+    ("locks_lock_inode_wait", KernelWait::Lock),
+    ("flock_lock_inode_wait", KernelWait::Lock),
+    ("posix_lock_inode_wait", KernelWait::Lock),
+    ("do_lock_file_wait", KernelWait::Lock),
+    ("fcntl_setlk", KernelWait::Lock),
+    ("__break_lease", KernelWait::Lock),
     ("mutex_lock", KernelWait::Lock),
     ("rwsem_down_", KernelWait::Lock),
     ("rt_mutex_slowlock", KernelWait::Lock),
@@ -227,6 +253,24 @@ const KERNEL_PATTERNS: &[(&str, KernelWait)] = &[
     ("unix_stream_", KernelWait::Other),
 ];
 
+/// The cause the kernel's evidence at switch-out (`hint`, a `WAIT_HINT_*`) decides, if
+/// it decides one.
+fn by_hint(hint: u8) -> Option<(Cause, &'static str)> {
+    match hint {
+        WAIT_HINT_KERNEL_LOCK => Some((Cause::Lock, "kernel lock (contention tracepoint)")),
+        WAIT_HINT_FILE_LOCK => Some((Cause::Lock, "file lock (request deferred by the kernel)")),
+        WAIT_HINT_FUTEX_LOCK => Some((
+            Cause::Lock,
+            "futex: lock acquire (kernel: FUTEX_LOCK_PI, or a wait on a locked mutex word)",
+        )),
+        WAIT_HINT_FUTEX_CONDVAR => Some((
+            Cause::Other,
+            "futex: condition variable (kernel: FUTEX_WAIT_REQUEUE_PI)",
+        )),
+        _ => None,
+    }
+}
+
 /// The cause of the blocked (not runnable) part of an off-CPU wait, with a short note on
 /// the evidence. `hint` is what the probes knew at switch-out (`WAIT_HINT_*`); frames are
 /// innermost first. Task stacks leave out the kernel's `__sched` functions (`mutex_lock`,
@@ -241,8 +285,11 @@ pub fn classify_blocked<'a>(
     if state == OffCpuState::Runnable {
         return (Cause::CpuContention, "preempted");
     }
-    if hint == WAIT_HINT_KERNEL_LOCK {
-        return (Cause::Lock, "kernel lock (contention tracepoint)");
+    if let Some(decided) = by_hint(hint) {
+        return decided;
+    }
+    if hint == WAIT_HINT_FUTEX {
+        return futex_by_user_stack(user);
     }
     let found = kernel.iter().find_map(|frame| {
         KERNEL_PATTERNS
@@ -252,11 +299,7 @@ pub fn classify_blocked<'a>(
     });
     match found {
         Some(KernelWait::Lock) => (Cause::Lock, "kernel lock"),
-        Some(KernelWait::Futex) => match classify_futex(user.iter().copied()) {
-            FutexWait::Contention => (Cause::Lock, "futex: lock contention"),
-            FutexWait::Idle => (Cause::Other, "futex: idle wait"),
-            FutexWait::Unknown => (Cause::Other, "futex: no lock evidence"),
-        },
+        Some(KernelWait::Futex) => futex_by_user_stack(user),
         Some(KernelWait::Disk) => (Cause::Disk, "block I/O"),
         Some(KernelWait::Network) => (Cause::Network, "socket"),
         Some(KernelWait::Other) => (Cause::Other, "sleep, poll, pipe or child"),
@@ -265,10 +308,24 @@ pub fn classify_blocked<'a>(
     }
 }
 
+/// A futex wait the kernel's view leaves open, by the waiter's user stack.
+fn futex_by_user_stack(user: &[&str]) -> (Cause, &'static str) {
+    match classify_futex(user.iter().copied()) {
+        FutexWait::Contention => (Cause::Lock, "futex: lock contention (user stack)"),
+        FutexWait::Idle => (Cause::Other, "futex: idle wait"),
+        FutexWait::Unknown => (Cause::Other, "futex: no lock evidence"),
+    }
+}
+
 /// The cause when no stack is known, from the state and the probes' hint.
 pub fn by_state(state: OffCpuState, hint: u8) -> (Cause, &'static str) {
-    if hint == WAIT_HINT_KERNEL_LOCK && state != OffCpuState::Runnable {
-        return (Cause::Lock, "kernel lock (contention tracepoint)");
+    if state != OffCpuState::Runnable
+        && let Some(decided) = by_hint(hint)
+    {
+        return decided;
+    }
+    if state != OffCpuState::Runnable && hint == WAIT_HINT_FUTEX {
+        return (Cause::Other, "futex: no lock evidence");
     }
     match state {
         OffCpuState::Runnable => (Cause::CpuContention, "preempted"),
@@ -342,6 +399,52 @@ mod tests {
             "work",
         ];
         assert_eq!(classify_futex(contended), FutexWait::Contention);
+    }
+
+    #[test]
+    fn the_kernel_view_of_a_futex_call_decides_before_user_frames() {
+        use OffCpuState::Interruptible as S;
+        let futex = ["futex_do_wait", "__futex_wait", "futex_wait"];
+        // Rust's std Mutex under contention, the contended frame lost under the
+        // frameless `syscall`: the kernel saw a wait on a locked mutex word.
+        let no_frames = ["syscall", "app::worker"];
+        assert_eq!(
+            classify_blocked(S, WAIT_HINT_FUTEX_LOCK, &futex, &no_frames).0,
+            Cause::Lock
+        );
+        // Unsampled waits (no stack) keep the evidence too.
+        assert_eq!(by_state(S, WAIT_HINT_FUTEX_LOCK).0, Cause::Lock);
+        assert_eq!(by_state(S, WAIT_HINT_FILE_LOCK).0, Cause::Lock);
+        // A condition variable re-acquiring its mutex shows as the mutex wait it is.
+        let condvar = ["syscall", "std::sys::sync::condvar::futex::Condvar::wait"];
+        assert_eq!(
+            classify_blocked(S, WAIT_HINT_FUTEX_LOCK, &futex, &condvar).0,
+            Cause::Lock
+        );
+        // Other futex values: the user stack breaks the tie.
+        assert_eq!(
+            classify_blocked(S, WAIT_HINT_FUTEX, &futex, &condvar).0,
+            Cause::Other
+        );
+        let rwlock = [
+            "syscall",
+            "std::sys::sync::rwlock::futex::RwLock::read_contended",
+        ];
+        assert_eq!(
+            classify_blocked(S, WAIT_HINT_FUTEX, &futex, &rwlock).0,
+            Cause::Lock
+        );
+        assert_eq!(
+            classify_futex_wait(WAIT_HINT_FUTEX_CONDVAR, ["pthread_mutex_lock"]),
+            FutexWait::Idle
+        );
+        // A file lock: the kernel stack alone says so too.
+        let flock = ["locks_lock_inode_wait", "__do_sys_flock", "do_syscall_64"];
+        assert_eq!(
+            classify_blocked(S, WAIT_HINT_FILE_LOCK, &flock, &[]).0,
+            Cause::Lock
+        );
+        assert_eq!(classify_blocked(S, 0, &flock, &[]).0, Cause::Lock);
     }
 
     #[test]

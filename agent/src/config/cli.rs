@@ -37,8 +37,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RecordArgs {
-    /// How long to record, e.g. 10s, 500ms, 2m.
-    #[arg(short, long, default_value = "10s")]
+    /// How long to record, with a unit: 10s, 500ms, 2m.
+    #[arg(short, long, default_value = "10s", allow_hyphen_values = true)]
     pub duration: String,
     /// Output file.
     #[arg(short, long)]
@@ -57,13 +57,13 @@ pub struct CommonArgs {
     #[arg(short, long)]
     pub pid: Option<u32>,
     /// Off-CPU waits at least this long always get stacks; shorter ones are sampled.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub offcpu_threshold: Option<String>,
     /// Lock waits at least this long always get stacks; shorter ones are sampled.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub lock_threshold: Option<String>,
     /// Syscalls at least this long get a stack and their file descriptor's kind.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub syscall_threshold: Option<String>,
     /// On-CPU sampling frequency per CPU, in Hz.
     #[arg(long, value_name = "HZ")]
@@ -74,11 +74,12 @@ pub struct CommonArgs {
     /// Kernel BTF file (default: /sys/kernel/btf/vmlinux).
     #[arg(long, value_name = "PATH")]
     pub btf: Option<PathBuf>,
-    /// TOML configuration file; flags override it.
+    /// TOML configuration file; flags override it. Its format, every key with its
+    /// default: docs/config.md.
     #[arg(short, long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// How often the agent drains the probes' maps.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub drain_interval: Option<String>,
     /// Threads tracked at once (classic-tracepoint path).
     #[arg(long, value_name = "N")]
@@ -99,6 +100,10 @@ pub struct CommonArgs {
     /// arguments such as --password=... or --token ... are redacted). Off by default.
     #[arg(long)]
     pub cmdline: bool,
+    /// Profile the agent's own threads too (left out by default: they are the
+    /// observer, not the observed).
+    #[arg(long)]
+    pub include_agent: bool,
 }
 
 #[derive(Debug, Args)]
@@ -127,7 +132,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
     /// Length of one batch (default 10s).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub batch_interval: Option<String>,
     /// Directory of the on-disk spool of unacknowledged batches (default
     /// /var/lib/stallscope-agent/spool).
@@ -141,13 +146,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES")]
     pub spool_max_bytes: Option<u64>,
     /// How long to keep sending after SIGTERM/SIGINT before exiting (default 5s).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub flush_timeout: Option<String>,
     /// Longest wait between reconnection attempts (default 30s).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub max_backoff: Option<String>,
     /// Stop after this long (default: run until SIGTERM/SIGINT).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub duration: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
@@ -230,6 +235,7 @@ impl CommonArgs {
                 max_pending: self.max_pending,
                 drain_interval: self.drain_interval.clone(),
                 cmdline: self.cmdline,
+                include_agent: self.include_agent,
             },
         )
     }

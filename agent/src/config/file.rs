@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub identity: IdentityFile,
     #[serde(default)]
     pub symbols: SymbolsFile,
+    /// Profile the agent's own threads too (default false: the agent leaves itself out).
+    pub include_agent: Option<bool>,
     /// `[run]`: how `stallscope-agent run` streams (ignored by `record` and `check`).
     #[serde(default)]
     pub run: RunFile,
@@ -146,12 +148,25 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|err| ConfigError::Parse {
+        Self::parse(&text).map_err(|(line, message)| ConfigError::Parse {
             path: path.to_owned(),
-            message: match err.span().and_then(|span| key_at(&text, span.start)) {
-                Some(key) => format!("{key}: {}", err.message()),
-                None => err.message().to_owned(),
-            },
+            line,
+            message,
+        })
+    }
+
+    /// Parses the text of a configuration file; an error carries its line (1-based) and
+    /// names the key it is about.
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        toml::from_str(text).map_err(|err: toml::de::Error| {
+            let at = err.span().map_or(0, |span| span.start.min(text.len()));
+            let line = text[..at].matches('\n').count() + 1;
+            let message = err.message().trim_end();
+            let message = match err.span().and_then(|span| key_at(text, span.start)) {
+                Some(key) => format!("{key}: {message}"),
+                None => message.to_owned(),
+            };
+            (line, message)
         })
     }
 }

@@ -2,7 +2,10 @@
 //! flags, checked once, so the rest of the agent never sees an invalid value.
 
 pub mod cli;
+mod duration;
 mod file;
+#[cfg(test)]
+mod reference;
 mod run;
 mod signals;
 
@@ -13,10 +16,11 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
 use thiserror::Error;
 
+use self::duration::deserialize_duration;
 pub use self::{
+    duration::{flag_duration, parse_duration},
     file::{
         FileConfig, IdentityFile, LockFile, NetworkFile, OffCpuFile, OnCpuFile, ProbesFile,
         RunFile, SymbolsFile, SyscallFile,
@@ -50,6 +54,15 @@ pub enum ConfigError {
         "TLS needs the client certificate, its key and the collector's CA together (tls_cert, tls_key, tls_ca in [run], or --tls-cert, --tls-key, --tls-ca); only {given} given"
     )]
     TlsIncomplete { given: String },
+    #[error("duration `{0}` has no unit: write {0}s for seconds (or ms, m, h)")]
+    DurationUnit(String),
+    #[error("duration `{0}` is not positive: give one above zero, e.g. 10s")]
+    DurationNotPositive(String),
+    #[error("{what}: {source}")]
+    Setting {
+        what: &'static str,
+        source: Box<ConfigError>,
+    },
     #[error("{what} must be {rule}, got {value}")]
     OutOfRange {
         what: &'static str,
@@ -61,40 +74,18 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("config file {path} line {line}: {message} (the format: docs/config.md)")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("no process with pid {0}: check the pid (for example with `ps -p {0}`)")]
     NoSuchProcess(u32),
     #[error(
         "service rule {index} (`{service}`) matches nothing: give at least one of unit, process, executable, container_id, pod_uid, cgroup_prefix"
     )]
     EmptyServiceRule { index: usize, service: String },
-}
-
-/// Parses `500ms`, `10s`, `2m`, `1h`, `250us` (a bare number means seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| ConfigError::Duration(text.to_owned()))?;
-    let seconds_per_unit = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(ConfigError::Duration(text.to_owned())),
-    };
-    let seconds = number * seconds_per_unit;
-    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
-        return Err(ConfigError::Duration(text.to_owned()));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Flags that can override the file, as the command line gives them (all optional).
@@ -115,6 +106,7 @@ pub struct Overrides {
     pub max_pending: Option<u32>,
     pub drain_interval: Option<String>,
     pub cmdline: bool,
+    pub include_agent: bool,
 }
 
 /// The validated configuration.
@@ -139,6 +131,8 @@ pub struct Config {
     pub read_deadline: Duration,
     /// Binaries with more DWARF (bytes) are symbolized from their symbol tables.
     pub dwarf_max: u64,
+    /// Profile the agent's own process too.
+    pub include_agent: bool,
 }
 
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
@@ -152,23 +146,6 @@ pub const DEFAULT_TCP_RTT_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_FREQUENCY_HZ: u64 = 49;
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(1);
-
-/// A duration given on the command line with `flag`; the error names the flag.
-pub fn flag_duration(flag: &'static str, text: &str) -> Result<Duration, ConfigError> {
-    parse_duration(text).map_err(|_| ConfigError::FlagDuration {
-        flag,
-        value: text.trim().to_owned(),
-    })
-}
-
-/// A duration in the TOML file, such as `"500ms"`.
-fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Duration>, D::Error> {
-    let text = Option::<String>::deserialize(deserializer)?;
-    text.map(|text| parse_duration(&text).map_err(serde::de::Error::custom))
-        .transpose()
-}
 
 fn check_range(
     what: &'static str,
@@ -369,6 +346,7 @@ impl Config {
             service_rules: file.identity.service,
             read_deadline,
             dwarf_max: dwarf_max_mb << 20,
+            include_agent: flags.include_agent || file.include_agent.unwrap_or(false),
         })
     }
 
@@ -399,6 +377,7 @@ impl Config {
             tcp_rtt_interval: self.tcp_rtt_interval,
             oncpu_frequency_hz: self.oncpu_frequency_hz,
             target_tgid: self.target_pid,
+            exclude_tgid: (!self.include_agent).then(std::process::id),
             sched_hook: self.sched_hook,
             btf_path: self.btf.clone(),
             map_sizes: self.map_sizes,
@@ -409,27 +388,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s").expect("10s"), Duration::from_secs(10));
-        assert_eq!(
-            parse_duration("500ms").expect("ms"),
-            Duration::from_millis(500)
-        );
-        assert_eq!(parse_duration("2m").expect("m"), Duration::from_secs(120));
-        assert_eq!(
-            parse_duration("1.5").expect("bare"),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            parse_duration("250us").expect("us"),
-            Duration::from_micros(250)
-        );
-        for bad in ["", "ten", "5 parsecs", "-1s", "1e400s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn flags_override_file_and_ranges_are_checked() {

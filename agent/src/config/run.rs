@@ -215,9 +215,10 @@ mod tests {
     use crate::config::{FileConfig, Overrides};
 
     fn build(file: &str, flags: RunOverrides) -> Result<RunConfig, ConfigError> {
-        let mut file: FileConfig = toml::from_str(file).map_err(|err| ConfigError::Parse {
+        let mut file = FileConfig::parse(file).map_err(|(line, message)| ConfigError::Parse {
             path: PathBuf::from("test.toml"),
-            message: err.message().to_owned(),
+            line,
+            message,
         })?;
         let run = std::mem::take(&mut file.run);
         RunConfig::build(Config::build(file, Overrides::default())?, run, flags)

@@ -101,6 +101,73 @@ pub fn fill_offsets(config: &mut ProbeConfig, btf: &Btf) {
     if let Some(reason) = listen_overflow_reason(btf) {
         config.listen_overflow_reason = reason;
     }
+    if let Some([core, blocker, pid, ino, sb, dev]) = file_lock_offsets(btf) {
+        config.file_lock_core_offset = core;
+        config.flc_blocker_offset = blocker;
+        config.flc_pid_offset = pid;
+        config.inode_ino_offset = ino;
+        config.inode_sb_offset = sb;
+        config.sb_dev_offset = dev;
+        config.file_lock_walk = 1;
+    }
+}
+
+/// Offsets the file-lock probes read, in [`ProbeConfig`] order: `struct file_lock`'s core
+/// and in it `flc_blocker` and `flc_pid` (6.9+; before, `fl_blocker` and `fl_pid` in
+/// `file_lock` itself), `i_ino` and `i_sb` of `struct inode`, `s_dev` of `super_block`.
+fn file_lock_offsets(btf: &Btf) -> Option<[u32; 6]> {
+    let (core, blocker, pid) = match btf.member_offset("file_lock", "c") {
+        Ok(core) => (
+            core,
+            btf.member_offset("file_lock_core", "flc_blocker").ok()?,
+            btf.member_offset("file_lock_core", "flc_pid").ok()?,
+        ),
+        Err(_) => (
+            0,
+            btf.member_offset("file_lock", "fl_blocker").ok()?,
+            btf.member_offset("file_lock", "fl_pid").ok()?,
+        ),
+    };
+    Some([
+        core,
+        blocker,
+        pid,
+        btf.member_offset("inode", "i_ino").ok()?,
+        btf.member_offset("inode", "i_sb").ok()?,
+        btf.member_offset("super_block", "s_dev").ok()?,
+    ])
+}
+
+/// File-lock programs (BTF tracepoints `flock_lock_inode`, `posix_lock_inode`,
+/// `break_lease_block/unblock`): they mark threads whose lock request the kernel deferred,
+/// so the scheduler programs count their wait as a lock wait, per file. Optional: a
+/// kernel without these tracepoints (or the offsets) only loses the file-lock cause.
+pub fn attach_file_locks(ebpf: &mut Ebpf, ours: &Btf, theirs: &aya::Btf) -> Option<&'static str> {
+    let events = [
+        ("flock_lock_inode_btf", "flock_lock_inode"),
+        ("posix_lock_inode_btf", "posix_lock_inode"),
+        ("break_lease_block_btf", "break_lease_block"),
+        ("break_lease_unblock_btf", "break_lease_unblock"),
+    ];
+    let available = file_lock_offsets(ours).is_some()
+        && events
+            .iter()
+            .all(|(_, event)| ours.tracepoint_arg_count(event).is_some());
+    if !available {
+        tracing::warn!(
+            "file lock waits are not told apart: this kernel lacks the BTF filelock tracepoints or the file_lock offsets"
+        );
+        return None;
+    }
+    match attach_btf(ebpf, theirs, &events) {
+        Ok(()) => Some(
+            "file locks (tp_btf flock_lock_inode, posix_lock_inode, break_lease_block/unblock)",
+        ),
+        Err(err) => {
+            tracing::warn!("file lock waits are not told apart: {err}");
+            None
+        }
+    }
 }
 
 /// Whether this BTF has what the network signals need: the TCP tracepoints and every

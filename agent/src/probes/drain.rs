@@ -3,7 +3,7 @@
 //! (hash maps in batches, the per-CPU totals caches slot by slot), with the names and
 //! peers its entries refer to and the cumulative loss counters.
 
-use std::os::fd::AsFd;
+use std::{os::fd::AsFd, time::Instant};
 
 use agent_common::{
     CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, Peer, SYSCALL_SLOTS, SampleKey,
@@ -25,6 +25,8 @@ pub struct Drained {
     pub names: Vec<(u32, String)>,
     /// The peers the network signals' entries in this generation refer to, by id.
     pub peers: Vec<(u32, Peer)>,
+    /// When the probes started loading: every wait they measure started after it.
+    pub measuring_since: Option<Instant>,
 }
 
 impl Probes {
@@ -139,6 +141,7 @@ impl Probes {
             losses,
             names,
             peers,
+            measuring_since: Some(self.measuring_since),
         })
     }
 }

@@ -11,7 +11,10 @@ mod settings;
 pub mod syscalls;
 pub mod tracefs;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use agent_common::{LOSS_COUNTERS, Peer, ProbeConfig, Signal, SyscallSlot, TotalCache};
 use aya::{
@@ -50,6 +53,8 @@ pub struct Probes {
     pub oncpu_cpus: usize,
     /// What serves each signal, for `check` and the log.
     pub hooks: Vec<(Signal, String)>,
+    /// When loading started: no wait they measure started earlier.
+    measuring_since: Instant,
 }
 
 /// Whether this process may load tracing programs: root, or `CAP_BPF` + `CAP_PERFMON`, or
@@ -101,6 +106,7 @@ fn load_btf(path: Option<&Path>) -> Result<Option<(Btf, aya::Btf)>, ProbeError> 
 
 impl Probes {
     pub fn load(settings: &ProbeSettings) -> Result<Self, ProbeError> {
+        let measuring_since = Instant::now();
         if !privileged() {
             return Err(ProbeError::NotPrivileged);
         }
@@ -115,6 +121,7 @@ impl Probes {
             socket_stack_threshold_ns: nanos(settings.socket_stack_threshold),
             tcp_rtt_interval_ns: nanos(settings.tcp_rtt_interval),
             target_tgid: settings.target_tgid.unwrap_or(0),
+            exclude_tgid: settings.exclude_tgid.unwrap_or(0),
             signals: settings
                 .signals
                 .iter()
@@ -132,6 +139,8 @@ impl Probes {
         config.futex_nr = nr("futex");
         config.futex_wait_nr = nr("futex_wait");
         config.futex_waitv_nr = nr("futex_waitv");
+        config.flock_nr = nr("flock");
+        config.fcntl_nr = nr("fcntl");
         // Futex waits are seen by the scheduler programs, so the lock signal needs them.
         let sched = wants(Signal::OffCpu) || wants(Signal::RunQueue) || wants(Signal::Lock);
         let use_btf_sched = sched
@@ -181,6 +190,7 @@ impl Probes {
         let btf_pair = btf.as_ref().map(|(ours, theirs)| (ours, theirs));
         let mut hooks = Vec::new();
         let mut sched_hook = None;
+        let mut file_lock_hook = None;
         if sched {
             let hook = attach::attach_sched(
                 &mut ebpf,
@@ -193,11 +203,24 @@ impl Probes {
                 // Nothing attached: the lock signal falls back to kernel locks only.
                 sched_hook = None;
             }
+            let file_locks = if hook == SchedHook::BtfTracepoint
+                && (wants(Signal::OffCpu) || wants(Signal::Lock))
+            {
+                btf_pair
+                    .and_then(|(ours, theirs)| attach::attach_file_locks(&mut ebpf, ours, theirs))
+            } else {
+                None
+            };
             for signal in [Signal::OffCpu, Signal::RunQueue] {
                 if wants(signal) {
-                    hooks.push((signal, hook.describe().to_owned()));
+                    let mut hook = hook.describe().to_owned();
+                    if signal == Signal::OffCpu && file_locks.is_some() {
+                        hook.push_str("; file lock waits from tp_btf filelock events");
+                    }
+                    hooks.push((signal, hook));
                 }
             }
+            file_lock_hook = file_locks;
         }
         let mut oncpu_cpus = 0;
         if wants(Signal::OnCpu) {
@@ -211,7 +234,8 @@ impl Probes {
             ));
         }
         if wants(Signal::Lock) {
-            let attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook)?;
+            let mut attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook)?;
+            attached.extend(file_lock_hook);
             hooks.push((Signal::Lock, attached.join(", ")));
         }
         if wants(Signal::Syscall) || wants(Signal::SocketWait) {
@@ -326,6 +350,7 @@ impl Probes {
             sched_hook,
             oncpu_cpus,
             hooks,
+            measuring_since,
         })
     }
 

@@ -75,6 +75,8 @@ pub struct ProbeSettings {
     pub tcp_rtt_interval: Duration,
     pub oncpu_frequency_hz: u64,
     pub target_tgid: Option<u32>,
+    /// A process left out when every process is measured (the agent's own).
+    pub exclude_tgid: Option<u32>,
     pub sched_hook: SchedHookChoice,
     pub btf_path: Option<PathBuf>,
     pub map_sizes: MapSizes,

@@ -212,6 +212,19 @@ pub fn service_of(rules: &[ServiceRule], process: &ProcessNames<'_>) -> String {
     process.comm.to_owned()
 }
 
+/// Whether the process's service is declared rather than guessed: a configuration rule
+/// names it, or it runs in a systemd unit or a container. Only such services, and
+/// processes that ran for a while, have restarts worth an event.
+pub fn is_declared_service(rules: &[ServiceRule], process: &ProcessNames<'_>) -> bool {
+    rules.iter().any(|rule| rule.matches(process))
+        || process.cgroup.container_id.is_some()
+        || process
+            .cgroup
+            .unit
+            .as_deref()
+            .is_some_and(|unit| !is_generic_unit(unit))
+}
+
 /// Words that make an argument's value a secret.
 const SECRET_WORDS: [&str; 9] = [
     "password",

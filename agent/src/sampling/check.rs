@@ -170,7 +170,9 @@ fn describe_binary(binary: &binaries::BinaryFile) -> String {
             "frame pointers: NO ({}/{} functions): user stacks through it are probably truncated",
             fp.with_frame_pointer, fp.sampled
         ),
-        None => "frame pointers: unknown (no function symbols)".to_owned(),
+        None => {
+            "frame pointers: unknown (no function symbols whose first instructions tell)".to_owned()
+        }
     };
     let symbols = match (&binary.debug, info.has_dwarf, info.has_symtab) {
         (Some(debug), _, _) => format!("symbols from {}", debug.path.display()),

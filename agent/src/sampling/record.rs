@@ -142,24 +142,30 @@ pub fn summary_line(summary: &RecordSummary, output: &Path) -> String {
     }
     // Events not measured at all, apart from those that only lost (part of) a stack or
     // whose stack is probably cut short: the latter still count in every total.
-    let (lost, partial) =
-        profile
-            .meta
-            .losses
-            .iter()
-            .fold((0, 0), |(lost, partial), (name, &count)| {
-                if EVENT_LOSSES.iter().any(|loss| name.ends_with(loss.name())) {
-                    (lost + count, partial)
-                } else {
-                    (lost, partial + count)
-                }
-            });
+    let (mut lost, mut partial, mut broken) = (0, 0, 0);
+    for (name, &count) in &profile.meta.losses {
+        if name.ends_with(WINDOW_VIOLATION) {
+            broken += count;
+        } else if EVENT_LOSSES.iter().any(|loss| name.ends_with(loss.name())) {
+            lost += count;
+        } else {
+            partial += count;
+        }
+    }
     parts.push(format!("{lost} events lost"));
     if partial > 0 {
         parts.push(format!("{partial} stacks incomplete"));
     }
+    if broken > 0 {
+        parts.push(format!(
+            "{broken} threads with more wait than time measured (a double count: see the log)"
+        ));
+    }
     parts.join(", ")
 }
+
+/// The loss naming threads whose waits exceed the time measured.
+const WINDOW_VIOLATION: &str = "thread_wait_exceeds_window";
 
 /// Losses that cost a whole event (the others cost a stack, or part of one).
 const EVENT_LOSSES: [Loss; 4] = [

@@ -21,7 +21,7 @@ use crate::{
     stream::{
         batch::{batch_from_profile, batch_totals},
         sender::{ClientTls, Sender, StreamSettings},
-        spool::Spool,
+        spool::{Appended, Spool},
     },
 };
 
@@ -93,7 +93,20 @@ pub fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
         mut summary,
         ..
     } = sink;
-    summary.flushed = sender.flush_and_stop(config.flush_timeout);
+    let flush = sender.flush_and_stop(config.flush_timeout);
+    summary.flushed = flush.emptied;
+    if !flush.emptied {
+        tracing::warn!(
+            "stopped after the {:?} flush timeout with {} batches left in the spool for the next start: collector {}: {}",
+            config.flush_timeout,
+            flush.left,
+            config.collector,
+            flush
+                .problem
+                .as_deref()
+                .unwrap_or("no answer before the deadline")
+        );
+    }
     summary.dropped_total = spool
         .lock()
         .map_err(|_| anyhow::anyhow!("the sender thread panicked while it held the spool"))?
@@ -124,18 +137,20 @@ impl Sink for StreamSink<'_> {
     fn accept(&mut self, profile: Profile, last: bool) -> anyhow::Result<()> {
         let batch = batch_from_profile(&profile, &self.config.agent_id);
         batch_totals(&batch, &mut self.summary.totals);
-        let sequence = self
+        let appended = self
             .spool
             .lock()
             .map_err(|_| anyhow::anyhow!("the sender thread panicked while it held the spool"))?
             .append(batch)?;
         self.summary.batches += 1;
-        self.summary.last_sequence = Some(sequence);
-        self.sender.wake();
-        tracing::debug!(
-            "batch {sequence} spooled{}",
-            if last { " (last)" } else { "" }
-        );
+        if let Appended::Stored(sequence) = appended {
+            self.summary.last_sequence = Some(sequence);
+            self.sender.wake();
+            tracing::debug!(
+                "batch {sequence} spooled{}",
+                if last { " (last)" } else { "" }
+            );
+        }
         Ok(())
     }
 }

@@ -23,13 +23,22 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::stream::spool::Spool;
+use crate::stream::{backoff::Backoff, spool::Spool};
 
 /// Header naming the agent on plaintext connections (under mTLS the certificate does).
 pub const AGENT_HEADER: &str = "x-stallscope-agent";
 
 /// Largest frame the agent sends (the collector's default limit is 16 MiB).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Deadline of a connection (TCP, TLS and HTTP/2 handshakes).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline of the collector's answer to a new stream: it answers at once, before any
+/// batch is stored, so a peer that accepts the connection and stays silent is no
+/// collector (or a hung one).
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest wait for the next acknowledgement while batches are in flight.
+const ACK_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum StreamError {
@@ -75,6 +84,8 @@ struct Shared {
     settings: StreamSettings,
     /// A thread panicked while it held the spool's lock.
     poisoned: AtomicBool,
+    /// What last kept batches from being acknowledged (for the closing report).
+    problem: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -116,6 +127,52 @@ impl Shared {
             None
         }
     }
+
+    fn set_problem(&self, problem: String) {
+        if let Ok(mut slot) = self.problem.lock() {
+            *slot = Some(problem);
+        }
+    }
+
+    /// Resolves once stopping and past the flush deadline.
+    async fn past_deadline(&self) {
+        while !self.stop_now() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Why a bounded step did not complete.
+enum Cut {
+    /// Its own deadline passed.
+    Deadline(Duration),
+    /// Stopping, and the flush deadline passed.
+    Stopped,
+}
+
+/// Runs `step` until it completes, `limit` passes, or (when stopping) the flush deadline
+/// passes: no network step of the sender can hold the agent's exit.
+async fn bounded<T>(
+    shared: &Shared,
+    limit: Duration,
+    step: impl Future<Output = T>,
+) -> Result<T, Cut> {
+    tokio::select! {
+        out = step => Ok(out),
+        () = tokio::time::sleep(limit) => Err(Cut::Deadline(limit)),
+        () = shared.past_deadline() => Err(Cut::Stopped),
+    }
+}
+
+/// How a flush at the end of a run went.
+#[derive(Debug, Clone)]
+pub struct FlushOutcome {
+    /// Every batch was acknowledged.
+    pub emptied: bool,
+    /// Batches left in the spool for the next start.
+    pub left: usize,
+    /// What kept them from being acknowledged, as far as the sender knows.
+    pub problem: Option<String>,
 }
 
 /// The sender thread.
@@ -135,6 +192,7 @@ impl Sender {
             deadline: Mutex::new(None),
             settings,
             poisoned: AtomicBool::new(false),
+            problem: Mutex::new(None),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -156,9 +214,9 @@ impl Sender {
         self.shared.wake.notify_one();
     }
 
-    /// Sends what is left, for at most `timeout`, then stops. Returns whether the spool
-    /// was emptied.
-    pub fn flush_and_stop(mut self, timeout: Duration) -> bool {
+    /// Sends what is left, for at most `timeout`, then stops (every network step of the
+    /// sender is bounded by the deadline, so this returns shortly after it).
+    pub fn flush_and_stop(mut self, timeout: Duration) -> FlushOutcome {
         // The deadline is a plain value, whole even if a thread panicked holding it.
         *self
             .shared
@@ -171,7 +229,26 @@ impl Sender {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        self.shared.spool_empty()
+        // A poisoned spool is never reported flushed; what it holds is only counted.
+        let poisoned =
+            self.shared.poisoned.load(Ordering::SeqCst) || self.shared.spool.is_poisoned();
+        let left = self
+            .shared
+            .spool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pending()
+            .len();
+        let problem = if poisoned {
+            Some("a thread panicked while it held the spool".to_owned())
+        } else {
+            self.shared.problem.lock().ok().and_then(|p| p.clone())
+        };
+        FlushOutcome {
+            emptied: left == 0 && !poisoned,
+            left,
+            problem,
+        }
     }
 }
 
@@ -183,7 +260,7 @@ fn endpoint(settings: &StreamSettings) -> Result<Endpoint, StreamError> {
     }
     let mut endpoint = Channel::from_shared(settings.collector.clone())
         .map_err(|_| address())?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_DEADLINE)
         .timeout(Duration::from_secs(120))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
@@ -215,43 +292,6 @@ fn endpoint(settings: &StreamSettings) -> Result<Endpoint, StreamError> {
         }
     }
     Ok(endpoint)
-}
-
-/// Exponential backoff with jitter: each wait is drawn from [cap/2, cap], the cap
-/// doubling from 250 ms up to the maximum.
-struct Backoff {
-    cap: Duration,
-    max: Duration,
-    seed: u64,
-}
-
-impl Backoff {
-    const START: Duration = Duration::from_millis(250);
-
-    fn new(max: Duration) -> Self {
-        let seed = u64::from(std::process::id()) ^ crate::system::unix_now_ns() as u64;
-        Self {
-            cap: Self::START,
-            max,
-            seed: seed | 1,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.cap = Self::START;
-    }
-
-    fn next(&mut self) -> Duration {
-        // xorshift64: enough randomness to spread reconnecting agents apart.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let cap = self.cap.min(self.max);
-        let half = cap / 2;
-        let jitter = half.mul_f64((self.seed % 1000) as f64 / 1000.0);
-        self.cap = (self.cap * 2).min(self.max);
-        half + jitter
-    }
 }
 
 /// Why a session ended.
@@ -288,6 +328,7 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                 }
             }
             SessionEnd::Failed(reason) => {
+                shared.set_problem(reason.clone());
                 failures += 1;
                 let wait = backoff.next();
                 // The first failure and then every tenth, so an outage is visible but
@@ -314,9 +355,18 @@ async fn send_loop(shared: Arc<Shared>, endpoint: Endpoint) {
 }
 
 async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) -> SessionEnd {
-    let channel = match endpoint.connect().await {
-        Ok(channel) => channel,
-        Err(err) => return SessionEnd::Failed(format!("cannot connect: {}", error_chain(&err))),
+    let channel = match bounded(shared, CONNECT_DEADLINE, endpoint.connect()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(err)) => {
+            return SessionEnd::Failed(format!("cannot connect: {}", error_chain(&err)));
+        }
+        Err(Cut::Deadline(limit)) => {
+            return SessionEnd::Failed(format!("no connection within {limit:?}"));
+        }
+        Err(Cut::Stopped) => {
+            shared.set_problem("the flush deadline passed while connecting".to_owned());
+            return SessionEnd::Done;
+        }
     };
     let mut client = IngestClient::new(channel)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -342,24 +392,58 @@ async fn session(shared: &Shared, endpoint: &Endpoint, backoff: &mut Backoff) ->
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut last_sent: Option<u64> = None;
     fill_window(shared, &tx, window, &mut in_flight, &mut last_sent);
-    let mut acks = match client.stream(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
+    let mut acks = match bounded(shared, ANSWER_DEADLINE, client.stream(request)).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => {
             return SessionEnd::Failed(format!("{:?}: {}", status.code(), status.message()));
+        }
+        Err(Cut::Deadline(limit)) => {
+            return SessionEnd::Failed(format!(
+                "it accepted the connection but did not answer within {limit:?} (is it a stallscope collector?)"
+            ));
+        }
+        Err(Cut::Stopped) => {
+            shared.set_problem(
+                "the flush deadline passed while waiting for the collector to answer (it accepted the connection but did not answer)"
+                    .to_owned(),
+            );
+            return SessionEnd::Done;
         }
     };
     tracing::info!("streaming to {}", shared.settings.collector);
+    let mut last_ack = Instant::now();
     loop {
+        let before = in_flight.len();
         fill_window(shared, &tx, window, &mut in_flight, &mut last_sent);
+        if before == 0 && !in_flight.is_empty() {
+            // The acknowledgement deadline counts from the first batch in flight.
+            last_ack = Instant::now();
+        }
         if shared.stopping.load(Ordering::SeqCst) && in_flight.is_empty() && shared.spool_empty() {
             return SessionEnd::Done;
         }
         if shared.stop_now() || shared.poisoned.load(Ordering::SeqCst) {
+            if shared.stop_now()
+                && let Some(first) = in_flight.front()
+            {
+                shared.set_problem(format!(
+                    "the flush deadline passed with {} batches sent and not acknowledged (oldest {first})",
+                    in_flight.len()
+                ));
+            }
             return SessionEnd::Done;
+        }
+        if let Some(&oldest) = in_flight.front()
+            && last_ack.elapsed() >= ACK_DEADLINE
+        {
+            return SessionEnd::Failed(format!(
+                "batch {oldest} was not acknowledged within {ACK_DEADLINE:?}"
+            ));
         }
         tokio::select! {
             message = acks.message() => match message {
                 Ok(Some(ack)) => {
+                    last_ack = Instant::now();
                     backoff.reset();
                     in_flight.retain(|&s| s != ack.sequence);
                     if let Some(mut spool) = shared.spool()
@@ -477,21 +561,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(sender.shared.poisoned.load(Ordering::SeqCst));
-        assert!(
-            !sender.flush_and_stop(Duration::from_secs(1)),
-            "a poisoned spool was reported as flushed"
-        );
+        let flush = sender.flush_and_stop(Duration::from_secs(1));
+        assert!(!flush.emptied, "a poisoned spool was reported as flushed");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_up_to_the_maximum() {
-        let mut backoff = Backoff::new(Duration::from_secs(4));
-        let waits: Vec<Duration> = (0..8).map(|_| backoff.next()).collect();
-        assert!(waits[0] >= Duration::from_millis(125) && waits[0] <= Duration::from_millis(250));
-        assert!(waits.iter().all(|w| *w <= Duration::from_secs(4)));
-        assert!(waits[7] >= Duration::from_secs(2));
-        backoff.reset();
-        assert!(backoff.next() <= Duration::from_millis(250));
     }
 }

@@ -2,8 +2,9 @@
 //! (compressed, fsynced) before it is sent and deleted only once the collector has
 //! acknowledged it, so batches survive collector outages and agent restarts. Bounded:
 //! when full, the oldest batches are dropped and counted; the count travels with every
-//! later batch. The next sequence number lives here too, so sequences stay unique per
-//! agent across restarts.
+//! later batch. A full disk counts as a full spool (the oldest batches make room). The
+//! next sequence number lives here too, so sequences stay unique per agent across
+//! restarts.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -67,6 +68,8 @@ pub struct Spool {
     /// Batches sent and not yet acknowledged: never dropped to make room, since the
     /// collector may be storing them right now (the drop count must be exact).
     in_flight: HashSet<u64>,
+    /// The state on disk is behind the one in memory (the disk was full).
+    state_unsaved: bool,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -77,14 +80,43 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
 }
 
 /// Writes `bytes` to `path` atomically and durably: temporary file, fsync, rename, fsync
-/// of the directory.
+/// of the directory. A failed write leaves no temporary file behind.
 fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
     let temp = path.with_extension("tmp");
-    let mut file = File::create(&temp).map_err(io(&temp))?;
-    file.write_all(bytes).map_err(io(&temp))?;
-    file.sync_all().map_err(io(&temp))?;
-    fs::rename(&temp, path).map_err(io(path))?;
+    let written = File::create(&temp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .map_err(io(&temp));
+    if let Err(err) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(err);
+    }
+    if let Err(err) = fs::rename(&temp, path) {
+        let _ = fs::remove_file(&temp);
+        return Err(io(path)(err));
+    }
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+impl SpoolError {
+    /// The filesystem (or the user's quota on it) is full: the spool treats it like its
+    /// own limits, by dropping the oldest batches.
+    fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+}
+
+/// What became of a batch handed to [`Spool::append`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Written with this sequence.
+    Stored(u64),
+    /// The disk was full and no older batch could make room (all in flight): the batch
+    /// was dropped and counted, without a sequence.
+    Dropped,
 }
 
 impl Spool {
@@ -132,6 +164,7 @@ impl Spool {
             batches,
             bytes,
             in_flight: HashSet::new(),
+            state_unsaved: false,
         })
     }
 
@@ -140,9 +173,52 @@ impl Spool {
             .join(format!("{BATCH_PREFIX}{sequence:020}{BATCH_SUFFIX}"))
     }
 
-    fn save_state(&self) -> Result<(), SpoolError> {
+    fn save_state(&mut self) -> Result<(), SpoolError> {
         let bytes = serde_json::to_vec(&self.state).unwrap_or_default();
-        write_durably(&self.dir, &self.dir.join(STATE_FILE), &bytes)
+        write_durably(&self.dir, &self.dir.join(STATE_FILE), &bytes)?;
+        self.state_unsaved = false;
+        Ok(())
+    }
+
+    /// Saves the state; on a full disk, older batches make room for it (the state must
+    /// not fall behind: acknowledged batches are deleted, and a restart would otherwise
+    /// reuse their sequences). If nothing can be dropped the state stays unsaved, is
+    /// saved again as soon as an acknowledgement frees space, and the failure is logged.
+    fn save_state_making_room(&mut self) -> Result<(), SpoolError> {
+        loop {
+            match self.save_state() {
+                Err(err) if err.is_disk_full() => {
+                    self.state_unsaved = true;
+                    if !self.drop_oldest("disk full") {
+                        tracing::warn!("{err}; the spool state is saved when space frees up");
+                        return Ok(());
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Drops the oldest batch that is not in flight; false if there is none.
+    fn drop_oldest(&mut self, why: &str) -> bool {
+        let Some(oldest) = self
+            .batches
+            .keys()
+            .copied()
+            .find(|seq| !self.in_flight.contains(seq))
+        else {
+            return false;
+        };
+        if let Err(err) = self.remove(oldest) {
+            tracing::error!("{err}");
+            return false;
+        }
+        self.state.dropped_total += 1;
+        tracing::warn!(
+            "spool full ({why}): dropped batch {oldest} ({} dropped so far)",
+            self.state.dropped_total
+        );
+        true
     }
 
     /// Batches dropped to make room since the spool was created.
@@ -166,26 +242,14 @@ impl Spool {
 
     /// Makes room for one batch of `incoming` bytes by dropping the oldest batches that
     /// are not in flight.
-    fn make_room(&mut self, incoming: u64) -> Result<(), SpoolError> {
+    fn make_room(&mut self, incoming: u64) {
         while self.batches.len() + 1 > self.limits.max_batches.max(1)
             || (self.bytes + incoming > self.limits.max_bytes && !self.batches.is_empty())
         {
-            let Some(oldest) = self
-                .batches
-                .keys()
-                .copied()
-                .find(|seq| !self.in_flight.contains(seq))
-            else {
+            if !self.drop_oldest("limit reached") {
                 break;
-            };
-            self.remove(oldest)?;
-            self.state.dropped_total += 1;
-            tracing::warn!(
-                "spool full: dropped batch {oldest} ({} dropped so far)",
-                self.state.dropped_total
-            );
+            }
         }
-        Ok(())
     }
 
     fn remove(&mut self, sequence: u64) -> Result<(), SpoolError> {
@@ -203,31 +267,49 @@ impl Spool {
     }
 
     /// Gives `batch` the next sequence number and the drop count, compresses it and
-    /// writes it durably. Returns its sequence.
-    pub fn append(&mut self, mut batch: v1::Batch) -> Result<u64, SpoolError> {
+    /// writes it durably. A full disk is a full spool: the oldest batches not in flight
+    /// are dropped (and counted) until the batch fits, and if none is left the batch
+    /// itself is dropped and counted.
+    pub fn append(&mut self, mut batch: v1::Batch) -> Result<Appended, SpoolError> {
         let sequence = self.state.next_sequence;
         batch.sequence = sequence;
         // Room first, so the count this batch carries includes every drop so far and
         // no drop happens after the last batch. The encoded size bounds the compressed
         // one closely enough for a byte limit.
-        self.make_room(batch.encoded_len() as u64)?;
-        batch.spool_dropped_total = self.state.dropped_total;
-        let encoded = batch.encode_to_vec();
-        let compressed = zstd::bulk::compress(&encoded, ZSTD_LEVEL).map_err(io(&self.dir))?;
-        let frame = v1::IngestFrame {
-            sequence,
-            uncompressed_size: encoded.len() as u64,
-            batch_zstd: compressed,
-        }
-        .encode_to_vec();
-        // The batch goes first: after a crash between the two, `open` sees its file
-        // and continues after it, so a sequence is never reused nor skipped.
-        write_durably(&self.dir, &self.batch_path(sequence), &frame)?;
+        self.make_room(batch.encoded_len() as u64);
+        let frame = loop {
+            batch.spool_dropped_total = self.state.dropped_total;
+            let encoded = batch.encode_to_vec();
+            let compressed = zstd::bulk::compress(&encoded, ZSTD_LEVEL).map_err(io(&self.dir))?;
+            let frame = v1::IngestFrame {
+                sequence,
+                uncompressed_size: encoded.len() as u64,
+                batch_zstd: compressed,
+            }
+            .encode_to_vec();
+            // The batch goes first: after a crash between the two, `open` sees its file
+            // and continues after it, so a sequence is never reused nor skipped.
+            match write_durably(&self.dir, &self.batch_path(sequence), &frame) {
+                Ok(()) => break frame,
+                Err(err) if err.is_disk_full() => {
+                    if !self.drop_oldest("disk full") {
+                        self.state.dropped_total += 1;
+                        tracing::warn!(
+                            "{err}: dropped the new batch, no older one can make room ({} dropped so far)",
+                            self.state.dropped_total
+                        );
+                        self.save_state_making_room()?;
+                        return Ok(Appended::Dropped);
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        };
         self.state.next_sequence = sequence + 1;
-        self.save_state()?;
         self.batches.insert(sequence, frame.len() as u64);
         self.bytes += frame.len() as u64;
-        Ok(sequence)
+        self.save_state_making_room()?;
+        Ok(Appended::Stored(sequence))
     }
 
     /// Reads a spooled frame and marks it in flight. `None` if it is gone (acknowledged
@@ -251,9 +333,14 @@ impl Spool {
         }
     }
 
-    /// The collector stored `sequence`: forget it.
+    /// The collector stored `sequence`: forget it (and save a state a full disk held
+    /// back, now that there is room).
     pub fn acknowledge(&mut self, sequence: u64) -> Result<(), SpoolError> {
-        self.remove(sequence)
+        self.remove(sequence)?;
+        if self.state_unsaved {
+            self.save_state_making_room()?;
+        }
+        Ok(())
     }
 
     /// Drops a batch the collector refused as malformed or too large (retrying would
@@ -262,7 +349,7 @@ impl Spool {
         if self.batches.contains_key(&sequence) {
             self.remove(sequence)?;
             self.state.dropped_total += 1;
-            self.save_state()?;
+            self.save_state_making_room()?;
         }
         Ok(())
     }
@@ -295,13 +382,22 @@ mod tests {
     fn sequences_survive_reopening_and_acks_delete() {
         let dir = dir("reopen");
         let mut spool = Spool::open(&dir, SpoolLimits::default()).expect("open");
-        assert_eq!(spool.append(batch("a")).expect("append"), 0);
-        assert_eq!(spool.append(batch("b")).expect("append"), 1);
+        assert_eq!(
+            spool.append(batch("a")).expect("append"),
+            Appended::Stored(0)
+        );
+        assert_eq!(
+            spool.append(batch("b")).expect("append"),
+            Appended::Stored(1)
+        );
         spool.acknowledge(0).expect("ack");
         drop(spool);
         let mut spool = Spool::open(&dir, SpoolLimits::default()).expect("reopen");
         assert_eq!(spool.pending(), [1]);
-        assert_eq!(spool.append(batch("c")).expect("append"), 2);
+        assert_eq!(
+            spool.append(batch("c")).expect("append"),
+            Appended::Stored(2)
+        );
         let frame = spool.take_for_sending(1).expect("spooled");
         assert_eq!(frame.sequence, 1);
         let raw = zstd::bulk::decompress(&frame.batch_zstd, 1 << 20).expect("zstd");

@@ -51,6 +51,28 @@ pub fn unknown_frame(
     }
 }
 
+/// A symbol name as people read it: Rust (legacy `_ZN...E` and v0 `_R...`) and C++
+/// (`_Z...`) names demangled, Rust's without the hash; anything else as it is. A name is
+/// demangled only when it carries a mangling prefix: blazesym 0.2.7 (`maybe_demangle_impl`
+/// in `src/symbolize/symbolizer.rs`) hands every name whose language it does not know,
+/// which includes all C, to `cpp_demangle`, which parses a bare type code as a complete
+/// mangled name, so C functions called `w`, `x` or `a` came out as `wchar_t`, `long long`
+/// and `signed char`. Its demangling is therefore off and this is used instead.
+pub fn demangle(name: &str) -> String {
+    if (name.starts_with("_R") || name.starts_with("_ZN"))
+        && let Ok(rust) = rustc_demangle::try_demangle(name)
+    {
+        return format!("{rust:#}");
+    }
+    if name.starts_with("_Z")
+        && let Ok(symbol) = cpp_demangle::Symbol::new(name)
+        && let Ok(text) = symbol.demangle()
+    {
+        return text;
+    }
+    name.to_owned()
+}
+
 /// Frames for one symbolized address, innermost first (inlined callees before the
 /// function that contains them). blazesym gives each function of the inline chain its own
 /// location: where the address is, or where it calls the next inlined function.
@@ -67,7 +89,7 @@ fn frames_of(
             .map(|m: &OsStr| m.to_string_lossy().into_owned())
     });
     let frame = |function: &str, code: Option<&CodeInfo<'_>>| Frame {
-        function: function.to_owned(),
+        function: demangle(function),
         module: module.clone(),
         file: code.map(|code| code.to_path().display().to_string()),
         line: code.and_then(|code| code.line),
@@ -88,7 +110,8 @@ fn blazesym() -> Blazesym {
     Blazesym::builder()
         .enable_code_info(true)
         .enable_inlined_fns(true)
-        .enable_demangling(true)
+        // Names are demangled by `demangle`, only where they carry a mangling prefix.
+        .enable_demangling(false)
         // Debug files are found by the agent in the binary's own mount namespace
         // (`elf::find_debug_file`); searching the host's directories could pick a wrong
         // file for a container's binary.
@@ -344,6 +367,19 @@ pub fn symbolize_offsets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_mangled_names_are_demangled() {
+        // C functions whose names are also C++ type codes stay what they are.
+        for name in ["w", "x", "a", "c", "i", "xy", "abc", "main", "Z"] {
+            assert_eq!(demangle(name), name);
+        }
+        assert_eq!(
+            demangle("_ZN3std2rt10lang_start17h0123456789abcdefE"),
+            "std::rt::lang_start"
+        );
+        assert_eq!(demangle("_Z3addii"), "add(int, int)");
+    }
 
     #[test]
     fn return_addresses_are_looked_up_one_byte_earlier() {

@@ -1,7 +1,7 @@
 //! What the resolver says about workloads: identity labels of a process (executable,
 //! build-id, container, pod, unit, service) and change events (deploys, restarts).
 
-use std::{collections::HashSet, path::Path, sync::Arc};
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
 use stallscope_profile::{ChangeEvent, ChangeKind, Labels};
 
@@ -13,8 +13,24 @@ use crate::process::{
 
 pub(super) struct ServiceState {
     pub(super) last_pid: u32,
+    /// Start time of `last_pid`, in clock ticks after boot.
+    pub(super) last_start_ticks: u64,
     pub(super) build_id: Option<String>,
     pub(super) live: HashSet<u32>,
+}
+
+/// A process replaced by another of its service is a restart (an event) when its service
+/// is declared ([`identity::is_declared_service`]) or when it started at least this long
+/// before its replacement: a shell loop's `sleep` commands replace each other every
+/// second, and are no service restarting.
+pub const RESTART_MIN_LIFETIME: Duration = Duration::from_secs(10);
+
+/// Whether a service whose only process (started at `previous_start`) was replaced by
+/// one started at `start` (clock ticks after boot, `hz` a second) restarted.
+fn is_restart(declared: bool, previous_start: u64, start: u64, hz: i64) -> bool {
+    let lived_ticks = start.saturating_sub(previous_start);
+    let min_ticks = RESTART_MIN_LIFETIME.as_secs() * u64::try_from(hz.max(1)).unwrap_or(100);
+    declared || lived_ticks >= min_ticks
 }
 
 impl Resolver {
@@ -112,6 +128,14 @@ impl Resolver {
                 continue;
             }
             let service = self.service(&snapshot);
+            let declared = identity::is_declared_service(
+                &self.settings.service_rules,
+                &ProcessNames {
+                    comm: &snapshot.comm,
+                    exe: snapshot.exe.as_deref(),
+                    cgroup: &snapshot.cgroup,
+                },
+            );
             let build_id = self.exe_build_id(&snapshot);
             let pid = snapshot.pid;
             let mut labels = self.labels(pid, None);
@@ -126,6 +150,7 @@ impl Resolver {
                     service,
                     ServiceState {
                         last_pid: pid,
+                        last_start_ticks: snapshot.start_ticks,
                         build_id,
                         live: HashSet::from([pid]),
                     },
@@ -141,7 +166,17 @@ impl Resolver {
             state.live = live;
             let kind = match (&state.build_id, &build_id) {
                 (Some(old), Some(new)) if old != new => Some(ChangeKind::Deploy),
-                _ if state.live.is_empty() && state.last_pid != pid => Some(ChangeKind::Restart),
+                _ if state.live.is_empty()
+                    && state.last_pid != pid
+                    && is_restart(
+                        declared,
+                        state.last_start_ticks,
+                        snapshot.start_ticks,
+                        self.boot.1,
+                    ) =>
+                {
+                    Some(ChangeKind::Restart)
+                }
                 _ => None,
             };
             if let Some(kind) = kind {
@@ -161,6 +196,7 @@ impl Resolver {
             }
             if let Some(state) = self.services.get_mut(&service) {
                 state.last_pid = pid;
+                state.last_start_ticks = snapshot.start_ticks;
                 if build_id.is_some() {
                     state.build_id = build_id;
                 }
@@ -168,5 +204,21 @@ impl Resolver {
             }
         }
         std::mem::take(&mut self.events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_services_restart() {
+        let hz = 100;
+        // A shell loop's `sleep 1`: replaced a second after it started.
+        assert!(!is_restart(false, 5_000, 5_100, hz));
+        // A process that ran for a minute, replaced.
+        assert!(is_restart(false, 5_000, 11_000, hz));
+        // A declared service (rule, systemd unit, container) restarts whatever its age.
+        assert!(is_restart(true, 5_000, 5_001, hz));
     }
 }

@@ -10,7 +10,8 @@
 //! - `pulse`: thread `pulse` sleeps 10 ms and spins about 1 ms, over and over, until
 //!   stdin closes: steady off-CPU and on-CPU activity at little cost (streaming tests).
 //! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
-//!   (see `waits.rs`).
+//!   (see `waits.rs`); `file-lock flock|fcntl THREADS ROUNDS HOLD_MS DIR`: file lock
+//!   waits behind another process (see `filelock.rs`).
 //! - `net-connect`, `net-peers`, `net-bulk`: network waits between two network
 //!   namespaces the caller created (see `net.rs`); `net-rr`: request/response over
 //!   loopback, for the network benchmark.
@@ -21,6 +22,7 @@
 //! - `phases HEALTHY_S DEGRADED_S RECOVERED_S`: a request-serving service that degrades
 //!   once, by lock contention (see `phases.rs`).
 
+mod filelock;
 mod identity;
 mod net;
 mod phases;
@@ -146,7 +148,7 @@ fn pulse() {
 }
 
 /// The scenarios, as `--help` lists them and as an unknown name is answered.
-const SCENARIOS: &str = "markers, churn, mutex, kernel-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit, phases or pulse";
+const SCENARIOS: &str = "markers, churn, mutex, kernel-lock, file-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit, phases or pulse";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -158,6 +160,11 @@ fn main() {
              It prints `ready <pid>`, waits for a line on stdin, runs the scenario, prints `done`\n\
              and stays alive until stdin closes. Scenarios: {SCENARIOS} (default markers)."
         );
+        return;
+    }
+    if scenario == "file-lock-holder" {
+        // The other process of `file-lock`, started by it: no handshake.
+        filelock::holder(text(&args, 2), ms(arg(&args, 3, 10)), text(&args, 4));
         return;
     }
     println!("ready {}", std::process::id());
@@ -180,6 +187,13 @@ fn main() {
         }
         "mutex" => waits::mutex(arg(&args, 2, 4), arg(&args, 3, 5), ms(arg(&args, 4, 10))),
         "kernel-lock" => waits::kernel_lock(arg(&args, 2, 8), ms(arg(&args, 3, 1000))),
+        "file-lock" => filelock::file_lock(
+            text(&args, 2),
+            arg(&args, 3, 4),
+            arg(&args, 4, 40),
+            ms(arg(&args, 5, 10)),
+            args.get(6).map_or("/tmp", String::as_str),
+        ),
         "syscalls" => waits::syscalls(
             args.get(2).map_or("/tmp", String::as_str),
             arg(&args, 3, 50),
