@@ -39,56 +39,22 @@ pub fn lint() -> anyhow::Result<()> {
         .current_dir(root()))
 }
 
-/// Cycles this check knows and allows, each until its owners untangle it: (crate root
-/// under the workspace, the modules that import each other). They are in the collector,
-/// whose windows and `why` work is under way in parallel (ARCHITECTURE.md names them).
-/// Any other cycle fails the check; an entry that no longer matches is reported, to be
-/// removed.
-const KNOWN_CYCLES: &[(&str, &[&str])] = &[("collector/src/lib.rs", &["storage", "windows"])];
-
 /// No module of a crate imports another that imports it back (see `import_cycles.rs`).
 pub fn import_cycle_check() -> anyhow::Result<()> {
     let manifest = std::fs::read_to_string(root().join("Cargo.toml"))?;
     let members = workspace_members(&manifest);
     let roots = import_cycles::crate_roots(&root(), &members);
     let cycles = import_cycles::check(&roots)?;
-    let known = |cycle: &import_cycles::Cycle| {
-        KNOWN_CYCLES.iter().any(|(crate_root, modules)| {
-            cycle.root == root().join(crate_root)
-                && modules.len() == cycle.modules.len()
-                && modules.iter().all(|m| cycle.modules.contains(*m))
-        })
-    };
-    for (crate_root, modules) in KNOWN_CYCLES {
-        let present = cycles.iter().any(|cycle| {
-            cycle.root == root().join(crate_root)
-                && modules.iter().all(|m| cycle.modules.contains(*m))
-        });
-        if present {
-            eprintln!(
-                "xtask: known import cycle in {crate_root} between {modules:?} (allowed until its owners untangle it)"
-            );
-        } else {
-            eprintln!(
-                "xtask: the known import cycle {modules:?} in {crate_root} is gone: remove it from KNOWN_CYCLES in xtask/src/lint.rs"
-            );
-        }
-    }
-    let new: Vec<&str> = cycles
-        .iter()
-        .filter(|cycle| !known(cycle))
-        .map(|cycle| cycle.report.as_str())
-        .collect();
-    if !new.is_empty() {
+    if !cycles.is_empty() {
+        let reports: Vec<&str> = cycles.iter().map(|cycle| cycle.report.as_str()).collect();
         bail!(
             "import cycles between modules (move what both need into a module both import, or make one a child of the other):\n{}",
-            new.join("\n")
+            reports.join("\n")
         );
     }
     eprintln!(
-        "xtask: no import cycles between the modules of {} crate roots, but for {} known ones",
-        roots.len(),
-        cycles.len()
+        "xtask: no import cycles between the modules of {} crate roots",
+        roots.len()
     );
     Ok(())
 }
