@@ -1,5 +1,6 @@
 //! `cargo xtask lint` and `cargo xtask fmt`: rustfmt and clippy over the host crates and
-//! the eBPF crate.
+//! the eBPF crate, no import cycles between the modules of a crate, and the agent's files
+//! kept short.
 
 use std::process::Command;
 
@@ -13,6 +14,7 @@ use crate::{
 pub fn lint() -> anyhow::Result<()> {
     bootstrap::ensure()?;
     import_cycle_check()?;
+    file_length_check()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     let toolchain = bootstrap::toolchain_bin();
@@ -37,6 +39,36 @@ pub fn lint() -> anyhow::Result<()> {
         .env("PATH", path)
         .env("CARGO_TARGET_DIR", root().join("target").join("ebpf-lint"))
         .current_dir(root()))
+}
+
+/// The agent's files stay focused: none over this many lines.
+const AGENT_MAX_LINES: usize = 600;
+
+/// No file under `agent/src` is longer than [`AGENT_MAX_LINES`].
+fn file_length_check() -> anyhow::Result<()> {
+    let mut long = Vec::new();
+    let mut pending = vec![root().join("agent").join("src")];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let lines = std::fs::read_to_string(&path)?.lines().count();
+                if lines > AGENT_MAX_LINES {
+                    long.push(format!("{} ({lines} lines)", path.display()));
+                }
+            }
+        }
+    }
+    if !long.is_empty() {
+        long.sort();
+        bail!(
+            "files in agent/src over {AGENT_MAX_LINES} lines (split them by concern):\n{}",
+            long.join("\n")
+        );
+    }
+    Ok(())
 }
 
 /// No module of a crate imports another that imports it back (see `import_cycles.rs`).
