@@ -17,6 +17,7 @@ pub mod server;
 pub mod storage;
 pub mod synthetic;
 pub mod tls;
+pub mod window;
 pub mod windows;
 
 /// Nanoseconds since the Unix epoch.

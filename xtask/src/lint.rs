@@ -1,5 +1,6 @@
 //! `cargo xtask lint` and `cargo xtask fmt`: rustfmt and clippy over the host crates and
-//! the eBPF crate.
+//! the eBPF crate, no import cycles between the modules of a crate, and the agent's files
+//! kept short.
 
 use std::process::Command;
 
@@ -13,6 +14,7 @@ use crate::{
 pub fn lint() -> anyhow::Result<()> {
     bootstrap::ensure()?;
     import_cycle_check()?;
+    file_length_check()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     let toolchain = bootstrap::toolchain_bin();
@@ -39,12 +41,35 @@ pub fn lint() -> anyhow::Result<()> {
         .current_dir(root()))
 }
 
-/// Cycles this check knows and allows, each until its owners untangle it: (crate root
-/// under the workspace, the modules that import each other). They are in the collector,
-/// whose windows and `why` work is under way in parallel (ARCHITECTURE.md names them).
-/// Any other cycle fails the check; an entry that no longer matches is reported, to be
-/// removed.
-const KNOWN_CYCLES: &[(&str, &[&str])] = &[("collector/src/lib.rs", &["storage", "windows"])];
+/// The agent's files stay focused: none over this many lines.
+const AGENT_MAX_LINES: usize = 600;
+
+/// No file under `agent/src` is longer than [`AGENT_MAX_LINES`].
+fn file_length_check() -> anyhow::Result<()> {
+    let mut long = Vec::new();
+    let mut pending = vec![root().join("agent").join("src")];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let lines = std::fs::read_to_string(&path)?.lines().count();
+                if lines > AGENT_MAX_LINES {
+                    long.push(format!("{} ({lines} lines)", path.display()));
+                }
+            }
+        }
+    }
+    if !long.is_empty() {
+        long.sort();
+        bail!(
+            "files in agent/src over {AGENT_MAX_LINES} lines (split them by concern):\n{}",
+            long.join("\n")
+        );
+    }
+    Ok(())
+}
 
 /// No module of a crate imports another that imports it back (see `import_cycles.rs`).
 pub fn import_cycle_check() -> anyhow::Result<()> {
@@ -52,43 +77,16 @@ pub fn import_cycle_check() -> anyhow::Result<()> {
     let members = workspace_members(&manifest);
     let roots = import_cycles::crate_roots(&root(), &members);
     let cycles = import_cycles::check(&roots)?;
-    let known = |cycle: &import_cycles::Cycle| {
-        KNOWN_CYCLES.iter().any(|(crate_root, modules)| {
-            cycle.root == root().join(crate_root)
-                && modules.len() == cycle.modules.len()
-                && modules.iter().all(|m| cycle.modules.contains(*m))
-        })
-    };
-    for (crate_root, modules) in KNOWN_CYCLES {
-        let present = cycles.iter().any(|cycle| {
-            cycle.root == root().join(crate_root)
-                && modules.iter().all(|m| cycle.modules.contains(*m))
-        });
-        if present {
-            eprintln!(
-                "xtask: known import cycle in {crate_root} between {modules:?} (allowed until its owners untangle it)"
-            );
-        } else {
-            eprintln!(
-                "xtask: the known import cycle {modules:?} in {crate_root} is gone: remove it from KNOWN_CYCLES in xtask/src/lint.rs"
-            );
-        }
-    }
-    let new: Vec<&str> = cycles
-        .iter()
-        .filter(|cycle| !known(cycle))
-        .map(|cycle| cycle.report.as_str())
-        .collect();
-    if !new.is_empty() {
+    if !cycles.is_empty() {
+        let reports: Vec<&str> = cycles.iter().map(|cycle| cycle.report.as_str()).collect();
         bail!(
             "import cycles between modules (move what both need into a module both import, or make one a child of the other):\n{}",
-            new.join("\n")
+            reports.join("\n")
         );
     }
     eprintln!(
-        "xtask: no import cycles between the modules of {} crate roots, but for {} known ones",
-        roots.len(),
-        cycles.len()
+        "xtask: no import cycles between the modules of {} crate roots",
+        roots.len()
     );
     Ok(())
 }

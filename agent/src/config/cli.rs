@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Config, ConfigError, FileConfig, Overrides, RunConfig, RunOverrides},
+    config::{Config, ConfigError, FileConfig, Overrides, RunConfig, RunOverrides, SignalName},
     probes::SchedHookChoice,
 };
 
@@ -50,7 +50,8 @@ pub struct RecordArgs {
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// Signals to capture, comma-separated: offcpu, oncpu, runqueue, lock, syscall, disk,
-    /// connect, socket-wait, tcp, or network for the last three (default: offcpu,oncpu).
+    /// connect, socket-wait, tcp, or network for the last three (default: offcpu,oncpu for
+    /// record; offcpu,oncpu,runqueue,lock,disk,network for run).
     #[arg(long)]
     pub signals: Option<String>,
     /// Only profile this process.
@@ -169,6 +170,14 @@ impl RunArgs {
     pub fn config(&self) -> Result<RunConfig, ConfigError> {
         let mut file = self.common.file()?;
         let run_file = std::mem::take(&mut file.run);
+        if self.common.signals.is_none() && file.signals.is_none() {
+            file.signals = Some(
+                SignalName::RUN_DEFAULT
+                    .iter()
+                    .map(|signal| signal.as_str().to_owned())
+                    .collect(),
+            );
+        }
         let sampling = self.common.build(file)?;
         RunConfig::build(
             sampling,
@@ -238,5 +247,49 @@ impl CommonArgs {
                 include_agent: self.include_agent,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        let cli =
+            Cli::try_parse_from(std::iter::once("stallscope-agent").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{e}"));
+        cli.command
+    }
+
+    #[test]
+    fn run_captures_what_why_needs_by_default_and_record_stays_light() {
+        let Command::Run(run) = parse(&["run"]) else {
+            panic!("not run");
+        };
+        let signals = run.config().expect("valid").sampling.signals;
+        assert_eq!(
+            signals.into_iter().collect::<Vec<_>>(),
+            SignalName::RUN_DEFAULT.to_vec()
+        );
+        let Command::Run(run) = parse(&["run", "--signals", "offcpu"]) else {
+            panic!("not run");
+        };
+        assert_eq!(run.config().expect("valid").sampling.signals.len(), 1);
+        let Command::Record(record) = parse(&["record", "--duration", "1s", "-o", "x.folded"])
+        else {
+            panic!("not record");
+        };
+        assert_eq!(
+            record
+                .common
+                .config()
+                .expect("valid")
+                .signals
+                .into_iter()
+                .collect::<Vec<_>>(),
+            SignalName::DEFAULT.to_vec()
+        );
     }
 }

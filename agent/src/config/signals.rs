@@ -47,6 +47,20 @@ impl SignalName {
     pub const NETWORK: [Self; 3] = [Self::Connect, Self::SocketWait, Self::Tcp];
     /// What `record` captures when no signal is named.
     pub const DEFAULT: [Self; 2] = [Self::OffCpu, Self::OnCpu];
+    /// What `run` captures when no signal is named: what `why` needs to tell every cause
+    /// category apart and name its object (which lock, which device, which peer, CPU
+    /// contention per wakeup, retransmits and RTT per peer). Syscall latency, the
+    /// costliest signal, is left to ask for.
+    pub const RUN_DEFAULT: [Self; 8] = [
+        Self::OffCpu,
+        Self::OnCpu,
+        Self::RunQueue,
+        Self::Lock,
+        Self::Disk,
+        Self::Connect,
+        Self::SocketWait,
+        Self::Tcp,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -793,27 +793,9 @@ fn empty_report(question: &Question, step: i64) -> Report {
     }
 }
 
-/// `2026-12-06T04:02:41Z` for Unix nanoseconds.
+/// `2026-12-06T04:02:41Z` for Unix nanoseconds (whole seconds).
 pub fn iso(unix_ns: i64) -> String {
-    let secs = unix_ns.div_euclid(NS);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::windows::rfc3339::format(unix_ns - unix_ns.rem_euclid(NS))
 }
 
 fn human_span(seconds: i64) -> String {

@@ -39,7 +39,7 @@ use super::{
 use crate::{
     batch::{NormalizedBatch, SignalDef, StoredStack},
     events::{BinaryRecord, ChangeRecord},
-    windows::{UpsertOutcome, Window, WindowFilter, WindowSource},
+    window::{UpsertOutcome, Window, WindowFilter, WindowSource},
 };
 
 /// A batch waiting for the next group insert, with where its outcome goes.

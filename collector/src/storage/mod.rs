@@ -17,7 +17,7 @@ pub use self::rows::{ProfileBuilder, bucket_of};
 use crate::{
     batch::NormalizedBatch,
     events::{BinaryRecord, ChangeRecord},
-    windows::{UpsertOutcome, Window, WindowFilter, WindowSource},
+    window::{UpsertOutcome, Window, WindowFilter, WindowSource},
 };
 
 #[derive(Debug, Error)]

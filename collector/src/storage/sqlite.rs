@@ -35,7 +35,7 @@ use super::{
 use crate::{
     batch::NormalizedBatch,
     events::{BinaryRecord, ChangeRecord},
-    windows::{UpsertOutcome, Window, WindowFilter, WindowSource},
+    window::{UpsertOutcome, Window, WindowFilter, WindowSource},
 };
 
 const SCHEMA: &str = "

@@ -1,20 +1,20 @@
-//! Degradation windows: the model (`model.rs`), windows marked by hand (here: added,
-//! closed), Alertmanager's alerts turned into windows (`alertmanager.rs`), and the
-//! conversions to the query API (`wire.rs`). Storage keeps the latest version of each
-//! window id (`Storage::upsert_window`).
+//! Degradation windows as they come and go: marked by hand (here: added, closed),
+//! Alertmanager's alerts turned into windows (`alertmanager.rs`), and the conversions to
+//! the query API (`wire.rs`). What a window is lives in `crate::window` (storage keeps
+//! it and needs nothing from here); storage keeps the latest version of each window id
+//! (`Storage::upsert_window`).
 
 pub mod alertmanager;
-mod model;
 pub mod rfc3339;
 pub mod wire;
 
 use thiserror::Error;
 
-pub use self::model::{
+use crate::storage::{Storage, StorageError};
+pub use crate::window::{
     AlertInfo, Indicator, MAX_NOTE, UpsertOutcome, Window, WindowFilter, WindowSource, WindowState,
     valid_id, window_id,
 };
-use crate::storage::{Storage, StorageError};
 
 /// Why a window operation was refused or failed.
 #[derive(Debug, Error)]

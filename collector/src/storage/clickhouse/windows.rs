@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{ClickHouseStore, quote};
 use crate::{
     storage::{StorageError, TimeRange},
-    windows::{UpsertOutcome, Window, WindowFilter, WindowSource, WindowState},
+    window::{UpsertOutcome, Window, WindowFilter, WindowSource, WindowState},
 };
 
 /// Version columns must be unsigned here (18.16), hence `UInt64`; `end_ns` is 0 while

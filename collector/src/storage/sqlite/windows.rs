@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use crate::{
     storage::{StorageError, TimeRange},
-    windows::{UpsertOutcome, Window, WindowFilter, WindowSource, WindowState},
+    window::{UpsertOutcome, Window, WindowFilter, WindowSource, WindowState},
 };
 
 const SCHEMA: &str = "

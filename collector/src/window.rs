@@ -1,6 +1,7 @@
 //! The degradation window: a period during which a scope (a host and/or a service; empty
 //! means all) was degraded, where it came from, and, once explained, its top cause.
 //! Windows are versioned (`updated_unix_ns`): storage keeps the latest version of each id.
+//! How windows are added, closed and received is `crate::windows`'s.
 
 use std::{fmt, str::FromStr};
 
