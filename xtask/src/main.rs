@@ -19,7 +19,8 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   bootstrap   install the eBPF toolchain (nightly rust-src, bpf-linker) into .toolchain/
   build       bootstrap, then build everything in release mode
-  demo        (root) profile a bundled workload and write a flame graph to out/
+  demo [--fault CLASS]  (root) the whole product on this machine: a demo service under load
+              runs healthy, degrades once, and the CLI shows what changed
   test        bootstrap, build, run unit and end-to-end tests (root for the latter)
   bench [NAME..]  measure, with no NAME all of: the agent's overhead against a baseline,
               interleaved (root: offcpu, syscall, futex, messaging, iperf3, reqresp);
