@@ -4,7 +4,7 @@
 
 use std::io::{BufRead as _, Write as _};
 
-use stallscope_tests::lab::protocol::{Command, unix_now_ns};
+use crate::protocol::{Command, unix_now_ns};
 
 /// The reply to a command that took effect now.
 pub fn ok(verb: &str) -> String {

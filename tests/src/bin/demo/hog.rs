@@ -10,11 +10,10 @@ use std::{
     thread,
 };
 
-use stallscope_tests::lab::protocol::Command;
-
 use crate::{
     control::{not_here, say, serve_commands},
     cpu::mix,
+    protocol::Command,
 };
 
 #[derive(clap::Args)]

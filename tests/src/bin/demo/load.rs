@@ -21,9 +21,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use stallscope_tests::lab::protocol::{Command, LatencyHistogram, LoadSecond, unix_now_ns};
 
-use crate::control::{not_here, ok, say, serve_commands};
+use crate::{
+    control::{not_here, ok, say, serve_commands},
+    protocol::{Command, LatencyHistogram, LoadSecond, unix_now_ns},
+};
 
 #[derive(clap::Args)]
 pub struct Args {

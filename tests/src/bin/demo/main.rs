@@ -13,13 +13,18 @@
 //! Each role prints `ready key=value...` on stdout once it is up, then reads commands on
 //! stdin, one per line, and answers each with one line (`ok VERB unix_ns=T`,
 //! `stats {json}` or `error REASON`); the commands and replies are defined in the
-//! `stallscope_tests::lab::protocol` module. Closing stdin ends the role, like `quit`.
+//! lab's `protocol` module, which this binary compiles in too (it links nothing else of
+//! the test library, so its debug info stays small enough to be read in full: profiles of
+//! it show inlined frames). Closing stdin ends the role, like `quit`.
 
 mod control;
 mod cpu;
 mod hog;
 mod load;
 mod peer;
+#[expect(dead_code, reason = "the lab's half of the protocol is unused here")]
+#[path = "../../lab/protocol.rs"]
+mod protocol;
 mod request;
 mod serve;
 

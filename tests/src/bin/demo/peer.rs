@@ -14,9 +14,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use stallscope_tests::lab::protocol::Command;
 
-use crate::control::{not_here, ok, say, serve_commands};
+use crate::{
+    control::{not_here, ok, say, serve_commands},
+    protocol::Command,
+};
 
 #[derive(clap::Args)]
 pub struct Args {

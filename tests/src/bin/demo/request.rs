@@ -29,9 +29,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stallscope_tests::lab::protocol::{ServiceStats, unix_now_ns};
-
-use crate::cpu::{iterations_for, mix, thread_cpu_time};
+use crate::{
+    cpu::{iterations_for, mix, thread_cpu_time},
+    protocol::{ServiceStats, unix_now_ns},
+};
 
 /// Stock per item: what checkouts reserve.
 pub static INVENTORY: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());

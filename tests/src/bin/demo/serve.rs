@@ -16,11 +16,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use stallscope_tests::lab::protocol::{AddressRange, Command, DemoMutex};
 
 use crate::{
     control::{not_here, ok, say, serve_commands},
     cpu,
+    protocol::{AddressRange, Command, DemoMutex},
     request::{
         self, INVENTORY, INVENTORY_SYMBOL, Journal, Kind, METRICS, PeerLink, SESSIONS,
         SESSIONS_SYMBOL, Work, Worker,
