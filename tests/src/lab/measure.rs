@@ -92,6 +92,33 @@ impl Query {
             .agents;
         Ok(agents.iter().map(|a| a.last_batch_unix_ns).max())
     }
+
+    /// The automatic windows of `service` that overlap `[from, until)`.
+    pub fn automatic_windows(
+        &mut self,
+        service: &str,
+        from_unix_ns: i64,
+        until_unix_ns: i64,
+    ) -> anyhow::Result<Vec<v1::Window>> {
+        let request = v1::WindowsRequest {
+            range: Some(v1::TimeRange {
+                from_unix_ns,
+                until_unix_ns,
+            }),
+            filter: Some(v1::Filter {
+                service: service.to_owned(),
+                ..v1::Filter::default()
+            }),
+            source: "automatic".to_owned(),
+            state: String::new(),
+        };
+        Ok(self
+            .runtime
+            .block_on(self.client.windows(request))
+            .context("querying windows")?
+            .into_inner()
+            .windows)
+    }
 }
 
 /// A profile of one time range, with sums over it.

@@ -27,6 +27,7 @@ pub mod protocol;
 pub mod random;
 pub mod role;
 pub mod scale;
+pub mod score;
 pub mod truth;
 
 mod faults;
@@ -109,6 +110,9 @@ pub struct LabConfig {
     /// More agent and collector arguments (e.g. detection settings).
     pub agent_args: Vec<String>,
     pub collector_args: Vec<String>,
+    /// The collector's TOML file (e.g. [`Scale::detect_toml`]), written into the scratch
+    /// directory and passed as `--config`.
+    pub collector_config: Option<String>,
     pub storage: Storage,
     /// How long to wait for another lab on this machine to finish before refusing.
     pub lock_wait: Duration,
@@ -134,6 +138,7 @@ impl LabConfig {
             frequency_hz: 99,
             agent_args: Vec::new(),
             collector_args: Vec::new(),
+            collector_config: None,
             storage: Storage::Sqlite,
             lock_wait: Duration::from_secs(30 * 60),
             demo_nice: Some(0),
@@ -290,6 +295,12 @@ impl Lab {
                 "--clickhouse-database".into(),
                 database.clone(),
             ]),
+        }
+        if let Some(toml) = &self.config.collector_config {
+            let path = self.scratch.join("collector.toml");
+            std::fs::write(&path, toml)
+                .with_context(|| format!("writing {}", path.display()))?;
+            args.extend(["--config".into(), path.to_string_lossy().into_owned()]);
         }
         args.extend(self.config.collector_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

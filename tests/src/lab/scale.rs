@@ -74,6 +74,24 @@ impl Scale {
         self.scaled(RECOVER)
     }
 
+    /// The collector's `[detect]` section with every setting about the clock scaled
+    /// like the batches (counts are in buckets and rates per second, so the rest holds at
+    /// any scale); at factor 1 these are the defaults. The grace for a late batch stays
+    /// at least a second (its trip to the collector does not shrink with the batch).
+    pub fn detect_toml(&self) -> String {
+        let secs = |default_s: f64| format!("\"{}ms\"", (default_s * self.factor * 1e3).round());
+        format!(
+            "[detect]\ngrace = \"{}ms\"\nmax_delay = {}\nbaseline_refresh = {}\nhistory_refresh = {}\nrecent_history = {}\nmax_window = {}\nexplain_interval = {}\n",
+            (3000.0 * self.factor).max(1000.0).round(),
+            secs(30.0),
+            secs(60.0),
+            secs(60.0),
+            secs(7200.0),
+            secs(3600.0),
+            secs(300.0),
+        )
+    }
+
     /// A healthy phase, one injection and its recovery.
     pub fn scenario(&self) -> Duration {
         self.healthy() + self.inject() + self.recover()
@@ -94,5 +112,9 @@ mod tests {
         assert!(Scale::new(0.5).is_ok());
         assert!(Scale::new(0.7).is_err());
         assert!(Scale::new(0.0).is_err());
+        let toml = Scale::CI.detect_toml();
+        assert!(toml.contains("baseline_refresh = \"12000ms\""), "{toml}");
+        assert!(toml.contains("grace = \"1000ms\""), "{toml}");
+        assert!(Scale::DEFAULT.detect_toml().contains("max_delay = \"30000ms\""));
     }
 }
