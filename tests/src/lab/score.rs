@@ -96,8 +96,8 @@ impl WindowWatch {
                 let mut failures = 0;
                 while !stopped.load(Ordering::Relaxed) {
                     // Windows may be placed before the watch began (an onset is estimated).
-                    match query.automatic_windows(SERVICE, since - 3_600_000_000_000, i64::MAX)
-                    {
+                    let hour = 3_600_000_000_000;
+                    match query.automatic_windows(SERVICE, since - hour, unix_now_ns() + hour) {
                         Ok(windows) => {
                             let now = unix_now_ns();
                             for window in windows {
