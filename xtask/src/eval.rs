@@ -20,7 +20,8 @@ use stallscope_tests::lab::{
 
 use crate::{bootstrap, debian, demo::LAB_PACKAGES, util};
 
-const USAGE: &str = "usage: cargo xtask eval [--runs R] [--scale F] [--seed S] [--classes C,..] [--release]
+const USAGE: &str =
+    "usage: cargo xtask eval [--runs R] [--scale F] [--seed S] [--classes C,..] [--release]
 
   --runs R       runs of the whole sequence (default 3), seeds S, S+1, ...
   --scale F      timing factor: 1.0 = the product's defaults (10 s batches, 60 s faults;

@@ -298,8 +298,7 @@ impl Lab {
         }
         if let Some(toml) = &self.config.collector_config {
             let path = self.scratch.join("collector.toml");
-            std::fs::write(&path, toml)
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
             args.extend(["--config".into(), path.to_string_lossy().into_owned()]);
         }
         args.extend(self.config.collector_args.iter().cloned());

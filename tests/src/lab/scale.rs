@@ -115,6 +115,10 @@ mod tests {
         let toml = Scale::CI.detect_toml();
         assert!(toml.contains("baseline_refresh = \"12000ms\""), "{toml}");
         assert!(toml.contains("grace = \"1000ms\""), "{toml}");
-        assert!(Scale::DEFAULT.detect_toml().contains("max_delay = \"30000ms\""));
+        assert!(
+            Scale::DEFAULT
+                .detect_toml()
+                .contains("max_delay = \"30000ms\"")
+        );
     }
 }

@@ -129,7 +129,10 @@ impl WindowWatch {
     /// Stops polling; every window seen, with its latest stored version.
     pub fn finish(mut self) -> anyhow::Result<Vec<SeenWindow>> {
         self.stop.store(true, Ordering::Relaxed);
-        let thread = self.thread.take().context("the window watch already finished")?;
+        let thread = self
+            .thread
+            .take()
+            .context("the window watch already finished")?;
         let seen = thread
             .join()
             .map_err(|_| anyhow::anyhow!("the window watch panicked"))??;
@@ -502,7 +505,10 @@ pub fn score_run(
 
 /// Automatic windows that overlap no injection and no control (false windows outside
 /// the controls: in the healthy stretch or a recovery).
-pub fn stray_windows<'a>(windows: &'a [SeenWindow], injections: &[Injection]) -> Vec<&'a SeenWindow> {
+pub fn stray_windows<'a>(
+    windows: &'a [SeenWindow],
+    injections: &[Injection],
+) -> Vec<&'a SeenWindow> {
     windows
         .iter()
         .filter(|w| {
@@ -519,7 +525,17 @@ pub fn run_table(scored: &[Scored]) -> String {
     let _ = writeln!(
         out,
         "{:<14} {:>4} {:>8} {:>8} {:>8} {:>4} {:>4} {:>4} {:>4}  {:<44} {}",
-        "class", "wins", "delay", "onset", "end", "why", "obj", "nsig", "obj", "why's top cause", "injected"
+        "class",
+        "wins",
+        "delay",
+        "onset",
+        "end",
+        "why",
+        "obj",
+        "nsig",
+        "obj",
+        "why's top cause",
+        "injected"
     );
     for s in scored {
         let rank = |a: &Option<WhyAnswer>, category: bool| -> String {
