@@ -8,7 +8,7 @@
 //! object AC@3 for both rankers, detection delay, onset and end errors, the controls'
 //! false windows and every miss, and writes the table to `docs/eval.md`.
 
-use std::time::Duration;
+use std::{fmt::Write as _, time::Duration};
 
 use anyhow::{Context as _, bail};
 use stallscope_collector::explain::iso;
@@ -121,7 +121,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             options.scale.factor()
         );
         let mut config = LabConfig::new(options.scale, seed);
-        config.bin_dir = bin_dir.clone();
+        config.bin_dir.clone_from(&bin_dir);
         config.collector_config = Some(options.scale.detect_toml());
         config.scratch =
             Some(std::env::temp_dir().join(format!("stallscope-eval-{}", std::process::id())));
@@ -208,7 +208,7 @@ fn document(
         out.push_str("None.\n");
     }
     for miss in misses {
-        out.push_str(&format!("- {miss}\n"));
+        let _ = writeln!(out, "- {miss}");
     }
     out
 }
