@@ -21,6 +21,7 @@ use anyhow::{Context as _, bail};
 pub mod alertmanager;
 pub mod collector;
 pub mod http;
+pub mod lab;
 pub mod netlab;
 pub mod pki;
 pub mod proxy;
@@ -236,14 +237,20 @@ pub struct AgentExit {
 impl AgentRun {
     /// Starts the agent with `args` (info-level logs, so readiness is visible).
     pub fn start(binary: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
-            .args(args)
+        let mut command = Command::new(binary);
+        command.args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts the agent from a prepared command (its stdio and log level are set here).
+    pub fn spawn(mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+            .with_context(|| format!("starting {command:?}"))?;
         let stderr = child.stderr.take().context("agent stderr")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
@@ -267,6 +274,16 @@ impl AgentRun {
 
     fn stderr_text(&self) -> String {
         self.stderr.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// What the agent logged so far.
+    pub fn log_text(&self) -> String {
+        self.stderr_text()
+    }
+
+    /// Whether the agent still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits until the agent logs that its probes are attached.

@@ -7,6 +7,7 @@ mod bootstrap;
 mod clickhouse;
 mod debian;
 mod demo;
+mod eval;
 mod import_cycles;
 mod lint;
 mod test;
@@ -19,7 +20,10 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   bootstrap   install the eBPF toolchain (nightly rust-src, bpf-linker) into .toolchain/
   build       bootstrap, then build everything in release mode
-  demo        (root) profile a bundled workload and write a flame graph to out/
+  demo [--fault CLASS]  (root) the whole product on this machine: a demo service under load
+              runs healthy, degrades once, and the CLI shows what changed
+  eval [--runs R] [--scale F] [--seed S] [--classes C,..]  (root) the scenario sequence R
+              times: windows found and `why`'s ranking against n-sigma; writes docs/eval.md
   test        bootstrap, build, run unit and end-to-end tests (root for the latter)
   bench [NAME..]  measure, with no NAME all of: the agent's overhead against a baseline,
               interleaved (root: offcpu, syscall, futex, messaging, iperf3, reqresp);
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
             bootstrap::ensure().and_then(|()| util::cargo(&["build", "--release", "--bins"]))
         }
         "demo" => demo::run(rest),
+        "eval" => eval::run(rest),
         "test" => test::run(rest),
         "bench" => bench::run(rest),
         "clickhouse" => clickhouse::run(rest),

@@ -9,8 +9,9 @@ use crate::{bootstrap, clickhouse, debian, util};
 /// the network tests build namespaces and veth pairs (`ip`), shape a path (`tc`) and
 /// drop packets on one (`nft`); a C compiler and binutils build, strip and split the
 /// debug info of the C workload the symbolization tests make; util-linux's `unshare`
-/// gives a workload its own mount namespace; ClickHouse is the fleet storage backend;
-/// Alertmanager is the real sender of the webhook the collector receives.
+/// gives a workload its own mount namespace and `losetup`; `e2fsprogs` and `mount` make
+/// and mount the scenario lab's journal file system; ClickHouse is the fleet storage
+/// backend; Alertmanager is the real sender of the webhook the collector receives.
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -19,6 +20,8 @@ const TEST_PACKAGES: &[&str] = &[
     "libc6-dev",
     "binutils",
     "util-linux",
+    "e2fsprogs",
+    "mount",
     "clickhouse-server",
     "prometheus-alertmanager",
 ];
