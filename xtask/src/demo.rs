@@ -6,8 +6,8 @@
 //! `stallscope` CLI: totals by cause around the degradation, and the diff of the degraded
 //! period against the healthy one with the functions whose wait time changed most.
 //!
-//! Each section is one function of [`Story`]; the degradation windows and `stallscope
-//! why` (issues 14 and 15) will add two: the window that opened, and its explanation.
+//! Each section is one function of [`Story`], the last one `stallscope why` on the
+//! degraded period against the healthy one.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -23,7 +23,9 @@ use crate::{bootstrap, debian, util};
 pub const LAB_PACKAGES: &[&str] = &["iproute2", "nftables", "e2fsprogs", "util-linux", "mount"];
 
 /// The demo's timeline, at 2 s batches.
-const HEALTHY: Duration = Duration::from_secs(40);
+// `why` compares the degraded period with the healthy one and wants at least twice the
+// window's buckets of it (2 s buckets here): 70 s of health for 30 s of degradation.
+const HEALTHY: Duration = Duration::from_secs(70);
 const DEGRADED: Duration = Duration::from_secs(30);
 const RECOVER: Duration = Duration::from_secs(20);
 
@@ -113,6 +115,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     story.load()?;
     story.series()?;
     story.diff()?;
+    story.why()?;
     story.files();
     Ok(())
 }
@@ -248,6 +251,29 @@ impl Story<'_> {
             "12",
             "-o",
             &svg,
+        ])
+    }
+
+    /// `stallscope why` on the degraded period, against the healthy one.
+    fn why(&self) -> anyhow::Result<()> {
+        heading("Why: the causes of the degradation, ranked, with their evidence");
+        let from = seconds(self.injection.start_unix_ns);
+        let until = seconds(self.injection.end_unix_ns);
+        let baseline = format!(
+            "{}..{}",
+            seconds(self.healthy.start_unix_ns),
+            seconds(self.healthy.end_unix_ns)
+        );
+        self.cli(&[
+            "why",
+            "--service",
+            SERVICE,
+            "--from",
+            &from,
+            "--until",
+            &until,
+            "--baseline",
+            &baseline,
         ])
     }
 
