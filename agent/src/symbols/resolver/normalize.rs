@@ -37,6 +37,22 @@ pub(super) struct PendingStack {
 
 pub(super) const NOT_MAPPED: &str = "not mapped when the process was read";
 
+/// No user-space address reaches this high on any architecture the agent runs on
+/// (x86-64 with 5-level paging ends below 2^56, arm64 below 2^52): a caller address at
+/// or above it is a frame-pointer walk gone into data (e.g. the bytes of a string).
+const USER_ADDRESS_LIMIT: u64 = 1 << 56;
+
+/// How many addresses of a user stack (innermost first) to keep: all of them, or those
+/// before its first caller address that cannot be a user address. The leaf is kept
+/// whatever it is.
+pub(super) fn usable_addresses(addresses: &[u64]) -> usize {
+    addresses
+        .iter()
+        .skip(1)
+        .position(|&address| address >= USER_ADDRESS_LIMIT)
+        .map_or(addresses.len(), |bad| bad + 1)
+}
+
 /// Cuts a user stack (innermost first), normalized against a snapshot taken after it,
 /// before its first caller address that no executable mapping covers; says whether it
 /// cut. The leaf is kept whatever it is: an unmapped leaf is a fact worth showing.
@@ -151,11 +167,14 @@ impl Resolver {
     ) -> Option<(Arc<[NormFrame]>, bool)> {
         let entry = self.processes.get(&pid);
         let exited = entry.is_some_and(|e| e.exited);
+        // Impossible addresses end the walk whatever the snapshot says.
+        let usable = usable_addresses(&pending.addresses);
+        let addresses = &pending.addresses[..usable];
+        let impossible = usable < pending.addresses.len();
         let Some(snapshot) = entry.and_then(|e| e.snapshot.as_ref()) else {
             if last_chance || exited {
                 let reason = "process exited before its memory map was read";
-                let frames = pending
-                    .addresses
+                let frames = addresses
                     .iter()
                     .map(|&address| NormFrame::Unknown {
                         address,
@@ -163,13 +182,12 @@ impl Resolver {
                         reason,
                     })
                     .collect();
-                return Some((frames, false));
+                return Some((frames, impossible));
             }
             return None;
         };
         let mut stale = false;
-        let mut frames: Vec<NormFrame> = pending
-            .addresses
+        let mut frames: Vec<NormFrame> = addresses
             .iter()
             .map(|&address| normalize_address(snapshot, address, &mut stale))
             .collect();
@@ -177,7 +195,7 @@ impl Resolver {
         if stale && !last_chance && !exited && !fresh {
             return None;
         }
-        let cut = fresh && cut_at_unmapped(&mut frames);
+        let cut = (fresh && cut_at_unmapped(&mut frames)) || impossible;
         Some((frames.into(), cut))
     }
 }
@@ -196,6 +214,20 @@ mod tests {
 
     fn jit() -> NormFrame {
         NormFrame::Jit(Arc::from("jitted"))
+    }
+
+    #[test]
+    fn a_walk_into_impossible_addresses_ends_before_them() {
+        // `.proc/se` read as a return address: past any user address space.
+        let garbage = 0x6573_2f63_6f72_702e;
+        assert_eq!(
+            usable_addresses(&[0x55d5_a199_902f, 0x55d5_a199_9100, garbage, 1]),
+            2
+        );
+        assert_eq!(usable_addresses(&[0x55d5_a199_902f, 0x7ffd_0000_1000]), 2);
+        // The leaf is kept whatever it is.
+        assert_eq!(usable_addresses(&[garbage]), 1);
+        assert_eq!(usable_addresses(&[]), 0);
     }
 
     #[test]
