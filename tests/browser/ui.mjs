@@ -4,6 +4,7 @@
 //   {"base": "http://127.0.0.1:PORT", "token": "...", "service": "...", "window": "ID",
 //    "search": "function to search for", "out": "dir for screenshots and downloads",
 //    "node_modules": "dir holding playwright-core"}
+// ("start" optionally: the services page's path with its range.)
 // It signs in, opens the services page, follows the service to its timeline, selects a
 // range on it and compares, opens the window, reads the top cause from the rendered
 // report, follows it to the cause's flame graph, zooms into a frame, searches, resets,
@@ -64,8 +65,8 @@ try {
     if (failure && !/ERR_ABORTED/.test(failure.errorText)) { problems.push('request failed: ' + request.url() + ' ' + failure.errorText); }
   });
 
-  // Signing in: the services page sends us to the login page first.
-  await page.goto(config.base + '/services');
+  // Signing in: the services page sends us to the login page first, and back after.
+  await page.goto(config.base + (config.start || '/services'));
   check(new URL(page.url()).pathname === '/login', 'not sent to the login page: ' + page.url());
   await shot(page, 'login');
   await page.fill('input[name=token]', 'not-the-token');
