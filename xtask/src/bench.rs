@@ -301,10 +301,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .collect();
         crate::bench_collector::run(&backends)?;
     }
-    if everything || args.iter().any(|a| is_ui(a)) {
-        if let Some(release) = crate::bench_collector::in_release(&["ui"])? {
-            crate::bench_ui::run(&release)?;
-        }
+    if (everything || args.iter().any(|a| is_ui(a)))
+        && let Some(release) = crate::bench_collector::in_release(&["ui"])?
+    {
+        crate::bench_ui::run(&release)?;
     }
     let agent_args: Vec<String> = args
         .iter()
