@@ -72,7 +72,10 @@ impl Browser {
             ));
         }
         if Command::new("node").arg("--version").output().is_err() {
-            return Err("node is missing (`apt-get install nodejs npm`, or run `cargo xtask test`)".to_owned());
+            return Err(
+                "node is missing (`apt-get install nodejs npm`, or run `cargo xtask test`)"
+                    .to_owned(),
+            );
         }
         if installed_version(&dir).as_deref() != Some(PLAYWRIGHT_VERSION) {
             return Err(format!(
@@ -128,9 +131,8 @@ impl Browser {
         let stdout = stdout.join().unwrap_or_default();
         let stderr = stderr.join().unwrap_or_default();
         let line = stdout.lines().last().unwrap_or_default();
-        let result: serde_json::Value = serde_json::from_str(line).with_context(|| {
-            format!("{} printed no JSON: {stdout}\n{stderr}", script.display())
-        })?;
+        let result: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} printed no JSON: {stdout}\n{stderr}", script.display()))?;
         Ok((result, status.success()))
     }
 }

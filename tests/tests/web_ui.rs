@@ -1,7 +1,8 @@
 //! The web UI end to end, as root: a real `stallscope-agent run` profiles a service that
 //! degrades once by lock contention (`stallscope-workload phases`, run from an executable
 //! named like an HTML injection, so its `service` label is one), streaming to a
-//! collector with `--ui-listen`; the degradation gets a window; then real Chromium
+//! collector with `--ui-listen`, whose detector (tuned for 2 s buckets) opens and closes
+//! one automatic window over the degradation and ranks its cause; then real Chromium
 //! (`tests/browser/ui.mjs`, playwright-core) signs in, opens the services page, follows
 //! the service to its timeline, selects a range and compares, opens the window, reads
 //! the top cause from the rendered report, zooms into a flame graph frame and downloads
@@ -23,10 +24,18 @@ use stallscope_tests::{
 
 /// A name that is markup if a page forgets to escape it.
 const PAYLOAD: &str = "<img src=x onerror=alert(1)>";
-/// Seconds of each phase: enough healthy time for `why`'s baseline (twice the window).
-const HEALTHY_S: u64 = 50;
+/// Seconds of each phase: enough healthy time for the detector's baseline (below) and
+/// `why`'s (twice the window and a bucket, from the agent's first whole batch on), enough
+/// recovered time for the window to close.
+const HEALTHY_S: u64 = 64;
 const DEGRADED_S: u64 = 24;
-const RECOVERED_S: u64 = 12;
+const RECOVERED_S: u64 = 20;
+/// The README's detector settings for 2 s buckets, with a baseline of 12 buckets (24 s)
+/// instead of 24 so that a minute of healthy time is enough.
+const DETECT_TOML: &str = "[detect]\ngrace = \"1s\"\nmax_delay = \"6s\"\nbaseline_refresh = \"12s\"\nhistory_refresh = \"10s\"\nmin_baseline_buckets = 12\n";
+/// How far the detected onset and end may be from the injected ones: a bucket and a
+/// half either way (2 s buckets, interpolated inside the bucket).
+const DETECTION_SLACK_NS: i64 = 3_000_000_000;
 
 fn phase_time(workload: &Workload, phase: &str) -> i64 {
     workload
@@ -39,10 +48,7 @@ fn phase_time(workload: &Workload, phase: &str) -> i64 {
 
 /// The web UI's artifacts (screenshots, the downloaded profile): `target/web-ui/`.
 fn artifacts() -> PathBuf {
-    let target = binary_dir()
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(binary_dir);
+    let target = binary_dir().parent().map_or_else(binary_dir, PathBuf::from);
     let dir = target.join("web-ui");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
@@ -93,23 +99,87 @@ fn refused_without_token(ui: SocketAddr, window: &str) {
     assert!(login.body.contains("name=\"token\""), "{}", login.body);
 }
 
+/// Waits (at most a minute after the scenario) for the detector to have closed one
+/// automatic window of the service over the injected degradation and stored its top
+/// cause; returns it as `stallscope windows --json` prints it.
+fn detected_window(
+    bin: &std::path::Path,
+    collector: &CollectorProcess,
+    onset_ns: i64,
+    end_ns: i64,
+) -> Value {
+    let url = collector.plaintext_url();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let windows = cli_json(
+            bin,
+            &url,
+            &[
+                "windows",
+                "--service",
+                PAYLOAD,
+                "--source",
+                "automatic",
+                "--since",
+                "1h",
+            ],
+        )
+        .expect("windows listed");
+        let windows = windows.as_array().cloned().unwrap_or_default();
+        let done = windows.len() == 1
+            && windows[0]["state"] == "closed"
+            && windows[0]["top_cause"].is_string();
+        if done || std::time::Instant::now() > deadline {
+            assert!(
+                done,
+                "no closed automatic window with a top cause (degraded {onset_ns}..{end_ns}): {windows:#?}\ncollector: {}",
+                collector.log()
+            );
+            let window = windows[0].clone();
+            eprintln!("injected {onset_ns}..{end_ns}, detected: {window:#}");
+            let detected_onset = window["onset_unix_ns"].as_i64().unwrap_or_default();
+            let detected_end = window["end_unix_ns"].as_i64().unwrap_or_default();
+            assert!(
+                (detected_onset - onset_ns).abs() <= DETECTION_SLACK_NS
+                    && (detected_end - end_ns).abs() <= DETECTION_SLACK_NS,
+                "detected {detected_onset}..{detected_end}, injected {onset_ns}..{end_ns}"
+            );
+            // `lock (syscall futex)`: the category, then its first piece of evidence.
+            assert!(
+                window["top_cause"]
+                    .as_str()
+                    .is_some_and(|cause| cause.starts_with("lock")),
+                "{window:#}"
+            );
+            return window;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 #[test]
 fn the_web_ui_in_chromium() {
     if !require_root("the_web_ui_in_chromium") {
         return;
     }
     let bin = binary_dir();
-    let target = bin.parent().map(PathBuf::from).unwrap_or_else(|| bin.clone());
+    let target = bin.parent().map_or_else(|| bin.clone(), PathBuf::from);
     let browser = match Browser::find(&target) {
         Ok(browser) => browser,
         Err(reason) => {
-            assert!(!in_ci(), "the browser test cannot run, and CI=true forbids skipping it: {reason}");
+            assert!(
+                !in_ci(),
+                "the browser test cannot run, and CI=true forbids skipping it: {reason}"
+            );
             eprintln!("skipping the_web_ui_in_chromium: {reason}");
             return;
         }
     };
     let dir = scratch("web-ui");
     let data = dir.join("data").to_string_lossy().into_owned();
+    let settings = dir.join("collector.toml");
+    std::fs::write(&settings, DETECT_TOML).expect("write the collector's settings");
+    let settings = settings.to_string_lossy().into_owned();
     let ui_port = free_port().expect("port");
     let ui_listen = format!("127.0.0.1:{ui_port}");
     let collector = CollectorProcess::start(
@@ -125,6 +195,8 @@ fn the_web_ui_in_chromium() {
             &ui_listen,
             "--retention",
             "2s:24h,1m:14d",
+            "--config",
+            &settings,
         ],
         &[],
     )
@@ -133,8 +205,11 @@ fn the_web_ui_in_chromium() {
 
     // The workload's executable is named like markup: that is its service label.
     let exe = dir.join(PAYLOAD);
-    std::fs::copy(binary(&bin, "stallscope-workload").expect("workload built"), &exe)
-        .expect("copy the workload");
+    std::fs::copy(
+        binary(&bin, "stallscope-workload").expect("workload built"),
+        &exe,
+    )
+    .expect("copy the workload");
     let (healthy, degraded, recovered) = (
         HEALTHY_S.to_string(),
         DEGRADED_S.to_string(),
@@ -153,7 +228,9 @@ fn the_web_ui_in_chromium() {
     .expect("agent runs");
     workload.go().expect("go");
     workload
-        .wait_done(Duration::from_secs(HEALTHY_S + DEGRADED_S + RECOVERED_S + 60))
+        .wait_done(Duration::from_secs(
+            HEALTHY_S + DEGRADED_S + RECOVERED_S + 60,
+        ))
         .expect("the scenario ends");
     let (onset_ns, end_ns) = (
         phase_time(&workload, "degraded"),
@@ -165,28 +242,12 @@ fn the_web_ui_in_chromium() {
         .finish(Duration::from_secs(10))
         .expect("workload exits");
 
-    // The degradation's window, marked through the CLI (the detector is not on main yet).
-    let added = cli_json(
-        &bin,
-        &url,
-        &[
-            "windows",
-            "add",
-            "--service",
-            PAYLOAD,
-            "--from",
-            &(onset_ns / 1_000_000_000 + 1).to_string(),
-            "--until",
-            &(end_ns / 1_000_000_000).to_string(),
-            "--note",
-            "requests slow",
-        ],
-    )
-    .expect("window added");
-    let window = added["id"].as_str().expect("window id").to_owned();
+    // The detector's window over the degradation: one, closed, its cause ranked.
+    let window = detected_window(&bin, &collector, onset_ns, end_ns);
+    let window_id = window["id"].as_str().expect("window id").to_owned();
 
     let ui: SocketAddr = ui_listen.parse().expect("address");
-    refused_without_token(ui, &window);
+    refused_without_token(ui, &window_id);
 
     let out = artifacts();
     let start_s = onset_ns / 1_000_000_000 - HEALTHY_S as i64 - 10;
@@ -199,7 +260,7 @@ fn the_web_ui_in_chromium() {
                 "token": TEST_TOKEN,
                 "start": format!("/services?from={start_s}&until={end_s}"),
                 "service": PAYLOAD,
-                "window": window,
+                "window": window_id,
                 "search": "request_marker_commit",
                 "out": out.to_string_lossy(),
             }),
@@ -224,7 +285,14 @@ fn the_web_ui_in_chromium() {
             .is_some_and(|f| f.contains("request_marker_commit")),
         "{seen}"
     );
-    for shot in ["login", "services", "service", "service-compare", "window", "flame"] {
+    for shot in [
+        "login",
+        "services",
+        "service",
+        "service-compare",
+        "window",
+        "flame",
+    ] {
         let file = out.join(format!("{shot}.png"));
         assert!(
             std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000),
