@@ -25,17 +25,22 @@ use stallscope_tests::{
 /// A name that is markup if a page forgets to escape it.
 const PAYLOAD: &str = "<img src=x onerror=alert(1)>";
 /// Seconds of each phase: enough healthy time for the detector's baseline (below) and
-/// `why`'s (twice the window and a bucket, from the agent's first whole batch on), enough
-/// recovered time for the window to close.
-const HEALTHY_S: u64 = 64;
+/// `why`'s (twice the window and a bucket, from the agent's first whole batch on, with
+/// room for a window that closes late on a loaded machine), enough recovered time for
+/// the window to close.
+const HEALTHY_S: u64 = 90;
 const DEGRADED_S: u64 = 24;
 const RECOVERED_S: u64 = 20;
 /// The README's detector settings for 2 s buckets, with a baseline of 12 buckets (24 s)
 /// instead of 24 so that a minute of healthy time is enough.
 const DETECT_TOML: &str = "[detect]\ngrace = \"1s\"\nmax_delay = \"6s\"\nbaseline_refresh = \"12s\"\nhistory_refresh = \"10s\"\nmin_baseline_buckets = 12\n";
 /// How far the detected onset and end may be from the injected ones: a bucket and a
-/// half either way (2 s buckets, interpolated inside the bucket).
+/// half either way (2 s buckets, interpolated inside the bucket)...
 const DETECTION_SLACK_NS: i64 = 3_000_000_000;
+/// ...and the end up to 5 buckets later: on a machine busy with other builds the
+/// degradation also raises run-queue latency per wakeup, an indicator that recovers a few
+/// buckets after the lock (seen once: the end 6 s late).
+const LATE_END_SLACK_NS: i64 = 10_000_000_000;
 
 fn phase_time(workload: &Workload, phase: &str) -> i64 {
     workload
@@ -141,7 +146,8 @@ fn detected_window(
             let detected_end = window["end_unix_ns"].as_i64().unwrap_or_default();
             assert!(
                 (detected_onset - onset_ns).abs() <= DETECTION_SLACK_NS
-                    && (detected_end - end_ns).abs() <= DETECTION_SLACK_NS,
+                    && detected_end - end_ns >= -DETECTION_SLACK_NS
+                    && detected_end - end_ns <= LATE_END_SLACK_NS,
                 "detected {detected_onset}..{detected_end}, injected {onset_ns}..{end_ns}"
             );
             // `lock (syscall futex)`: the category, then its first piece of evidence.
