@@ -4,9 +4,11 @@
 //   {"base": "http://127.0.0.1:PORT", "token": "...", "service": "...", "window": "ID",
 //    "search": "function to search for", "out": "dir for screenshots and downloads",
 //    "node_modules": "dir holding playwright-core"}
+// ("start" optionally: the services page's path with its range.)
 // It signs in, opens the services page, follows the service to its timeline, selects a
 // range on it and compares, opens the window, reads the top cause from the rendered
-// report, follows it to the cause's flame graph, zooms into a frame, searches, resets,
+// report, follows it to the cause's flame graph, widens the filter to every cause, zooms
+// into a frame, searches, resets,
 // and downloads the pprof. It prints one JSON line with what it saw; it fails on any
 // console error, page error, dialog (an injected script would raise one) or request to
 // another origin.
@@ -23,6 +25,12 @@ const seen = {};
 
 function check(condition, message) {
   if (!condition) { throw new Error(message); }
+}
+
+// The service's name is markup (`<img src=x onerror=alert(1)>`): on every page it must
+// be text, so no <img> element may exist (the pages have none of their own).
+async function noInjectedMarkup(page, where) {
+  check(await page.locator('img').count() === 0, 'an <img> element exists on the ' + where + ' page: a label was not escaped');
 }
 
 async function shot(page, name) {
@@ -64,8 +72,8 @@ try {
     if (failure && !/ERR_ABORTED/.test(failure.errorText)) { problems.push('request failed: ' + request.url() + ' ' + failure.errorText); }
   });
 
-  // Signing in: the services page sends us to the login page first.
-  await page.goto(config.base + '/services');
+  // Signing in: the services page sends us to the login page first, and back after.
+  await page.goto(config.base + (config.start || '/services'));
   check(new URL(page.url()).pathname === '/login', 'not sent to the login page: ' + page.url());
   await shot(page, 'login');
   await page.fill('input[name=token]', 'not-the-token');
@@ -83,7 +91,7 @@ try {
   seen.services_rows = await page.locator('table.services tbody tr').count();
   seen.services_charts = await page.locator('table.services svg.spark').count();
   seen.service_text = await serviceLinks.first().textContent();
-  check(await page.locator('img').count() === 0, 'an <img> element exists: a label was not escaped');
+  await noInjectedMarkup(page, 'services');
   seen.screenshot_services = await shot(page, 'services');
 
   // The service's timeline, with the window shaded.
@@ -93,6 +101,7 @@ try {
   seen.timeline_bars = await page.locator('svg.timeline path').count();
   seen.window_tabs = await page.locator('svg.timeline a.wintab').count();
   check(seen.window_tabs >= 1, 'the window is not shaded on the timeline');
+  await noInjectedMarkup(page, 'service');
   seen.screenshot_service = await shot(page, 'service');
 
   // A drag across the window's span selects it; its flame graph appears; compare.
@@ -119,6 +128,8 @@ try {
   seen.top_cause = (await top.count()) === 1 ? await top.getAttribute('data-category') : null;
   seen.ranked = await page.locator('tr.cause.ranked').count();
   seen.evidence_rows = await page.locator('table.evidence tbody tr').count();
+  check((await page.locator('body').textContent()).includes(config.service), 'the window page does not show the service name as text');
+  await noInjectedMarkup(page, 'window');
   seen.screenshot_window = await shot(page, 'window');
 
   // The top cause's flame graph, from the report's link; zoom into a frame.
@@ -128,6 +139,15 @@ try {
   await Promise.all([page.waitForURL('**/flame?**'), causeLink.click()]);
   const flame = page.locator('svg.flame');
   check(await flame.count() === 1, 'no flame graph');
+  seen.cause_flame_url = page.url();
+  seen.cause_flame_frames = await page.locator('svg.flame g.fr').count();
+  check(new URL(page.url()).searchParams.get('cause') === seen.top_cause, 'the cause link does not filter by the cause: ' + page.url());
+
+  // The filter form: every cause of the same range, so the frame to zoom into has
+  // siblings (the request's compute and its downstream wait).
+  await page.selectOption('form.filters select[name=cause]', '');
+  await Promise.all([page.waitForURL((url) => !url.searchParams.get('cause')), page.click('form.filters button[type=submit]')]);
+  check(await flame.count() === 1, 'no flame graph without the cause filter');
   seen.flame_url = page.url();
   seen.flame_frames = await page.locator('svg.flame g.fr').count();
   const target = config.search
@@ -136,12 +156,16 @@ try {
   check(await target.count() === 1, 'no frame to zoom into (' + config.search + ')');
   const widthBefore = await target.locator('rect').getAttribute('width');
   seen.zoom_frame = (await target.locator('title').textContent()).split('\n')[0];
+  seen.hidden_before_zoom = await page.locator('svg.flame g.fr.hidden').count();
   await target.click();
   const widthAfter = await target.locator('rect').getAttribute('width');
   seen.zoom_width_before = widthBefore;
   seen.zoom_width_after = widthAfter;
+  check(parseFloat(widthBefore) < 100, 'the frame to zoom into already spans the graph: ' + widthBefore);
   check(widthAfter === '100.0000%', 'zooming did not widen the frame: ' + widthBefore + ' -> ' + widthAfter);
   seen.hidden_after_zoom = await page.locator('svg.flame g.fr.hidden').count();
+  check(seen.hidden_after_zoom > seen.hidden_before_zoom, 'zooming hid no frame outside the zoomed one');
+  await noInjectedMarkup(page, 'flame graph');
   seen.screenshot_flame = await shot(page, 'flame');
   if (config.search) {
     await page.fill('#flame-search', config.search);

@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 pub mod alertmanager;
+pub mod browser;
 pub mod collector;
 pub mod http;
 pub mod lab;

@@ -283,11 +283,12 @@ fn run_symbolize() -> anyhow::Result<()> {
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    // Three families: the agent's overhead (named benches, root), the criterion
-    // symbolization benchmarks, and the collector's figures (`ingest` and `query` measure
-    // both backends, optionally restricted to `sqlite` or `clickhouse`). No argument runs
-    // them all.
+    // Four families: the agent's overhead (named benches, root), the criterion
+    // symbolization benchmarks, the collector's figures (`ingest` and `query` measure
+    // both backends, optionally restricted to `sqlite` or `clickhouse`) and the web UI's
+    // pages (`ui`). No argument runs them all.
     let is_collector = |a: &str| matches!(a, "ingest" | "query" | "sqlite" | "clickhouse");
+    let is_ui = |a: &str| a == "ui";
     let everything = args.is_empty();
     if everything || args.iter().any(|a| a == SYMBOLIZE) {
         run_symbolize()?;
@@ -300,9 +301,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .collect();
         crate::bench_collector::run(&backends)?;
     }
+    if (everything || args.iter().any(|a| is_ui(a)))
+        && let Some(release) = crate::bench_collector::in_release(&["ui"])?
+    {
+        crate::bench_ui::run(&release)?;
+    }
     let agent_args: Vec<String> = args
         .iter()
-        .filter(|a| *a != SYMBOLIZE && !is_collector(a))
+        .filter(|a| *a != SYMBOLIZE && !is_collector(a) && !is_ui(a))
         .cloned()
         .collect();
     if !everything && agent_args.is_empty() {
@@ -323,7 +329,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if selected.is_empty() {
         let names: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
         bail!(
-            "unknown benchmark; choose from {}, {SYMBOLIZE}, ingest, query (sqlite, clickhouse)",
+            "unknown benchmark; choose from {}, {SYMBOLIZE}, ingest, query (sqlite, clickhouse), ui",
             names.join(", ")
         );
     }

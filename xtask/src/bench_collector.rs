@@ -21,23 +21,23 @@ use crate::{clickhouse, util};
 
 /// The data set: `AGENTS` hosts, one batch per 10 s for 24 h each (`BENCH_HOURS`
 /// shortens it for quick runs; the query then still asks for 24 h).
-const AGENTS: u64 = 4;
-const BATCH_SECONDS: i64 = 10;
+pub(crate) const AGENTS: u64 = 4;
+pub(crate) const BATCH_SECONDS: i64 = 10;
 
-fn batches_per_agent() -> u64 {
+pub(crate) fn batches_per_agent() -> u64 {
     let hours: u64 = std::env::var("BENCH_HOURS")
         .ok()
         .and_then(|h| h.parse().ok())
         .unwrap_or(24);
     hours.clamp(1, 24) * 3600 / BATCH_SECONDS as u64
 }
-const SHAPE: Shape = Shape {
+pub(crate) const SHAPE: Shape = Shape {
     services: 5,
     threads_per_service: 2,
     stacks_per_thread: 10,
     frames_per_stack: 16,
 };
-const TOKEN: &str = "bench-token";
+pub(crate) const TOKEN: &str = "bench-token";
 const QUERY_RUNS: usize = 7;
 
 /// Encoded ingest frames of one agent: a template batch re-sequenced and re-timed.
@@ -58,7 +58,11 @@ fn frames(agent: u64, start_s: i64) -> Vec<IngestFrame> {
         .collect()
 }
 
-async fn stream_agent(port: u16, agent: u64, frames: Vec<IngestFrame>) -> anyhow::Result<u64> {
+pub(crate) async fn stream_agent(
+    port: u16,
+    agent: u64,
+    frames: Vec<IngestFrame>,
+) -> anyhow::Result<u64> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
         .connect()
         .await?;
@@ -231,25 +235,34 @@ fn report(backend: &str, figures: &Figures) {
 /// Set in the release xtask that a debug xtask hands the collector benchmark to.
 const RELEASE_LOAD: &str = "STALLSCOPE_BENCH_RELEASE_LOAD";
 
-pub fn run(backends: &[&str]) -> anyhow::Result<()> {
+/// Builds the release binaries; from a debug xtask, runs `xtask bench ARGS` of the
+/// release build instead and returns `None` (the load generator, four gRPC clients,
+/// shares the two cores with the collector: as a debug build it takes CPU the collector
+/// would have had). Otherwise returns the release directory.
+pub(crate) fn in_release(args: &[&str]) -> anyhow::Result<Option<std::path::PathBuf>> {
     util::cargo(&["build", "--release", "--bins"])?;
     let release = util::root().join("target/release");
     if cfg!(debug_assertions) && std::env::var_os(RELEASE_LOAD).is_none() {
-        // The load generator (four gRPC clients) shares the two cores with the collector:
-        // as a debug build it takes CPU the collector would have had. The release xtask
-        // (built just now) runs the benchmark instead.
-        let mut args = vec!["bench", "ingest"];
-        args.extend_from_slice(backends);
         let status = std::process::Command::new(release.join("xtask"))
-            .args(&args)
+            .arg("bench")
+            .args(args)
             .env(RELEASE_LOAD, "1")
             .status()
             .context("running the release xtask")?;
         if !status.success() {
             bail!("the collector benchmark failed ({status})");
         }
-        return Ok(());
+        return Ok(None);
     }
+    Ok(Some(release))
+}
+
+pub fn run(backends: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["ingest"];
+    args.extend_from_slice(backends);
+    let Some(release) = in_release(&args)? else {
+        return Ok(());
+    };
     if backends.is_empty() || backends.contains(&"sqlite") {
         let dir =
             std::env::temp_dir().join(format!("stallscope-bench-sqlite-{}", std::process::id()));

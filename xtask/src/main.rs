@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_collector;
+mod bench_ui;
 mod bootstrap;
 mod clickhouse;
 mod debian;
@@ -28,7 +29,8 @@ tasks:
   bench [NAME..]  measure, with no NAME all of: the agent's overhead against a baseline,
               interleaved (root: offcpu, syscall, futex, messaging, iperf3, reqresp);
               `symbolize`: criterion benchmarks of symbolization; `ingest`, `query`
-              [sqlite|clickhouse]: collector ingest throughput and 24 h query latency
+              [sqlite|clickhouse]: collector ingest throughput and 24 h query latency;
+              `ui`: the web UI's pages on a day of data, and its size
   clickhouse start|stop  a private ClickHouse on 127.0.0.1:18123 for running tests by hand
   lint        import-cycle check, rustfmt check and clippy (host crates and the eBPF crate)
   import-cycles  only the import-cycle check of lint: no module imports one that imports it back

@@ -1,7 +1,8 @@
-//! `cargo xtask test`: bootstrap the toolchain, install the test peers, start a private
-//! ClickHouse on loopback, build every binary, run unit and end-to-end tests, stop
-//! ClickHouse. End-to-end tests load real probes and need root; with `CI=true` they fail
-//! rather than skip, and so do the ClickHouse tests.
+//! `cargo xtask test`: bootstrap the toolchain, install the test peers (and the browser
+//! test's driver), start a private ClickHouse on loopback, build every binary, run unit
+//! and end-to-end tests, stop ClickHouse. End-to-end tests load real probes and need
+//! root; with `CI=true` they fail rather than skip, and so do the ClickHouse tests and
+//! the browser test.
 
 use crate::{bootstrap, clickhouse, debian, util};
 
@@ -11,7 +12,9 @@ use crate::{bootstrap, clickhouse, debian, util};
 /// debug info of the C workload the symbolization tests make; util-linux's `unshare`
 /// gives a workload its own mount namespace and `losetup`; `e2fsprogs` and `mount` make
 /// and mount the scenario lab's journal file system; ClickHouse is the fleet storage
-/// backend; Alertmanager is the real sender of the webhook the collector receives.
+/// backend; Alertmanager is the real sender of the webhook the collector receives;
+/// Chromium and Node.js run the web UI's browser test (its driver, playwright-core,
+/// comes from npm).
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -24,6 +27,8 @@ const TEST_PACKAGES: &[&str] = &[
     "mount",
     "clickhouse-server",
     "prometheus-alertmanager",
+    "chromium",
+    "nodejs",
 ];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
@@ -31,6 +36,11 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let can_install = util::is_root() || util::in_ci();
     if can_install {
         debian::ensure(TEST_PACKAGES)?;
+        // npm comes with some Node.js builds and is a package of its own in Debian.
+        if !util::command_exists("npm") {
+            debian::ensure(&["npm"])?;
+        }
+        stallscope_tests::browser::install_driver(&util::root().join("target"))?;
     } else {
         eprintln!(
             "xtask: not root: end-to-end tests will skip (they load eBPF probes); run `sudo -E cargo xtask test` for all"

@@ -27,7 +27,26 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
 
 /// Runs `cargo <args>` in the workspace root.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    run(Command::new(env!("CARGO")).args(args).current_dir(root()))
+    let mut command = Command::new(env!("CARGO"));
+    // `cargo xtask` (`cargo run`) sets the package variables of xtask itself; build
+    // scripts that declare them (ring's do) would see them change and rebuild, and with
+    // them every crate above, each time a build flips between `cargo` and `cargo xtask`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || matches!(
+                &*name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            command.env_remove(&*name);
+        }
+    }
+    run(command.args(args).current_dir(root()))
 }
 
 pub fn is_root() -> bool {
@@ -38,4 +57,14 @@ pub fn is_root() -> bool {
 /// Whether this runs in CI (`CI=true`), where privileged tests must not skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Whether `program` runs (is on the `PATH`).
+pub fn command_exists(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
 }

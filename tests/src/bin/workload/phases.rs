@@ -57,6 +57,19 @@ fn request_marker_commit(state: &Mutex<u64>, hold: Duration) {
     *guard += 1;
 }
 
+/// Sleeps `total` in 100 ms slices: one long sleep would be reported as one wait when it
+/// ends, a spike of `other` time at the phase change that outweighs the injected cause.
+fn sleep_in_slices(total: Duration) {
+    let until = Instant::now() + total;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}
+
 pub fn run(healthy: Duration, degraded: Duration, recovered: Duration) {
     let hold_us = Arc::new(AtomicU64::new(20));
     let stop = Arc::new(AtomicBool::new(false));
@@ -84,13 +97,13 @@ pub fn run(healthy: Duration, degraded: Duration, recovered: Duration) {
                 .expect("spawn worker")
         })
         .collect();
-    thread::sleep(healthy);
+    sleep_in_slices(healthy);
     hold_us.store(3000, Ordering::Relaxed);
     println!("phase degraded {}", unix_ns());
-    thread::sleep(degraded);
+    sleep_in_slices(degraded);
     hold_us.store(20, Ordering::Relaxed);
     println!("phase recovered {}", unix_ns());
-    thread::sleep(recovered);
+    sleep_in_slices(recovered);
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.join().expect("worker");
