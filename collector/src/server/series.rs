@@ -13,6 +13,11 @@ use crate::{
     storage::{Filter, GroupBy, SeriesTotals, Storage, TimeRange},
 };
 
+const NS: i64 = 1_000_000_000;
+
+/// (bucket start in Unix seconds, value, count), as storage gives them.
+type Points = Vec<(i64, i64, i64)>;
+
 /// The line key of idle time in category series: never a cause, shown apart.
 pub const IDLE_KEY: &str = "idle";
 
@@ -50,9 +55,8 @@ fn points(points: impl IntoIterator<Item = (i64, i64, i64)>) -> Vec<v1::SeriesPo
 }
 
 /// Sums (time, value, count) points into marks: steps of `step_s` that start at
-/// multiples of the step (storage aligns its steps to the range's start instead, so it
-/// is asked for its buckets as stored).
-fn into_marks(points: Vec<(i64, i64, i64)>, step_s: i64) -> Vec<(i64, i64, i64)> {
+/// multiples of the step.
+fn into_marks(points: Points, step_s: i64) -> Points {
     let mut sums: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
     for (t, value, count) in points {
         let sum = sums.entry(t - t.rem_euclid(step_s)).or_default();
@@ -62,6 +66,39 @@ fn into_marks(points: Vec<(i64, i64, i64)>, step_s: i64) -> Vec<(i64, i64, i64)>
     sums.into_iter()
         .map(|(t, (value, count))| (t, value, count))
         .collect()
+}
+
+/// A range as storage reads it for marks of `step_s`: storage aligns its steps to the
+/// start of the range it is asked for, marks start at multiples of the step. So the part
+/// before the first mark boundary (if any) is read bucket by bucket (`(range, 1)`), and
+/// the rest, which starts on a boundary, at the mark step, where both alignments agree.
+fn mark_aligned_reads(range: TimeRange, step_s: i64) -> Vec<(TimeRange, i64)> {
+    let step_ns = step_s.saturating_mul(NS);
+    let boundary = range
+        .from_unix_ns
+        .div_euclid(step_ns)
+        .saturating_add(i64::from(range.from_unix_ns.rem_euclid(step_ns) != 0))
+        .saturating_mul(step_ns);
+    let mut reads = Vec::new();
+    if boundary > range.from_unix_ns {
+        reads.push((
+            TimeRange {
+                from_unix_ns: range.from_unix_ns,
+                until_unix_ns: boundary.min(range.until_unix_ns),
+            },
+            1,
+        ));
+    }
+    if boundary < range.until_unix_ns {
+        reads.push((
+            TimeRange {
+                from_unix_ns: boundary.max(range.from_unix_ns),
+                until_unix_ns: range.until_unix_ns,
+            },
+            step_s,
+        ));
+    }
+    reads
 }
 
 /// The lines of one request (its range, filter and step already validated), one point
@@ -80,25 +117,45 @@ pub async fn lines<S: Storage>(
             "series: per_scope needs group_by category (signals and cause labels overlap, so they are not split per scope)",
         )),
         Grouping::Stored(group_by) => {
-            let lines = storage
-                .series(range, filter, group_by, 1)
-                .await
-                .map_err(|e| storage_status(&e))?;
-            Ok(lines
+            // Lines by key, in the order storage first gives them.
+            let mut order: Vec<String> = Vec::new();
+            let mut merged: BTreeMap<String, (String, Points)> = BTreeMap::new();
+            for (part, part_step) in mark_aligned_reads(range, step_s) {
+                let lines = storage
+                    .series(part, filter.clone(), group_by, part_step)
+                    .await
+                    .map_err(|e| storage_status(&e))?;
+                for line in lines {
+                    let entry = merged.entry(line.key.clone()).or_insert_with(|| {
+                        order.push(line.key.clone());
+                        (line.value_unit.clone(), Vec::new())
+                    });
+                    entry.1.extend(line.points);
+                }
+            }
+            Ok(order
                 .into_iter()
-                .map(|line| v1::SeriesLine {
-                    key: line.key,
-                    value_unit: line.value_unit,
-                    points: points(into_marks(line.points, step_s)),
-                    ..v1::SeriesLine::default()
+                .filter_map(|key| {
+                    let (value_unit, points_of) = merged.remove(&key)?;
+                    Some(v1::SeriesLine {
+                        key,
+                        value_unit,
+                        points: points(into_marks(points_of, step_s)),
+                        ..v1::SeriesLine::default()
+                    })
                 })
                 .collect())
         }
         Grouping::Category => {
-            let mut totals = storage
-                .series_totals(range, filter, 1)
-                .await
-                .map_err(|e| storage_status(&e))?;
+            let mut totals = Vec::new();
+            for (part, part_step) in mark_aligned_reads(range, step_s) {
+                totals.extend(
+                    storage
+                        .series_totals(part, filter.clone(), part_step)
+                        .await
+                        .map_err(|e| storage_status(&e))?,
+                );
+            }
             for series in &mut totals {
                 series.points = into_marks(std::mem::take(&mut series.points), step_s);
             }
@@ -167,6 +224,29 @@ mod tests {
     use stallscope_profile::Labels;
 
     use super::*;
+
+    #[test]
+    fn reads_split_at_the_first_mark_boundary() {
+        let range = |from_s: i64, until_s: i64| TimeRange {
+            from_unix_ns: from_s * NS,
+            until_unix_ns: until_s * NS,
+        };
+        // Aligned: one read at the mark step.
+        assert_eq!(
+            mark_aligned_reads(range(600, 1200), 60),
+            vec![(range(600, 1200), 60)]
+        );
+        // Unaligned: the head bucket by bucket, the rest from the boundary.
+        assert_eq!(
+            mark_aligned_reads(range(610, 1200), 60),
+            vec![(range(610, 660), 1), (range(660, 1200), 60)]
+        );
+        // Shorter than a step, inside one mark: one read, bucket by bucket.
+        assert_eq!(
+            mark_aligned_reads(range(610, 640), 60),
+            vec![(range(610, 640), 1)]
+        );
+    }
 
     fn series(host: &str, service: &str, signal: &str, cause: &str, ns: i64) -> SeriesTotals {
         SeriesTotals {
