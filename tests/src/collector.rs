@@ -74,6 +74,24 @@ impl CollectorProcess {
         Ok(process)
     }
 
+    /// Starts a plaintext collector on a free loopback port, storing in SQLite under
+    /// `data_dir`, its queries behind [`TEST_TOKEN`].
+    pub fn start_plaintext(bin_dir: &Path, data_dir: &Path) -> anyhow::Result<Self> {
+        let data = data_dir.to_string_lossy();
+        Self::start(
+            bin_dir,
+            free_port()?,
+            &[
+                "--plaintext",
+                "--query-tokens",
+                TEST_TOKEN,
+                "--data-dir",
+                &data,
+            ],
+            &[],
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

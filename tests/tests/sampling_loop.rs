@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use stallscope_profile::{Profile, pprof::decode_pprof};
 use stallscope_tests::{
     AgentRun, Workload, binary, binary_dir,
-    collector::{CollectorProcess, TEST_TOKEN, cli, free_port, scratch},
+    collector::{CollectorProcess, cli, scratch},
     require_root,
     streaming::{start_run, stop_run},
 };
@@ -35,20 +35,8 @@ fn record_and_run_measure_the_same_totals() {
     }
     let bin = binary_dir();
     let dir: PathBuf = scratch("sampling-loop");
-    let data = dir.join("data").to_string_lossy().into_owned();
-    let collector = CollectorProcess::start(
-        &bin,
-        free_port().expect("port"),
-        &[
-            "--plaintext",
-            "--query-tokens",
-            TEST_TOKEN,
-            "--data-dir",
-            &data,
-        ],
-        &[],
-    )
-    .expect("collector starts");
+    let collector =
+        CollectorProcess::start_plaintext(&bin, &dir.join("data")).expect("collector starts");
     let url = collector.plaintext_url();
     let mut workload = Workload::start(
         &binary(&bin, "stallscope-workload").expect("workload built"),

@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Duration};
 use stallscope_profile::{Profile, folded::parse_folded, pprof::decode_pprof};
 use stallscope_tests::{
     AgentRun, Workload, binary, binary_dir,
-    collector::{CollectorProcess, TEST_TOKEN, cli, cli_json, free_port, scratch},
+    collector::{CollectorProcess, cli, cli_json, scratch},
     require_root,
     streaming::{start_run, stop_run},
 };
@@ -34,20 +34,8 @@ fn streamed_profiles_match_a_local_recording() {
     }
     let bin = binary_dir();
     let dir: PathBuf = scratch("stream-e2e");
-    let data = dir.join("data").to_string_lossy().into_owned();
-    let collector = CollectorProcess::start(
-        &bin,
-        free_port().expect("port"),
-        &[
-            "--plaintext",
-            "--query-tokens",
-            TEST_TOKEN,
-            "--data-dir",
-            &data,
-        ],
-        &[],
-    )
-    .expect("collector starts");
+    let collector =
+        CollectorProcess::start_plaintext(&bin, &dir.join("data")).expect("collector starts");
     let url = collector.plaintext_url();
 
     let mut workload = Workload::start(
