@@ -13,6 +13,7 @@ pub mod faults;
 pub mod hash;
 pub mod http;
 pub mod identity;
+pub mod long_waits;
 pub mod server;
 pub mod storage;
 pub mod synthetic;

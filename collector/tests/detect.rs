@@ -3,7 +3,8 @@
 //! collector's detector ticks along on a synthetic clock. A minute of a slow peer gets one
 //! automatic window with its indicators and top cause; a detector started anew on the
 //! same storage while the window is open takes it up instead of opening another; two
-//! detectors sharing one store, ticking at the same moments, store one window.
+//! detectors sharing one store, ticking at the same moments, store one window; an agent
+//! whose batches arrive later than `max_delay` still gets its window, in the right place.
 
 use std::{
     path::PathBuf,
@@ -377,6 +378,36 @@ async fn two_detectors_one_window<S: Storage + WindowStore>(store: Arc<S>) {
     assert!(windows[0].end_unix_ns.is_some());
 }
 
+/// Every batch reaches the collector 45 s after it ended (an agent on a busy host, well
+/// over `max_delay`'s 30 s) while the detector ticks every 2 s: no bucket is given up as
+/// empty while the host's data keeps coming, so the window is found with the right onset.
+async fn a_lagging_agent_still_gets_its_window<S: Storage + WindowStore>(store: Arc<S>) {
+    const LAG_S: i64 = 45;
+    let mut detector = Detector::new(Arc::clone(&store), settings(), 10);
+    let mut stored = 0;
+    let mut now_s = start_s(0);
+    let last = start_s(BATCHES - 1) + 10 + LAG_S + 10;
+    while now_s <= last {
+        while stored < BATCHES && start_s(stored) + 10 + LAG_S <= now_s {
+            store_batch(&*store, stored).await;
+            stored += 1;
+        }
+        detector.tick(now_s * SECOND).await.expect("tick");
+        now_s += 2;
+    }
+    detector.finish_explains(now_s * SECOND).await.expect("why");
+    let windows = automatic(&*store).await;
+    assert_eq!(windows.len(), 1, "{windows:#?}");
+    let onset_error = (windows[0].onset_unix_ns - start_s(SLOW.start) * SECOND).abs() / SECOND;
+    assert!(
+        onset_error <= 10,
+        "onset off by {onset_error} s: {windows:#?}"
+    );
+    let end = windows[0].end_unix_ns.expect("closed");
+    let end_error = (end - start_s(SLOW.end) * SECOND).abs() / SECOND;
+    assert!(end_error <= 10, "end off by {end_error} s: {windows:#?}");
+}
+
 fn sqlite_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "stallscope-detect-{name}-{}-{}",
@@ -404,6 +435,11 @@ async fn sqlite_a_restart_takes_the_open_window_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_two_detectors_one_window() {
     two_detectors_one_window(sqlite("two")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_lagging_agent_still_gets_its_window() {
+    a_lagging_agent_still_gets_its_window(sqlite("lag")).await;
 }
 
 async fn clickhouse(name: &str) -> Option<Arc<ClickHouseStore>> {
@@ -438,6 +474,13 @@ async fn clickhouse_one_window_with_its_cause() {
 async fn clickhouse_two_detectors_one_window() {
     if let Some(store) = clickhouse("two").await {
         two_detectors_one_window(store).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_a_lagging_agent_still_gets_its_window() {
+    if let Some(store) = clickhouse("lag").await {
+        a_lagging_agent_still_gets_its_window(store).await;
     }
 }
 

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use stallscope_profile::Labels;
 
-use crate::storage::SeriesTotals;
+use crate::storage::{SeriesTotals, signal_matches};
 
 /// The product's cause categories (../PRODUCT.md), in report order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,7 +122,9 @@ impl CategoryBuckets {
     /// data is not zero.
     pub fn from_series(series: &[SeriesTotals]) -> Self {
         let mut out = Self {
-            has_socket_waits: series.iter().any(|s| s.signal == signals::SOCKET_WAIT),
+            has_socket_waits: series
+                .iter()
+                .any(|s| signal_matches(&s.signal, signals::SOCKET_WAIT)),
             ..Self::default()
         };
         for s in series {

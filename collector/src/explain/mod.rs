@@ -40,6 +40,7 @@ use self::{
 };
 use crate::{
     events::ChangeRecord,
+    long_waits::spread_long_waits,
     storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange},
 };
 
@@ -179,9 +180,10 @@ pub async fn explain<S: Storage>(
     let (from_s, until_s) = (floor_to(window_from_s, step), ceil_to(window_until_s, step));
     let mut report = empty_report(question, step);
 
-    let window_series = storage
+    let mut window_series = storage
         .series_totals(range_s(from_s, until_s), filter.clone(), step)
         .await?;
+    spread_long_waits(&mut window_series, step, from_s);
     let window_buckets = CategoryBuckets::from_series(&window_series);
     if window_buckets.buckets.is_empty() {
         report.verdict = Verdict::NoData;
@@ -215,13 +217,14 @@ pub async fn explain<S: Storage>(
     let mut all_buckets = window_buckets;
     let mut described = Vec::new();
     for candidate in candidates {
-        let series = storage
+        let mut series = storage
             .series_totals(
                 range_s(candidate.from_s, candidate.until_s),
                 filter.clone(),
                 step,
             )
             .await?;
+        spread_long_waits(&mut series, step, candidate.from_s);
         let buckets = CategoryBuckets::from_series(&series);
         let runs = baseline::usable_buckets(
             &candidate,

@@ -11,7 +11,7 @@ use super::{
     report::Evidence,
     timeline::{BucketAmounts, Rates, Timeline},
 };
-use crate::storage::SeriesTotals;
+use crate::storage::{SeriesTotals, signal_matches};
 
 /// A tested object before false-discovery control.
 #[derive(Debug, Clone)]
@@ -74,9 +74,9 @@ fn per_event_line(what: &str, rates: &Rates) -> Option<String> {
 /// Locks: futex addresses and kernel lock kinds the scope's threads waited on (not idle
 /// futex waits).
 pub fn locks(series: &[SeriesTotals]) -> Vec<Candidate> {
-    let lock_series = series
-        .iter()
-        .filter(|s| s.signal == signals::LOCK && label(s, "lock_wait") != Some("idle"));
+    let lock_series = series.iter().filter(|s| {
+        signal_matches(&s.signal, signals::LOCK) && label(s, "lock_wait") != Some("idle")
+    });
     group(lock_series, |s| {
         let kind = label(s, "lock_kind").unwrap_or("lock");
         Some(match (kind, label(s, "lock")) {
@@ -101,23 +101,25 @@ pub fn peers(series: &[SeriesTotals], timeline: &Timeline) -> Vec<Candidate> {
     let waits = group(
         series
             .iter()
-            .filter(|s| s.signal == signals::SOCKET_WAIT && is_client(s)),
+            .filter(|s| signal_matches(&s.signal, signals::SOCKET_WAIT) && is_client(s)),
         |s| label(s, "peer").map(str::to_owned),
     );
     let connects = group(
-        series.iter().filter(|s| s.signal == signals::CONNECT),
+        series
+            .iter()
+            .filter(|s| signal_matches(&s.signal, signals::CONNECT)),
         |s| label(s, "peer").map(str::to_owned),
     );
     let retransmits = group(
-        series
-            .iter()
-            .filter(|s| s.signal == signals::TCP && label(s, "event") == Some("retransmit")),
+        series.iter().filter(|s| {
+            signal_matches(&s.signal, signals::TCP) && label(s, "event") == Some("retransmit")
+        }),
         |s| label(s, "peer").map(str::to_owned),
     );
     let rtts = group(
-        series
-            .iter()
-            .filter(|s| s.signal == signals::TCP && label(s, "event") == Some("rtt")),
+        series.iter().filter(|s| {
+            signal_matches(&s.signal, signals::TCP) && label(s, "event") == Some("rtt")
+        }),
         |s| label(s, "peer").map(str::to_owned),
     );
     let mut names: Vec<&String> = waits.keys().chain(retransmits.keys()).collect();
@@ -165,9 +167,9 @@ pub fn peers(series: &[SeriesTotals], timeline: &Timeline) -> Vec<Candidate> {
 /// when the time it costs is spread thin. Tested on the count per second.
 pub fn retransmitting_peers(series: &[SeriesTotals]) -> Vec<Candidate> {
     group(
-        series
-            .iter()
-            .filter(|s| s.signal == signals::TCP && label(s, "event") == Some("retransmit")),
+        series.iter().filter(|s| {
+            signal_matches(&s.signal, signals::TCP) && label(s, "event") == Some("retransmit")
+        }),
         |s| label(s, "peer").map(str::to_owned),
     )
     .into_iter()
@@ -187,9 +189,12 @@ pub fn retransmitting_peers(series: &[SeriesTotals]) -> Vec<Candidate> {
 
 /// Block devices the scope's I/O waited on, per device.
 pub fn devices(series: &[SeriesTotals], timeline: &Timeline) -> Vec<Candidate> {
-    group(series.iter().filter(|s| s.signal == signals::DISK), |s| {
-        label(s, "device").map(str::to_owned)
-    })
+    group(
+        series
+            .iter()
+            .filter(|s| signal_matches(&s.signal, signals::DISK)),
+        |s| label(s, "device").map(str::to_owned),
+    )
     .into_iter()
     .map(|(device, amounts)| {
         let details = per_event_line("per I/O", &timeline.rates(&amounts))
@@ -212,7 +217,7 @@ pub fn cpu_takers(host_oncpu: &[SeriesTotals], own_service: &str) -> Vec<Candida
     group(
         host_oncpu
             .iter()
-            .filter(|s| s.signal == signals::ON_CPU && s.service != own_service),
+            .filter(|s| signal_matches(&s.signal, signals::ON_CPU) && s.service != own_service),
         |s| {
             let process = label(s, "process").unwrap_or(&s.service);
             let pid = label(s, "pid").unwrap_or("?");
@@ -233,7 +238,9 @@ pub fn cpu_takers(host_oncpu: &[SeriesTotals], own_service: &str) -> Vec<Candida
 /// The scope's run-queue latency per wakeup, as a detail line.
 pub fn runqueue_detail(series: &[SeriesTotals], timeline: &Timeline) -> Option<String> {
     let amounts = group(
-        series.iter().filter(|s| s.signal == signals::RUNQUEUE),
+        series
+            .iter()
+            .filter(|s| signal_matches(&s.signal, signals::RUNQUEUE)),
         |_| Some(String::new()),
     )
     .remove("")?;
@@ -294,7 +301,7 @@ mod tests {
                 &[(10, 9000, 1)],
             ),
             series(
-                "tcp",
+                "tcp-srtt",
                 &[("event", "retransmit"), ("peer", "10.0.0.2:80")],
                 &[(10, 0, 4)],
             ),
@@ -314,11 +321,12 @@ mod tests {
         assert!((timeline.rates(&lossy[0].amounts).window_ns_per_s - 4e9).abs() < 1.0);
     }
 
+    /// Stored series carry the agents' names (`lock-wait`), older ones the short name.
     #[test]
     fn locks_leave_idle_futex_waits_out() {
         let data = [
             series(
-                "lock",
+                "lock-wait",
                 &[
                     ("lock_kind", "futex"),
                     ("lock", "0x10"),
@@ -335,7 +343,7 @@ mod tests {
                 ],
                 &[(0, 500, 1)],
             ),
-            series("lock", &[("lock_kind", "mutex")], &[(0, 7, 1)]),
+            series("lock_wait", &[("lock_kind", "mutex")], &[(0, 7, 1)]),
         ];
         let names: Vec<String> = locks(&data).into_iter().map(|c| c.name).collect();
         assert_eq!(names, ["futex 0x10", "kernel mutex lock"]);

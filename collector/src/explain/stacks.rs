@@ -12,6 +12,7 @@ use super::{
     frames::{own_path, syscall_of},
     report::Evidence,
 };
+use crate::storage::signal_matches;
 
 /// Time and events of one sample, whatever its signal: the collector's profiles have a
 /// (time, count) column pair per signal and each sample fills only its own.
@@ -140,7 +141,10 @@ impl Compared<'_> {
     pub fn lock_waiters(&self, address: &str) -> Option<String> {
         let mut by_path: BTreeMap<String, f64> = BTreeMap::new();
         for sample in &self.window.samples {
-            if sample.labels.get("signal").map(String::as_str) != Some(signals::LOCK)
+            if !sample
+                .labels
+                .get("signal")
+                .is_some_and(|signal| signal_matches(signal, signals::LOCK))
                 || sample.labels.get("lock").map(String::as_str) != Some(address)
             {
                 continue;
@@ -170,13 +174,15 @@ impl Compared<'_> {
         (!new.is_empty() && !baseline.is_empty()).then_some((new, baseline))
     }
 
-    /// On-CPU functions that grew, counting only samples of `build` in the window: what
-    /// the new build does more of.
+    /// On-CPU code paths (the innermost own function and two callers) that grew,
+    /// counting only samples of `build` in the window: what the new build does more of.
+    /// A path, not a leaf: a new call into a helper the old build also ran (a hash, a
+    /// copy) grows that helper, and only its callers say which code is new.
     pub fn grown_in_build(&self, build: &str, min_ns_per_s: f64) -> Vec<Evidence> {
         let key = |profile: &Profile, sample: &Sample| {
             (sample.labels.get("build_id").map(String::as_str) == Some(build)
                 || !std::ptr::eq(profile, self.window))
-            .then(|| own_path(profile, sample, 1))
+            .then(|| own_path(profile, sample, 3))
             .flatten()
         };
         self.grown(Category::CpuWork, "function", key, 3, min_ns_per_s)

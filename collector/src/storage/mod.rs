@@ -72,10 +72,24 @@ pub struct Filter {
     pub labels: Vec<(String, String)>,
 }
 
-/// Signals are matched whatever the separator: `off-cpu`, `off_cpu` and `offcpu` are one.
+/// A signal's name in one spelling, for comparing. Agents name a batch's signals after
+/// their pprof sample types (`lock-wait`, `disk-io`, `tcp-srtt`), which is what storage
+/// keeps, while the samples' `signal` label, the CLI and `why` use the short names
+/// (`lock`, `disk`, `tcp`); separators never matter (`off-cpu`, `off_cpu`, `offcpu`).
+pub fn canonical_signal(name: &str) -> String {
+    let norm = name.to_ascii_lowercase().replace(['-', '_'], "");
+    match norm.as_str() {
+        "lockwait" => "lock".to_owned(),
+        "diskio" => "disk".to_owned(),
+        "tcpsrtt" => "tcp".to_owned(),
+        "connect" => "tcpconnect".to_owned(),
+        _ => norm,
+    }
+}
+
+/// Whether two signal names are one signal ([`canonical_signal`]).
 pub fn signal_matches(wanted: &str, signal: &str) -> bool {
-    let norm = |s: &str| s.to_ascii_lowercase().replace(['-', '_'], "");
-    norm(wanted) == norm(signal)
+    canonical_signal(wanted) == canonical_signal(signal)
 }
 
 impl Filter {
@@ -457,3 +471,23 @@ pub type Losses = BTreeMap<String, u64>;
 
 /// Series lines being summed: key -> (value unit, bucket -> (value, count)).
 pub(crate) type LineSums = BTreeMap<String, (String, BTreeMap<i64, (i64, i64)>)>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_is_one_whatever_its_spelling() {
+        for (stored, asked) in [
+            ("lock-wait", "lock"),
+            ("disk-io", "disk"),
+            ("tcp-srtt", "tcp"),
+            ("tcp-connect", "connect"),
+            ("off-cpu", "off_cpu"),
+        ] {
+            assert!(signal_matches(asked, stored), "{asked} vs {stored}");
+        }
+        assert!(!signal_matches("lock", "disk-io"));
+        assert!(!signal_matches("tcp", "tcp-connect"));
+    }
+}

@@ -77,13 +77,14 @@ impl Scale {
     /// The collector's `[detect]` section with every setting about the clock scaled
     /// like the batches (counts are in buckets and rates per second, so the rest holds at
     /// any scale); at factor 1 these are the defaults. The grace for a late batch stays
-    /// at least a second (its trip to the collector does not shrink with the batch).
+    /// at least a second and `max_delay` (how long a host may be silent before its empty
+    /// buckets are given up) is not scaled: a batch's trip to the collector, and an
+    /// agent's lag on a busy host, do not shrink with the batch.
     pub fn detect_toml(&self) -> String {
         let secs = |default_s: f64| format!("\"{}ms\"", (default_s * self.factor * 1e3).round());
         format!(
-            "[detect]\ngrace = \"{}ms\"\nmax_delay = {}\nbaseline_refresh = {}\nhistory_refresh = {}\nrecent_history = {}\nmax_window = {}\nexplain_interval = {}\n",
+            "[detect]\ngrace = \"{}ms\"\nmax_delay = \"30s\"\nbaseline_refresh = {}\nhistory_refresh = {}\nrecent_history = {}\nmax_window = {}\nexplain_interval = {}\n",
             (3000.0 * self.factor).max(1000.0).round(),
-            secs(30.0),
             secs(60.0),
             secs(60.0),
             secs(7200.0),
@@ -115,10 +116,7 @@ mod tests {
         let toml = Scale::CI.detect_toml();
         assert!(toml.contains("baseline_refresh = \"12000ms\""), "{toml}");
         assert!(toml.contains("grace = \"1000ms\""), "{toml}");
-        assert!(
-            Scale::DEFAULT
-                .detect_toml()
-                .contains("max_delay = \"30000ms\"")
-        );
+        assert!(toml.contains("max_delay = \"30s\""), "{toml}");
+        assert!(Scale::DEFAULT.detect_toml().contains("max_delay = \"30s\""));
     }
 }

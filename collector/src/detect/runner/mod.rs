@@ -38,7 +38,10 @@ use super::{
     settings::DetectSettings,
     store::{StoredWindow, WindowStore},
 };
-use crate::storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange};
+use crate::{
+    long_waits::spread_long_waits,
+    storage::{Filter, SeriesTotals, Storage, StorageError, TimeRange},
+};
 
 const NS: i64 = 1_000_000_000;
 const DAY_S: i64 = 86_400;
@@ -53,7 +56,23 @@ struct HostState {
     /// Earlier-day buckets already read, per day back: up to this bucket.
     earlier_read_until: BTreeMap<i64, i64>,
     first_data_s: i64,
+    /// The latest bucket known to hold the host's data (read, or its agent's last batch):
+    /// every earlier bucket is complete, since agents send their batches in order.
+    frontier: i64,
+    /// When (wall clock, ns) `frontier` last moved: a host whose frontier has not moved
+    /// for `max_delay` is silent, and only then are its empty buckets given up.
+    frontier_moved_ns: i64,
     scopes: BTreeMap<String, ScopeDetector>,
+}
+
+impl HostState {
+    /// `bucket` holds the host's data (seen at `now_ns`).
+    fn saw_data(&mut self, bucket: i64, now_ns: i64) {
+        if bucket > self.frontier {
+            self.frontier = bucket;
+            self.frontier_moved_ns = now_ns;
+        }
+    }
 }
 
 /// A window this replica looks after.
@@ -204,6 +223,8 @@ impl<S: Storage + WindowStore> Detector<S> {
                 .or_insert_with(|| HostState {
                     next_bucket: start,
                     first_data_s: target.first_unix_s,
+                    frontier: i64::MIN,
+                    frontier_moved_ns: now_s * NS,
                     ..HostState::default()
                 });
             state.first_data_s = state.first_data_s.min(target.first_unix_s);
@@ -213,6 +234,10 @@ impl<S: Storage + WindowStore> Detector<S> {
             if let Some(state) = self.hosts.get_mut(&agent.host) {
                 let phase = agent.last_batch_unix_ns.rem_euclid(step_ns) as f64 / NS as f64;
                 state.phase_s = Some(state.phase_s.map_or(phase, |p: f64| p.max(phase)));
+                state.saw_data(
+                    floor_to(agent.last_batch_unix_ns.div_euclid(NS), self.step_s),
+                    now_s * NS,
+                );
             }
         }
         let days = i64::from(settings.earlier_days);
@@ -289,7 +314,7 @@ impl<S: Storage + WindowStore> Detector<S> {
                         step,
                     )
                     .await?;
-                let observed = observe_by_service(series, step, &self.settings);
+                let observed = observe_by_service(series, from, step, &self.settings);
                 if let Some(state) = self.hosts.get_mut(&host) {
                     state.earlier_read_until.insert(day, hi);
                     for (service, buckets) in observed {
@@ -364,9 +389,11 @@ impl<S: Storage + WindowStore> Detector<S> {
     }
 
     /// Reads a host's new buckets and feeds the complete ones to its scopes. A bucket is
-    /// complete once the host has data in a later bucket (agents send in order), once it
-    /// holds data and its batch should have arrived (`grace` after its end), or, empty,
-    /// `max_delay` after that.
+    /// complete once the host has data in a later bucket (agents send in order), or once
+    /// it holds data and its batch should have arrived (`grace` after its end). An empty
+    /// bucket with no later data is given up only when the host has been silent (no newer
+    /// data) for `max_delay` and the bucket ended `max_delay` ago: an agent that lags
+    /// (a busy host, a slow symbolization) delays detection but loses none of its buckets.
     async fn advance_host(
         &mut self,
         host: &str,
@@ -405,21 +432,32 @@ impl<S: Storage + WindowStore> Detector<S> {
                 .iter()
                 .flat_map(|s| s.points.iter().map(|p| p.0))
                 .collect();
+            let Some(state) = self.hosts.get_mut(host) else {
+                return Ok(());
+            };
+            if let Some(&last) = with_data.last() {
+                state.saw_data(last, now_unix_ns);
+            }
             let grace = self.settings.grace.as_secs_f64();
-            let max_delay = self.settings.max_delay.as_secs_f64();
-            let mut complete = with_data.last().copied().unwrap_or(from);
+            let mut complete = state.frontier.clamp(from, until);
             for &bucket in with_data.iter().rev() {
                 if (bucket + step) as f64 + phase + grace <= now {
                     complete = complete.max(bucket + step);
                     break;
                 }
             }
-            let given_up = (now - phase - max_delay).floor() as i64 - step;
-            complete = complete.max(floor_to(given_up, step) + step).min(until);
+            let max_delay_ns =
+                i64::try_from(self.settings.max_delay.as_nanos()).unwrap_or(i64::MAX);
+            if now_unix_ns.saturating_sub(state.frontier_moved_ns) >= max_delay_ns {
+                let max_delay = self.settings.max_delay.as_secs_f64();
+                let given_up = (now - phase - max_delay).floor() as i64 - step;
+                complete = complete.max(floor_to(given_up, step) + step);
+            }
+            let complete = complete.min(until);
             if complete <= from {
                 return Ok(());
             }
-            let observed = observe_by_service(series, step, &self.settings);
+            let observed = observe_by_service(series, from, step, &self.settings);
             self.feed(host, from, complete, observed, now_s, report)
                 .await?;
             if let Some(state) = self.hosts.get_mut(host) {
@@ -493,13 +531,16 @@ fn known_for(
         .collect()
 }
 
-/// Observations per service and bucket, from one host's series. Kernel threads (series
+/// Observations per service and bucket, from one host's series read from `from_s` on
+/// (long waits spread back over the buckets they spanned first). Kernel threads (series
 /// without an executable) are not services and are not watched.
 fn observe_by_service(
-    series: Vec<SeriesTotals>,
+    mut series: Vec<SeriesTotals>,
+    from_s: i64,
     step_s: i64,
     settings: &DetectSettings,
 ) -> BTreeMap<String, BTreeMap<i64, Observations>> {
+    spread_long_waits(&mut series, step_s, from_s);
     let mut by_service: BTreeMap<String, Vec<SeriesTotals>> = BTreeMap::new();
     for s in series {
         by_service.entry(s.service.clone()).or_default().push(s);

@@ -426,10 +426,25 @@ pub fn audit_inventory(hold: Duration) {
     let mut stock = INVENTORY.lock().unwrap_or_else(PoisonError::into_inner);
     let held = Instant::now();
     // Waiting on something slow while holding the lock: the bug being injected.
-    std::thread::sleep(hold);
+    wait_holding(hold);
     stock.entry(0).or_insert(1_000_000);
     drop(stock);
     add(&METRICS.inventory_held_ns, held);
+}
+
+/// How a holder waits while it holds its mutex: parked, like the holder thread between
+/// holds, so that the injection changes the lock waits of the service's requests and
+/// nothing else (a `sleep` would add the holder's own sleeping, another cause category,
+/// to the degradation).
+fn wait_holding(hold: Duration) {
+    let until = Instant::now() + hold;
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::park_timeout(until - now);
+    }
 }
 
 /// The lock-contention injection's holder of `sessions`: holds it for `hold`.
@@ -437,7 +452,7 @@ pub fn audit_inventory(hold: Duration) {
 pub fn expire_sessions(hold: Duration) {
     let mut sessions = SESSIONS.lock().unwrap_or_else(PoisonError::into_inner);
     let held = Instant::now();
-    std::thread::sleep(hold);
+    wait_holding(hold);
     sessions.retain(|_, last| *last != u64::MAX);
     drop(sessions);
     add(&METRICS.sessions_held_ns, held);
