@@ -451,7 +451,22 @@ async fn suite<S: Storage>(store: &S) {
         .expect("explain");
     assert_eq!(report.verdict, Verdict::NotEnoughBaseline, "{report:#?}");
     assert!(
-        report.summary.contains("needs at least"),
+        report.summary.contains("needs at least") && report.summary.contains("before the window"),
+        "{}",
+        report.summary
+    );
+
+    // A baseline range given and too short: the message is about that range.
+    let mut given = question("shop", lock_window);
+    given.baseline = Some(range(HEALTHY - 2, HEALTHY));
+    let report = explain::explain(store, &given, &settings)
+        .await
+        .expect("explain");
+    assert_eq!(report.verdict, Verdict::NotEnoughBaseline, "{report:#?}");
+    assert!(
+        report.summary.contains("in the given baseline")
+            && report.summary.contains("pass a longer baseline range")
+            && !report.summary.contains("before the window"),
         "{}",
         report.summary
     );

@@ -254,17 +254,32 @@ pub async fn explain<S: Storage>(
     let needed = settings.min_baseline_buckets.max(2 * timeline.window.len());
     if timeline.baseline_buckets() < needed {
         report.verdict = Verdict::NotEnoughBaseline;
+        let searched = match question.baseline {
+            Some(given) => format!(
+                "in the given baseline {} .. {}",
+                iso(given.from_unix_ns),
+                iso(given.until_unix_ns)
+            ),
+            None => format!(
+                "in the {} before the window and the same time on earlier days",
+                human_span(
+                    settings
+                        .policy
+                        .candidates(from_s, until_s, step, 0)
+                        .first()
+                        .map_or(0, |c| c.until_s - c.from_s)
+                )
+            ),
+        };
+        let remedy = if question.baseline.is_some() {
+            "pass a longer baseline range"
+        } else {
+            "wait for more data, or pass a baseline range"
+        };
         report.summary = format!(
-            "not enough baseline for {}: {} s of data outside windows in the {} before the window and the same time on earlier days; `why` needs at least {} s (wait for more data, or pass a baseline range)",
+            "not enough baseline for {}: {} s of data outside windows {searched}; `why` needs at least {} s ({remedy})",
             scope_name(question),
             timeline.baseline_seconds() as i64,
-            human_span(
-                settings
-                    .policy
-                    .candidates(from_s, until_s, step, 0)
-                    .first()
-                    .map_or(0, |c| c.until_s - c.from_s)
-            ),
             needed as i64 * step
         );
         return Ok(report);
