@@ -70,6 +70,7 @@ impl<S: Storage + WindowStore> Detector<S> {
             self.explaining.insert(id.clone());
             if let Some(m) = self.managed.get_mut(&id) {
                 m.explained_s = now_s;
+                m.last_run_started |= !m.open;
             }
             self.explains.spawn(async move {
                 let result = explain_window(&*storage, &id, exclude, step_s, now_unix_ns).await;
@@ -109,7 +110,12 @@ impl<S: Storage + WindowStore> Detector<S> {
             return Ok(());
         };
         self.explaining.remove(&id);
-        if self.managed.get(&id).is_some_and(|m| !m.open) {
+        // Done with a closed window once its last run (started after it closed) is in.
+        if self
+            .managed
+            .get(&id)
+            .is_some_and(|m| !m.open && m.last_run_started)
+        {
             self.managed.remove(&id);
         }
         let cause = match result {

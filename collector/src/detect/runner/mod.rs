@@ -83,6 +83,10 @@ struct Managed {
     /// Last time (wall clock, Unix seconds) `why` ran on it.
     explained_s: i64,
     open: bool,
+    /// Whether the run on the closed window (its last) has started: a run that started
+    /// while the window was still open saw only part of it, so closing during that run
+    /// must still be followed by one.
+    last_run_started: bool,
 }
 
 /// What a tick did (for logs and tests).
@@ -367,6 +371,7 @@ impl<S: Storage + WindowStore> Detector<S> {
                     service: window.service.clone(),
                     explained_s: 0,
                     open: true,
+                    last_run_started: false,
                 },
             );
         }

@@ -153,6 +153,7 @@ impl<S: Storage + WindowStore> Detector<S> {
                 service: service.to_owned(),
                 explained_s: now_s,
                 open,
+                last_run_started: false,
             });
         entry.open = open;
     }
