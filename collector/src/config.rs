@@ -11,9 +11,11 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use thiserror::Error;
 
+mod print;
+
+use self::print::{effective_toml, key_at};
 pub use crate::tls::TlsFiles;
 use crate::{
-    config_print::{effective_toml, key_at},
     batch::BatchLimits,
     detect::{DetectArgs, DetectFile, DetectSettings},
     http::HttpSettings,

@@ -5,7 +5,6 @@
 
 pub mod batch;
 pub mod config;
-pub mod config_print;
 pub mod data_dir;
 pub mod detect;
 pub mod events;

@@ -23,8 +23,7 @@ impl ServiceNotifier {
     /// The notifier of this process's service manager, or `None` when there is none
     /// (`$NOTIFY_SOCKET` unset or empty). A socket name that cannot be used is an error.
     pub fn from_env() -> io::Result<Option<Self>> {
-        let Some(name) = std::env::var_os("NOTIFY_SOCKET").filter(|name| !name.is_empty())
-        else {
+        let Some(name) = std::env::var_os("NOTIFY_SOCKET").filter(|name| !name.is_empty()) else {
             return Ok(None);
         };
         let name = name.to_string_lossy().into_owned();

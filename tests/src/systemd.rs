@@ -47,7 +47,12 @@ pub fn with_only_capabilities(binary: &Path, caps: &[String]) -> Command {
     let mut command = Command::new("setpriv");
     command
         .arg(format!("--bounding-set={bounding}"))
-        .args(["--inh-caps=-all", "--ambient-caps=-all", "--no-new-privs", "--"])
+        .args([
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--no-new-privs",
+            "--",
+        ])
         .arg(binary);
     command
 }

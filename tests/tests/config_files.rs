@@ -38,7 +38,14 @@ fn print_config(binary: &Path, args: &[&str], file: &Path) -> String {
 
 /// The configuration printed from `text` and `flags`, fed back without the flags,
 /// prints the same; the printed text contains each of `expected`.
-fn round_trip(test: &str, binary: &Path, args: &[&str], text: &str, flags: &[&str], expected: &[&str]) {
+fn round_trip(
+    test: &str,
+    binary: &Path,
+    args: &[&str],
+    text: &str,
+    flags: &[&str],
+    expected: &[&str],
+) {
     let dir = scratch(test);
     let first_file = dir.join("first.toml");
     std::fs::write(&first_file, text).expect("write config");
@@ -51,7 +58,10 @@ fn round_trip(test: &str, binary: &Path, args: &[&str], text: &str, flags: &[&st
     let second_file = dir.join("printed.toml");
     std::fs::write(&second_file, &printed).expect("write printed");
     let again = print_config(binary, args, &second_file);
-    assert_eq!(printed, again, "printed, then printed from the printed file");
+    assert_eq!(
+        printed, again,
+        "printed, then printed from the printed file"
+    );
 }
 
 #[test]
@@ -62,7 +72,14 @@ fn print_config_round_trips_on_both_daemons() {
         &agent(),
         &["run"],
         agent_file,
-        &["--frequency", "77", "--batch-interval", "20s", "--max-backoff", "1m"],
+        &[
+            "--frequency",
+            "77",
+            "--batch-interval",
+            "20s",
+            "--max-backoff",
+            "1m",
+        ],
         &[
             "frequency_hz = 77",
             "batch_interval = \"20s\"",
@@ -80,14 +97,25 @@ fn print_config_round_trips_on_both_daemons() {
         &["record"],
         "[oncpu]\nfrequency_hz = 99\n",
         &["--signals", "oncpu", "--drain-interval", "500ms"],
-        &["frequency_hz = 99", "drain_interval = \"500ms\"", "signals = [\"oncpu\"]"],
+        &[
+            "frequency_hz = 99",
+            "drain_interval = \"500ms\"",
+            "signals = [\"oncpu\"]",
+        ],
     );
     round_trip(
         "print-collector",
         &collector(),
         &[],
         "plaintext = true\ninsecure_no_query_auth = true\nmax_streams = 7\n[detect]\nz_open = 4.5\n",
-        &["--max-streams", "9", "--listen", "127.0.0.1:7999", "--detect-grace", "2s"],
+        &[
+            "--max-streams",
+            "9",
+            "--listen",
+            "127.0.0.1:7999",
+            "--detect-grace",
+            "2s",
+        ],
         &[
             "max_streams = 9",
             "listen = \"127.0.0.1:7999\"",
@@ -116,7 +144,11 @@ fn refuses(binary: &Path, args: &[&str], text: &str, expected: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line for {text:?}, got:\n{stderr}");
-    assert!(lines[0].contains(expected), "`{expected}` not in `{}`", lines[0]);
+    assert!(
+        lines[0].contains(expected),
+        "`{expected}` not in `{}`",
+        lines[0]
+    );
 }
 
 #[test]

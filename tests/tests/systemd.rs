@@ -5,11 +5,7 @@
 //! root's) records real, symbolized stacks and keeps, once attached, only the ones it
 //! still needs, in every thread.
 
-use std::{
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use stallscope_profile::FrameKind;
 use stallscope_tests::{
@@ -69,7 +65,10 @@ fn systemd_analyze_verify_accepts_both_units() {
             ("stallscope-collector.service", collector.clone()),
         ],
     );
-    assert!(ok && output.trim().is_empty(), "verify complained:\n{output}");
+    assert!(
+        ok && output.trim().is_empty(),
+        "verify complained:\n{output}"
+    );
     // The check can fail: a misspelt key and a missing binary are reported.
     let broken = agent
         .replace("WatchdogSec=", "WatchDogSec=")
@@ -96,6 +95,33 @@ fn systemd_analyze_verify_accepts_both_units() {
         printed.contains(&format!("spool_dir = \"/var/lib/{state}/spool\"")),
         "{printed}"
     );
+    // The example configuration files the units read are valid: the agent's as a
+    // whole; the collector's up to reading its credentials, which only systemd passes.
+    let config_dir = unit_file("agent.toml");
+    let printed = Command::new(binary(&binary_dir(), "stallscope-agent").expect("agent built"))
+        .args(["run", "--print-config", "--config"])
+        .arg(&config_dir)
+        .output()
+        .expect("agent runs");
+    assert!(
+        printed.status.success()
+            && String::from_utf8_lossy(&printed.stdout)
+                .contains(&format!("spool_dir = \"/var/lib/{state}/spool\"")),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let refused =
+        Command::new(binary(&binary_dir(), "stallscope-collector").expect("collector built"))
+            .args(["--print-config", "--config"])
+            .arg(unit_file("collector.toml"))
+            .output()
+            .expect("collector runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("reading /run/credentials/stallscope-collector.service/tls.crt"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -107,8 +133,16 @@ fn collector_notifies_ready_watchdog_and_stopping() {
     let mut collector = CollectorProcess::start(
         &binary_dir(),
         free_port().expect("port"),
-        &["--plaintext", "--insecure-no-query-auth", "--data-dir", &data_arg],
-        &[("NOTIFY_SOCKET", &address), ("WATCHDOG_USEC", WATCHDOG_USEC)],
+        &[
+            "--plaintext",
+            "--insecure-no-query-auth",
+            "--data-dir",
+            &data_arg,
+        ],
+        &[
+            ("NOTIFY_SOCKET", &address),
+            ("WATCHDOG_USEC", WATCHDOG_USEC),
+        ],
     )
     .expect("collector starts");
     notify
@@ -139,8 +173,9 @@ const KEPT: [&str; 4] = [
 
 #[test]
 fn agent_with_the_units_capabilities_records_symbolized_stacks_and_drops_the_rest() {
-    if !require_root("agent_with_the_units_capabilities_records_symbolized_stacks_and_drops_the_rest")
-    {
+    if !require_root(
+        "agent_with_the_units_capabilities_records_symbolized_stacks_and_drops_the_rest",
+    ) {
         return;
     }
     let _serial = serial();
@@ -159,8 +194,10 @@ fn agent_with_the_units_capabilities_records_symbolized_stacks_and_drops_the_res
     let workload_pid = workload.pid.to_string();
     let out = scratch_dir("unit-caps").join("unit-caps.pb.gz");
     let mut notify = NotifySocket::bind("agent").expect("notify socket");
-    let mut command =
-        with_only_capabilities(&binary(&bin, "stallscope-agent").expect("agent built"), &caps);
+    let mut command = with_only_capabilities(
+        &binary(&bin, "stallscope-agent").expect("agent built"),
+        &caps,
+    );
     command
         .args(["record", "--signals", "offcpu,oncpu", "--duration", "10m"])
         .args(["--pid", &workload.pid.to_string(), "-o"])
@@ -254,4 +291,3 @@ fn agent_with_the_units_capabilities_records_symbolized_stacks_and_drops_the_res
     );
     assert!(Path::new(&out).exists());
 }
-

@@ -5,7 +5,7 @@
 
 use toml::{Table, Value};
 
-use crate::config::{Cli, Config, FileConfig, StorageConfig};
+use super::{Cli, Config, FileConfig, StorageConfig};
 
 fn text(value: impl Into<String>) -> Value {
     Value::String(value.into())
@@ -26,7 +26,12 @@ fn labels(list: &[String]) -> Value {
 /// The effective configuration of `config`, built from `cli` over `file`; `detect` is
 /// the file's `[detect]` table as written (the detection flags are merged into it, keys
 /// it lacks keep their documented defaults).
-pub fn effective_toml(cli: &Cli, file: &FileConfig, detect: Option<&Table>, config: &Config) -> Table {
+pub fn effective_toml(
+    cli: &Cli,
+    file: &FileConfig,
+    detect: Option<&Table>,
+    config: &Config,
+) -> Table {
     let mut out = Table::new();
     let mut put = |key: &str, value: Value| {
         out.insert(key.to_owned(), value);
@@ -77,7 +82,10 @@ pub fn effective_toml(cli: &Cli, file: &FileConfig, detect: Option<&Table>, conf
         Value::Boolean(cli.insecure_no_query_auth || file.insecure_no_query_auth.unwrap_or(false)),
     );
     put("max_message_bytes", integer(config.max_message_bytes));
-    put("max_batch_bytes", integer(config.limits.max_uncompressed_bytes));
+    put(
+        "max_batch_bytes",
+        integer(config.limits.max_uncompressed_bytes),
+    );
     put("max_streams", integer(config.max_streams));
     put("shutdown_timeout", seconds(config.shutdown_timeout));
     if let Some(http) = &config.http {
@@ -106,8 +114,14 @@ pub fn effective_toml(cli: &Cli, file: &FileConfig, detect: Option<&Table>, conf
     }
     for (key, value) in [
         ("grace", flags.detect_grace.clone().map(text)),
-        ("baseline_refresh", flags.detect_baseline_refresh.clone().map(text)),
-        ("min_baseline_buckets", flags.detect_min_baseline_buckets.map(integer)),
+        (
+            "baseline_refresh",
+            flags.detect_baseline_refresh.clone().map(text),
+        ),
+        (
+            "min_baseline_buckets",
+            flags.detect_min_baseline_buckets.map(integer),
+        ),
         ("baseline_lag", flags.detect_baseline_lag.map(integer)),
         ("max_gap", flags.detect_max_gap.map(integer)),
     ] {
@@ -196,7 +210,14 @@ mod tests {
             max_delay = "6s"
             z_open = 4.5
         "#;
-        let flags = ["--max-streams", "9", "--detect-grace", "2s", "--retention", "10s:1d"];
+        let flags = [
+            "--max-streams",
+            "9",
+            "--detect-grace",
+            "2s",
+            "--retention",
+            "10s:1d",
+        ];
         let (first, printed) = load(&flags, file).unwrap_or_else(|err| panic!("{err}"));
         assert_eq!(first.max_streams, 9, "the flag wins");
         let printed = printed.to_string();
@@ -210,8 +231,14 @@ mod tests {
     #[test]
     fn file_errors_name_the_key_and_the_value() {
         for (text, expected) in [
-            ("max_streams = \"many\"\n", "max_streams: invalid type: string \"many\""),
-            ("listen = \"127.0.0.1:1\"\nbogus = 1\n", "bogus: unknown field `bogus`"),
+            (
+                "max_streams = \"many\"\n",
+                "max_streams: invalid type: string \"many\"",
+            ),
+            (
+                "listen = \"127.0.0.1:1\"\nbogus = 1\n",
+                "bogus: unknown field `bogus`",
+            ),
             (
                 "plaintext = true\ninsecure_no_query_auth = true\nmax_message_bytes = 10\n",
                 "max_message_bytes (--max-message-bytes) must be at least 1024 bytes, got 10",
