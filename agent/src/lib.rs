@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod config;
 pub mod logging;
 pub mod naming;
+pub mod privilege;
 pub mod probes;
 pub mod process;
 pub mod sampling;

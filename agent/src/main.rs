@@ -32,12 +32,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Record(args) => {
             let config = args.common.config()?;
             let duration = flag_duration("--duration", &args.duration)?;
-            let summary = record::record(&config, duration, &args.output)?;
-            eprintln!("{}", record::summary_line(&summary, &args.output));
+            let Some(output) = args.output.filter(|_| !args.common.print_config) else {
+                print!("{}", config.to_toml_text());
+                return Ok(ExitCode::SUCCESS);
+            };
+            let summary = record::record(&config, duration, &output)?;
+            eprintln!("{}", record::summary_line(&summary, &output));
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
             let config = args.config()?;
+            if args.common.print_config {
+                print!("{}", config.to_toml_text());
+                return Ok(ExitCode::SUCCESS);
+            }
             let summary = run::run(&config)?;
             eprintln!("{}", run::summary_line(&summary));
             Ok(ExitCode::SUCCESS)

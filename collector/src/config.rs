@@ -11,6 +11,9 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use thiserror::Error;
 
+mod print;
+
+use self::print::{effective_toml, key_at};
 pub use crate::tls::TlsFiles;
 use crate::{
     batch::BatchLimits,
@@ -113,6 +116,10 @@ pub struct Cli {
     /// TOML configuration file; flags override it.
     #[arg(short, long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Print the effective configuration (the file and the flags merged, defaults filled
+    /// in) as a TOML file that `--config` accepts, and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -144,7 +151,7 @@ pub struct Cli {
 }
 
 /// The TOML file: the same settings as the flags, all optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
@@ -217,20 +224,41 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, ConfigError> {
 
 impl Config {
     pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
-        let file = match &cli.config {
+        Self::load(cli).map(|(config, _)| config)
+    }
+
+    /// The validated configuration and its effective TOML file (`--print-config`).
+    pub fn load(cli: &Cli) -> Result<(Self, toml::Table), ConfigError> {
+        let (file, detect) = match &cli.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|err| ConfigError::Parse {
-                    path: path.clone(),
-                    message: err.message().to_owned(),
-                })?
+                let parse_error = |err: toml::de::Error| {
+                    let message = err.message().trim_end().replace('\n', " ");
+                    let message = match err.span().and_then(|span| key_at(&text, span.start)) {
+                        Some(key) => format!("{key}: {message}"),
+                        None => message,
+                    };
+                    ConfigError::Parse {
+                        path: path.clone(),
+                        message,
+                    }
+                };
+                let file: FileConfig = toml::from_str(&text).map_err(parse_error)?;
+                let mut table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+                let detect = match table.remove("detect") {
+                    Some(toml::Value::Table(detect)) => Some(detect),
+                    _ => None,
+                };
+                (file, detect)
             }
-            None => FileConfig::default(),
+            None => (FileConfig::default(), None),
         };
-        Self::build(cli, file)
+        let config = Self::build(cli, file.clone())?;
+        let effective = effective_toml(cli, &file, detect.as_ref(), &config);
+        Ok((config, effective))
     }
 
     pub fn build(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
@@ -338,12 +366,28 @@ impl Config {
                 .unwrap_or(defaults.max_uncompressed_bytes),
             ..defaults
         };
-        if max_message_bytes < 1024 || limits.max_uncompressed_bytes < 1024 {
+        for (key, value) in [
+            (
+                "max_message_bytes (--max-message-bytes)",
+                u64::try_from(max_message_bytes).unwrap_or(u64::MAX),
+            ),
+            (
+                "max_batch_bytes (--max-batch-bytes)",
+                limits.max_uncompressed_bytes,
+            ),
+        ] {
+            if value < 1024 {
+                return Err(invalid(format!(
+                    "{key} must be at least 1024 bytes, got {value}"
+                )));
+            }
+        }
+        let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024);
+        if max_streams == 0 {
             return Err(invalid(
-                "message and batch size limits must be at least 1024 bytes".to_owned(),
+                "max_streams (--max-streams) must be at least 1, got 0".to_owned(),
             ));
         }
-        let max_streams = cli.max_streams.or(file.max_streams).unwrap_or(1024).max(1);
         let http = http_settings(cli, &http_keys, tls.is_some())?;
         let shutdown_timeout = match cli.shutdown_timeout.clone().or(file.shutdown_timeout) {
             Some(text) => parse_span(&text).map_err(invalid)?,
@@ -426,9 +470,9 @@ fn http_settings(
         .or(file.http_max_body_bytes)
         .unwrap_or(crate::http::DEFAULT_MAX_BODY_BYTES);
     if max_body_bytes < 1024 {
-        return Err(invalid(
-            "--http-max-body-bytes must be at least 1024 bytes".to_owned(),
-        ));
+        return Err(invalid(format!(
+            "http_max_body_bytes (--http-max-body-bytes) must be at least 1024 bytes, got {max_body_bytes}"
+        )));
     }
     let labels = |flag: &Option<Vec<String>>,
                   key: &Option<Vec<String>>,

@@ -1,7 +1,7 @@
 //! `stallscope-collector`: parse flags, build the validated configuration, open storage,
 //! serve until SIGINT or SIGTERM.
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{io::IsTerminal as _, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -11,6 +11,7 @@ use stallscope_collector::{
     server,
     storage::{clickhouse::ClickHouseStore, sqlite::SqliteStore},
 };
+use stallscope_proto::sd_notify::ServiceNotifier;
 
 /// mimalloc instead of glibc's allocator: with batches decoded on several threads and
 /// freed on the writer's, glibc's arenas (`malloc_consolidate` on every free of a large
@@ -78,8 +79,47 @@ async fn shutdown_signal() {
     }
 }
 
+/// Under systemd (`Type=notify`): `READY=1` once listening, `WATCHDOG=1` from a task of
+/// the runtime (so it stops when the runtime does), `STOPPING=1` on the shutdown signal.
+fn notify_ready(notifier: Option<&Arc<ServiceNotifier>>, description: &str) {
+    let Some(notifier) = notifier else {
+        return;
+    };
+    if let Err(err) = notifier.ready(&format!("listening; {description}")) {
+        tracing::warn!("notifying systemd (NOTIFY_SOCKET): {err}");
+    }
+    if let Some(every) = notifier.watchdog_every() {
+        let notifier = Arc::clone(notifier);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                if let Err(err) = notifier.notify("WATCHDOG=1") {
+                    tracing::warn!("notifying systemd's watchdog: {err}");
+                }
+            }
+        });
+    }
+}
+
+async fn shutdown_then_notify(notifier: Option<Arc<ServiceNotifier>>) {
+    shutdown_signal().await;
+    if let Some(notifier) = notifier
+        && let Err(err) = notifier.stopping()
+    {
+        tracing::warn!("notifying systemd (NOTIFY_SOCKET): {err}");
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let config = Config::from_cli(cli)?;
+    let (config, effective) = Config::load(cli)?;
+    if cli.print_config {
+        print!("{effective}");
+        return Ok(());
+    }
+    let notifier = ServiceNotifier::from_env()
+        .context("NOTIFY_SOCKET is set but unusable")?
+        .map(Arc::new);
     // One collector per SQLite data directory, checked before anything is opened.
     let _data_dir_lock = match &config.storage {
         StorageConfig::Sqlite { data_dir } => Some(DataDirLock::acquire(data_dir)?),
@@ -96,7 +136,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("opening SQLite storage in {}", data_dir.display()))?;
                 let listener = server::bind(&config).await?;
                 let description = format!("storage SQLite {}", store.path().display());
-                server::serve(store, &config, listener, &description, shutdown_signal()).await?;
+                notify_ready(notifier.as_ref(), &description);
+                let shutdown = shutdown_then_notify(notifier.clone());
+                server::serve(store, &config, listener, &description, shutdown).await?;
             }
             StorageConfig::ClickHouse { url, database } => {
                 let store = ClickHouseStore::connect(url, database, config.retention.clone())
@@ -106,7 +148,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     })?;
                 let listener = server::bind(&config).await?;
                 let description = format!("storage ClickHouse {url}/{database}");
-                server::serve(store, &config, listener, &description, shutdown_signal()).await?;
+                notify_ready(notifier.as_ref(), &description);
+                let shutdown = shutdown_then_notify(notifier.clone());
+                server::serve(store, &config, listener, &description, shutdown).await?;
             }
         }
         Ok(())

@@ -1,6 +1,8 @@
 //! stallscope's wire types (package `stallscope.v1`): the agent's ingest stream and the
 //! CLI's query API, generated from `proto/stallscope.proto`.
 
+pub mod sd_notify;
+
 /// Generated messages and gRPC stubs.
 #[allow(
     clippy::all,

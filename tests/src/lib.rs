@@ -27,6 +27,7 @@ pub mod netlab;
 pub mod pki;
 pub mod proxy;
 pub mod streaming;
+pub mod systemd;
 pub mod wire;
 
 /// Serialises recordings within a test binary.

@@ -14,7 +14,8 @@ use crate::{bootstrap, clickhouse, debian, util};
 /// and mount the scenario lab's journal file system; ClickHouse is the fleet storage
 /// backend; Alertmanager is the real sender of the webhook the collector receives;
 /// Chromium and Node.js run the web UI's browser test (its driver, playwright-core,
-/// comes from npm).
+/// comes from npm); `systemd-analyze verify` checks the shipped units (and util-linux's
+/// `setpriv` starts the agent with only their capabilities).
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -29,6 +30,7 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus-alertmanager",
     "chromium",
     "nodejs",
+    "systemd",
 ];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {

@@ -41,8 +41,8 @@ pub struct RecordArgs {
     #[arg(short, long, default_value = "10s", allow_hyphen_values = true)]
     pub duration: String,
     /// Output file.
-    #[arg(short, long)]
-    pub output: PathBuf,
+    #[arg(short, long, required_unless_present = "print_config")]
+    pub output: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -79,6 +79,10 @@ pub struct CommonArgs {
     /// default: docs/config.md.
     #[arg(short, long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Print the effective configuration (the file and the flags merged, defaults filled
+    /// in) as a TOML file that `--config` accepts, and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// How often the agent drains the probes' maps.
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub drain_interval: Option<String>,

@@ -4,6 +4,7 @@
 pub mod cli;
 mod duration;
 mod file;
+mod print;
 #[cfg(test)]
 mod reference;
 mod run;
@@ -25,6 +26,7 @@ pub use self::{
         FileConfig, IdentityFile, LockFile, NetworkFile, OffCpuFile, OnCpuFile, ProbesFile,
         RunFile, SymbolsFile, SyscallFile,
     },
+    print::duration_text,
     run::{RunConfig, RunOverrides, TlsFiles},
     signals::{SignalName, parse_signals},
 };
@@ -193,37 +195,37 @@ impl Config {
             (None, None) => SignalName::DEFAULT.into_iter().collect(),
         };
         let offcpu_stack_threshold = threshold(
-            "the off-CPU stack threshold",
+            "offcpu.stack_threshold (--offcpu-threshold)",
             ("--offcpu-threshold", flags.offcpu_threshold.as_ref()),
             file.offcpu.stack_threshold,
             DEFAULT_STACK_THRESHOLD,
         )?;
         let lock_stack_threshold = threshold(
-            "the lock stack threshold",
+            "lock.stack_threshold (--lock-threshold)",
             ("--lock-threshold", flags.lock_threshold.as_ref()),
             file.lock.stack_threshold,
             DEFAULT_LOCK_THRESHOLD,
         )?;
         let syscall_slow_threshold = threshold(
-            "the slow-syscall threshold",
+            "syscall.slow_threshold (--syscall-threshold)",
             ("--syscall-threshold", flags.syscall_threshold.as_ref()),
             file.syscall.slow_threshold,
             DEFAULT_SYSCALL_THRESHOLD,
         )?;
         let socket_wait_min = threshold(
-            "the minimum socket wait",
+            "network.min_wait",
             ("", None),
             file.network.min_wait,
             DEFAULT_SOCKET_WAIT_MIN,
         )?;
         let socket_stack_threshold = threshold(
-            "the socket-wait stack threshold",
+            "network.stack_threshold",
             ("", None),
             file.network.stack_threshold,
             DEFAULT_SOCKET_STACK_THRESHOLD,
         )?;
         let tcp_rtt_interval = threshold(
-            "the RTT sampling interval",
+            "network.rtt_interval",
             ("", None),
             file.network.rtt_interval,
             DEFAULT_TCP_RTT_INTERVAL,
@@ -233,7 +235,7 @@ impl Config {
             .or(file.oncpu.frequency_hz)
             .unwrap_or(DEFAULT_FREQUENCY_HZ);
         check_range(
-            "the on-CPU frequency",
+            "oncpu.frequency_hz (--frequency)",
             "between 1 and 10000 Hz",
             (1..=10_000).contains(&oncpu_frequency_hz),
             oncpu_frequency_hz,
@@ -243,7 +245,7 @@ impl Config {
             None => file.drain_interval.unwrap_or(DEFAULT_DRAIN_INTERVAL),
         };
         check_range(
-            "the drain interval",
+            "drain_interval (--drain-interval)",
             "between 100ms and 10m",
             (Duration::from_millis(100)..=Duration::from_secs(600)).contains(&drain_interval),
             format!("{drain_interval:?}"),
@@ -261,31 +263,31 @@ impl Config {
         };
         let map_sizes = MapSizes {
             threads: size(
-                "max_threads",
+                "probes.max_threads (--max-threads)",
                 flags.max_threads,
                 file.probes.max_threads,
                 defaults.threads,
             )?,
             totals: size(
-                "max_totals",
+                "probes.max_totals (--max-totals)",
                 flags.max_totals,
                 file.probes.max_totals,
                 defaults.totals,
             )?,
             samples: size(
-                "max_samples",
+                "probes.max_samples (--max-samples)",
                 flags.max_samples,
                 file.probes.max_samples,
                 defaults.samples,
             )?,
             stacks: size(
-                "max_stacks",
+                "probes.max_stacks (--max-stacks)",
                 flags.max_stacks,
                 file.probes.max_stacks,
                 defaults.stacks,
             )?,
             pending: size(
-                "max_pending",
+                "probes.max_pending (--max-pending)",
                 flags.max_pending,
                 file.probes.max_pending,
                 defaults.pending,

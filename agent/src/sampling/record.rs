@@ -14,7 +14,12 @@ use super::{
     output::StagedOutput,
     sampler::{Sink, sample},
 };
-use crate::{aggregate::accumulate::Accumulator, config::Config, naming};
+use crate::{
+    aggregate::accumulate::Accumulator,
+    config::Config,
+    naming,
+    privilege::{self, Capability},
+};
 
 /// What a recording produced, for the closing line.
 pub struct RecordSummary {
@@ -63,6 +68,12 @@ impl Sink for FileSink {
         if self.progress {
             print_progress(accumulator, elapsed, self.duration);
         }
+    }
+
+    /// The output is written wherever the user asked, which may be another user's
+    /// directory.
+    fn keeps(&self) -> &'static [Capability] {
+        &[privilege::CAP_DAC_OVERRIDE]
     }
 
     fn accept(&mut self, profile: Profile, _last: bool) -> anyhow::Result<()> {

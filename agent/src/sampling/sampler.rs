@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 
 use agent_common::Signal;
 use stallscope_profile::{Meta, Profile};
+use stallscope_proto::sd_notify::ServiceNotifier;
 
 use super::shutdown;
 use crate::{
     aggregate::accumulate::Accumulator,
     config::{Config, SignalName},
     naming,
+    privilege::{self, Capability},
     probes::{self, ProbeError, Probes},
     process::events,
     system,
@@ -31,6 +33,12 @@ pub trait Sink {
 
     /// Called after every drain, with the time sampled so far (progress output).
     fn drained(&mut self, _accumulator: &Accumulator, _elapsed: Duration) {}
+
+    /// Capabilities the sink needs after the probes are attached, besides those
+    /// reading processes needs ([`privilege::RUN_KEEPS`]).
+    fn keeps(&self) -> &'static [Capability] {
+        &[]
+    }
 
     /// A finished profile of the period since the previous one (`last`: the final one,
     /// after the probes were detached).
@@ -70,12 +78,22 @@ pub fn sample(
     // stacks are symbolized even if they exit before the next drain.
     let _watcher = events::watch(accumulator.resolver.event_feed(), config.target_pid);
     accumulator.discover_processes();
+    privilege::drop_after_attach(sink.keeps());
+    let notifier = service_notifier();
+    if let Some(notifier) = &notifier {
+        warn_unsent(notifier.ready("probes attached"));
+    }
+    let mut heartbeat = notifier.as_ref().and_then(ServiceNotifier::heartbeat);
     let host = system::hostname();
     let started = Instant::now();
     let mut period = Period::begin();
     let mut next_drain = started + config.drain_interval;
     let mut next_close = sink.interval().map(|every| started + every);
     loop {
+        // The watchdog hears from this loop only while it turns.
+        if let Some(heartbeat) = &mut heartbeat {
+            warn_unsent(heartbeat.beat());
+        }
         let now = Instant::now();
         if shutdown::requested() || duration.is_some_and(|d| now - started >= d) {
             break;
@@ -105,12 +123,29 @@ pub fn sample(
             next_close = Some(close + every);
         }
     }
+    if let Some(notifier) = &notifier {
+        warn_unsent(notifier.stopping());
+    }
     accumulator.ingest(probes.drain()?);
     let ended = Instant::now();
     drop(probes);
     let profile = period.close(&mut accumulator, &host, &notes, ended);
     sink.accept(profile, true)?;
     Ok(ended - started)
+}
+
+/// The service manager's notifier (`Type=notify` units), if the agent runs under one.
+fn service_notifier() -> Option<ServiceNotifier> {
+    ServiceNotifier::from_env()
+        .map_err(|err| tracing::warn!("NOTIFY_SOCKET unusable, not notifying systemd: {err}"))
+        .ok()
+        .flatten()
+}
+
+fn warn_unsent(sent: std::io::Result<()>) {
+    if let Err(err) = sent {
+        tracing::warn!("notifying systemd (NOTIFY_SOCKET): {err}");
+    }
 }
 
 /// The start of the period the next profile covers.
