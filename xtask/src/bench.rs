@@ -336,7 +336,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     bootstrap::ensure()?;
     debian::ensure(&["linux-perf", "iperf3"])?;
     util::cargo(&["build", "--release", "--bins"])?;
-    let agent: PathBuf = util::root().join("target/release/stallscope-agent");
+    // Another build of the agent (an earlier commit's, to compare before and after a
+    // change) may stand in for this tree's: the workloads and the harness stay the same.
+    let agent: PathBuf = match std::env::var_os("STALLSCOPE_BENCH_AGENT") {
+        Some(path) => PathBuf::from(path),
+        None => util::root().join("target/release/stallscope-agent"),
+    };
+    if !agent.is_file() {
+        bail!(
+            "no agent binary at {} (STALLSCOPE_BENCH_AGENT names another build)",
+            agent.display()
+        );
+    }
+    eprintln!("agent under test: {}", agent.display());
     let out = std::env::temp_dir().join(format!("stallscope-bench-{}.pb.gz", std::process::id()));
     for bench in selected {
         eprintln!(
