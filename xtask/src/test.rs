@@ -14,7 +14,7 @@ use crate::{bootstrap, clickhouse, debian, util};
 /// and mount the scenario lab's journal file system; ClickHouse is the fleet storage
 /// backend; Alertmanager is the real sender of the webhook the collector receives;
 /// Chromium and Node.js run the web UI's browser test (its driver, playwright-core,
-/// comes from npm).
+/// comes from npm); Prometheus's `promtool` checks the `/metrics` outputs.
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -27,6 +27,7 @@ const TEST_PACKAGES: &[&str] = &[
     "mount",
     "clickhouse-server",
     "prometheus-alertmanager",
+    "prometheus",
     "chromium",
     "nodejs",
 ];

@@ -140,6 +140,8 @@ pub struct RunFile {
     pub flush_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub max_backoff: Option<Duration>,
+    /// `ADDR:PORT` of the `/metrics`, `/healthz` and `/readyz` listener (off unless set).
+    pub metrics_listen: Option<String>,
 }
 
 impl FileConfig {
