@@ -20,6 +20,7 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   bootstrap   install the eBPF toolchain (nightly rust-src, bpf-linker) into .toolchain/
+              and the Kubernetes manifests' validator into target/kubernetes-validate/
   build       bootstrap, then build everything in release mode
   demo [--fault CLASS]  (root) the whole product on this machine: a demo service under load
               runs healthy, degrades once, and the CLI shows what changed
@@ -44,7 +45,10 @@ fn main() -> ExitCode {
     };
     let rest = &args[1..];
     let result = match task.as_str() {
-        "bootstrap" => bootstrap::ensure(),
+        "bootstrap" => bootstrap::ensure().and_then(|()| {
+            // The offline validator of the Kubernetes manifests, in a venv under target/.
+            stallscope_tests::kubernetes::install_validator(&util::root().join("target"))
+        }),
         "build" => {
             bootstrap::ensure().and_then(|()| util::cargo(&["build", "--release", "--bins"]))
         }

@@ -14,7 +14,8 @@ use crate::{bootstrap, clickhouse, debian, util};
 /// and mount the scenario lab's journal file system; ClickHouse is the fleet storage
 /// backend; Alertmanager is the real sender of the webhook the collector receives;
 /// Chromium and Node.js run the web UI's browser test (its driver, playwright-core,
-/// comes from npm); Prometheus's `promtool` checks the `/metrics` outputs.
+/// comes from npm); Prometheus's `promtool` checks the `/metrics` outputs; `python3-venv`
+/// holds `kubernetes-validate` (a Python package), the offline check of the Kubernetes manifests.
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -28,6 +29,7 @@ const TEST_PACKAGES: &[&str] = &[
     "clickhouse-server",
     "prometheus-alertmanager",
     "prometheus",
+    "python3-venv",
     "chromium",
     "nodejs",
 ];
@@ -42,6 +44,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
             debian::ensure(&["npm"])?;
         }
         stallscope_tests::browser::install_driver(&util::root().join("target"))?;
+        stallscope_tests::kubernetes::install_validator(&util::root().join("target"))?;
     } else {
         eprintln!(
             "xtask: not root: end-to-end tests will skip (they load eBPF probes); run `sudo -E cargo xtask test` for all"
