@@ -2,8 +2,8 @@
 //! `kubectl kustomize` (each file read in the kustomization's order where kubectl is
 //! missing; the test says which), validated offline against the Kubernetes 1.37 schema by
 //! `kubernetes-validate --strict`, and what they pass to the binaries is what the
-//! binaries accept: the DaemonSet's arguments go through the agent's own argument parser
-//! and its ConfigMap through the agent's configuration loader, the StatefulSet's through
+//! binaries accept: the `DaemonSet`'s arguments go through the agent's own argument parser
+//! and its `ConfigMap` through the agent's configuration loader, the `StatefulSet`'s through
 //! the collector's, and ports, mounts and addresses agree across the manifests.
 
 use std::{
@@ -209,7 +209,7 @@ fn mounts(pod: &Value, container: &Value) -> BTreeMap<String, (Value, bool)> {
         .collect()
 }
 
-/// Files of the ConfigMaps a container mounts, written under `dir` at their mount paths
+/// Files of the `ConfigMaps` a container mounts, written under `dir` at their mount paths
 /// (so `/etc/stallscope/config/agent.toml` becomes `dir/etc/stallscope/config/agent.toml`).
 fn write_config_maps(
     docs: &[Value],
@@ -345,10 +345,17 @@ fn the_manifests_pass_flags_and_config_the_binaries_accept() {
     let mut file = stallscope_agent::config::FileConfig::parse(&with_tls)
         .unwrap_or_else(|(line, err)| panic!("agent.toml with TLS, line {line}: {err}"));
     let run_file = std::mem::take(&mut file.run);
-    let sampling =
-        stallscope_agent::config::Config::build(file, Default::default()).expect("sampling");
-    let tls = stallscope_agent::config::RunConfig::build(sampling, run_file, Default::default())
-        .expect("agent.toml with TLS");
+    let sampling = stallscope_agent::config::Config::build(
+        file,
+        stallscope_agent::config::Overrides::default(),
+    )
+    .expect("sampling");
+    let tls = stallscope_agent::config::RunConfig::build(
+        sampling,
+        run_file,
+        stallscope_agent::config::RunOverrides::default(),
+    )
+    .expect("agent.toml with TLS");
     assert!(tls.tls.is_some());
 
     // The collector: its arguments and file through the collector's own loader.
