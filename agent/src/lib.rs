@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod naming;
 pub mod privilege;
 pub mod probes;

@@ -14,6 +14,7 @@ pub mod hash;
 pub mod http;
 pub mod identity;
 pub mod long_waits;
+pub mod metrics;
 pub mod server;
 pub mod storage;
 pub mod synthetic;

@@ -1,8 +1,10 @@
 //! stallscope's profile model, shared by agent, collector and CLI: interned frames,
 //! samples with labels and values, merging, and the file formats (folded stacks, pprof,
-//! SVG flame graphs, speedscope).
+//! SVG flame graphs, speedscope), and the Prometheus text format of the
+//! components' self-metrics.
 
 pub mod error;
+pub mod exposition;
 pub mod folded;
 pub mod format;
 pub mod model;

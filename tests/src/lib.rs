@@ -22,6 +22,7 @@ pub mod alertmanager;
 pub mod browser;
 pub mod collector;
 pub mod http;
+pub mod kubernetes;
 pub mod lab;
 pub mod netlab;
 pub mod pki;

@@ -9,6 +9,7 @@ mod clickhouse;
 mod debian;
 mod demo;
 mod eval;
+mod image;
 mod import_cycles;
 mod lint;
 mod test;
@@ -20,6 +21,7 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   bootstrap   install the eBPF toolchain (nightly rust-src, bpf-linker) into .toolchain/
+              and the Kubernetes manifests' validator into target/kubernetes-validate/
   build       bootstrap, then build everything in release mode
   demo [--fault CLASS]  (root) the whole product on this machine: a demo service under load
               runs healthy, degrades once, and the CLI shows what changed
@@ -31,6 +33,9 @@ tasks:
               `symbolize`: criterion benchmarks of symbolization; `ingest`, `query`
               [sqlite|clickhouse]: collector ingest throughput and 24 h query latency;
               `ui`: the web UI's pages on a day of data, and its size
+  image [--debug] [--check]  (root) the container image localhost/stallscope:VERSION (agent,
+              collector, CLI) with buildah from local files; --check runs the agent from it
+              with podman against a host process
   clickhouse start|stop  a private ClickHouse on 127.0.0.1:18123 for running tests by hand
   lint        import-cycle check, rustfmt check and clippy (host crates and the eBPF crate)
   import-cycles  only the import-cycle check of lint: no module imports one that imports it back
@@ -44,7 +49,10 @@ fn main() -> ExitCode {
     };
     let rest = &args[1..];
     let result = match task.as_str() {
-        "bootstrap" => bootstrap::ensure(),
+        "bootstrap" => bootstrap::ensure().and_then(|()| {
+            // The offline validator of the Kubernetes manifests, in a venv under target/.
+            stallscope_tests::kubernetes::install_validator(&util::root().join("target"))
+        }),
         "build" => {
             bootstrap::ensure().and_then(|()| util::cargo(&["build", "--release", "--bins"]))
         }
@@ -53,6 +61,7 @@ fn main() -> ExitCode {
         "test" => test::run(rest),
         "bench" => bench::run(rest),
         "clickhouse" => clickhouse::run(rest),
+        "image" => image::run(rest),
         "lint" => lint::lint(),
         "import-cycles" => lint::import_cycle_check(),
         "fmt" => lint::fmt(),

@@ -15,7 +15,9 @@ use crate::{bootstrap, clickhouse, debian, util};
 /// backend; Alertmanager is the real sender of the webhook the collector receives;
 /// Chromium and Node.js run the web UI's browser test (its driver, playwright-core,
 /// comes from npm); `systemd-analyze verify` checks the shipped units (and util-linux's
-/// `setpriv` starts the agent with only their capabilities).
+/// `setpriv` starts the agent with only their capabilities); Prometheus's `promtool`
+/// checks the `/metrics` outputs; `python3-venv` holds `kubernetes-validate` (a Python
+/// package), the offline check of the Kubernetes manifests.
 const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "iproute2",
@@ -28,6 +30,8 @@ const TEST_PACKAGES: &[&str] = &[
     "mount",
     "clickhouse-server",
     "prometheus-alertmanager",
+    "prometheus",
+    "python3-venv",
     "chromium",
     "nodejs",
     "systemd",
@@ -43,6 +47,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
             debian::ensure(&["npm"])?;
         }
         stallscope_tests::browser::install_driver(&util::root().join("target"))?;
+        stallscope_tests::kubernetes::install_validator(&util::root().join("target"))?;
     } else {
         eprintln!(
             "xtask: not root: end-to-end tests will skip (they load eBPF probes); run `sudo -E cargo xtask test` for all"

@@ -159,6 +159,10 @@ pub struct RunArgs {
     /// Stop after this long (default: run until SIGTERM/SIGINT).
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub duration: Option<String>,
+    /// Serve Prometheus metrics (/metrics) and health (/healthz, /readyz) over HTTP on
+    /// this address, e.g. 0.0.0.0:7072 (default: off).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -166,7 +170,7 @@ pub struct RunArgs {
 /// Where `run`'s settings come from, printed after its `--help`.
 const RUN_DEFAULTS: &str = "Every run option can also be set in the [run] section of the --config file \
 (collector, agent_id, tls_cert, tls_key, tls_ca, tls_server_name, batch_interval, spool_dir, \
-spool_max_batches, spool_max_bytes, flush_timeout, max_backoff); flags override the file.";
+spool_max_batches, spool_max_bytes, flush_timeout, max_backoff, metrics_listen); flags override the file.";
 
 impl RunArgs {
     /// Merges the flags with the configuration file (its sampling settings and its
@@ -200,6 +204,7 @@ impl RunArgs {
                 flush_timeout: self.flush_timeout.clone(),
                 max_backoff: self.max_backoff.clone(),
                 duration: self.duration.clone(),
+                metrics_listen: self.metrics_listen.clone(),
             },
         )
     }

@@ -64,6 +64,9 @@ pub struct IdentityFile {
     /// Deadline of one read of another process's files (`/proc`, its binaries).
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub read_deadline: Option<Duration>,
+    /// The kubelet's pod log directories (`<namespace>_<pod>_<uid>/<container>/`), which
+    /// name the pods and containers of processes in a pod (default /var/log/pods).
+    pub pod_logs_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +143,8 @@ pub struct RunFile {
     pub flush_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub max_backoff: Option<Duration>,
+    /// `ADDR:PORT` of the `/metrics`, `/healthz` and `/readyz` listener (off unless set).
+    pub metrics_listen: Option<String>,
 }
 
 impl FileConfig {

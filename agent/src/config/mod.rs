@@ -32,7 +32,7 @@ pub use self::{
 };
 use crate::{
     probes::{MapSizes, ProbeSettings, SchedHookChoice},
-    process::identity::ServiceRule,
+    process::{identity::ServiceRule, kubernetes},
     symbols::{resolver::ResolverSettings, symbolize},
 };
 
@@ -135,6 +135,8 @@ pub struct Config {
     pub dwarf_max: u64,
     /// Profile the agent's own process too.
     pub include_agent: bool,
+    /// Where the kubelet keeps pod logs (names of pods and containers).
+    pub pod_logs_dir: PathBuf,
 }
 
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
@@ -346,6 +348,10 @@ impl Config {
             drain_interval,
             collect_cmdline: flags.cmdline || file.identity.cmdline.unwrap_or(false),
             service_rules: file.identity.service,
+            pod_logs_dir: file
+                .identity
+                .pod_logs_dir
+                .unwrap_or_else(|| PathBuf::from(kubernetes::DEFAULT_POD_LOGS_DIR)),
             read_deadline,
             dwarf_max: dwarf_max_mb << 20,
             include_agent: flags.include_agent || file.include_agent.unwrap_or(false),
@@ -360,6 +366,7 @@ impl Config {
             read_deadline: self.read_deadline,
             target_pid: self.target_pid,
             dwarf_max: self.dwarf_max,
+            pod_logs_dir: self.pod_logs_dir.clone(),
             ..ResolverSettings::default()
         }
     }

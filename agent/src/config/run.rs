@@ -3,7 +3,7 @@
 //! Merged like the rest of the configuration (flags over the file over the defaults)
 //! and validated once, so the daemon never sees a value it must reject later.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use super::{Config, ConfigError, check_range, file::RunFile, flag_duration};
 use crate::{stream::spool::SpoolLimits, system};
@@ -31,6 +31,7 @@ pub struct RunOverrides {
     pub flush_timeout: Option<String>,
     pub max_backoff: Option<String>,
     pub duration: Option<String>,
+    pub metrics_listen: Option<String>,
 }
 
 /// The client certificate, its key and the CA of the collector's certificate (PEM files).
@@ -59,6 +60,8 @@ pub struct RunConfig {
     pub max_backoff: Duration,
     /// Stop after this long (`None`: run until SIGTERM/SIGINT).
     pub duration: Option<Duration>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A duration from the flag, else the file, else the default.
@@ -180,6 +183,18 @@ impl RunConfig {
             max_bytes >= 1,
             max_bytes,
         )?;
+        let metrics_listen = flags
+            .metrics_listen
+            .or(file.metrics_listen)
+            .map(|text| {
+                text.parse::<SocketAddr>()
+                    .map_err(|_| ConfigError::OutOfRange {
+                        what: "run.metrics_listen (--metrics-listen)",
+                        rule: "an IP address and port, e.g. 0.0.0.0:7072 or 127.0.0.1:7072",
+                        value: format!("`{text}`"),
+                    })
+            })
+            .transpose()?;
         let duration = flags
             .duration
             .as_deref()
@@ -204,6 +219,7 @@ impl RunConfig {
             flush_timeout,
             max_backoff,
             duration,
+            metrics_listen,
             sampling,
         })
     }
@@ -262,6 +278,7 @@ mod tests {
             spool_max_bytes = 1048576
             flush_timeout = "2s"
             max_backoff = "10s"
+            metrics_listen = "127.0.0.1:7072"
         "#;
         let config = build(file, RunOverrides::default()).expect("valid");
         assert_eq!(config.collector, "https://collector.example:7070");
@@ -275,6 +292,10 @@ mod tests {
         assert_eq!(config.spool_limits.max_bytes, 1 << 20);
         assert_eq!(config.flush_timeout, Duration::from_secs(2));
         assert_eq!(config.max_backoff, Duration::from_secs(10));
+        assert_eq!(
+            config.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7072)))
+        );
         let flags = RunOverrides {
             agent_id: Some("from-flag".into()),
             batch_interval: Some("1s".into()),
@@ -327,6 +348,16 @@ mod tests {
         let err = build("[run]\nmax_backoff = \"10ms\"\n", RunOverrides::default())
             .expect_err("too short");
         assert!(err.to_string().contains("run.max_backoff"), "{err}");
+        let err = build(
+            "[run]\nmetrics_listen = \"localhost\"\n",
+            RunOverrides::default(),
+        )
+        .expect_err("no port");
+        assert!(
+            err.to_string()
+                .contains("run.metrics_listen (--metrics-listen) must be an IP address and port"),
+            "{err}"
+        );
         let err = build("[run]\nspool = 3\n", RunOverrides::default()).expect_err("unknown key");
         assert!(err.to_string().contains("spool"), "{err}");
     }

@@ -12,6 +12,7 @@ use agent_common::{
 use aya::maps::PerCpuValues;
 
 use super::{Probes, bpf_sys, error::ProbeError};
+use crate::metrics::METRICS;
 
 /// One generation of aggregated data, read after it stopped receiving writes.
 #[derive(Debug, Default)]
@@ -87,6 +88,16 @@ impl Probes {
                 map: "STACKS",
                 source,
             })?;
+        for (index, (entries, capacity)) in [
+            (totals.len(), self.sizes.totals),
+            (samples.len(), self.sizes.samples),
+            (stacks.len(), self.sizes.stacks),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            METRICS.map_fill(index, entries, capacity);
+        }
         self.drain_total_caches(retired, &mut totals)?;
         self.drain_syscall_cache(retired, &mut totals)?;
         let mut losses = vec![0u64; LOSS_COUNTERS as usize];
@@ -101,6 +112,7 @@ impl Probes {
             *total = per_cpu.iter().sum();
         }
         self.log_first_losses(&losses);
+        METRICS.drained(&losses);
         let mut ids: Vec<u32> = totals
             .iter()
             .flat_map(|(k, _)| [k.tgid, k.tid])

@@ -178,6 +178,8 @@ pub struct ProcessNames<'a> {
     pub comm: &'a str,
     pub exe: Option<&'a str>,
     pub cgroup: &'a CgroupIdentity,
+    /// The Kubernetes container (from the pod log directories), if known.
+    pub container: Option<&'a str>,
 }
 
 fn file_name(path: &str) -> &str {
@@ -190,13 +192,15 @@ fn is_generic_unit(unit: &str) -> bool {
 }
 
 /// The `service` label, by precedence: (1) the first configuration rule that matches;
-/// (2) the systemd unit without `.service` (units shared by unrelated processes, such as
-/// `user@1000.service`, excepted); (3) the executable's file name; (4) the process name.
-/// (Kubernetes container names would come between (1) and (2) once the agent reads the
-/// Kubernetes API.)
+/// (2) the Kubernetes container name; (3) the systemd unit without `.service` (units
+/// shared by unrelated processes, such as `user@1000.service`, excepted); (4) the
+/// executable's file name; (5) the process name.
 pub fn service_of(rules: &[ServiceRule], process: &ProcessNames<'_>) -> String {
     if let Some(rule) = rules.iter().find(|rule| rule.matches(process)) {
         return rule.service.clone();
+    }
+    if let Some(container) = process.container {
+        return container.to_owned();
     }
     if let Some(unit) = process
         .cgroup
@@ -380,6 +384,7 @@ mod tests {
             comm: "java",
             exe: Some("/opt/jdk/bin/java"),
             cgroup: &unit,
+            container: None,
         };
         assert_eq!(service_of(&[], &names), "checkout");
         let rule = ServiceRule {
@@ -394,6 +399,7 @@ mod tests {
             comm: "worker",
             exe: Some("/usr/bin/worker-bin"),
             cgroup: &plain,
+            container: None,
         };
         assert_eq!(service_of(&[], &names), "worker-bin");
         let none = CgroupIdentity::default();
@@ -401,8 +407,17 @@ mod tests {
             comm: "kworker/0:1",
             exe: None,
             cgroup: &none,
+            container: None,
         };
         assert_eq!(service_of(&[], &names), "kworker/0:1");
+        let pod = from_cgroup_path("/kubepods/besteffort/pod1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901");
+        let names = ProcessNames {
+            comm: "python3",
+            exe: Some("/usr/bin/python3.11"),
+            cgroup: &pod,
+            container: Some("checkout"),
+        };
+        assert_eq!(service_of(&[], &names), "checkout");
     }
 
     #[test]

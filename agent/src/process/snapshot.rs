@@ -6,6 +6,7 @@ use std::{io, path::Path, sync::Arc, time::Instant};
 
 use crate::process::{
     identity::{self, CgroupIdentity},
+    kubernetes::PodNames,
     procfs::{self, Mapping, PerfMap},
 };
 
@@ -20,6 +21,9 @@ pub struct ProcessSnapshot {
     /// The executable's path in the process's mount namespace.
     pub exe: Option<String>,
     pub cgroup: CgroupIdentity,
+    /// Namespace, pod and container, for a process in a pod (set after the read, from
+    /// the pod log directories).
+    pub kubernetes: Option<Arc<PodNames>>,
     /// Redacted command line, when collection is enabled.
     pub cmdline: Option<String>,
     pub maps: Arc<[Mapping]>,
@@ -45,6 +49,7 @@ impl ProcessSnapshot {
             comm: self.comm.clone(),
             exe: self.exe.clone(),
             cgroup: self.cgroup.clone(),
+            kubernetes: self.kubernetes.clone(),
             cmdline: self.cmdline.clone(),
             maps: Arc::clone(&self.maps),
             perf_map: self.perf_map.clone(),
@@ -115,6 +120,7 @@ pub fn read_snapshot(pid: u32, collect_cmdline: bool) -> io::Result<ProcessSnaps
         comm,
         exe,
         cgroup,
+        kubernetes: None,
         cmdline,
         maps,
         perf_map,

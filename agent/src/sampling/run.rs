@@ -17,6 +17,7 @@ use stallscope_profile::Profile;
 use super::sampler::{Sink, sample};
 use crate::{
     config::RunConfig,
+    metrics,
     probes::{self, ProbeError},
     stream::{
         batch::{batch_from_profile, batch_totals},
@@ -56,6 +57,12 @@ pub fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     let spool = Arc::new(Mutex::new(spool));
     if !probes::privileged() {
         return Err(ProbeError::NotPrivileged.into());
+    }
+    if let Some(addr) = config.metrics_listen {
+        let bound = metrics::server::start(addr)
+            .with_context(|| format!("metrics listener on {addr} (--metrics-listen)"))?;
+        // Tests wait for this line to learn the port (`:0` picks one).
+        tracing::info!("metrics at http://{bound}/metrics (health: /healthz, /readyz)");
     }
     let sender = Sender::start(
         Arc::clone(&spool),

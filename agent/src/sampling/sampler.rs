@@ -15,9 +15,10 @@ use super::shutdown;
 use crate::{
     aggregate::accumulate::Accumulator,
     config::{Config, SignalName},
+    metrics::METRICS,
     naming,
     privilege::{self, Capability},
-    probes::{self, ProbeError, Probes},
+    probes::{self, Drained, ProbeError, Probes},
     process::events,
     system,
 };
@@ -72,6 +73,7 @@ pub fn sample(
     }
     // Tests and scripts wait for this line (at info level) before starting a workload.
     tracing::info!("probes attached; {}", sink.describe());
+    METRICS.probes_attached(&signals_of(config), config.drain_interval);
     let notes = notes(config, &probes.hooks);
     let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
     // Processes are read as they start (and the ones running now, right away), so their
@@ -111,7 +113,7 @@ pub fn sample(
         );
         let now = Instant::now();
         if now >= next_drain {
-            accumulator.ingest(probes.drain()?);
+            ingest(&mut accumulator, probes.drain()?);
             next_drain += config.drain_interval;
             sink.drained(&accumulator, started.elapsed());
         }
@@ -126,7 +128,7 @@ pub fn sample(
     if let Some(notifier) = &notifier {
         warn_unsent(notifier.stopping());
     }
-    accumulator.ingest(probes.drain()?);
+    ingest(&mut accumulator, probes.drain()?);
     let ended = Instant::now();
     drop(probes);
     let profile = period.close(&mut accumulator, &host, &notes, ended);
@@ -146,6 +148,32 @@ fn warn_unsent(sent: std::io::Result<()>) {
     if let Err(err) = sent {
         tracing::warn!("notifying systemd (NOTIFY_SOCKET): {err}");
     }
+}
+
+/// Adds a drained generation to the accumulator, counting its events per signal (on-CPU:
+/// samples) and the stacks that could not be resolved in the self-metrics.
+fn ingest(accumulator: &mut Accumulator, drained: Drained) {
+    let mut events = [0u64; Signal::COUNT];
+    for (key, value) in &drained.totals {
+        if key.signal == Signal::OnCpu as u8 {
+            continue;
+        }
+        if let Some(count) = events.get_mut(usize::from(key.signal)) {
+            *count += value.count;
+        }
+    }
+    for (key, value) in &drained.samples {
+        if key.signal == Signal::OnCpu as u8 {
+            events[Signal::OnCpu as usize] += value.count;
+        }
+    }
+    for signal in Signal::ALL {
+        if events[signal as usize] > 0 {
+            METRICS.add_events(signal, events[signal as usize]);
+        }
+    }
+    accumulator.ingest(drained);
+    METRICS.unresolved_stacks(accumulator.unresolved_stacks);
 }
 
 /// The start of the period the next profile covers.

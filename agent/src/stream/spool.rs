@@ -7,16 +7,19 @@
 //! restarts.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::Write as _,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use stallscope_proto::v1;
 use thiserror::Error;
+
+use crate::metrics::METRICS;
 
 #[derive(Debug, Error)]
 pub enum SpoolError {
@@ -66,8 +69,9 @@ pub struct Spool {
     batches: BTreeMap<u64, u64>,
     bytes: u64,
     /// Batches sent and not yet acknowledged: never dropped to make room, since the
-    /// collector may be storing them right now (the drop count must be exact).
-    in_flight: HashSet<u64>,
+    /// collector may be storing them right now (the drop count must be exact). With
+    /// when each was sent, for the send latency metric.
+    in_flight: HashMap<u64, Instant>,
     /// The state on disk is behind the one in memory (the disk was full).
     state_unsaved: bool,
 }
@@ -157,15 +161,22 @@ impl Spool {
             state.next_sequence = state.next_sequence.max(last + 1);
         }
         let bytes = batches.values().sum();
-        Ok(Self {
+        let spool = Self {
             dir: dir.to_owned(),
             limits,
             state,
             batches,
             bytes,
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
             state_unsaved: false,
-        })
+        };
+        spool.publish();
+        Ok(spool)
+    }
+
+    /// Shows the spool's size and drops in the self-metrics.
+    fn publish(&self) {
+        METRICS.spool(self.batches.len(), self.bytes, self.state.dropped_total);
     }
 
     fn batch_path(&self, sequence: u64) -> PathBuf {
@@ -205,7 +216,7 @@ impl Spool {
             .batches
             .keys()
             .copied()
-            .find(|seq| !self.in_flight.contains(seq))
+            .find(|seq| !self.in_flight.contains_key(seq))
         else {
             return false;
         };
@@ -299,6 +310,7 @@ impl Spool {
                             self.state.dropped_total
                         );
                         self.save_state_making_room()?;
+                        self.publish();
                         return Ok(Appended::Dropped);
                     }
                 }
@@ -309,6 +321,8 @@ impl Spool {
         self.batches.insert(sequence, frame.len() as u64);
         self.bytes += frame.len() as u64;
         self.save_state_making_room()?;
+        self.publish();
+        METRICS.batch_spooled();
         Ok(Appended::Stored(sequence))
     }
 
@@ -319,7 +333,7 @@ impl Spool {
         let bytes = fs::read(&path).ok()?;
         match v1::IngestFrame::decode(bytes.as_slice()) {
             Ok(frame) => {
-                self.in_flight.insert(sequence);
+                self.in_flight.insert(sequence, Instant::now());
                 Some(frame)
             }
             Err(err) => {
@@ -336,10 +350,14 @@ impl Spool {
     /// The collector stored `sequence`: forget it (and save a state a full disk held
     /// back, now that there is room).
     pub fn acknowledge(&mut self, sequence: u64) -> Result<(), SpoolError> {
+        if let Some(sent) = self.in_flight.get(&sequence) {
+            METRICS.batch_acknowledged(sent.elapsed());
+        }
         self.remove(sequence)?;
         if self.state_unsaved {
             self.save_state_making_room()?;
         }
+        self.publish();
         Ok(())
     }
 
@@ -350,6 +368,7 @@ impl Spool {
             self.remove(sequence)?;
             self.state.dropped_total += 1;
             self.save_state_making_room()?;
+            self.publish();
         }
         Ok(())
     }

@@ -15,7 +15,10 @@ use blazesym::symbolize::{
 };
 use stallscope_profile::{Frame, FrameKind};
 
-use crate::symbols::binaries::BinaryFile;
+use crate::{
+    metrics::{METRICS, SymbolCache},
+    symbols::binaries::BinaryFile,
+};
 
 /// Frames of one address (inlined calls expanded), innermost first.
 pub type Frames = Arc<[Frame]>;
@@ -150,6 +153,11 @@ impl KernelSymbolizer {
             .copied()
             .filter(|addr| !self.cache.contains_key(addr))
             .collect();
+        METRICS.symbol_lookups(
+            SymbolCache::Kernel,
+            (addresses.len() - missing.len()) as u64,
+            missing.len() as u64,
+        );
         if !missing.is_empty() {
             let source = Source::Kernel(Kernel {
                 kallsyms: blazesym::MaybeDefault::Default,

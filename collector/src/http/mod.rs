@@ -1,12 +1,14 @@
 //! The collector's HTTP listener (`--http-listen`, off unless set): Alertmanager's
-//! webhook today (`alertmanager.rs`), and the place for `/metrics`, health and the web
-//! page later. HTTP/1.1 (hyper) with an axum router; TLS with the collector's
+//! webhook (`alertmanager.rs`), the Prometheus self-metrics (`/metrics`) and health
+//! (`/healthz`: serving; `/readyz`: storage answers), the last three without a token
+//! (`probes.rs`). HTTP/1.1 (hyper) with an axum router; TLS with the collector's
 //! certificate when the collector runs with TLS, client certificates verified against
 //! its client CA (optional, or required with `--http-require-client-cert`); bearer
 //! tokens like the query API; a body size limit; deadlines for the TLS handshake, the
 //! request head and the body; a bound on open connections.
 
 pub mod alertmanager;
+pub mod probes;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -97,10 +99,15 @@ pub fn router<S: Storage>(state: Arc<HttpState<S>>) -> Router {
                 )
             }),
         )
+        .route("/metrics", axum::routing::get(probes::metrics::<S>))
+        .route("/healthz", axum::routing::get(probes::healthz))
+        .route("/readyz", axum::routing::get(probes::readyz::<S>))
         .fallback(|| async {
             text(
                 StatusCode::NOT_FOUND,
-                &format!("no such endpoint; Alertmanager's webhook is at {ALERTMANAGER_PATH}"),
+                &format!(
+                    "no such endpoint; Alertmanager's webhook is at {ALERTMANAGER_PATH}, metrics at /metrics, health at /healthz and /readyz"
+                ),
             )
         })
         .with_state(state)
@@ -167,7 +174,7 @@ pub async fn start<S: Storage>(
     }));
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     tracing::info!(
-        "HTTP endpoint at {scheme}://{}: Alertmanager webhook {ALERTMANAGER_PATH}",
+        "HTTP endpoint at {scheme}://{}: Alertmanager webhook {ALERTMANAGER_PATH}, /metrics, /healthz, /readyz",
         settings.listen
     );
     Ok(tokio::spawn(accept_loop(listener, acceptor, router)))

@@ -21,6 +21,7 @@ use crate::{
     batch::{self, BatchLimits, InvalidBatch},
     faults,
     identity::{self, IdentitySource},
+    metrics::{IngestError, METRICS},
     storage::{Storage, StoreOutcome},
 };
 
@@ -69,6 +70,7 @@ impl<S: Storage> IngestService<S> {
     async fn handle(&self, agent: &str, frame: IngestFrame) -> Result<Ack, Status> {
         let sequence = frame.sequence;
         let internal = |err: crate::storage::StorageError| {
+            METRICS.ingest_error(IngestError::Storage);
             tracing::error!("storing batch {sequence} of {agent}: {err}");
             Status::unavailable(format!("storage is unavailable, retry later: {err}"))
         };
@@ -78,6 +80,7 @@ impl<S: Storage> IngestService<S> {
             .await
             .map_err(internal)?
         {
+            METRICS.batch_duplicate();
             return Ok(Ack {
                 sequence,
                 duplicate: true,
@@ -97,10 +100,22 @@ impl<S: Storage> IngestService<S> {
         .await
         .map_err(|err| Status::internal(format!("decoding batch {sequence} failed: {err}")))?
         .map_err(|err| {
+            METRICS.ingest_error(IngestError::Invalid);
             tracing::warn!("refused batch {sequence} from {agent}: {err}");
             invalid_status(&err)
         })?;
+        let rows = normalized.rows.len() as u64;
+        let events = normalized
+            .rows
+            .iter()
+            .map(|row| u64::try_from(row.count).unwrap_or(0))
+            .sum();
         let outcome = self.storage.store(normalized).await.map_err(internal)?;
+        if outcome == StoreOutcome::Duplicate {
+            METRICS.batch_duplicate();
+        } else {
+            METRICS.batch_stored(rows, events);
+        }
         faults::after_store_before_ack();
         Ok(Ack {
             sequence,
@@ -143,6 +158,7 @@ impl<S: Storage> Ingest for IngestService<S> {
         tokio::spawn(async move {
             let _permit = permit;
             tracing::info!("agent {agent} connected");
+            METRICS.agent_streams(1);
             let agent: Arc<str> = Arc::from(agent);
             loop {
                 let message = tokio::select! {
@@ -158,6 +174,7 @@ impl<S: Storage> Ingest for IngestService<S> {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(status) => {
+                        METRICS.ingest_error(IngestError::Stream);
                         tracing::info!("agent {agent} stream ended: {}", status.message());
                         // An undecodable or oversized message: say why (the agent may
                         // already be gone, then nobody listens).
@@ -181,6 +198,7 @@ impl<S: Storage> Ingest for IngestService<S> {
                     break;
                 }
             }
+            METRICS.agent_streams(-1);
             tracing::info!("agent {agent} disconnected");
         });
         tokio::spawn(async move {

@@ -273,6 +273,7 @@ pub async fn serve<S: Storage>(
 
 /// A storage failure as the status a query answers with (logged here, once).
 pub(crate) fn storage_status(err: &crate::storage::StorageError) -> tonic::Status {
+    crate::metrics::METRICS.query_storage_error();
     tracing::error!("query failed: {err}");
     tonic::Status::unavailable(format!("storage error: {err}"))
 }

@@ -13,6 +13,7 @@ use super::storage_status;
 use crate::{
     events::wire::{binary_to_wire, event_to_wire},
     identity::QueryTokens,
+    metrics::METRICS,
     storage::{Filter, GroupBy, Retention, SeriesLine, Storage, TimeRange},
     windows::{self, ManualWindow, WindowError, WindowFilter, wire::to_wire},
 };
@@ -160,8 +161,13 @@ fn window_filter(
 }
 
 impl<S: Storage> QueryService<S> {
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        self.tokens.check(request.metadata())
+    /// Checks the caller's token; counts the call (`method`, as the service names it) and
+    /// any refusal in the self-metrics.
+    fn authorize<T>(&self, method: &str, request: &Request<T>) -> Result<(), Status> {
+        METRICS.query(method);
+        self.tokens
+            .check(request.metadata())
+            .inspect_err(|_| METRICS.query_refused())
     }
 
     /// The covered spans of `range` for the workload `filter` names.
@@ -211,7 +217,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::TargetsRequest>,
     ) -> Result<Response<v1::TargetsResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Targets", &request)?;
         let range = range(request.into_inner().range, "targets")?;
         let targets = self
             .storage
@@ -240,7 +246,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::ProfileRequest>,
     ) -> Result<Response<v1::ProfileResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Profile", &request)?;
         let request = request.into_inner();
         let (pprof, samples) = self
             .pprof(range(request.range, "profile")?, filter(request.filter))
@@ -252,7 +258,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::SeriesRequest>,
     ) -> Result<Response<v1::SeriesResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Series", &request)?;
         let request = request.into_inner();
         let range = range(request.range, "series")?;
         let grouping = super::series::Grouping::parse(&request.group_by)?;
@@ -316,7 +322,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::DiffRequest>,
     ) -> Result<Response<v1::DiffResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Diff", &request)?;
         let request = request.into_inner();
         let before = range(request.before, "diff (before)")?;
         let after = range(request.after, "diff (after)")?;
@@ -338,7 +344,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::WindowsRequest>,
     ) -> Result<Response<v1::WindowsResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Windows", &request)?;
         let request = request.into_inner();
         let range = range(request.range, "windows")?;
         let filter = window_filter(request.filter, &request.source, &request.state)?;
@@ -356,7 +362,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::EventsRequest>,
     ) -> Result<Response<v1::EventsResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Events", &request)?;
         let request = request.into_inner();
         let range = range(request.range, "events")?;
         let filter = filter(request.filter);
@@ -383,7 +389,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::AddWindowRequest>,
     ) -> Result<Response<v1::AddWindowResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("AddWindow", &request)?;
         let request = request.into_inner();
         let manual = ManualWindow {
             host: request.host,
@@ -408,7 +414,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::CloseWindowRequest>,
     ) -> Result<Response<v1::CloseWindowResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("CloseWindow", &request)?;
         let request = request.into_inner();
         let at = (request.at_unix_ns != 0).then_some(request.at_unix_ns);
         let window = windows::close(&*self.storage, &request.id, at, crate::unix_now_ns())
@@ -424,7 +430,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::GetWindowRequest>,
     ) -> Result<Response<v1::GetWindowResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("GetWindow", &request)?;
         let id = request.into_inner().id;
         windows::valid_id(&id).map_err(Status::invalid_argument)?;
         let window = self
@@ -442,7 +448,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::ExplainRequest>,
     ) -> Result<Response<v1::ExplainResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Explain", &request)?;
         let request = request.into_inner();
         // A stored window: its period and scope (an open one up to now).
         let (window, filter, window_id) = if request.window_id.is_empty() {
@@ -494,7 +500,7 @@ impl<S: Storage> Query for QueryService<S> {
         &self,
         request: Request<v1::AgentsRequest>,
     ) -> Result<Response<v1::AgentsResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize("Agents", &request)?;
         let agents = self
             .storage
             .agents()

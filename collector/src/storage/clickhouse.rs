@@ -867,7 +867,15 @@ impl Storage for ClickHouseStore {
     }
 
     async fn upsert_window(&self, window: Window) -> Result<UpsertOutcome, StorageError> {
-        self.put_window(&window).await
+        let outcome = self.put_window(&window).await?;
+        if outcome == UpsertOutcome::Created {
+            crate::metrics::METRICS.window_opened(window.source);
+        }
+        Ok(outcome)
+    }
+
+    fn backend(&self) -> &'static str {
+        "clickhouse"
     }
 
     async fn window(&self, id: String) -> Result<Option<Window>, StorageError> {

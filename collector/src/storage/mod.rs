@@ -370,6 +370,9 @@ pub struct MaintenanceReport {
 /// The storage every backend implements. Methods are async; the SQLite backend runs its
 /// work on blocking threads.
 pub trait Storage: Send + Sync + 'static {
+    /// The backend's name (`sqlite`, `clickhouse`), for the self-metrics.
+    fn backend(&self) -> &'static str;
+
     /// Whether (agent, sequence) is already stored (a cheap check before decoding).
     fn is_stored(
         &self,

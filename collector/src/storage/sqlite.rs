@@ -446,8 +446,18 @@ impl Storage for SqliteStore {
     }
 
     async fn upsert_window(&self, window: Window) -> Result<UpsertOutcome, StorageError> {
-        self.blocking(move |inner| windows::upsert(&mut lock(&inner.writer)?.conn, &window))
-            .await
+        let source = window.source;
+        let outcome = self
+            .blocking(move |inner| windows::upsert(&mut lock(&inner.writer)?.conn, &window))
+            .await?;
+        if outcome == UpsertOutcome::Created {
+            crate::metrics::METRICS.window_opened(source);
+        }
+        Ok(outcome)
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
     }
 
     async fn window(&self, id: String) -> Result<Option<Window>, StorageError> {

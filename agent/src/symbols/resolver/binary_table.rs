@@ -11,6 +11,7 @@ use stallscope_profile::{BinaryInfo, Frame, FrameKind};
 
 use super::{Resolver, normalize::NormFrame, shared::Outcome};
 use crate::{
+    metrics::{METRICS, SymbolCache},
     process::procfs::FileId,
     symbols::{
         binaries::{self, BinaryFile, BinaryId, BinaryKey},
@@ -65,7 +66,9 @@ impl Binary {
 
     /// Queues `offset` for symbolization unless known or asked for already.
     pub fn want(&mut self, offset: u64) {
-        if !self.frames.contains_key(&offset) && self.requested.insert(offset) {
+        let cached = self.frames.contains_key(&offset);
+        METRICS.symbol_lookups(SymbolCache::User, u64::from(cached), u64::from(!cached));
+        if !cached && self.requested.insert(offset) {
             self.wanted.push(offset);
         }
     }

@@ -33,6 +33,11 @@ fn is_restart(declared: bool, previous_start: u64, start: u64, hz: i64) -> bool 
     declared || lived_ticks >= min_ticks
 }
 
+/// The Kubernetes container a process runs in, when its pod's names are known.
+fn kube_container(snapshot: &ProcessSnapshot) -> Option<&str> {
+    snapshot.kubernetes.as_ref()?.container.as_deref()
+}
+
 impl Resolver {
     /// Identity labels of process `pid`: executable, build-id, container, pod, unit,
     /// service and (when enabled) the redacted command line. `comm` is the name the probes
@@ -47,6 +52,7 @@ impl Resolver {
                         comm,
                         exe: None,
                         cgroup: &identity::CgroupIdentity::default(),
+                        container: None,
                     },
                 );
                 labels.insert("service".into(), service);
@@ -72,6 +78,13 @@ impl Resolver {
         if let Some(uid) = &cgroup.pod_uid {
             labels.insert("pod_uid".into(), uid.clone());
         }
+        if let Some(names) = &snapshot.kubernetes {
+            labels.insert("namespace".into(), names.namespace.clone());
+            labels.insert("pod".into(), names.pod.clone());
+            if let Some(container) = &names.container {
+                labels.insert("container".into(), container.clone());
+            }
+        }
         if let Some(unit) = &cgroup.unit {
             labels.insert("systemd_unit".into(), unit.clone());
         }
@@ -89,6 +102,7 @@ impl Resolver {
                 comm: &snapshot.comm,
                 exe: snapshot.exe.as_deref(),
                 cgroup: &snapshot.cgroup,
+                container: kube_container(snapshot),
             },
         )
     }
@@ -134,6 +148,7 @@ impl Resolver {
                     comm: &snapshot.comm,
                     exe: snapshot.exe.as_deref(),
                     cgroup: &snapshot.cgroup,
+                    container: kube_container(&snapshot),
                 },
             );
             let build_id = self.exe_build_id(&snapshot);

@@ -26,7 +26,7 @@ mod shared;
 
 use std::{
     collections::{HashMap, HashSet},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -45,7 +45,9 @@ use self::{
     shared::{EventFeed, Outcome, Shared},
 };
 use crate::{
-    process::{events::ProcessListener, identity::ServiceRule, procfs::FileId, snapshot},
+    process::{
+        events::ProcessListener, identity::ServiceRule, kubernetes, procfs::FileId, snapshot,
+    },
     symbols::{
         binaries::{self, BinaryId, BinaryKey},
         lanes::Lanes,
@@ -68,6 +70,8 @@ pub struct ResolverSettings {
     pub target_pid: Option<u32>,
     /// Binaries with more DWARF than this are symbolized from their symbol tables.
     pub dwarf_max: u64,
+    /// The kubelet's pod log directories, naming the pods of processes in one.
+    pub pod_logs_dir: PathBuf,
 }
 
 impl Default for ResolverSettings {
@@ -80,6 +84,7 @@ impl Default for ResolverSettings {
             settle_budget: Duration::from_secs(5),
             target_pid: None,
             dwarf_max: symbolize::DWARF_MAX_BYTES,
+            pod_logs_dir: PathBuf::from(kubernetes::DEFAULT_POD_LOGS_DIR),
         }
     }
 }
@@ -126,6 +131,7 @@ impl Resolver {
             Lanes::with_nice("symbolize", 2, 16, Duration::from_secs(60), SYMBOLIZE_NICE);
         let shared = Arc::new(Shared {
             collect_cmdline: settings.collect_cmdline,
+            pod_logs_dir: settings.pod_logs_dir.clone(),
             read_deadline: settings.read_deadline,
             read_lanes,
             binary_lanes,

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashSet,
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -14,6 +15,7 @@ use std::{
 use crate::{
     process::{
         events::ProcessListener,
+        kubernetes,
         procfs::FileId,
         snapshot::{self, ProcessSnapshot},
     },
@@ -57,6 +59,7 @@ pub(super) enum Outcome {
 /// What lane jobs and the process-event watcher share with the resolver.
 pub(super) struct Shared {
     pub(super) collect_cmdline: bool,
+    pub(super) pod_logs_dir: PathBuf,
     pub(super) read_deadline: Duration,
     /// Reads of `/proc/PID` files: quick, and needed promptly (a process may be short-lived).
     pub(super) read_lanes: Arc<Lanes<()>>,
@@ -85,7 +88,11 @@ impl Shared {
             self.read_deadline,
             move |()| {
                 let result = match snapshot::read_snapshot(pid, shared.collect_cmdline) {
-                    Ok(snapshot) => {
+                    Ok(mut snapshot) => {
+                        if let Some(uid) = &snapshot.cgroup.pod_uid {
+                            snapshot.kubernetes =
+                                kubernetes::pod_names(&shared.pod_logs_dir, uid, pid).map(Arc::new);
+                        }
                         shared.open_new_binaries(&snapshot);
                         Ok(Arc::new(snapshot))
                     }
