@@ -133,6 +133,7 @@ impl Config {
             Value::Table(table([
                 ("cmdline", Value::Boolean(self.collect_cmdline)),
                 ("read_deadline", duration(self.read_deadline)),
+                ("pod_logs_dir", path(&self.pod_logs_dir)),
                 ("service", Value::Array(rules)),
             ])),
         );
@@ -176,6 +177,9 @@ impl RunConfig {
         );
         run.insert("flush_timeout".into(), duration(self.flush_timeout));
         run.insert("max_backoff".into(), duration(self.max_backoff));
+        if let Some(listen) = &self.metrics_listen {
+            run.insert("metrics_listen".into(), text(listen.to_string()));
+        }
         file.insert("run".into(), Value::Table(run));
         file
     }
@@ -241,6 +245,7 @@ mod tests {
             [identity]
             cmdline = true
             read_deadline = "250ms"
+            pod_logs_dir = "/srv/kubelet/pods"
             [[identity.service]]
             service = "shop"
             unit = "shop.service"
@@ -263,6 +268,7 @@ mod tests {
             spool_max_bytes = 1048576
             flush_timeout = "3s"
             max_backoff = "1m"
+            metrics_listen = "127.0.0.1:7072"
         "#;
         let flags = Overrides {
             frequency_hz: Some(19),
