@@ -93,6 +93,10 @@ pub struct ProbeConfig {
     pub sb_dev_offset: u32,
     /// 1 when BTF gave every file-lock offset above.
     pub file_lock_walk: u32,
+    /// The syscall signal times one syscall in this many, chosen at random per syscall
+    /// (every syscall is still counted); 0 and 1 time every syscall.
+    pub syscall_sample_every: u32,
+    pub pad: u32,
 }
 
 impl ProbeConfig {
@@ -147,6 +151,8 @@ impl ProbeConfig {
         inode_sb_offset: 0,
         sb_dev_offset: 0,
         file_lock_walk: 0,
+        syscall_sample_every: 1,
+        pad: 0,
     };
 
     /// Whether `signal` is enabled.

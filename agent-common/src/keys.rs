@@ -162,9 +162,15 @@ pub const SYSCALL_SLOT_BITS: u32 = 6;
 pub const SYSCALL_SLOTS: u32 = 1 << SYSCALL_SLOT_BITS;
 /// [`SyscallSlot::bucket`] of a slot whose events fell into more than one bucket.
 pub const SLOT_MIXED_BUCKETS: u32 = u32::MAX;
+/// [`SyscallSlot::bucket`] of a slot that counted syscalls but timed none yet (sampled
+/// mode): no bucket holds anything.
+pub const SLOT_NO_BUCKET: u32 = u32::MAX - 1;
 
 /// One slot of the per-CPU syscall totals cache: what one (process, syscall) added on this
-/// CPU since the slot was last emptied. Valid when `count != 0`.
+/// CPU since the slot was last emptied. Valid when `count != 0`. `count` counts every
+/// syscall; `ns`, `max_ns` and `buckets` only the timed ones (all of them, unless the
+/// signal samples: then the histogram's sum is the number timed, and the agent scales
+/// the time to `count`).
 ///
 /// The cache is direct-mapped ([`syscall_slot`]): a hit (a thread calling the same
 /// syscall again) is one array index and plain adds, with no hash and no atomic

@@ -65,6 +65,7 @@ assert_no_padding! {
         sk_protocol_offset, tcp_srtt_offset, sock_walk, ephemeral_port_lo, ephemeral_port_hi,
         listen_overflow_reason, flock_nr, fcntl_nr, file_lock_core_offset, flc_blocker_offset,
         flc_pid_offset, inode_ino_offset, inode_sb_offset, sb_dev_offset, file_lock_walk,
+        syscall_sample_every, pad,
     }
     Peer { addr, remote_port, local_port, family, direction, flags, pad }
     SocketInfo { connect_start_ns, last_rtt_ns, kstack, ustack, tgid, tid, peer_id, direction, pad }
@@ -80,6 +81,6 @@ const _: () = assert!(size_of::<ThreadState>() == 7 * 8 + 6 * 4 + 8);
 const _: () = assert!(size_of::<TpThreadState>() == 32);
 const _: () = assert!(size_of::<DiskRequestKey>() == 16);
 const _: () = assert!(size_of::<DiskRequest>() == 48);
-const _: () = assert!(size_of::<ProbeConfig>() == 6 * 8 + 44 * 4);
+const _: () = assert!(size_of::<ProbeConfig>() == 6 * 8 + 46 * 4);
 const _: () = assert!(size_of::<Peer>() == 24);
 const _: () = assert!(size_of::<SocketInfo>() == 48);

@@ -80,6 +80,10 @@ pub const THREAD_KERNEL: u8 = 1 << 2;
 pub const THREAD_USER_SNAPSHOT: u8 = 1 << 3;
 /// [`ThreadState::flags`]: a syscall is in progress (syscall signal).
 pub const THREAD_IN_SYSCALL: u8 = 1 << 4;
+/// [`ThreadState::flags`]: the syscall in progress is timed for the syscall signal (all
+/// are, unless the signal samples one in N; the network signal times socket syscalls
+/// regardless).
+pub const THREAD_SYSCALL_TIMED: u8 = 1 << 5;
 
 /// Per-thread state of the classic-tracepoint fallback (a hash map keyed by thread id):
 /// stacks are walked at switch-out, so their hashes travel with the state.

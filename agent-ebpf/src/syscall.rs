@@ -3,11 +3,13 @@
 //! at or above the slow threshold also get the user stack (taken at exit, in the thread's
 //! own context, where the user registers are the syscall's) and, for syscalls whose first
 //! argument is a file descriptor, the kind of file it refers to. The hooks themselves are
-//! in `raw_syscalls.rs`, shared with the network signal's socket waits.
+//! in `raw_syscalls.rs`, shared with the network signal's socket waits. In sampled mode
+//! (one in N timed) every syscall is still counted; the timed ones carry the time and the
+//! histogram, and a slow one's stack sample stands for N (the agent scales the totals).
 
 use agent_common::{
-    FD_SYSCALLS_LEN, FdKind, SLOT_MIXED_BUCKETS, SYSCALL_SLOTS, SampleKey, SampleValue, Signal,
-    SyscallSlot, hist_bucket, syscall_slot,
+    FD_SYSCALLS_LEN, FdKind, SLOT_MIXED_BUCKETS, SLOT_NO_BUCKET, SYSCALL_SLOTS, SampleKey,
+    SampleValue, Signal, SyscallSlot, hist_bucket, syscall_slot,
 };
 use aya_ebpf::{
     macros::map,
@@ -50,6 +52,8 @@ pub fn syscall_latency(
         FdKind::Unknown
     };
     let ustack = capture_current_stack(ctx, Signal::Syscall, generation, SLOT_SYSCALL, true);
+    // Sampled mode: one timed syscall stands for `every` (a Horvitz-Thompson estimate).
+    let every = u64::from(config!(syscall_sample_every).max(1));
     let sample = SampleKey {
         tgid,
         tid,
@@ -60,11 +64,54 @@ pub fn syscall_latency(
         ..SampleKey::default()
     };
     let value = SampleValue {
-        ns: duration,
-        count: 1,
+        ns: duration * every,
+        count: every,
         ..SampleValue::default()
     };
     add_sample(ctx, generation, &sample, &value);
+}
+
+/// The cache slot of (process, syscall) on this CPU in `generation`; its previous
+/// content, another pair's, goes to the totals map first.
+#[inline(always)]
+fn cache_slot<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    generation: u32,
+    tgid: u32,
+    nr: u32,
+) -> Option<&'static mut SyscallSlot> {
+    // A per-CPU array lookup of a valid index cannot fail.
+    let slot = SYSCALL_CACHE.get_ptr_mut(generation * SYSCALL_SLOTS + syscall_slot(tgid, nr))?;
+    // SAFETY: per-CPU memory written only by `sys_enter` and `sys_exit`, which never nest
+    // with each other on a CPU; drained by the agent only after the generation is retired.
+    let slot = unsafe { &mut *slot };
+    if slot.count != 0 && (slot.tgid != tgid || slot.nr != nr) {
+        flush_syscall_slot(ctx, generation, slot);
+    }
+    Some(slot)
+}
+
+/// Counts one syscall the signal does not time (sampled mode): the count only.
+#[inline(always)]
+pub fn count_untimed_syscall<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    generation: u32,
+    tgid: u32,
+    nr: u32,
+) {
+    let Some(slot) = cache_slot(ctx, generation, tgid, nr) else {
+        return;
+    };
+    if slot.count == 0 {
+        slot.tgid = tgid;
+        slot.nr = nr;
+        slot.count = 1;
+        slot.ns = 0;
+        slot.max_ns = 0;
+        slot.bucket = SLOT_NO_BUCKET;
+    } else {
+        slot.count += 1;
+    }
 }
 
 /// Adds one syscall of `duration` to (process, syscall) in this CPU's cache slot: plain
@@ -78,18 +125,10 @@ fn add_syscall_total(
     nr: u32,
     duration: u64,
 ) {
-    // A per-CPU array lookup of a valid index cannot fail.
-    let Some(slot) = SYSCALL_CACHE.get_ptr_mut(generation * SYSCALL_SLOTS + syscall_slot(tgid, nr))
-    else {
+    let Some(slot) = cache_slot(ctx, generation, tgid, nr) else {
         return;
     };
-    // SAFETY: per-CPU memory written only by `sys_exit`, which never nests with itself on
-    // a CPU; drained by the agent only after the generation is retired.
-    let slot = unsafe { &mut *slot };
     let bucket = hist_bucket(duration);
-    if slot.count != 0 && (slot.tgid != tgid || slot.nr != nr) {
-        flush_syscall_slot(ctx, generation, slot);
-    }
     if slot.count == 0 {
         slot.tgid = tgid;
         slot.nr = nr;
@@ -103,7 +142,9 @@ fn add_syscall_total(
         if duration > slot.max_ns {
             slot.max_ns = duration;
         }
-        if slot.bucket != bucket as u32 {
+        if slot.bucket == SLOT_NO_BUCKET {
+            slot.bucket = bucket as u32;
+        } else if slot.bucket != bucket as u32 {
             slot.bucket = SLOT_MIXED_BUCKETS;
         }
     }

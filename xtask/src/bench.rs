@@ -61,6 +61,18 @@ const BENCHES: &[Bench] = &[
         server: None,
     },
     Bench {
+        name: "syscall-sampled",
+        command: &[
+            "taskset", "-c", "0", "perf", "bench", "syscall", "basic", "-l", "10000000",
+        ],
+        metric: usecs_per_op,
+        unit: "us/op",
+        higher_is_better: false,
+        agent_args: &["--signals", "syscall", "--syscall-sample-every", "16"],
+        target: "slowdown <= 1.4",
+        server: None,
+    },
+    Bench {
         name: "futex",
         command: &["perf", "bench", "futex", "hash", "-r", "2"],
         metric: operations_per_sec,

@@ -224,7 +224,7 @@ impl Accumulator {
     /// Builds the profile of everything accumulated since the last `finish`, and starts
     /// over (the frame table and symbol caches are kept).
     pub fn finish(&mut self, mut meta: Meta) -> Profile {
-        let totals = std::mem::take(&mut self.totals);
+        let mut totals = std::mem::take(&mut self.totals);
         let samples = std::mem::take(&mut self.samples);
         // User frames join the shared frame table before the profile copies it.
         self.resolve_user_stacks(&samples);
@@ -247,6 +247,12 @@ impl Accumulator {
                     .or_default()
                     .push((*key, *value));
             }
+        }
+        for (_, total) in totals
+            .iter_mut()
+            .filter(|(k, _)| k.signal == Signal::Syscall as u8)
+        {
+            calibrate::scale_to_count(total);
         }
         let empty = TotalValue::default();
         let mut keys: Vec<&TotalKey> = totals.keys().collect();

@@ -66,6 +66,10 @@ pub struct CommonArgs {
     /// Syscalls at least this long get a stack and their file descriptor's kind.
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub syscall_threshold: Option<String>,
+    /// Time one syscall in N, at random (every one is still counted; durations are
+    /// scaled to the count): cuts the syscall signal's cost on syscall-heavy hosts.
+    #[arg(long, value_name = "N")]
+    pub syscall_sample_every: Option<u32>,
     /// On-CPU sampling frequency per CPU, in Hz.
     #[arg(long, value_name = "HZ")]
     pub frequency: Option<u64>,
@@ -240,6 +244,7 @@ impl CommonArgs {
                 offcpu_threshold: self.offcpu_threshold.clone(),
                 lock_threshold: self.lock_threshold.clone(),
                 syscall_threshold: self.syscall_threshold.clone(),
+                syscall_sample_every: self.syscall_sample_every,
                 frequency_hz: self.frequency,
                 sched_hook: self.sched_hook.map(|hook| match hook {
                     SchedHookArg::Auto => SchedHookChoice::Auto,

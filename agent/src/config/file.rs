@@ -88,6 +88,8 @@ pub struct LockFile {
 pub struct SyscallFile {
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub slow_threshold: Option<Duration>,
+    /// Time one syscall in this many (every one is counted); 1 times them all.
+    pub sample_every: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -98,6 +98,7 @@ pub struct Overrides {
     pub offcpu_threshold: Option<String>,
     pub lock_threshold: Option<String>,
     pub syscall_threshold: Option<String>,
+    pub syscall_sample_every: Option<u32>,
     pub frequency_hz: Option<u64>,
     pub sched_hook: Option<SchedHookChoice>,
     pub btf: Option<PathBuf>,
@@ -119,6 +120,8 @@ pub struct Config {
     pub offcpu_stack_threshold: Duration,
     pub lock_stack_threshold: Duration,
     pub syscall_slow_threshold: Duration,
+    /// The syscall signal times one syscall in this many (1: all).
+    pub syscall_sample_every: u32,
     pub socket_wait_min: Duration,
     pub socket_stack_threshold: Duration,
     pub tcp_rtt_interval: Duration,
@@ -232,6 +235,16 @@ impl Config {
             file.network.rtt_interval,
             DEFAULT_TCP_RTT_INTERVAL,
         )?;
+        let syscall_sample_every = flags
+            .syscall_sample_every
+            .or(file.syscall.sample_every)
+            .unwrap_or(1);
+        check_range(
+            "syscall.sample_every (--syscall-sample-every)",
+            "between 1 (time every syscall) and 1024",
+            (1..=1024).contains(&syscall_sample_every),
+            syscall_sample_every,
+        )?;
         let oncpu_frequency_hz = flags
             .frequency_hz
             .or(file.oncpu.frequency_hz)
@@ -335,6 +348,7 @@ impl Config {
             offcpu_stack_threshold,
             lock_stack_threshold,
             syscall_slow_threshold,
+            syscall_sample_every,
             socket_wait_min,
             socket_stack_threshold,
             tcp_rtt_interval,
@@ -381,6 +395,7 @@ impl Config {
             offcpu_stack_threshold: self.offcpu_stack_threshold,
             lock_stack_threshold: self.lock_stack_threshold,
             syscall_slow_threshold: self.syscall_slow_threshold,
+            syscall_sample_every: self.syscall_sample_every,
             socket_wait_min: self.socket_wait_min,
             socket_stack_threshold: self.socket_stack_threshold,
             tcp_rtt_interval: self.tcp_rtt_interval,

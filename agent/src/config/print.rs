@@ -78,10 +78,13 @@ impl Config {
         );
         file.insert(
             "syscall".into(),
-            Value::Table(table([(
-                "slow_threshold",
-                duration(self.syscall_slow_threshold),
-            )])),
+            Value::Table(table([
+                ("slow_threshold", duration(self.syscall_slow_threshold)),
+                (
+                    "sample_every",
+                    integer(u64::from(self.syscall_sample_every)),
+                ),
+            ])),
         );
         file.insert(
             "network".into(),
@@ -230,6 +233,7 @@ mod tests {
             stack_threshold = "250us"
             [syscall]
             slow_threshold = "7ms"
+            sample_every = 16
             [network]
             min_wait = "20us"
             stack_threshold = "4ms"

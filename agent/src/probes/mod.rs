@@ -117,6 +117,7 @@ impl Probes {
             offcpu_stack_threshold_ns: nanos(settings.offcpu_stack_threshold),
             lock_stack_threshold_ns: nanos(settings.lock_stack_threshold),
             syscall_slow_threshold_ns: nanos(settings.syscall_slow_threshold),
+            syscall_sample_every: settings.syscall_sample_every.max(1),
             socket_wait_min_ns: nanos(settings.socket_wait_min),
             socket_stack_threshold_ns: nanos(settings.socket_stack_threshold),
             tcp_rtt_interval_ns: nanos(settings.tcp_rtt_interval),

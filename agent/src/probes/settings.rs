@@ -70,6 +70,8 @@ pub struct ProbeSettings {
     pub offcpu_stack_threshold: Duration,
     pub lock_stack_threshold: Duration,
     pub syscall_slow_threshold: Duration,
+    /// Time one syscall in this many (1: all); every one is counted.
+    pub syscall_sample_every: u32,
     pub socket_wait_min: Duration,
     pub socket_stack_threshold: Duration,
     pub tcp_rtt_interval: Duration,

@@ -238,6 +238,12 @@ pub fn notes(config: &Config, hooks: &[(Signal, String)]) -> Vec<String> {
             "syscall stacks: syscalls >= {:?}",
             config.syscall_slow_threshold
         ));
+        if config.syscall_sample_every > 1 {
+            notes.push(format!(
+                "syscalls: every one counted, one in {} timed at random; durations, histograms and slow-syscall stacks scaled to the count",
+                config.syscall_sample_every
+            ));
+        }
     }
     if config.wants(SignalName::SocketWait) {
         notes.push(format!(

@@ -10,7 +10,8 @@
 //! - `pulse`: thread `pulse` sleeps 10 ms and spins about 1 ms, over and over, until
 //!   stdin closes: steady off-CPU and on-CPU activity at little cost (streaming tests).
 //! - `mutex`, `kernel-lock`, `syscalls`, `runqueue`, `disk`: injected waits of every kind
-//!   (see `waits.rs`); `file-lock flock|fcntl THREADS ROUNDS HOLD_MS DIR`: file lock
+//!   (see `waits.rs`); `syscall-sampling FAST SLOW US`: FAST `getppid`s and SLOW
+//!   `clock_nanosleep`s of US microseconds, for the syscall signal's sampled mode; `file-lock flock|fcntl THREADS ROUNDS HOLD_MS DIR`: file lock
 //!   waits behind another process (see `filelock.rs`).
 //! - `net-connect`, `net-peers`, `net-bulk`: network waits between two network
 //!   namespaces the caller created (see `net.rs`); `net-rr`: request/response over
@@ -193,6 +194,11 @@ fn main() {
             arg(&args, 4, 40),
             ms(arg(&args, 5, 10)),
             args.get(6).map_or("/tmp", String::as_str),
+        ),
+        "syscall-sampling" => waits::syscall_sampling(
+            arg(&args, 2, 200_000),
+            arg(&args, 3, 3000),
+            Duration::from_micros(arg(&args, 4, 200)),
         ),
         "syscalls" => waits::syscalls(
             args.get(2).map_or("/tmp", String::as_str),

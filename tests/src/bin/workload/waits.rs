@@ -151,6 +151,49 @@ pub fn syscall_marker_fsync(file: &std::fs::File) -> Duration {
     started.elapsed()
 }
 
+/// One `clock_nanosleep` of `duration` (the slow-syscall marker of the sampled mode),
+/// called directly so that the syscall is that one whatever the libc.
+#[inline(never)]
+pub fn syscall_marker_nanosleep(duration: Duration) -> Duration {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(duration.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(duration.subsec_nanos()),
+    };
+    let started = Instant::now();
+    // SAFETY: a valid timespec for the request, no remainder wanted.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clock_nanosleep,
+            libc::CLOCK_MONOTONIC,
+            0,
+            &raw const ts,
+            std::ptr::null_mut::<libc::timespec>(),
+        )
+    };
+    black_box(started.elapsed())
+}
+
+/// `fast` `getppid`s, then `slow` sleeps of `sleep` in `clock_nanosleep`, on one thread
+/// of their own: reports the counts and the sleeps' total as the workload timed them.
+pub fn syscall_sampling(fast: u64, slow: u64, sleep: Duration) {
+    let worker = thread::Builder::new()
+        .name("syscalls".into())
+        .spawn(move || {
+            for _ in 0..fast {
+                // SAFETY: getppid takes no arguments and cannot fail.
+                black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+            }
+            (0..slow)
+                .map(|_| syscall_marker_nanosleep(sleep).as_nanos())
+                .sum::<u128>()
+        })
+        .expect("spawn syscalls");
+    let slept = worker.join().expect("syscalls thread");
+    result("getppid_count", fast);
+    result("nanosleep_count", slow);
+    result("nanosleep_ns", slept);
+}
+
 /// Reads from a pipe whose writer is slow (the slow-syscall marker for pipes).
 #[inline(never)]
 pub fn syscall_marker_pipe_read(reader: &mut std::fs::File) -> Duration {
