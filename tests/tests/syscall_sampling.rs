@@ -94,12 +94,27 @@ fn sampled_syscalls_count_exactly_and_estimate_time() {
         .samples
         .iter()
         .filter(|s| label(s, "syscall") == "clock_nanosleep" && label(s, "process") == WORKLOAD)
-        .filter(|s| profile.stack_contains(s, "syscall_marker_nanosleep"))
+        // The marker's caller: libc's `syscall()` is a leaf without a frame of its own,
+        // so a frame-pointer walk from inside it skips the marker itself.
+        .filter(|s| profile.stack_contains(s, "waits::syscall_sampling"))
         .collect();
     let marked_count: i64 = marked.iter().map(|s| s.values[count]).sum();
+    let seen: Vec<String> = profile
+        .samples
+        .iter()
+        .filter(|s| label(s, "syscall") == "clock_nanosleep")
+        .take(3)
+        .map(|s| {
+            let frames: Vec<&str> = profile
+                .stack_frames(s)
+                .map(|f| f.function.as_str())
+                .collect();
+            format!("{:?} {frames:?} {:?}", s.values, s.labels)
+        })
+        .collect();
     assert!(
         (SLOW as f64 * 0.7..=SLOW as f64 * 1.3).contains(&(marked_count as f64)),
-        "slow sleeps with the marker stack stand for {marked_count}, expected about {SLOW}"
+        "slow sleeps with the marker stack stand for {marked_count}, expected about {SLOW}; samples: {seen:#?}"
     );
     assert!(
         marked.iter().all(|s| s.values[count] % EVERY as i64 == 0),
