@@ -248,12 +248,7 @@ impl Accumulator {
                     .push((*key, *value));
             }
         }
-        for (_, total) in totals
-            .iter_mut()
-            .filter(|(k, _)| k.signal == Signal::Syscall as u8)
-        {
-            calibrate::scale_to_count(total);
-        }
+        calibrate::scale_sampled_syscalls(&mut totals);
         let empty = TotalValue::default();
         let mut keys: Vec<&TotalKey> = totals.keys().collect();
         keys.sort_unstable_by_key(|k| (k.signal, k.tgid, k.tid, k.class, k.aux));

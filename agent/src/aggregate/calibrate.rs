@@ -12,7 +12,9 @@
 //! Syscall totals of the sampled mode (one syscall in N timed, all counted) are scaled
 //! to their count first ([`scale_to_count`]).
 
-use agent_common::{EST_COUNT_FP_SHIFT, SampleValue, TotalValue};
+use std::collections::HashMap;
+
+use agent_common::{EST_COUNT_FP_SHIFT, SampleValue, Signal, TotalKey, TotalValue};
 
 pub const UNSAMPLED_FRAME: &str = "[short waits, no stack sampled]";
 
@@ -105,6 +107,17 @@ pub fn calibrate(total_ns: u64, total_count: u64, parts: &[Part]) -> Calibrated 
             .collect(),
         unattributed_ns: if sampled { 0 } else { short_ns },
         unattributed_count: if sampled { 0 } else { short_count },
+    }
+}
+
+/// Scales every syscall total to its count ([`scale_to_count`]).
+pub fn scale_sampled_syscalls<S: std::hash::BuildHasher>(
+    totals: &mut HashMap<TotalKey, TotalValue, S>,
+) {
+    for (key, total) in totals.iter_mut() {
+        if key.signal == Signal::Syscall as u8 {
+            scale_to_count(total);
+        }
     }
 }
 
