@@ -361,6 +361,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     eprintln!("agent under test: {}", agent.display());
+    let mut report = Report::new(&agent, rounds);
     let out = std::env::temp_dir().join(format!("stallscope-bench-{}.pb.gz", std::process::id()));
     for bench in selected {
         eprintln!(
@@ -398,6 +399,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 unit = bench.unit
             );
         }
+        let mut round_ratios: Vec<f64> = base
+            .iter()
+            .zip(&with)
+            .map(|(b, w)| if bench.higher_is_better { b / w } else { w / b })
+            .collect();
+        round_ratios.sort_by(f64::total_cmp);
         let base_median = median(&mut base);
         let with_median = median(&mut with);
         // The slowdown the agent causes: time ratio, or inverse throughput ratio.
@@ -417,7 +424,134 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             rss as f64 / 1024.0,
             unit = bench.unit
         );
+        report.rows.push(Row {
+            bench,
+            baseline: base_median,
+            with_agent: with_median,
+            ratio,
+            lowest: round_ratios.first().copied().unwrap_or(f64::NAN),
+            highest: round_ratios.last().copied().unwrap_or(f64::NAN),
+            cpu_percent: median(&mut cpu),
+            rss_mb: rss as f64 / 1024.0,
+        });
     }
     let _ = std::fs::remove_file(&out);
+    let path = report.write()?;
+    eprintln!("bench report: {}", path.display());
     Ok(())
+}
+
+/// One benchmark's line of the report.
+struct Row {
+    bench: &'static Bench,
+    baseline: f64,
+    with_agent: f64,
+    ratio: f64,
+    lowest: f64,
+    highest: f64,
+    cpu_percent: f64,
+    rss_mb: f64,
+}
+
+/// The agent-overhead report: every benchmark run, as a ratio against the same run's
+/// baseline, with the machine it ran on (`target/bench/agent-overhead.md`).
+struct Report {
+    agent: PathBuf,
+    rounds: usize,
+    started: String,
+    load_before: String,
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn new(agent: &Path, rounds: usize) -> Self {
+        Self {
+            agent: agent.to_path_buf(),
+            rounds,
+            started: command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+            load_before: load_average(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn write(&self) -> anyhow::Result<PathBuf> {
+        use std::fmt::Write as _;
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+        let mut text = String::new();
+        let _ = writeln!(text, "# Agent overhead\n");
+        let _ = writeln!(
+            text,
+            "`cargo xtask bench` ({} interleaved rounds with and without the agent, medians), \
+             started {}; agent `{}`.\n",
+            self.rounds,
+            self.started,
+            self.agent.display()
+        );
+        let _ = writeln!(
+            text,
+            "Machine: {cpus} CPUs ({cpu}), kernel {}; load average before {}, after {}.\n",
+            command_line("uname", &["-r"]),
+            self.load_before,
+            load_average()
+        );
+        let _ = writeln!(
+            text,
+            "| benchmark (name) | agent flags | baseline | with agent | ratio (rounds) | target | agent CPU | agent peak RSS |"
+        );
+        let _ = writeln!(text, "|---|---|---|---|---|---|---|---|");
+        for row in &self.rows {
+            let _ = writeln!(
+                text,
+                "| `{}` (`{}`) | `{}` | {:.3} {unit} | {:.3} {unit} | {:.2} ({:.2}-{:.2}) | {} | {:.1}% | {:.1} MB |",
+                row.bench.command.join(" "),
+                row.bench.name,
+                row.bench.agent_args.join(" "),
+                row.baseline,
+                row.with_agent,
+                row.ratio,
+                row.lowest,
+                row.highest,
+                row.bench.target,
+                row.cpu_percent,
+                row.rss_mb,
+                unit = row.bench.unit
+            );
+        }
+        let dir = util::root().join("target/bench");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("agent-overhead.md");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// A command's first line of output, or `?`.
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "?".into(),
+        |t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
