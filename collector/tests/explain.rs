@@ -58,12 +58,21 @@ struct Phase {
     /// The second build runs (build-id `bb`), whose `render_page` costs this much more
     /// CPU per batch.
     new_build_extra_cpu: Option<f64>,
+    /// The host also runs `pricing` (serving port 7001, shop's peer A) and `demo-hog`.
+    neighbours: bool,
+    /// `demo-hog` spins: shop waits for the CPU a little longer and for pricing much
+    /// longer, since pricing waits for the CPU too.
+    hog: bool,
+    /// Pricing sleeps longer per request (no CPU contention anywhere).
+    slow_pricing: bool,
 }
 
 /// Builds batches with named frames and labels.
 struct Builder {
     batch: v1::Batch,
     build: &'static str,
+    /// Service and pid of the samples added next.
+    who: (&'static str, &'static str),
 }
 
 impl Builder {
@@ -92,6 +101,7 @@ impl Builder {
                 ..v1::Batch::default()
             },
             build: "aa",
+            who: ("shop", "42"),
         }
     }
 
@@ -124,10 +134,11 @@ impl Builder {
         }
         self.batch.stacks.push(v1::Stack { frames: frame_ids });
         let stack = (self.batch.stacks.len() - 1) as u32;
+        let (service, pid) = self.who;
         let mut all = vec![
-            ("service", "shop"),
-            ("process", "shop"),
-            ("pid", "42"),
+            ("service", service),
+            ("process", service),
+            ("pid", pid),
             ("build_id", self.build),
         ];
         all.extend_from_slice(labels);
@@ -198,8 +209,16 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         0.05 * n(2, 0.3) + phase.extra_lock,
         50,
     );
-    let (peer_a, peer_b) = (1.0 * n(3, 0.1), 1.0 * n(4, 0.1) + phase.extra_peer_b);
-    let server = 30.0 * n(5, 0.05) - phase.extra_peer_b;
+    let extra_peer_a = if phase.hog || phase.slow_pricing {
+        4.0
+    } else {
+        0.0
+    };
+    let (peer_a, peer_b) = (
+        1.0 * n(3, 0.1) + extra_peer_a,
+        1.0 * n(4, 0.1) + phase.extra_peer_b,
+    );
+    let server = 30.0 * n(5, 0.05) - phase.extra_peer_b - extra_peer_a;
     // Off-CPU network time: clients waiting for peers plus servers waiting for requests.
     b.sample(
         0,
@@ -236,7 +255,76 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         40.0 * n(6, 0.05) - phase.extra_lock - extra_cpu,
         100,
     );
+    if phase.neighbours {
+        neighbours(&mut b, sequence, phase);
+    }
     b.batch
+}
+
+/// Shop's run-queue wait, and the two other processes of its host: `pricing` (its peer A,
+/// serving port 7001: CPU, waits for the CPU, sleeps, and idle waits for requests) and
+/// `demo-hog` (CPU only).
+fn neighbours(b: &mut Builder, sequence: u64, phase: Phase) {
+    let n = |salt, amplitude| 1.0 + noise(sequence, salt, amplitude);
+    b.sample(
+        0,
+        &["handle_request"],
+        &[("cause", "cpu-contention"), ("state", "runnable")],
+        0.2 * n(7, 0.2) + if phase.hog { 1.0 } else { 0.0 },
+        500,
+    );
+    b.who = ("pricing", "50");
+    let contention = 0.1 * n(8, 0.2) + if phase.hog { 3.0 } else { 0.0 };
+    let sleep = 0.5 * n(9, 0.1) + if phase.slow_pricing { 4.0 } else { 0.0 };
+    b.sample(
+        1,
+        &["quote", "serve"],
+        &[("cause", "cpu-work")],
+        1.0 * n(10, 0.1),
+        49,
+    );
+    b.sample(
+        0,
+        &["quote", "serve"],
+        &[("cause", "cpu-contention"), ("state", "runnable")],
+        contention,
+        1000,
+    );
+    b.sample(
+        0,
+        &["nanosleep", "quote", "serve"],
+        &[("cause", "other"), ("state", "interruptible")],
+        sleep,
+        1000,
+    );
+    let idle = 8.0 * n(11, 0.05) - contention - sleep;
+    b.sample(
+        0,
+        &["recv", "read_request", "serve"],
+        &[("cause", "network"), ("state", "interruptible")],
+        idle,
+        1000,
+    );
+    b.sample(
+        3,
+        &["recv", "read_request", "serve"],
+        &[
+            ("direction", "server"),
+            ("peer", "10.0.0.1"),
+            ("local_port", "7001"),
+        ],
+        idle,
+        1000,
+    );
+    b.who = ("demo-hog", "60");
+    b.sample(
+        1,
+        &["spin"],
+        &[("cause", "cpu-work")],
+        0.01 + if phase.hog { 12.0 } else { 0.0 },
+        if phase.hog { 600 } else { 1 },
+    );
+    b.who = ("shop", "42");
 }
 
 /// The deploy event an agent reports when the second build's process starts.
@@ -472,8 +560,88 @@ async fn suite<S: Storage>(store: &S) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_explains_injected_causes() {
+/// A CPU hog on shop's host slows shop's peer (pricing, on the same host) more than shop
+/// itself: shop's largest rise is its wait on the peer, but `why` follows the peer to
+/// pricing, whose first cause is CPU contention, and ranks CPU contention first for shop.
+/// A peer slow on its own (pricing sleeping longer) leaves the network first.
+async fn downstream_suite<S: Storage>(store: &S) {
+    let healthy = Phase {
+        neighbours: true,
+        ..Phase::default()
+    };
+    let hog = Phase {
+        hog: true,
+        ..healthy
+    };
+    let slow = Phase {
+        slow_pricing: true,
+        ..healthy
+    };
+    load(
+        store,
+        &[(HEALTHY, healthy), (6, hog), (18, healthy), (6, slow)],
+    )
+    .await;
+    let settings = Settings::default();
+
+    let report = explain::explain(
+        store,
+        &question("shop", range(HEALTHY, HEALTHY + 6)),
+        &settings,
+    )
+    .await
+    .expect("explain");
+    assert_eq!(report.top_cause(), Some("cpu-contention"), "{report:#?}");
+    let contention = &report.causes[0];
+    assert!(
+        contention
+            .evidence
+            .iter()
+            .any(|e| e.name.contains("demo-hog")),
+        "the hog is not named: {contention:#?}"
+    );
+    assert!(
+        contention.evidence.iter().any(|e| e.kind == "downstream"
+            && e.name.contains("10.0.0.2:7001")
+            && e.name.contains("pricing")),
+        "no downstream evidence: {contention:#?}"
+    );
+    let network = report
+        .causes
+        .iter()
+        .find(|c| c.category == "network")
+        .expect("network cause");
+    assert_eq!(network.rank, Some(2), "{report:#?}");
+    assert!(
+        report.summary.starts_with("cpu-contention"),
+        "{}",
+        report.summary
+    );
+
+    let slow_from = HEALTHY + 6 + 18;
+    let report = explain::explain(
+        store,
+        &question("shop", range(slow_from, slow_from + 6)),
+        &settings,
+    )
+    .await
+    .expect("explain");
+    assert_eq!(report.top_cause(), Some("network"), "{report:#?}");
+    let peer = report.causes[0]
+        .evidence
+        .iter()
+        .find(|e| e.name == "10.0.0.2:7001")
+        .expect("peer A named");
+    assert!(
+        peer.details
+            .iter()
+            .any(|d| d.contains("served by pricing") && d.contains("first cause other")),
+        "{peer:#?}"
+    );
+}
+
+/// Runs `suite` on a fresh SQLite store.
+async fn on_sqlite(suite: impl AsyncFnOnce(&SqliteStore)) {
     let dir: PathBuf = std::env::temp_dir().join(format!(
         "stallscope-explain-{}-{}",
         std::process::id(),
@@ -485,8 +653,8 @@ async fn sqlite_explains_injected_causes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_explains_injected_causes() {
+/// Runs `suite` on a fresh ClickHouse database (skipped, outside CI, without a server).
+async fn on_clickhouse(suite: impl AsyncFnOnce(&ClickHouseStore)) {
     let url = std::env::var("STALLSCOPE_CLICKHOUSE_URL")
         .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned());
     let database = format!(
@@ -506,4 +674,24 @@ async fn clickhouse_explains_injected_causes() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_follows_a_slow_peer_downstream() {
+    on_sqlite(async |store| downstream_suite(store).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_follows_a_slow_peer_downstream() {
+    on_clickhouse(async |store| downstream_suite(store).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_explains_injected_causes() {
+    on_sqlite(async |store| suite(store).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_explains_injected_causes() {
+    on_clickhouse(async |store| suite(store).await).await;
 }

@@ -11,10 +11,14 @@
 //! 3. One level down for the ranked causes: which lock, peer, device, other process
 //!    ([`objects`], tested bucket by bucket like the categories, with false-discovery
 //!    control across objects), which code paths, syscalls and builds ([`stacks`]).
-//! 4. Say what weakens the answer: gaps, losses, incomplete stacks, missing hosts.
+//! 4. Follow a slow peer to its own service when the data says which one it is, and
+//!    credit CPU contention on a shared host where that is what slowed the peer
+//!    ([`downstream`]).
+//! 5. Say what weakens the answer: gaps, losses, incomplete stacks, missing hosts.
 
 pub mod baseline;
 pub mod categories;
+pub mod downstream;
 pub mod frames;
 pub mod objects;
 pub mod report;
@@ -170,6 +174,19 @@ fn category_amounts(buckets: &CategoryBuckets) -> BTreeMap<Category, BucketAmoun
 
 /// Answers `question` from `storage`.
 pub async fn explain<S: Storage>(
+    storage: &S,
+    question: &Question,
+    settings: &Settings,
+) -> Result<Report, StorageError> {
+    let mut report = explain_scope(storage, question, settings).await?;
+    if settings.ranker == Ranker::Why {
+        downstream::follow(storage, question, settings, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// The answer for the question's own scope, without following peers downstream.
+async fn explain_scope<S: Storage>(
     storage: &S,
     question: &Question,
     settings: &Settings,
