@@ -25,7 +25,6 @@ use stallscope_tests::{
 const NS: i64 = 1_000_000_000;
 
 #[test]
-#[ignore = "long scenario suite, not yet passing here (the CPU hog: why ranks its peers' waits first, detection 13.8 s at most 12 s; README, How well why finds the cause); run with --ignored, or cargo xtask eval"]
 fn every_injection_opens_one_window_and_why_names_its_cause() {
     if !require_root("every_injection_opens_one_window_and_why_names_its_cause") {
         return;
