@@ -65,6 +65,9 @@ struct Phase {
     hog: bool,
     /// Pricing sleeps longer per request (no CPU contention anywhere).
     slow_pricing: bool,
+    /// The path to pricing drops packets (shop waits much longer on it) while a busy
+    /// host takes a little CPU from pricing and shop.
+    lossy_pricing: bool,
 }
 
 /// Builds batches with named frames and labels.
@@ -209,7 +212,7 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         0.05 * n(2, 0.3) + phase.extra_lock,
         50,
     );
-    let extra_peer_a = if phase.hog || phase.slow_pricing {
+    let extra_peer_a = if phase.hog || phase.slow_pricing || phase.lossy_pricing {
         4.0
     } else {
         0.0
@@ -270,11 +273,25 @@ fn neighbours(b: &mut Builder, sequence: u64, phase: Phase) {
         0,
         &["handle_request"],
         &[("cause", "cpu-contention"), ("state", "runnable")],
-        0.2 * n(7, 0.2) + if phase.hog { 1.0 } else { 0.0 },
+        0.2 * n(7, 0.2)
+            + if phase.hog {
+                1.0
+            } else if phase.lossy_pricing {
+                0.5
+            } else {
+                0.0
+            },
         500,
     );
     b.who = ("pricing", "50");
-    let contention = 0.1 * n(8, 0.2) + if phase.hog { 3.0 } else { 0.0 };
+    let contention = 0.1 * n(8, 0.2)
+        + if phase.hog {
+            3.0
+        } else if phase.lossy_pricing {
+            0.3
+        } else {
+            0.0
+        };
     let sleep = 0.5 * n(9, 0.1) + if phase.slow_pricing { 4.0 } else { 0.0 };
     b.sample(
         1,
@@ -577,16 +594,28 @@ async fn downstream_suite<S: Storage>(store: &S) {
         slow_pricing: true,
         ..healthy
     };
+    let lossy = Phase {
+        lossy_pricing: true,
+        ..healthy
+    };
     load(
         store,
-        &[(HEALTHY, healthy), (6, hog), (18, healthy), (6, slow)],
+        &[
+            (HEALTHY, healthy),
+            (6, lossy),
+            (18, healthy),
+            (6, slow),
+            (18, healthy),
+            (6, hog),
+        ],
     )
     .await;
     let settings = Settings::default();
 
+    let (lossy_from, slow_from, hog_from) = (HEALTHY, HEALTHY + 24, HEALTHY + 48);
     let report = explain::explain(
         store,
-        &question("shop", range(HEALTHY, HEALTHY + 6)),
+        &question("shop", range(hog_from, hog_from + 6)),
         &settings,
     )
     .await
@@ -618,7 +647,6 @@ async fn downstream_suite<S: Storage>(store: &S) {
         report.summary
     );
 
-    let slow_from = HEALTHY + 6 + 18;
     let report = explain::explain(
         store,
         &question("shop", range(slow_from, slow_from + 6)),
@@ -637,6 +665,44 @@ async fn downstream_suite<S: Storage>(store: &S) {
             .iter()
             .any(|d| d.contains("served by pricing") && d.contains("first cause other")),
         "{peer:#?}"
+    );
+
+    // Packet loss on the way to pricing while the host is a little busier: pricing's first
+    // cause is CPU contention, and shop's rose too, but pricing's is far smaller than
+    // shop's extra wait on it: the network stays first.
+    let report = explain::explain(
+        store,
+        &question("shop", range(lossy_from, lossy_from + 6)),
+        &settings,
+    )
+    .await
+    .expect("explain");
+    assert_eq!(report.top_cause(), Some("network"), "{report:#?}");
+    let ranked = |category: &str| {
+        report
+            .causes
+            .iter()
+            .any(|c| c.category == category && c.rank.is_some())
+    };
+    assert!(ranked("cpu-contention"), "{report:#?}");
+    let peer = report.causes[0]
+        .evidence
+        .iter()
+        .find(|e| e.name == "10.0.0.2:7001")
+        .expect("peer A named");
+    assert!(
+        peer.details
+            .iter()
+            .any(|d| d.contains("served by pricing") && d.contains("first cause cpu-contention")),
+        "{peer:#?}"
+    );
+    assert!(
+        report
+            .causes
+            .iter()
+            .flat_map(|c| &c.evidence)
+            .all(|e| e.kind != "downstream"),
+        "{report:#?}"
     );
 }
 

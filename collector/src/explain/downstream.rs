@@ -6,7 +6,8 @@
 //! included, and the scope then waits longer on those peers than it waits for the CPU
 //! itself: when the peer's own first cause is CPU contention on a host the scope runs on,
 //! and the scope's CPU contention rose too, CPU contention is the scope's first cause,
-//! with the peer as evidence.
+//! with the peer as evidence, provided that contention is the peer's main change and
+//! about the size of the scope's extra wait on it.
 
 use super::{
     Question, Settings,
@@ -17,6 +18,13 @@ use super::{
     summary,
 };
 use crate::storage::{Filter, Storage, StorageError, signal_matches};
+
+/// The peer's CPU contention must be at least this share of its own change...
+const MIN_DOWNSTREAM_SHARE: f64 = 0.5;
+/// ...and at least this fraction of the scope's extra wait on the peer (the peer's
+/// threads wait for the CPU in parallel, so its rise per second can be smaller than its
+/// callers' extra wait, but not by orders of magnitude).
+const MIN_EXPLAINED: f64 = 0.25;
 
 /// The port of a client-side peer label: `10.0.0.2:7001`, `[fd00::2]:7001`.
 fn peer_port(name: &str) -> Option<&str> {
@@ -80,6 +88,7 @@ pub async fn follow<S: Storage>(
         return Ok(());
     };
     let peer_name = peer.name.clone();
+    let peer_rise = peer.window_ns_per_s - peer.baseline_ns_per_s;
     let own = question.service.as_deref().unwrap_or("");
     let servers = serving(storage, question, port, own).await?;
     // Several services on that port (one per network namespace, say): no telling which.
@@ -111,7 +120,13 @@ pub async fn follow<S: Storage>(
     {
         evidence.details.push(line.clone());
     }
-    if its_top.category != Category::CpuContention.label() {
+    // The peer's contention must be its main change and about the size of the scope's
+    // extra wait on it: a peer that lost a little CPU while the path to it dropped
+    // packets (the scope's wait grew by far more) explains nothing.
+    if its_top.category != Category::CpuContention.label()
+        || its_top.share < MIN_DOWNSTREAM_SHARE
+        || its_top.change_ns_per_s < MIN_EXPLAINED * peer_rise
+    {
         return Ok(());
     }
     // The peer starved on a host the scope runs on: the scope's own CPU contention, if it
