@@ -60,14 +60,22 @@ struct Phase {
     new_build_extra_cpu: Option<f64>,
     /// The host also runs `pricing` (serving port 7001, shop's peer A) and `demo-hog`.
     neighbours: bool,
+    /// What goes wrong around pricing.
+    fault: NeighbourFault,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum NeighbourFault {
+    #[default]
+    None,
     /// `demo-hog` spins: shop waits for the CPU a little longer and for pricing much
     /// longer, since pricing waits for the CPU too.
-    hog: bool,
+    Hog,
     /// Pricing sleeps longer per request (no CPU contention anywhere).
-    slow_pricing: bool,
+    SlowPricing,
     /// The path to pricing drops packets (shop waits much longer on it) while a busy
     /// host takes a little CPU from pricing and shop.
-    lossy_pricing: bool,
+    LossyPricing,
 }
 
 /// Builds batches with named frames and labels.
@@ -212,10 +220,10 @@ fn batch(sequence: u64, phase: Phase) -> v1::Batch {
         0.05 * n(2, 0.3) + phase.extra_lock,
         50,
     );
-    let extra_peer_a = if phase.hog || phase.slow_pricing || phase.lossy_pricing {
-        4.0
-    } else {
+    let extra_peer_a = if phase.fault == NeighbourFault::None {
         0.0
+    } else {
+        4.0
     };
     let (peer_a, peer_b) = (
         1.0 * n(3, 0.1) + extra_peer_a,
@@ -274,25 +282,22 @@ fn neighbours(b: &mut Builder, sequence: u64, phase: Phase) {
         &["handle_request"],
         &[("cause", "cpu-contention"), ("state", "runnable")],
         0.2 * n(7, 0.2)
-            + if phase.hog {
-                1.0
-            } else if phase.lossy_pricing {
-                0.5
-            } else {
-                0.0
+            + match phase.fault {
+                NeighbourFault::Hog => 1.0,
+                NeighbourFault::LossyPricing => 0.5,
+                _ => 0.0,
             },
         500,
     );
     b.who = ("pricing", "50");
     let contention = 0.1 * n(8, 0.2)
-        + if phase.hog {
-            3.0
-        } else if phase.lossy_pricing {
-            0.3
-        } else {
-            0.0
+        + match phase.fault {
+            NeighbourFault::Hog => 3.0,
+            NeighbourFault::LossyPricing => 0.3,
+            _ => 0.0,
         };
-    let sleep = 0.5 * n(9, 0.1) + if phase.slow_pricing { 4.0 } else { 0.0 };
+    let slow = phase.fault == NeighbourFault::SlowPricing;
+    let sleep = 0.5 * n(9, 0.1) + if slow { 4.0 } else { 0.0 };
     b.sample(
         1,
         &["quote", "serve"],
@@ -334,12 +339,13 @@ fn neighbours(b: &mut Builder, sequence: u64, phase: Phase) {
         1000,
     );
     b.who = ("demo-hog", "60");
+    let hog = phase.fault == NeighbourFault::Hog;
     b.sample(
         1,
         &["spin"],
         &[("cause", "cpu-work")],
-        0.01 + if phase.hog { 12.0 } else { 0.0 },
-        if phase.hog { 600 } else { 1 },
+        0.01 + if hog { 12.0 } else { 0.0 },
+        if hog { 600 } else { 1 },
     );
     b.who = ("shop", "42");
 }
@@ -587,15 +593,15 @@ async fn downstream_suite<S: Storage>(store: &S) {
         ..Phase::default()
     };
     let hog = Phase {
-        hog: true,
+        fault: NeighbourFault::Hog,
         ..healthy
     };
     let slow = Phase {
-        slow_pricing: true,
+        fault: NeighbourFault::SlowPricing,
         ..healthy
     };
     let lossy = Phase {
-        lossy_pricing: true,
+        fault: NeighbourFault::LossyPricing,
         ..healthy
     };
     load(

@@ -139,8 +139,10 @@ fn forked_workers_that_exit_at_once_are_symbolized_from_their_parent() {
     let marker = off_cpu_where(&profile, |s| {
         in_workers(s) && profile.stack_contains(s, "offcpu_marker_sleep")
     });
+    // Each 10 ms sleep lasts at least 10 ms and overshoots by the timer slack and the
+    // wake-up latency, which on a busy VM reach a tenth of it: more above than below.
     assert!(
-        within(marker, 200e6, 0.10),
+        (200e6 * 0.9..=200e6 * 1.3).contains(&marker),
         "off-CPU time of the workers in offcpu_marker_sleep: {marker:.0} ns, they slept 20 x 10 ms"
     );
     let mine: Vec<&Sample> = profile.samples.iter().filter(|s| in_workers(s)).collect();
