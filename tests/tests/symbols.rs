@@ -75,7 +75,7 @@ fn process_that_exits_after_its_last_wait_is_fully_symbolized() {
         .expect("workload exits by itself");
     assert!(status.success(), "workload failed: {status}");
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
-    let (profile, _) = stop_agent(agent, &out);
+    let (profile, exit) = stop_agent(agent, &out);
 
     let pid = pid.to_string();
     let mine: Vec<&Sample> = profile
@@ -98,7 +98,11 @@ fn process_that_exits_after_its_last_wait_is_fully_symbolized() {
             .filter(|f| f.function.starts_with("[unknown]"))
             .map(|f| f.function.as_str())
             .collect();
-        assert!(unknown.is_empty(), "unsymbolized frames: {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "unsymbolized frames: {unknown:?}; the agent said: {}",
+            exit.stderr
+        );
     }
     let sample = mine
         .iter()
@@ -128,7 +132,7 @@ fn forked_workers_that_exit_at_once_are_symbolized_from_their_parent() {
         .wait_done(Duration::from_secs(60))
         .expect("workers done");
     let results = workload.results();
-    let (profile, _) = stop_agent(agent, &out);
+    let (profile, exit) = stop_agent(agent, &out);
     workload
         .finish(Duration::from_secs(10))
         .expect("workload exits");
@@ -143,7 +147,22 @@ fn forked_workers_that_exit_at_once_are_symbolized_from_their_parent() {
     // wake-up latency, which on a busy VM reach a tenth of it: more above than below.
     assert!(
         (200e6 * 0.9..=200e6 * 1.3).contains(&marker),
-        "off-CPU time of the workers in offcpu_marker_sleep: {marker:.0} ns, they slept 20 x 10 ms"
+        "off-CPU time of the workers in offcpu_marker_sleep: {marker:.0} ns, they slept 20 x 10 ms; \
+         the workers' samples: {:?}; the agent said: {}",
+        profile
+            .samples
+            .iter()
+            .filter(|s| in_workers(s))
+            .map(|s| {
+                let frames: Vec<&str> = user_frames(&profile, s)
+                    .iter()
+                    .map(|f| f.function.as_str())
+                    .collect();
+                (label(s, "pid"), frames)
+            })
+            .take(3)
+            .collect::<Vec<_>>(),
+        exit.stderr
     );
     let mine: Vec<&Sample> = profile.samples.iter().filter(|s| in_workers(s)).collect();
     for sample in &mine {

@@ -275,6 +275,14 @@ fn run(socket: &OwnedFd, listener: &dyn ProcessListener, target: Option<u32>, st
             }
         } else if received < 0 {
             let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENOBUFS) {
+                // The kernel dropped events for this socket: a process whose exec was
+                // among them keeps its pre-exec snapshot until a stack it does not cover
+                // has it read again (if it is still alive).
+                tracing::warn!(
+                    "process events overflowed: some forks and execs were missed; short-lived processes among them may stay unsymbolized"
+                );
+            }
             if !matches!(
                 err.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
