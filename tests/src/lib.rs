@@ -379,6 +379,66 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Records the off-CPU time of already started `workloads` with the agent configuration
+/// `config` (written to `dir`): `go` to each once the probes are attached, stops the
+/// agent when every scenario is done, returns the profile.
+pub fn record_started_with_config(
+    dir: &Path,
+    config: &str,
+    workloads: &mut [&mut Workload],
+) -> stallscope_profile::Profile {
+    let config_path = dir.join("agent.toml");
+    std::fs::write(&config_path, config).expect("config written");
+    let out = dir.join("recorded.pb.gz");
+    let (out_arg, config_arg) = (
+        out.to_string_lossy().into_owned(),
+        config_path.to_string_lossy().into_owned(),
+    );
+    let agent = start_agent(&[
+        "record",
+        "--duration",
+        "10m",
+        "--signals",
+        "offcpu",
+        "--config",
+        &config_arg,
+        "-o",
+        &out_arg,
+    ])
+    .expect("agent starts");
+    for workload in workloads.iter_mut() {
+        workload.go().expect("go");
+    }
+    for workload in workloads.iter_mut() {
+        workload
+            .wait_done(Duration::from_secs(60))
+            .expect("scenario done");
+    }
+    stop_agent(agent, &out).0
+}
+
+/// The samples of process `pid`.
+pub fn samples_of(
+    profile: &stallscope_profile::Profile,
+    pid: u32,
+) -> Vec<&stallscope_profile::Sample> {
+    let pid = pid.to_string();
+    profile
+        .samples
+        .iter()
+        .filter(|s| label(s, "pid") == pid)
+        .collect()
+}
+
+/// The one value `key` has over all of `samples` (panics if several).
+pub fn only_value<'a>(samples: &[&'a stallscope_profile::Sample], key: &str) -> &'a str {
+    let mut values: Vec<&str> = samples.iter().map(|s| label(s, key)).collect();
+    values.sort_unstable();
+    values.dedup();
+    assert_eq!(values.len(), 1, "{key}: several values {values:?}");
+    values[0]
+}
+
 /// Starts `stallscope-agent record` with `args` and waits until its probes are attached.
 pub fn start_agent(args: &[&str]) -> anyhow::Result<AgentRun> {
     let mut agent = AgentRun::start(&binary(&binary_dir(), "stallscope-agent")?, args)?;

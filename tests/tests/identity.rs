@@ -5,33 +5,16 @@
 
 use std::{path::Path, time::Duration};
 
-use stallscope_profile::{ChangeKind, Profile, Sample};
+use stallscope_profile::ChangeKind;
 use stallscope_tests::{
     Workload, binary, binary_dir,
     fixtures::{self, Build, CgroupTree},
-    label, record_workload, require_root, scratch_dir, serial, start_agent, stop_agent,
+    label, only_value, record_started_with_config, record_workload, require_root, samples_of,
+    scratch_dir, serial, start_agent, stop_agent,
 };
 
 fn workload_binary() -> std::path::PathBuf {
     binary(&binary_dir(), "stallscope-workload").expect("workload built")
-}
-
-fn samples_of(profile: &Profile, pid: u32) -> Vec<&Sample> {
-    let pid = pid.to_string();
-    profile
-        .samples
-        .iter()
-        .filter(|s| label(s, "pid") == pid)
-        .collect()
-}
-
-/// The one value `key` has over all of `samples`.
-fn only_value<'a>(samples: &[&'a Sample], key: &str) -> &'a str {
-    let mut values: Vec<&str> = samples.iter().map(|s| label(s, key)).collect();
-    values.sort_unstable();
-    values.dedup();
-    assert_eq!(values.len(), 1, "{key}: several values {values:?}");
-    values[0]
 }
 
 #[test]
@@ -62,41 +45,14 @@ fn cgroups_shaped_like_kubernetes_and_systemd_name_the_workload() {
 
     // A rule names the pod's service by container id prefix; the unit's comes from it.
     let dir = scratch_dir("cgroups");
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let profile = record_started_with_config(
+        &dir,
+        &format!(
             "[[identity.service]]\nservice = \"checkout\"\ncontainer_id = \"{}\"\n",
             &container_id[..12]
         ),
-    )
-    .expect("config written");
-    let out = dir.join("cgroups.pb.gz");
-    let (out_arg, config_arg) = (
-        out.to_string_lossy().into_owned(),
-        config.to_string_lossy().into_owned(),
+        &mut [&mut in_pod, &mut in_unit],
     );
-    let agent = start_agent(&[
-        "record",
-        "--duration",
-        "10m",
-        "--signals",
-        "offcpu",
-        "--config",
-        &config_arg,
-        "-o",
-        &out_arg,
-    ])
-    .expect("agent starts");
-    for workload in [&mut in_pod, &mut in_unit] {
-        workload.go().expect("go");
-    }
-    for workload in [&mut in_pod, &mut in_unit] {
-        workload
-            .wait_done(Duration::from_secs(60))
-            .expect("scenario done");
-    }
-    let (profile, _) = stop_agent(agent, &out);
 
     let pod = samples_of(&profile, in_pod.pid);
     assert!(!pod.is_empty(), "no samples of the pod's process");

@@ -9,29 +9,10 @@
 
 use std::{process::Command, time::Duration};
 
-use stallscope_profile::{Profile, Sample};
 use stallscope_tests::{
-    Workload, binary, binary_dir, fixtures::CgroupTree, label, require_root, scratch_dir, serial,
-    start_agent, stop_agent,
+    Workload, binary, binary_dir, fixtures::CgroupTree, label, only_value,
+    record_started_with_config, require_root, samples_of, scratch_dir, serial,
 };
-
-fn samples_of(profile: &Profile, pid: u32) -> Vec<&Sample> {
-    let pid = pid.to_string();
-    profile
-        .samples
-        .iter()
-        .filter(|s| label(s, "pid") == pid)
-        .collect()
-}
-
-/// The one value `key` has over all of `samples`.
-fn only_value<'a>(samples: &[&'a Sample], key: &str) -> &'a str {
-    let mut values: Vec<&str> = samples.iter().map(|s| label(s, key)).collect();
-    values.sort_unstable();
-    values.dedup();
-    assert_eq!(values.len(), 1, "{key}: several values {values:?}");
-    values[0]
-}
 
 #[test]
 fn pod_log_directories_name_pods_and_containers() {
@@ -91,38 +72,11 @@ fn pod_log_directories_name_pods_and_containers() {
         .enter(multi.pid)
         .expect("enter second pod cgroup");
 
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!("[identity]\npod_logs_dir = \"{}\"\n", logs.display()),
-    )
-    .expect("config written");
-    let out = dir.join("kube.pb.gz");
-    let (out_arg, config_arg) = (
-        out.to_string_lossy().into_owned(),
-        config.to_string_lossy().into_owned(),
+    let profile = record_started_with_config(
+        &dir,
+        &format!("[identity]\npod_logs_dir = \"{}\"\n", logs.display()),
+        &mut [&mut single, &mut multi],
     );
-    let agent = start_agent(&[
-        "record",
-        "--duration",
-        "10m",
-        "--signals",
-        "offcpu",
-        "--config",
-        &config_arg,
-        "-o",
-        &out_arg,
-    ])
-    .expect("agent starts");
-    for workload in [&mut single, &mut multi] {
-        workload.go().expect("go");
-    }
-    for workload in [&mut single, &mut multi] {
-        workload
-            .wait_done(Duration::from_secs(60))
-            .expect("scenario done");
-    }
-    let (profile, _) = stop_agent(agent, &out);
 
     let one = samples_of(&profile, single.pid);
     assert!(!one.is_empty(), "no samples of the single-container pod");
