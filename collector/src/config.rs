@@ -13,7 +13,7 @@ use thiserror::Error;
 
 mod print;
 
-use self::print::{effective_toml, key_at};
+use self::print::effective_toml;
 pub use crate::tls::TlsFiles;
 use crate::{
     batch::BatchLimits,
@@ -237,7 +237,10 @@ impl Config {
                 })?;
                 let parse_error = |err: toml::de::Error| {
                     let message = err.message().trim_end().replace('\n', " ");
-                    let message = match err.span().and_then(|span| key_at(&text, span.start)) {
+                    let message = match err
+                        .span()
+                        .and_then(|span| stallscope_proto::toml_key::key_at(&text, span.start))
+                    {
                         Some(key) => format!("{key}: {message}"),
                         None => message,
                     };

@@ -1,7 +1,9 @@
 //! stallscope's wire types (package `stallscope.v1`): the agent's ingest stream and the
-//! CLI's query API, generated from `proto/stallscope.proto`.
+//! CLI's query API, generated from `proto/stallscope.proto`; and the two helpers agent and
+//! collector share as daemons (systemd notification, naming the key of a config error).
 
 pub mod sd_notify;
+pub mod toml_key;
 
 /// Generated messages and gRPC stubs.
 #[allow(

@@ -169,35 +169,16 @@ impl FileConfig {
             let at = err.span().map_or(0, |span| span.start.min(text.len()));
             let line = text[..at].matches('\n').count() + 1;
             let message = err.message().trim_end();
-            let message = match err.span().and_then(|span| key_at(text, span.start)) {
+            let message = match err
+                .span()
+                .and_then(|span| stallscope_proto::toml_key::key_at(text, span.start))
+            {
                 Some(key) => format!("{key}: {message}"),
                 None => message.to_owned(),
             };
             (line, message)
         })
     }
-}
-
-/// The dotted key (`run.batch_interval`) of the line holding byte `offset` of a TOML
-/// `text`, with the table it sits in, so an error names the key it is about.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let before = text.get(..offset)?;
-    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
-    let line = text[line_start..].lines().next()?;
-    let key = line.split_once('=')?.0.trim().trim_matches('"');
-    if key.is_empty() || key.starts_with('[') {
-        return None;
-    }
-    let table = before[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|header| header.trim_matches(|c| c == '[' || c == ']').trim());
-    Some(match table {
-        Some(table) => format!("{table}.{key}"),
-        None => key.to_owned(),
-    })
 }
 
 #[cfg(test)]

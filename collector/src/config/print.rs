@@ -135,28 +135,6 @@ pub fn effective_toml(
     out
 }
 
-/// The dotted key (`detect.grace`) on the line holding byte `offset` of TOML `text`,
-/// so a parse error names the key it is about.
-pub fn key_at(text: &str, offset: usize) -> Option<String> {
-    let before = text.get(..offset)?;
-    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
-    let line = text[line_start..].lines().next()?;
-    let key = line.split_once('=')?.0.trim().trim_matches('"');
-    if key.is_empty() || key.starts_with('[') {
-        return None;
-    }
-    let table = before[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|header| header.trim_matches(|c| c == '[' || c == ']').trim());
-    Some(match table {
-        Some(table) => format!("{table}.{key}"),
-        None => key.to_owned(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
