@@ -417,6 +417,15 @@ pub fn record_started_with_config(
     stop_agent(agent, &out).0
 }
 
+/// Polls `check` every 200 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The samples of process `pid`.
 pub fn samples_of(
     profile: &stallscope_profile::Profile,

@@ -5,11 +5,7 @@
 //! too. Bad input gets a 4xx with a one-line reason and stores nothing; storage down
 //! gets a 5xx, and the collector keeps serving. No probes are loaded: no root needed.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use serde_json::Value;
 use stallscope_tests::{
@@ -22,6 +18,7 @@ use stallscope_tests::{
     http::{self, Framing, Tls},
     pki::Pki,
     proxy::TcpProxy,
+    wait_for,
 };
 
 const PATH: &str = "/webhook/alertmanager";
@@ -121,14 +118,6 @@ fn deliveries(collector: &CollectorProcess, status: &str) -> usize {
             line.contains("alertmanager delivery:") && line.contains(&format!(" {status}, "))
         })
         .count()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn alert_json(starts_s: i64, ends_s: Option<i64>) -> String {

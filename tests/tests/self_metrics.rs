@@ -10,14 +10,14 @@ use std::{
     io::Write as _,
     net::SocketAddr,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use stallscope_tests::{
     AgentRun, Workload, binary, binary_dir,
     collector::{CollectorProcess, TEST_TOKEN, cli, free_port, scratch},
     http::{Framing, request},
-    require_root, serial,
+    require_root, serial, wait_for,
 };
 
 /// Threads the churn scenario starts (each waits off CPU three times): far more than
@@ -73,14 +73,6 @@ fn sum(samples: &BTreeMap<String, f64>, prefix: &str, parts: &[&str]) -> f64 {
         .filter(|(key, _)| key.starts_with(prefix) && parts.iter().all(|p| key.contains(p)))
         .map(|(_, value)| value)
         .sum()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]
