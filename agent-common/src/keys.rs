@@ -60,6 +60,10 @@ pub const FLAG_USTACK_FAILED: u8 = 1 << 2;
 pub const FLAG_KERNEL_THREAD: u8 = 1 << 3;
 /// [`SampleKey::flags`]: the event happened outside process context (no stack of its own).
 pub const FLAG_NO_CONTEXT: u8 = 1 << 4;
+/// [`SampleKey::flags`], set by the agent (never by a probe): the wait happened inside
+/// `execve`, so its user stack was the program that exec replaced, which the process's
+/// memory map no longer shows; the stack is dropped.
+pub const FLAG_USER_BEFORE_EXEC: u8 = 1 << 5;
 /// [`crate::PendingWait::flags`] only: the wait is sampled for the lock signal alone (the
 /// off-CPU signal is off).
 pub const FLAG_NO_OFFCPU: u8 = 1 << 7;

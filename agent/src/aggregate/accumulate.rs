@@ -11,7 +11,8 @@ use std::{
 };
 
 use agent_common::{
-    LOSS_COUNTERS, NO_STACK, Peer, SampleKey, SampleValue, Signal, StackTrace, TotalKey, TotalValue,
+    FLAG_USER_BEFORE_EXEC, LOSS_COUNTERS, NO_STACK, Peer, SampleKey, SampleValue, Signal,
+    StackTrace, TotalKey, TotalValue,
 };
 use stallscope_profile::{Frame, FrameId, FrameKind, Labels, Profile};
 
@@ -39,6 +40,8 @@ pub struct Accumulator {
     raw_stacks: HashMap<u64, StackTrace>,
     raw_order: VecDeque<u64>,
     kernel_stacks: HashMap<(u64, bool), Vec<FrameId>>,
+    /// Kernel stacks (by hash) inside `execve` ([`in_exec`]).
+    exec_kernel_stacks: HashSet<u64>,
     /// User stacks of the profile being assembled (filled by `resolve_user_stacks`).
     user_stacks: HashMap<(u32, u64), Vec<FrameId>>,
     /// Of those, the ones probably cut short by a missing frame pointer.
@@ -91,6 +94,7 @@ impl Accumulator {
             raw_stacks: HashMap::new(),
             raw_order: VecDeque::new(),
             kernel_stacks: HashMap::new(),
+            exec_kernel_stacks: HashSet::new(),
             user_stacks: HashMap::new(),
             truncated_user_stacks: HashSet::new(),
             process_labels: HashMap::new(),
@@ -168,7 +172,7 @@ impl Accumulator {
             }
         }
         for (key, value) in drained.samples {
-            self.resolve_stacks(&key);
+            let key = self.resolve_stacks(key);
             self.remember_identity(key.tgid, key.tid);
             let entry = self.samples.entry(key).or_default();
             entry.ns += value.ns;
@@ -320,12 +324,20 @@ impl Accumulator {
     }
 
     /// Symbolizes the kernel stack of a sample the first time it is seen, and hands its
-    /// user stack to the resolver (normalized now, symbolized in the background).
-    fn resolve_stacks(&mut self, key: &SampleKey) {
-        let leaf_exact = Self::leaf_exact(key);
+    /// user stack to the resolver (normalized now, symbolized in the background). Returns
+    /// the key to accumulate under: without its user stack if the wait was inside exec.
+    fn resolve_stacks(&mut self, mut key: SampleKey) -> SampleKey {
+        let leaf_exact = Self::leaf_exact(&key);
         if key.kstack != NO_STACK && !self.kernel_stacks.contains_key(&(key.kstack, leaf_exact)) {
             let ids = self.symbolize_kernel(key.kstack, leaf_exact);
+            if in_exec(&self.function_names(&ids)) {
+                self.exec_kernel_stacks.insert(key.kstack);
+            }
             self.kernel_stacks.insert((key.kstack, leaf_exact), ids);
+        }
+        if key.ustack != NO_STACK && self.exec_kernel_stacks.contains(&key.kstack) {
+            key.ustack = NO_STACK;
+            key.flags |= FLAG_USER_BEFORE_EXEC;
         }
         if key.ustack != NO_STACK {
             match self.raw_stacks.get(&key.ustack) {
@@ -340,6 +352,7 @@ impl Accumulator {
                 }
             }
         }
+        key
     }
 
     /// Settles the resolver and turns the user stacks of `samples` into frames of the
@@ -416,6 +429,20 @@ impl Accumulator {
     }
 }
 
+/// The kernel's `execve` path (5.9+; `kernel_execve` when the kernel starts a program).
+const EXEC_FUNCTIONS: [&str; 3] = ["bprm_execve", "do_execveat_common", "kernel_execve"];
+
+/// Whether a kernel stack (function names, innermost first) is inside `execve`: from its
+/// start the user registers are those of the call in the program being replaced, and
+/// once the new memory map is in place a walk of them reads the new program's memory.
+/// Either way the user stack belongs to no image the process's snapshot shows.
+fn in_exec(kernel_functions: &[&str]) -> bool {
+    kernel_functions.iter().any(|function| {
+        let name = function.split_once('.').map_or(*function, |(name, _)| name);
+        EXEC_FUNCTIONS.contains(&name)
+    })
+}
+
 fn read_comm(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join("comm"))
         .ok()
@@ -425,6 +452,29 @@ fn read_comm(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_inside_execve_are_told_by_their_kernel_stack() {
+        assert!(in_exec(&[
+            "do_close_on_exec",
+            "begin_new_exec",
+            "load_elf_binary",
+            "bprm_execve",
+            "do_execveat_common.isra.0",
+            "__x64_sys_execve",
+        ]));
+        assert!(in_exec(&[
+            "schedule",
+            "kernel_execve",
+            "call_usermodehelper_exec_async"
+        ]));
+        assert!(!in_exec(&[
+            "schedule",
+            "do_nanosleep",
+            "__x64_sys_clock_nanosleep"
+        ]));
+        assert!(!in_exec(&["bprm_execve_ish"]));
+    }
 
     fn lock_total(tid: u32, ns: u64) -> (TotalKey, TotalValue) {
         let key = TotalKey {

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 
 use agent_common::{
     ConnectOutcome, DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT,
-    FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, FdKind, LockKind, Loss, OffCpuState, RunQueueKind,
-    SampleKey, SampleValue, Signal, SocketOp, TcpEvent, TotalKey, TotalValue,
+    FLAG_USER_BEFORE_EXEC, FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, FdKind, LockKind, Loss,
+    OffCpuState, RunQueueKind, SampleKey, SampleValue, Signal, SocketOp, TcpEvent, TotalKey,
+    TotalValue,
 };
 use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta, Profile};
 
@@ -185,6 +186,8 @@ fn stack_note(acc: &Accumulator, key: &SampleKey) -> Option<&'static str> {
         Some("user stack: leaf frame only")
     } else if flags & FLAG_USTACK_FAILED != 0 {
         Some("user stack: capture failed")
+    } else if flags & FLAG_USER_BEFORE_EXEC != 0 {
+        Some("user stack: none (the wait was inside exec, in a program the process replaced)")
     } else if flags & FLAG_KSTACK_FAILED != 0 {
         Some("kernel stack: capture failed")
     } else if flags & FLAG_NO_CONTEXT != 0 {

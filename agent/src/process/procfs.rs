@@ -57,20 +57,47 @@ impl Mapping {
     }
 }
 
-/// Parses `/proc/PID/maps` (as read, bytes) with the `procfs` crate, keeping executable
-/// mappings, sorted by address.
-pub fn parse_maps(maps: &[u8]) -> io::Result<Vec<Mapping>> {
-    let maps = MemoryMaps::from_buf_read(maps).map_err(|err| unparsable("maps", &err))?;
-    let mut mappings: Vec<Mapping> = maps.into_iter().filter_map(executable_mapping).collect();
-    mappings.sort_by_key(|m| m.start);
-    Ok(mappings)
+/// What the agent keeps of `/proc/PID/maps`.
+#[derive(Debug, Default)]
+pub struct AddressSpace {
+    /// Executable mappings, sorted by address.
+    pub code: Vec<Mapping>,
+    /// Address ranges (start, end) of files mapped without execute permission (data and
+    /// read-only segments), sorted and merged: an address there is never a return address.
+    pub file_data: Vec<(u64, u64)>,
 }
 
-/// The agent's view of one line of `/proc/PID/maps`, if it is executable.
-fn executable_mapping(map: MemoryMap) -> Option<Mapping> {
-    if !map.perms.contains(MMPermissions::EXECUTE) {
-        return None;
+/// Parses `/proc/PID/maps` (as read, bytes) with the `procfs` crate.
+pub fn parse_maps(maps: &[u8]) -> io::Result<AddressSpace> {
+    let maps = MemoryMaps::from_buf_read(maps).map_err(|err| unparsable("maps", &err))?;
+    let mut space = AddressSpace::default();
+    for map in maps {
+        if map.perms.contains(MMPermissions::EXECUTE) {
+            space.code.push(executable_mapping(map));
+        } else if map.inode != 0 && matches!(map.pathname, MMapPath::Path(_)) {
+            let (start, end) = map.address;
+            match space.file_data.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => space.file_data.push((start, end)),
+            }
+        }
     }
+    space.code.sort_by_key(|m| m.start);
+    space.file_data.sort_unstable();
+    Ok(space)
+}
+
+/// Whether `address` lies in one of `ranges` (sorted, not overlapping).
+pub fn in_ranges(ranges: &[(u64, u64)], address: u64) -> bool {
+    let index = ranges.partition_point(|&(start, _)| start <= address);
+    index
+        .checked_sub(1)
+        .and_then(|i| ranges.get(i))
+        .is_some_and(|&(_, end)| address < end)
+}
+
+/// The agent's view of one executable line of `/proc/PID/maps`.
+fn executable_mapping(map: MemoryMap) -> Mapping {
     let path = match map.pathname {
         MMapPath::Path(path) => path.to_string_lossy().into_owned(),
         MMapPath::Anonymous => String::new(),
@@ -94,14 +121,14 @@ fn executable_mapping(map: MemoryMap) -> Option<Mapping> {
         dev,
         inode: map.inode,
     });
-    Some(Mapping {
+    Mapping {
         start: map.address.0,
         end: map.address.1,
         offset: map.offset,
         file,
         path: Arc::from(path),
         deleted,
-    })
+    }
 }
 
 fn unparsable(file: &str, err: &dyn std::fmt::Display) -> io::Error {
@@ -230,12 +257,32 @@ mod tests {
 55d0a0001000-55d0a0005000 r-xp 00001000 08:01 1234 /usr/bin/app
 7f0000000000-7f0000010000 rwxp 00000000 00:00 0 
 7f1000000000-7f1000100000 r-xp 00028000 fd:02 99 /tmp/with space/lib.so (deleted)
+7f2000000000-7f2000002000 r--p 00031000 fe:00 325843 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+7f2000002000-7f2000003000 rw-p 00033000 fe:00 325843 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+7f3000000000-7f3000001000 rw-p 00000000 00:00 0 
 7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
 ";
 
     #[test]
+    fn keeps_the_data_ranges_of_mapped_files() {
+        let space = parse_maps(MAPS.as_bytes()).expect("parses");
+        // The app's read-only header, then the data of ld.so (two adjacent segments).
+        assert_eq!(
+            space.file_data,
+            vec![
+                (0x55d0_a000_0000, 0x55d0_a000_1000),
+                (0x7f20_0000_0000, 0x7f20_0000_3000)
+            ]
+        );
+        assert!(in_ranges(&space.file_data, 0x7f20_0000_2fff));
+        assert!(!in_ranges(&space.file_data, 0x7f20_0000_3000));
+        assert!(!in_ranges(&space.file_data, 0x55d0_a000_1010), "code");
+        assert!(!in_ranges(&space.file_data, 0x7ffd_0000_0000), "anonymous");
+    }
+
+    #[test]
     fn parses_executable_mappings() {
-        let maps = parse_maps(MAPS.as_bytes()).expect("parses");
+        let maps = parse_maps(MAPS.as_bytes()).expect("parses").code;
         assert_eq!(maps.len(), 4, "{maps:?}");
         let app = &maps[0];
         assert_eq!(

@@ -26,7 +26,10 @@ pub struct ProcessSnapshot {
     pub kubernetes: Option<Arc<PodNames>>,
     /// Redacted command line, when collection is enabled.
     pub cmdline: Option<String>,
+    /// Executable mappings, sorted by address.
     pub maps: Arc<[Mapping]>,
+    /// Ranges of files mapped without execute permission (`procfs::AddressSpace`).
+    pub file_data: Arc<[(u64, u64)]>,
     pub perf_map: Option<Arc<PerfMap>>,
     /// When the mappings were read (for an inherited snapshot: the parent's read).
     pub taken: Instant,
@@ -52,6 +55,7 @@ impl ProcessSnapshot {
             kubernetes: self.kubernetes.clone(),
             cmdline: self.cmdline.clone(),
             maps: Arc::clone(&self.maps),
+            file_data: Arc::clone(&self.file_data),
             perf_map: self.perf_map.clone(),
             taken: self.taken,
             inherited: true,
@@ -73,8 +77,8 @@ pub fn read_snapshot(pid: u32, collect_cmdline: bool) -> io::Result<ProcessSnaps
     let dir = format!("/proc/{pid}");
     let dir = Path::new(&dir);
     let start_ticks = procfs::start_ticks(pid)?;
-    let maps: Arc<[Mapping]> =
-        procfs::parse_maps(&procfs::read_small(&dir.join("maps"), 64 * 1024 * 1024)?)?.into();
+    let space = procfs::parse_maps(&procfs::read_small(&dir.join("maps"), 64 * 1024 * 1024)?)?;
+    let maps: Arc<[Mapping]> = space.code.into();
     let comm = procfs::read_small(&dir.join("comm"), 256)
         .map(|c| String::from_utf8_lossy(&c).trim_end().to_owned())
         .unwrap_or_default();
@@ -123,6 +127,7 @@ pub fn read_snapshot(pid: u32, collect_cmdline: bool) -> io::Result<ProcessSnaps
         kubernetes: None,
         cmdline,
         maps,
+        file_data: space.file_data.into(),
         perf_map,
         taken: Instant::now(),
         inherited: false,

@@ -191,7 +191,9 @@ mod tests {
     #[test]
     fn opens_own_binary_through_map_files() {
         let maps = std::fs::read("/proc/self/maps").expect("own maps");
-        let mappings = crate::process::procfs::parse_maps(&maps).expect("own maps parse");
+        let mappings = crate::process::procfs::parse_maps(&maps)
+            .expect("own maps parse")
+            .code;
         let here = opens_own_binary_through_map_files as *const () as u64;
         let mapping = crate::process::procfs::find_mapping(&mappings, here).expect("mapped");
         // map_files needs CAP_SYS_ADMIN; the root-path fallback works for anyone.

@@ -17,12 +17,16 @@ use std::{
     collections::{HashMap, VecDeque},
     hash::{Hash, Hasher},
     sync::{
-        Arc, Condvar, Mutex, MutexGuard, Weak,
+        Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
+
+mod worker;
+
+use worker::{spawn_worker, supervise};
 
 /// Why a job did not run to completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +55,8 @@ type Fail = Box<dyn FnOnce(Failure) + Send>;
 pub struct Job<L> {
     key: u64,
     source: u64,
+    /// Queued ahead of the lane's other jobs ([`Job::urgent`]).
+    urgent: bool,
     deadline: Duration,
     run: Run<L>,
     fail: Fail,
@@ -66,6 +72,7 @@ impl<L> Job<L> {
         Self {
             key,
             source: key,
+            urgent: false,
             deadline,
             run: Box::new(run),
             fail: Box::new(fail),
@@ -76,6 +83,15 @@ impl<L> Job<L> {
     #[must_use]
     pub fn source(mut self, source: u64) -> Self {
         self.source = source;
+        self
+    }
+
+    /// Queues the job ahead of the lane's queued jobs: work that loses its object if it
+    /// waits (the read of a process that may exit soon), behind a backlog that does not
+    /// (the reads of every process at start-up).
+    #[must_use]
+    pub fn urgent(mut self) -> Self {
+        self.urgent = true;
         self
     }
 }
@@ -217,7 +233,11 @@ impl<L: Default + 'static> Lanes<L> {
             (job.fail)(Failure::Refused);
             return;
         }
-        state.jobs.push_back(job);
+        if job.urgent {
+            state.jobs.push_front(job);
+        } else {
+            state.jobs.push_back(job);
+        }
         drop(state);
         lane.wake.notify_one();
     }
@@ -321,120 +341,6 @@ impl<L: Default + 'static> Drop for Lanes<L> {
     }
 }
 
-fn supervise<L: Default + 'static>(lanes: &Weak<Lanes<L>>) {
-    const TICK: Duration = Duration::from_millis(20);
-    loop {
-        thread::sleep(TICK);
-        let Some(lanes) = lanes.upgrade() else {
-            return;
-        };
-        lanes.check_deadlines();
-    }
-}
-
-/// Starts the worker of lane `index` for `epoch`; false if no thread could be created.
-fn spawn_worker<L: Default + 'static>(
-    name: &str,
-    nice: i32,
-    index: usize,
-    lanes: &Arc<[Arc<Lane<L>>]>,
-    epoch: u64,
-    stuck: &Arc<AtomicUsize>,
-) -> bool {
-    let stuck = Arc::clone(stuck);
-    let lanes = Arc::clone(lanes);
-    thread::Builder::new()
-        .name(format!("{name}-{index}"))
-        .spawn(move || {
-            if nice != 0 {
-                // Linux applies PRIO_PROCESS to one thread when given its id. Failure
-                // (not permitted) leaves the thread at the agent's priority.
-                // SAFETY: plain syscalls on the calling thread.
-                let _ = unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice)
-                };
-            }
-            work(&lanes, index, epoch, &stuck);
-        })
-        .is_ok()
-}
-
-/// How often an idle worker looks for jobs stuck behind a long one.
-const STEAL_TICK: Duration = Duration::from_millis(50);
-/// A job running this long makes the jobs queued behind it fair game for idle lanes.
-const STEAL_AFTER: Duration = Duration::from_millis(100);
-
-/// Takes the first queued job of a sibling lane whose running job has run long.
-fn steal<L>(lanes: &[Arc<Lane<L>>], own: usize) -> Option<Job<L>> {
-    let now = Instant::now();
-    lanes
-        .iter()
-        .enumerate()
-        .filter(|(index, _)| *index != own)
-        .find_map(|(_, lane)| {
-            let mut state = lane.lock();
-            let long = state
-                .running
-                .as_ref()
-                .is_some_and(|r| now.duration_since(r.started) > STEAL_AFTER);
-            if long { state.jobs.pop_front() } else { None }
-        })
-}
-
-fn work<L: Default>(lanes: &[Arc<Lane<L>>], index: usize, epoch: u64, stuck: &AtomicUsize) {
-    let lane = &lanes[index];
-    let mut local = L::default();
-    loop {
-        let job = loop {
-            let state = lane.lock();
-            if state.shutdown || state.epoch != epoch {
-                return;
-            }
-            let mut state = state;
-            if let Some(job) = state.jobs.pop_front() {
-                break job;
-            }
-            let (state, _) = lane
-                .wake
-                .wait_timeout(state, STEAL_TICK)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let idle = state.jobs.is_empty();
-            drop(state);
-            if idle && let Some(job) = steal(lanes, index) {
-                break job;
-            }
-        };
-        let mut state = lane.lock();
-        if state.shutdown || state.epoch != epoch {
-            drop(state);
-            (job.fail)(Failure::Refused);
-            return;
-        }
-        let Job {
-            source,
-            deadline,
-            run,
-            fail,
-            ..
-        } = job;
-        state.running = Some(Running {
-            source,
-            started: Instant::now(),
-            deadline,
-            fail: Some(fail),
-        });
-        drop(state);
-        run(&mut local);
-        let mut state = lane.lock();
-        if state.epoch != epoch {
-            // Abandoned while running: the lane has a new worker already.
-            stuck.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-        state.running = None;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
@@ -533,6 +439,57 @@ mod tests {
             thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(lanes.stuck_threads(), 0);
+    }
+
+    #[test]
+    fn an_urgent_job_runs_before_the_jobs_queued_ahead_of_it() {
+        let lanes = Lanes::<()>::new("urgent", 1, 4, Duration::from_secs(60));
+        let (tx, rx) = mpsc::channel::<u64>();
+        let (release, blocked) = mpsc::channel::<()>();
+        let blocked = Arc::new(Mutex::new(blocked));
+        // The only lane is busy; a backlog of three queues, then an urgent job.
+        let (first, (started, running)) = (tx.clone(), mpsc::channel::<()>());
+        lanes.submit(Job::new(
+            0,
+            Duration::from_secs(60),
+            move |()| {
+                let _ = started.send(());
+                let _ = blocked.lock().map(|rx| rx.recv());
+                let _ = first.send(0);
+            },
+            |_| {},
+        ));
+        running
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first job runs");
+        for key in 1..=3 {
+            let done = tx.clone();
+            lanes.submit(Job::new(
+                key,
+                Duration::from_secs(60),
+                move |()| {
+                    let _ = done.send(key);
+                },
+                |_| {},
+            ));
+        }
+        let done = tx.clone();
+        lanes.submit(
+            Job::new(
+                9,
+                Duration::from_secs(60),
+                move |()| {
+                    let _ = done.send(9);
+                },
+                |_| {},
+            )
+            .urgent(),
+        );
+        let _ = release.send(());
+        let order: Vec<u64> = (0..5)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("ran"))
+            .collect();
+        assert_eq!(order, vec![0, 9, 1, 2, 3]);
     }
 
     #[test]

@@ -400,7 +400,9 @@ mod tests {
     #[inline(never)]
     fn own_function_frame(dwarf_max: u64) -> Frame {
         let maps = std::fs::read("/proc/self/maps").expect("own maps");
-        let mappings = crate::process::procfs::parse_maps(&maps).expect("own maps parse");
+        let mappings = crate::process::procfs::parse_maps(&maps)
+            .expect("own maps parse")
+            .code;
         let here = own_function_frame as *const () as u64;
         let mapping = crate::process::procfs::find_mapping(&mappings, here).expect("mapped");
         let binary =

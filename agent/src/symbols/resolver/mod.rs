@@ -196,17 +196,19 @@ impl Resolver {
                 entry.requested = false;
                 match result {
                     Ok(snapshot) => {
-                        let newer = entry
-                            .snapshot
-                            .as_ref()
-                            .is_none_or(|old| old.taken <= snapshot.taken);
-                        if newer {
+                        if entry.replaced_by(&snapshot) {
                             entry.snapshot = Some(Arc::clone(&snapshot));
                         }
-                        for (child, start_ticks) in
-                            self.forks_waiting.remove(&pid).unwrap_or_default()
-                        {
-                            self.inherit(&snapshot, child, start_ticks);
+                        let waiting = self.forks_waiting.remove(&pid).unwrap_or_default();
+                        if entry.shows_current_image(&snapshot) {
+                            for (child, start_ticks) in waiting {
+                                self.inherit(&snapshot, child, start_ticks);
+                            }
+                        } else if !waiting.is_empty() {
+                            // Read before the parent's last exec: the children were forked
+                            // from the new image, which the next read shows.
+                            self.forks_waiting.insert(pid, waiting);
+                            self.request(pid, true);
                         }
                     }
                     Err(reason) => {
@@ -217,7 +219,7 @@ impl Resolver {
                         }
                         // No parent snapshot to inherit: the children are read themselves.
                         for (child, _) in self.forks_waiting.remove(&pid).unwrap_or_default() {
-                            self.request(child);
+                            self.request(child, true);
                         }
                     }
                 }
@@ -228,9 +230,7 @@ impl Resolver {
                 start_ticks,
                 at,
             } => self.forked(parent, child, start_ticks, at),
-            Outcome::Execed { pid, at } => {
-                self.processes.entry(pid).or_default().execed_at = Some(at);
-            }
+            Outcome::Execed { pid, at } => self.execed(pid, at),
             Outcome::Exited { pid } => {
                 if let Some(entry) = self.processes.get_mut(&pid) {
                     entry.exited = true;

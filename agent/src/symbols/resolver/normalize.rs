@@ -36,11 +36,17 @@ pub(super) struct PendingStack {
 }
 
 pub(super) const NOT_MAPPED: &str = "not mapped when the process was read";
+/// A caller address in a mapped file's data: never a return address.
+pub(super) const NOT_CODE: &str = "in a mapped file's data, not its code";
 
 /// No user-space address reaches this high on any architecture the agent runs on
 /// (x86-64 with 5-level paging ends below 2^56, arm64 below 2^52): a caller address at
 /// or above it is a frame-pointer walk gone into data (e.g. the bytes of a string).
 const USER_ADDRESS_LIMIT: u64 = 1 << 56;
+
+/// Nothing is mapped in the first page (the kernel's `mmap_min_addr` is at least that):
+/// a caller address below it (a zero read as a return address) ends a walk too.
+const USER_ADDRESS_MIN: u64 = 0x1000;
 
 /// How many addresses of a user stack (innermost first) to keep: all of them, or those
 /// before its first caller address that cannot be a user address. The leaf is kept
@@ -49,17 +55,20 @@ pub(super) fn usable_addresses(addresses: &[u64]) -> usize {
     addresses
         .iter()
         .skip(1)
-        .position(|&address| address >= USER_ADDRESS_LIMIT)
+        .position(|&address| !(USER_ADDRESS_MIN..USER_ADDRESS_LIMIT).contains(&address))
         .map_or(addresses.len(), |bad| bad + 1)
 }
 
-/// Cuts a user stack (innermost first), normalized against a snapshot taken after it,
-/// before its first caller address that no executable mapping covers; says whether it
-/// cut. The leaf is kept whatever it is: an unmapped leaf is a fact worth showing.
-pub(super) fn cut_at_unmapped(frames: &mut Vec<NormFrame>) -> bool {
-    let bad = frames.iter().skip(1).position(
-        |frame| matches!(frame, NormFrame::Unknown { reason, .. } if *reason == NOT_MAPPED),
-    );
+/// Cuts a user stack (innermost first) before its first caller address that cannot be a
+/// return address; says whether it cut. In a mapped file's data, never; covered by no
+/// executable mapping, only when the snapshot was `fresh` (taken after the stack: an
+/// older one may miss a library loaded since). The leaf is kept whatever it is: an
+/// unmapped leaf is a fact worth showing.
+pub(super) fn cut_at_bad_caller(frames: &mut Vec<NormFrame>, fresh: bool) -> bool {
+    let bad = frames.iter().skip(1).position(|frame| {
+        matches!(frame, NormFrame::Unknown { reason, .. }
+            if *reason == NOT_CODE || (fresh && *reason == NOT_MAPPED))
+    });
     if let Some(good) = bad {
         frames.truncate(good + 1);
     }
@@ -74,6 +83,13 @@ pub(super) fn normalize_address(
     stale: &mut bool,
 ) -> NormFrame {
     let Some(mapping) = procfs::find_mapping(&snapshot.maps, address) else {
+        if procfs::in_ranges(&snapshot.file_data, address) {
+            return NormFrame::Unknown {
+                address,
+                module: None,
+                reason: NOT_CODE,
+            };
+        }
         *stale = true;
         return NormFrame::Unknown {
             address,
@@ -147,18 +163,20 @@ impl Resolver {
                 }
                 self.stacks.insert(key, frames);
             } else {
-                self.request(key.0);
+                self.request(key.0, false);
             }
         }
     }
 
     /// Normalizes a stack against its process's snapshot, or `None` to wait for a (newer)
     /// snapshot: none yet, or one taken before the stack whose mappings miss an address.
-    /// Also says whether the stack was cut: in a snapshot taken after the stack, an
-    /// address past the leaf that no executable mapping covers cannot be a return
-    /// address. The frame-pointer walk went wrong there (a thread fresh out of `clone3`
-    /// has no frame chain yet, and the kernel's walker follows whatever `rbp` holds), so
-    /// the stack ends at the last good frame instead of listing garbage.
+    /// Also says whether the stack was cut: an address past the leaf in a mapped file's
+    /// data, or (in a snapshot taken after the stack) one no executable mapping covers,
+    /// cannot be a return address. The frame-pointer walk went wrong there (a thread
+    /// fresh out of `clone3` has no frame chain yet, code built without frame pointers
+    /// such as the dynamic loader uses `rbp` for data, and the kernel's walker follows
+    /// whatever `rbp` holds), so the stack ends at the last good frame instead of listing
+    /// garbage.
     pub(super) fn normalize(
         &self,
         pid: u32,
@@ -172,7 +190,8 @@ impl Resolver {
         let addresses = &pending.addresses[..usable];
         let impossible = usable < pending.addresses.len();
         let Some(snapshot) = entry.and_then(|e| e.snapshot.as_ref()) else {
-            if last_chance || exited {
+            // An exited child whose parent's read is under way still gets its snapshot.
+            if last_chance || (exited && !self.awaits_parents_read(pid)) {
                 let reason = "process exited before its memory map was read";
                 let frames = addresses
                     .iter()
@@ -195,7 +214,7 @@ impl Resolver {
         if stale && !last_chance && !exited && !fresh {
             return None;
         }
-        let cut = (fresh && cut_at_unmapped(&mut frames)) || impossible;
+        let cut = cut_at_bad_caller(&mut frames, fresh) || impossible;
         Some((frames.into(), cut))
     }
 }
@@ -225,6 +244,11 @@ mod tests {
             2
         );
         assert_eq!(usable_addresses(&[0x55d5_a199_902f, 0x7ffd_0000_1000]), 2);
+        // A zero read as a return address ends the walk too.
+        assert_eq!(
+            usable_addresses(&[0x55d5_a199_902f, 0, 0x7ffd_0000_1000]),
+            1
+        );
         // The leaf is kept whatever it is.
         assert_eq!(usable_addresses(&[garbage]), 1);
         assert_eq!(usable_addresses(&[]), 0);
@@ -239,14 +263,29 @@ mod tests {
             unknown(NOT_MAPPED),
             jit(),
         ];
-        assert!(cut_at_unmapped(&mut frames));
+        let mut stale = frames.clone();
+        assert!(cut_at_bad_caller(&mut frames, true));
         assert_eq!(frames.len(), 2);
+        // A snapshot older than the stack may miss a library loaded since.
+        assert!(!cut_at_bad_caller(&mut stale, false));
+        assert_eq!(stale.len(), 5);
+    }
+
+    #[test]
+    fn a_walk_into_a_files_data_is_cut_whatever_the_snapshots_age() {
+        for fresh in [true, false] {
+            let mut frames = vec![jit(), jit(), unknown(NOT_CODE), jit()];
+            assert!(cut_at_bad_caller(&mut frames, fresh));
+            assert_eq!(frames.len(), 2);
+        }
     }
 
     #[test]
     fn an_unmapped_leaf_and_other_unknowns_are_kept() {
         let mut frames = vec![unknown(NOT_MAPPED), jit(), unknown("anonymous"), jit()];
-        assert!(!cut_at_unmapped(&mut frames));
+        assert!(!cut_at_bad_caller(&mut frames, true));
         assert_eq!(frames.len(), 4);
+        let mut frames = vec![unknown(NOT_CODE), jit()];
+        assert!(!cut_at_bad_caller(&mut frames, false));
     }
 }

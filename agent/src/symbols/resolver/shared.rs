@@ -79,11 +79,13 @@ impl Shared {
         }
     }
 
-    /// Reads `pid` on a lane; the snapshot (or why not) arrives as a message.
-    pub fn request_snapshot(self: &Arc<Self>, pid: u32) {
+    /// Reads `pid` on a lane; the snapshot (or why not) arrives as a message. An
+    /// `urgent` read (of a process just started, or of a parent whose children wait for
+    /// it) goes ahead of the reads queued, such as those of every process at start-up.
+    pub fn request_snapshot(self: &Arc<Self>, pid: u32, urgent: bool) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let (shared, failed) = (Arc::clone(self), Arc::clone(self));
-        self.read_lanes.submit(Job::new(
+        let job = Job::new(
             lanes::key_of(&("pid", pid)),
             self.read_deadline,
             move |()| {
@@ -106,7 +108,9 @@ impl Shared {
                     result: Err(failure.reason().to_owned()),
                 });
             },
-        ));
+        );
+        self.read_lanes
+            .submit(if urgent { job.urgent() } else { job });
     }
 
     /// Tells the resolver process `parent` forked `child` (started at `start_ticks`).
@@ -192,7 +196,7 @@ impl ProcessListener for EventFeed {
     }
 
     fn read(&self, pid: u32) {
-        self.0.request_snapshot(pid);
+        self.0.request_snapshot(pid, true);
     }
 }
 
