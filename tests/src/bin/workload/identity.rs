@@ -5,7 +5,7 @@
 use std::{
     hint::black_box,
     io::Write,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -14,7 +14,9 @@ use crate::{offcpu_marker_sleep, waits::result};
 /// Waits `count` x 50 ms in `offcpu_marker_sleep`, then burns CPU for `spin` and returns
 /// (the caller exits at once): the last wait ends `spin` before the process is gone.
 pub fn exit_soon(count: u32, spin: Duration) {
+    let slept = Instant::now();
     offcpu_marker_sleep(count, Duration::from_millis(50));
+    result("slept_ns", slept.elapsed().as_nanos());
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let mut x = 0u64;
@@ -25,14 +27,34 @@ pub fn exit_soon(count: u32, spin: Duration) {
 }
 
 /// Forks `workers` child processes (no exec), each blocking once for `wait` inside
-/// `offcpu_marker_sleep` and exiting at once; waits for all of them.
+/// `offcpu_marker_sleep` and exiting at once; waits for all of them. Reports how long
+/// the workers' sleeps lasted by their own clocks (`slept_ns`, a sleep overshoots on a
+/// busy host), through a page shared with them.
 pub fn fork_workers(workers: u32, wait: Duration) {
+    let slots = workers as usize;
+    // SAFETY: an anonymous shared mapping, checked below; zero-filled.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            slots.max(1) * 8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(shared != libc::MAP_FAILED, "mmap of the shared page failed");
+    // SAFETY: the mapping holds `slots` aligned, zeroed u64s, shared with the children;
+    // each child writes only its own slot, and the parent reads after reaping them all.
+    let slept: &[AtomicU64] = unsafe { std::slice::from_raw_parts(shared.cast(), slots) };
     let mut children = Vec::new();
-    for _ in 0..workers {
+    for slot in slept {
         // SAFETY: the process is single-threaded here; the child only sleeps and exits.
         match unsafe { libc::fork() } {
             0 => {
+                let started = Instant::now();
                 offcpu_marker_sleep(1, wait);
+                slot.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 // SAFETY: ends the child without running the parent's exit handlers.
                 unsafe { libc::_exit(0) }
             }
@@ -52,6 +74,10 @@ pub fn fork_workers(workers: u32, wait: Duration) {
     let pids: Vec<String> = children.iter().map(ToString::to_string).collect();
     result("workers", pids.join(","));
     result("waited_ns", u64::from(workers) * wait.as_nanos() as u64);
+    let total: u64 = slept.iter().map(|slot| slot.load(Ordering::Relaxed)).sum();
+    result("slept_ns", total);
+    // SAFETY: the mapping made above; nothing refers to it any more.
+    unsafe { libc::munmap(shared, slots.max(1) * 8) };
 }
 
 /// Called by the JIT stub: the waits happen below a frame only the perf map can name.
