@@ -4,11 +4,6 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeConfig {
-    /// Off-CPU waits at or above this many nanoseconds always get stacks; shorter waits
-    /// are threshold-sampled with probability `wait / threshold`.
-    pub offcpu_stack_threshold_ns: u64,
-    /// The same for lock waits.
-    pub lock_stack_threshold_ns: u64,
     /// Syscalls at or above this many nanoseconds get a user stack and their fd kind.
     pub syscall_slow_threshold_ns: u64,
     /// Socket syscalls shorter than this did not wait: they are not socket waits.
@@ -93,16 +88,10 @@ pub struct ProbeConfig {
     pub sb_dev_offset: u32,
     /// 1 when BTF gave every file-lock offset above.
     pub file_lock_walk: u32,
-    /// The syscall signal times one syscall in this many, chosen at random per syscall
-    /// (every syscall is still counted); 0 and 1 time every syscall.
-    pub syscall_sample_every: u32,
-    pub pad: u32,
 }
 
 impl ProbeConfig {
     pub const DEFAULT: Self = Self {
-        offcpu_stack_threshold_ns: 1_000_000,
-        lock_stack_threshold_ns: 1_000_000,
         syscall_slow_threshold_ns: 1_000_000,
         socket_wait_min_ns: 10_000,
         socket_stack_threshold_ns: 1_000_000,
@@ -151,8 +140,6 @@ impl ProbeConfig {
         inode_sb_offset: 0,
         sb_dev_offset: 0,
         file_lock_walk: 0,
-        syscall_sample_every: 1,
-        pad: 0,
     };
 
     /// Whether `signal` is enabled.
@@ -167,3 +154,33 @@ pub const GENERATION_INDEX: u32 = 0;
 /// Size of the `FD_SYSCALLS` array: syscall numbers below this can be marked as taking a
 /// file descriptor as first argument.
 pub const FD_SYSCALLS_LEN: u32 = 512;
+
+/// What the overhead guard changes while the probes run: an array map of one entry
+/// (`TUNING`) that the programs read on every event, written by the loader with the
+/// configured values before the programs attach. Each event uses the values current when
+/// it happens, so every estimate stays unbiased when they change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Off-CPU waits at or above this many nanoseconds always get stacks; shorter waits
+    /// are threshold-sampled with probability `wait / threshold`.
+    pub offcpu_stack_threshold_ns: u64,
+    /// The same for lock waits.
+    pub lock_stack_threshold_ns: u64,
+    /// The syscall signal times one syscall in this many, chosen at random per syscall
+    /// (every syscall is still counted); 0 and 1 time every syscall.
+    pub syscall_sample_every: u32,
+    /// Incremented each time the syscall programs are attached again after the guard
+    /// detached them: a syscall entered in an earlier attachment is not timed at its exit
+    /// (its thread may have entered others unseen since).
+    pub syscall_epoch: u32,
+}
+
+impl Tuning {
+    pub const DEFAULT: Self = Self {
+        offcpu_stack_threshold_ns: 1_000_000,
+        lock_stack_threshold_ns: 1_000_000,
+        syscall_sample_every: 1,
+        syscall_epoch: 0,
+    };
+}

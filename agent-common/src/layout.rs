@@ -9,7 +9,7 @@ use core::mem::size_of;
 use crate::{
     DiskRequest, DiskRequestKey, HIST_BUCKETS, MAX_STACK_DEPTH, Peer, PendingWait, ProbeConfig,
     SampleKey, SampleValue, SocketInfo, StackTrace, SyscallSlot, ThreadState, TotalCache,
-    TotalCacheEntry, TotalKey, TotalValue, TpThreadState,
+    TotalCacheEntry, TotalKey, TotalValue, TpThreadState, Tuning,
 };
 
 /// Fails to compile if a struct's size is not the sum of its listed fields' sizes: it has
@@ -42,7 +42,7 @@ assert_no_padding! {
     StackTrace { len, flags, ips }
     ThreadState {
         off_since_ns, woken_ns, lock_since_ns, lock_addr, syscall_since_ns, futex_uaddr,
-        file_lock_ino, tgid, tid, syscall_nr, pad32, file_lock_dev, file_lock_holder, state,
+        file_lock_ino, tgid, tid, syscall_nr, syscall_epoch, file_lock_dev, file_lock_holder, state,
         flags, lock_kind, wait_hint, futex_kind, file_lock_kind, pad,
     }
     TpThreadState { off_since_ns, tgid, state, pad, kstack, ustack }
@@ -54,7 +54,7 @@ assert_no_padding! {
     DiskRequestKey { dev, pad, sector }
     DiskRequest { start_ns, issue_ns, kstack, ustack, tgid, tid, op, flags, pad }
     ProbeConfig {
-        offcpu_stack_threshold_ns, lock_stack_threshold_ns, syscall_slow_threshold_ns,
+        syscall_slow_threshold_ns,
         socket_wait_min_ns, socket_stack_threshold_ns, tcp_rtt_interval_ns, target_tgid,
         signals, task_pid_offset, task_tgid_offset, task_flags_offset, task_rseq_offset,
         task_files_offset, files_fdt_offset, fdt_fd_offset, fdt_max_fds_offset,
@@ -65,8 +65,8 @@ assert_no_padding! {
         sk_protocol_offset, tcp_srtt_offset, sock_walk, ephemeral_port_lo, ephemeral_port_hi,
         listen_overflow_reason, flock_nr, fcntl_nr, file_lock_core_offset, flc_blocker_offset,
         flc_pid_offset, inode_ino_offset, inode_sb_offset, sb_dev_offset, file_lock_walk,
-        syscall_sample_every, pad,
     }
+    Tuning { offcpu_stack_threshold_ns, lock_stack_threshold_ns, syscall_sample_every, syscall_epoch }
     Peer { addr, remote_port, local_port, family, direction, flags, pad }
     SocketInfo { connect_start_ns, last_rtt_ns, kstack, ustack, tgid, tid, peer_id, direction, pad }
 }
@@ -81,6 +81,7 @@ const _: () = assert!(size_of::<ThreadState>() == 7 * 8 + 6 * 4 + 8);
 const _: () = assert!(size_of::<TpThreadState>() == 32);
 const _: () = assert!(size_of::<DiskRequestKey>() == 16);
 const _: () = assert!(size_of::<DiskRequest>() == 48);
-const _: () = assert!(size_of::<ProbeConfig>() == 6 * 8 + 46 * 4);
+const _: () = assert!(size_of::<ProbeConfig>() == 4 * 8 + 44 * 4);
+const _: () = assert!(size_of::<Tuning>() == 24);
 const _: () = assert!(size_of::<Peer>() == 24);
 const _: () = assert!(size_of::<SocketInfo>() == 48);

@@ -50,6 +50,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProbeConfig {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::Tuning {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Peer {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketInfo {}

@@ -25,7 +25,8 @@ pub struct ThreadState {
     pub tid: u32,
     /// Number of the syscall in progress.
     pub syscall_nr: u32,
-    pub pad32: u32,
+    /// `Tuning::syscall_epoch` when it was entered.
+    pub syscall_epoch: u32,
     /// The device (kernel `dev_t`) of that file's filesystem.
     pub file_lock_dev: u32,
     /// The process holding (or queued ahead for) the conflicting lock; zero if unknown.

@@ -19,7 +19,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        SLOT_LOCK, add_sample, add_total_cached, capture_current_stack, config, generation, wanted,
+        SLOT_LOCK, add_sample, add_total_cached, capture_current_stack, generation, tuned, wanted,
     },
     threads::{current, current_task, thread_of, thread_or_create},
 };
@@ -90,7 +90,7 @@ fn record_wait<C: EbpfContext>(ctx: &C, thread: (u32, u32), kind: u8, address: u
         ..TotalKey::default()
     };
     add_total_cached(ctx, generation, CACHE_LOCK, &key, wait_ns);
-    let threshold = config!(lock_stack_threshold_ns);
+    let threshold = tuned!(lock_stack_threshold_ns);
     let (ns, count, est_ns, est_count_fp) = if wait_ns >= threshold {
         (wait_ns, 1, 0, 0)
     } else {

@@ -12,7 +12,7 @@ use core::ffi::c_void;
 use agent_common::{
     CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, NO_STACK, ProbeConfig,
     SLOT_MIXED_BUCKETS, STACK_FULL, SampleKey, SampleValue, Signal, StackTrace, SyscallSlot,
-    TOTAL_CACHE_WAYS, TotalCache, TotalKey, TotalValue, hist_bucket,
+    TOTAL_CACHE_WAYS, TotalCache, TotalKey, TotalValue, Tuning, hist_bucket,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -39,6 +39,30 @@ macro_rules! config {
     }};
 }
 pub(crate) use config;
+
+/// What the overhead guard tunes while the programs run ([`Tuning`]); entry 0, written by
+/// the loader before the programs attach.
+#[map]
+static TUNING: Array<Tuning> = Array::with_max_entries(1, 0);
+
+/// One field of the current tuning: `tuned!(field)`.
+macro_rules! tuned {
+    ($field:ident) => {{
+        match $crate::maps::tuning() {
+            // SAFETY: the map's only entry; a torn read of a value being replaced yields
+            // the old or the new value of each aligned field, both valid.
+            Some(tuning) => unsafe { core::ptr::read_volatile(&raw const (*tuning).$field) },
+            None => agent_common::Tuning::DEFAULT.$field,
+        }
+    }};
+}
+pub(crate) use tuned;
+
+/// The tuning entry ([`tuned`] reads its fields).
+#[inline(always)]
+pub fn tuning() -> Option<*const Tuning> {
+    TUNING.get_ptr(0)
+}
 
 /// Whether the agent asked for `signal`.
 #[inline(always)]

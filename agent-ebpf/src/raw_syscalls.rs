@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{config, generation, wanted, wanted_target_current, wants},
+    maps::{generation, tuned, wanted, wanted_target_current, wants},
     net::{is_socket_syscall, socket_wait},
     syscall::{count_untimed_syscall, syscall_latency},
     threads::{current_task, thread_of, thread_or_create},
@@ -25,7 +25,7 @@ use crate::{
 /// with threads that alternate on a CPU or syscalls that alternate in a loop).
 #[inline(always)]
 fn timed_by_syscall_signal() -> bool {
-    let every: u32 = config!(syscall_sample_every);
+    let every: u32 = tuned!(syscall_sample_every);
     // SAFETY: helper without arguments.
     every <= 1 || unsafe { bpf_get_prandom_u32() } % every == 0
 }
@@ -64,6 +64,7 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: helper without arguments.
     thread.syscall_since_ns = unsafe { bpf_ktime_get_ns() };
     thread.syscall_nr = nr;
+    thread.syscall_epoch = tuned!(syscall_epoch);
     thread.flags |= THREAD_IN_SYSCALL;
     if timed {
         thread.flags |= THREAD_SYSCALL_TIMED;
@@ -85,6 +86,10 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
     }
     let timed = thread.flags & THREAD_SYSCALL_TIMED != 0;
     thread.flags &= !(THREAD_IN_SYSCALL | THREAD_SYSCALL_TIMED);
+    if thread.syscall_epoch != tuned!(syscall_epoch) {
+        // Entered before the programs were detached: its exit may be another syscall's.
+        return 0;
+    }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if thread.syscall_since_ns == 0 || thread.syscall_since_ns > now {

@@ -49,7 +49,7 @@ use crate::{
     maps::{
         COMMS, SLOT_RSEQ, SLOT_SCHED, add_offcpu_total, add_sample, add_total,
         capture_current_stack, config, count_loss, generation, scratch, set_leaf, set_len,
-        store_stack, wanted, wants,
+        store_stack, tuned, wanted, wants,
     },
     task_storage::TaskStorage,
     threads::{read_task_u32, read_task_u64, thread_of, thread_or_create},
@@ -443,9 +443,9 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     let wait_ns = now - off_since;
     let tail_ns = if tail_ns > wait_ns { wait_ns } else { tail_ns };
     let threshold = if want_offcpu {
-        config!(offcpu_stack_threshold_ns)
+        tuned!(offcpu_stack_threshold_ns)
     } else {
-        config!(lock_stack_threshold_ns)
+        tuned!(lock_stack_threshold_ns)
     };
     let (est_ns, est_count_fp) = if wait_ns >= threshold {
         (0, 0)

@@ -19,7 +19,7 @@ use aya_ebpf::{
 
 use crate::{
     kernel::{fd_file, file_kind, syscall_arg},
-    maps::{SLOT_SYSCALL, add_sample, capture_current_stack, config, flush_syscall_slot},
+    maps::{SLOT_SYSCALL, add_sample, capture_current_stack, config, flush_syscall_slot, tuned},
 };
 
 /// Syscall numbers whose first argument is a file descriptor (1), set by the agent.
@@ -53,7 +53,7 @@ pub fn syscall_latency(
     };
     let ustack = capture_current_stack(ctx, Signal::Syscall, generation, SLOT_SYSCALL, true);
     // Sampled mode: one timed syscall stands for `every` (a Horvitz-Thompson estimate).
-    let every = u64::from(config!(syscall_sample_every).max(1));
+    let every = u64::from(tuned!(syscall_sample_every).max(1));
     let sample = SampleKey {
         tgid,
         tid,

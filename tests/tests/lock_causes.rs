@@ -95,11 +95,17 @@ fn rust_mutex_contention_is_lock_without_any_user_frame_saying_so() {
         contention / 1e9,
         expected / 1e9
     );
-    // The condition-variable waiter is still no lock.
+    // The condition-variable waiter's wait, the whole run long (200 ms), is no lock. (Its
+    // thread can wait microseconds on a real futex lock besides: 11 us once in a full
+    // suite run, where the threads start and exit together.)
+    let idle = profile.total_where(off, |s| label(s, "thread") == "idle-waiter");
     let idle_as_lock = profile.total_where(off, |s| {
         label(s, "thread") == "idle-waiter" && label(s, "cause") == "lock"
     });
-    assert_eq!(idle_as_lock, 0, "the idle condvar waiter counted as lock");
+    assert!(
+        idle > 100_000_000 && idle_as_lock < 1_000_000,
+        "the idle condvar waiter counted as lock: {idle_as_lock} ns of its {idle} ns off CPU"
+    );
 }
 
 /// Records `file-lock MODE 4 40 10` and checks the lock signal and the off-CPU cause.

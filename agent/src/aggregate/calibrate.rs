@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use agent_common::{EST_COUNT_FP_SHIFT, SampleValue, Signal, TotalKey, TotalValue};
+use agent_common::{EST_COUNT_FP_SHIFT, SampleKey, SampleValue, Signal, TotalKey, TotalValue};
 
 pub const UNSAMPLED_FRAME: &str = "[short waits, no stack sampled]";
 
@@ -121,6 +121,38 @@ pub fn scale_sampled_syscalls<S: std::hash::BuildHasher>(
     }
 }
 
+/// Scales the drained totals and samples of `signal` by `factor`: its programs were
+/// attached for 1 / `factor` of the period drained (the overhead guard's duty cycle), so
+/// what they saw stands for the whole period (an estimate; counts no longer exact).
+pub fn scale_drained(
+    totals: &mut [(TotalKey, TotalValue)],
+    samples: &mut [(SampleKey, SampleValue)],
+    signal: Signal,
+    factor: f64,
+) {
+    if !factor.is_finite() || factor <= 1.0 {
+        return;
+    }
+    let scale = |value: u64| (value as f64 * factor).round() as u64;
+    for (_, total) in totals.iter_mut().filter(|(k, _)| k.signal == signal as u8) {
+        total.count = scale(total.count);
+        total.ns = scale(total.ns);
+        total.tail_ns = scale(total.tail_ns);
+        let buckets = total.buckets;
+        let timed: u64 = buckets.iter().sum();
+        total.buckets = apportion(scale(timed), &buckets)
+            .try_into()
+            .unwrap_or(buckets);
+    }
+    for (_, sample) in samples.iter_mut().filter(|(k, _)| k.signal == signal as u8) {
+        sample.ns = scale(sample.ns);
+        sample.count = scale(sample.count);
+        sample.est_ns = scale(sample.est_ns);
+        sample.est_count_fp = scale(sample.est_count_fp);
+        sample.tail_ns = scale(sample.tail_ns);
+    }
+}
+
 /// Syscall totals of the sampled mode: every syscall counted, one in N timed, so the
 /// histogram's sum is the number timed. Time and histogram are scaled up to the count
 /// (the timed syscalls of a process and syscall stand for its untimed ones: a ratio
@@ -205,6 +237,42 @@ mod tests {
         assert_eq!((c.unattributed_ns, c.unattributed_count), (900, 9));
         let c = calibrate(700, 3, &[]);
         assert_eq!((c.unattributed_ns, c.unattributed_count), (700, 3));
+    }
+
+    #[test]
+    fn a_duty_cycle_scales_only_its_signal() {
+        let key = |signal: Signal| TotalKey {
+            signal: signal as u8,
+            ..TotalKey::default()
+        };
+        let mut value = TotalValue {
+            count: 10,
+            ns: 1000,
+            ..TotalValue::default()
+        };
+        value.buckets[3] = 7;
+        value.buckets[5] = 3;
+        let mut totals = vec![(key(Signal::Syscall), value), (key(Signal::OffCpu), value)];
+        let sample = SampleValue {
+            ns: 500,
+            count: 2,
+            ..SampleValue::default()
+        };
+        let mut samples = vec![(
+            SampleKey {
+                signal: Signal::Syscall as u8,
+                ..SampleKey::default()
+            },
+            sample,
+        )];
+        scale_drained(&mut totals, &mut samples, Signal::Syscall, 4.0);
+        assert_eq!((totals[0].1.count, totals[0].1.ns), (40, 4000));
+        assert_eq!((totals[0].1.buckets[3], totals[0].1.buckets[5]), (28, 12));
+        assert_eq!(totals[1].1, value, "another signal is untouched");
+        assert_eq!((samples[0].1.ns, samples[0].1.count), (2000, 8));
+        // Attached the whole period: nothing changes.
+        scale_drained(&mut totals, &mut samples, Signal::Syscall, 1.0);
+        assert_eq!(totals[0].1.count, 40);
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub struct CommonArgs {
     /// scaled to the count): cuts the syscall signal's cost on syscall-heavy hosts.
     #[arg(long, value_name = "N")]
     pub syscall_sample_every: Option<u32>,
+    /// Overhead guard: the share of the host's CPU (all its CPUs), in percent, the agent
+    /// may use (its own CPU time and its probes' run time); above it the costliest signal
+    /// is sampled more sparsely until the agent is back under. 0: no guard.
+    #[arg(long, value_name = "PERCENT")]
+    pub overhead_budget: Option<f64>,
     /// On-CPU sampling frequency per CPU, in Hz.
     #[arg(long, value_name = "HZ")]
     pub frequency: Option<u64>,
@@ -245,6 +250,7 @@ impl CommonArgs {
                 lock_threshold: self.lock_threshold.clone(),
                 syscall_threshold: self.syscall_threshold.clone(),
                 syscall_sample_every: self.syscall_sample_every,
+                overhead_budget: self.overhead_budget,
                 frequency_hz: self.frequency,
                 sched_hook: self.sched_hook.map(|hook| match hook {
                     SchedHookArg::Auto => SchedHookChoice::Auto,

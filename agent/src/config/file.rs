@@ -40,6 +40,18 @@ pub struct FileConfig {
     /// `[run]`: how `stallscope-agent run` streams (ignored by `record` and `check`).
     #[serde(default)]
     pub run: RunFile,
+    #[serde(default)]
+    pub guard: GuardFile,
+}
+
+/// `[guard]`: the overhead guard.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardFile {
+    /// Share of the host's CPU (all its CPUs), in percent, the agent may use: its own CPU
+    /// time and its probes' run time. Above it the agent samples its costliest signal
+    /// more sparsely until it is back under. 0 (the default): no guard.
+    pub budget_percent: Option<f64>,
 }
 
 /// `[symbols]`: how user stacks are symbolized.

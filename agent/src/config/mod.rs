@@ -99,6 +99,7 @@ pub struct Overrides {
     pub lock_threshold: Option<String>,
     pub syscall_threshold: Option<String>,
     pub syscall_sample_every: Option<u32>,
+    pub overhead_budget: Option<f64>,
     pub frequency_hz: Option<u64>,
     pub sched_hook: Option<SchedHookChoice>,
     pub btf: Option<PathBuf>,
@@ -122,6 +123,8 @@ pub struct Config {
     pub syscall_slow_threshold: Duration,
     /// The syscall signal times one syscall in this many (1: all).
     pub syscall_sample_every: u32,
+    /// The overhead guard's budget, percent of the host's CPU (0: no guard).
+    pub overhead_budget_percent: f64,
     pub socket_wait_min: Duration,
     pub socket_stack_threshold: Duration,
     pub tcp_rtt_interval: Duration,
@@ -245,6 +248,16 @@ impl Config {
             (1..=1024).contains(&syscall_sample_every),
             syscall_sample_every,
         )?;
+        let overhead_budget_percent = flags
+            .overhead_budget
+            .or(file.guard.budget_percent)
+            .unwrap_or(0.0);
+        check_range(
+            "guard.budget_percent (--overhead-budget)",
+            "between 0 (no guard) and 100 percent of the host's CPU",
+            (0.0..=100.0).contains(&overhead_budget_percent),
+            overhead_budget_percent,
+        )?;
         let oncpu_frequency_hz = flags
             .frequency_hz
             .or(file.oncpu.frequency_hz)
@@ -349,6 +362,7 @@ impl Config {
             lock_stack_threshold,
             syscall_slow_threshold,
             syscall_sample_every,
+            overhead_budget_percent,
             socket_wait_min,
             socket_stack_threshold,
             tcp_rtt_interval,

@@ -87,6 +87,13 @@ impl Config {
             ])),
         );
         file.insert(
+            "guard".into(),
+            Value::Table(table([(
+                "budget_percent",
+                Value::Float(self.overhead_budget_percent),
+            )])),
+        );
+        file.insert(
             "network".into(),
             Value::Table(table([
                 ("min_wait", duration(self.socket_wait_min)),
@@ -234,6 +241,8 @@ mod tests {
             [syscall]
             slow_threshold = "7ms"
             sample_every = 16
+            [guard]
+            budget_percent = 2.5
             [network]
             min_wait = "20us"
             stack_threshold = "4ms"

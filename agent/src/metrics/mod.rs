@@ -23,6 +23,14 @@ const SEND_LATENCY_BOUNDS: [f64; 12] = [
 /// The probes' maps whose fill is reported, in [`AgentMetrics::map_fill`]'s order.
 pub const FILLED_MAPS: [&str; 3] = ["totals", "samples", "stacks"];
 
+/// The overhead guard's levers, as the guard numbers them.
+pub const GUARD_LEVERS: [&str; 4] = [
+    "syscall_sample_every",
+    "syscall_duty_cycle",
+    "offcpu_stack_threshold",
+    "lock_stack_threshold",
+];
+
 /// Which symbolization cache a lookup went to.
 #[derive(Debug, Clone, Copy)]
 pub enum SymbolCache {
@@ -55,6 +63,12 @@ pub struct AgentMetrics {
     send_latency_sum_us: AtomicU64,
     symbol_hits: [AtomicU64; 2],
     symbol_misses: [AtomicU64; 2],
+    /// The overhead guard: budget and last measured cost (own, probes) as shares of the
+    /// host's CPU (f64 bits), and per lever its steps down and its turns each way.
+    guard_budget: AtomicU64,
+    guard_cost: [AtomicU64; 2],
+    guard_steps: [AtomicU64; 4],
+    guard_turns: [[AtomicU64; 2]; 4],
 }
 
 /// The agent's metrics (one agent per process).
@@ -94,7 +108,37 @@ impl AgentMetrics {
             send_latency_sum_us: AtomicU64::new(0),
             symbol_hits: [const { AtomicU64::new(0) }; 2],
             symbol_misses: [const { AtomicU64::new(0) }; 2],
+            guard_budget: AtomicU64::new(0),
+            guard_cost: [const { AtomicU64::new(0) }; 2],
+            guard_steps: [const { AtomicU64::new(0) }; 4],
+            guard_turns: [const { [const { AtomicU64::new(0) }; 2] }; 4],
         }
+    }
+
+    /// The overhead guard holds the agent under `budget` (a share of the host's CPU).
+    pub fn guard_budget(&self, budget: f64) {
+        self.guard_budget.store(budget.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The guard measured the agent's own CPU and its probes' run time, as shares of the
+    /// host's CPU.
+    pub fn guard_cost(&self, own: f64, probes: f64) {
+        self.guard_cost[0].store(own.to_bits(), Ordering::Relaxed);
+        self.guard_cost[1].store(probes.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The guard turned lever `lever` (of [`GUARD_LEVERS`]) one step down (`down`) or up.
+    pub fn guard_turned(&self, lever: usize, down: bool) {
+        let (Some(steps), Some(turns)) = (self.guard_steps.get(lever), self.guard_turns.get(lever))
+        else {
+            return;
+        };
+        if down {
+            steps.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = steps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1));
+        }
+        turns[usize::from(!down)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The probes of `signals` are attached and drained every `drain_interval`.
@@ -259,6 +303,7 @@ impl AgentMetrics {
             f64::from(u8::from(self.ready())),
         );
         self.render_streaming(&mut out);
+        self.render_guard(&mut out);
         let name = "stallscope_agent_symbol_cache_hits_total";
         out.family(
             name,
@@ -279,6 +324,47 @@ impl AgentMetrics {
         }
         out.process_metrics();
         out.finish()
+    }
+
+    fn render_guard(&self, out: &mut Exposition) {
+        let share = |value: &AtomicU64| f64::from_bits(value.load(Ordering::Relaxed));
+        out.single(
+            "stallscope_agent_overhead_budget_ratio",
+            MetricKind::Gauge,
+            "The overhead guard's budget: the share of the host's CPU the agent may use (0: no guard).",
+            share(&self.guard_budget),
+        );
+        let name = "stallscope_agent_overhead_ratio";
+        out.family(
+            name,
+            MetricKind::Gauge,
+            "What the agent cost over the guard's last measurement, as a share of the host's CPU: its own CPU time and its probes' run time.",
+        );
+        for (index, part) in ["agent", "probes"].iter().enumerate() {
+            out.sample(name, &[("part", part)], share(&self.guard_cost[index]));
+        }
+        let name = "stallscope_agent_guard_steps";
+        out.family(
+            name,
+            MetricKind::Gauge,
+            "Steps the overhead guard has turned each lever down from its configured setting (0: as configured).",
+        );
+        for (index, lever) in GUARD_LEVERS.iter().enumerate() {
+            let steps = self.guard_steps[index].load(Ordering::Relaxed) as f64;
+            out.sample(name, &[("lever", lever)], steps);
+        }
+        let name = "stallscope_agent_guard_turns_total";
+        out.family(
+            name,
+            MetricKind::Counter,
+            "Times the overhead guard turned a lever down (over budget) or back up.",
+        );
+        for (index, lever) in GUARD_LEVERS.iter().enumerate() {
+            for (way, direction) in ["down", "up"].iter().enumerate() {
+                let turns = self.guard_turns[index][way].load(Ordering::Relaxed) as f64;
+                out.sample(name, &[("lever", lever), ("direction", direction)], turns);
+            }
+        }
     }
 
     fn render_streaming(&self, out: &mut Exposition) {
@@ -369,6 +455,11 @@ mod tests {
         metrics.batch_acknowledged(Duration::from_millis(30));
         metrics.batch_acknowledged(Duration::from_secs(60));
         metrics.symbol_lookups(SymbolCache::User, 3, 1);
+        metrics.guard_budget(0.02);
+        metrics.guard_cost(0.005, 0.0125);
+        metrics.guard_turned(0, true);
+        metrics.guard_turned(0, true);
+        metrics.guard_turned(0, false);
         let text = metrics.render();
         for line in [
             "stallscope_agent_events_total{signal=\"lock\"} 5",
@@ -382,6 +473,11 @@ mod tests {
             "stallscope_agent_send_latency_seconds_count 2",
             "stallscope_agent_symbol_cache_hits_total{cache=\"user\"} 3",
             "stallscope_agent_probes_attached 1",
+            "stallscope_agent_overhead_budget_ratio 0.02",
+            "stallscope_agent_overhead_ratio{part=\"probes\"} 0.0125",
+            "stallscope_agent_guard_steps{lever=\"syscall_sample_every\"} 1",
+            "stallscope_agent_guard_turns_total{lever=\"syscall_sample_every\",direction=\"down\"} 2",
+            "stallscope_agent_guard_turns_total{lever=\"syscall_sample_every\",direction=\"up\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -8,6 +8,7 @@ use aya::{
     programs::{
         BtfTracePoint, PerfEvent, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        tp_btf::BtfTracePointLinkId,
     },
 };
 
@@ -249,6 +250,16 @@ pub fn attach_btf(
     btf: &aya::Btf,
     programs: &[(&'static str, &'static str)],
 ) -> Result<(), ProbeError> {
+    attach_btf_links(ebpf, btf, programs).map(|_| ())
+}
+
+/// [`attach_btf`], returning each program's link (to detach it later).
+pub fn attach_btf_links(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    programs: &[(&'static str, &'static str)],
+) -> Result<Vec<(&'static str, BtfTracePointLinkId)>, ProbeError> {
+    let mut links = Vec::new();
     for &(name, tracepoint) in programs {
         let prog: &mut BtfTracePoint = program(ebpf, name)?;
         prog.load(tracepoint, btf)
@@ -256,12 +267,13 @@ pub fn attach_btf(
                 program: name,
                 source,
             })?;
-        prog.attach().map_err(|source| ProbeError::Program {
+        let link = prog.attach().map_err(|source| ProbeError::Program {
             program: name,
             source,
         })?;
+        links.push((name, link));
     }
-    Ok(())
+    Ok(links)
 }
 
 /// Loads and attaches a classic tracepoint program to `category:event`.
@@ -365,9 +377,12 @@ pub fn attach_lock(
 }
 
 /// Syscall programs (BTF raw tracepoints).
-pub fn attach_syscall(ebpf: &mut Ebpf, btf: Option<(&Btf, &aya::Btf)>) -> Result<(), ProbeError> {
+pub fn attach_syscall(
+    ebpf: &mut Ebpf,
+    btf: Option<(&Btf, &aya::Btf)>,
+) -> Result<Vec<(&'static str, BtfTracePointLinkId)>, ProbeError> {
     match btf {
-        Some((ours, theirs)) if btf_syscall_supported(ours) => attach_btf(
+        Some((ours, theirs)) if btf_syscall_supported(ours) => attach_btf_links(
             ebpf,
             theirs,
             &[("sys_enter_btf", "sys_enter"), ("sys_exit_btf", "sys_exit")],

@@ -10,16 +10,18 @@ mod error;
 mod settings;
 pub mod syscalls;
 pub mod tracefs;
+mod tuning;
 
 use std::{
     path::Path,
     time::{Duration, Instant},
 };
 
-use agent_common::{LOSS_COUNTERS, Peer, ProbeConfig, Signal, SyscallSlot, TotalCache};
+use agent_common::{LOSS_COUNTERS, Peer, ProbeConfig, Signal, SyscallSlot, TotalCache, Tuning};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
+    programs::tp_btf::BtfTracePointLinkId,
 };
 
 use self::{bpf_sys::Barrier, btf::Btf};
@@ -27,6 +29,7 @@ pub use self::{
     drain::{Drained, is_network},
     error::ProbeError,
     settings::{MapSizes, ProbeSettings, SchedHook, SchedHookChoice},
+    tuning::ProbeCost,
 };
 
 /// The probe object built by `build.rs`.
@@ -42,6 +45,14 @@ pub struct Probes {
     comms: aya::maps::HashMap<MapData, u32, [u8; 16]>,
     peers: aya::maps::HashMap<MapData, u32, Peer>,
     total_cache: PerCpuArray<MapData, TotalCache>,
+    /// What the overhead guard tunes while the programs run, and its current value.
+    tuning_map: Array<MapData, Tuning>,
+    tuning: Tuning,
+    /// Holds the kernel's run-time accounting of BPF programs on while it is open.
+    run_time_stats: Option<std::os::fd::OwnedFd>,
+    /// The syscall signal's programs and their links while attached, when the guard may
+    /// detach them (`None`: it may not).
+    syscall_links: Option<Vec<(&'static str, Option<BtfTracePointLinkId>)>>,
     syscall_cache: PerCpuArray<MapData, SyscallSlot>,
     totals: [MapData; 2],
     samples: [MapData; 2],
@@ -113,11 +124,14 @@ impl Probes {
         let wants = |signal: Signal| settings.signals.contains(&signal);
         let btf = load_btf(settings.btf_path.as_deref())?;
         let nanos = |d: Duration| d.as_nanos().clamp(1, u128::from(u64::MAX)) as u64;
-        let mut config = ProbeConfig {
+        let tuning = Tuning {
             offcpu_stack_threshold_ns: nanos(settings.offcpu_stack_threshold),
             lock_stack_threshold_ns: nanos(settings.lock_stack_threshold),
-            syscall_slow_threshold_ns: nanos(settings.syscall_slow_threshold),
             syscall_sample_every: settings.syscall_sample_every.max(1),
+            ..Tuning::DEFAULT
+        };
+        let mut config = ProbeConfig {
+            syscall_slow_threshold_ns: nanos(settings.syscall_slow_threshold),
             socket_wait_min_ns: nanos(settings.socket_wait_min),
             socket_stack_threshold_ns: nanos(settings.socket_stack_threshold),
             tcp_rtt_interval_ns: nanos(settings.tcp_rtt_interval),
@@ -187,6 +201,20 @@ impl Probes {
             .map_max_entries("STACKS_0", sizes.stacks)
             .map_max_entries("STACKS_1", sizes.stacks);
         let mut ebpf = loader.load(PROBES_OBJECT)?;
+        // Before any program attaches: the programs read it on every event.
+        let mut tuning_map: Array<MapData, Tuning> =
+            Array::try_from(take_map(&mut ebpf, "TUNING")?).map_err(|source| {
+                ProbeError::MapApi {
+                    map: "TUNING",
+                    source,
+                }
+            })?;
+        tuning_map
+            .set(0, tuning, 0)
+            .map_err(|source| ProbeError::MapApi {
+                map: "TUNING",
+                source,
+            })?;
 
         let btf_pair = btf.as_ref().map(|(ours, theirs)| (ours, theirs));
         let mut hooks = Vec::new();
@@ -223,6 +251,7 @@ impl Probes {
             }
             file_lock_hook = file_locks;
         }
+        let mut syscall_links = None;
         let mut oncpu_cpus = 0;
         if wants(Signal::OnCpu) {
             oncpu_cpus = attach::attach_oncpu(&mut ebpf, settings.oncpu_frequency_hz)?;
@@ -240,7 +269,12 @@ impl Probes {
             hooks.push((Signal::Lock, attached.join(", ")));
         }
         if wants(Signal::Syscall) || wants(Signal::SocketWait) {
-            attach::attach_syscall(&mut ebpf, btf_pair)?;
+            let links = attach::attach_syscall(&mut ebpf, btf_pair)?;
+            // Only the syscall signal's programs may be detached for a while (their
+            // totals then scaled): the network signal's socket waits need every one.
+            if wants(Signal::Syscall) && !wants(Signal::SocketWait) {
+                syscall_links = Some(links);
+            }
             let mut fd_syscalls: Array<_, u8> =
                 Array::try_from(take_map(&mut ebpf, "FD_SYSCALLS")?).map_err(|source| {
                     ProbeError::MapApi {
@@ -341,6 +375,11 @@ impl Probes {
             comms,
             peers,
             total_cache,
+            tuning_map,
+            tuning,
+            run_time_stats: None,
+            syscall_links: syscall_links
+                .map(|links| links.into_iter().map(|(n, l)| (n, Some(l))).collect()),
             syscall_cache,
             totals,
             samples,

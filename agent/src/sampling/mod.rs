@@ -4,6 +4,7 @@
 //! SIGINT/SIGTERM handling of the loop (`shutdown`).
 
 pub mod check;
+pub mod guard;
 pub mod output;
 pub mod record;
 pub mod run;

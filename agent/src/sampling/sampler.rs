@@ -11,9 +11,9 @@ use agent_common::Signal;
 use stallscope_profile::{Meta, Profile};
 use stallscope_proto::sd_notify::ServiceNotifier;
 
-use super::shutdown;
+use super::{guard::Guard, shutdown};
 use crate::{
-    aggregate::accumulate::Accumulator,
+    aggregate::{accumulate::Accumulator, calibrate},
     config::{Config, SignalName},
     metrics::METRICS,
     naming,
@@ -67,6 +67,8 @@ pub fn sample(
     }
     shutdown::install();
     let mut probes = Probes::load(&config.probe_settings())?;
+    // Before the capabilities are dropped: counting the probes' run time may need one.
+    let mut guard = Guard::start(config.overhead_budget_percent, &mut probes);
     system::release_free_memory();
     for (signal, hook) in &probes.hooks {
         tracing::info!("{}: {hook}", naming::signal_label(*signal));
@@ -112,14 +114,25 @@ pub fn sample(
                 .min(Duration::from_millis(100)),
         );
         let now = Instant::now();
+        if let Some(guard) = &mut guard {
+            guard.tick(&mut probes);
+        }
         if now >= next_drain {
-            ingest(&mut accumulator, probes.drain()?);
+            let scale = guard
+                .as_ref()
+                .map_or(1.0, |g| g.syscall_scale(Instant::now()));
+            ingest(&mut accumulator, probes.drain()?, scale);
             next_drain += config.drain_interval;
             sink.drained(&accumulator, started.elapsed());
+            if let Some(guard) = &mut guard {
+                guard.check(&mut probes);
+                guard.new_period(&mut probes, config.drain_interval);
+            }
         }
         if let (Some(close), Some(every)) = (next_close, sink.interval())
             && now >= close
         {
+            let notes = period_notes(&notes, guard.as_mut());
             let profile = period.close(&mut accumulator, &host, &notes, Instant::now());
             sink.accept(profile, false)?;
             next_close = Some(close + every);
@@ -128,12 +141,28 @@ pub fn sample(
     if let Some(notifier) = &notifier {
         warn_unsent(notifier.stopping());
     }
-    ingest(&mut accumulator, probes.drain()?);
+    let scale = guard
+        .as_ref()
+        .map_or(1.0, |g| g.syscall_scale(Instant::now()));
+    ingest(&mut accumulator, probes.drain()?, scale);
     let ended = Instant::now();
     drop(probes);
+    if let Some(guard) = &guard {
+        guard.summarize();
+    }
+    let notes = period_notes(&notes, guard.as_mut());
     let profile = period.close(&mut accumulator, &host, &notes, ended);
     sink.accept(profile, true)?;
     Ok(ended - started)
+}
+
+/// A profile's notes: how it was recorded, and what the overhead guard did meanwhile.
+fn period_notes(notes: &[String], guard: Option<&mut Guard>) -> Vec<String> {
+    let mut notes = notes.to_vec();
+    if let Some(guard) = guard {
+        notes.extend(guard.take_notes());
+    }
+    notes
 }
 
 /// The service manager's notifier (`Type=notify` units), if the agent runs under one.
@@ -151,8 +180,15 @@ fn warn_unsent(sent: std::io::Result<()>) {
 }
 
 /// Adds a drained generation to the accumulator, counting its events per signal (on-CPU:
-/// samples) and the stacks that could not be resolved in the self-metrics.
-fn ingest(accumulator: &mut Accumulator, drained: Drained) {
+/// samples) and the stacks that could not be resolved in the self-metrics. The syscall
+/// signal's totals are scaled by `syscall_scale` (the overhead guard's duty cycle).
+fn ingest(accumulator: &mut Accumulator, mut drained: Drained, syscall_scale: f64) {
+    calibrate::scale_drained(
+        &mut drained.totals,
+        &mut drained.samples,
+        Signal::Syscall,
+        syscall_scale,
+    );
     let mut events = [0u64; Signal::COUNT];
     for (key, value) in &drained.totals {
         if key.signal == Signal::OnCpu as u8 {

@@ -20,10 +20,13 @@
 //!   without waiting for stdin; `fork-workers N MS`: N worker processes forked without
 //!   exec, each MS in `offcpu_marker_sleep` and gone; `jit`: waits below JIT code named by a perf map (see
 //!   `identity.rs`).
+//! - `flood BUSY_S QUIET_S`: a syscall and context-switch flood, then quiet, for the
+//!   overhead guard (see `flood.rs`).
 //! - `phases HEALTHY_S DEGRADED_S RECOVERED_S`: a request-serving service that degrades
 //!   once, by lock contention (see `phases.rs`).
 
 mod filelock;
+mod flood;
 mod identity;
 mod net;
 mod phases;
@@ -149,7 +152,7 @@ fn pulse() {
 }
 
 /// The scenarios, as `--help` lists them and as an unknown name is answered.
-const SCENARIOS: &str = "markers, churn, mutex, kernel-lock, file-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit, phases or pulse";
+const SCENARIOS: &str = "markers, churn, mutex, kernel-lock, file-lock, syscalls, runqueue, disk, net-connect, net-peers, net-bulk, net-rr, exit-soon, fork-workers, jit, flood, phases or pulse";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -194,6 +197,10 @@ fn main() {
             arg(&args, 4, 40),
             ms(arg(&args, 5, 10)),
             args.get(6).map_or("/tmp", String::as_str),
+        ),
+        "flood" => flood::flood(
+            Duration::from_secs(arg(&args, 2, 8)),
+            Duration::from_secs(arg(&args, 3, 6)),
         ),
         "syscall-sampling" => waits::syscall_sampling(
             arg(&args, 2, 200_000),
