@@ -426,6 +426,32 @@ pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// The number a workload reported under `key` (`result key=value`); panics if it did not.
+pub fn reported<S: std::hash::BuildHasher>(results: &HashMap<String, String, S>, key: &str) -> f64 {
+    results
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("workload did not report {key}: {results:?}"))
+}
+
+/// The histogram of `signal` whose labels include every pair of `pairs`; panics if none.
+pub fn histogram_with<'a>(
+    profile: &'a stallscope_profile::Profile,
+    signal: &str,
+    pairs: &[(&str, &str)],
+) -> &'a stallscope_profile::Histogram {
+    profile
+        .histograms
+        .iter()
+        .find(|h| {
+            h.signal == signal
+                && pairs
+                    .iter()
+                    .all(|(k, v)| h.labels.get(*k).is_some_and(|l| l == v))
+        })
+        .unwrap_or_else(|| panic!("no {signal} histogram with {pairs:?}"))
+}
+
 /// The samples of process `pid`.
 pub fn samples_of(
     profile: &stallscope_profile::Profile,

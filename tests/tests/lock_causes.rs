@@ -9,19 +9,12 @@ use std::{path::PathBuf, process::Command, thread, time::Duration};
 
 use stallscope_profile::{Profile, Sample};
 use stallscope_tests::{
-    AgentRun, Workload, binary, binary_dir, label, record_started, require_root, scratch_dir,
-    serial, value_index,
+    AgentRun, Workload, binary, binary_dir, label, record_started, reported, require_root,
+    scratch_dir, serial, value_index,
 };
 
 fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
     (actual - expected).abs() <= expected * tolerance
-}
-
-fn number(results: &std::collections::HashMap<String, String>, key: &str) -> f64 {
-    results
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("workload did not report {key}: {results:?}"))
 }
 
 /// The bundled workload without its DWARF (as a release build of a service ships): only
@@ -56,7 +49,7 @@ fn rust_mutex_contention_is_lock_without_any_user_frame_saying_so() {
     // The default signals (off-CPU and on-CPU): the cause label alone must say lock.
     let workload = Workload::start(&exe, &["mutex", "4", "5", "10"]).expect("workload");
     let (profile, exit) = record_started("mutex-default", workload, "mutex.pb.gz", &[]);
-    let expected = number(&exit.workload, "mutex_wait_ns");
+    let expected = reported(&exit.workload, "mutex_wait_ns");
     let off = value_index(&profile, "off_cpu", "nanoseconds");
     let as_lock = profile.total_where(off, |s| contended(s) && label(s, "cause") == "lock") as f64;
     eprintln!(
@@ -79,7 +72,7 @@ fn rust_mutex_contention_is_lock_without_any_user_frame_saying_so() {
         "mutex-lock.pb.gz",
         &["--signals", "lock,offcpu"],
     );
-    let expected = number(&exit.workload, "mutex_wait_ns");
+    let expected = reported(&exit.workload, "mutex_wait_ns");
     let lock = value_index(&profile, "lock_wait", "nanoseconds");
     let contention = profile.total_where(lock, |s| {
         contended(s) && label(s, "signal") == "lock" && label(s, "lock_wait") == "contention"
@@ -123,9 +116,9 @@ fn file_lock_waits(mode: &str, kind: &str) {
         "file-lock.pb.gz",
         &["--signals", "lock,offcpu"],
     );
-    let expected = number(&exit.workload, "file_lock_wait_ns");
-    let holder = number(&exit.workload, "holder_pid") as u32;
-    let inode = number(&exit.workload, "inode") as u64;
+    let expected = reported(&exit.workload, "file_lock_wait_ns");
+    let holder = reported(&exit.workload, "holder_pid") as u32;
+    let inode = reported(&exit.workload, "inode") as u64;
     let waiter = |s: &Sample| label(s, "thread").starts_with("file-waiter");
     let lock = value_index(&profile, "lock_wait", "nanoseconds");
     let file_waits: Vec<&Sample> = profile
@@ -250,7 +243,7 @@ fn concurrent_recordings_hold_the_wait_invariant_and_the_truth() {
                 agent.interrupt();
                 let exit = agent.wait(Duration::from_secs(120)).expect("agent stops");
                 assert!(exit.status.success(), "agent failed: {}", exit.stderr);
-                let expected = number(&workload.results(), "mutex_wait_ns");
+                let expected = reported(&workload.results(), "mutex_wait_ns");
                 let profile = stallscope_profile::pprof::decode_pprof(
                     &std::fs::read(&out).expect("profile written"),
                 )

@@ -7,7 +7,9 @@
 use std::{collections::HashMap, net::SocketAddr};
 
 use stallscope_profile::{Histogram, Profile, Sample};
-use stallscope_tests::{label, netlab::NetLab, record_profile, require_root, value_index};
+use stallscope_tests::{
+    label, netlab::NetLab, record_profile, reported, require_root, value_index,
+};
 
 fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
     (actual - expected).abs() <= expected * tolerance
@@ -20,13 +22,6 @@ fn durations(results: &HashMap<String, String>, key: &str) -> Vec<u64> {
         .split(',')
         .filter_map(|v| v.parse().ok())
         .collect()
-}
-
-fn number(results: &HashMap<String, String>, key: &str) -> f64 {
-    results
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("workload did not report {key}: {results:?}"))
 }
 
 fn lab(tag: &str, links: usize) -> NetLab {
@@ -159,7 +154,7 @@ fn slow_and_fast_peer(tag: &str, ipv6: bool) {
         &["--signals", "socket-wait,offcpu"],
     );
     let injected = 50.0 * 30e6;
-    let measured_slow = number(&exit.workload, "slow_wait_ns");
+    let measured_slow = reported(&exit.workload, "slow_wait_ns");
     assert!(
         within(measured_slow, injected, 0.10),
         "the workload itself waited {measured_slow} ns for the slow peer"

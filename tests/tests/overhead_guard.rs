@@ -5,31 +5,18 @@
 //! once it is over, and keep the syscall totals close to what the workload counted and
 //! timed itself (exact with the guard measuring only; under its duty cycle, see below).
 
-use std::collections::HashMap;
-
 use stallscope_profile::{Histogram, Profile};
-use stallscope_tests::{AgentExit, record_profile, require_root};
+use stallscope_tests::{AgentExit, histogram_with, record_profile, reported, require_root};
 
 /// The workload's process name as the kernel truncates it (15 bytes).
 const WORKLOAD: &str = "stallscope-work";
 
 fn histogram<'a>(profile: &'a Profile, syscall: &str) -> &'a Histogram {
-    profile
-        .histograms
-        .iter()
-        .find(|h| {
-            h.signal == "syscall"
-                && h.labels.get("syscall").map(String::as_str) == Some(syscall)
-                && h.labels.get("process").map(String::as_str) == Some(WORKLOAD)
-        })
-        .unwrap_or_else(|| panic!("no syscall histogram for {syscall}"))
-}
-
-fn reported(results: &HashMap<String, String>, key: &str) -> f64 {
-    results
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("workload did not report {key}: {results:?}"))
+    histogram_with(
+        profile,
+        "syscall",
+        &[("syscall", syscall), ("process", WORKLOAD)],
+    )
 }
 
 /// The number before `%` that follows `after` in `line`.

@@ -2,7 +2,9 @@
 //! in N timed, every one counted) against what the workload did and timed itself.
 
 use stallscope_profile::{Histogram, Profile};
-use stallscope_tests::{label, record_profile, require_root, value_index};
+use stallscope_tests::{
+    histogram_with, label, record_profile, reported, require_root, value_index,
+};
 
 /// The workload's process name as the kernel truncates it (15 bytes).
 const WORKLOAD: &str = "stallscope-work";
@@ -11,22 +13,11 @@ const FAST: u64 = 200_000;
 const SLOW: u64 = 3_000;
 
 fn histogram<'a>(profile: &'a Profile, syscall: &str) -> &'a Histogram {
-    profile
-        .histograms
-        .iter()
-        .find(|h| {
-            h.signal == "syscall"
-                && h.labels.get("syscall").map(String::as_str) == Some(syscall)
-                && h.labels.get("process").map(String::as_str) == Some(WORKLOAD)
-        })
-        .unwrap_or_else(|| panic!("no syscall histogram for {syscall}"))
-}
-
-fn reported(results: &std::collections::HashMap<String, String>, key: &str) -> f64 {
-    results
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("workload did not report {key}: {results:?}"))
+    histogram_with(
+        profile,
+        "syscall",
+        &[("syscall", syscall), ("process", WORKLOAD)],
+    )
 }
 
 /// 200,000 `getppid`s and 3,000 sleeps of 200 us, with one syscall in 16 timed: the counts

@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use stallscope_profile::{FrameKind, Histogram, Profile, Sample};
 use stallscope_tests::{
-    fuse::FrozenFs, label, record_profile, require_root, scratch_dir, value_index,
+    fuse::FrozenFs, histogram_with, label, record_profile, require_root, scratch_dir, value_index,
 };
 
 /// Buckets of the agent's histograms (log2 of nanoseconds, 1 ns to about 9 minutes).
@@ -34,19 +34,6 @@ fn durations(results: &std::collections::HashMap<String, String>, key: &str) -> 
         .split(',')
         .filter_map(|v| v.parse().ok())
         .collect()
-}
-
-fn histogram<'a>(profile: &'a Profile, signal: &str, pairs: &[(&str, &str)]) -> &'a Histogram {
-    profile
-        .histograms
-        .iter()
-        .find(|h| {
-            h.signal == signal
-                && pairs
-                    .iter()
-                    .all(|(k, v)| h.labels.get(*k).is_some_and(|l| l == v))
-        })
-        .unwrap_or_else(|| panic!("no {signal} histogram with {pairs:?}"))
 }
 
 /// Events of `histogram` in buckets `lo..=hi`.
@@ -264,7 +251,7 @@ fn syscalls_with_signals(tag: &str, signals: &str) {
         assert_eq!(measured.len(), 50);
         let lo = measured.iter().map(|&d| bucket(d)).min().unwrap_or(0);
         let hi = measured.iter().map(|&d| bucket(d)).max().unwrap_or(0);
-        let hist = histogram(
+        let hist = histogram_with(
             &profile,
             "syscall",
             &[("syscall", syscall), ("process", WORKLOAD)],
@@ -419,7 +406,7 @@ fn disk_latency_is_attributed_to_the_writer() {
     );
     // The latency: each write request waited at least the injected delay, and no longer
     // than the write calls that contained them took (the workload timed those).
-    let hist = histogram(
+    let hist = histogram_with(
         &profile,
         "disk",
         &[("device", &name), ("op", "write"), ("process", WORKLOAD)],
