@@ -96,7 +96,13 @@ impl Probes {
     }
 
     /// Replaces the tuning the programs read (each event uses the value current then).
-    pub fn tune(&mut self, tuning: Tuning) -> Result<(), ProbeError> {
+    /// The syscall epoch is the probes' own: a caller's copy of it may be stale.
+    pub fn tune(&mut self, mut tuning: Tuning) -> Result<(), ProbeError> {
+        tuning.syscall_epoch = self.tuning.syscall_epoch;
+        self.write_tuning(tuning)
+    }
+
+    fn write_tuning(&mut self, tuning: Tuning) -> Result<(), ProbeError> {
         self.tuning_map
             .set(0, tuning, 0)
             .map_err(|source| ProbeError::MapApi {
@@ -129,7 +135,7 @@ impl Probes {
         if attached && links.iter().any(|(_, link)| link.is_none()) {
             let mut tuning = self.tuning;
             tuning.syscall_epoch = tuning.syscall_epoch.wrapping_add(1);
-            self.tune(tuning)?;
+            self.write_tuning(tuning)?;
         }
         let mut result = Ok(());
         for (name, link) in &mut links {

@@ -63,9 +63,10 @@ pub struct Guard {
     offered: Vec<Lever>,
     /// Levers turned down, the last one last (turned back up first).
     raised: Vec<Lever>,
-    /// The last lever turned down and what its programs cost (a share of the host's CPU)
-    /// before, to judge the step; levers whose step saved too little to try again.
-    last_turn: Option<(Lever, f64)>,
+    /// The last lever turned down, its setting and what its programs cost (a share of
+    /// the host's CPU) before, to judge the step; levers whose step saved too little to
+    /// try again.
+    last_turn: Option<(Lever, u64, f64)>,
     ineffective: Vec<Lever>,
     calm: u32,
     cpus: f64,
@@ -208,16 +209,31 @@ impl Guard {
             tracing::debug!("overhead guard: {measured}");
         }
         let share = |lever: Lever| lever.cost(&spent).as_secs_f64() / capacity;
-        if let Some((lever, before)) = self.last_turn.take()
+        if let Some((lever, previous, before)) = self.last_turn.take()
             && share(lever) > before * EFFECTIVE_SHARE
             && !self.ineffective.contains(&lever)
         {
-            tracing::info!(
-                "overhead guard: {} saved too little ({:.2}% of the host's CPU before, {:.2}% after); trying the next lever",
-                lever.describe(lever.get(&self.settings)),
+            // A step that buys little costs accuracy for nothing: undone.
+            let tried = lever.get(&self.settings);
+            let mut settings = self.settings;
+            lever.set(&mut settings, previous);
+            if settings.tuning == self.settings.tuning || probes.tune(settings.tuning).is_ok() {
+                self.settings = settings;
+                if previous == lever.get(&self.configured) {
+                    self.raised.retain(|&l| l != lever);
+                }
+                METRICS.guard_turned(lever as usize, false);
+                self.turned.1 += 1;
+            }
+            let note = format!(
+                "overhead guard: {} saved too little ({:.2}% of the host's CPU before, {:.2}% after): back to {}, trying the next lever",
+                lever.describe(tried),
                 before * 100.0,
-                share(lever) * 100.0
+                share(lever) * 100.0,
+                lever.value_text(lever.get(&self.settings))
             );
+            tracing::info!("{note}");
+            self.notes.push(note);
             self.ineffective.push(lever);
         }
         let offered: Vec<Lever> = self
@@ -251,7 +267,7 @@ impl Guard {
         if engaged {
             self.raised.push(lever);
             self.turned.0 += 1;
-            self.last_turn = Some((lever, share(lever)));
+            self.last_turn = Some((lever, before, share(lever)));
         } else {
             self.turned.1 += 1;
             self.ineffective.retain(|&l| l != lever);

@@ -1,5 +1,5 @@
 //! `flood BUSY_S QUIET_S`: what the overhead guard must hold. For `BUSY_S` seconds thread
-//! `syscalls` calls `getppid` in bursts of a hundred between 250 us of work, with a 100 us
+//! `syscalls` calls `getppid` in bursts of a hundred between 500 us of work, with a 100 us
 //! `nanosleep` after every thousand (a syscall flood with known slow syscalls), while
 //! threads `ping` and `pong` bounce a byte over two pipes, ping working 100 us between
 //! round trips (context switches); then `QUIET_S` seconds of nothing, for the guard to
@@ -64,7 +64,7 @@ pub fn flood(busy: Duration, quiet: Duration) {
                             black_box(unsafe { libc::syscall(libc::SYS_getppid) });
                         }
                         calls += 100;
-                        work(Duration::from_micros(250));
+                        work(Duration::from_micros(500));
                     }
                     slept += syscall_marker_nanosleep(Duration::from_micros(100)).as_nanos();
                     sleeps += 1;
