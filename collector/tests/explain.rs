@@ -661,17 +661,7 @@ async fn downstream_suite<S: Storage>(store: &S) {
     .await
     .expect("explain");
     assert_eq!(report.top_cause(), Some("network"), "{report:#?}");
-    let peer = report.causes[0]
-        .evidence
-        .iter()
-        .find(|e| e.name == "10.0.0.2:7001")
-        .expect("peer A named");
-    assert!(
-        peer.details
-            .iter()
-            .any(|d| d.contains("served by pricing") && d.contains("first cause other")),
-        "{peer:#?}"
-    );
+    assert_peer_a_served_by_pricing(&report, "other");
 
     // Packet loss on the way to pricing while the host is a little busier: pricing's first
     // cause is CPU contention, and shop's rose too, but pricing's is far smaller than
@@ -691,17 +681,7 @@ async fn downstream_suite<S: Storage>(store: &S) {
             .any(|c| c.category == category && c.rank.is_some())
     };
     assert!(ranked("cpu-contention"), "{report:#?}");
-    let peer = report.causes[0]
-        .evidence
-        .iter()
-        .find(|e| e.name == "10.0.0.2:7001")
-        .expect("peer A named");
-    assert!(
-        peer.details
-            .iter()
-            .any(|d| d.contains("served by pricing") && d.contains("first cause cpu-contention")),
-        "{peer:#?}"
-    );
+    assert_peer_a_served_by_pricing(&report, "cpu-contention");
     assert!(
         report
             .causes
@@ -766,4 +746,24 @@ async fn sqlite_explains_injected_causes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_explains_injected_causes() {
     on_clickhouse(async |store| suite(store).await).await;
+}
+
+/// The report's first cause names peer A and says beside it that pricing serves it, with
+/// `first_cause` as pricing's own first cause.
+fn assert_peer_a_served_by_pricing(
+    report: &explain::report::Report,
+    first_cause: &str,
+) {
+    let peer = report.causes[0]
+        .evidence
+        .iter()
+        .find(|e| e.name == "10.0.0.2:7001")
+        .expect("peer A named");
+    let note = format!("first cause {first_cause}");
+    assert!(
+        peer.details
+            .iter()
+            .any(|d| d.contains("served by pricing") && d.contains(&note)),
+        "{peer:#?}"
+    );
 }
