@@ -750,10 +750,7 @@ async fn clickhouse_explains_injected_causes() {
 
 /// The report's first cause names peer A and says beside it that pricing serves it, with
 /// `first_cause` as pricing's own first cause.
-fn assert_peer_a_served_by_pricing(
-    report: &explain::report::Report,
-    first_cause: &str,
-) {
+fn assert_peer_a_served_by_pricing(report: &explain::report::Report, first_cause: &str) {
     let peer = report.causes[0]
         .evidence
         .iter()
