@@ -45,6 +45,12 @@ pub struct ProbeConfig {
     /// This process (tgid) is not measured when every process is (the agent itself);
     /// zero excludes nothing.
     pub exclude_tgid: u32,
+    /// This agent's owner tag: the programs count only while the `GENERATION` value
+    /// carries it ([`generation_value`]), so an agent that adopts the maps of an earlier
+    /// one (pinned, see the agent's `probes::pins`) takes over from its programs in one
+    /// map update, with no event counted twice or missed.
+    pub owner: u32,
+    pub owner_pad: u32,
     /// 1 when BTF gave every offset of the fd walk (`files`, `fdt`, `fd`, `max_fds`,
     /// `f_inode`, `i_mode`; several of them are legitimately zero).
     pub fd_walk: u32,
@@ -115,6 +121,8 @@ impl ProbeConfig {
         futex_wait_nr: u32::MAX,
         futex_waitv_nr: u32::MAX,
         exclude_tgid: 0,
+        owner: 0,
+        owner_pad: 0,
         fd_walk: 0,
         file_private_data_offset: 0,
         socket_sk_offset: 0,
@@ -148,8 +156,18 @@ impl ProbeConfig {
     }
 }
 
-/// Index into the `GENERATION` array holding the active generation (0 or 1).
+/// Index into the `GENERATION` array holding the owner tag and the active generation.
 pub const GENERATION_INDEX: u32 = 0;
+
+/// The `GENERATION` value: the owner tag above the active generation (bit 0).
+pub const fn generation_value(owner: u32, generation: u32) -> u32 {
+    (owner << 1) | (generation & 1)
+}
+
+/// The owner tag of a `GENERATION` value.
+pub const fn generation_owner(value: u32) -> u32 {
+    value >> 1
+}
 
 /// Size of the `FD_SYSCALLS` array: syscall numbers below this can be marked as taking a
 /// file descriptor as first argument.

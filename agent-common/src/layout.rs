@@ -59,7 +59,7 @@ assert_no_padding! {
         signals, task_pid_offset, task_tgid_offset, task_flags_offset, task_rseq_offset,
         task_files_offset, files_fdt_offset, fdt_fd_offset, fdt_max_fds_offset,
         file_inode_offset, inode_mode_offset, tp_prev_state_offset, tp_next_pid_offset,
-        tp_block_rwbs_offset, futex_nr, futex_wait_nr, futex_waitv_nr, exclude_tgid, fd_walk,
+        tp_block_rwbs_offset, futex_nr, futex_wait_nr, futex_waitv_nr, exclude_tgid, owner, owner_pad, fd_walk,
         file_private_data_offset, socket_sk_offset, sk_daddr_offset, sk_dport_offset,
         sk_num_offset, sk_family_offset, sk_state_offset, sk_v6_daddr_offset, sk_err_offset,
         sk_protocol_offset, tcp_srtt_offset, sock_walk, ephemeral_port_lo, ephemeral_port_hi,
@@ -81,7 +81,7 @@ const _: () = assert!(size_of::<ThreadState>() == 7 * 8 + 6 * 4 + 8);
 const _: () = assert!(size_of::<TpThreadState>() == 32);
 const _: () = assert!(size_of::<DiskRequestKey>() == 16);
 const _: () = assert!(size_of::<DiskRequest>() == 48);
-const _: () = assert!(size_of::<ProbeConfig>() == 4 * 8 + 44 * 4);
+const _: () = assert!(size_of::<ProbeConfig>() == 4 * 8 + 46 * 4);
 const _: () = assert!(size_of::<Tuning>() == 24);
 const _: () = assert!(size_of::<Peer>() == 24);
 const _: () = assert!(size_of::<SocketInfo>() == 48);

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{config, wanted},
+    maps::{config, owns, wanted},
     threads::{current_task, thread_of, thread_or_create},
 };
 
@@ -69,6 +69,9 @@ fn note_request(ctx: &BtfTracePointContext, kind: LockKind, inode: u64, request:
 /// `flock_lock_inode(struct inode *inode, struct file_lock *fl, int ret)`.
 #[btf_tracepoint(function = "flock_lock_inode")]
 pub fn flock_lock_inode_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let inode: u64 = ctx.arg(0);
     let request: u64 = ctx.arg(1);
     let ret: i64 = ctx.arg(2);
@@ -79,6 +82,9 @@ pub fn flock_lock_inode_btf(ctx: BtfTracePointContext) -> i32 {
 /// `posix_lock_inode(struct inode *inode, struct file_lock *fl, int ret)`.
 #[btf_tracepoint(function = "posix_lock_inode")]
 pub fn posix_lock_inode_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let inode: u64 = ctx.arg(0);
     let request: u64 = ctx.arg(1);
     let ret: i64 = ctx.arg(2);
@@ -90,6 +96,9 @@ pub fn posix_lock_inode_btf(ctx: BtfTracePointContext) -> i32 {
 /// waits for a lease holder to give up its lease (the holder is not in the request).
 #[btf_tracepoint(function = "break_lease_block")]
 pub fn break_lease_block_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let inode: u64 = ctx.arg(0);
     note_request(&ctx, LockKind::FileLease, inode, 0, FILE_LOCK_DEFERRED);
     0
@@ -98,6 +107,9 @@ pub fn break_lease_block_btf(ctx: BtfTracePointContext) -> i32 {
 /// `break_lease_unblock(struct inode *inode, struct file_lease *fl)`: the wait is over.
 #[btf_tracepoint(function = "break_lease_unblock")]
 pub fn break_lease_unblock_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let inode: u64 = ctx.arg(0);
     note_request(&ctx, LockKind::FileLease, inode, 0, 0);
     0

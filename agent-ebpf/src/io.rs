@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    SLOT_DISK, add_sample, add_total, capture_current_stack, config, count_loss, generation,
+    SLOT_DISK, add_sample, add_total, capture_current_stack, config, count_loss, generation, owns,
     remember_comm, wanted,
 };
 
@@ -51,6 +51,9 @@ fn read_op(ctx: &TracePointContext) -> DiskOp {
 /// `block_io_start` (in the submitter's context): who, and with which stacks.
 #[tracepoint(category = "block", name = "block_io_start")]
 pub fn block_io_start(ctx: TracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !wanted(tgid) {
@@ -83,6 +86,9 @@ pub fn block_io_start(ctx: TracePointContext) -> i32 {
 /// `block_rq_issue`: the driver gets the request; the latency counts from here.
 #[tracepoint(category = "block", name = "block_rq_issue")]
 pub fn block_rq_issue(ctx: TracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let key = request_key(&ctx);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -109,6 +115,9 @@ pub fn block_rq_issue(ctx: TracePointContext) -> i32 {
 /// `block_rq_complete`: the request is done.
 #[tracepoint(category = "block", name = "block_rq_complete")]
 pub fn block_rq_complete(ctx: TracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let key = request_key(&ctx);
     let Some(request) = DISK_REQUESTS.get_ptr(key) else {
         return 0;

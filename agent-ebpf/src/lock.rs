@@ -19,7 +19,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        SLOT_LOCK, add_sample, add_total_cached, capture_current_stack, generation, tuned, wanted,
+        SLOT_LOCK, add_sample, add_total_cached, capture_current_stack, generation, owns, tuned,
+        wanted,
     },
     threads::{current, current_task, thread_of, thread_or_create},
 };
@@ -27,6 +28,9 @@ use crate::{
 /// `contention_begin(void *lock, unsigned int flags)`.
 #[btf_tracepoint(function = "contention_begin")]
 pub fn contention_begin_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let lock: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
     let (task, pid_tgid) = current();
@@ -50,6 +54,9 @@ pub fn contention_begin_btf(ctx: BtfTracePointContext) -> i32 {
 /// `contention_end(void *lock, int ret)`.
 #[btf_tracepoint(function = "contention_end")]
 pub fn contention_end_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let lock: u64 = ctx.arg(0);
     let task = current_task();
     let Some(thread) = thread_of(task) else {

@@ -146,6 +146,16 @@ pub fn wanted_target_current() -> bool {
     target == 0 || (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32 == target
 }
 
+/// Whether this agent's programs count: the `GENERATION` value carries their owner tag.
+/// Checked first by every program, so programs attached while the previous owner's still
+/// run (an agent adopting pinned maps) stay idle until the agent hands over.
+#[inline(always)]
+pub fn owns() -> bool {
+    GENERATION
+        .get(GENERATION_INDEX)
+        .is_some_and(|&value| agent_common::generation_owner(value) == config!(owner))
+}
+
 /// The generation programs write into; read once per program run.
 #[inline(always)]
 pub fn generation() -> u32 {

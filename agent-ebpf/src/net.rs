@@ -40,7 +40,7 @@ use crate::{
     kernel::{fd_file, file_kind, read_ptr, syscall_arg},
     maps::{
         SLOT_NET, SLOT_SYSCALL, add_sample, add_total, capture_current_stack, config, generation,
-        remember_comm, wanted, wants,
+        owns, remember_comm, wanted, wants,
     },
 };
 
@@ -175,6 +175,9 @@ fn wanted_owner(tgid: u32) -> bool {
 /// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
@@ -412,6 +415,9 @@ fn poll_fd(ctx: &BtfTracePointContext) -> u64 {
 /// established socket; its smoothed RTT is sampled at most once per interval.
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     if config!(sock_walk) == 0 {
         return 0;
@@ -445,6 +451,9 @@ pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
 /// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb, int err)`.
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     if config!(sock_walk) == 0 {
         return 0;
@@ -478,6 +487,9 @@ pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
 /// queue was full, counted per listener (its local port).
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let reason: u64 = ctx.arg(2);
     if reason as u32 != config!(listen_overflow_reason) || config!(sock_walk) == 0 {
         return 0;

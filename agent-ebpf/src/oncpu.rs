@@ -5,10 +5,13 @@
 use agent_common::{SampleKey, SampleValue, Signal};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::perf_event, programs::PerfEventContext};
 
-use crate::maps::{SLOT_PERF, add_sample, capture_current_stack, generation, wanted};
+use crate::maps::{SLOT_PERF, add_sample, capture_current_stack, generation, owns, wanted};
 
 #[perf_event]
 pub fn oncpu_sample(ctx: PerfEventContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;

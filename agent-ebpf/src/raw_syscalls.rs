@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{generation, tuned, wanted, wanted_target_current, wants},
+    maps::{generation, owns, tuned, wanted, wanted_target_current, wants},
     net::{is_socket_syscall, socket_wait},
     syscall::{count_untimed_syscall, syscall_latency},
     threads::{current_task, thread_of, thread_or_create},
@@ -33,6 +33,9 @@ fn timed_by_syscall_signal() -> bool {
 /// `sys_enter(struct pt_regs *regs, long id)`.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     if !wanted_target_current() {
         return 0;
     }
@@ -77,6 +80,9 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
 /// `sys_exit(struct pt_regs *regs, long ret)`.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let task = current_task();
     let Some(thread) = thread_of(task) else {
         return 0;

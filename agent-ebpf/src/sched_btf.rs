@@ -48,7 +48,7 @@ use aya_ebpf::{
 use crate::{
     maps::{
         COMMS, SLOT_RSEQ, SLOT_SCHED, add_offcpu_total, add_sample, add_total,
-        capture_current_stack, config, count_loss, generation, scratch, set_leaf, set_len,
+        capture_current_stack, config, count_loss, generation, owns, scratch, set_leaf, set_len,
         store_stack, tuned, wanted, wants,
     },
     task_storage::TaskStorage,
@@ -204,6 +204,9 @@ fn user_wait_of(_task: *mut task_struct, _file_lock: (u8, u64)) -> Option<UserWa
 /// program, every path of one half multiplies the paths of the other).
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch_out_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let preempt: u64 = ctx.arg(0);
     let prev: *mut task_struct = ctx.arg(1);
     let prev_state: u64 = ctx.arg(3);
@@ -223,6 +226,9 @@ pub fn sched_switch_out_btf(ctx: BtfTracePointContext) -> i32 {
 /// The switch-in half of `sched_switch`.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch_in_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let next: *mut task_struct = ctx.arg(2);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -233,6 +239,9 @@ pub fn sched_switch_in_btf(ctx: BtfTracePointContext) -> i32 {
 /// `sched_wakeup(struct task_struct *p)`: an off-CPU thread became runnable.
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let task: *mut task_struct = ctx.arg(0);
     if let Some(thread) = thread_of(task)
         && thread.off_since_ns != 0
@@ -247,6 +256,9 @@ pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> i32 {
 /// `sched_wakeup_new(struct task_struct *p)`: a new thread is runnable for the first time.
 #[btf_tracepoint(function = "sched_wakeup_new")]
 pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     if !wants(Signal::RunQueue) {
         return 0;
     }
@@ -263,6 +275,9 @@ pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
 /// `task_rename(struct task_struct *task, const char *comm)`: keep thread names current.
 #[btf_tracepoint(function = "task_rename")]
 pub fn task_rename_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let task: *mut task_struct = ctx.arg(0);
     let comm: *const u8 = ctx.arg(1);
     let tid = read_task_u32(task, config!(task_pid_offset));
@@ -278,6 +293,9 @@ pub fn task_rename_btf(ctx: BtfTracePointContext) -> i32 {
 /// a new program, a new name.
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec_btf(_ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
     if let Ok(comm) = aya_ebpf::helpers::bpf_get_current_comm() {
         let _ = COMMS.insert(tid, comm, 0);
@@ -289,6 +307,9 @@ pub fn sched_process_exec_btf(_ctx: BtfTracePointContext) -> i32 {
 /// space after having been switched out; its user registers are those of the wait.
 #[btf_tracepoint(function = "rseq_update")]
 pub fn rseq_update_btf(ctx: BtfTracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     // SAFETY: helper without arguments; the current task is always valid.
     let task = unsafe { bpf_get_current_task_btf() };
     let Some(thread) = thread_of(task) else {

@@ -13,7 +13,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     SLOT_SCHED, add_offcpu_total, add_sample, capture_current_stack, config, count_loss,
-    generation, remember_comm, wanted,
+    generation, owns, remember_comm, wanted,
 };
 
 /// Per-thread state, keyed by thread id.
@@ -25,6 +25,9 @@ const REPORTED_EXIT: u64 = 0x10 | 0x20;
 
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn sched_switch_tp(ctx: TracePointContext) -> i32 {
+    if !owns() {
+        return 0;
+    }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let generation = generation();

@@ -226,6 +226,8 @@ pub struct AgentRun {
     stderr: Arc<Mutex<Vec<String>>>,
     /// The thread collecting stderr; it ends when the agent's stderr closes.
     reader: Option<thread::JoinHandle<()>>,
+    /// Leave the probes it pinned for the next agent to adopt ([`AgentRun::kill`]).
+    keep_pins: bool,
 }
 
 /// How an agent run ended.
@@ -268,6 +270,7 @@ impl AgentRun {
             child,
             stderr: lines,
             reader: Some(reader),
+            keep_pins: false,
         })
     }
 
@@ -339,10 +342,20 @@ impl AgentRun {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
     }
 
-    /// SIGKILL: the agent dies at once, without flushing anything.
+    /// SIGKILL: the agent dies at once, without flushing anything, and leaves its
+    /// pinned probes running for the next agent with its spool to adopt.
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.keep_pins = true;
+    }
+
+    /// The bpffs directory the agent pinned its probes in, from its log.
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        let text = self.stderr_text();
+        let rest = &text[text.find(PINNED_LOG)? + PINNED_LOG.len()..];
+        let dir = rest.split(" (").next()?.trim();
+        (!dir.is_empty()).then(|| PathBuf::from(dir))
     }
 
     /// Waits for the agent to exit.
@@ -369,8 +382,18 @@ impl Drop for AgentRun {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // An agent that did not stop cleanly left its probes pinned and counting: remove
+        // the pins (which detaches them), or they would run on under the other tests.
+        if !self.keep_pins
+            && let Some(dir) = self.pin_dir()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
+
+/// What `run` logs when it pinned its probes: `probes pinned in DIR (...)`.
+const PINNED_LOG: &str = "probes pinned in ";
 
 /// Holds the lock that serialises recordings within a test binary.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {

@@ -176,6 +176,48 @@ pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<St
     Ok((sequences, totals))
 }
 
+/// Wait time (ns) and waits of `signal` in the spooled batches whose stacks run
+/// through a function whose name contains `function`, and the notes of those batches.
+pub fn spool_waits_in(
+    spool_dir: &Path,
+    signal: &str,
+    function: &str,
+) -> anyhow::Result<(i64, i64, Vec<String>)> {
+    let (mut ns, mut count, mut notes) = (0, 0, Vec::new());
+    for entry in std::fs::read_dir(spool_dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "frame") {
+            continue;
+        }
+        let frame = v1::IngestFrame::decode(std::fs::read(&path)?.as_slice())?;
+        let raw = zstd::bulk::decompress(&frame.batch_zstd, 1 << 30)?;
+        let batch = v1::Batch::decode(raw.as_slice())?;
+        notes.extend(batch.notes.iter().cloned());
+        for sample in &batch.samples {
+            let wanted = batch
+                .signals
+                .get(sample.signal as usize)
+                .is_some_and(|s| s.name == signal);
+            let through = batch
+                .stacks
+                .get(sample.stack as usize)
+                .is_some_and(|stack| {
+                    stack.frames.iter().any(|&f| {
+                        batch
+                            .frames
+                            .get(f as usize)
+                            .is_some_and(|frame| frame.function.contains(function))
+                    })
+                });
+            if wanted && through {
+                ns += sample.value;
+                count += sample.count;
+            }
+        }
+    }
+    Ok((ns, count, notes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

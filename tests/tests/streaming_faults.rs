@@ -2,7 +2,8 @@
 //! workload, 1 s batches): a 60 s collector outage, an agent killed with SIGKILL and restarted, a
 //! collector killed between storing and acknowledging (SQLite and ClickHouse), a
 //! collector stopped with SIGTERM while the agent streams, and a full spool. Totals must
-//! match exactly and nothing may be stored twice.
+//! match exactly and nothing may be stored twice. And an agent killed (SIGKILL) in the middle of
+//! a burst of waits and started again: the burst arrives whole.
 
 use std::{
     collections::BTreeMap,
@@ -18,8 +19,8 @@ use stallscope_tests::{
         CollectorProcess, TEST_TOKEN, cli, cli_json, clickhouse_url, free_port, require_clickhouse,
         scratch,
     },
-    require_root,
-    streaming::{spool_contents, start_run, stop_run, wait_for_spool},
+    reported, require_root,
+    streaming::{spool_contents, spool_waits_in, start_run, stop_run, wait_for_spool},
 };
 
 /// Every `kind/unit` total the collector holds (all agents, the last hour).
@@ -253,6 +254,76 @@ fn agent_killed_and_restarted_resends_unacknowledged_batches_once() {
         *expected.entry(kind.clone()).or_default() += total;
     }
     assert_eq!(collector_totals(&url, &dir), nonzero(&expected));
+}
+
+/// An agent killed (SIGKILL) in the middle of a one-second burst of waits (20 x 50 ms), with
+/// 10 s batches: part of the burst drained into its journal, part still in the maps, the
+/// rest still to come. A new agent with the same spool adopts the pinned maps (the old
+/// programs count until the hand-over) and spools the journal: the burst arrives whole.
+/// No collector runs, so every batch stays in the spool, where it is counted.
+#[test]
+fn agent_killed_mid_burst_and_restarted_loses_no_wait() {
+    if !require_root("agent_killed_mid_burst_and_restarted_loses_no_wait") {
+        return;
+    }
+    let dir = scratch("fault-agent-kill-burst");
+    let spool = dir.join("spool");
+    let url = format!("http://127.0.0.1:{}", free_port().expect("port"));
+    let mut workload = Workload::start(
+        &binary(&binary_dir(), "stallscope-workload").expect("workload built"),
+        &["markers"],
+    )
+    .expect("workload");
+    let pid = workload.pid.to_string();
+    let args = [
+        "--pid",
+        &pid,
+        "--signals",
+        "offcpu",
+        "--batch-interval",
+        "10s",
+        "--drain-interval",
+        "300ms",
+    ];
+    let first = start_run(&binary_dir(), &url, &spool, "burst-agent", &args).expect("agent runs");
+    workload.go().expect("go");
+    // Two drains into the journal, then the kill, 600 ms into the burst.
+    sleep(Duration::from_millis(600));
+    first.kill();
+    let second = start_run(&binary_dir(), &url, &spool, "burst-agent", &args).expect("restarts");
+    let adopted = second.log_text();
+    workload
+        .wait_done(Duration::from_secs(30))
+        .expect("burst done");
+    sleep(Duration::from_secs(1));
+    let (_summary, exit) = stop_run(second).expect("agent stops");
+    let slept_ns = reported(&workload.results(), "slept_ns");
+    let (ns, count, notes) =
+        spool_waits_in(&spool, "off-cpu", "offcpu_marker_sleep").expect("spool readable");
+    eprintln!(
+        "burst: {count} waits, {:.3} s counted against {:.3} s slept\nnotes: {notes:#?}",
+        ns as f64 / 1e9,
+        slept_ns / 1e9
+    );
+    assert!(
+        adopted.contains("adopted from an earlier agent"),
+        "the second agent did not adopt the pinned probes: {adopted}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("recovered from the drain journal")),
+        "no batch was recovered from the journal: {notes:?}\n{}",
+        exit.stderr
+    );
+    assert_eq!(count, 20, "waits of the burst counted\n{}", exit.stderr);
+    let error = (ns as f64 - slept_ns).abs() / slept_ns;
+    assert!(
+        error <= 0.02,
+        "the burst's wait time is off by {:.1}%: {ns} ns counted, {slept_ns} ns slept\n{}",
+        error * 100.0,
+        exit.stderr
+    );
 }
 
 /// The collector dies at a fault point of the third batch, comes back, the agent

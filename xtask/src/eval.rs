@@ -131,6 +131,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let injections = lab.run_scenarios(&options.classes)?;
         let (run_scored, windows) = score::score_run(&mut lab, watch, &injections, &bin_dir)?;
         print!("{}", score::run_table(&run_scored));
+        for s in &run_scored {
+            if let Some(why) = &s.why {
+                println!("  {} why: {}", s.injection.class, why.ranking_line());
+            }
+        }
         let run_stray = score::stray_windows(&windows, &injections);
         for w in &run_stray {
             println!(

@@ -152,6 +152,11 @@ pub struct RunArgs {
     /// /var/lib/stallscope-agent/spool).
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// bpffs directory where the probes' maps and links are pinned so that a killed or
+    /// crashed agent's successor adopts them and loses nothing; `none` pins nothing
+    /// (default /sys/fs/bpf/stallscope).
+    #[arg(long, value_name = "DIR|none")]
+    pub pin_dir: Option<String>,
     /// Most batches kept in the spool; the oldest are dropped (and counted) beyond it
     /// (default 8640).
     #[arg(long, value_name = "N")]
@@ -179,7 +184,7 @@ pub struct RunArgs {
 /// Where `run`'s settings come from, printed after its `--help`.
 const RUN_DEFAULTS: &str = "Every run option can also be set in the [run] section of the --config file \
 (collector, agent_id, tls_cert, tls_key, tls_ca, tls_server_name, batch_interval, spool_dir, \
-spool_max_batches, spool_max_bytes, flush_timeout, max_backoff, metrics_listen); flags override the file.";
+pin_dir, spool_max_batches, spool_max_bytes, flush_timeout, max_backoff, metrics_listen); flags override the file.";
 
 impl RunArgs {
     /// Merges the flags with the configuration file (its sampling settings and its
@@ -208,6 +213,7 @@ impl RunArgs {
                 tls_server_name: self.tls_server_name.clone(),
                 batch_interval: self.batch_interval.clone(),
                 spool_dir: self.spool_dir.clone(),
+                pin_dir: self.pin_dir.clone(),
                 spool_max_batches: self.spool_max_batches,
                 spool_max_bytes: self.spool_max_bytes,
                 flush_timeout: self.flush_timeout.clone(),

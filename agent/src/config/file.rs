@@ -151,6 +151,8 @@ pub struct RunFile {
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub batch_interval: Option<Duration>,
     pub spool_dir: Option<PathBuf>,
+    /// bpffs directory for the pinned probes, or `none`.
+    pub pin_dir: Option<String>,
     pub spool_max_batches: Option<usize>,
     pub spool_max_bytes: Option<u64>,
     #[serde(default, deserialize_with = "deserialize_duration")]

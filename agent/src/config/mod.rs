@@ -143,6 +143,9 @@ pub struct Config {
     pub include_agent: bool,
     /// Where the kubelet keeps pod logs (names of pods and containers).
     pub pod_logs_dir: PathBuf,
+    /// This agent's bpffs directory for pinned probes (`run` sets it once its spool is
+    /// open; `None`: nothing pinned).
+    pub pin_dir: Option<PathBuf>,
 }
 
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
@@ -383,6 +386,7 @@ impl Config {
             read_deadline,
             dwarf_max: dwarf_max_mb << 20,
             include_agent: flags.include_agent || file.include_agent.unwrap_or(false),
+            pin_dir: None,
         })
     }
 
@@ -419,6 +423,7 @@ impl Config {
             sched_hook: self.sched_hook,
             btf_path: self.btf.clone(),
             map_sizes: self.map_sizes,
+            pin_dir: self.pin_dir.clone(),
         }
     }
 }

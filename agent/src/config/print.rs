@@ -178,6 +178,12 @@ impl RunConfig {
         run.insert("batch_interval".into(), duration(self.batch_interval));
         run.insert("spool_dir".into(), path(&self.spool_dir));
         run.insert(
+            "pin_dir".into(),
+            self.pin_root
+                .as_ref()
+                .map_or_else(|| text("none".to_owned()), |dir| path(dir)),
+        );
+        run.insert(
             "spool_max_batches".into(),
             integer(self.spool_limits.max_batches),
         );

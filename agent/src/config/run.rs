@@ -12,6 +12,8 @@ use crate::{stream::spool::SpoolLimits, system};
 pub const DEFAULT_COLLECTOR: &str = "http://127.0.0.1:7070";
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/stallscope-agent/spool";
+/// Where the probes are pinned by default (one directory per spool under it).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/stallscope";
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -26,6 +28,7 @@ pub struct RunOverrides {
     pub tls_server_name: Option<String>,
     pub batch_interval: Option<String>,
     pub spool_dir: Option<PathBuf>,
+    pub pin_dir: Option<String>,
     pub spool_max_batches: Option<usize>,
     pub spool_max_bytes: Option<u64>,
     pub flush_timeout: Option<String>,
@@ -53,6 +56,8 @@ pub struct RunConfig {
     pub tls: Option<TlsFiles>,
     pub batch_interval: Duration,
     pub spool_dir: PathBuf,
+    /// The bpffs directory under which the probes are pinned (`None`: not pinned).
+    pub pin_root: Option<PathBuf>,
     pub spool_limits: SpoolLimits,
     /// How long to keep sending after SIGTERM/SIGINT.
     pub flush_timeout: Duration,
@@ -195,6 +200,18 @@ impl RunConfig {
                     })
             })
             .transpose()?;
+        let pin_root = match flags.pin_dir.or(file.pin_dir) {
+            None => Some(PathBuf::from(DEFAULT_PIN_ROOT)),
+            Some(text) if text == "none" => None,
+            Some(text) if text.starts_with('/') => Some(PathBuf::from(text)),
+            Some(text) => {
+                return Err(ConfigError::OutOfRange {
+                    what: "run.pin_dir (--pin-dir)",
+                    rule: "an absolute path on a bpffs, or `none`",
+                    value: format!("`{text}`"),
+                });
+            }
+        };
         let duration = flags
             .duration
             .as_deref()
@@ -212,6 +229,7 @@ impl RunConfig {
                 .spool_dir
                 .or(file.spool_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR)),
+            pin_root,
             spool_limits: SpoolLimits {
                 max_batches,
                 max_bytes,

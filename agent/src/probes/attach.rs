@@ -7,12 +7,46 @@ use aya::{
     Ebpf,
     programs::{
         BtfTracePoint, PerfEvent, TracePoint,
+        links::FdLink,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         tp_btf::BtfTracePointLinkId,
     },
 };
 
 use crate::probes::{ProbeError, SchedHook, btf::Btf, tracefs};
+
+/// The links of the attached programs, taken from aya so they can be pinned (and
+/// outlive the agent, see `pins`). Perf-event attachments (classic tracepoints, on-CPU
+/// sampling) are BPF links only where the kernel has perf links (5.15+); elsewhere they
+/// stay with aya and are not pinned.
+#[derive(Default)]
+pub struct HeldLinks {
+    pub fd: Vec<(String, FdLink)>,
+}
+
+impl HeldLinks {
+    fn push(&mut self, name: &str, link: FdLink) {
+        let index = self
+            .fd
+            .iter()
+            .filter(|(n, _)| n.rsplit_once('-').is_some_and(|(n, _)| n == name))
+            .count();
+        self.fd.push((format!("{name}-{index}"), link));
+    }
+
+    /// Takes a perf-event link (classic tracepoint, perf event) where it is a BPF link.
+    fn push_perf<L>(&mut self, name: &str, take: impl FnOnce() -> Option<L>)
+    where
+        L: TryInto<FdLink>,
+    {
+        if !aya::features().bpf_perf_link() {
+            return;
+        }
+        if let Some(fd) = take().and_then(|link| link.try_into().ok()) {
+            self.push(name, fd);
+        }
+    }
+}
 
 /// Whether the BTF scheduler path works with this BTF: `sched_switch` must pass
 /// `prev_state` (5.18+) and `rseq_update` must exist.
@@ -143,7 +177,12 @@ fn file_lock_offsets(btf: &Btf) -> Option<[u32; 6]> {
 /// `break_lease_block/unblock`): they mark threads whose lock request the kernel deferred,
 /// so the scheduler programs count their wait as a lock wait, per file. Optional: a
 /// kernel without these tracepoints (or the offsets) only loses the file-lock cause.
-pub fn attach_file_locks(ebpf: &mut Ebpf, ours: &Btf, theirs: &aya::Btf) -> Option<&'static str> {
+pub fn attach_file_locks(
+    ebpf: &mut Ebpf,
+    ours: &Btf,
+    theirs: &aya::Btf,
+    links: &mut HeldLinks,
+) -> Option<&'static str> {
     let events = [
         ("flock_lock_inode_btf", "flock_lock_inode"),
         ("posix_lock_inode_btf", "posix_lock_inode"),
@@ -160,7 +199,7 @@ pub fn attach_file_locks(ebpf: &mut Ebpf, ours: &Btf, theirs: &aya::Btf) -> Opti
         );
         return None;
     }
-    match attach_btf(ebpf, theirs, &events) {
+    match attach_btf(ebpf, theirs, &events, links) {
         Ok(()) => Some(
             "file locks (tp_btf flock_lock_inode, posix_lock_inode, break_lease_block/unblock)",
         ),
@@ -249,8 +288,27 @@ pub fn attach_btf(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
     programs: &[(&'static str, &'static str)],
+    links: &mut HeldLinks,
 ) -> Result<(), ProbeError> {
-    attach_btf_links(ebpf, btf, programs).map(|_| ())
+    let ids = attach_btf_links(ebpf, btf, programs)?;
+    take_btf_links(ebpf, ids, links)
+}
+
+/// Takes the links of attached BTF tracepoint programs from aya into `links`.
+pub fn take_btf_links(
+    ebpf: &mut Ebpf,
+    ids: Vec<(&'static str, BtfTracePointLinkId)>,
+    links: &mut HeldLinks,
+) -> Result<(), ProbeError> {
+    for (name, id) in ids {
+        let prog: &mut BtfTracePoint = program(ebpf, name)?;
+        let link = prog.take_link(id).map_err(|source| ProbeError::Program {
+            program: name,
+            source,
+        })?;
+        links.push(name, link.into());
+    }
+    Ok(())
 }
 
 /// [`attach_btf`], returning each program's link (to detach it later).
@@ -282,17 +340,20 @@ pub fn attach_tracepoint(
     name: &'static str,
     category: &str,
     event: &str,
+    links: &mut HeldLinks,
 ) -> Result<(), ProbeError> {
     let prog: &mut TracePoint = program(ebpf, name)?;
     prog.load().map_err(|source| ProbeError::Program {
         program: name,
         source,
     })?;
-    prog.attach(category, event)
+    let id = prog
+        .attach(category, event)
         .map_err(|source| ProbeError::Program {
             program: name,
             source,
         })?;
+    links.push_perf(name, || prog.take_link(id).ok());
     Ok(())
 }
 
@@ -303,6 +364,7 @@ pub fn attach_sched(
     btf: Option<&aya::Btf>,
     use_btf: bool,
     signals: &[Signal],
+    links: &mut HeldLinks,
 ) -> Result<SchedHook, ProbeError> {
     if let (true, Some(btf)) = (use_btf, btf) {
         let mut programs = vec![
@@ -318,7 +380,7 @@ pub fn attach_sched(
         // Thread names stay current across renames and execs (and outlive the threads).
         programs.push(("task_rename_btf", "task_rename"));
         programs.push(("sched_process_exec_btf", "sched_process_exec"));
-        match attach_btf(ebpf, btf, &programs) {
+        match attach_btf(ebpf, btf, &programs, links) {
             Ok(()) => return Ok(SchedHook::BtfTracepoint),
             Err(err) => tracing::warn!(
                 "BTF scheduler probes failed ({err}); falling back to the classic tracepoint"
@@ -336,7 +398,7 @@ pub fn attach_sched(
         return Ok(SchedHook::Tracepoint);
     }
     ensure_tracefs();
-    attach_tracepoint(ebpf, "sched_switch_tp", "sched", "sched_switch")?;
+    attach_tracepoint(ebpf, "sched_switch_tp", "sched", "sched_switch", links)?;
     Ok(SchedHook::Tracepoint)
 }
 
@@ -346,6 +408,7 @@ pub fn attach_lock(
     ebpf: &mut Ebpf,
     btf: Option<(&Btf, &aya::Btf)>,
     sched: Option<SchedHook>,
+    links: &mut HeldLinks,
 ) -> Result<Vec<&'static str>, ProbeError> {
     let mut attached = Vec::new();
     if sched == Some(SchedHook::BtfTracepoint) {
@@ -360,6 +423,7 @@ pub fn attach_lock(
                     ("contention_begin_btf", "contention_begin"),
                     ("contention_end_btf", "contention_end"),
                 ],
+                links,
             )?;
             attached.push("kernel locks (lock:contention_begin/end)");
         }
@@ -402,6 +466,7 @@ pub fn attach_net(
     ebpf: &mut Ebpf,
     btf: Option<(&Btf, &aya::Btf)>,
     signals: &[Signal],
+    links: &mut HeldLinks,
 ) -> Result<Vec<(Signal, String)>, ProbeError> {
     let Some((ours, theirs)) = btf.filter(|(ours, _)| btf_net_supported(ours)) else {
         return Err(ProbeError::Unsupported {
@@ -440,13 +505,13 @@ pub fn attach_net(
             _ => {}
         }
     }
-    attach_btf(ebpf, theirs, &programs)?;
+    attach_btf(ebpf, theirs, &programs, links)?;
     Ok(hooks)
 }
 
 /// Disk programs: `block_io_start` (or `block_rq_insert` before 6.5) for attribution,
 /// `block_rq_issue` and `block_rq_complete` for the latency.
-pub fn attach_disk(ebpf: &mut Ebpf) -> Result<&'static str, ProbeError> {
+pub fn attach_disk(ebpf: &mut Ebpf, links: &mut HeldLinks) -> Result<&'static str, ProbeError> {
     ensure_tracefs();
     let start = if tracefs::event_dir("block", "block_io_start").is_some() {
         "block_io_start"
@@ -461,14 +526,24 @@ pub fn attach_disk(ebpf: &mut Ebpf) -> Result<&'static str, ProbeError> {
             });
         }
     }
-    attach_tracepoint(ebpf, "block_io_start", "block", start)?;
-    attach_tracepoint(ebpf, "block_rq_issue", "block", "block_rq_issue")?;
-    attach_tracepoint(ebpf, "block_rq_complete", "block", "block_rq_complete")?;
+    attach_tracepoint(ebpf, "block_io_start", "block", start, links)?;
+    attach_tracepoint(ebpf, "block_rq_issue", "block", "block_rq_issue", links)?;
+    attach_tracepoint(
+        ebpf,
+        "block_rq_complete",
+        "block",
+        "block_rq_complete",
+        links,
+    )?;
     Ok(start)
 }
 
 /// On-CPU sampling: a `cpu-clock` perf event per online CPU.
-pub fn attach_oncpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<usize, ProbeError> {
+pub fn attach_oncpu(
+    ebpf: &mut Ebpf,
+    frequency_hz: u64,
+    links: &mut HeldLinks,
+) -> Result<usize, ProbeError> {
     let cpus = aya::util::online_cpus()
         .map_err(|(what, err)| ProbeError::PerfEvent(format!("reading {what}: {err}")))?;
     let prog: &mut PerfEvent = program(ebpf, "oncpu_sample")?;
@@ -477,13 +552,15 @@ pub fn attach_oncpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<usize, ProbeEr
         source,
     })?;
     for &cpu in &cpus {
-        prog.attach(
-            PerfEventConfig::Software(SoftwareEvent::CpuClock),
-            PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Frequency(frequency_hz),
-            false,
-        )
-        .map_err(|err| ProbeError::PerfEvent(format!("cpu {cpu}: {err}")))?;
+        let id = prog
+            .attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(frequency_hz),
+                false,
+            )
+            .map_err(|err| ProbeError::PerfEvent(format!("cpu {cpu}: {err}")))?;
+        links.push_perf("oncpu_sample", || prog.take_link(id).ok());
     }
     Ok(cpus.len())
 }

@@ -8,6 +8,7 @@ use std::{os::fd::AsFd, time::Instant};
 use agent_common::{
     CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, Peer, SYSCALL_SLOTS, SampleKey,
     SampleValue, Signal, StackTrace, SyscallSlot, TotalCache, TotalKey, TotalValue,
+    generation_value,
 };
 use aya::maps::PerCpuValues;
 
@@ -55,7 +56,7 @@ impl Probes {
         let retired = self.active;
         let next = retired ^ 1;
         self.generation_map
-            .set(GENERATION_INDEX, next, 0)
+            .set(GENERATION_INDEX, generation_value(self.owner, next), 0)
             .map_err(|source| ProbeError::MapApi {
                 map: "GENERATION",
                 source,
@@ -68,6 +69,20 @@ impl Probes {
             );
             self.barrier = barrier;
         }
+        self.read_retired(retired)
+    }
+
+    /// What an earlier agent left in the generation it retired and had not drained when
+    /// it died (its maps adopted, see `pins`): once, right after the hand-over.
+    pub fn take_leftover(&mut self) -> Result<Option<Drained>, ProbeError> {
+        if !std::mem::take(&mut self.leftover_pending) {
+            return Ok(None);
+        }
+        self.read_retired(self.active ^ 1).map(Some)
+    }
+
+    /// Reads and empties generation `retired`, which no program writes any more.
+    fn read_retired(&mut self, retired: u32) -> Result<Drained, ProbeError> {
         let slot = retired as usize;
         let mut totals: Vec<(TotalKey, TotalValue)> =
             bpf_sys::drain_hash_map(self.totals[slot].fd().as_fd(), self.sizes.totals).map_err(

@@ -39,6 +39,12 @@ pub enum ProbeError {
     },
     #[error("on-CPU sampling needs perf events on every CPU: {0}")]
     PerfEvent(String),
+    #[error("the probes' map layout: {0}")]
+    Layout(String),
+    #[error(
+        "pinning the probes in {path} failed: {reason} (or pass --pin-dir none to run without surviving restarts)"
+    )]
+    Pin { path: PathBuf, reason: String },
     #[error("signal `{signal}` is not available on this kernel: it needs {need}")]
     Unsupported {
         signal: &'static str,

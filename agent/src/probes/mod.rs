@@ -7,6 +7,7 @@ pub mod bpf_sys;
 pub mod btf;
 mod drain;
 mod error;
+pub mod pins;
 mod settings;
 pub mod syscalls;
 pub mod tracefs;
@@ -17,11 +18,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{LOSS_COUNTERS, Peer, ProbeConfig, Signal, SyscallSlot, TotalCache, Tuning};
+use agent_common::{
+    GENERATION_INDEX, LOSS_COUNTERS, Peer, ProbeConfig, Signal, SyscallSlot, TotalCache, Tuning,
+    generation_owner, generation_value,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray},
-    programs::tp_btf::BtfTracePointLinkId,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tp_btf::BtfTracePointLinkId,
+    },
 };
 
 use self::{bpf_sys::Barrier, btf::Btf};
@@ -64,8 +71,53 @@ pub struct Probes {
     pub oncpu_cpus: usize,
     /// What serves each signal, for `check` and the log.
     pub hooks: Vec<(Signal, String)>,
-    /// When loading started: no wait they measure started earlier.
+    /// When loading started: no wait they measure started earlier (for adopted maps:
+    /// when the first agent pinned them).
     measuring_since: Instant,
+    /// This agent's owner tag in `GENERATION`.
+    owner: u32,
+    /// The links of the attached programs (pinned ones live in `pinned`).
+    _links: Vec<FdLink>,
+    /// Where the probes are pinned and this agent's pinned links; removed on a clean
+    /// stop (drop).
+    pinned: Option<(std::path::PathBuf, Vec<PinnedLink>)>,
+    /// The adopted maps' retired generation still has to be read ([`Probes::take_leftover`]).
+    leftover_pending: bool,
+    /// For the first profile: what adopting or replacing pinned probes meant.
+    pub pin_notes: Vec<String>,
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        // A clean stop: nothing may stay attached once the agent is gone for good.
+        if let Some((dir, links)) = self.pinned.take() {
+            drop(links);
+            pins::remove(&dir);
+        }
+    }
+}
+
+/// An owner tag for a new agent: non-zero (a fresh `GENERATION` holds 0) and not the
+/// previous owner's.
+fn new_owner(previous: u32) -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = (u64::from(std::process::id()) << 32 | u64::from(nanos))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let owner = 1 + (seed >> 33) as u32 % 0x7fff_fffe;
+    if owner == previous {
+        previous % 0x7fff_fffe + 1
+    } else {
+        owner
+    }
+}
+
+/// The owner tag and generation bit in a pinned `GENERATION` map, if there is one.
+fn pinned_generation(dir: &Path) -> Option<u32> {
+    let data = MapData::from_pin(dir.join("GENERATION")).ok()?;
+    let array: Array<MapData, u32> = Array::try_from(Map::Array(data)).ok()?;
+    array.get(&GENERATION_INDEX, 0).ok()
 }
 
 /// Whether this process may load tracing programs: root, or `CAP_BPF` + `CAP_PERFMON`, or
@@ -185,7 +237,34 @@ impl Probes {
         }
 
         let sizes = settings.map_sizes;
+        let mut pin_notes = Vec::new();
+        let pin_plan = match &settings.pin_dir {
+            Some(base) => {
+                match pins::layout_id(PROBES_OBJECT, &sizes).and_then(|l| pins::plan(base, &l)) {
+                    Ok(plan) => Some(plan),
+                    Err(err) => {
+                        let note = format!(
+                            "{err}: running without pinned probes, so an unclean stop of this agent loses its waits in progress and what it had not drained"
+                        );
+                        tracing::warn!("{note}");
+                        pin_notes.push(note);
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let previous = pin_plan
+            .as_ref()
+            .filter(|plan| plan.adopting)
+            .and_then(|plan| pinned_generation(&plan.dir))
+            .unwrap_or(0);
+        let owner = new_owner(generation_owner(previous));
+        config.owner = owner;
         let mut loader = EbpfLoader::new();
+        if let Some(plan) = &pin_plan {
+            pins::point_loader(plan, &mut loader);
+        }
         loader
             // Task-local storage maps are used by the probes only; aya need not wrap them.
             .allow_unsupported_maps()
@@ -217,6 +296,7 @@ impl Probes {
             })?;
 
         let btf_pair = btf.as_ref().map(|(ours, theirs)| (ours, theirs));
+        let mut links = attach::HeldLinks::default();
         let mut hooks = Vec::new();
         let mut sched_hook = None;
         let mut file_lock_hook = None;
@@ -226,6 +306,7 @@ impl Probes {
                 btf_pair.map(|(_, theirs)| theirs),
                 use_btf_sched,
                 &settings.signals,
+                &mut links,
             )?;
             sched_hook = Some(hook);
             if hook == SchedHook::Tracepoint && !wants(Signal::OffCpu) {
@@ -235,8 +316,9 @@ impl Probes {
             let file_locks = if hook == SchedHook::BtfTracepoint
                 && (wants(Signal::OffCpu) || wants(Signal::Lock))
             {
-                btf_pair
-                    .and_then(|(ours, theirs)| attach::attach_file_locks(&mut ebpf, ours, theirs))
+                btf_pair.and_then(|(ours, theirs)| {
+                    attach::attach_file_locks(&mut ebpf, ours, theirs, &mut links)
+                })
             } else {
                 None
             };
@@ -254,7 +336,7 @@ impl Probes {
         let mut syscall_links = None;
         let mut oncpu_cpus = 0;
         if wants(Signal::OnCpu) {
-            oncpu_cpus = attach::attach_oncpu(&mut ebpf, settings.oncpu_frequency_hz)?;
+            oncpu_cpus = attach::attach_oncpu(&mut ebpf, settings.oncpu_frequency_hz, &mut links)?;
             hooks.push((
                 Signal::OnCpu,
                 format!(
@@ -264,16 +346,19 @@ impl Probes {
             ));
         }
         if wants(Signal::Lock) {
-            let mut attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook)?;
+            let mut attached = attach::attach_lock(&mut ebpf, btf_pair, sched_hook, &mut links)?;
             attached.extend(file_lock_hook);
             hooks.push((Signal::Lock, attached.join(", ")));
         }
         if wants(Signal::Syscall) || wants(Signal::SocketWait) {
-            let links = attach::attach_syscall(&mut ebpf, btf_pair)?;
+            let ids = attach::attach_syscall(&mut ebpf, btf_pair)?;
             // Only the syscall signal's programs may be detached for a while (their
             // totals then scaled): the network signal's socket waits need every one.
+            // Those stay with aya (the guard detaches them by id) and are not pinned.
             if wants(Signal::Syscall) && !wants(Signal::SocketWait) {
-                syscall_links = Some(links);
+                syscall_links = Some(ids);
+            } else {
+                attach::take_btf_links(&mut ebpf, ids, &mut links)?;
             }
             let mut fd_syscalls: Array<_, u8> =
                 Array::try_from(take_map(&mut ebpf, "FD_SYSCALLS")?).map_err(|source| {
@@ -304,23 +389,38 @@ impl Probes {
             if wants(Signal::SocketWait) {
                 fill_socket_syscalls(&mut ebpf)?;
             }
-            hooks.extend(attach::attach_net(&mut ebpf, btf_pair, &network)?);
+            hooks.extend(attach::attach_net(
+                &mut ebpf, btf_pair, &network, &mut links,
+            )?);
         }
         if wants(Signal::Disk) {
-            let start = attach::attach_disk(&mut ebpf)?;
+            let start = attach::attach_disk(&mut ebpf, &mut links)?;
             hooks.push((
                 Signal::Disk,
                 format!("tracepoints block:{start}, block_rq_issue, block_rq_complete"),
             ));
         }
 
-        let generation_map =
+        let mut generation_map: Array<MapData, u32> =
             Array::try_from(take_map(&mut ebpf, "GENERATION")?).map_err(|source| {
                 ProbeError::MapApi {
                     map: "GENERATION",
                     source,
                 }
             })?;
+        // Every program is attached and idle: the hand-over makes them count (and an
+        // earlier agent's programs stop) in one map update.
+        let active = previous & 1;
+        let handed = pins::hand_over(
+            pin_plan,
+            links.fd,
+            &mut generation_map,
+            generation_value(owner, active),
+            owner,
+            &mut pin_notes,
+        )?;
+        let adopting = handed.adopting;
+        let measuring_since = handed.measuring_since.unwrap_or(measuring_since);
         let losses = PerCpuArray::try_from(take_map(&mut ebpf, "LOSSES")?).map_err(|source| {
             ProbeError::MapApi {
                 map: "LOSSES",
@@ -384,13 +484,18 @@ impl Probes {
             totals,
             samples,
             stacks,
-            active: 0,
+            active,
             barrier: Barrier::Membarrier,
             sizes,
             sched_hook,
             oncpu_cpus,
             hooks,
             measuring_since,
+            owner,
+            _links: handed.unpinned,
+            pinned: handed.pinned,
+            leftover_pending: adopting,
+            pin_notes,
         })
     }
 

@@ -82,4 +82,7 @@ pub struct ProbeSettings {
     pub sched_hook: SchedHookChoice,
     pub btf_path: Option<PathBuf>,
     pub map_sizes: MapSizes,
+    /// This agent's directory in bpffs for maps and links that survive a restart
+    /// (`probes::pins`); `None`: nothing pinned (`record`, or turned off).
+    pub pin_dir: Option<PathBuf>,
 }

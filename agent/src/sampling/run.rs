@@ -93,7 +93,13 @@ pub fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
             totals: BTreeMap::new(),
         },
     };
-    sample(&config.sampling, config.duration, &mut sink)?;
+    let mut sampling = config.sampling.clone();
+    // After the spool is open: the directory is named after the spool's real path.
+    sampling.pin_dir = config
+        .pin_root
+        .as_deref()
+        .map(|root| probes::pins::agent_dir(root, &config.spool_dir));
+    sample(&sampling, config.duration, &mut sink)?;
     let StreamSink {
         spool,
         sender,
@@ -160,7 +166,18 @@ impl Sink for StreamSink<'_> {
         }
         Ok(())
     }
+
+    fn journal_dir(&self) -> Option<&Path> {
+        Some(&self.config.spool_dir)
+    }
+
+    fn holds_period(&mut self, start_unix_ns: i64) -> bool {
+        self.spool
+            .lock()
+            .is_ok_and(|spool| spool.holds_period(start_unix_ns))
+    }
 }
+
 /// The closing line of a run: batches, drops, and the totals the collector must match.
 pub fn summary_line(summary: &RunSummary) -> String {
     let range = summary.last_sequence.map_or_else(

@@ -5,13 +5,20 @@
 //! sink is the only difference between the commands: a file for `record`, the spool and
 //! the collector for `run`.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use agent_common::Signal;
 use stallscope_profile::{Meta, Profile};
 use stallscope_proto::sd_notify::ServiceNotifier;
 
-use super::{guard::Guard, shutdown};
+use super::{
+    guard::Guard,
+    journal::{self, Journal, Recovered},
+    shutdown,
+};
 use crate::{
     aggregate::{accumulate::Accumulator, calibrate},
     config::{Config, SignalName},
@@ -44,6 +51,17 @@ pub trait Sink {
     /// A finished profile of the period since the previous one (`last`: the final one,
     /// after the probes were detached).
     fn accept(&mut self, profile: Profile, last: bool) -> anyhow::Result<()>;
+
+    /// Where drained generations are journaled until the profile holding them is
+    /// accepted ([`Journal`]); `None`: not journaled.
+    fn journal_dir(&self) -> Option<&Path> {
+        None
+    }
+
+    /// Whether the sink already holds the profile of the period starting then.
+    fn holds_period(&mut self, _start_unix_ns: i64) -> bool {
+        false
+    }
 }
 
 /// The signals of a configuration, as the probes number them.
@@ -89,8 +107,38 @@ pub fn sample(
     }
     let mut heartbeat = notifier.as_ref().and_then(ServiceNotifier::heartbeat);
     let host = system::hostname();
+    // What an earlier agent left: its journal (drained, not spooled) and, where its
+    // pinned maps were adopted, what it had not drained yet. Both belong to the period
+    // it was in when it died.
+    let mut leftover = probes.take_leftover()?;
+    if let Some(drained) = &mut leftover {
+        // Its loss counters are this agent's (the earlier agent's died with it).
+        drained.losses.clear();
+    }
+    let mut once_notes = std::mem::take(&mut probes.pin_notes);
+    let journal_dir = sink.journal_dir().map(Path::to_owned);
+    if let Some(dir) = &journal_dir
+        && let Some(mut recovered) = Journal::recover(dir)?
+    {
+        if sink.holds_period(recovered.period_start_unix_ns) {
+            tracing::info!(
+                "the drain journal's {} drains are already in the spool (stopped between spooling and starting the journal over)",
+                recovered.drains.len()
+            );
+        } else {
+            recovered.drains.extend(leftover.take());
+            spool_recovered(recovered, &mut accumulator, sink, &host, &notes)?;
+        }
+    }
+    if let Some(drained) = leftover {
+        ingest(&mut accumulator, drained);
+    }
     let started = Instant::now();
     let mut period = Period::begin();
+    let mut journal = journal_dir.as_deref().map(journal::Lane::new);
+    if let Some(lane) = &mut journal {
+        lane.begin(period.start_unix_ns, &accumulator.reported_losses);
+    }
     let mut next_drain = started + config.drain_interval;
     let mut next_close = sink.interval().map(|every| started + every);
     loop {
@@ -121,7 +169,9 @@ pub fn sample(
             let scale = guard
                 .as_ref()
                 .map_or(1.0, |g| g.syscall_scale(Instant::now()));
-            ingest(&mut accumulator, probes.drain()?, scale);
+            let drained = scaled(probes.drain()?, scale);
+            journal_append(&mut journal, &drained);
+            ingest(&mut accumulator, drained);
             next_drain += config.drain_interval;
             sink.drained(&accumulator, started.elapsed());
             if let Some(guard) = &mut guard {
@@ -132,9 +182,14 @@ pub fn sample(
         if let (Some(close), Some(every)) = (next_close, sink.interval())
             && now >= close
         {
-            let notes = period_notes(&notes, guard.as_mut());
+            let mut notes = period_notes(&notes, guard.as_mut());
+            notes.append(&mut once_notes);
             let profile = period.close(&mut accumulator, &host, &notes, Instant::now());
             sink.accept(profile, false)?;
+            // The closed period is in the sink: the journal starts over with the next.
+            if let Some(lane) = &mut journal {
+                lane.begin(period.start_unix_ns, &accumulator.reported_losses);
+            }
             next_close = Some(close + every);
         }
     }
@@ -144,16 +199,78 @@ pub fn sample(
     let scale = guard
         .as_ref()
         .map_or(1.0, |g| g.syscall_scale(Instant::now()));
-    ingest(&mut accumulator, probes.drain()?, scale);
+    let drained = scaled(probes.drain()?, scale);
+    journal_append(&mut journal, &drained);
+    ingest(&mut accumulator, drained);
     let ended = Instant::now();
     drop(probes);
     if let Some(guard) = &guard {
         guard.summarize();
     }
-    let notes = period_notes(&notes, guard.as_mut());
+    let mut notes = period_notes(&notes, guard.as_mut());
+    notes.append(&mut once_notes);
     let profile = period.close(&mut accumulator, &host, &notes, ended);
     sink.accept(profile, true)?;
+    if let Some(lane) = journal {
+        lane.end();
+    }
     Ok(ended - started)
+}
+
+/// Journals a drained generation before it is aggregated.
+fn journal_append(journal: &mut Option<journal::Lane>, drained: &Drained) {
+    if let Some(lane) = journal {
+        lane.append(drained, system::unix_now_ns());
+    }
+}
+
+/// Hands the sink the profile of the period an earlier run drained and never handed
+/// over (it was killed or crashed). The losses it
+/// reports are those the earlier run had not reported yet; this run's probes count
+/// their own from zero.
+fn spool_recovered(
+    recovered: Recovered,
+    accumulator: &mut Accumulator,
+    sink: &mut dyn Sink,
+    host: &str,
+    notes: &[String],
+) -> anyhow::Result<()> {
+    let drains = recovered.drains.len();
+    if recovered.reported_losses.len() == accumulator.reported_losses.len() {
+        accumulator
+            .reported_losses
+            .clone_from(&recovered.reported_losses);
+    }
+    for drained in recovered.drains {
+        accumulator.ingest(drained);
+    }
+    let mut notes = notes.to_vec();
+    notes.push(format!(
+        "recovered from the drain journal after an unclean stop: {drains} drains{}",
+        if recovered.torn_bytes > 0 {
+            format!(
+                ", and {} bytes of a drain cut off mid-write (lost)",
+                recovered.torn_bytes
+            )
+        } else {
+            String::new()
+        }
+    ));
+    let meta = Meta {
+        start_unix_ns: recovered.period_start_unix_ns,
+        duration_ns: (recovered.last_drain_unix_ns - recovered.period_start_unix_ns).max(1),
+        host: host.to_owned(),
+        notes,
+        ..Meta::default()
+    };
+    let profile = accumulator.finish(meta);
+    tracing::info!(
+        "recovered {drains} drains of an earlier run from the drain journal (it stopped uncleanly); spooling them"
+    );
+    sink.accept(profile, false)?;
+    accumulator.losses.fill(0);
+    accumulator.reported_losses.fill(0);
+    Ok(())
 }
 
 /// A profile's notes: how it was recorded, and what the overhead guard did meanwhile.
@@ -179,16 +296,21 @@ fn warn_unsent(sent: std::io::Result<()>) {
     }
 }
 
-/// Adds a drained generation to the accumulator, counting its events per signal (on-CPU:
-/// samples) and the stacks that could not be resolved in the self-metrics. The syscall
-/// signal's totals are scaled by `syscall_scale` (the overhead guard's duty cycle).
-fn ingest(accumulator: &mut Accumulator, mut drained: Drained, syscall_scale: f64) {
+/// A drained generation with the syscall signal's totals scaled by `syscall_scale` (the
+/// overhead guard's duty cycle).
+fn scaled(mut drained: Drained, syscall_scale: f64) -> Drained {
     calibrate::scale_drained(
         &mut drained.totals,
         &mut drained.samples,
         Signal::Syscall,
         syscall_scale,
     );
+    drained
+}
+
+/// Adds a drained generation to the accumulator, counting its events per signal (on-CPU:
+/// samples) and the stacks that could not be resolved in the self-metrics.
+fn ingest(accumulator: &mut Accumulator, drained: Drained) {
     let mut events = [0u64; Signal::COUNT];
     for (key, value) in &drained.totals {
         if key.signal == Signal::OnCpu as u8 {

@@ -52,6 +52,9 @@ impl Default for SpoolLimits {
 struct State {
     next_sequence: u64,
     dropped_total: u64,
+    /// The start of the period the newest spooled batch covers (the drain journal asks).
+    #[serde(default)]
+    last_period_start_unix_ns: i64,
 }
 
 /// zstd level for spooled batches: fast, still several times smaller than raw.
@@ -318,12 +321,36 @@ impl Spool {
             }
         };
         self.state.next_sequence = sequence + 1;
+        self.state.last_period_start_unix_ns = batch.start_unix_ns;
         self.batches.insert(sequence, frame.len() as u64);
         self.bytes += frame.len() as u64;
         self.save_state_making_room()?;
         self.publish();
         METRICS.batch_spooled();
         Ok(Appended::Stored(sequence))
+    }
+
+    /// Whether the newest batch spooled covers the period starting at `start_unix_ns`
+    /// (by the state, or by the newest batch file when the state was not saved after it).
+    pub fn holds_period(&self, start_unix_ns: i64) -> bool {
+        if self.state.last_period_start_unix_ns == start_unix_ns {
+            return true;
+        }
+        let Some((&newest, _)) = self.batches.last_key_value() else {
+            return false;
+        };
+        fs::read(self.batch_path(newest))
+            .ok()
+            .and_then(|bytes| v1::IngestFrame::decode(bytes.as_slice()).ok())
+            .and_then(|frame| {
+                zstd::bulk::decompress(
+                    &frame.batch_zstd,
+                    usize::try_from(frame.uncompressed_size).ok()?,
+                )
+                .ok()
+            })
+            .and_then(|bytes| v1::Batch::decode(bytes.as_slice()).ok())
+            .is_some_and(|batch| batch.start_unix_ns == start_unix_ns)
     }
 
     /// Reads a spooled frame and marks it in flight. `None` if it is gone (acknowledged

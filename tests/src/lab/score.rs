@@ -166,6 +166,10 @@ pub struct WhyCause {
     pub category: String,
     pub rank: Option<u32>,
     #[serde(default)]
+    pub share: f64,
+    #[serde(default)]
+    pub change_ns_per_s: f64,
+    #[serde(default)]
     pub evidence: Vec<WhyEvidence>,
 }
 
@@ -218,6 +222,33 @@ impl WhyAnswer {
         self.ranked()
             .first()
             .is_some_and(|c| c.evidence.iter().any(|e| names_object(object, &e.text())))
+    }
+
+    /// Every ranked cause with its share and change, and the first cause's evidence with
+    /// its details: what a miss needs to be understood without rerunning it.
+    pub fn ranking_line(&self) -> String {
+        let ranked: Vec<String> = self
+            .ranked()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {:.0}% {:+.0} ms/s",
+                    c.category,
+                    c.share * 100.0,
+                    c.change_ns_per_s / 1e6
+                )
+            })
+            .collect();
+        let evidence: Vec<String> = self
+            .ranked()
+            .first()
+            .map(|c| c.evidence.iter().take(3).map(WhyEvidence::text).collect())
+            .unwrap_or_default();
+        format!(
+            "ranked [{}]; first cause's evidence [{}]",
+            ranked.join(", "),
+            evidence.join(" | ")
+        )
     }
 
     /// The first ranked cause and its first evidence entry, for tables and misses.
@@ -761,9 +792,10 @@ pub fn misses(scored: &[Scored]) -> Vec<String> {
             let Some(a) = answer else { continue };
             if a.category_rank(category.label()) != Some(1) {
                 out.push(format!(
-                    "{class} (seed {seed}): {name} ranked {} first, expected {category} ({})",
+                    "{class} (seed {seed}): {name} ranked {} first, expected {category} ({}): {}",
                     a.top_line(),
-                    s.injection.fault
+                    s.injection.fault,
+                    a.ranking_line()
                 ));
             }
             if a.object_rank(&s.injection.object).is_none_or(|r| r > 3) {

@@ -5,7 +5,7 @@
 //! Scenarios:
 //! - `markers`: thread `sleeper` blocks 20 x 50 ms inside `offcpu_marker_sleep` while
 //!   thread `spinner` burns CPU inside `oncpu_marker_spin` until the sleeper is done
-//!   (plus `--spin-after` extra time).
+//!   (plus `--spin-after` extra time); the sleeper reports `slept_ns` by its own clock.
 //! - `churn N`: starts N short-lived threads, each sleeping a little, a few at a time.
 //! - `pulse`: thread `pulse` sleeps 10 ms and spins about 1 ms, over and over, until
 //!   stdin closes: steady off-CPU and on-CPU activity at little cost (streaming tests).
@@ -87,7 +87,12 @@ fn markers(spin_after: Duration) {
     };
     let sleeper = thread::Builder::new()
         .name("sleeper".into())
-        .spawn(|| offcpu_marker_sleep(20, Duration::from_millis(50)))
+        .spawn(|| {
+            let slept = Instant::now();
+            offcpu_marker_sleep(20, Duration::from_millis(50));
+            // By the sleeper's own clock: what the probes must have counted.
+            waits::result("slept_ns", slept.elapsed().as_nanos());
+        })
         .expect("spawn sleeper");
     sleeper.join().expect("sleeper");
     thread::sleep(spin_after);
