@@ -71,6 +71,9 @@ enum NeighbourFault {
     /// `demo-hog` spins: shop waits for the CPU a little longer and for pricing much
     /// longer, since pricing waits for the CPU too.
     Hog,
+    /// `demo-hog` spins, and shop's extra wait on pricing is several times pricing's own
+    /// measured run-queue time (what else starves on the way is not pricing's).
+    HogFarFromPricing,
     /// Pricing sleeps longer per request (no CPU contention anywhere).
     SlowPricing,
     /// The path to pricing drops packets (shop waits much longer on it) while a busy
@@ -283,7 +286,7 @@ fn neighbours(b: &mut Builder, sequence: u64, phase: Phase) {
         &[("cause", "cpu-contention"), ("state", "runnable")],
         0.2 * n(7, 0.2)
             + match phase.fault {
-                NeighbourFault::Hog => 1.0,
+                NeighbourFault::Hog | NeighbourFault::HogFarFromPricing => 1.0,
                 NeighbourFault::LossyPricing => 0.5,
                 _ => 0.0,
             },
@@ -293,6 +296,7 @@ fn neighbours(b: &mut Builder, sequence: u64, phase: Phase) {
     let contention = 0.1 * n(8, 0.2)
         + match phase.fault {
             NeighbourFault::Hog => 3.0,
+            NeighbourFault::HogFarFromPricing => 0.6,
             NeighbourFault::LossyPricing => 0.3,
             _ => 0.0,
         };
@@ -339,7 +343,10 @@ fn neighbours(b: &mut Builder, sequence: u64, phase: Phase) {
         1000,
     );
     b.who = ("demo-hog", "60");
-    let hog = phase.fault == NeighbourFault::Hog;
+    let hog = matches!(
+        phase.fault,
+        NeighbourFault::Hog | NeighbourFault::HogFarFromPricing
+    );
     b.sample(
         1,
         &["spin"],
@@ -586,7 +593,9 @@ async fn suite<S: Storage>(store: &S) {
 /// A CPU hog on shop's host slows shop's peer (pricing, on the same host) more than shop
 /// itself: shop's largest rise is its wait on the peer, but `why` follows the peer to
 /// pricing, whose first cause is CPU contention, and ranks CPU contention first for shop.
-/// A peer slow on its own (pricing sleeping longer) leaves the network first.
+/// A peer slow on its own (pricing sleeping longer) leaves the network first. With the
+/// hog named, pricing's contention need not be as large as shop's extra wait on it; with
+/// loss on the path (and no hog) it must.
 async fn downstream_suite<S: Storage>(store: &S) {
     let healthy = Phase {
         neighbours: true,
@@ -604,6 +613,10 @@ async fn downstream_suite<S: Storage>(store: &S) {
         fault: NeighbourFault::LossyPricing,
         ..healthy
     };
+    let far = Phase {
+        fault: NeighbourFault::HogFarFromPricing,
+        ..healthy
+    };
     load(
         store,
         &[
@@ -613,12 +626,41 @@ async fn downstream_suite<S: Storage>(store: &S) {
             (6, slow),
             (18, healthy),
             (6, hog),
+            (18, healthy),
+            (6, far),
         ],
     )
     .await;
     let settings = Settings::default();
 
-    let (lossy_from, slow_from, hog_from) = (HEALTHY, HEALTHY + 24, HEALTHY + 48);
+    let (lossy_from, slow_from, hog_from, far_from) =
+        (HEALTHY, HEALTHY + 24, HEALTHY + 48, HEALTHY + 72);
+    // The earlier faults are known windows: they stay out of this baseline.
+    let span = |from: i64| {
+        let r = range(from, from + 6);
+        explain::report::Span {
+            from_unix_ns: r.from_unix_ns,
+            until_unix_ns: r.until_unix_ns,
+        }
+    };
+    let report = explain::explain(
+        store,
+        &Question {
+            exclude: vec![span(lossy_from), span(slow_from), span(hog_from)],
+            ..question("shop", range(far_from, far_from + 6))
+        },
+        &settings,
+    )
+    .await
+    .expect("explain");
+    assert_eq!(report.top_cause(), Some("cpu-contention"), "{report:#?}");
+    assert!(
+        report.causes[0]
+            .evidence
+            .iter()
+            .any(|e| e.kind == "downstream" && e.name.contains("demo-hog")),
+        "the downstream evidence does not name the hog: {report:#?}"
+    );
     let report = explain::explain(
         store,
         &question("shop", range(hog_from, hog_from + 6)),

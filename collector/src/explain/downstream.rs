@@ -7,7 +7,11 @@
 //! itself: when the peer's own first cause is CPU contention on a host the scope runs on,
 //! and the scope's CPU contention rose too, CPU contention is the scope's first cause,
 //! with the peer as evidence, provided that contention is the peer's main change and
-//! about the size of the scope's extra wait on it.
+//! about the size of the scope's extra wait on it. Where a process on the host took at
+//! least half a CPU more in the window (a hog, named in the scope's CPU contention
+//! evidence) and the path to the peer did not retransmit more, it is enough that the
+//! peer's CPU contention rose significantly: a starved peer's delay then includes more
+//! than its own measured run-queue time, and how much more varies from run to run.
 
 use super::{
     Question, Settings,
@@ -25,6 +29,8 @@ const MIN_DOWNSTREAM_SHARE: f64 = 0.5;
 /// threads wait for the CPU in parallel, so its rise per second can be smaller than its
 /// callers' extra wait, but not by orders of magnitude).
 const MIN_EXPLAINED: f64 = 0.25;
+/// A process whose on-CPU time rose at least this much (ns per second) is a CPU hog.
+const HOG_NS_PER_S: f64 = 0.5e9;
 
 /// The port of a client-side peer label: `10.0.0.2:7001`, `[fd00::2]:7001`.
 fn peer_port(name: &str) -> Option<&str> {
@@ -108,9 +114,10 @@ pub async fn follow<S: Storage>(
         return Ok(());
     };
     let line = format!(
-        "served by {service} on {host}: its own first cause {} +{}/s",
+        "served by {service} on {host}: its own first cause {} +{}/s ({:.0}% of its change)",
         its_top.category,
-        human_ns(its_top.change_ns_per_s)
+        human_ns(its_top.change_ns_per_s),
+        its_top.share * 100.0
     );
     if let Some(evidence) = report
         .causes
@@ -122,11 +129,34 @@ pub async fn follow<S: Storage>(
     }
     // The peer's contention must be its main change and about the size of the scope's
     // extra wait on it: a peer that lost a little CPU while the path to it dropped
-    // packets (the scope's wait grew by far more) explains nothing.
-    if its_top.category != Category::CpuContention.label()
-        || its_top.share < MIN_DOWNSTREAM_SHARE
-        || its_top.change_ns_per_s < MIN_EXPLAINED * peer_rise
-    {
+    // packets (the scope's wait grew by far more) explains nothing. With a hog on the
+    // host and no sign of loss on the path, a significant rise is enough.
+    let contention = Category::CpuContention.label();
+    let main = its_top.category == contention
+        && its_top.share >= MIN_DOWNSTREAM_SHARE
+        && its_top.change_ns_per_s >= MIN_EXPLAINED * peer_rise;
+    let hog = report
+        .causes
+        .iter()
+        .filter(|c| c.category == contention)
+        .flat_map(|c| &c.evidence)
+        .find(|e| e.kind == "process" && e.change_ns_per_s() >= HOG_NS_PER_S)
+        .map(|e| e.name.clone());
+    let lossy = report
+        .causes
+        .iter()
+        .flat_map(|c| &c.evidence)
+        .any(|e| e.kind == "retransmits" && e.name == peer_name && e.change_ns_per_s() > 0.0);
+    let starved = answer
+        .causes
+        .iter()
+        .any(|c| c.category == contention && c.rank.is_some() && c.change_ns_per_s > 0.0);
+    let line = match (&hog, main) {
+        (Some(hog), false) => format!("{line}; {hog} took the CPU"),
+        _ => line,
+    };
+    let hog_explains = hog.is_some() && !lossy && starved;
+    if !(main || hog_explains) {
         return Ok(());
     }
     // The peer starved on a host the scope runs on: the scope's own CPU contention, if it
@@ -138,7 +168,6 @@ pub async fn follow<S: Storage>(
         .filter(|t| question.service.as_deref().is_none_or(|s| t.service == s))
         .filter(|t| question.host.as_deref().is_none_or(|h| t.host == h))
         .any(|t| t.host == *host);
-    let contention = Category::CpuContention.label();
     let Some(old_rank) = report
         .causes
         .iter()
