@@ -148,10 +148,9 @@ pub fn wait_for_spool(
     }
 }
 
-/// Totals (`kind/unit` -> sum) and sequences of the batches waiting in a spool directory.
-pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<String, i64>)> {
-    let mut sequences = Vec::new();
-    let mut totals = BTreeMap::new();
+/// Every batch spooled in `spool_dir`, with its sequence.
+fn spooled_batches(spool_dir: &Path) -> anyhow::Result<Vec<(u64, v1::Batch)>> {
+    let mut batches = Vec::new();
     for entry in std::fs::read_dir(spool_dir)? {
         let path = entry?.path();
         if path.extension().is_none_or(|e| e != "frame") {
@@ -159,8 +158,17 @@ pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<St
         }
         let frame = v1::IngestFrame::decode(std::fs::read(&path)?.as_slice())?;
         let raw = zstd::bulk::decompress(&frame.batch_zstd, 1 << 30)?;
-        let batch = v1::Batch::decode(raw.as_slice())?;
-        sequences.push(frame.sequence);
+        batches.push((frame.sequence, v1::Batch::decode(raw.as_slice())?));
+    }
+    Ok(batches)
+}
+
+/// Totals (`kind/unit` -> sum) and sequences of the batches waiting in a spool directory.
+pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<String, i64>)> {
+    let mut sequences = Vec::new();
+    let mut totals = BTreeMap::new();
+    for (sequence, batch) in spooled_batches(spool_dir)? {
+        sequences.push(sequence);
         for sample in &batch.samples {
             if let Some(signal) = batch.signals.get(sample.signal as usize) {
                 *totals
@@ -184,14 +192,7 @@ pub fn spool_waits_in(
     function: &str,
 ) -> anyhow::Result<(i64, i64, Vec<String>)> {
     let (mut ns, mut count, mut notes) = (0, 0, Vec::new());
-    for entry in std::fs::read_dir(spool_dir)? {
-        let path = entry?.path();
-        if path.extension().is_none_or(|e| e != "frame") {
-            continue;
-        }
-        let frame = v1::IngestFrame::decode(std::fs::read(&path)?.as_slice())?;
-        let raw = zstd::bulk::decompress(&frame.batch_zstd, 1 << 30)?;
-        let batch = v1::Batch::decode(raw.as_slice())?;
+    for (_, batch) in spooled_batches(spool_dir)? {
         notes.extend(batch.notes.iter().cloned());
         for sample in &batch.samples {
             let wanted = batch
