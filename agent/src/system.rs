@@ -41,7 +41,10 @@ pub fn limit_malloc_arenas() {
     }
 }
 
-/// Gives memory freed after start-up (BTF parsing, probe loading) back to the kernel.
+/// Gives freed memory back to the kernel: after start-up (BTF parsing, probe loading)
+/// and after each profile (its sums and tables are freed at once). glibc keeps freed
+/// heap otherwise: on a busy host the daemon's RSS stood at 160-280 MB, of which a
+/// `malloc_trim` returned 100 MB.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.

@@ -11,8 +11,8 @@ use std::{
 };
 
 use agent_common::{
-    FLAG_USER_BEFORE_EXEC, LOSS_COUNTERS, NO_STACK, Peer, SampleKey, SampleValue, Signal,
-    StackTrace, TotalKey, TotalValue,
+    FLAG_USER_BEFORE_EXEC, LOSS_COUNTERS, NO_STACK, Peer, SampleKey, SampleValue, Signal, TotalKey,
+    TotalValue,
 };
 use stallscope_profile::{Frame, FrameId, FrameKind, Labels, Profile};
 
@@ -37,9 +37,11 @@ pub struct Accumulator {
     pub(crate) signals: Vec<Signal>,
     pub(crate) totals: HashMap<TotalKey, TotalValue>,
     pub(crate) samples: HashMap<SampleKey, SampleValue>,
-    raw_stacks: HashMap<u64, StackTrace>,
+    /// The valid addresses only, boxed: a map of whole `StackTrace`s (1 KiB each, inline
+    /// in the table's slots) took 136 MiB at this capacity on a busy host.
+    raw_stacks: HashMap<u64, Box<[u64]>>,
     raw_order: VecDeque<u64>,
-    kernel_stacks: HashMap<(u64, bool), Vec<FrameId>>,
+    pub(crate) kernel_stacks: HashMap<(u64, bool), Vec<FrameId>>,
     /// Kernel stacks (by hash) inside `execve` ([`in_exec`]).
     exec_kernel_stacks: HashSet<u64>,
     /// User stacks of the profile being assembled (filled by `resolve_user_stacks`).
@@ -153,7 +155,8 @@ impl Accumulator {
         }
         self.peers.extend(drained.peers);
         for (hash, stack) in drained.stacks {
-            if self.raw_stacks.insert(hash, stack).is_none() {
+            let ips: Box<[u64]> = stack.ips[..(stack.len as usize).min(stack.ips.len())].into();
+            if self.raw_stacks.insert(hash, ips).is_none() {
                 self.raw_order.push_back(hash);
             }
         }
@@ -294,8 +297,7 @@ impl Accumulator {
 
     /// Symbolized kernel frames of a raw stack, or a lost-stack marker if it is gone.
     fn symbolize_kernel(&mut self, hash: u64, leaf_exact: bool) -> Vec<FrameId> {
-        let frames = if let Some(stack) = self.raw_stacks.get(&hash) {
-            let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
+        let frames = if let Some(ips) = self.raw_stacks.get(&hash) {
             let mut frames = self.resolver.kernel.frames(ips, leaf_exact);
             // A kernel stack the probe walked in its own context starts with the probe
             // itself (the program and the tracepoint's trampoline): not part of the traced
@@ -341,8 +343,7 @@ impl Accumulator {
         }
         if key.ustack != NO_STACK {
             match self.raw_stacks.get(&key.ustack) {
-                Some(stack) => {
-                    let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
+                Some(ips) => {
                     self.resolver.add_user_stack(key.tgid, key.ustack, ips);
                 }
                 None => {

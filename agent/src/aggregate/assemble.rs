@@ -5,7 +5,7 @@
 //! CPU contention, the blocked part is classified from its stacks. Signals that keep
 //! histograms (run queue, lock, syscall, disk) get them too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use agent_common::{
     ConnectOutcome, DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT,
@@ -175,6 +175,10 @@ fn syscall_name(nr: u32) -> String {
 }
 
 /// Note on user stacks that end before their thread's entry point.
+/// Frames the shared frame table may hold before it starts over (each frame is stored
+/// twice, in the table and its index: about 40 MB at this size).
+const FRAME_TABLE_LIMIT: usize = 100_000;
+
 const TRUNCATED_NOTE: &str = "user stack: probably truncated (a function without a frame pointer)";
 
 /// A short explanation of why a sample's stack is incomplete.
@@ -236,6 +240,12 @@ impl Accumulator {
             .map(|k| k.tgid)
             .chain(totals.keys().map(|k| k.tgid))
             .collect();
+        let seen: HashSet<u32> = tgids
+            .iter()
+            .copied()
+            .chain(samples.keys().map(|k| k.tid))
+            .chain(totals.keys().map(|k| k.tid))
+            .collect();
         self.resolve_process_labels(tgids);
         let mut profile = Profile::new(self.profile.sample_types.clone());
         profile.frames.clone_from(&self.profile.frames);
@@ -281,7 +291,23 @@ impl Accumulator {
         self.report_losses(&mut meta, &totals);
         self.report_identity(&mut meta);
         profile.meta = meta;
+        self.forget_beyond(&seen);
         profile
+    }
+
+    /// Keeps what the daemon remembers bounded by what one period sees, whatever the host
+    /// did before: names only of the processes and threads of the period just closed (the
+    /// next drain brings them back from the probes' name map, or /proc does), and the
+    /// frame table (with the kernel stacks that index it) started over once it holds
+    /// [`FRAME_TABLE_LIMIT`] frames. Without this, a host that starts threads and
+    /// processes all day grew the agent by every name and frame it ever saw.
+    fn forget_beyond(&mut self, seen: &HashSet<u32>) {
+        self.thread_names.retain(|id, _| seen.contains(id));
+        self.process_names.retain(|id, _| seen.contains(id));
+        if self.profile.frames.len() > FRAME_TABLE_LIMIT {
+            self.profile = Profile::new(self.profile.sample_types.clone());
+            self.kernel_stacks.clear();
+        }
     }
 
     fn add_oncpu(&self, profile: &mut Profile, key: &SampleKey, value: &SampleValue) {

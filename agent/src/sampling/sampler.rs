@@ -186,6 +186,8 @@ pub fn sample(
             notes.append(&mut once_notes);
             let profile = period.close(&mut accumulator, &host, &notes, Instant::now());
             sink.accept(profile, false)?;
+            // The period's sums and the profile are freed: give the memory back.
+            system::release_free_memory();
             // The closed period is in the sink: the journal starts over with the next.
             if let Some(lane) = &mut journal {
                 lane.begin(period.start_unix_ns, &accumulator.reported_losses);
