@@ -343,11 +343,13 @@ impl AgentRun {
     }
 
     /// SIGKILL: the agent dies at once, without flushing anything, and leaves its
-    /// pinned probes running for the next agent with its spool to adopt.
-    pub fn kill(mut self) {
+    /// pinned probes running for the next agent with its spool to adopt. Returns where
+    /// they are pinned: the caller checks that the next agent's clean stop removed them.
+    pub fn kill(mut self) -> Option<PathBuf> {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.keep_pins = true;
+        self.pin_dir()
     }
 
     /// The bpffs directory the agent pinned its probes in, from its log.

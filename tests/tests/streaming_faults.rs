@@ -219,7 +219,7 @@ fn agent_killed_and_restarted_resends_unacknowledged_batches_once() {
     .expect("agent runs");
     wait_for_spool(&spool, Duration::from_secs(90), |files, _| files >= 3)
         .expect("batches spooled");
-    first.kill();
+    let pins = first.kill();
     let (spooled, spooled_totals) = spool_contents(&spool).expect("spool readable");
     assert!(spooled.len() >= 3, "{spooled:?}");
     assert_eq!(spooled[0], 0, "{spooled:?}");
@@ -254,6 +254,18 @@ fn agent_killed_and_restarted_resends_unacknowledged_batches_once() {
         *expected.entry(kind.clone()).or_default() += total;
     }
     assert_eq!(collector_totals(&url, &dir), nonzero(&expected));
+    assert_pins_removed(pins);
+}
+
+/// The killed agent's probes were adopted and, with the second agent's clean stop,
+/// detached and unpinned: nothing is left running.
+fn assert_pins_removed(pins: Option<std::path::PathBuf>) {
+    let pins = pins.expect("the killed agent logged where it pinned its probes");
+    assert!(
+        !pins.exists(),
+        "{} is still there after the adopting agent stopped cleanly",
+        pins.display()
+    );
 }
 
 /// An agent killed (SIGKILL) in the middle of a one-second burst of waits (20 x 50 ms), with
@@ -289,7 +301,7 @@ fn agent_killed_mid_burst_and_restarted_loses_no_wait() {
     workload.go().expect("go");
     // Two drains into the journal, then the kill, 600 ms into the burst.
     sleep(Duration::from_millis(600));
-    first.kill();
+    let pins = first.kill();
     let second = start_run(&binary_dir(), &url, &spool, "burst-agent", &args).expect("restarts");
     let adopted = second.log_text();
     workload
@@ -305,6 +317,7 @@ fn agent_killed_mid_burst_and_restarted_loses_no_wait() {
         ns as f64 / 1e9,
         slept_ns / 1e9
     );
+    assert_pins_removed(pins);
     assert!(
         adopted.contains("adopted from an earlier agent"),
         "the second agent did not adopt the pinned probes: {adopted}"
