@@ -345,6 +345,7 @@ impl AgentRun {
     /// SIGKILL: the agent dies at once, without flushing anything, and leaves its
     /// pinned probes running for the next agent with its spool to adopt. Returns where
     /// they are pinned: the caller checks that the next agent's clean stop removed them.
+    #[must_use = "the killed agent's probes stay pinned and attached: check that the next agent's clean stop removed them"]
     pub fn kill(mut self) -> Option<PathBuf> {
         let _ = self.child.kill();
         let _ = self.child.wait();

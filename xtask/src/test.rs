@@ -59,6 +59,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         None
     };
     util::cargo(&["build", "--bins"])?;
+    let pinned_before = pinned_probes();
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     let result = util::run(
@@ -68,5 +69,27 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
             .env("STALLSCOPE_CLICKHOUSE_URL", clickhouse::url()),
     );
     drop(server);
-    result
+    // An agent the tests killed without removing its pins would leave its probes
+    // attached and counting on this host: that fails the suite (and they are removed).
+    let left: Vec<_> = pinned_probes()
+        .into_iter()
+        .filter(|dir| !pinned_before.contains(dir))
+        .collect();
+    for dir in &left {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result?;
+    if !left.is_empty() {
+        anyhow::bail!(
+            "the tests left agents' probes pinned and attached (removed now): {left:?}; a test killed an agent without removing its pins"
+        );
+    }
+    Ok(())
+}
+
+/// The agents' directories of pinned probes on this host (`run.pin_dir`'s default).
+fn pinned_probes() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/sys/fs/bpf/stallscope")
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
 }

@@ -726,7 +726,8 @@ impl Drop for Lab {
         drop(self.stalls.take());
         if let Some(agent) = self.agent.take() {
             let _ = std::fs::write(self.log("agent"), agent.log_text());
-            agent.kill();
+            // Dropped, not `kill()`ed: its pinned probes are removed with it.
+            drop(agent);
         }
         if let Some(collector) = &self.collector {
             let _ = std::fs::write(self.log("collector"), collector.log());
