@@ -390,7 +390,11 @@ impl Drop for AgentRun {
         if !self.keep_pins
             && let Some(dir) = self.pin_dir()
         {
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            // The agent's directory above the layout's, once empty (as a clean stop does).
+            if let Some(agent) = dir.parent() {
+                let _ = std::fs::remove_dir(agent);
+            }
         }
     }
 }

@@ -87,9 +87,21 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The agents' directories of pinned probes on this host (`run.pin_dir`'s default).
+/// The directories of pinned probes on this host (`run.pin_dir`'s default): one per
+/// agent and map layout. An agent's directory left empty is removed, not counted.
 fn pinned_probes() -> Vec<std::path::PathBuf> {
-    std::fs::read_dir("/sys/fs/bpf/stallscope")
-        .map(|entries| entries.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+    let mut pinned = Vec::new();
+    let Ok(agents) = std::fs::read_dir("/sys/fs/bpf/stallscope") else {
+        return pinned;
+    };
+    for agent in agents.flatten() {
+        let layouts: Vec<_> = std::fs::read_dir(agent.path())
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if layouts.is_empty() {
+            let _ = std::fs::remove_dir(agent.path());
+        }
+        pinned.extend(layouts);
+    }
+    pinned
 }
