@@ -92,7 +92,7 @@ impl Drop for Probes {
         // A clean stop: nothing may stay attached once the agent is gone for good.
         if let Some((dir, links)) = self.pinned.take() {
             drop(links);
-            pins::remove(&dir);
+            let _ = pins::remove(&dir);
         }
     }
 }

@@ -186,9 +186,10 @@ fn detach_links(dir: &Path, keep: &str) -> usize {
     detached
 }
 
-/// Detaches the programs and removes the pins under `dir`, and `dir` itself.
-pub fn remove(dir: &Path) {
-    detach_links(dir, "");
+/// Detaches the programs and removes the pins under `dir`, and `dir` itself; returns
+/// how many programs were detached.
+pub fn remove(dir: &Path) -> usize {
+    let detached = detach_links(dir, "");
     let _ = fs::remove_dir(dir.join(LINKS));
     for name in PINNED_MAPS {
         let _ = fs::remove_file(dir.join(name));
@@ -202,6 +203,7 @@ pub fn remove(dir: &Path) {
     if let Some(agent) = dir.parent() {
         let _ = fs::remove_dir(agent);
     }
+    detached
 }
 
 /// Prepares pinning under `base` (one agent's directory) for `layout`: removes the pins
@@ -225,8 +227,7 @@ pub fn plan(base: &Path, layout: &str) -> Result<PinPlan, ProbeError> {
             if entry.file_name().to_string_lossy() == layout {
                 continue;
             }
-            let programs = detach_links(&entry.path(), "");
-            remove(&entry.path());
+            let programs = remove(&entry.path());
             let note = format!(
                 "the probes of an earlier agent with another map layout were replaced ({programs} programs detached): what they had not drained, and the waits in progress, were lost"
             );
