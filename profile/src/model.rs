@@ -3,7 +3,10 @@
 //!
 //! Stacks are stored innermost frame first, as pprof and the kernel do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{DefaultHasher, Hash, Hasher},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -157,8 +160,9 @@ pub struct BinaryInfo {
     pub error: Option<String>,
 }
 
-/// A latency histogram of one signal for one label set (a process, a thread, a syscall,
-/// a device...), with log2 buckets: bucket `i` counts durations in `[2^i, 2^(i+1))` ns.
+/// A latency histogram of one signal for one label set (a process, a syscall, a
+/// device...; the agent keeps one per process, not per thread), with log2 buckets:
+/// bucket `i` counts durations in `[2^i, 2^(i+1))` ns.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Histogram {
     pub signal: String,
@@ -216,9 +220,54 @@ pub struct Profile {
     #[serde(skip)]
     frame_index: HashMap<Frame, FrameId>,
     #[serde(skip)]
-    sample_index: HashMap<(Vec<FrameId>, Labels), usize>,
+    sample_index: HashIndex,
     #[serde(skip)]
-    histogram_index: HashMap<(String, Labels), usize>,
+    histogram_index: HashIndex,
+}
+
+/// Positions of samples or histograms by a hash of their key (stack or signal, and
+/// labels). The keys are not copied into the index: a busy host's profile holds hundreds
+/// of thousands of label sets, and a copy of each doubled the agent's memory at the end
+/// of every period.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct HashIndex {
+    first: HashMap<u64, usize>,
+    /// Positions whose hash an earlier key already had (a 64-bit collision: rare).
+    more: Vec<(u64, usize)>,
+}
+
+impl HashIndex {
+    fn len(&self) -> usize {
+        self.first.len() + self.more.len()
+    }
+
+    /// The position with this hash whose key `is` accepts.
+    fn find(&self, hash: u64, is: impl Fn(usize) -> bool) -> Option<usize> {
+        let &first = self.first.get(&hash)?;
+        if is(first) {
+            return Some(first);
+        }
+        self.more
+            .iter()
+            .find(|&&(h, index)| h == hash && is(index))
+            .map(|&(_, index)| index)
+    }
+
+    fn insert(&mut self, hash: u64, index: usize) {
+        match self.first.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => self.more.push((hash, index)),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(index);
+            }
+        }
+    }
+}
+
+fn key_hash<A: Hash + ?Sized>(first: &A, labels: &Labels) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    first.hash(&mut hasher);
+    labels.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Profile {
@@ -286,8 +335,11 @@ impl Profile {
         if self.sample_index.len() != self.samples.len() {
             self.rebuild_indexes();
         }
-        let key = (stack, labels);
-        if let Some(&index) = self.sample_index.get(&key) {
+        let hash = key_hash(stack.as_slice(), &labels);
+        let samples = &self.samples;
+        if let Some(index) = self.sample_index.find(hash, |i| {
+            samples[i].stack == stack && samples[i].labels == labels
+        }) {
             for (total, value) in self.samples[index].values.iter_mut().zip(values) {
                 *total += value;
             }
@@ -295,7 +347,8 @@ impl Profile {
         }
         let mut padded = values.to_vec();
         padded.resize(self.sample_types.len(), 0);
-        self.sample_index.insert(key.clone(), self.samples.len());
+        self.sample_index.insert(hash, self.samples.len());
+        let key = (stack, labels);
         self.samples.push(Sample {
             stack: key.0,
             values: padded,
@@ -412,12 +465,15 @@ impl Profile {
         if self.histogram_index.len() != self.histograms.len() {
             self.rebuild_indexes();
         }
-        let key = (histogram.signal.clone(), histogram.labels.clone());
-        if let Some(&index) = self.histogram_index.get(&key) {
+        let hash = key_hash(histogram.signal.as_str(), &histogram.labels);
+        let histograms = &self.histograms;
+        if let Some(index) = self.histogram_index.find(hash, |i| {
+            histograms[i].signal == histogram.signal && histograms[i].labels == histogram.labels
+        }) {
             self.histograms[index].merge(histogram);
             return;
         }
-        self.histogram_index.insert(key, self.histograms.len());
+        self.histogram_index.insert(hash, self.histograms.len());
         self.histograms.push(histogram.clone());
     }
 
@@ -428,18 +484,16 @@ impl Profile {
             .enumerate()
             .map(|(id, frame)| (frame.clone(), id as FrameId))
             .collect();
-        self.sample_index = self
-            .samples
-            .iter()
-            .enumerate()
-            .map(|(index, sample)| ((sample.stack.clone(), sample.labels.clone()), index))
-            .collect();
-        self.histogram_index = self
-            .histograms
-            .iter()
-            .enumerate()
-            .map(|(index, h)| ((h.signal.clone(), h.labels.clone()), index))
-            .collect();
+        self.sample_index = HashIndex::default();
+        for (index, sample) in self.samples.iter().enumerate() {
+            self.sample_index
+                .insert(key_hash(sample.stack.as_slice(), &sample.labels), index);
+        }
+        self.histogram_index = HashIndex::default();
+        for (index, h) in self.histograms.iter().enumerate() {
+            self.histogram_index
+                .insert(key_hash(h.signal.as_str(), &h.labels), index);
+        }
     }
 }
 

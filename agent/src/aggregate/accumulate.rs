@@ -5,7 +5,7 @@
 //! `assemble.rs` turns the sums into a profile.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     path::Path,
     time::{Duration, Instant},
 };
@@ -16,16 +16,12 @@ use agent_common::{
 };
 use stallscope_profile::{Frame, FrameId, FrameKind, Labels, Profile};
 
+use super::stack_cache::StackCache;
 use crate::{
     naming,
     probes::Drained,
     symbols::resolver::{Resolver, ResolverSettings},
 };
-
-/// Raw stacks kept for samples that refer to them in a later generation (stacks stored
-/// at one event and referenced by a later one: classic-tracepoint switch-out, disk
-/// submission).
-const RAW_STACK_CAPACITY: usize = 65_536;
 
 /// Name of the synthetic frame standing for stacks that could not be resolved.
 pub const LOST_STACK_FRAME: &str = "[stack lost]";
@@ -37,15 +33,11 @@ pub struct Accumulator {
     pub(crate) signals: Vec<Signal>,
     pub(crate) totals: HashMap<TotalKey, TotalValue>,
     pub(crate) samples: HashMap<SampleKey, SampleValue>,
-    /// The valid addresses only, boxed: a map of whole `StackTrace`s (1 KiB each, inline
-    /// in the table's slots) took 136 MiB at this capacity on a busy host.
-    raw_stacks: HashMap<u64, Box<[u64]>>,
-    raw_order: VecDeque<u64>,
-    pub(crate) kernel_stacks: HashMap<(u64, bool), Vec<FrameId>>,
-    /// Kernel stacks (by hash) inside `execve` ([`in_exec`]).
-    exec_kernel_stacks: HashSet<u64>,
+    /// Raw stacks (the valid addresses only: whole `StackTrace`s, 1 KiB each, took
+    /// 136 MiB on a busy host) and symbolized kernel stacks, kept while used.
+    pub(crate) stacks: StackCache,
     /// User stacks of the profile being assembled (filled by `resolve_user_stacks`).
-    user_stacks: HashMap<(u32, u64), Vec<FrameId>>,
+    pub(crate) user_stacks: HashMap<(u32, u64), Vec<FrameId>>,
     /// Of those, the ones probably cut short by a missing frame pointer.
     pub(crate) truncated_user_stacks: HashSet<(u32, u64)>,
     /// Identity labels of the processes of the profile being assembled.
@@ -59,7 +51,7 @@ pub struct Accumulator {
     pub(crate) reported_losses: Vec<u64>,
     pub(crate) unresolved_stacks: u64,
     /// User stacks whose raw addresses were gone before they could be normalized.
-    lost_user_stacks: HashSet<(u32, u64)>,
+    pub(crate) lost_user_stacks: HashSet<(u32, u64)>,
     /// Read timeouts already reported in an earlier profile.
     pub(crate) reported_timeouts: u64,
     /// When the probes started measuring: no wait they report started earlier.
@@ -93,10 +85,7 @@ impl Accumulator {
             signals: signals.to_vec(),
             totals: HashMap::new(),
             samples: HashMap::new(),
-            raw_stacks: HashMap::new(),
-            raw_order: VecDeque::new(),
-            kernel_stacks: HashMap::new(),
-            exec_kernel_stacks: HashSet::new(),
+            stacks: StackCache::default(),
             user_stacks: HashMap::new(),
             truncated_user_stacks: HashSet::new(),
             process_labels: HashMap::new(),
@@ -155,16 +144,10 @@ impl Accumulator {
         }
         self.peers.extend(drained.peers);
         for (hash, stack) in drained.stacks {
-            let ips: Box<[u64]> = stack.ips[..(stack.len as usize).min(stack.ips.len())].into();
-            if self.raw_stacks.insert(hash, ips).is_none() {
-                self.raw_order.push_back(hash);
-            }
+            let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
+            self.stacks.insert_raw(hash, ips);
         }
-        while self.raw_order.len() > RAW_STACK_CAPACITY {
-            if let Some(old) = self.raw_order.pop_front() {
-                self.raw_stacks.remove(&old);
-            }
-        }
+        self.stacks.bound_raw();
         for (key, value) in drained.totals {
             self.totals.entry(key).or_default().merge(&value);
             self.remember_identity(key.tgid, key.tid);
@@ -297,7 +280,7 @@ impl Accumulator {
 
     /// Symbolized kernel frames of a raw stack, or a lost-stack marker if it is gone.
     fn symbolize_kernel(&mut self, hash: u64, leaf_exact: bool) -> Vec<FrameId> {
-        let frames = if let Some(ips) = self.raw_stacks.get(&hash) {
+        let frames = if let Some(ips) = self.stacks.raw(hash) {
             let mut frames = self.resolver.kernel.frames(ips, leaf_exact);
             // A kernel stack the probe walked in its own context starts with the probe
             // itself (the program and the tracepoint's trampoline): not part of the traced
@@ -330,19 +313,18 @@ impl Accumulator {
     /// the key to accumulate under: without its user stack if the wait was inside exec.
     fn resolve_stacks(&mut self, mut key: SampleKey) -> SampleKey {
         let leaf_exact = Self::leaf_exact(&key);
-        if key.kstack != NO_STACK && !self.kernel_stacks.contains_key(&(key.kstack, leaf_exact)) {
+        if key.kstack != NO_STACK && !self.stacks.touch_kernel((key.kstack, leaf_exact)) {
             let ids = self.symbolize_kernel(key.kstack, leaf_exact);
-            if in_exec(&self.function_names(&ids)) {
-                self.exec_kernel_stacks.insert(key.kstack);
-            }
-            self.kernel_stacks.insert((key.kstack, leaf_exact), ids);
+            let exec = in_exec(&self.function_names(&ids));
+            self.stacks
+                .insert_kernel((key.kstack, leaf_exact), ids, exec);
         }
-        if key.ustack != NO_STACK && self.exec_kernel_stacks.contains(&key.kstack) {
+        if key.ustack != NO_STACK && self.stacks.in_exec(key.kstack) {
             key.ustack = NO_STACK;
             key.flags |= FLAG_USER_BEFORE_EXEC;
         }
         if key.ustack != NO_STACK {
-            match self.raw_stacks.get(&key.ustack) {
+            match self.stacks.raw(key.ustack) {
                 Some(ips) => {
                     self.resolver.add_user_stack(key.tgid, key.ustack, ips);
                 }
@@ -406,9 +388,9 @@ impl Accumulator {
         let kernel = if key.kstack == NO_STACK {
             &[][..]
         } else {
-            self.kernel_stacks
-                .get(&(key.kstack, Self::leaf_exact(key)))
-                .map_or(&[][..], Vec::as_slice)
+            self.stacks
+                .kernel((key.kstack, Self::leaf_exact(key)))
+                .unwrap_or(&[])
         };
         let user = if key.ustack == NO_STACK {
             &[][..]

@@ -9,9 +9,8 @@ use std::collections::{HashMap, HashSet};
 
 use agent_common::{
     ConnectOutcome, DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT,
-    FLAG_USER_BEFORE_EXEC, FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, FdKind, LockKind, Loss,
-    OffCpuState, RunQueueKind, SampleKey, SampleValue, Signal, SocketOp, TcpEvent, TotalKey,
-    TotalValue,
+    FLAG_USER_BEFORE_EXEC, FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, FdKind, LockKind, OffCpuState,
+    RunQueueKind, SampleKey, SampleValue, Signal, SocketOp, TcpEvent, TotalKey, TotalValue,
 };
 use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta, Profile};
 
@@ -175,10 +174,6 @@ fn syscall_name(nr: u32) -> String {
 }
 
 /// Note on user stacks that end before their thread's entry point.
-/// Frames the shared frame table may hold before it starts over (each frame is stored
-/// twice, in the table and its index: about 40 MB at this size).
-const FRAME_TABLE_LIMIT: usize = 100_000;
-
 const TRUNCATED_NOTE: &str = "user stack: probably truncated (a function without a frame pointer)";
 
 /// A short explanation of why a sample's stack is incomplete.
@@ -295,19 +290,25 @@ impl Accumulator {
         profile
     }
 
-    /// Keeps what the daemon remembers bounded by what one period sees, whatever the host
-    /// did before: names only of the processes and threads of the period just closed (the
-    /// next drain brings them back from the probes' name map, or /proc does), and the
-    /// frame table (with the kernel stacks that index it) started over once it holds
-    /// [`FRAME_TABLE_LIMIT`] frames. Without this, a host that starts threads and
-    /// processes all day grew the agent by every name and frame it ever saw.
+    /// Keeps what the daemon remembers bounded by what recent periods see, whatever the
+    /// host did before: names only of the processes and threads of the period just closed
+    /// (the next drain brings them back from the probes' name map, or /proc does), and
+    /// the stacks and frames recent periods used. Without this, a host that starts
+    /// threads and processes all day grew the agent by every name, stack and frame it
+    /// ever saw.
     fn forget_beyond(&mut self, seen: &HashSet<u32>) {
         self.thread_names.retain(|id, _| seen.contains(id));
         self.process_names.retain(|id, _| seen.contains(id));
-        if self.profile.frames.len() > FRAME_TABLE_LIMIT {
-            self.profile = Profile::new(self.profile.sample_types.clone());
-            self.kernel_stacks.clear();
-        }
+        self.stacks.end_period(&mut self.profile);
+        let (raw, kernel) = self.stacks.sizes();
+        tracing::debug!(
+            target: "stallscope::memory",
+            "kept after the period: {raw} raw stacks, {kernel} kernel stacks, {} frames, {} process and {} thread names; resolver: {}",
+            self.profile.frames.len(),
+            self.process_names.len(),
+            self.thread_names.len(),
+            self.resolver.table_sizes()
+        );
     }
 
     fn add_oncpu(&self, profile: &mut Profile, key: &SampleKey, value: &SampleValue) {
@@ -530,8 +531,14 @@ impl Accumulator {
         if signal == Signal::Tcp && key.class != TcpEvent::Rtt as u8 {
             return;
         }
+        // One histogram per process, not per thread: the tail latency of a service's
+        // syscalls or disk writes is the question, and per-thread histograms on a host
+        // that starts threads all day were most of the agent's memory at each period's
+        // end (30,000 a period on the soak's load).
         let mut labels = group_labels(self, key);
-        labels.remove("signal");
+        for per_thread in ["signal", "tid", "thread"] {
+            labels.remove(per_thread);
+        }
         profile.add_histogram(&Histogram {
             signal: naming::signal_label(signal).to_owned(),
             labels,
@@ -540,87 +547,5 @@ impl Accumulator {
             max_ns: total.max_ns,
             buckets: total.buckets.to_vec(),
         });
-    }
-
-    /// Change events, the binaries the stacks ran through (and which lack frame
-    /// pointers), and the reads that missed their deadline.
-    fn report_identity(&mut self, meta: &mut Meta) {
-        meta.events = self.resolver.take_events();
-        meta.binaries = self.resolver.take_binaries();
-        meta.losses.insert(
-            "user_stack_probably_truncated".to_owned(),
-            self.resolver.truncated_stacks,
-        );
-        meta.losses.insert(
-            "user_stack_cut_at_unmapped_address".to_owned(),
-            self.resolver.cut_stacks,
-        );
-        let (timed_out, stuck) = self.resolver.read_timeouts();
-        meta.losses.insert(
-            "process_read_timed_out".to_owned(),
-            timed_out.saturating_sub(self.reported_timeouts),
-        );
-        self.reported_timeouts = timed_out;
-        if stuck > 0 {
-            meta.notes.push(format!(
-                "{stuck} reader threads are stuck in reads of other processes' files (hung filesystem?)"
-            ));
-        }
-        for (path, dwarf_bytes) in self.resolver.symbols_only() {
-            meta.notes.push(format!(
-                "{path}: function names only (no file:line, no inlined frames): its {} MB of DWARF exceed the {} MB symbolization budget (symbols.dwarf_max_mb)",
-                dwarf_bytes >> 20,
-                self.resolver.dwarf_max() >> 20
-            ));
-        }
-        for binary in &meta.binaries {
-            if binary.frame_pointers == Some(false) {
-                meta.notes.push(format!(
-                    "{} has no frame pointers: {} of its {} stacks probably truncated",
-                    binary.path, binary.truncated_stacks, binary.stacks
-                ));
-            }
-        }
-        self.resolver.end_period();
-        self.user_stacks_done();
-    }
-
-    fn report_losses(&mut self, meta: &mut Meta, totals: &HashMap<TotalKey, TotalValue>) {
-        for &signal in &self.signals {
-            for loss in Loss::ALL {
-                let index = loss.index(signal) as usize;
-                let delta = self
-                    .losses
-                    .get(index)
-                    .copied()
-                    .unwrap_or(0)
-                    .saturating_sub(self.reported_losses.get(index).copied().unwrap_or(0));
-                meta.losses.insert(
-                    format!("{}.{}", naming::signal_label(signal), loss.name()),
-                    delta,
-                );
-            }
-        }
-        self.reported_losses.clone_from(&self.losses);
-        self.report_wait_window(meta, totals);
-        meta.losses.insert(
-            "stack_unresolved".to_owned(),
-            std::mem::take(&mut self.unresolved_stacks),
-        );
-        for &signal in &self.signals {
-            if signal == Signal::OnCpu {
-                continue;
-            }
-            let (ns, count) = totals
-                .iter()
-                .filter(|(key, _)| key.signal == signal as u8)
-                .fold((0u64, 0u64), |(ns, count), (_, v)| {
-                    (ns + v.ns, count + v.count)
-                });
-            meta.notes.push(format!(
-                "{} exact total: {ns} ns over {count} events",
-                naming::signal_label(signal)
-            ));
-        }
     }
 }

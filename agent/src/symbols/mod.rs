@@ -7,3 +7,9 @@ pub mod elf;
 pub mod lanes;
 pub mod resolver;
 pub mod symbolize;
+
+/// Profile periods a cached stack, frame or symbolized address is kept after a sample
+/// last used it: what the daemon remembers is bounded by what recent periods saw, and a
+/// stack stored at one event and referenced by a later one (classic-tracepoint
+/// switch-out, disk submission) is still found.
+pub const KEEP_PERIODS: u32 = 6;

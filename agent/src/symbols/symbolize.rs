@@ -122,10 +122,12 @@ fn blazesym() -> Blazesym {
         .build()
 }
 
-/// Kernel symbolization, cached per address.
+/// Kernel symbolization, cached per address while recent periods use the address.
 pub struct KernelSymbolizer {
     inner: Blazesym,
-    cache: HashMap<u64, Frames>,
+    /// Frames by address, with the period that last used them.
+    cache: HashMap<u64, (Frames, u32)>,
+    period: u32,
     /// Address ranges of loaded modules, from kallsyms.
     modules: Option<Vec<(u64, u64, Arc<str>)>>,
 }
@@ -137,10 +139,25 @@ impl Default for KernelSymbolizer {
 }
 
 impl KernelSymbolizer {
+    /// Addresses cached.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Ends a profile period: forgets addresses no stack used for
+    /// [`KEEP_PERIODS`](crate::symbols::KEEP_PERIODS) periods.
+    pub fn end_period(&mut self) {
+        let period = self.period;
+        self.cache
+            .retain(|_, (_, used)| period.wrapping_sub(*used) < crate::symbols::KEEP_PERIODS);
+        self.period = self.period.wrapping_add(1);
+    }
+
     pub fn new() -> Self {
         Self {
             inner: blazesym(),
             cache: HashMap::new(),
+            period: 0,
             modules: None,
         }
     }
@@ -184,14 +201,17 @@ impl KernelSymbolizer {
                             FrameKind::Kernel,
                         )]
                     });
-                self.cache.insert(addr, frames.into());
+                self.cache.insert(addr, (frames.into(), self.period));
             }
         }
-        addresses
-            .iter()
-            .filter_map(|addr| self.cache.get(addr))
-            .flat_map(|frames| frames.iter().cloned())
-            .collect()
+        let mut stack = Vec::with_capacity(addresses.len());
+        for addr in &addresses {
+            if let Some((frames, used)) = self.cache.get_mut(addr) {
+                *used = self.period;
+                stack.extend(frames.iter().cloned());
+            }
+        }
+        stack
     }
 
     /// The module holding `addr`, or `None` for the kernel image.

@@ -35,8 +35,8 @@ pub(super) const MAX_CACHED_OFFSETS: usize = 1 << 20;
 pub struct Binary {
     pub key: BinaryKey,
     pub file: Arc<BinaryFile>,
-    /// Symbolized frames by file offset.
-    pub frames: HashMap<u64, Frames>,
+    /// Symbolized frames by file offset, with the profile period that last used them.
+    pub frames: HashMap<u64, (Frames, u64)>,
     /// Offsets asked for and not answered yet.
     pub requested: HashSet<u64>,
     /// Offsets waiting to be asked for (batched per poll).
@@ -185,9 +185,12 @@ impl Resolver {
                         }
                         _ => None,
                     };
+                    let period = self.period;
                     let symbolized = binary.and_then(|b| {
-                        b.last_used = self.period;
-                        b.frames.get(offset)
+                        b.last_used = period;
+                        let (frames, used) = b.frames.get_mut(offset)?;
+                        *used = period;
+                        Some(&*frames)
                     });
                     if let Some(symbolized) = symbolized {
                         frames.extend(symbolized.iter().cloned());
@@ -271,6 +274,20 @@ impl Resolver {
 
     pub fn dwarf_max(&self) -> u64 {
         self.settings.dwarf_max
+    }
+
+    /// Forgets the symbolized offsets no stack used for
+    /// [`KEEP_PERIODS`](crate::symbols::KEEP_PERIODS) periods. Offsets keep
+    /// coming on a busy host: a frame-pointer walk through code built without frame
+    /// pointers reads return addresses that are anything, each a new offset.
+    pub(super) fn forget_unused_offsets(&mut self) {
+        let period = self.period;
+        let keep = u64::from(crate::symbols::KEEP_PERIODS);
+        for binary in self.binaries.values_mut() {
+            binary
+                .frames
+                .retain(|_, (_, used)| period.saturating_sub(*used) < keep);
+        }
     }
 
     pub(super) fn evict_binaries(&mut self) {

@@ -260,7 +260,12 @@ impl Resolver {
                     entry.requested.remove(offset);
                 }
                 match result {
-                    Ok(frames) => entry.frames.extend(frames),
+                    Ok(frames) => {
+                        let period = self.period;
+                        entry
+                            .frames
+                            .extend(frames.into_iter().map(|(offset, f)| (offset, (f, period))));
+                    }
                     Err(reason) => {
                         let path = entry.file.path.to_string();
                         for offset in offsets {
@@ -270,7 +275,9 @@ impl Resolver {
                                 offset,
                                 FrameKind::User,
                             );
-                            entry.frames.insert(offset, Arc::from(vec![frame]));
+                            entry
+                                .frames
+                                .insert(offset, (Arc::from(vec![frame]), self.period));
                         }
                         entry.error = Some(reason);
                     }
@@ -331,10 +338,28 @@ impl Resolver {
         self.pending.retain(|(pid, _), _| !gone.contains(pid));
         self.forks_waiting
             .retain(|parent, _| !gone.contains(parent));
+        self.forget_unused_offsets();
         self.evict_binaries();
+        self.kernel.end_period();
         self.truncated_stacks = 0;
         self.cut_stacks = 0;
         self.period += 1;
+    }
+
+    /// The sizes of what it keeps between periods (for the daemon's memory figures).
+    pub fn table_sizes(&self) -> String {
+        format!(
+            "{} processes, {} binaries, {} symbolized user offsets, {} user stacks, {} kernel addresses, {} services",
+            self.processes.len(),
+            self.binaries.len(),
+            self.binaries
+                .values()
+                .map(|b| b.frames.len())
+                .sum::<usize>(),
+            self.stacks.len(),
+            self.kernel.cached(),
+            self.services.len()
+        )
     }
 
     /// Reads that ran past their deadline so far, and threads abandoned in them.
