@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use stallscope_tests::AgentRun;
 
-use crate::{bootstrap, debian, util};
+use crate::{
+    bench_common::{command_line, cpu_time, median, peak_rss_kib, usecs_per_op, write_section},
+    bootstrap, debian, util,
+};
 
 /// One benchmark: a command whose output yields a metric, run with and without the agent.
 struct Bench {
@@ -34,6 +37,8 @@ const WORKLOAD: &str = "stallscope-workload";
 const IPERF_PORT: &str = "5399";
 
 const ALL_SIGNALS: &str = "offcpu,oncpu,runqueue,lock,syscall,disk,network";
+/// The daemon's (`run`) default signal set.
+const DAEMON_SIGNALS: &str = "offcpu,oncpu,runqueue,lock,disk,network";
 
 const BENCHES: &[Bench] = &[
     Bench {
@@ -88,8 +93,18 @@ const BENCHES: &[Bench] = &[
         metric: total_seconds,
         unit: "s",
         higher_is_better: false,
-        agent_args: &["--signals", ALL_SIGNALS],
-        target: "slowdown <= 1.15",
+        agent_args: &["--signals", ALL_SIGNALS, "--syscall-sample-every", "16"],
+        target: "slowdown <= 1.15, agent RSS <= 64 MB",
+        server: None,
+    },
+    Bench {
+        name: "messaging-default",
+        command: &["perf", "bench", "sched", "messaging", "-l", "200"],
+        metric: total_seconds,
+        unit: "s",
+        higher_is_better: false,
+        agent_args: &["--signals", DAEMON_SIGNALS],
+        target: "slowdown <= 1.15, agent RSS <= 64 MB",
         server: None,
     },
     Bench {
@@ -139,14 +154,6 @@ fn round_trips_per_sec(output: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn usecs_per_op(output: &str) -> Option<f64> {
-    output
-        .lines()
-        .find(|l| l.contains("usecs/op"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// `Averaged 1643776 operations/sec (+- 8.64%), total secs = 2`
 fn operations_per_sec(output: &str) -> Option<f64> {
     output
@@ -189,27 +196,6 @@ fn run_metric(bench: &Bench) -> anyhow::Result<f64> {
     }
     (bench.metric)(&text)
         .with_context(|| format!("no metric in output of {}: {text}", bench.command.join(" ")))
-}
-
-/// CPU time (user + system) of a process, from /proc.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = stat.rsplit(')').next()?;
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); after the comm they are at 11 and 12.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
 }
 
 struct WithAgent {
@@ -276,11 +262,6 @@ impl Drop for Server {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// The criterion benchmarks of symbolization: cached throughput (frames/s) and the cold
 /// first symbolization of the agent's own release binary. No root needed.
 const SYMBOLIZE: &str = "symbolize";
@@ -295,15 +276,25 @@ fn run_symbolize() -> anyhow::Result<()> {
 }
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    // Four families: the agent's overhead (named benches, root), the criterion
-    // symbolization benchmarks, the collector's figures (`ingest` and `query` measure
-    // both backends, optionally restricted to `sqlite` or `clickhouse`) and the web UI's
-    // pages (`ui`). No argument runs them all.
+    // Five families: the agent's overhead (named benches, root), the criterion
+    // symbolization benchmarks, the daemon's soak (`soak`, root), the collector's figures
+    // (`ingest` and `query` measure both backends, optionally restricted to `sqlite` or
+    // `clickhouse`) and the web UI's pages (`ui`). No argument runs them all. Each family
+    // writes its section of `target/bench/report.md`.
     let is_collector = |a: &str| matches!(a, "ingest" | "query" | "sqlite" | "clickhouse");
     let is_ui = |a: &str| a == "ui";
+    let is_soak = |a: &str| a == "soak";
     let everything = args.is_empty();
     if everything || args.iter().any(|a| a == SYMBOLIZE) {
         run_symbolize()?;
+    }
+    if everything || args.iter().any(|a| is_soak(a)) {
+        // Runs before the collector's families when everything is asked: its recording
+        // is the corpus of the realistic ingest benchmark.
+        bootstrap::ensure()?;
+        debian::ensure(&["linux-perf"])?;
+        util::cargo(&["build", "--release", "--bins"])?;
+        crate::bench_soak::run()?;
     }
     if everything || args.iter().any(|a| is_collector(a)) {
         let backends: Vec<&str> = args
@@ -320,7 +311,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let agent_args: Vec<String> = args
         .iter()
-        .filter(|a| *a != SYMBOLIZE && !is_collector(a) && !is_ui(a))
+        .filter(|a| *a != SYMBOLIZE && !is_collector(a) && !is_ui(a) && !is_soak(a))
         .cloned()
         .collect();
     if !everything && agent_args.is_empty() {
@@ -453,8 +444,8 @@ struct Row {
     rss_mb: f64,
 }
 
-/// The agent-overhead report: every benchmark run, as a ratio against the same run's
-/// baseline, with the machine it ran on (`target/bench/agent-overhead.md`).
+/// The agent-overhead section of the report: every benchmark run, as a ratio against the
+/// same run's baseline, with the machine's load around it.
 struct Report {
     agent: PathBuf,
     rounds: usize,
@@ -486,7 +477,7 @@ impl Report {
             .unwrap_or_else(|| "unknown CPU".into());
         let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
         let mut text = String::new();
-        let _ = writeln!(text, "# Agent overhead\n");
+        let _ = writeln!(text, "## Agent overhead\n");
         let _ = writeln!(
             text,
             "`cargo xtask bench` ({} interleaved rounds with and without the agent, medians), \
@@ -525,27 +516,8 @@ impl Report {
                 unit = row.bench.unit
             );
         }
-        let dir = util::root().join("target/bench");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join("agent-overhead.md");
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
+        write_section("agent-overhead", &text)
     }
-}
-
-/// A command's first line of output, or `?`.
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 /// The 1, 5 and 15 minute load averages.

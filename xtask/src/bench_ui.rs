@@ -8,6 +8,7 @@
 //! UI's code in the release binary (target: under 2 MB added).
 
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
     path::Path,
     process::Command,
@@ -255,8 +256,21 @@ pub fn run(release: &Path) -> anyhow::Result<()> {
         ),
         ("a window's report (why)", format!("/windows/{window}")),
     ];
+    let mut section = format!(
+        "## Web UI\n\n`sudo cargo xtask bench ui` (started {}): the collector's pages on the ingest \
+         benchmark's day of data (SQLite, release build), {RENDERS} renders each, medians.\n\n\
+         | page | median | first render | HTML | target |\n|---|---|---|---|---|\n",
+        crate::bench_common::command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+    );
     for (name, path) in &pages {
         let (cold, median, bytes) = time_page(ui, path)?;
+        let _ = writeln!(
+            section,
+            "| {name} | {:.0} ms | {:.0} ms | {} KB | <= 1 s |",
+            median.as_secs_f64() * 1000.0,
+            cold.as_secs_f64() * 1000.0,
+            bytes / 1024
+        );
         println!(
             "ui: {name}: median {:.0} ms over {RENDERS} renders (first {:.0} ms), {:.2} of the 1 s target, {} KB of HTML",
             median.as_secs_f64() * 1000.0,
@@ -277,6 +291,12 @@ pub fn run(release: &Path) -> anyhow::Result<()> {
         "ui: embedded assets {assets} bytes, the UI's code {code} bytes in the release binary: {:.3} MB of the 2 MB allowed",
         (assets + code) as f64 / 1024.0 / 1024.0
     );
+    let _ = writeln!(
+        section,
+        "\nThe UI's assets and code in the collector's binary: {:.3} MB (target < 2 MB).",
+        (assets + code) as f64 / 1024.0 / 1024.0
+    );
+    crate::bench_common::write_section("ui", &section)?;
     if assets + code >= SIZE_TARGET {
         eprintln!("bench ui: the UI adds more than 2 MB to the collector");
     }

@@ -3,6 +3,8 @@
 
 mod bench;
 mod bench_collector;
+mod bench_common;
+mod bench_soak;
 mod bench_ui;
 mod bootstrap;
 mod clickhouse;
