@@ -12,7 +12,9 @@ use anyhow::{Context as _, bail};
 use stallscope_tests::AgentRun;
 
 use crate::{
-    bench_common::{command_line, cpu_time, median, peak_rss_kib, usecs_per_op, write_section},
+    bench_common::{
+        command_line, cpu_time, machine, median, peak_rss_kib, usecs_per_op, write_section,
+    },
     bootstrap, debian, util,
 };
 
@@ -467,15 +469,6 @@ impl Report {
 
     fn write(&self) -> anyhow::Result<PathBuf> {
         use std::fmt::Write as _;
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("model name"))
-                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-            .unwrap_or_else(|| "unknown CPU".into());
-        let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
         let mut text = String::new();
         let _ = writeln!(text, "## Agent overhead\n");
         let _ = writeln!(
@@ -488,8 +481,8 @@ impl Report {
         );
         let _ = writeln!(
             text,
-            "Machine: {cpus} CPUs ({cpu}), kernel {}; load average before {}, after {}.\n",
-            command_line("uname", &["-r"]),
+            "Machine: {}; load average before {}, after {}.\n",
+            machine(),
             self.load_before,
             load_average()
         );

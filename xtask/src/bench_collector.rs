@@ -5,6 +5,10 @@
 
 use std::{
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -68,9 +72,9 @@ impl DataSet {
         }
     }
 
-    /// The soak's whole-host recording (`cargo xtask bench soak`), a quarter of an hour
-    /// of it (`BENCH_RECORDED_MINUTES`), its batches cycled; the busiest service is
-    /// queried.
+    /// The soak's whole-host recording (`cargo xtask bench soak`), five minutes of it
+    /// for each agent (`BENCH_RECORDED_MINUTES`), its batches cycled; the busiest
+    /// service is queried.
     fn recorded() -> anyhow::Result<Option<Self>> {
         let dir = crate::bench_soak::recording_dir();
         if !dir.is_dir() {
@@ -103,7 +107,7 @@ impl DataSet {
         let minutes: u64 = std::env::var("BENCH_RECORDED_MINUTES")
             .ok()
             .and_then(|m| m.parse().ok())
-            .unwrap_or(15);
+            .unwrap_or(5);
         eprintln!(
             "  recording: {} batches, {} samples, {} distinct stacks, {} distinct label sets; busiest service {service}",
             recording.batches.len(),
@@ -124,15 +128,19 @@ impl DataSet {
         self.batches as i64 * BATCH_SECONDS
     }
 
-    fn samples(&self) -> u64 {
-        (0..self.batches)
+    /// Samples in one agent's first `batches` batches.
+    fn samples_of_first(&self, batches: u64) -> u64 {
+        (0..batches.min(self.batches))
             .map(|i| {
                 self.templates[i as usize % self.templates.len()]
                     .samples
                     .len() as u64
             })
-            .sum::<u64>()
-            * AGENTS
+            .sum()
+    }
+
+    fn samples(&self) -> u64 {
+        self.samples_of_first(self.batches) * AGENTS
     }
 
     /// Encoded ingest frames of one agent.
@@ -147,14 +155,19 @@ impl DataSet {
                 batch.start_unix_ns = (start_s + sequence as i64 * BATCH_SECONDS) * 1_000_000_000;
                 batch.duration_ns = BATCH_SECONDS * 1_000_000_000;
                 batch.spool_dropped_total = 0;
-                let encoded = batch.encode_to_vec();
-                IngestFrame {
-                    sequence,
-                    uncompressed_size: encoded.len() as u64,
-                    batch_zstd: zstd::bulk::compress(&encoded, 3).unwrap_or_default(),
-                }
+                ingest_frame(&batch)
             })
             .collect()
+    }
+}
+
+/// A batch as an agent sends it: encoded, compressed, with its sequence.
+pub(crate) fn ingest_frame(batch: &v1::Batch) -> IngestFrame {
+    let encoded = batch.encode_to_vec();
+    IngestFrame {
+        sequence: batch.sequence,
+        uncompressed_size: encoded.len() as u64,
+        batch_zstd: zstd::bulk::compress(&encoded, 3).unwrap_or_default(),
     }
 }
 
@@ -162,6 +175,17 @@ pub(crate) async fn stream_agent(
     port: u16,
     agent: u64,
     frames: Vec<IngestFrame>,
+) -> anyhow::Result<u64> {
+    stream_agent_counting(port, agent, frames, Arc::default()).await
+}
+
+/// Streams `frames` as agent `agent`, counting the acknowledgements in `acked` as they
+/// come (in sequence order).
+async fn stream_agent_counting(
+    port: u16,
+    agent: u64,
+    frames: Vec<IngestFrame>,
+    acked: Arc<AtomicU64>,
 ) -> anyhow::Result<u64> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
         .connect()
@@ -185,7 +209,10 @@ pub(crate) async fn stream_agent(
     let mut acknowledged = 0_u64;
     while acknowledged < expected as u64 {
         match acks.message().await? {
-            Some(_) => acknowledged += 1,
+            Some(_) => {
+                acknowledged += 1;
+                acked.store(acknowledged, Ordering::Relaxed);
+            }
             None => {
                 bail!("agent {agent}: the collector closed the stream after {acknowledged} acks")
             }
@@ -198,6 +225,8 @@ pub(crate) async fn stream_agent(
 struct Figures {
     samples: u64,
     ingest: Duration,
+    /// Whether every batch was acknowledged before the ingest deadline.
+    complete: bool,
     query_median: Duration,
     query_samples: u64,
     /// `why` on a one-hour window of one service, with its automatic baseline.
@@ -223,21 +252,53 @@ fn bench_backend(release: &Path, storage_args: &[&str], data: &DataSet) -> anyho
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let samples = data.samples();
-    eprintln!("  ingesting {samples} samples");
+    let mut samples = data.samples();
+    let deadline = Duration::from_secs(
+        60 * std::env::var("BENCH_INGEST_MINUTES")
+            .ok()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(5),
+    );
+    eprintln!("  ingesting {samples} samples (at most {deadline:?})");
+    let acked: Vec<Arc<AtomicU64>> = (0..AGENTS).map(|_| Arc::default()).collect();
     let started = Instant::now();
-    runtime.block_on(async {
-        let tasks: Vec<_> = all
+    let complete = runtime.block_on(async {
+        let mut tasks: Vec<_> = all
             .into_iter()
+            .zip(&acked)
             .enumerate()
-            .map(|(agent, frames)| tokio::spawn(stream_agent(port, agent as u64, frames)))
+            .map(|(agent, (frames, acked))| {
+                tokio::spawn(stream_agent_counting(
+                    port,
+                    agent as u64,
+                    frames,
+                    Arc::clone(acked),
+                ))
+            })
             .collect();
-        for task in tasks {
-            task.await.context("agent task")??;
+        let all_acked = async {
+            for task in &mut tasks {
+                task.await.context("agent task")??;
+            }
+            anyhow::Ok(())
+        };
+        if let Ok(result) = tokio::time::timeout(deadline, all_acked).await {
+            result.map(|()| true)
+        } else {
+            for task in &tasks {
+                task.abort();
+            }
+            Ok(false)
         }
-        anyhow::Ok(())
     })?;
     let ingest = started.elapsed();
+    if !complete {
+        samples = acked
+            .iter()
+            .map(|a| data.samples_of_first(a.load(Ordering::Relaxed)))
+            .sum();
+        eprintln!("  not all acknowledged within {deadline:?}: {samples} samples were");
+    }
 
     let mut latencies = Vec::new();
     let mut query_samples = 0;
@@ -318,6 +379,7 @@ fn bench_backend(release: &Path, storage_args: &[&str], data: &DataSet) -> anyho
     Ok(Figures {
         samples,
         ingest,
+        complete,
         query_median: latencies[latencies.len() / 2],
         query_samples,
         explain_median: explain_latencies[explain_latencies.len() / 2],
@@ -375,8 +437,8 @@ fn write_section(rows: &[Row], started: &str) -> anyhow::Result<()> {
          of one service over the whole range and `why` on one window are asked \
          {QUERY_RUNS} times each (medians). Synthetic data: the same 40 stacks x labels \
          every batch, a day of them. Recorded data: the batches of the soak's whole-host \
-         recording (real stacks, label sets and their skew), cycled over a quarter of an \
-         hour, the busiest service queried. The ratio compares each data set's ingest rate with the \
+         recording (real stacks, label sets and their skew), five minutes of it per \
+         agent, the busiest service queried. The ratio compares each data set's ingest rate with the \
          synthetic one of the same backend in the same run.\n"
     );
     let _ = writeln!(
@@ -392,10 +454,18 @@ fn write_section(rows: &[Row], started: &str) -> anyhow::Result<()> {
             .map(|r| r.figures.samples as f64 / r.figures.ingest.as_secs_f64());
         let _ = writeln!(
             text,
-            "| {} | {} | {} | {:.0} samples/s | {} | {:.0} ms ({}, `{}`) | {} | {:.0} ms ({}) |",
+            "| {} | {} | {}{} | {:.0} samples/s | {} | {:.0} ms ({}, `{}`) | {} | {:.0} ms ({}) |",
             row.backend,
             row.data,
             row.figures.samples,
+            if row.figures.complete {
+                String::new()
+            } else {
+                format!(
+                    " (not all: the {:.0} s deadline, `BENCH_INGEST_MINUTES`, passed)",
+                    row.figures.ingest.as_secs_f64()
+                )
+            },
             rate,
             synthetic.map_or_else(|| "-".to_owned(), |s| format!("{:.2}", rate / s)),
             row.figures.query_median.as_secs_f64() * 1000.0,

@@ -70,6 +70,30 @@ pub fn write_section(name: &str, text: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("creating {}", sections.display()))?;
     let path = sections.join(format!("{name}.md"));
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    let mut report = String::new();
+    let _ = writeln!(report, "# stallscope benchmark report\n");
+    let _ = writeln!(
+        report,
+        "Written by `cargo xtask bench` (each section by its family: `cargo xtask bench \
+         offcpu`, `soak`, `ingest`, `ui`...; a section shows when it ran). Machine: {}. \
+         Every overhead figure is a ratio against a baseline measured in the same run: \
+         these machines are shared and noisy.\n",
+        machine()
+    );
+    for section in SECTIONS {
+        if let Ok(body) = std::fs::read_to_string(sections.join(format!("{section}.md"))) {
+            let _ = writeln!(report, "{}", body.trim_end());
+            let _ = writeln!(report);
+        }
+    }
+    let report_path = dir.join("report.md");
+    std::fs::write(&report_path, report)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    Ok(report_path)
+}
+
+/// The machine: CPUs, memory and kernel.
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -87,24 +111,8 @@ pub fn write_section(name: &str, text: &str) -> anyhow::Result<PathBuf> {
                 .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
-    let mut report = String::new();
-    let _ = writeln!(report, "# stallscope benchmark report\n");
-    let _ = writeln!(
-        report,
-        "Written by `cargo xtask bench` (each section by its family: `cargo xtask bench \
-         offcpu`, `soak`, `ingest`, `ui`...; a section shows when it ran). Machine: {cpus} \
-         CPUs ({cpu}), {memory_gib:.0} GiB, kernel {}. Every overhead figure is a ratio \
-         against a baseline measured in the same run: these machines are shared and noisy.\n",
+    format!(
+        "{cpus} CPUs ({cpu}), {memory_gib:.0} GiB, kernel {}",
         command_line("uname", &["-r"])
-    );
-    for section in SECTIONS {
-        if let Ok(body) = std::fs::read_to_string(sections.join(format!("{section}.md"))) {
-            let _ = writeln!(report, "{}", body.trim_end());
-            let _ = writeln!(report);
-        }
-    }
-    let report_path = dir.join("report.md");
-    std::fs::write(&report_path, report)
-        .with_context(|| format!("writing {}", report_path.display()))?;
-    Ok(report_path)
+    )
 }

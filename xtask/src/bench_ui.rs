@@ -16,7 +16,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use prost::Message as _;
 use stallscope_collector::synthetic;
 use stallscope_proto::v1::{self, IngestFrame, query_client::QueryClient};
 use stallscope_tests::{
@@ -26,7 +25,7 @@ use stallscope_tests::{
 use tonic::{Request, metadata::MetadataValue};
 
 use crate::bench_collector::{
-    AGENTS, BATCH_SECONDS, SHAPE, TOKEN, batches_per_agent, stream_agent,
+    AGENTS, BATCH_SECONDS, SHAPE, TOKEN, batches_per_agent, ingest_frame, stream_agent,
 };
 
 const RENDERS: usize = 7;
@@ -95,12 +94,7 @@ fn frames(agent: u64, start_s: i64) -> Vec<IngestFrame> {
             }
             batch.sequence = sequence;
             batch.start_unix_ns = (start_s + offset_s) * 1_000_000_000;
-            let encoded = batch.encode_to_vec();
-            IngestFrame {
-                sequence,
-                uncompressed_size: encoded.len() as u64,
-                batch_zstd: zstd::bulk::compress(&encoded, 3).unwrap_or_default(),
-            }
+            ingest_frame(&batch)
         })
         .collect()
 }
