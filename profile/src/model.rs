@@ -516,6 +516,42 @@ fn merge_time_range(into: &mut Meta, other: &Meta) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_hash_index_tells_keys_with_one_hash_apart() {
+        // Three positions whose keys share a hash (a collision), and one of another hash.
+        let keys = ["a", "b", "c", "d"];
+        let mut index = HashIndex::default();
+        for (position, hash) in [(0, 7), (1, 7), (2, 7), (3, 9)] {
+            index.insert(hash, position);
+        }
+        assert_eq!(index.len(), 4);
+        for (position, key) in keys.iter().enumerate() {
+            let hash = if *key == "d" { 9 } else { 7 };
+            assert_eq!(index.find(hash, |i| keys[i] == *key), Some(position));
+        }
+        assert_eq!(index.find(7, |i| keys[i] == "e"), None);
+        assert_eq!(index.find(8, |_| true), None);
+    }
+
+    #[test]
+    fn samples_merge_by_stack_and_labels_after_the_index_is_rebuilt() {
+        let mut profile = Profile::new(vec![SampleType::new("off_cpu", "nanoseconds")]);
+        let labels = |tid: &str| Labels::from([("tid".to_owned(), tid.to_owned())]);
+        profile.add(vec![0, 1], labels("1"), &[10]);
+        profile.add(vec![0, 1], labels("2"), &[20]);
+        profile.add(vec![0, 1], labels("1"), &[5]);
+        assert_eq!(profile.samples.len(), 2);
+        // A profile read back has no index: the next add rebuilds it and still merges.
+        let mut copy = Profile {
+            sample_index: HashIndex::default(),
+            ..profile.clone()
+        };
+        copy.add(vec![0, 1], labels("2"), &[1]);
+        assert_eq!(copy.samples.len(), 2);
+        assert_eq!(copy.samples[0].values, vec![15]);
+        assert_eq!(copy.samples[1].values, vec![21]);
+    }
+
     fn user(name: &str) -> Frame {
         Frame {
             function: name.to_owned(),
