@@ -141,15 +141,6 @@ impl Drop for Load {
     }
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Least-squares slope of (minutes, MB) points, in MB a minute.
 fn slope(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
@@ -277,7 +268,7 @@ pub fn run() -> anyhow::Result<()> {
     let mut rss: Vec<(f64, f64)> = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(SAMPLE_EVERY);
-        let Some(kib) = rss_kib(pid) else {
+        let Some(kib) = bench_common::rss_kib(pid) else {
             bail!("the agent exited during the soak: {}", agent.log_text());
         };
         let point = (start.elapsed().as_secs_f64() / 60.0, kib as f64 / 1024.0);

@@ -37,7 +37,7 @@ pub struct Accumulator {
     /// 136 MiB on a busy host) and symbolized kernel stacks, kept while used.
     pub(crate) stacks: StackCache,
     /// User stacks of the profile being assembled (filled by `resolve_user_stacks`).
-    pub(crate) user_stacks: HashMap<(u32, u64), Vec<FrameId>>,
+    user_stacks: HashMap<(u32, u64), Vec<FrameId>>,
     /// Of those, the ones probably cut short by a missing frame pointer.
     pub(crate) truncated_user_stacks: HashSet<(u32, u64)>,
     /// Identity labels of the processes of the profile being assembled.
@@ -51,7 +51,7 @@ pub struct Accumulator {
     pub(crate) reported_losses: Vec<u64>,
     pub(crate) unresolved_stacks: u64,
     /// User stacks whose raw addresses were gone before they could be normalized.
-    pub(crate) lost_user_stacks: HashSet<(u32, u64)>,
+    lost_user_stacks: HashSet<(u32, u64)>,
     /// Read timeouts already reported in an earlier profile.
     pub(crate) reported_timeouts: u64,
     /// When the probes started measuring: no wait they report started earlier.

@@ -277,9 +277,10 @@ impl Resolver {
     }
 
     /// Forgets the symbolized offsets no stack used for
-    /// [`KEEP_PERIODS`](crate::symbols::KEEP_PERIODS) periods. Offsets keep
-    /// coming on a busy host: a frame-pointer walk through code built without frame
-    /// pointers reads return addresses that are anything, each a new offset.
+    /// [`KEEP_PERIODS`](crate::symbols::KEEP_PERIODS) periods. Offsets can keep
+    /// coming on a busy host (a frame-pointer walk through code built without frame
+    /// pointers reads return addresses that are anything, each a new offset); the
+    /// capacity alone allowed a million.
     pub(super) fn forget_unused_offsets(&mut self) {
         let period = self.period;
         let keep = u64::from(crate::symbols::KEEP_PERIODS);
