@@ -191,9 +191,9 @@ fn lock_per_thread(profile: &Profile) -> std::collections::BTreeMap<String, i64>
         .iter()
         .filter(|s| label(s, "signal") == "lock")
     {
-        *per_thread
-            .entry(label(sample, "tid").to_owned())
-            .or_insert(0) += sample.values[lock];
+        let tid = label(sample, "tid");
+        assert!(!tid.is_empty(), "--thread-ids: every lock sample has a tid");
+        *per_thread.entry(tid.to_owned()).or_insert(0) += sample.values[lock];
     }
     per_thread
 }
@@ -228,6 +228,8 @@ fn concurrent_recordings_hold_the_wait_invariant_and_the_truth() {
                         "10m",
                         "--signals",
                         "lock",
+                        // The invariant is per thread: each thread's own series.
+                        "--thread-ids",
                         "-o",
                         &out_arg,
                     ],

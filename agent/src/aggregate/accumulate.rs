@@ -44,6 +44,8 @@ pub struct Accumulator {
     pub(crate) process_labels: HashMap<u32, Labels>,
     pub(crate) process_names: HashMap<u32, String>,
     pub(crate) thread_names: HashMap<u32, String>,
+    /// Samples carry a `tid` label (see `ResolverSettings::thread_ids`).
+    pub(crate) thread_ids: bool,
     pub(crate) device_names: HashMap<u32, String>,
     /// Peers of the network signals, by id.
     pub(crate) peers: HashMap<u32, Peer>,
@@ -91,6 +93,7 @@ impl Accumulator {
             process_labels: HashMap::new(),
             process_names: HashMap::new(),
             thread_names: HashMap::new(),
+            thread_ids: settings.thread_ids,
             device_names: HashMap::new(),
             peers: HashMap::new(),
             losses: vec![0; LOSS_COUNTERS as usize],
@@ -434,6 +437,8 @@ fn read_comm(dir: &Path) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use stallscope_profile::Meta;
+
     use super::*;
 
     #[test]
@@ -487,5 +492,42 @@ mod tests {
         assert_eq!(acc.check_wait_window(&totals), [(Signal::Lock, 1)]);
         totals.remove(&lock_total(3, 0).0);
         assert!(acc.check_wait_window(&totals).is_empty());
+    }
+
+    /// Lock time of two threads of one process with the same name, as profiled.
+    fn lock_samples(thread_ids: bool) -> Vec<(Labels, i64)> {
+        let settings = ResolverSettings {
+            thread_ids,
+            ..ResolverSettings::default()
+        };
+        let mut acc = Accumulator::new(&[Signal::Lock], settings);
+        acc.totals = HashMap::from([lock_total(1, 900), lock_total(3, 100)]);
+        for tid in [1, 3] {
+            acc.thread_names.insert(tid, "worker".into());
+        }
+        let profile = acc.finish(Meta::default());
+        let ns = profile
+            .sample_type_index("lock_wait", "nanoseconds")
+            .expect("lock");
+        profile
+            .samples
+            .iter()
+            .map(|s| (s.labels.clone(), s.values[ns]))
+            .collect()
+    }
+
+    #[test]
+    fn threads_of_one_name_are_one_series_unless_thread_ids_are_asked_for() {
+        let merged = lock_samples(false);
+        assert_eq!(merged.len(), 1, "{merged:?}");
+        assert_eq!(merged[0].1, 1000);
+        assert_eq!(merged[0].0["thread"], "worker");
+        assert!(!merged[0].0.contains_key("tid"));
+        let mut apart: Vec<(String, i64)> = lock_samples(true)
+            .into_iter()
+            .map(|(labels, ns)| (labels["tid"].clone(), ns))
+            .collect();
+        apart.sort();
+        assert_eq!(apart, [("1".to_owned(), 900), ("3".to_owned(), 100)]);
     }
 }

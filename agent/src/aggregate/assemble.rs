@@ -81,7 +81,9 @@ fn identity(acc: &Accumulator, signal: Signal, tgid: u32, tid: u32) -> Labels {
         }
     }
     if tid != 0 {
-        labels.insert("tid".into(), tid.to_string());
+        if acc.thread_ids {
+            labels.insert("tid".into(), tid.to_string());
+        }
         if let Some(name) = acc.thread_names.get(&tid) {
             labels.insert("thread".into(), name.clone());
         }

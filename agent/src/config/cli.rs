@@ -114,6 +114,11 @@ pub struct CommonArgs {
     /// arguments such as --password=... or --token ... are redacted). Off by default.
     #[arg(long)]
     pub cmdline: bool,
+    /// Label samples with their thread's id (`tid`) as well as its name. Off by default:
+    /// threads of one process with the same name are merged, since on a host that starts
+    /// threads all day every thread id is a series of its own.
+    #[arg(long)]
+    pub thread_ids: bool,
     /// Profile the agent's own threads too (left out by default: they are the
     /// observer, not the observed).
     #[arg(long)]
@@ -270,6 +275,7 @@ impl CommonArgs {
                 max_pending: self.max_pending,
                 drain_interval: self.drain_interval.clone(),
                 cmdline: self.cmdline,
+                thread_ids: self.thread_ids,
                 include_agent: self.include_agent,
             },
         )

@@ -70,6 +70,9 @@ pub struct SymbolsFile {
 pub struct IdentityFile {
     /// Collect command lines (secret-looking values redacted). Off by default.
     pub cmdline: Option<bool>,
+    /// Label samples with thread ids (`tid`) as well as thread names. Off by default:
+    /// every thread id is a series of its own.
+    pub thread_ids: Option<bool>,
     /// `[[identity.service]]` rules naming the `service` label; the first match wins.
     #[serde(default)]
     pub service: Vec<ServiceRule>,

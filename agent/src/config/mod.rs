@@ -110,6 +110,7 @@ pub struct Overrides {
     pub max_pending: Option<u32>,
     pub drain_interval: Option<String>,
     pub cmdline: bool,
+    pub thread_ids: bool,
     pub include_agent: bool,
 }
 
@@ -135,6 +136,8 @@ pub struct Config {
     pub drain_interval: Duration,
     /// Collect (redacted) command lines.
     pub collect_cmdline: bool,
+    /// Label samples with thread ids, not only thread names.
+    pub thread_ids: bool,
     pub service_rules: Vec<ServiceRule>,
     pub read_deadline: Duration,
     /// Binaries with more DWARF (bytes) are symbolized from their symbol tables.
@@ -378,6 +381,7 @@ impl Config {
             map_sizes,
             drain_interval,
             collect_cmdline: flags.cmdline || file.identity.cmdline.unwrap_or(false),
+            thread_ids: flags.thread_ids || file.identity.thread_ids.unwrap_or(false),
             service_rules: file.identity.service,
             pod_logs_dir: file
                 .identity
@@ -394,6 +398,7 @@ impl Config {
     pub fn resolver_settings(&self) -> ResolverSettings {
         ResolverSettings {
             collect_cmdline: self.collect_cmdline,
+            thread_ids: self.thread_ids,
             service_rules: self.service_rules.clone(),
             read_deadline: self.read_deadline,
             target_pid: self.target_pid,

@@ -142,6 +142,7 @@ impl Config {
             "identity".into(),
             Value::Table(table([
                 ("cmdline", Value::Boolean(self.collect_cmdline)),
+                ("thread_ids", Value::Boolean(self.thread_ids)),
                 ("read_deadline", duration(self.read_deadline)),
                 ("pod_logs_dir", path(&self.pod_logs_dir)),
                 ("service", Value::Array(rules)),

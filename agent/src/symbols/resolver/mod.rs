@@ -59,6 +59,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ResolverSettings {
     pub collect_cmdline: bool,
+    /// Label samples with their thread's id (`tid`) as well as its name. Off by default:
+    /// on a host that starts threads all day every thread id is a series of its own
+    /// (most of the agent's memory at each period's end and of the collector's rows).
+    pub thread_ids: bool,
     pub service_rules: Vec<ServiceRule>,
     /// Deadline of one read of a process's `/proc` files or of opening a binary.
     pub read_deadline: Duration,
@@ -78,6 +82,7 @@ impl Default for ResolverSettings {
     fn default() -> Self {
         Self {
             collect_cmdline: false,
+            thread_ids: false,
             service_rules: Vec::new(),
             read_deadline: Duration::from_secs(1),
             symbolize_deadline: Duration::from_secs(20),
