@@ -9,7 +9,8 @@ use core::mem::size_of;
 use crate::{
     DiskRequest, DiskRequestKey, HIST_BUCKETS, MAX_STACK_DEPTH, Peer, PendingWait, ProbeConfig,
     SampleKey, SampleValue, SocketInfo, StackTrace, SyscallSlot, ThreadState, TotalCache,
-    TotalCacheEntry, TotalKey, TotalValue, TpThreadState, Tuning,
+    TotalCacheEntry, TotalKey, TotalValue, TpThreadState, Tuning, UnwindMapping, UnwindProcess,
+    UnwindRow,
 };
 
 /// Fails to compile if a struct's size is not the sum of its listed fields' sizes: it has
@@ -69,6 +70,9 @@ assert_no_padding! {
     Tuning { offcpu_stack_threshold_ns, lock_stack_threshold_ns, syscall_sample_every, syscall_epoch }
     Peer { addr, remote_port, local_port, family, direction, flags, pad }
     SocketInfo { connect_start_ns, last_rtt_ns, kstack, ustack, tgid, tid, peer_id, direction, pad }
+    UnwindRow { pc, cfa_offset, rbp_offset, cfa_kind, rbp_kind, pad }
+    UnwindMapping { start, end, bias, first_row, rows }
+    UnwindProcess { count, pad, mappings }
 }
 
 // The sizes the design counts on (the totals key is hashed on every context switch).
@@ -85,3 +89,5 @@ const _: () = assert!(size_of::<ProbeConfig>() == 4 * 8 + 46 * 4);
 const _: () = assert!(size_of::<Tuning>() == 24);
 const _: () = assert!(size_of::<Peer>() == 24);
 const _: () = assert!(size_of::<SocketInfo>() == 48);
+const _: () = assert!(size_of::<UnwindRow>() == 16);
+const _: () = assert!(size_of::<UnwindMapping>() == 32);

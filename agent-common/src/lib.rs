@@ -12,6 +12,7 @@ mod layout;
 mod loss;
 mod net;
 mod state;
+mod unwind;
 
 pub use config::*;
 pub use keys::*;
@@ -19,6 +20,7 @@ pub use kinds::*;
 pub use loss::*;
 pub use net::*;
 pub use state::*;
+pub use unwind::*;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -55,6 +57,10 @@ mod pod {
     unsafe impl aya::Pod for super::Peer {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnwindRow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnwindProcess {}
 }
 
 #[cfg(test)]

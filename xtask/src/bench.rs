@@ -277,6 +277,26 @@ fn run_symbolize() -> anyhow::Result<()> {
     util::cargo(&["bench", "-p", "stallscope-agent", "--bench", "symbolize"])
 }
 
+/// Unwind table builds against readelf on the same binaries. No root needed.
+const UNWIND: &str = "unwind";
+
+fn run_unwind() -> anyhow::Result<()> {
+    eprintln!("bench {UNWIND}: unwind table builds against readelf reading the same binaries");
+    util::cargo(&["build", "--release", "-p", "stallscope-agent"])?;
+    let section = util::root().join("target/bench/unwind-section.md");
+    if let Some(dir) = section.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    util::cargo_with_env(
+        &["bench", "-p", "stallscope-agent", "--bench", "unwind_table"],
+        &[("STALLSCOPE_BENCH_SECTION", &section)],
+    )?;
+    let text = std::fs::read_to_string(&section)?;
+    let report = write_section(UNWIND, &text)?;
+    eprintln!("bench {UNWIND}: report {}", report.display());
+    Ok(())
+}
+
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     // Five families: the agent's overhead (named benches, root), the criterion
     // symbolization benchmarks, the daemon's soak (`soak`, root), the collector's figures
@@ -289,6 +309,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let everything = args.is_empty();
     if everything || args.iter().any(|a| a == SYMBOLIZE) {
         run_symbolize()?;
+    }
+    if everything || args.iter().any(|a| a == UNWIND) {
+        run_unwind()?;
     }
     if everything || args.iter().any(|a| is_soak(a)) {
         // Runs before the collector's families when everything is asked: its recording
@@ -313,7 +336,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let agent_args: Vec<String> = args
         .iter()
-        .filter(|a| *a != SYMBOLIZE && !is_collector(a) && !is_ui(a) && !is_soak(a))
+        .filter(|a| *a != SYMBOLIZE && *a != UNWIND && !is_collector(a) && !is_ui(a) && !is_soak(a))
         .cloned()
         .collect();
     if !everything && agent_args.is_empty() {
@@ -334,7 +357,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if selected.is_empty() {
         let names: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
         bail!(
-            "unknown benchmark; choose from {}, {SYMBOLIZE}, ingest, query (sqlite, clickhouse), ui",
+            "unknown benchmark; choose from {}, {SYMBOLIZE}, {UNWIND}, soak, ingest, query (sqlite, clickhouse), ui",
             names.join(", ")
         );
     }

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use crate::util;
 
 /// The report's sections, in order: each family's latest run.
-const SECTIONS: &[&str] = &["agent-overhead", "soak", "collector", "ui"];
+const SECTIONS: &[&str] = &["agent-overhead", "soak", "unwind", "collector", "ui"];
 
 pub fn usecs_per_op(output: &str) -> Option<f64> {
     output

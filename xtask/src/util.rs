@@ -27,7 +27,13 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
 
 /// Runs `cargo <args>` in the workspace root.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_with_env(args, &[])
+}
+
+/// `cargo ARGS` with these variables set for it.
+pub fn cargo_with_env(args: &[&str], vars: &[(&str, &Path)]) -> anyhow::Result<()> {
     let mut command = Command::new(env!("CARGO"));
+    command.envs(vars.iter().copied());
     // `cargo xtask` (`cargo run`) sets the package variables of xtask itself; build
     // scripts that declare them (ring's do) would see them change and rebuild, and with
     // them every crate above, each time a build flips between `cargo` and `cargo xtask`.
