@@ -1,7 +1,7 @@
 //! stallscope's eBPF probes: one module per probe family (sched_btf, sched_tp, oncpu, lock,
 //! syscall, net, io), the raw syscall hooks two families share in `raw_syscalls`, shared
 //! maps in `maps`, per-thread state in `threads` and `task_storage`, kernel reads in
-//! `kernel`. No family imports another.
+//! `kernel`, the table-driven user stack walk in `unwind`. No family imports another.
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the only atomic add the BPF target offers (see `maps::atomic_add`).
@@ -21,6 +21,7 @@ mod sched_tp;
 mod syscall;
 mod task_storage;
 mod threads;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -400,6 +400,14 @@ fn switch_out(
     if let Some(snapshot) = USER_SNAPSHOT.get_or_create(prev) {
         // SAFETY: the thread's own storage; the buffer size is the array's size.
         let snapshot = unsafe { &mut *snapshot };
+        // At `sched_switch` the current task is `prev`: its process's tables, if any.
+        let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+        if crate::unwind::walk_user_stack(tgid, snapshot) {
+            if snapshot.len > 0 {
+                thread.flags |= THREAD_USER_SNAPSHOT;
+            }
+            return;
+        }
         // SAFETY: the helper writes at most the byte length passed, which is exactly the
         // size of `snapshot.ips` (this thread's own storage, borrowed mutably here only);
         // `ctx` is this program's context, and at `sched_switch` the current task is

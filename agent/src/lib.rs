@@ -14,3 +14,4 @@ pub mod sampling;
 pub mod stream;
 pub mod symbols;
 pub mod system;
+pub mod unwind;

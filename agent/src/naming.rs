@@ -8,7 +8,7 @@ use std::{
 
 use agent_common::{
     ConnectOutcome, Direction, DiskOp, FdKind, LockKind, OffCpuState, Peer, RunQueueKind, Signal,
-    SocketOp, TcpEvent,
+    SocketOp, StackEnd, TcpEvent,
 };
 use stallscope_profile::SampleType;
 
@@ -126,6 +126,20 @@ pub const fn tcp_event_label(event: TcpEvent) -> &'static str {
         TcpEvent::Rtt => "rtt",
         TcpEvent::Retransmit => "retransmit",
         TcpEvent::ListenOverflow => "listen-overflow",
+    }
+}
+
+/// How a table-driven user stack walk ended, as counted in a profile's losses.
+pub const fn stack_end_label(end: StackEnd) -> &'static str {
+    match end {
+        StackEnd::FramePointerWalk => "frame_pointer_walk",
+        StackEnd::EntryPoint => "entry_point",
+        StackEnd::FramePointerEnd => "frame_pointer_end",
+        StackEnd::NotCovered => "not_covered",
+        StackEnd::Unsupported => "unsupported_rule",
+        StackEnd::ReadFailed => "read_failed",
+        StackEnd::DepthLimit => "depth_limit",
+        StackEnd::NoRegisters => "no_registers",
     }
 }
 

@@ -13,8 +13,9 @@ use stallscope_tests::{
     scratch_dir, serial,
 };
 
-/// The `frame pointers: ...` verdict `check --pid` gives for `exe` in process `pid`.
-fn verdict(pid: u32, exe: &Path) -> String {
+/// The `frame pointers: ...` verdict `check --pid` gives for `exe` in process `pid`,
+/// and how its stacks will be unwound (`unwound by ...`).
+fn verdict(pid: u32, exe: &Path) -> (String, String) {
     let output = Command::new(binary(&binary_dir(), "stallscope-agent").expect("agent built"))
         .args(["check", "--signals", "offcpu", "--pid", &pid.to_string()])
         .output()
@@ -25,10 +26,13 @@ fn verdict(pid: u32, exe: &Path) -> String {
         .lines()
         .find(|line| line.trim_start().starts_with(exe.as_ref()))
         .unwrap_or_else(|| panic!("no line for {exe} in:\n{report}"));
-    line.split("; ")
-        .find(|part| part.starts_with("frame pointers: "))
-        .unwrap_or_else(|| panic!("no verdict in {line}"))
-        .to_owned()
+    let part = |prefix: &str| {
+        line.split("; ")
+            .find(|part| part.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in {line}"))
+            .to_owned()
+    };
+    (part("frame pointers: "), part("unwound by "))
 }
 
 fn compile_c(output: &Path, flags: &[&str]) {
@@ -79,7 +83,7 @@ fn main() {
     output
 }
 
-fn check_program(exe: &Path, args: &[&str]) -> String {
+fn check_program(exe: &Path, args: &[&str]) -> (String, String) {
     let workload = Workload::start(exe, args).expect("program starts");
     verdict(workload.pid, exe)
 }
@@ -107,8 +111,19 @@ fn frame_pointer_verdicts_are_right_both_ways() {
             false,
         ),
     ];
-    for (exe, verdict, expected) in &verdicts {
-        eprintln!("{}: {verdict}", exe.display());
+    for (exe, (verdict, unwound), expected) in &verdicts {
+        eprintln!("{}: {verdict}; {unwound}", exe.display());
+        // Binaries without frame pointers get an unwind table from their .eh_frame.
+        let wanted_unwind = if *expected {
+            "unwound by frame pointers"
+        } else {
+            "unwound by table: "
+        };
+        assert!(
+            unwound.starts_with(wanted_unwind),
+            "{}: `{unwound}`, expected `{wanted_unwind}`",
+            exe.display()
+        );
         let wanted = if *expected {
             "frame pointers: yes"
         } else {

@@ -11,8 +11,8 @@ use std::{
 };
 
 use agent_common::{
-    FLAG_USER_BEFORE_EXEC, LOSS_COUNTERS, NO_STACK, Peer, SampleKey, SampleValue, Signal, TotalKey,
-    TotalValue,
+    FLAG_USER_BEFORE_EXEC, LOSS_COUNTERS, NO_STACK, Peer, STACK_USER, SampleKey, SampleValue,
+    Signal, StackEnd, TotalKey, TotalValue,
 };
 use stallscope_profile::{Frame, FrameId, FrameKind, Labels, Profile};
 
@@ -44,6 +44,8 @@ pub struct Accumulator {
     pub(crate) process_labels: HashMap<u32, Labels>,
     pub(crate) process_names: HashMap<u32, String>,
     pub(crate) thread_names: HashMap<u32, String>,
+    /// User stacks drained this period, by how their walk ended ([`StackEnd`]).
+    pub(crate) user_stack_ends: [u64; StackEnd::COUNT],
     /// Samples carry a `tid` label (see `ResolverSettings::thread_ids`).
     pub(crate) thread_ids: bool,
     pub(crate) device_names: HashMap<u32, String>,
@@ -93,6 +95,7 @@ impl Accumulator {
             process_labels: HashMap::new(),
             process_names: HashMap::new(),
             thread_names: HashMap::new(),
+            user_stack_ends: [0; StackEnd::COUNT],
             thread_ids: settings.thread_ids,
             device_names: HashMap::new(),
             peers: HashMap::new(),
@@ -147,6 +150,11 @@ impl Accumulator {
         }
         self.peers.extend(drained.peers);
         for (hash, stack) in drained.stacks {
+            if stack.flags & STACK_USER != 0
+                && let Some(end) = StackEnd::of_flags(stack.flags)
+            {
+                self.user_stack_ends[end as usize] += 1;
+            }
             let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
             self.stacks.insert_raw(hash, ips);
         }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use agent_common::{Loss, Signal, TotalKey, TotalValue};
+use agent_common::{Loss, Signal, StackEnd, TotalKey, TotalValue};
 use stallscope_profile::Meta;
 
 use crate::{aggregate::accumulate::Accumulator, naming};
@@ -23,6 +23,7 @@ impl Accumulator {
             "user_stack_cut_at_unmapped_address".to_owned(),
             self.resolver.cut_stacks,
         );
+        self.report_stack_ends(meta);
         let (timed_out, stuck) = self.resolver.read_timeouts();
         meta.losses.insert(
             "process_read_timed_out".to_owned(),
@@ -51,6 +52,33 @@ impl Accumulator {
         }
         self.resolver.end_period();
         self.user_stacks_done();
+    }
+
+    /// User stacks by how their walk ended: the table-driven walk's truncations are
+    /// counted per reason (`user_stack_unwind.<reason>`), and a note gives the whole.
+    fn report_stack_ends(&mut self, meta: &mut Meta) {
+        let ends = std::mem::take(&mut self.user_stack_ends);
+        for end in [
+            StackEnd::NotCovered,
+            StackEnd::Unsupported,
+            StackEnd::ReadFailed,
+            StackEnd::DepthLimit,
+            StackEnd::NoRegisters,
+        ] {
+            meta.losses.insert(
+                format!("user_stack_unwind.{}", naming::stack_end_label(end)),
+                ends[end as usize],
+            );
+        }
+        let by_table: u64 = ends[1..].iter().sum();
+        if by_table > 0 {
+            meta.notes.push(format!(
+                "user stacks: {} by the kernel's frame-pointer walk, {by_table} by the mixed walk with unwind tables ({} reached an entry point, {} ended where frame pointers did)",
+                ends[StackEnd::FramePointerWalk as usize],
+                ends[StackEnd::EntryPoint as usize],
+                ends[StackEnd::FramePointerEnd as usize]
+            ));
+        }
     }
 
     pub(super) fn report_losses(

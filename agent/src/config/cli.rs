@@ -48,6 +48,10 @@ pub struct RecordArgs {
 }
 
 #[derive(Debug, Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each is a command-line switch of its own (clap flags)"
+)]
 pub struct CommonArgs {
     /// Signals to capture, comma-separated: offcpu, oncpu, runqueue, lock, syscall, disk,
     /// connect, socket-wait, tcp, or network for the last three (default: offcpu,oncpu for

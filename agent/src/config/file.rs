@@ -137,6 +137,11 @@ pub struct ProbesFile {
     pub max_samples: Option<u32>,
     pub max_stacks: Option<u32>,
     pub max_pending: Option<u32>,
+    /// Rows of unwind tables for binaries without frame pointers (16 bytes each); 0
+    /// turns tables off.
+    pub unwind_table_rows: Option<u32>,
+    /// Processes whose stacks are unwound by table at once.
+    pub unwind_processes: Option<u32>,
 }
 
 /// `[run]` in the TOML file. Every key is optional; flags override it.

@@ -326,6 +326,25 @@ impl Config {
                 file.probes.max_pending,
                 defaults.pending,
             )?,
+            unwind_rows: {
+                let rows = file
+                    .probes
+                    .unwind_table_rows
+                    .unwrap_or(defaults.unwind_rows);
+                check_range(
+                    "probes.unwind_table_rows",
+                    "0 (no unwind tables) or between 1024 and 16777216 rows",
+                    rows == 0 || (1024..=16_777_216).contains(&rows),
+                    rows,
+                )?;
+                rows
+            },
+            unwind_processes: size(
+                "probes.unwind_processes",
+                None,
+                file.probes.unwind_processes,
+                defaults.unwind_processes,
+            )?,
         };
         if let Some(pid) = flags.pid
             && !Path::new(&format!("/proc/{pid}")).exists()

@@ -112,6 +112,8 @@ impl Config {
             ("max_samples", integer(self.map_sizes.samples)),
             ("max_stacks", integer(self.map_sizes.stacks)),
             ("max_pending", integer(self.map_sizes.pending)),
+            ("unwind_table_rows", integer(self.map_sizes.unwind_rows)),
+            ("unwind_processes", integer(self.map_sizes.unwind_processes)),
         ]);
         if let Some(btf) = &self.btf {
             probes.insert("btf".into(), path(btf));

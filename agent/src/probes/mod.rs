@@ -12,6 +12,7 @@ mod settings;
 pub mod syscalls;
 pub mod tracefs;
 mod tuning;
+pub mod unwind;
 
 use std::{
     path::Path,
@@ -67,6 +68,8 @@ pub struct Probes {
     active: u32,
     barrier: Barrier,
     sizes: MapSizes,
+    /// The unwind maps until the table loader takes them.
+    unwind: Option<unwind::UnwindMaps>,
     pub sched_hook: Option<SchedHook>,
     pub oncpu_cpus: usize,
     /// What serves each signal, for `check` and the log.
@@ -279,7 +282,9 @@ impl Probes {
             .map_max_entries("SAMPLES_1", sizes.samples)
             .map_max_entries("STACKS_0", sizes.stacks)
             .map_max_entries("STACKS_1", sizes.stacks);
+        unwind::size_maps(&mut loader, &sizes);
         let mut ebpf = loader.load(PROBES_OBJECT)?;
+        let unwind = unwind::take(&mut ebpf, &sizes)?;
         // Before any program attaches: the programs read it on every event.
         let mut tuning_map: Array<MapData, Tuning> =
             Array::try_from(take_map(&mut ebpf, "TUNING")?).map_err(|source| {
@@ -496,6 +501,7 @@ impl Probes {
             pinned: handed.pinned,
             leftover_pending: adopting,
             pin_notes,
+            unwind,
         })
     }
 

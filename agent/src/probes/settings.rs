@@ -49,6 +49,10 @@ pub struct MapSizes {
     pub stacks: u32,
     /// Sampled waits waiting for their user stack.
     pub pending: u32,
+    /// Rows of unwind tables (16 bytes each; 0: no tables, frame-pointer walks only).
+    pub unwind_rows: u32,
+    /// Processes whose stacks are unwound by table at once.
+    pub unwind_processes: u32,
 }
 
 impl Default for MapSizes {
@@ -59,6 +63,9 @@ impl Default for MapSizes {
             samples: 16384,
             stacks: 4096,
             pending: 4096,
+            // 4 MiB: the C library, a large Rust service and a dozen more binaries.
+            unwind_rows: 262_144,
+            unwind_processes: 1024,
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::{
     process::snapshot,
     symbols::binaries,
     system,
+    unwind::table,
 };
 
 /// One line of the report.
@@ -180,8 +181,23 @@ fn describe_binary(binary: &binaries::BinaryFile) -> String {
         (None, false, true) => "symbols, no DWARF".to_owned(),
         (None, false, false) => "stripped (dynamic symbols only), no debug file found".to_owned(),
     };
+    // The agent loads tables for binaries whose functions lack frame pointers (as the
+    // prologue sample says); the others keep the kernel's frame-pointer walk.
+    let by_table = !info
+        .frame_pointers
+        .is_some_and(crate::symbols::elf::FramePointers::present);
+    let unwind = match (table::build(&binary.file), by_table) {
+        (Ok(table), true) => format!(
+            "unwound by table: {} rows ({} KiB) from {}",
+            table.rows.len(),
+            table.bytes().div_ceil(1024),
+            table.source.section()
+        ),
+        (Ok(_), false) => "unwound by frame pointers".to_owned(),
+        (Err(err), _) => format!("no unwind table ({err}): frame pointers only"),
+    };
     format!(
-        "{} build-id {}; {frame_pointers}; {symbols}",
+        "{} build-id {}; {frame_pointers}; {symbols}; {unwind}",
         binary.path,
         info.build_id_hex().as_deref().unwrap_or("none")
     )

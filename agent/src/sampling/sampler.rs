@@ -28,6 +28,7 @@ use crate::{
     probes::{self, Drained, ProbeError, Probes},
     process::events,
     system,
+    unwind::loader::{self, LoaderFeed},
 };
 
 /// Where finished profiles go.
@@ -96,6 +97,17 @@ pub fn sample(
     METRICS.probes_attached(&signals_of(config), config.drain_interval);
     let notes = notes(config, &probes.hooks);
     let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
+    // Binaries without frame pointers get unwind tables as their processes are read.
+    let unwind = probes.take_unwind_maps().and_then(|maps| {
+        loader::spawn(maps)
+            .map_err(|err| tracing::warn!("unwind tables off: starting their loader: {err}"))
+            .ok()
+    });
+    if let Some(feed) = &unwind {
+        accumulator
+            .resolver
+            .set_snapshot_listener(Box::new(feed.clone()));
+    }
     // Processes are read as they start (and the ones running now, right away), so their
     // stacks are symbolized even if they exit before the next drain.
     let _watcher = events::watch(accumulator.resolver.event_feed(), config.target_pid);
@@ -162,6 +174,10 @@ pub fn sample(
                 .min(Duration::from_millis(100)),
         );
         let now = Instant::now();
+        if unwind.is_some() {
+            // Processes read since: their unwind tables load now, not at the next drain.
+            accumulator.resolver.apply_reports();
+        }
         if let Some(guard) = &mut guard {
             guard.tick(&mut probes);
         }
@@ -182,7 +198,7 @@ pub fn sample(
         if let (Some(close), Some(every)) = (next_close, sink.interval())
             && now >= close
         {
-            let mut notes = period_notes(&notes, guard.as_mut());
+            let mut notes = period_notes(&notes, guard.as_mut(), unwind.as_ref());
             notes.append(&mut once_notes);
             let profile = period.close(&mut accumulator, &host, &notes, Instant::now());
             sink.accept(profile, false)?;
@@ -209,7 +225,7 @@ pub fn sample(
     if let Some(guard) = &guard {
         guard.summarize();
     }
-    let mut notes = period_notes(&notes, guard.as_mut());
+    let mut notes = period_notes(&notes, guard.as_mut(), unwind.as_ref());
     notes.append(&mut once_notes);
     let profile = period.close(&mut accumulator, &host, &notes, ended);
     sink.accept(profile, true)?;
@@ -276,10 +292,27 @@ fn spool_recovered(
 }
 
 /// A profile's notes: how it was recorded, and what the overhead guard did meanwhile.
-fn period_notes(notes: &[String], guard: Option<&mut Guard>) -> Vec<String> {
+fn period_notes(
+    notes: &[String],
+    guard: Option<&mut Guard>,
+    unwind: Option<&LoaderFeed>,
+) -> Vec<String> {
     let mut notes = notes.to_vec();
     if let Some(guard) = guard {
         notes.extend(guard.take_notes());
+    }
+    if let Some(stats) = unwind.map(LoaderFeed::stats) {
+        notes.push(format!(
+            "unwind tables: {} binaries without frame pointers, {} of {} rows ({} of {} KiB), {} processes unwound by table; {} binaries without a table, {} tables evicted",
+            stats.tables,
+            stats.rows,
+            stats.capacity,
+            u64::from(stats.rows) * 16 / 1024,
+            u64::from(stats.capacity) * 16 / 1024,
+            stats.processes,
+            stats.failed,
+            stats.evicted
+        ));
     }
     notes
 }

@@ -98,6 +98,13 @@ impl Default for ResolverSettings {
 /// tenth of what a workload thread at 0 gets, and all of an idle CPU.
 const SYMBOLIZE_NICE: i32 = 10;
 
+/// Told of every process the resolver reads (or a child inherits at fork), and of every
+/// exit and exec, from the resolver's thread: must not block.
+pub trait SnapshotListener: Send {
+    fn process(&self, snapshot: Arc<snapshot::ProcessSnapshot>);
+    fn gone(&self, pid: u32);
+}
+
 pub struct Resolver {
     settings: ResolverSettings,
     shared: Arc<Shared>,
@@ -123,6 +130,8 @@ pub struct Resolver {
     pub truncated_stacks: u64,
     /// User stacks cut where the frame-pointer walk left mapped code, this period.
     pub cut_stacks: u64,
+    /// Told of every process read, exit and exec (the unwind table loader).
+    unwind: Option<Box<dyn SnapshotListener>>,
 }
 
 impl Resolver {
@@ -165,11 +174,29 @@ impl Resolver {
             kernel: KernelSymbolizer::new(),
             truncated_stacks: 0,
             cut_stacks: 0,
+            unwind: None,
         };
         if let Some(vdso) = binaries::own_vdso() {
             resolver.add_binary(binaries::VDSO_FILE, Arc::new(vdso));
         }
         resolver
+    }
+
+    /// Tells `listener` of every process read so far and from now on, and of every exit
+    /// and exec.
+    pub fn set_snapshot_listener(&mut self, listener: Box<dyn SnapshotListener>) {
+        for entry in self.processes.values() {
+            if let Some(snapshot) = &entry.snapshot {
+                listener.process(Arc::clone(snapshot));
+            }
+        }
+        self.unwind = Some(listener);
+    }
+
+    fn tell_gone(&self, pid: u32) {
+        if let Some(listener) = &self.unwind {
+            listener.gone(pid);
+        }
     }
 
     /// For the process-event watcher.
@@ -203,6 +230,9 @@ impl Resolver {
                     Ok(snapshot) => {
                         if entry.replaced_by(&snapshot) {
                             entry.snapshot = Some(Arc::clone(&snapshot));
+                            if let Some(listener) = &self.unwind {
+                                listener.process(Arc::clone(&snapshot));
+                            }
                         }
                         let waiting = self.forks_waiting.remove(&pid).unwrap_or_default();
                         if entry.shows_current_image(&snapshot) {
@@ -235,8 +265,12 @@ impl Resolver {
                 start_ticks,
                 at,
             } => self.forked(parent, child, start_ticks, at),
-            Outcome::Execed { pid, at } => self.execed(pid, at),
+            Outcome::Execed { pid, at } => {
+                self.tell_gone(pid);
+                self.execed(pid, at);
+            }
             Outcome::Exited { pid } => {
+                self.tell_gone(pid);
                 if let Some(entry) = self.processes.get_mut(&pid) {
                     entry.exited = true;
                 }

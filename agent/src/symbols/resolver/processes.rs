@@ -130,7 +130,11 @@ impl Resolver {
     pub(super) fn inherit(&mut self, parent: &ProcessSnapshot, child: u32, start_ticks: u64) {
         let entry = self.processes.entry(child).or_default();
         if entry.snapshot.is_none() && entry.execed_at.is_none() {
-            entry.snapshot = Some(Arc::new(parent.forked(child, start_ticks)));
+            let snapshot = Arc::new(parent.forked(child, start_ticks));
+            if let Some(listener) = &self.unwind {
+                listener.process(Arc::clone(&snapshot));
+            }
+            entry.snapshot = Some(snapshot);
         }
     }
 
