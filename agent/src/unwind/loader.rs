@@ -29,12 +29,21 @@ use crate::{
 };
 
 /// What to subtract from an address of `mapping` for the binary's own address: from the
-/// load segment whose file range the mapping maps.
+/// load segment whose file range the mapping maps most of (the page the mapping starts
+/// on may also hold the end of the segment before, as lld lays binaries out).
 fn bias_of(mapping: &Mapping, loads: &[Load]) -> Option<u64> {
-    let length = mapping.end - mapping.start;
-    let load = loads.iter().find(|load| {
-        load.offset < mapping.offset + length && mapping.offset < load.offset + load.size
-    })?;
+    let (first, last) = (
+        mapping.offset,
+        mapping.offset + (mapping.end - mapping.start),
+    );
+    let overlap = |load: &Load| {
+        last.min(load.offset + load.size)
+            .saturating_sub(first.max(load.offset))
+    };
+    let load = loads
+        .iter()
+        .filter(|load| overlap(load) > 0)
+        .max_by_key(|load| overlap(load))?;
     // address = start + (file offset - mapping offset); vaddr = file offset - load offset
     // + load vaddr; so address - vaddr is the same for every address of the mapping.
     Some(
@@ -354,5 +363,40 @@ impl Loader {
             self.free[index - 1].1 += self.free[index].1;
             self.free.remove(index);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn the_bias_comes_from_the_segment_the_mapping_maps_most_of() {
+        // lld's layout: the read-only segment ends on the page where code begins, and
+        // code sits a page above its file offset.
+        let loads = [
+            Load {
+                offset: 0,
+                size: 0x1_607c,
+                vaddr: 0,
+            },
+            Load {
+                offset: 0x1_6080,
+                size: 0x4_2710,
+                vaddr: 0x1_7080,
+            },
+        ];
+        let base = 0x5555_5555_4000;
+        let mapping = Mapping {
+            start: base + 0x1_7000,
+            end: base + 0x5_a000,
+            offset: 0x1_6000,
+            file: None,
+            path: Arc::from("/bin/x"),
+            deleted: false,
+        };
+        assert_eq!(bias_of(&mapping, &loads), Some(base));
     }
 }
