@@ -76,7 +76,12 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..rounds {
             let start = Instant::now();
             let status = Command::new("readelf")
-                .args(["--wide", "--debug-dump=frames-interp"])
+                // The binary's own sections, not a separate debug file's.
+                .args([
+                    "--wide",
+                    "--debug-dump=no-follow-links",
+                    "--debug-dump=frames-interp",
+                ])
                 .arg(binary)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

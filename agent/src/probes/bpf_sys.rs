@@ -1,7 +1,8 @@
 //! The few raw kernel calls aya 0.14 does not wrap: draining a hash map in batches
 //! (`BPF_MAP_LOOKUP_AND_DELETE_BATCH`, one syscall per few thousand entries) with a
-//! per-element fallback for kernels before 5.6, and the RCU grace period that makes a
-//! generation flip safe to drain behind.
+//! per-element fallback for kernels before 5.6, writing a run of array entries in
+//! batches (`BPF_MAP_UPDATE_BATCH`: an unwind table's rows), and the RCU grace period
+//! that makes a generation flip safe to drain behind.
 
 use std::{
     io,
@@ -16,6 +17,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `union bpf_attr` as used by the element commands.
 #[repr(C)]
@@ -58,6 +60,40 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Writes `values` into an array map from index `first` on, a few thousand per syscall;
+/// `Unsupported` where the kernel has no batch update (before 5.6: write one by one).
+pub fn update_array<V: Pod>(fd: BorrowedFd<'_>, first: u32, values: &[V]) -> io::Result<()> {
+    const CHUNK: usize = 4096;
+    let mut keys: Vec<u32> = Vec::with_capacity(CHUNK);
+    for (index, chunk) in values.chunks(CHUNK).enumerate() {
+        let start = first + (index * CHUNK) as u32;
+        keys.clear();
+        keys.extend((0..chunk.len() as u32).map(|i| start + i));
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            Ok(()) if attr.count as usize == chunk.len() => {}
+            Ok(()) => {
+                return Err(io::Error::other(format!(
+                    "batch update wrote {} of {} entries",
+                    attr.count,
+                    chunk.len()
+                )));
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(io::Error::from(io::ErrorKind::Unsupported));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// Reads and deletes every entry of a hash map. Only call it when no program writes to the

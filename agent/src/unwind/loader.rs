@@ -9,6 +9,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    os::fd::AsFd as _,
     sync::{
         Arc, Mutex,
         mpsc::{self, Receiver, RecvTimeoutError, Sender},
@@ -16,11 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{UNWIND_MAPPINGS, UnwindMapping, UnwindProcess};
+use agent_common::{UNWIND_MAPPINGS, UnwindMapping, UnwindProcess, UnwindRow};
 
 use super::table;
 use crate::{
-    probes::unwind::UnwindMaps,
+    probes::{bpf_sys, unwind::UnwindMaps},
     process::{
         procfs::{FileId, Mapping},
         snapshot::ProcessSnapshot,
@@ -289,12 +290,10 @@ impl Loader {
             );
             return Table::Failed;
         };
-        for (index, row) in table.rows.iter().enumerate() {
-            if let Err(err) = self.maps.rows.set(first + index as u32, row, 0) {
-                tracing::debug!("unwind tables: writing {}: {err}", mapping.path);
-                self.release(first, rows);
-                return Table::Failed;
-            }
+        if let Err(err) = self.write_rows(first, &table.rows) {
+            tracing::debug!("unwind tables: writing {}: {err}", mapping.path);
+            self.release(first, rows);
+            return Table::Failed;
         }
         tracing::debug!(
             "unwind tables: {} ({rows} rows from {}) in {:?}",
@@ -309,6 +308,25 @@ impl Loader {
             loads: binary.info.loads.clone(),
             _file: binary.file,
         }
+    }
+
+    /// Writes rows into the map from `first` on: in batches of thousands per syscall (a
+    /// syscall per row was most of the agent's CPU while it loaded tables), one by one
+    /// on kernels without batch updates.
+    fn write_rows(&mut self, first: u32, rows: &[UnwindRow]) -> Result<(), String> {
+        let fd = self.maps.rows_fd.as_fd();
+        match bpf_sys::update_array(fd, first, rows) {
+            Ok(()) => return Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(err) => return Err(err.to_string()),
+        }
+        for (index, row) in rows.iter().enumerate() {
+            self.maps
+                .rows
+                .set(first + index as u32, row, 0)
+                .map_err(|err| err.to_string())?;
+        }
+        Ok(())
     }
 
     /// A free extent of `rows` rows, evicting tables no registered process uses (and
