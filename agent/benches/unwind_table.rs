@@ -39,7 +39,9 @@ fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
         .max(1);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let mut binaries = vec![root.join("target/release/stallscope-agent")];
     binaries.extend(libc_path());
     if let Ok(extra) = std::env::var("BENCH_UNWIND_BINARIES") {

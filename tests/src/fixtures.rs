@@ -27,6 +27,19 @@ fn run(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Compiles the C workload to `output` with exactly `flags` (optimization, frame
+/// pointers); panics if the compiler fails.
+pub fn compile_identapp(output: &Path, flags: &[&str]) {
+    let status = Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(output)
+        .arg(identapp_source())
+        .status()
+        .expect("cc runs (cargo xtask test installs gcc)");
+    assert!(status.success(), "cc {flags:?} failed");
+}
+
 /// How to build the C workload.
 #[derive(Debug, Clone, Copy)]
 pub struct Build<'a> {

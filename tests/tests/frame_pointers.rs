@@ -9,7 +9,7 @@ use std::{
 };
 
 use stallscope_tests::{
-    Workload, binary, binary_dir, fixtures::identapp_source, record_started, require_root,
+    Workload, binary, binary_dir, fixtures::compile_identapp, record_started, require_root,
     scratch_dir, serial,
 };
 
@@ -33,17 +33,6 @@ fn verdict(pid: u32, exe: &Path) -> (String, String) {
             .to_owned()
     };
     (part("frame pointers: "), part("unwound by "))
-}
-
-fn compile_c(output: &Path, flags: &[&str]) {
-    let status = Command::new("cc")
-        .args(flags)
-        .arg("-o")
-        .arg(output)
-        .arg(identapp_source())
-        .status()
-        .expect("cc runs (cargo xtask test installs gcc)");
-    assert!(status.success(), "cc {flags:?} failed");
 }
 
 /// A Rust program that speaks the workload's protocol (`ready PID`, waits for a line),
@@ -95,9 +84,9 @@ fn frame_pointer_verdicts_are_right_both_ways() {
     }
     let dir = scratch_dir("frame-pointers");
     let with = dir.join("c-with-fp");
-    compile_c(&with, &["-O2", "-g", "-fno-omit-frame-pointer"]);
+    compile_identapp(&with, &["-O2", "-g", "-fno-omit-frame-pointer"]);
     let without = dir.join("c-without-fp");
-    compile_c(&without, &["-O2", "-g", "-fomit-frame-pointer"]);
+    compile_identapp(&without, &["-O2", "-g", "-fomit-frame-pointer"]);
     let rust_release = compile_rust_release(&dir);
     let workload = binary(&binary_dir(), "stallscope-workload").expect("workload built");
 
@@ -147,7 +136,7 @@ fn the_profiles_binaries_table_agrees() {
     let _serial = serial();
     let dir = scratch_dir("frame-pointers-profile");
     let exe = dir.join("c-with-fp");
-    compile_c(&exe, &["-O2", "-g", "-fno-omit-frame-pointer"]);
+    compile_identapp(&exe, &["-O2", "-g", "-fno-omit-frame-pointer"]);
     let workload = Workload::start(&exe, &["4"]).expect("program starts");
     let (profile, _) = record_started("c-with-fp", workload, "fp.pb.gz", &["--signals", "offcpu"]);
     let path = exe.to_string_lossy();

@@ -14,7 +14,7 @@ use std::{
 
 use agent_common::{CfaKind, RbpKind, UnwindRow};
 use stallscope_agent::unwind::table::{self, Source, UnwindTable};
-use stallscope_tests::{fixtures::identapp_source, scratch_dir};
+use stallscope_tests::{fixtures::compile_identapp, scratch_dir};
 
 /// A row as readelf prints it: the CFA, the return address's and rbp's rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,17 +282,6 @@ fn check_against_readelf(binary: &Path) -> UnwindTable {
     table
 }
 
-fn compile_c(output: &Path, flags: &[&str]) {
-    let status = Command::new("cc")
-        .args(flags)
-        .arg("-o")
-        .arg(output)
-        .arg(identapp_source())
-        .status()
-        .expect("cc runs (cargo xtask test installs gcc)");
-    assert!(status.success(), "cc {flags:?} failed");
-}
-
 /// The C library this test runs with, from its own mappings.
 fn libc_path() -> PathBuf {
     let maps = std::fs::read_to_string("/proc/self/maps").expect("own maps");
@@ -311,7 +300,7 @@ fn libc_path() -> PathBuf {
 fn tables_of_c_without_frame_pointers_agree_with_readelf() {
     let dir = scratch_dir("unwind-c");
     let binary = dir.join("identapp-nofp");
-    compile_c(&binary, &["-O2", "-g", "-fomit-frame-pointer"]);
+    compile_identapp(&binary, &["-O2", "-g", "-fomit-frame-pointer"]);
     let table = check_against_readelf(&binary);
     assert_eq!(table.source, Source::EhFrame);
     // Its functions adjust the stack pointer and keep no frame pointer: a frame-pointer
@@ -323,7 +312,7 @@ fn tables_of_c_without_frame_pointers_agree_with_readelf() {
         assert_eq!(row.cfa_offset, 8, "{function}: at entry the CFA is rsp + 8");
     }
     let plain = dir.join("identapp-debug-frame");
-    compile_c(
+    compile_identapp(
         &plain,
         &[
             "-O2",
