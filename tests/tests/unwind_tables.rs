@@ -361,3 +361,16 @@ fn symbol_address(binary: &Path, function: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("{function} in {}", binary.display()))
 }
+
+#[test]
+fn the_vdso_table_agrees_with_readelf() {
+    // The agent's own vDSO, as it tables every process's (saved to a memory file).
+    let vdso = stallscope_agent::symbols::binaries::own_vdso().expect("a vDSO");
+    let path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&vdso.file)
+    ));
+    let table = check_against_readelf(&path);
+    assert!(table.stats.functions > 0, "{:?}", table.stats);
+}

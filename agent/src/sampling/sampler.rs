@@ -303,7 +303,7 @@ fn period_notes(
     }
     if let Some(stats) = unwind.map(LoaderFeed::stats) {
         notes.push(format!(
-            "unwind tables: {} binaries without frame pointers, {} of {} rows ({} of {} KiB), {} processes unwound by table; {} binaries without a table, {} tables evicted",
+            "unwind tables: {} binaries (without frame pointers, and the vDSO), {} of {} rows ({} of {} KiB), {} processes unwound by table; {} binaries without a table, {} tables evicted",
             stats.tables,
             stats.rows,
             stats.capacity,

@@ -204,14 +204,17 @@ impl Loader {
         let mut used = Vec::new();
         let mut count = 0;
         for mapping in snapshot.maps.iter() {
-            let Some(file_id) = mapping.file else {
-                continue;
+            // The vDSO has no file, but every process's is the agent's own.
+            let file_id = match mapping.file {
+                Some(file_id) => file_id,
+                None if &*mapping.path == "[vdso]" => binaries::VDSO_FILE,
+                None => continue,
             };
             if count == UNWIND_MAPPINGS {
                 break;
             }
             if !self.tables.contains_key(&file_id) {
-                let table = self.load(pid, mapping, &used);
+                let table = self.load(pid, mapping, file_id, &used);
                 self.tables.insert(file_id, table);
             }
             let Some(Table::Loaded {
@@ -254,19 +257,29 @@ impl Loader {
         }
     }
 
-    /// Builds and loads the table of `mapping`'s binary if it lacks frame pointers.
-    fn load(&mut self, pid: u32, mapping: &Mapping, in_use: &[FileId]) -> Table {
-        let binary = match binaries::open_binary(pid, mapping) {
+    /// Builds and loads the table of `mapping`'s binary if it lacks frame pointers (the
+    /// vDSO's always).
+    fn load(&mut self, pid: u32, mapping: &Mapping, file_id: FileId, in_use: &[FileId]) -> Table {
+        let vdso = file_id == binaries::VDSO_FILE;
+        let opened = if vdso {
+            binaries::own_vdso().ok_or_else(|| "no vDSO of its own to read".to_owned())
+        } else {
+            binaries::open_binary(pid, mapping)
+        };
+        let binary = match opened {
             Ok(binary) => binary,
             Err(reason) => {
                 tracing::debug!("unwind tables: opening {}: {reason}", mapping.path);
                 return Table::Failed;
             }
         };
-        if binary
-            .info
-            .frame_pointers
-            .is_some_and(crate::symbols::elf::FramePointers::present)
+        // The vDSO's functions are leaves that set up no frame (a frame-pointer step
+        // from one skips its caller): it gets its table whatever its prologues say.
+        if !vdso
+            && binary
+                .info
+                .frame_pointers
+                .is_some_and(crate::symbols::elf::FramePointers::present)
         {
             return Table::NotNeeded;
         }
