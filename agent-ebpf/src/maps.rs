@@ -591,8 +591,12 @@ pub fn capture_current_stack<C: EbpfContext>(
     let Some(stack) = scratch(slot) else {
         return NO_STACK;
     };
-    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
-    if user && crate::unwind::walk_user_stack(tgid, stack) {
+    if user
+        && crate::unwind::walk_user_stack(
+            (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32,
+            stack,
+        )
+    {
         return store_stack(ctx, signal, generation, stack);
     }
     let flags = if user { u64::from(BPF_F_USER_STACK) } else { 0 };

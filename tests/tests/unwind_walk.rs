@@ -85,10 +85,9 @@ fn user_functions<'a>(profile: &'a Profile, sample: &'a Sample) -> Vec<&'a str> 
     functions
 }
 
-/// Whether `functions` (outermost first) holds `main`, the chain in order, then each of
-/// `then` in order.
-fn whole(functions: &[&str], then: &[&str]) -> bool {
-    let mut wanted = CHAIN.iter().chain(then).copied();
+/// Whether `functions` (outermost first) holds each of `wanted` in order.
+fn in_order<'a>(functions: &[&str], wanted: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut wanted = wanted.into_iter();
     let mut next = wanted.next();
     for function in functions {
         if next == Some(*function) {
@@ -96,6 +95,12 @@ fn whole(functions: &[&str], then: &[&str]) -> bool {
         }
     }
     next.is_none()
+}
+
+/// Whether `functions` (outermost first) holds `main`, the chain in order, then each of
+/// `then` in order.
+fn whole(functions: &[&str], then: &[&str]) -> bool {
+    in_order(functions, CHAIN.iter().chain(then).copied())
 }
 
 /// Of the main thread's time in `kind` (off-CPU or on-CPU) during the phases (not in its
@@ -385,14 +390,8 @@ fn a_library_loaded_after_start_is_unwound_through() {
             continue;
         }
         all_ns += sample.values[off];
-        let mut wanted = LIBRARY_CHAIN.iter();
-        let mut next = wanted.next();
-        for function in &functions {
-            if next.is_some_and(|w| w == function) {
-                next = wanted.next();
-            }
-        }
-        if next.is_none() && functions.iter().any(|f| f.contains("nanosleep")) {
+        if in_order(&functions, LIBRARY_CHAIN) && functions.iter().any(|f| f.contains("nanosleep"))
+        {
             whole_ns += sample.values[off];
         } else {
             eprintln!("not whole: {functions:?}");

@@ -252,7 +252,9 @@ impl Loader {
             }
             Err(err) => {
                 tracing::debug!("unwind tables: listing pid {pid}: {err}");
-                self.processes.remove(&pid);
+                // An earlier list of the process may still be in the map: it goes too,
+                // or its tables, no longer protected, could be evicted under it.
+                self.forget(pid);
             }
         }
     }
