@@ -168,7 +168,7 @@ fn describe_binary(binary: &binaries::BinaryFile) -> String {
             fp.with_frame_pointer, fp.sampled
         ),
         Some(fp) => format!(
-            "frame pointers: NO ({}/{} functions): user stacks through it are probably truncated",
+            "frame pointers: NO ({}/{} functions)",
             fp.with_frame_pointer, fp.sampled
         ),
         None => {
@@ -194,7 +194,10 @@ fn describe_binary(binary: &binaries::BinaryFile) -> String {
             table.source.section()
         ),
         (Ok(_), false) => "unwound by frame pointers".to_owned(),
-        (Err(err), _) => format!("no unwind table ({err}): frame pointers only"),
+        (Err(err), true) => {
+            format!("no unwind table ({err}): user stacks through it are probably truncated")
+        }
+        (Err(err), false) => format!("no unwind table ({err}): frame pointers only"),
     };
     format!(
         "{} build-id {}; {frame_pointers}; {symbols}; {unwind}",
