@@ -159,6 +159,16 @@ impl ProbeConfig {
 /// Index into the `GENERATION` array holding the owner tag and the active generation.
 pub const GENERATION_INDEX: u32 = 0;
 
+/// Indices into the `GENERATION` array of the low and high halves of the drain journal
+/// record (its wall-clock time, unix ns) that holds the retired generation while the
+/// agent empties it: 0 when no retired generation is being journaled. An agent adopting
+/// the maps after a kill finds there whether its journal already has what the retired
+/// generation still holds (programs never read them).
+pub const JOURNALED_LOW_INDEX: u32 = 1;
+pub const JOURNALED_HIGH_INDEX: u32 = 2;
+/// Entries of the `GENERATION` array.
+pub const GENERATION_ENTRIES: u32 = 3;
+
 /// The `GENERATION` value: the owner tag above the active generation (bit 0).
 pub const fn generation_value(owner: u32, generation: u32) -> u32 {
     (owner << 1) | (generation & 1)

@@ -10,9 +10,10 @@
 use core::ffi::c_void;
 
 use agent_common::{
-    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH, NO_STACK, ProbeConfig,
-    SLOT_MIXED_BUCKETS, STACK_FULL, SampleKey, SampleValue, Signal, StackTrace, SyscallSlot,
-    TOTAL_CACHE_WAYS, TotalCache, TotalKey, TotalValue, Tuning, hist_bucket,
+    CACHE_USERS, GENERATION_ENTRIES, GENERATION_INDEX, LOSS_COUNTERS, Loss, MAX_STACK_DEPTH,
+    NO_STACK, ProbeConfig, SLOT_MIXED_BUCKETS, STACK_FULL, SampleKey, SampleValue, Signal,
+    StackTrace, SyscallSlot, TOTAL_CACHE_WAYS, TotalCache, TotalKey, TotalValue, Tuning,
+    hist_bucket,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -72,7 +73,7 @@ pub fn wants(signal: Signal) -> bool {
 }
 
 #[map]
-static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+static GENERATION: Array<u32> = Array::with_max_entries(GENERATION_ENTRIES, 0);
 
 #[map]
 static TOTALS_0: HashMap<TotalKey, TotalValue> = HashMap::with_max_entries(16384, 0);

@@ -1,6 +1,6 @@
-//! The few raw kernel calls aya 0.14 does not wrap: draining a hash map in batches
-//! (`BPF_MAP_LOOKUP_AND_DELETE_BATCH`, one syscall per few thousand entries) with a
-//! per-element fallback for kernels before 5.6, writing a run of array entries in
+//! The few raw kernel calls aya 0.14 does not wrap: reading a hash map and deleting
+//! what was read in batches (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`: one syscall
+//! per few thousand entries) with per-element fallbacks for kernels before 5.6, writing a run of array entries in
 //! batches (`BPF_MAP_UPDATE_BATCH`: an unwind table's rows), and the RCU grace period
 //! that makes a generation flip safe to drain behind.
 
@@ -16,8 +16,9 @@ use aya::Pod;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// `union bpf_attr` as used by the element commands.
 #[repr(C)]
@@ -96,19 +97,21 @@ pub fn update_array<V: Pod>(fd: BorrowedFd<'_>, first: u32, values: &[V]) -> io:
     Ok(())
 }
 
-/// Reads and deletes every entry of a hash map. Only call it when no program writes to the
-/// map any more (after a generation flip and [`rcu_barrier`]).
-pub fn drain_hash_map<K: Pod, V: Pod>(
+/// Reads every entry of a hash map, a few thousand per syscall (one by one on kernels
+/// before 5.6). Only call it when no program writes to the map any more (after a
+/// generation flip and [`rcu_barrier`]); [`delete_keys`] empties it once what was read
+/// is safe.
+pub fn read_hash_map<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     max_entries: u32,
 ) -> io::Result<Vec<(K, V)>> {
-    match drain_batched(fd, max_entries) {
-        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => drain_one_by_one(fd),
+    match read_batched(fd, max_entries) {
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => read_one_by_one(fd),
         other => other,
     }
 }
 
-fn drain_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<(K, V)>> {
+fn read_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<(K, V)>> {
     // A batch must hold at least one whole hash bucket; a full map is always enough.
     let chunk = max_entries.clamp(1, 4096) as usize;
     let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk);
@@ -133,7 +136,7 @@ fn drain_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Re
             map_fd: fd.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let result = bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH, &mut attr);
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let got = attr.count as usize;
         for i in 0..got.min(chunk) {
             // SAFETY: the kernel initialised the first `count` keys and values.
@@ -148,23 +151,24 @@ fn drain_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Re
             Err(err)
                 if err.raw_os_error() == Some(libc::ENOSPC) && chunk < max_entries as usize =>
             {
-                // One bucket holds more than a chunk: fall back rather than loop.
-                let mut rest = drain_one_by_one(fd)?;
-                out.append(&mut rest);
-                return Ok(out);
+                // One bucket holds more than a chunk: read it all the slow way.
+                return read_one_by_one(fd);
             }
             Err(err) => return Err(err),
         }
     }
 }
 
-fn drain_one_by_one<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+fn read_one_by_one<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    let mut previous: Option<K> = None;
     loop {
         let mut key = MaybeUninit::<K>::uninit();
         let mut attr = ElemAttr {
             map_fd: fd.as_raw_fd() as u32,
-            key: 0,
+            key: previous
+                .as_ref()
+                .map_or(0, |k| std::ptr::from_ref(k) as u64),
             value_or_next_key: key.as_mut_ptr() as u64,
             ..ElemAttr::default()
         };
@@ -182,18 +186,57 @@ fn drain_one_by_one<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)
             value_or_next_key: value.as_mut_ptr() as u64,
             ..ElemAttr::default()
         };
-        let found = bpf(BPF_MAP_LOOKUP_ELEM, &mut lookup).is_ok();
-        let mut delete = ElemAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            key: std::ptr::from_ref(&key) as u64,
-            ..ElemAttr::default()
-        };
-        bpf(BPF_MAP_DELETE_ELEM, &mut delete)?;
-        if found {
+        if bpf(BPF_MAP_LOOKUP_ELEM, &mut lookup).is_ok() {
             // SAFETY: LOOKUP succeeded and wrote a whole value.
             out.push((key, unsafe { value.assume_init() }));
         }
+        previous = Some(key);
     }
+}
+
+/// Deletes `keys` from a hash map, a few thousand per syscall (one by one on kernels
+/// before 5.6); keys already gone are no error.
+pub fn delete_keys<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    const CHUNK: usize = 4096;
+    for chunk in keys.chunks(CHUNK) {
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        match bpf(BPF_MAP_DELETE_BATCH, &mut attr) {
+            Ok(()) if attr.count as usize == chunk.len() => {}
+            // EINVAL: no batch delete; ENOENT: a key was gone, the rest are done one by one.
+            Ok(()) => delete_one_by_one(fd, &chunk[attr.count as usize..])?,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
+                let done = if err.raw_os_error() == Some(libc::ENOENT) {
+                    attr.count as usize
+                } else {
+                    0
+                };
+                delete_one_by_one(fd, &chunk[done.min(chunk.len())..])?;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+fn delete_one_by_one<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    for key in keys {
+        let mut delete = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: std::ptr::from_ref(key) as u64,
+            ..ElemAttr::default()
+        };
+        match bpf(BPF_MAP_DELETE_ELEM, &mut delete) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// How a drain knows that no program still writes into the generation it just retired.

@@ -1,16 +1,20 @@
 //! Draining one generation of the probes' maps: the generation flips, an RCU barrier
-//! waits out programs still writing the retired one, which is then read and emptied
-//! (hash maps in batches, the per-CPU totals caches slot by slot), with the names and
-//! peers its entries refer to and the cumulative loss counters.
+//! waits out programs still writing the retired one, which is then read (hash maps in
+//! batches, the per-CPU totals caches slot by slot), with the names and peers its
+//! entries refer to and the cumulative loss counters. It is emptied only once what was
+//! read is safe ([`Probes::settle`]): after `run` appended it to its drain journal, with
+//! the journal record's time marked in `GENERATION` meanwhile. An agent killed at any
+//! point of a drain leaves the retired generation either still in the maps or in its
+//! journal (the mark says which), never in neither and never counted twice.
 
 use std::{os::fd::AsFd, time::Instant};
 
 use agent_common::{
-    CACHE_USERS, GENERATION_INDEX, LOSS_COUNTERS, Loss, Peer, SYSCALL_SLOTS, SampleKey,
-    SampleValue, Signal, StackTrace, SyscallSlot, TotalCache, TotalKey, TotalValue,
-    generation_value,
+    CACHE_USERS, GENERATION_INDEX, JOURNALED_HIGH_INDEX, JOURNALED_LOW_INDEX, LOSS_COUNTERS, Loss,
+    Peer, SYSCALL_SLOTS, SampleKey, SampleValue, Signal, StackTrace, SyscallSlot, TotalKey,
+    TotalValue, generation_value,
 };
-use aya::maps::PerCpuValues;
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
 
 use super::{Probes, bpf_sys, error::ProbeError};
 use crate::metrics::METRICS;
@@ -29,6 +33,30 @@ pub struct Drained {
     pub peers: Vec<(u32, Peer)>,
     /// When the probes started loading: every wait they measure started after it.
     pub measuring_since: Option<Instant>,
+}
+
+/// What an earlier agent left in the retired generation of the maps it pinned.
+#[derive(Debug)]
+pub struct Leftover {
+    pub drained: Drained,
+    /// The time of the earlier agent's drain journal record that already holds this
+    /// generation (it died while emptying it): its journal has it, not to be counted
+    /// again when that journal's last record has this time.
+    pub journaled_at: Option<i64>,
+}
+
+/// The retired generation a drain read and has not emptied yet: what to delete and
+/// reset once what was read is safe.
+#[derive(Debug, Default)]
+pub(super) struct Unsettled {
+    slot: usize,
+    totals: Vec<TotalKey>,
+    samples: Vec<SampleKey>,
+    stacks: Vec<u64>,
+    total_caches: Vec<u32>,
+    syscall_slots: Vec<u32>,
+    /// A journal record's time is marked in `GENERATION`.
+    marked: bool,
 }
 
 impl Probes {
@@ -52,7 +80,10 @@ impl Probes {
 
     /// Retires the active generation and returns everything it holds. Programs switch to the
     /// other generation first; the RCU barrier guarantees none still writes the old one.
+    /// The retired generation stays in the maps until [`Probes::settle`].
     pub fn drain(&mut self) -> Result<Drained, ProbeError> {
+        // Never flip onto a generation that still holds data.
+        self.settle()?;
         let retired = self.active;
         let next = retired ^ 1;
         self.generation_map
@@ -72,37 +103,121 @@ impl Probes {
         self.read_retired(retired)
     }
 
-    /// What an earlier agent left in the generation it retired and had not drained when
-    /// it died (its maps adopted, see `pins`): once, right after the hand-over.
-    pub fn take_leftover(&mut self) -> Result<Option<Drained>, ProbeError> {
+    /// What an earlier agent left in the generation it retired and had not emptied when
+    /// it died (its maps adopted, see `pins`): once, right after the hand-over. Emptied
+    /// by the next [`Probes::settle`] (at the latest, the first drain).
+    pub fn take_leftover(&mut self) -> Result<Option<Leftover>, ProbeError> {
         if !std::mem::take(&mut self.leftover_pending) {
             return Ok(None);
         }
-        self.read_retired(self.active ^ 1).map(Some)
+        let word = |map: &Array<MapData, u32>, index| {
+            map.get(&index, 0).map_err(|source| ProbeError::MapApi {
+                map: "GENERATION",
+                source,
+            })
+        };
+        let low = word(&self.generation_map, JOURNALED_LOW_INDEX)?;
+        let high = word(&self.generation_map, JOURNALED_HIGH_INDEX)?;
+        let mark = (i64::from(high) << 32) | i64::from(low);
+        let drained = self.read_retired(self.active ^ 1)?;
+        if let Some(unsettled) = &mut self.unsettled {
+            // The earlier agent's mark goes with the generation it marked.
+            unsettled.marked = mark != 0;
+        }
+        Ok(Some(Leftover {
+            drained,
+            journaled_at: (mark != 0).then_some(mark),
+        }))
     }
 
-    /// Reads and empties generation `retired`, which no program writes any more.
+    /// Marks the retired generation just drained as being appended to the drain journal
+    /// in the record of time `unix_ns`: from here until [`Probes::settle`] an agent
+    /// adopting these maps looks for that record before counting what they hold.
+    pub fn mark_journaled(&mut self, unix_ns: i64) -> Result<(), ProbeError> {
+        let Some(unsettled) = &mut self.unsettled else {
+            return Ok(());
+        };
+        for (index, half) in [
+            (JOURNALED_LOW_INDEX, unix_ns as u32),
+            (JOURNALED_HIGH_INDEX, (unix_ns >> 32) as u32),
+        ] {
+            self.generation_map
+                .set(index, half, 0)
+                .map_err(|source| ProbeError::MapApi {
+                    map: "GENERATION",
+                    source,
+                })?;
+        }
+        unsettled.marked = true;
+        Ok(())
+    }
+
+    /// Empties the retired generation the last drain read (what was read is safe: in
+    /// the journal or past needing it) and clears the journal mark. Nothing to do when
+    /// there is none.
+    pub fn settle(&mut self) -> Result<(), ProbeError> {
+        let Some(unsettled) = self.unsettled.take() else {
+            return Ok(());
+        };
+        let slot = unsettled.slot;
+        let map_error = |map: &'static str| move |source| ProbeError::Map { map, source };
+        bpf_sys::delete_keys(self.totals[slot].fd().as_fd(), &unsettled.totals)
+            .map_err(map_error("TOTALS"))?;
+        bpf_sys::delete_keys(self.samples[slot].fd().as_fd(), &unsettled.samples)
+            .map_err(map_error("SAMPLES"))?;
+        bpf_sys::delete_keys(self.stacks[slot].fd().as_fd(), &unsettled.stacks)
+            .map_err(map_error("STACKS"))?;
+        for &index in &unsettled.total_caches {
+            empty_per_cpu(&mut self.total_cache, index, "TOTAL_CACHE")?;
+        }
+        for &index in &unsettled.syscall_slots {
+            empty_per_cpu(&mut self.syscall_cache, index, "SYSCALL_CACHE")?;
+        }
+        if unsettled.marked {
+            for index in [JOURNALED_LOW_INDEX, JOURNALED_HIGH_INDEX] {
+                self.generation_map
+                    .set(index, 0, 0)
+                    .map_err(|source| ProbeError::MapApi {
+                        map: "GENERATION",
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads generation `retired`, which no program writes any more, and remembers what
+    /// [`Probes::settle`] has to empty.
     fn read_retired(&mut self, retired: u32) -> Result<Drained, ProbeError> {
         let slot = retired as usize;
         let mut totals: Vec<(TotalKey, TotalValue)> =
-            bpf_sys::drain_hash_map(self.totals[slot].fd().as_fd(), self.sizes.totals).map_err(
+            bpf_sys::read_hash_map(self.totals[slot].fd().as_fd(), self.sizes.totals).map_err(
                 |source| ProbeError::Map {
                     map: "TOTALS",
                     source,
                 },
             )?;
         let samples: Vec<(SampleKey, SampleValue)> =
-            bpf_sys::drain_hash_map(self.samples[slot].fd().as_fd(), self.sizes.samples).map_err(
+            bpf_sys::read_hash_map(self.samples[slot].fd().as_fd(), self.sizes.samples).map_err(
                 |source| ProbeError::Map {
                     map: "SAMPLES",
                     source,
                 },
             )?;
-        let stacks = bpf_sys::drain_hash_map(self.stacks[slot].fd().as_fd(), self.sizes.stacks)
-            .map_err(|source| ProbeError::Map {
-                map: "STACKS",
-                source,
-            })?;
+        let stacks: Vec<(u64, StackTrace)> =
+            bpf_sys::read_hash_map(self.stacks[slot].fd().as_fd(), self.sizes.stacks).map_err(
+                |source| ProbeError::Map {
+                    map: "STACKS",
+                    source,
+                },
+            )?;
+        let mut unsettled = Unsettled {
+            slot,
+            totals: totals.iter().map(|(key, _)| *key).collect(),
+            samples: samples.iter().map(|(key, _)| *key).collect(),
+            stacks: stacks.iter().map(|(key, _)| *key).collect(),
+            ..Unsettled::default()
+        };
         for (index, (entries, capacity)) in [
             (totals.len(), self.sizes.totals),
             (samples.len(), self.sizes.samples),
@@ -113,8 +228,9 @@ impl Probes {
         {
             METRICS.map_fill(index, entries, capacity);
         }
-        self.drain_total_caches(retired, &mut totals)?;
-        self.drain_syscall_cache(retired, &mut totals)?;
+        unsettled.total_caches = self.read_total_caches(retired, &mut totals)?;
+        unsettled.syscall_slots = self.read_syscall_cache(retired, &mut totals)?;
+        self.unsettled = Some(unsettled);
         let mut losses = vec![0u64; LOSS_COUNTERS as usize];
         for (index, total) in losses.iter_mut().enumerate() {
             let per_cpu =
@@ -174,21 +290,24 @@ impl Probes {
 }
 
 impl Probes {
-    /// Moves what the per-CPU totals caches of generation `retired` hold into `totals`,
-    /// and empties them (no program writes them any more).
-    fn drain_total_caches(
+    /// Adds what the per-CPU totals caches of generation `retired` hold to `totals`; the
+    /// cache indices that held anything.
+    fn read_total_caches(
         &mut self,
         retired: u32,
         totals: &mut Vec<(TotalKey, TotalValue)>,
-    ) -> Result<(), ProbeError> {
-        let map_error = |source| ProbeError::MapApi {
-            map: "TOTAL_CACHE",
-            source,
-        };
+    ) -> Result<Vec<u32>, ProbeError> {
+        let mut held = Vec::new();
         for user in 0..CACHE_USERS {
             let index = user * 2 + retired;
-            let per_cpu = self.total_cache.get(&index, 0).map_err(map_error)?;
-            let cpus = per_cpu.len();
+            let per_cpu = self
+                .total_cache
+                .get(&index, 0)
+                .map_err(|source| ProbeError::MapApi {
+                    map: "TOTAL_CACHE",
+                    source,
+                })?;
+            let before = totals.len();
             for cache in per_cpu.iter() {
                 totals.extend(
                     cache
@@ -198,36 +317,31 @@ impl Probes {
                         .map(|entry| (entry.key, entry.value)),
                 );
             }
-            let empty =
-                PerCpuValues::try_from(vec![TotalCache::default(); cpus]).map_err(|err| {
-                    ProbeError::Map {
-                        map: "TOTAL_CACHE",
-                        source: err,
-                    }
-                })?;
-            self.total_cache.set(index, empty, 0).map_err(map_error)?;
+            if totals.len() != before {
+                held.push(index);
+            }
         }
-        Ok(())
+        Ok(held)
     }
-}
 
-impl Probes {
-    /// Moves what the per-CPU syscall cache slots of generation `retired` hold into
-    /// `totals` (one entry per CPU and slot; the accumulator merges them: counts, sums and
-    /// buckets add up, maxima take the larger), and empties the slots that held anything.
-    fn drain_syscall_cache(
+    /// Adds what the per-CPU syscall cache slots of generation `retired` hold to `totals`
+    /// (one entry per CPU and slot; the accumulator merges them: counts, sums and buckets
+    /// add up, maxima take the larger); the slots that held anything.
+    fn read_syscall_cache(
         &mut self,
         retired: u32,
         totals: &mut Vec<(TotalKey, TotalValue)>,
-    ) -> Result<(), ProbeError> {
-        let map_error = |source| ProbeError::MapApi {
-            map: "SYSCALL_CACHE",
-            source,
-        };
+    ) -> Result<Vec<u32>, ProbeError> {
+        let mut held = Vec::new();
         let first = retired * SYSCALL_SLOTS;
         for index in first..first + SYSCALL_SLOTS {
-            let per_cpu = self.syscall_cache.get(&index, 0).map_err(map_error)?;
-            let cpus = per_cpu.len();
+            let per_cpu =
+                self.syscall_cache
+                    .get(&index, 0)
+                    .map_err(|source| ProbeError::MapApi {
+                        map: "SYSCALL_CACHE",
+                        source,
+                    })?;
             let before = totals.len();
             totals.extend(
                 per_cpu
@@ -235,20 +349,25 @@ impl Probes {
                     .filter(|slot| slot.count != 0)
                     .map(SyscallSlot::total),
             );
-            if totals.len() == before {
-                continue;
+            if totals.len() != before {
+                held.push(index);
             }
-            let empty =
-                PerCpuValues::try_from(vec![SyscallSlot::default(); cpus]).map_err(|err| {
-                    ProbeError::Map {
-                        map: "SYSCALL_CACHE",
-                        source: err,
-                    }
-                })?;
-            self.syscall_cache.set(index, empty, 0).map_err(map_error)?;
         }
-        Ok(())
+        Ok(held)
     }
+}
+
+/// Sets every CPU's value of entry `index` of a per-CPU array back to the default.
+fn empty_per_cpu<T: aya::Pod + Default + Clone>(
+    map: &mut PerCpuArray<MapData, T>,
+    index: u32,
+    name: &'static str,
+) -> Result<(), ProbeError> {
+    let api_error = |source| ProbeError::MapApi { map: name, source };
+    let cpus = map.get(&index, 0).map_err(api_error)?.len();
+    let empty = PerCpuValues::try_from(vec![T::default(); cpus])
+        .map_err(|source| ProbeError::Map { map: name, source })?;
+    map.set(index, empty, 0).map_err(api_error)
 }
 
 /// Whether entries of `signal` carry a peer id in `aux`.

@@ -34,7 +34,7 @@ use aya::{
 
 use self::{bpf_sys::Barrier, btf::Btf};
 pub use self::{
-    drain::{Drained, is_network},
+    drain::{Drained, Leftover, is_network},
     error::ProbeError,
     settings::{MapSizes, ProbeSettings, SchedHook, SchedHookChoice},
     tuning::ProbeCost,
@@ -86,6 +86,8 @@ pub struct Probes {
     pinned: Option<(std::path::PathBuf, Vec<PinnedLink>)>,
     /// The adopted maps' retired generation still has to be read ([`Probes::take_leftover`]).
     leftover_pending: bool,
+    /// The retired generation read and not yet emptied ([`Probes::settle`]).
+    unsettled: Option<drain::Unsettled>,
     /// For the first profile: what adopting or replacing pinned probes meant.
     pub pin_notes: Vec<String>,
 }
@@ -500,6 +502,7 @@ impl Probes {
             _links: handed.unpinned,
             pinned: handed.pinned,
             leftover_pending: adopting,
+            unsettled: None,
             pin_notes,
             unwind,
         })

@@ -120,31 +120,45 @@ pub fn sample(
     let mut heartbeat = notifier.as_ref().and_then(ServiceNotifier::heartbeat);
     let host = system::hostname();
     // What an earlier agent left: its journal (drained, not spooled) and, where its
-    // pinned maps were adopted, what it had not drained yet. Both belong to the period
+    // pinned maps were adopted, what it had not emptied yet. Both belong to the period
     // it was in when it died.
     let mut leftover = probes.take_leftover()?;
-    if let Some(drained) = &mut leftover {
+    if let Some(left) = &mut leftover {
         // Its loss counters are this agent's (the earlier agent's died with it).
-        drained.losses.clear();
+        left.drained.losses.clear();
     }
     let mut once_notes = std::mem::take(&mut probes.pin_notes);
     let journal_dir = sink.journal_dir().map(Path::to_owned);
     if let Some(dir) = &journal_dir
         && let Some(mut recovered) = Journal::recover(dir)?
     {
+        if leftover
+            .as_ref()
+            .is_some_and(|left| left.journaled_at == Some(recovered.last_drain_unix_ns))
+        {
+            // It died while emptying a generation its journal already held.
+            tracing::info!(
+                "the adopted maps' last drained generation is in the drain journal already"
+            );
+            leftover = None;
+        }
         if sink.holds_period(recovered.period_start_unix_ns) {
             tracing::info!(
                 "the drain journal's {} drains are already in the spool (stopped between spooling and starting the journal over)",
                 recovered.drains.len()
             );
         } else {
-            recovered.drains.extend(leftover.take());
+            recovered
+                .drains
+                .extend(leftover.take().map(|left| left.drained));
             spool_recovered(recovered, &mut accumulator, sink, &host, &notes)?;
         }
     }
-    if let Some(drained) = leftover {
-        ingest(&mut accumulator, drained);
+    if let Some(left) = leftover {
+        ingest(&mut accumulator, left.drained);
     }
+    // What the earlier agent left is spooled or aggregated: its maps are emptied.
+    probes.settle()?;
     let started = Instant::now();
     let mut period = Period::begin();
     let mut journal = journal_dir.as_deref().map(journal::Lane::new);
@@ -185,8 +199,7 @@ pub fn sample(
             let scale = guard
                 .as_ref()
                 .map_or(1.0, |g| g.syscall_scale(Instant::now()));
-            let drained = scaled(probes.drain()?, scale);
-            journal_append(&mut journal, &drained);
+            let drained = drain_journaled(&mut probes, &mut journal, scale)?;
             ingest(&mut accumulator, drained);
             next_drain += config.drain_interval;
             sink.drained(&accumulator, started.elapsed());
@@ -217,8 +230,7 @@ pub fn sample(
     let scale = guard
         .as_ref()
         .map_or(1.0, |g| g.syscall_scale(Instant::now()));
-    let drained = scaled(probes.drain()?, scale);
-    journal_append(&mut journal, &drained);
+    let drained = drain_journaled(&mut probes, &mut journal, scale)?;
     ingest(&mut accumulator, drained);
     let ended = Instant::now();
     drop(probes);
@@ -235,11 +247,22 @@ pub fn sample(
     Ok(ended - started)
 }
 
-/// Journals a drained generation before it is aggregated.
-fn journal_append(journal: &mut Option<journal::Lane>, drained: &Drained) {
+/// Drains the probes and journals the drained generation before it is emptied from the
+/// maps (marked there as journaled meanwhile) and aggregated: an agent killed at any
+/// point leaves it in the maps or in the journal for the next one, never in neither.
+fn drain_journaled(
+    probes: &mut Probes,
+    journal: &mut Option<journal::Lane>,
+    syscall_scale: f64,
+) -> anyhow::Result<Drained> {
+    let drained = scaled(probes.drain()?, syscall_scale);
     if let Some(lane) = journal {
-        lane.append(drained, system::unix_now_ns());
+        let at = system::unix_now_ns();
+        probes.mark_journaled(at)?;
+        lane.append(&drained, at);
     }
+    probes.settle()?;
+    Ok(drained)
 }
 
 /// Hands the sink the profile of the period an earlier run drained and never handed
