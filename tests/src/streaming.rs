@@ -184,39 +184,116 @@ pub fn spool_contents(spool_dir: &Path) -> anyhow::Result<(Vec<u64>, BTreeMap<St
     Ok((sequences, totals))
 }
 
+/// A spooled sample as a failure message shows it: batch sequence, value, count, labels
+/// and the stack's functions, leaf first.
+pub type SpooledSample = (u64, i64, i64, Vec<String>, Vec<String>);
+
+/// What [`spool_waits_in`] found.
+pub struct SpooledWaits {
+    /// Wait time (ns) through the function.
+    pub ns: i64,
+    /// Waits through the function.
+    pub count: i64,
+    /// Waits through the function by their `state` label (`interruptible` for sleeps;
+    /// `runnable` for preemptions on the way, which a busy CPU adds).
+    pub count_by_state: BTreeMap<String, i64>,
+    /// The notes of the batches.
+    pub notes: Vec<String>,
+    /// The samples through the function: batch sequence, value, count, labels and the
+    /// stack's functions, leaf first (what a failure message shows).
+    pub through: Vec<SpooledSample>,
+    /// The other samples of the signal of 10 ms or more, the same way.
+    pub others: Vec<SpooledSample>,
+    /// The batches' losses with a count, by reason (what a failure message shows).
+    pub losses: Vec<(String, u64)>,
+}
+
 /// Wait time (ns) and waits of `signal` in the spooled batches whose stacks run
 /// through a function whose name contains `function`, and the notes of those batches.
 pub fn spool_waits_in(
     spool_dir: &Path,
     signal: &str,
     function: &str,
-) -> anyhow::Result<(i64, i64, Vec<String>)> {
-    let (mut ns, mut count, mut notes) = (0, 0, Vec::new());
-    for (_, batch) in spooled_batches(spool_dir)? {
-        notes.extend(batch.notes.iter().cloned());
+) -> anyhow::Result<SpooledWaits> {
+    let mut found = SpooledWaits {
+        ns: 0,
+        count: 0,
+        count_by_state: BTreeMap::new(),
+        notes: Vec::new(),
+        through: Vec::new(),
+        others: Vec::new(),
+        losses: Vec::new(),
+    };
+    for (sequence, batch) in spooled_batches(spool_dir)? {
+        found.notes.extend(batch.notes.iter().cloned());
+        found.losses.extend(
+            batch
+                .losses
+                .iter()
+                .filter(|loss| loss.count > 0)
+                .map(|loss| (loss.reason.clone(), loss.count)),
+        );
         for sample in &batch.samples {
             let wanted = batch
                 .signals
                 .get(sample.signal as usize)
                 .is_some_and(|s| s.name == signal);
-            let through = batch
+            if !wanted {
+                continue;
+            }
+            let functions: Vec<&str> = batch
                 .stacks
                 .get(sample.stack as usize)
-                .is_some_and(|stack| {
-                    stack.frames.iter().any(|&f| {
-                        batch
-                            .frames
-                            .get(f as usize)
-                            .is_some_and(|frame| frame.function.contains(function))
-                    })
-                });
-            if wanted && through {
-                ns += sample.value;
-                count += sample.count;
+                .map(|stack| {
+                    stack
+                        .frames
+                        .iter()
+                        .filter_map(|&f| batch.frames.get(f as usize))
+                        .map(|frame| frame.function.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let string = |index: &u32| {
+                batch
+                    .strings
+                    .get(*index as usize)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let labels: Vec<String> = sample
+                .labels
+                .chunks(2)
+                .map(|pair| {
+                    format!(
+                        "{}={}",
+                        string(&pair[0]),
+                        pair.get(1).map(string).unwrap_or_default()
+                    )
+                })
+                .collect();
+            let described = (
+                sequence,
+                sample.value,
+                sample.count,
+                labels,
+                functions.iter().map(|f| (*f).to_owned()).collect(),
+            );
+            if functions.iter().any(|f| f.contains(function)) {
+                found.ns += sample.value;
+                found.count += sample.count;
+                let state = described
+                    .3
+                    .iter()
+                    .find_map(|label| label.strip_prefix("state="))
+                    .unwrap_or_default();
+                *found.count_by_state.entry(state.to_owned()).or_default() += sample.count;
+                found.through.push(described);
+            } else if sample.value >= 10_000_000 {
+                found.others.push(described);
             }
         }
     }
-    Ok((ns, count, notes))
+    Ok(found)
 }
 
 #[cfg(test)]
