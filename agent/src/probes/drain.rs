@@ -43,6 +43,9 @@ pub struct Leftover {
     /// generation (it died while emptying it): its journal has it, not to be counted
     /// again when that journal's last record has this time.
     pub journaled_at: Option<i64>,
+    /// The earlier agent's loss counters (cumulative, summed over CPUs) when its
+    /// programs stopped counting: with its journal's, what it lost after its last drain.
+    pub earlier_losses: Option<Vec<u64>>,
 }
 
 /// The retired generation a drain read and has not emptied yet: what to delete and
@@ -127,6 +130,7 @@ impl Probes {
         Ok(Some(Leftover {
             drained,
             journaled_at: (mark != 0).then_some(mark),
+            earlier_losses: self.earlier_losses.take(),
         }))
     }
 

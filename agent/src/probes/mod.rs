@@ -86,6 +86,8 @@ pub struct Probes {
     pinned: Option<(std::path::PathBuf, Vec<PinnedLink>)>,
     /// The adopted maps' retired generation still has to be read ([`Probes::take_leftover`]).
     leftover_pending: bool,
+    /// The adopted agent's cumulative loss counters at the hand-over (for the leftover).
+    earlier_losses: Option<Vec<u64>>,
     /// The retired generation read and not yet emptied ([`Probes::settle`]).
     unsettled: Option<drain::Unsettled>,
     /// For the first profile: what adopting or replacing pinned probes meant.
@@ -428,11 +430,19 @@ impl Probes {
         )?;
         let adopting = handed.adopting;
         let measuring_since = handed.measuring_since.unwrap_or(measuring_since);
-        let losses = PerCpuArray::try_from(take_map(&mut ebpf, "LOSSES")?).map_err(|source| {
-            ProbeError::MapApi {
-                map: "LOSSES",
-                source,
+        let losses_map = take_map(&mut ebpf, "LOSSES")?;
+        let earlier_losses = match &handed.pinned {
+            Some((dir, _)) => {
+                pins::pin_losses(&losses_map, dir, owner);
+                adopting
+                    .then(|| pins::take_earlier_losses(dir, owner, LOSS_COUNTERS))
+                    .flatten()
             }
+            None => None,
+        };
+        let losses = PerCpuArray::try_from(losses_map).map_err(|source| ProbeError::MapApi {
+            map: "LOSSES",
+            source,
         })?;
         let comms =
             aya::maps::HashMap::try_from(take_map(&mut ebpf, "COMMS")?).map_err(|source| {
@@ -502,6 +512,7 @@ impl Probes {
             _links: handed.unpinned,
             pinned: handed.pinned,
             leftover_pending: adopting,
+            earlier_losses,
             unsettled: None,
             pin_notes,
             unwind,

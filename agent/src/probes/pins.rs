@@ -54,6 +54,56 @@ pub const PINNED_MAPS: &[&str] = &[
     "USER_SNAPSHOT",
 ];
 
+/// Each agent pins its own loss counters as `losses-<owner>` (not adopted: the next
+/// agent's programs count their own): what an agent that died counted after its last
+/// drain is read from there by the agent that adopts its maps.
+const LOSSES_PREFIX: &str = "losses-";
+
+/// Pins this agent's loss counters (`LOSSES`) in `dir` for the agent that may adopt its
+/// maps one day; without the pin, losses its programs count after it died go unreported.
+pub fn pin_losses(map: &aya::maps::Map, dir: &Path, owner: u32) {
+    let path = dir.join(format!("{LOSSES_PREFIX}{owner:08x}"));
+    if let Err(err) = map.pin(&path) {
+        tracing::warn!(
+            "pinning the loss counters in {}: {err}; losses counted after an unclean stop go unreported",
+            path.display()
+        );
+    }
+}
+
+/// The loss counters (summed over CPUs, cumulative) of the earlier agents whose maps
+/// were adopted from `dir`, their pins removed: what their programs counted until the
+/// hand-over, including after their last drain. `None` when there are none.
+pub fn take_earlier_losses(dir: &Path, owner: u32, counters: u32) -> Option<Vec<u64>> {
+    let ours = format!("{LOSSES_PREFIX}{owner:08x}");
+    let mut found: Option<Vec<u64>> = None;
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(LOSSES_PREFIX) || name == ours {
+            continue;
+        }
+        let read = MapData::from_pin(entry.path())
+            .ok()
+            .and_then(|data| {
+                aya::maps::PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(data))
+                    .ok()
+            })
+            .map(|map| {
+                (0..counters)
+                    .map(|index| map.get(&index, 0).map_or(0, |cpus| cpus.iter().sum()))
+                    .collect::<Vec<u64>>()
+            });
+        let _ = fs::remove_file(entry.path());
+        if let Some(losses) = read {
+            match &mut found {
+                Some(sum) => sum.iter_mut().zip(&losses).for_each(|(s, l)| *s += l),
+                None => found = Some(losses),
+            }
+        }
+    }
+    found
+}
+
 /// Bumped when a pinned map's entries change meaning without changing size.
 const LAYOUT_REVISION: u32 = 1;
 const LINKS: &str = "links";
@@ -193,6 +243,15 @@ pub fn remove(dir: &Path) -> usize {
     let _ = fs::remove_dir(dir.join(LINKS));
     for name in PINNED_MAPS {
         let _ = fs::remove_file(dir.join(name));
+    }
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(LOSSES_PREFIX)
+        {
+            let _ = fs::remove_file(entry.path());
+        }
     }
     if let Err(err) = fs::remove_dir(dir)
         && err.kind() != std::io::ErrorKind::NotFound

@@ -123,10 +123,12 @@ pub fn sample(
     // pinned maps were adopted, what it had not emptied yet. Both belong to the period
     // it was in when it died.
     let mut leftover = probes.take_leftover()?;
-    if let Some(left) = &mut leftover {
-        // Its loss counters are this agent's (the earlier agent's died with it).
+    // The maps' loss counters are this agent's; the earlier agent's final ones go with
+    // its journal's last drain, below.
+    let earlier_losses = leftover.as_mut().and_then(|left| {
         left.drained.losses.clear();
-    }
+        left.earlier_losses.take()
+    });
     let mut once_notes = std::mem::take(&mut probes.pin_notes);
     let journal_dir = sink.journal_dir().map(Path::to_owned);
     if let Some(dir) = &journal_dir
@@ -151,6 +153,10 @@ pub fn sample(
             recovered
                 .drains
                 .extend(leftover.take().map(|left| left.drained));
+            // What its programs lost until the hand-over, after its last drain too.
+            if let (Some(losses), Some(last)) = (earlier_losses, recovered.drains.last_mut()) {
+                last.losses = losses;
+            }
             spool_recovered(recovered, &mut accumulator, sink, &host, &notes)?;
         }
     }
