@@ -351,6 +351,67 @@ fn agent_killed_mid_burst_and_restarted_loses_no_wait() {
     );
 }
 
+/// Losses the killed agent's programs count after its last drain reach the spool: an
+/// agent with tiny aggregation maps is killed (after a few drains into its journal), a
+/// churn of 2000 short-lived threads then overflows the maps its programs still count
+/// into, and the adopting agent reads the dead agent's pinned loss counters. Before,
+/// those losses went with the dead agent and nothing said the profile was short.
+#[test]
+fn losses_counted_after_an_agent_was_killed_are_reported() {
+    if !require_root("losses_counted_after_an_agent_was_killed_are_reported") {
+        return;
+    }
+    let dir = scratch("fault-agent-kill-losses");
+    let spool = dir.join("spool");
+    let url = format!("http://127.0.0.1:{}", free_port().expect("port"));
+    let mut workload = Workload::start(
+        &binary(&binary_dir(), "stallscope-workload").expect("workload built"),
+        &["churn", "2000"],
+    )
+    .expect("workload");
+    let pid = workload.pid.to_string();
+    let args = [
+        "--pid",
+        &pid,
+        "--signals",
+        "offcpu",
+        "--batch-interval",
+        "60s",
+        "--drain-interval",
+        "300ms",
+        "--max-totals",
+        "16",
+        "--max-samples",
+        "16",
+    ];
+    let first = start_run(&binary_dir(), &url, &spool, "loss-agent", &args).expect("agent runs");
+    // A few drains into the journal; the workload waits for its line meanwhile.
+    sleep(Duration::from_secs(1));
+    let pins = first.kill();
+    workload.go().expect("go");
+    workload
+        .wait_done(Duration::from_secs(60))
+        .expect("churn done");
+    let second = start_run(&binary_dir(), &url, &spool, "loss-agent", &args).expect("restarts");
+    sleep(Duration::from_secs(2));
+    let (_summary, exit) = stop_run(second).expect("agent stops");
+    let found = spool_waits_in(&spool, "off-cpu", "churn").expect("spool readable");
+    let full: u64 = found
+        .losses
+        .iter()
+        .filter(|(reason, _)| reason.ends_with("aggregation_map_full"))
+        .map(|(_, count)| count)
+        .sum();
+    eprintln!("losses in the spool: {:?}", found.losses);
+    assert_pins_removed(pins);
+    assert!(
+        full > 0,
+        "the killed agent's programs overflowed its maps, but no batch reports it: {:?}\n{}",
+        found.losses,
+        exit.stderr
+    );
+}
+
 /// The collector dies at a fault point of the third batch, comes back, the agent
 /// resends: totals equal the agent's, batch count equals the agent's.
 fn killed_collector(dir: &Path, args: &[String], fault: (&str, &str)) {
