@@ -268,6 +268,19 @@ fn assert_pins_removed(pins: Option<std::path::PathBuf>) {
     );
 }
 
+/// A kill test's spool directory, a collector URL nothing listens on (every batch stays
+/// in the spool) and the bundled workload running `scenario`, waiting for its line.
+fn kill_test_setup(name: &str, scenario: &[&str]) -> (std::path::PathBuf, String, Workload) {
+    let spool = scratch(name).join("spool");
+    let url = format!("http://127.0.0.1:{}", free_port().expect("port"));
+    let workload = Workload::start(
+        &binary(&binary_dir(), "stallscope-workload").expect("workload built"),
+        scenario,
+    )
+    .expect("workload");
+    (spool, url, workload)
+}
+
 /// An agent killed (SIGKILL) in the middle of a one-second burst of waits (20 x 50 ms), with
 /// 10 s batches: part of the burst drained into its journal, part still in the maps, the
 /// rest still to come. A new agent with the same spool adopts the pinned maps (the old
@@ -278,14 +291,7 @@ fn agent_killed_mid_burst_and_restarted_loses_no_wait() {
     if !require_root("agent_killed_mid_burst_and_restarted_loses_no_wait") {
         return;
     }
-    let dir = scratch("fault-agent-kill-burst");
-    let spool = dir.join("spool");
-    let url = format!("http://127.0.0.1:{}", free_port().expect("port"));
-    let mut workload = Workload::start(
-        &binary(&binary_dir(), "stallscope-workload").expect("workload built"),
-        &["markers"],
-    )
-    .expect("workload");
+    let (spool, url, mut workload) = kill_test_setup("fault-agent-kill-burst", &["markers"]);
     let pid = workload.pid.to_string();
     let args = [
         "--pid",
@@ -361,14 +367,7 @@ fn losses_counted_after_an_agent_was_killed_are_reported() {
     if !require_root("losses_counted_after_an_agent_was_killed_are_reported") {
         return;
     }
-    let dir = scratch("fault-agent-kill-losses");
-    let spool = dir.join("spool");
-    let url = format!("http://127.0.0.1:{}", free_port().expect("port"));
-    let mut workload = Workload::start(
-        &binary(&binary_dir(), "stallscope-workload").expect("workload built"),
-        &["churn", "2000"],
-    )
-    .expect("workload");
+    let (spool, url, mut workload) = kill_test_setup("fault-agent-kill-losses", &["churn", "2000"]);
     let pid = workload.pid.to_string();
     let args = [
         "--pid",
