@@ -14,7 +14,7 @@ use stallscope_agent::{
 };
 
 fn main() -> ExitCode {
-    system::limit_malloc_arenas();
+    system::tune_malloc();
     let cli = Cli::parse();
     logging::init(cli.log_json);
     match run(cli.command) {

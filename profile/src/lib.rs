@@ -17,8 +17,8 @@ pub use error::FormatError;
 pub use folded::{FoldedStack, folded_stacks, parse_folded, profile_from_folded, write_folded};
 pub use format::{EXTENSIONS_HELP, OutputFormat, write_profile};
 pub use model::{
-    BinaryInfo, ChangeEvent, ChangeKind, Frame, FrameId, FrameKind, Histogram, Labels, Meta,
-    Profile, Sample, SampleType,
+    BinaryInfo, ChangeEvent, ChangeKind, Frame, FrameId, FrameKind, HashIndex, Histogram, Labels,
+    Meta, Profile, Sample, SampleType,
 };
 pub use pprof::{decode_pprof, decode_pprof_with_limit, encode_pprof, encode_pprof_uncompressed};
 pub use speedscope::write_speedscope;

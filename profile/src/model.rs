@@ -230,19 +230,23 @@ pub struct Profile {
 /// of thousands of label sets, and a copy of each doubled the agent's memory at the end
 /// of every period.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct HashIndex {
+pub struct HashIndex {
     first: HashMap<u64, usize>,
     /// Positions whose hash an earlier key already had (a 64-bit collision: rare).
     more: Vec<(u64, usize)>,
 }
 
 impl HashIndex {
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.first.len() + self.more.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.first.is_empty()
+    }
+
     /// The position with this hash whose key `is` accepts.
-    fn find(&self, hash: u64, is: impl Fn(usize) -> bool) -> Option<usize> {
+    pub fn find(&self, hash: u64, is: impl Fn(usize) -> bool) -> Option<usize> {
         let &first = self.first.get(&hash)?;
         if is(first) {
             return Some(first);
@@ -253,7 +257,7 @@ impl HashIndex {
             .map(|&(_, index)| index)
     }
 
-    fn insert(&mut self, hash: u64, index: usize) {
+    pub fn insert(&mut self, hash: u64, index: usize) {
         match self.first.entry(hash) {
             std::collections::hash_map::Entry::Occupied(_) => self.more.push((hash, index)),
             std::collections::hash_map::Entry::Vacant(slot) => {

@@ -12,11 +12,11 @@ use std::{
 
 use agent_common::{
     FLAG_USER_BEFORE_EXEC, LOSS_COUNTERS, NO_STACK, Peer, STACK_USER, SampleKey, SampleValue,
-    Signal, StackEnd, TotalKey, TotalValue,
+    Signal, StackEnd, TotalKey,
 };
 use stallscope_profile::{Frame, FrameId, FrameKind, Labels, Profile};
 
-use super::stack_cache::StackCache;
+use super::{stack_cache::StackCache, sums::Sums};
 use crate::{
     naming,
     probes::Drained,
@@ -31,7 +31,10 @@ pub struct Accumulator {
     /// Holds the frame table shared by every profile this accumulator produces.
     pub(crate) profile: Profile,
     pub(crate) signals: Vec<Signal>,
-    pub(crate) totals: HashMap<TotalKey, TotalValue>,
+    pub(crate) totals: HashMap<TotalKey, Sums>,
+    /// Whether totals keep their histograms and profiles carry them (`record`'s files
+    /// do, `run`'s batches do not).
+    pub(crate) keep_histograms: bool,
     pub(crate) samples: HashMap<SampleKey, SampleValue>,
     /// Raw stacks (the valid addresses only: whole `StackTrace`s, 1 KiB each, took
     /// 136 MiB on a busy host) and symbolized kernel stacks, kept while used.
@@ -88,6 +91,7 @@ impl Accumulator {
             profile: Profile::new(types),
             signals: signals.to_vec(),
             totals: HashMap::new(),
+            keep_histograms: true,
             samples: HashMap::new(),
             stacks: StackCache::default(),
             user_stacks: HashMap::new(),
@@ -159,8 +163,11 @@ impl Accumulator {
             self.stacks.insert_raw(hash, ips);
         }
         self.stacks.bound_raw();
+        let keep_histograms = self.keep_histograms;
         for (key, value) in drained.totals {
-            self.totals.entry(key).or_default().merge(&value);
+            (self.totals.entry(key))
+                .or_insert_with(|| Sums::new(keep_histograms))
+                .add(&value);
             self.remember_identity(key.tgid, key.tid);
             if key.signal == Signal::Disk as u8 {
                 self.device_names
@@ -192,7 +199,7 @@ impl Accumulator {
     /// one is logged.
     pub(crate) fn check_wait_window(
         &mut self,
-        totals: &HashMap<TotalKey, TotalValue>,
+        totals: &HashMap<TotalKey, Sums>,
     ) -> Vec<(Signal, u64)> {
         let Some(since) = self.measuring_since else {
             return Vec::new();
@@ -238,7 +245,7 @@ impl Accumulator {
     pub(crate) fn report_wait_window(
         &mut self,
         meta: &mut stallscope_profile::Meta,
-        totals: &HashMap<TotalKey, TotalValue>,
+        totals: &HashMap<TotalKey, Sums>,
     ) {
         let violations = self.check_wait_window(totals);
         for &signal in self
@@ -472,17 +479,17 @@ mod tests {
         assert!(!in_exec(&["bprm_execve_ish"]));
     }
 
-    fn lock_total(tid: u32, ns: u64) -> (TotalKey, TotalValue) {
+    fn lock_total(tid: u32, ns: u64) -> (TotalKey, Sums) {
         let key = TotalKey {
             tgid: 7,
             tid,
             signal: Signal::Lock as u8,
             ..TotalKey::default()
         };
-        let value = TotalValue {
+        let value = Sums {
             count: 1,
             ns,
-            ..TotalValue::default()
+            ..Sums::default()
         };
         (key, value)
     }
@@ -513,7 +520,7 @@ mod tests {
         for tid in [1, 3] {
             acc.thread_names.insert(tid, "worker".into());
         }
-        let profile = acc.finish(Meta::default());
+        let profile = acc.finish(Meta::default()).into_profile();
         let ns = profile
             .sample_type_index("lock_wait", "nanoseconds")
             .expect("lock");

@@ -10,15 +10,17 @@ use std::collections::{HashMap, HashSet};
 use agent_common::{
     ConnectOutcome, DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT,
     FLAG_USER_BEFORE_EXEC, FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, FdKind, LockKind, OffCpuState,
-    RunQueueKind, SampleKey, SampleValue, Signal, SocketOp, TcpEvent, TotalKey, TotalValue,
+    RunQueueKind, SampleKey, SampleValue, Signal, SocketOp, TcpEvent, TotalKey,
 };
-use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta, Profile};
+use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta};
 
 use crate::{
     aggregate::{
         accumulate::Accumulator,
         calibrate::{self, Calibrated, Part},
         cause::{self, Cause},
+        period::PeriodProfile,
+        sums::{self, Sums},
     },
     naming,
     probes::syscalls,
@@ -202,10 +204,10 @@ fn stack_note(acc: &Accumulator, key: &SampleKey) -> Option<&'static str> {
 
 /// Adds time and count to the two columns of `signal`.
 fn add(
-    profile: &mut Profile,
+    period: &mut PeriodProfile,
     signal: Signal,
-    stack: Vec<FrameId>,
-    labels: Labels,
+    stack: &[FrameId],
+    labels: &Labels,
     ns: u64,
     count: u64,
 ) {
@@ -213,21 +215,22 @@ fn add(
         return;
     }
     let [time, _] = naming::sample_types(signal);
-    let Some(index) = profile.sample_type_index(&time.kind, &time.unit) else {
+    let Some(column) = period.sample_type_index(&time.kind, &time.unit) else {
         return;
     };
-    let mut values = vec![0i64; profile.sample_types.len()];
-    values[index] = i64::try_from(ns).unwrap_or(i64::MAX);
-    if let Some(slot) = values.get_mut(index + 1) {
-        *slot = i64::try_from(count).unwrap_or(i64::MAX);
-    }
-    profile.add(stack, labels, &values);
+    period.add(
+        column,
+        stack,
+        labels,
+        i64::try_from(ns).unwrap_or(i64::MAX),
+        i64::try_from(count).unwrap_or(i64::MAX),
+    );
 }
 
 impl Accumulator {
     /// Builds the profile of everything accumulated since the last `finish`, and starts
     /// over (the frame table and symbol caches are kept).
-    pub fn finish(&mut self, mut meta: Meta) -> Profile {
+    pub fn finish(&mut self, mut meta: Meta) -> PeriodProfile {
         let mut totals = std::mem::take(&mut self.totals);
         let samples = std::mem::take(&mut self.samples);
         // User frames join the shared frame table before the profile copies it.
@@ -244,8 +247,11 @@ impl Accumulator {
             .chain(totals.keys().map(|k| k.tid))
             .collect();
         self.resolve_process_labels(tgids);
-        let mut profile = Profile::new(self.profile.sample_types.clone());
-        profile.frames.clone_from(&self.profile.frames);
+        let mut profile = PeriodProfile::new(
+            self.profile.sample_types.clone(),
+            &self.profile.frames,
+            self.keep_histograms,
+        );
 
         let mut groups: HashMap<TotalKey, Vec<(SampleKey, SampleValue)>> = HashMap::new();
         for (key, value) in &samples {
@@ -258,8 +264,8 @@ impl Accumulator {
                     .push((*key, *value));
             }
         }
-        calibrate::scale_sampled_syscalls(&mut totals);
-        let empty = TotalValue::default();
+        sums::scale_sampled_syscalls(&mut totals);
+        let empty = Sums::default();
         let mut keys: Vec<&TotalKey> = totals.keys().collect();
         keys.sort_unstable_by_key(|k| (k.signal, k.tgid, k.tid, k.class, k.aux));
         for key in keys {
@@ -270,7 +276,7 @@ impl Accumulator {
         }
         // Samples whose totals are not there (lost to a full map): kept as measured.
         for (key, members) in groups {
-            let uncalibrated = TotalValue {
+            let uncalibrated = Sums {
                 ns: members
                     .iter()
                     .map(|(_, v)| Part::from_value(v).uncalibrated().0)
@@ -279,15 +285,15 @@ impl Accumulator {
                     .iter()
                     .map(|(_, v)| Part::from_value(v).uncalibrated().1)
                     .sum(),
-                ..TotalValue::default()
+                ..Sums::default()
             };
             self.add_group(&mut profile, &key, &uncalibrated, &members);
         }
         // Frames interned while building belong to the shared table too.
-        self.profile.frames.clone_from(&profile.frames);
+        self.profile.frames = profile.frames().to_vec();
         self.report_losses(&mut meta, &totals);
         self.report_identity(&mut meta);
-        profile.meta = meta;
+        profile.set_meta(meta);
         self.forget_beyond(&seen);
         profile
     }
@@ -313,7 +319,7 @@ impl Accumulator {
         );
     }
 
-    fn add_oncpu(&self, profile: &mut Profile, key: &SampleKey, value: &SampleValue) {
+    fn add_oncpu(&self, profile: &mut PeriodProfile, key: &SampleKey, value: &SampleValue) {
         let mut labels = identity(self, Signal::OnCpu, key.tgid, key.tid);
         labels.insert("cause".into(), Cause::CpuWork.label().into());
         if let Some(note) = stack_note(self, key) {
@@ -321,15 +327,22 @@ impl Accumulator {
         }
         let (kernel, user) = self.stacks_of(key);
         let stack = [kernel, user].concat();
-        add(profile, Signal::OnCpu, stack, labels, value.ns, value.count);
+        add(
+            profile,
+            Signal::OnCpu,
+            &stack,
+            &labels,
+            value.ns,
+            value.count,
+        );
     }
 
     /// One totals group: its calibrated stack samples and the unattributed rest.
     fn add_group(
         &self,
-        profile: &mut Profile,
+        profile: &mut PeriodProfile,
         key: &TotalKey,
-        total: &TotalValue,
+        total: &Sums,
         members: &[(SampleKey, SampleValue)],
     ) {
         let Some(signal) = Signal::from_u8(key.signal) else {
@@ -344,7 +357,14 @@ impl Accumulator {
         for ((sample, value), &(ns, count)) in members.iter().zip(&calibrated.parts) {
             let labels = self.sample_labels(key, sample, value);
             let (kernel, user) = self.stacks_of(sample);
-            add(profile, signal, [kernel, user].concat(), labels, ns, count);
+            add(
+                profile,
+                signal,
+                &[kernel, user].concat(),
+                &labels,
+                ns,
+                count,
+            );
         }
         if calibrated.unattributed_ns > 0 || calibrated.unattributed_count > 0 {
             let frame = profile.intern(Frame::synthetic(remainder_frame(signal, key)));
@@ -352,8 +372,8 @@ impl Accumulator {
             add(
                 profile,
                 signal,
-                vec![frame],
-                labels,
+                &[frame],
+                &labels,
                 calibrated.unattributed_ns,
                 calibrated.unattributed_count,
             );
@@ -426,9 +446,9 @@ impl Accumulator {
     /// stacks) and its runnable tail (CPU contention).
     fn add_offcpu_group(
         &self,
-        profile: &mut Profile,
+        profile: &mut PeriodProfile,
         key: &TotalKey,
-        total: &TotalValue,
+        total: &Sums,
         members: &[(SampleKey, SampleValue)],
         calibrated: &Calibrated,
     ) {
@@ -467,7 +487,7 @@ impl Accumulator {
             }
             Self::add_by_cause(
                 profile,
-                stack,
+                &stack,
                 labels,
                 (ns - tail, tail),
                 count,
@@ -481,7 +501,7 @@ impl Accumulator {
             let labels = group_labels(self, key);
             Self::add_by_cause(
                 profile,
-                vec![frame],
+                &[frame],
                 labels,
                 (ns - tail, tail),
                 calibrated.unattributed_count,
@@ -493,8 +513,8 @@ impl Accumulator {
     /// Adds a blocked part and a runnable tail as two samples with their causes; the wait
     /// count goes with the blocked part (with the tail when there is no blocked part).
     fn add_by_cause(
-        profile: &mut Profile,
-        stack: Vec<FrameId>,
+        profile: &mut PeriodProfile,
+        stack: &[FrameId],
         labels: Labels,
         (blocked, tail): (u64, u64),
         count: u64,
@@ -504,29 +524,32 @@ impl Accumulator {
             let mut with_cause = labels.clone();
             with_cause.insert("cause".into(), blocked_cause.label().into());
             with_cause.insert("evidence".into(), evidence.into());
-            add(
-                profile,
-                Signal::OffCpu,
-                stack.clone(),
-                with_cause,
-                blocked,
-                count,
-            );
+            add(profile, Signal::OffCpu, stack, &with_cause, blocked, count);
         }
         if tail > 0 {
             let mut with_cause = labels;
             with_cause.insert("cause".into(), Cause::CpuContention.label().into());
             with_cause.insert("evidence".into(), "runnable, waiting for a CPU".into());
             let tail_count = if blocked > 0 { 0 } else { count };
-            add(profile, Signal::OffCpu, stack, with_cause, tail, tail_count);
+            add(
+                profile,
+                Signal::OffCpu,
+                stack,
+                &with_cause,
+                tail,
+                tail_count,
+            );
         }
     }
 
-    fn add_histogram(&self, profile: &mut Profile, key: &TotalKey, total: &TotalValue) {
+    fn add_histogram(&self, profile: &mut PeriodProfile, key: &TotalKey, total: &Sums) {
         let Some(signal) = Signal::from_u8(key.signal) else {
             return;
         };
-        if matches!(signal, Signal::OffCpu | Signal::OnCpu) || total.count == 0 {
+        if !profile.keeps_histograms()
+            || matches!(signal, Signal::OffCpu | Signal::OnCpu)
+            || total.count == 0
+        {
             return;
         }
         // Retransmits and overflows are counts: only RTT samples have a distribution.
@@ -547,7 +570,7 @@ impl Accumulator {
             count: total.count,
             sum_ns: total.ns,
             max_ns: total.max_ns,
-            buckets: total.buckets.to_vec(),
+            buckets: total.histogram(),
         });
     }
 }

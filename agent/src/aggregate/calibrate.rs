@@ -10,9 +10,7 @@
 //! sampled stack gets an explicit `[short waits, no stack sampled]` frame.
 //!
 //! Syscall totals of the sampled mode (one syscall in N timed, all counted) are scaled
-//! to their count first ([`scale_to_count`]).
-
-use std::collections::HashMap;
+//! to their count first (`Sums::scale_to_count` in `sums.rs`).
 
 use agent_common::{EST_COUNT_FP_SHIFT, SampleKey, SampleValue, Signal, TotalKey, TotalValue};
 
@@ -110,17 +108,6 @@ pub fn calibrate(total_ns: u64, total_count: u64, parts: &[Part]) -> Calibrated 
     }
 }
 
-/// Scales every syscall total to its count ([`scale_to_count`]).
-pub fn scale_sampled_syscalls<S: std::hash::BuildHasher>(
-    totals: &mut HashMap<TotalKey, TotalValue, S>,
-) {
-    for (key, total) in totals.iter_mut() {
-        if key.signal == Signal::Syscall as u8 {
-            scale_to_count(total);
-        }
-    }
-}
-
 /// Scales the drained totals and samples of `signal` by `factor`: its programs were
 /// attached for 1 / `factor` of the period drained (the overhead guard's duty cycle), so
 /// what they saw stands for the whole period (an estimate; counts no longer exact).
@@ -150,23 +137,6 @@ pub fn scale_drained(
         sample.est_ns = scale(sample.est_ns);
         sample.est_count_fp = scale(sample.est_count_fp);
         sample.tail_ns = scale(sample.tail_ns);
-    }
-}
-
-/// Syscall totals of the sampled mode: every syscall counted, one in N timed, so the
-/// histogram's sum is the number timed. Time and histogram are scaled up to the count
-/// (the timed syscalls of a process and syscall stand for its untimed ones: a ratio
-/// estimate, exact in count). Without sampling the histogram sums to the count and
-/// nothing changes; with none timed the time stays zero (too few calls to say).
-pub fn scale_to_count(total: &mut TotalValue) {
-    let timed: u64 = total.buckets.iter().sum();
-    if timed == 0 || timed >= total.count {
-        return;
-    }
-    total.ns = (u128::from(total.ns) * u128::from(total.count) / u128::from(timed)) as u64;
-    let scaled = apportion(total.count, &total.buckets);
-    for (bucket, count) in total.buckets.iter_mut().zip(scaled) {
-        *bucket = count;
     }
 }
 
@@ -285,42 +255,5 @@ mod tests {
             shares.iter().map(|&s| u128::from(s)).sum::<u128>(),
             u128::from(u64::MAX / 2)
         );
-    }
-
-    #[test]
-    fn sampled_syscall_totals_scale_to_the_count() {
-        // 1600 syscalls counted, 100 timed: 60 in bucket 10, 40 in bucket 20.
-        let mut total = TotalValue {
-            count: 1600,
-            ns: 100 * 5_000,
-            max_ns: 9_000,
-            ..TotalValue::default()
-        };
-        total.buckets[10] = 60;
-        total.buckets[20] = 40;
-        scale_to_count(&mut total);
-        assert_eq!(total.ns, 1600 * 5_000);
-        assert_eq!((total.buckets[10], total.buckets[20]), (960, 640));
-        assert_eq!(total.buckets.iter().sum::<u64>(), 1600);
-        assert_eq!((total.count, total.max_ns), (1600, 9_000));
-    }
-
-    #[test]
-    fn unsampled_and_untimed_totals_stay_as_measured() {
-        let mut every = TotalValue {
-            count: 3,
-            ns: 300,
-            ..TotalValue::default()
-        };
-        every.buckets[6] = 3;
-        let before = every;
-        scale_to_count(&mut every);
-        assert_eq!(every, before);
-        let mut none_timed = TotalValue {
-            count: 5,
-            ..TotalValue::default()
-        };
-        scale_to_count(&mut none_timed);
-        assert_eq!((none_timed.count, none_timed.ns), (5, 0));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use agent_common::{Loss, Signal, StackEnd, TotalKey, TotalValue};
+use agent_common::{Loss, Signal, StackEnd, TotalKey};
 use stallscope_profile::Meta;
 
 use crate::{aggregate::accumulate::Accumulator, naming};
@@ -84,7 +84,7 @@ impl Accumulator {
     pub(super) fn report_losses(
         &mut self,
         meta: &mut Meta,
-        totals: &HashMap<TotalKey, TotalValue>,
+        totals: &HashMap<TotalKey, super::sums::Sums>,
     ) {
         for &signal in &self.signals {
             for loss in Loss::ALL {

@@ -15,7 +15,7 @@ use super::{
     sampler::{Sink, sample},
 };
 use crate::{
-    aggregate::accumulate::Accumulator,
+    aggregate::{accumulate::Accumulator, period::PeriodProfile},
     config::Config,
     naming,
     privilege::{self, Capability},
@@ -76,7 +76,8 @@ impl Sink for FileSink {
         &[privilege::CAP_DAC_OVERRIDE]
     }
 
-    fn accept(&mut self, profile: Profile, _last: bool) -> anyhow::Result<()> {
+    fn accept(&mut self, profile: PeriodProfile, _last: bool) -> anyhow::Result<()> {
+        let profile = profile.into_profile();
         if self.progress {
             eprint!("\r\x1b[2K");
         }

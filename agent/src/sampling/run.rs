@@ -12,15 +12,15 @@ use std::{
 };
 
 use anyhow::Context as _;
-use stallscope_profile::Profile;
 
 use super::sampler::{Sink, sample};
 use crate::{
+    aggregate::period::PeriodProfile,
     config::RunConfig,
     metrics,
     probes::{self, ProbeError},
     stream::{
-        batch::{batch_from_profile, batch_totals},
+        batch::{batch_from_period, batch_totals},
         sender::{ClientTls, Sender, StreamSettings},
         spool::{Appended, Spool},
     },
@@ -147,8 +147,13 @@ impl Sink for StreamSink<'_> {
         )
     }
 
-    fn accept(&mut self, profile: Profile, last: bool) -> anyhow::Result<()> {
-        let batch = batch_from_profile(&profile, &self.config.agent_id);
+    fn keeps_histograms(&self) -> bool {
+        false
+    }
+
+    fn accept(&mut self, profile: PeriodProfile, last: bool) -> anyhow::Result<()> {
+        let batch = batch_from_period(&profile, &self.config.agent_id);
+        drop(profile);
         batch_totals(&batch, &mut self.summary.totals);
         let appended = self
             .spool

@@ -11,7 +11,7 @@ use std::{
 };
 
 use agent_common::Signal;
-use stallscope_profile::{Meta, Profile};
+use stallscope_profile::Meta;
 use stallscope_proto::sd_notify::ServiceNotifier;
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
     shutdown,
 };
 use crate::{
-    aggregate::{accumulate::Accumulator, calibrate},
+    aggregate::{accumulate::Accumulator, calibrate, period::PeriodProfile},
     config::{Config, SignalName},
     metrics::METRICS,
     naming,
@@ -49,9 +49,14 @@ pub trait Sink {
         &[]
     }
 
+    /// Whether the sink's profiles carry latency histograms (built only for it).
+    fn keeps_histograms(&self) -> bool {
+        true
+    }
+
     /// A finished profile of the period since the previous one (`last`: the final one,
     /// after the probes were detached).
-    fn accept(&mut self, profile: Profile, last: bool) -> anyhow::Result<()>;
+    fn accept(&mut self, profile: PeriodProfile, last: bool) -> anyhow::Result<()>;
 
     /// Where drained generations are journaled until the profile holding them is
     /// accepted ([`Journal`]); `None`: not journaled.
@@ -97,6 +102,7 @@ pub fn sample(
     METRICS.probes_attached(&signals_of(config), config.drain_interval);
     let notes = notes(config, &probes.hooks);
     let mut accumulator = Accumulator::new(&signals_of(config), config.resolver_settings());
+    accumulator.keep_histograms = sink.keeps_histograms();
     // Binaries without frame pointers get unwind tables as their processes are read.
     let unwind = probes.take_unwind_maps().and_then(|maps| {
         loader::spawn(maps)
@@ -219,7 +225,8 @@ pub fn sample(
         {
             let mut notes = period_notes(&notes, guard.as_mut(), unwind.as_ref());
             notes.append(&mut once_notes);
-            let profile = period.close(&mut accumulator, &host, &notes, Instant::now());
+            let meta = period.close(&host, &notes, Instant::now());
+            let profile = accumulator.finish(meta);
             sink.accept(profile, false)?;
             // The period's sums and the profile are freed: give the memory back.
             system::release_free_memory();
@@ -245,7 +252,8 @@ pub fn sample(
     }
     let mut notes = period_notes(&notes, guard.as_mut(), unwind.as_ref());
     notes.append(&mut once_notes);
-    let profile = period.close(&mut accumulator, &host, &notes, ended);
+    let meta = period.close(&host, &notes, ended);
+    let profile = accumulator.finish(meta);
     sink.accept(profile, true)?;
     if let Some(lane) = journal {
         lane.end();
@@ -412,14 +420,8 @@ impl Period {
         }
     }
 
-    /// The profile of the period ending at `end`; the next period starts now.
-    fn close(
-        &mut self,
-        accumulator: &mut Accumulator,
-        host: &str,
-        notes: &[String],
-        end: Instant,
-    ) -> Profile {
+    /// The metadata of the period ending at `end`; the next period starts now.
+    fn close(&mut self, host: &str, notes: &[String], end: Instant) -> Meta {
         let meta = Meta {
             start_unix_ns: self.start_unix_ns,
             duration_ns: i64::try_from(end.saturating_duration_since(self.started).as_nanos())
@@ -429,7 +431,7 @@ impl Period {
             ..Meta::default()
         };
         *self = Self::begin();
-        accumulator.finish(meta)
+        meta
     }
 }
 

@@ -1,4 +1,4 @@
-//! One interval's profile as a wire batch: the stack table (frames, then stacks as frame
+//! One period's profile as a wire batch: the stack table (frames, then stacks as frame
 //! indices), a string table for labels, and one sample per (stack, labels, signal) with
 //! the signal's value and count. Signals come from the profile's sample types, taken in
 //! pairs: a value type followed by its `count` type (`off_cpu`/nanoseconds then
@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 
-use stallscope_profile::{FrameKind, Profile};
+use stallscope_profile::{Frame, FrameKind, SampleType};
 use stallscope_proto::v1;
 
-/// The signal pairs of `profile`: (value column, count column, definition).
-fn signal_pairs(profile: &Profile) -> Vec<(usize, Option<usize>, v1::SignalType)> {
-    let types = &profile.sample_types;
+use crate::aggregate::period::PeriodProfile;
+
+/// The signal pairs of a profile's sample types: (value column, count column, definition).
+fn signal_pairs(types: &[SampleType]) -> Vec<(usize, Option<usize>, v1::SignalType)> {
     let mut pairs = Vec::new();
     let mut index = 0;
     while index < types.len() {
@@ -36,84 +37,115 @@ fn signal_pairs(profile: &Profile) -> Vec<(usize, Option<usize>, v1::SignalType)
     pairs
 }
 
-/// Converts one interval's profile. The sequence and drop count are set by the spool.
-pub fn batch_from_profile(profile: &Profile, agent_id: &str) -> v1::Batch {
-    let pairs = signal_pairs(profile);
-    let mut strings: Vec<String> = vec![String::new()];
-    let mut string_index: HashMap<String, u32> = HashMap::new();
-    let mut intern = |text: &str| -> u32 {
-        if let Some(&index) = string_index.get(text) {
-            return index;
+/// The batch's string table: the period's label strings keep their ids (id 0 is the
+/// empty string the wire format reserves), other strings are added after them.
+struct Strings {
+    list: Vec<String>,
+    ids: HashMap<String, u32>,
+    /// Batch id of each of the period's string ids, once used.
+    of_period: Vec<Option<u32>>,
+}
+
+impl Strings {
+    fn intern(&mut self, text: &str) -> u32 {
+        if let Some(&id) = self.ids.get(text) {
+            return id;
         }
-        let index = strings.len() as u32;
-        strings.push(text.to_owned());
-        string_index.insert(text.to_owned(), index);
-        index
+        let id = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
+        self.list.push(text.to_owned());
+        self.ids.insert(text.to_owned(), id);
+        id
+    }
+
+    fn of_period(&mut self, period: &PeriodProfile, id: u32) -> u32 {
+        let index = id as usize;
+        if self.of_period.len() <= index {
+            self.of_period.resize(index + 1, None);
+        }
+        if let Some(batch_id) = self.of_period[index] {
+            return batch_id;
+        }
+        let batch_id = self.intern(period.string(id));
+        self.of_period[index] = Some(batch_id);
+        batch_id
+    }
+}
+
+fn wire_frame(frame: &Frame) -> v1::Frame {
+    v1::Frame {
+        function: frame.function.clone(),
+        module: frame.module.clone().unwrap_or_default(),
+        file: frame.file.clone().unwrap_or_default(),
+        line: frame.line.unwrap_or(0),
+        address: frame.address,
+        kind: match frame.kind {
+            FrameKind::User => v1::FrameKind::User,
+            FrameKind::Kernel => v1::FrameKind::Kernel,
+            FrameKind::Synthetic => v1::FrameKind::Synthetic,
+        } as i32,
+    }
+}
+
+/// Converts one period's profile. The sequence and drop count are set by the spool.
+pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
+    let pairs = signal_pairs(period.sample_types());
+    let signal_of_column: HashMap<usize, (u32, bool)> = (pairs.iter().enumerate())
+        .map(|(signal, (column, count, _))| (*column, (signal as u32, count.is_some())))
+        .collect();
+    let mut strings = Strings {
+        list: vec![String::new()],
+        ids: HashMap::from([(String::new(), 0)]),
+        of_period: Vec::new(),
     };
     let mut frames = Vec::new();
     let mut frame_index: HashMap<u32, u32> = HashMap::new();
     let mut stacks: Vec<v1::Stack> = Vec::new();
     let mut stack_index: HashMap<&[u32], u32> = HashMap::new();
-    let mut samples = Vec::new();
-    for sample in &profile.samples {
-        let stack = if let Some(&index) = stack_index.get(sample.stack.as_slice()) {
+    let mut samples = Vec::with_capacity(period.samples().len());
+    for sample in period.samples() {
+        let Some(&(signal, counted)) = signal_of_column.get(&sample.column) else {
+            continue;
+        };
+        let count = if counted { sample.count } else { 0 };
+        if sample.value == 0 && count == 0 {
+            continue;
+        }
+        let stack = if let Some(&index) = stack_index.get(&*sample.stack) {
             index
         } else {
-            {
-                let ids = sample
-                    .stack
-                    .iter()
-                    .filter_map(|&id| {
-                        let frame = profile.frames.get(id as usize)?;
-                        Some(*frame_index.entry(id).or_insert_with(|| {
-                            frames.push(v1::Frame {
-                                function: frame.function.clone(),
-                                module: frame.module.clone().unwrap_or_default(),
-                                file: frame.file.clone().unwrap_or_default(),
-                                line: frame.line.unwrap_or(0),
-                                address: frame.address,
-                                kind: match frame.kind {
-                                    FrameKind::User => v1::FrameKind::User,
-                                    FrameKind::Kernel => v1::FrameKind::Kernel,
-                                    FrameKind::Synthetic => v1::FrameKind::Synthetic,
-                                } as i32,
-                            });
-                            (frames.len() - 1) as u32
-                        }))
-                    })
-                    .collect();
-                stacks.push(v1::Stack { frames: ids });
-                let index = (stacks.len() - 1) as u32;
-                stack_index.insert(sample.stack.as_slice(), index);
-                index
-            }
+            let ids = (sample.stack.iter())
+                .filter_map(|&id| {
+                    let frame = period.frames().get(id as usize)?;
+                    Some(*frame_index.entry(id).or_insert_with(|| {
+                        frames.push(wire_frame(frame));
+                        (frames.len() - 1) as u32
+                    }))
+                })
+                .collect();
+            stacks.push(v1::Stack { frames: ids });
+            let index = (stacks.len() - 1) as u32;
+            stack_index.insert(&sample.stack, index);
+            index
         };
-        let labels: Vec<u32> = sample
-            .labels
-            .iter()
-            .flat_map(|(key, value)| [intern(key), intern(value)])
+        let labels = (sample.labels.iter())
+            .flat_map(|&(key, value)| {
+                [
+                    strings.of_period(period, key),
+                    strings.of_period(period, value),
+                ]
+            })
             .collect();
-        for (signal, (value_column, count_column, _)) in pairs.iter().enumerate() {
-            let value = sample.values.get(*value_column).copied().unwrap_or(0);
-            let count = count_column
-                .and_then(|c| sample.values.get(c).copied())
-                .unwrap_or(0);
-            if value != 0 || count != 0 {
-                samples.push(v1::Sample {
-                    stack,
-                    signal: signal as u32,
-                    labels: labels.clone(),
-                    value,
-                    count,
-                });
-            }
-        }
+        samples.push(v1::Sample {
+            stack,
+            signal,
+            labels,
+            value: sample.value,
+            count,
+        });
     }
+    let meta = period.meta();
     // Change events (their labels share the string table) and the binaries table.
-    let events = profile
-        .meta
-        .events
-        .iter()
+    let events = (meta.events.iter())
         .map(|event| v1::ChangeEvent {
             time_unix_ns: event.time_unix_ns,
             kind: event.kind.as_str().to_owned(),
@@ -124,11 +156,11 @@ pub fn batch_from_profile(profile: &Profile, agent_id: &str) -> v1::Batch {
             previous_build_id: event.previous_build_id.clone().unwrap_or_default(),
             executable: event.executable.clone().unwrap_or_default(),
             labels: (event.labels.iter())
-                .flat_map(|(key, value)| [intern(key), intern(value)])
+                .flat_map(|(key, value)| [strings.intern(key), strings.intern(value)])
                 .collect(),
         })
         .collect();
-    let binaries = (profile.meta.binaries.iter())
+    let binaries = (meta.binaries.iter())
         .map(|binary| v1::BinaryInfo {
             path: binary.path.clone(),
             build_id: binary.build_id.clone().unwrap_or_default(),
@@ -145,26 +177,23 @@ pub fn batch_from_profile(profile: &Profile, agent_id: &str) -> v1::Batch {
         .collect();
     v1::Batch {
         agent_id: agent_id.to_owned(),
-        host: profile.meta.host.clone(),
+        host: meta.host.clone(),
         sequence: 0,
-        start_unix_ns: profile.meta.start_unix_ns,
-        duration_ns: profile.meta.duration_ns,
+        start_unix_ns: meta.start_unix_ns,
+        duration_ns: meta.duration_ns,
         signals: pairs.into_iter().map(|(_, _, signal)| signal).collect(),
         frames,
         stacks,
-        strings,
+        strings: strings.list,
         samples,
-        losses: profile
-            .meta
-            .losses
-            .iter()
+        losses: (meta.losses.iter())
             .filter(|(_, count)| **count > 0)
             .map(|(reason, &count)| v1::Loss {
                 reason: reason.clone(),
                 count,
             })
             .collect(),
-        notes: profile.meta.notes.clone(),
+        notes: meta.notes.clone(),
         spool_dropped_total: 0,
         events,
         binaries,
@@ -194,22 +223,26 @@ mod tests {
 
     #[test]
     fn profile_becomes_a_compact_batch() {
-        let mut profile = Profile::new(vec![
+        let types = vec![
             SampleType::new("off_cpu", "nanoseconds"),
             SampleType::new("off_cpu_events", "count"),
             SampleType::new("on_cpu", "nanoseconds"),
             SampleType::new("on_cpu_samples", "count"),
-        ]);
+        ];
+        let mut profile = PeriodProfile::new(types, &[], false);
         let main = profile.intern(Frame::synthetic("main"));
         let read = profile.intern(Frame {
             kind: FrameKind::Kernel,
             ..Frame::synthetic("read")
         });
         let labels = |signal: &str| Labels::from([("signal".to_owned(), signal.to_owned())]);
-        profile.add(vec![read, main], labels("off-cpu"), &[100, 2, 0, 0]);
-        profile.add(vec![main], labels("on-cpu"), &[0, 0, 50, 1]);
-        profile.meta.host = "h".into();
-        profile.meta.events.push(stallscope_profile::ChangeEvent {
+        profile.add(0, &[read, main], &labels("off-cpu"), 100, 2);
+        profile.add(2, &[main], &labels("on-cpu"), 50, 1);
+        let mut meta = stallscope_profile::Meta {
+            host: "h".into(),
+            ..Default::default()
+        };
+        meta.events.push(stallscope_profile::ChangeEvent {
             time_unix_ns: 7,
             kind: stallscope_profile::ChangeKind::Deploy,
             service: "svc".into(),
@@ -220,13 +253,14 @@ mod tests {
             executable: None,
             labels: Labels::from([("unit".to_owned(), "svc.service".to_owned())]),
         });
-        profile.meta.binaries.push(stallscope_profile::BinaryInfo {
+        meta.binaries.push(stallscope_profile::BinaryInfo {
             path: "/usr/bin/svc".into(),
             frame_pointers: Some(false),
             stacks: 3,
             ..Default::default()
         });
-        let batch = batch_from_profile(&profile, "agent");
+        profile.set_meta(meta);
+        let batch = batch_from_period(&profile, "agent");
         let event = &batch.events[0];
         assert_eq!((event.kind.as_str(), event.previous_pid), ("deploy", 1));
         let label = |i: usize| batch.strings[event.labels[i] as usize].as_str();
@@ -250,6 +284,8 @@ mod tests {
             (0, 100, 2)
         );
         assert_eq!((batch.samples[1].signal, batch.samples[1].value), (1, 50));
+        let sample_label = |i: usize| batch.strings[batch.samples[1].labels[i] as usize].as_str();
+        assert_eq!((sample_label(0), sample_label(1)), ("signal", "on-cpu"));
         let mut totals = std::collections::BTreeMap::new();
         batch_totals(&batch, &mut totals);
         assert_eq!(totals["off_cpu/nanoseconds"], 100);
