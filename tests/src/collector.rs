@@ -1,6 +1,7 @@
 //! Harness for the collector and the CLI: start `stallscope-collector` on a free loopback
-//! port (SQLite in a scratch directory, or ClickHouse), stop or kill it, restart it, and
-//! run `stallscope` subcommands with JSON output.
+//! port (SQLite in a scratch directory, or ClickHouse), scheduled as the caller is or out of
+//! latency-sensitive work's way, stop or kill it, restart it, and run `stallscope`
+//! subcommands with JSON output.
 
 use std::{
     io::{BufRead, BufReader},
@@ -35,6 +36,28 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// How the collector's threads are scheduled. Set between fork and exec, so every thread
+/// the collector starts inherits it (changing a running process reaches its main thread
+/// only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CpuPolicy {
+    /// The caller's policy and niceness.
+    #[default]
+    Inherited,
+    /// Out of the way of latency-sensitive work, at its full CPU share: `SCHED_BATCH`
+    /// (its wakeups preempt no one) with the longest EEVDF slice, 100 ms (a task with the
+    /// default, shorter slice that wakes preempts it at once instead of waiting for its
+    /// slice to run out). Neither nice 19 nor `SCHED_IDLE` would do: on this kernel's
+    /// EEVDF a nice-19 thread still holds the CPU for its slice when something wakes
+    /// (about as long as at nice 0), and both starve when the CPUs are busy (a CPU hog, a
+    /// build in another session), so the collector would fall behind exactly then.
+    Background,
+}
+
+/// The EEVDF slice of [`CpuPolicy::Background`], the longest the kernel accepts (6.12 and
+/// later; older kernels ignore it for fair policies).
+const BACKGROUND_SLICE_NS: u64 = 100_000_000;
+
 /// A running collector.
 pub struct CollectorProcess {
     child: Child,
@@ -42,6 +65,7 @@ pub struct CollectorProcess {
     binary: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    policy: CpuPolicy,
     pub port: u16,
 }
 
@@ -54,6 +78,17 @@ impl CollectorProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_with_policy(bin_dir, port, args, env, CpuPolicy::Inherited)
+    }
+
+    /// [`CollectorProcess::start`] under `policy`, which restarts keep.
+    pub fn start_with_policy(
+        bin_dir: &Path,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+        policy: CpuPolicy,
+    ) -> anyhow::Result<Self> {
         let binary = binary(bin_dir, "stallscope-collector")?;
         let mut all: Vec<String> = vec!["--listen".into(), format!("127.0.0.1:{port}")];
         all.extend(args.iter().map(|a| (*a).to_owned()));
@@ -61,13 +96,14 @@ impl CollectorProcess {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let (child, stderr) = spawn(&binary, &all, &env)?;
+        let (child, stderr) = spawn(&binary, &all, &env, policy)?;
         let mut process = Self {
             child,
             stderr,
             binary,
             args: all,
             env,
+            policy,
             port,
         };
         process.wait_listening(Duration::from_secs(60))?;
@@ -167,7 +203,7 @@ impl CollectorProcess {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let (child, stderr) = spawn(&self.binary, &self.args, &self.env)?;
+        let (child, stderr) = spawn(&self.binary, &self.args, &self.env, self.policy)?;
         self.child = child;
         self.stderr = stderr;
         self.wait_listening(Duration::from_secs(60))
@@ -198,6 +234,7 @@ fn spawn(
     binary: &Path,
     args: &[String],
     env: &[(String, String)],
+    policy: CpuPolicy,
 ) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
     let mut command = Command::new(binary);
     command
@@ -208,6 +245,30 @@ fn spawn(
         .stderr(Stdio::piped());
     for (key, value) in env {
         command.env(key, value);
+    }
+    if policy == CpuPolicy::Background {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: the closure runs in the child between fork and exec and only makes one
+        // system call on itself (sched_setattr) with a pointer to a local; that is
+        // async-signal-safe, allocates nothing and takes no lock.
+        unsafe {
+            command.pre_exec(|| {
+                let attr = libc::sched_attr {
+                    size: size_of::<libc::sched_attr>() as u32,
+                    sched_policy: libc::SCHED_BATCH as u32,
+                    sched_flags: 0,
+                    sched_nice: 0,
+                    sched_priority: 0,
+                    sched_runtime: BACKGROUND_SLICE_NS,
+                    sched_deadline: 0,
+                    sched_period: 0,
+                };
+                if libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
     let mut child = command
         .spawn()

@@ -15,9 +15,11 @@
 //!
 //! The roles run from copies of `stallscope-demo` named after them (the agent names a
 //! service after its executable), at niceness 0 unless configured otherwise: the
-//! machine's other work runs niced, and a production service would not. The roles and
-//! the agent get SIGKILL when the thread that started the lab exits (so a killed test
-//! leaves no hog or whole-host agent behind): keep a lab on the thread that started it.
+//! machine's other work runs niced, and a production service would not. The lab's own
+//! collector runs in the background ([`CpuPolicy::Background`]), out of the way of the
+//! service's wakeups. The roles and the agent get SIGKILL when the thread that started the
+//! lab exits (so a killed test leaves no hog or whole-host agent behind): keep a lab on the
+//! thread that started it.
 
 pub mod disk;
 pub mod elf;
@@ -51,7 +53,7 @@ pub use self::{
 };
 use crate::{
     AgentRun, binary,
-    collector::{CollectorProcess, TEST_TOKEN, free_port},
+    collector::{CollectorProcess, CpuPolicy, TEST_TOKEN, free_port},
     lab::{disk::JournalDisk, guard::LabLock, role::Role},
     netlab::NetLab,
 };
@@ -303,7 +305,17 @@ impl Lab {
         }
         args.extend(self.config.collector_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        CollectorProcess::start(&self.config.bin_dir, free_port()?, &args, &[])
+        // The collector shares the service's CPUs. Scheduled as the service is, its
+        // ingestion and `why` delay the service's wakeups, and `why` rightly names it as
+        // the CPU contention instead of the injected cause; in the background it yields
+        // to every wakeup yet keeps its share, so it keeps up while a hog spins.
+        CollectorProcess::start_with_policy(
+            &self.config.bin_dir,
+            free_port()?,
+            &args,
+            &[],
+            CpuPolicy::Background,
+        )
     }
 
     fn start_agent(&self) -> anyhow::Result<AgentRun> {
