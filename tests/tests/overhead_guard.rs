@@ -3,7 +3,7 @@
 //! (a budget nothing reaches); then the budget is set under what it measured: the guard
 //! must engage, bring the agent back under the budget while the flood goes on, relax
 //! once it is over, and keep the syscall totals close to what the workload counted and
-//! timed itself (exact with the guard measuring only; within 15% under its duty cycle).
+//! timed itself (exact with the guard measuring only; within 10% under its duty cycle).
 
 use stallscope_profile::{Histogram, Profile};
 use stallscope_tests::{AgentExit, histogram_with, record_profile, reported, require_root};
@@ -118,6 +118,13 @@ fn the_guard_holds_a_flood_under_its_budget_and_keeps_the_totals() {
     // on (its probes still busy), and turns back once the flood is over.
     let budget = (steady * 0.6 * 100.0).round() / 100.0;
     let (guarded, exit) = flood("guard-holds", 12, 9, budget);
+    for l in exit
+        .stderr
+        .lines()
+        .filter(|l| l.contains("DEBUG") || l.contains("overhead guard"))
+    {
+        eprintln!("AGENT {l}");
+    }
     let seen = measurements(&exit.stderr);
     let first_step = seen
         .iter()
@@ -146,8 +153,9 @@ fn the_guard_holds_a_flood_under_its_budget_and_keeps_the_totals() {
         guarded.meta.notes
     );
     // Under a duty cycle the totals are estimates from the windows the programs were
-    // attached; the workload runs faster while they are not, so the counts come out
-    // short: 4% to 8% in most runs here, 13% in one (the duty cycle at 1/16 most of the
-    // flood). The issue asks for 10%; the test holds what the guard does today, 15%.
-    check_totals("guard on", &guarded, &exit, 0.15);
+    // attached, corrected for the workload running faster while they are not (by the
+    // programs' measured cost per syscall): 1-2% short in counts and 3-6% in sleep time
+    // here (the sleeps' time is 2% short with the guard off too). Without the correction
+    // the counts came out 5-6% short and the sleep time 8-10%.
+    check_totals("guard on", &guarded, &exit, 0.10);
 }

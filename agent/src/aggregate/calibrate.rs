@@ -12,6 +12,8 @@
 //! Syscall totals of the sampled mode (one syscall in N timed, all counted) are scaled
 //! to their count first (`Sums::scale_to_count` in `sums.rs`).
 
+use std::{collections::HashMap, time::Duration};
+
 use agent_common::{EST_COUNT_FP_SHIFT, SampleKey, SampleValue, Signal, TotalKey, TotalValue};
 
 pub const UNSAMPLED_FRAME: &str = "[short waits, no stack sampled]";
@@ -108,20 +110,69 @@ pub fn calibrate(total_ns: u64, total_count: u64, parts: &[Part]) -> Calibrated 
     }
 }
 
-/// Scales the drained totals and samples of `signal` by `factor`: its programs were
-/// attached for 1 / `factor` of the period drained (the overhead guard's duty cycle), so
-/// what they saw stands for the whole period (an estimate; counts no longer exact).
+/// The most of a thread's time its observation is taken to cost it (beyond it the
+/// thread could not have run at all: a measurement gone wrong).
+const MAX_OBSERVED_SHARE: f64 = 0.5;
+
+/// What a signal's drained totals stand for under the overhead guard's duty cycle: its
+/// programs were attached for `attached` of the `period` drained, and cost each event
+/// they saw `cost_per_event` (their measured run time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DutyScale {
+    pub period: Duration,
+    pub attached: Duration,
+    pub cost_per_event: Duration,
+}
+
+impl DutyScale {
+    /// Attached throughout: nothing to scale.
+    pub const WHOLE: Self = Self {
+        period: Duration::ZERO,
+        attached: Duration::ZERO,
+        cost_per_event: Duration::ZERO,
+    };
+
+    /// The factor for a thread that had `events` seen while the programs were attached.
+    /// The programs run in the thread's own context, so while they are detached it runs
+    /// faster by what they cost it: its events in the detached part of the period are
+    /// estimated at its attached rate over one minus its time's share spent in the
+    /// programs. That assumes a thread paces itself; one paced from outside (a timer, a
+    /// peer) would not speed up, but it spends only a small share of its time in the
+    /// programs, so its correction is small too.
+    pub fn factor(&self, events: u64) -> f64 {
+        if self.attached.is_zero() || self.attached >= self.period {
+            return 1.0;
+        }
+        let attached = self.attached.as_secs_f64();
+        let detached = self.period.as_secs_f64() - attached;
+        let observed =
+            (events as f64 * self.cost_per_event.as_secs_f64() / attached).min(MAX_OBSERVED_SHARE);
+        1.0 + detached / attached / (1.0 - observed)
+    }
+}
+
+/// Scales the drained totals and samples of `signal` by `scale`'s factor for each thread:
+/// its programs were attached for part of the period drained (the overhead guard's duty
+/// cycle), so what they saw stands for the whole period (an estimate; counts no longer
+/// exact).
 pub fn scale_drained(
     totals: &mut [(TotalKey, TotalValue)],
     samples: &mut [(SampleKey, SampleValue)],
     signal: Signal,
-    factor: f64,
+    scale: &DutyScale,
 ) {
-    if !factor.is_finite() || factor <= 1.0 {
+    if scale.factor(0) <= 1.0 {
         return;
     }
-    let scale = |value: u64| (value as f64 * factor).round() as u64;
-    for (_, total) in totals.iter_mut().filter(|(k, _)| k.signal == signal as u8) {
+    let mut events: HashMap<(u32, u32), u64> = HashMap::new();
+    for (key, total) in totals.iter().filter(|(k, _)| k.signal == signal as u8) {
+        *events.entry((key.tgid, key.tid)).or_default() += total.count;
+    }
+    let factor_of =
+        |tgid: u32, tid: u32| scale.factor(events.get(&(tgid, tid)).copied().unwrap_or(0));
+    for (key, total) in totals.iter_mut().filter(|(k, _)| k.signal == signal as u8) {
+        let factor = factor_of(key.tgid, key.tid);
+        let scale = |value: u64| (value as f64 * factor).round() as u64;
         total.count = scale(total.count);
         total.ns = scale(total.ns);
         total.tail_ns = scale(total.tail_ns);
@@ -131,7 +182,9 @@ pub fn scale_drained(
             .try_into()
             .unwrap_or(buckets);
     }
-    for (_, sample) in samples.iter_mut().filter(|(k, _)| k.signal == signal as u8) {
+    for (key, sample) in samples.iter_mut().filter(|(k, _)| k.signal == signal as u8) {
+        let factor = factor_of(key.tgid, key.tid);
+        let scale = |value: u64| (value as f64 * factor).round() as u64;
         sample.ns = scale(sample.ns);
         sample.count = scale(sample.count);
         sample.est_ns = scale(sample.est_ns);
@@ -235,14 +288,57 @@ mod tests {
             },
             sample,
         )];
-        scale_drained(&mut totals, &mut samples, Signal::Syscall, 4.0);
+        let quarter = DutyScale {
+            period: Duration::from_secs(4),
+            attached: Duration::from_secs(1),
+            cost_per_event: Duration::ZERO,
+        };
+        scale_drained(&mut totals, &mut samples, Signal::Syscall, &quarter);
         assert_eq!((totals[0].1.count, totals[0].1.ns), (40, 4000));
         assert_eq!((totals[0].1.buckets[3], totals[0].1.buckets[5]), (28, 12));
         assert_eq!(totals[1].1, value, "another signal is untouched");
         assert_eq!((samples[0].1.ns, samples[0].1.count), (2000, 8));
         // Attached the whole period: nothing changes.
-        scale_drained(&mut totals, &mut samples, Signal::Syscall, 1.0);
+        scale_drained(
+            &mut totals,
+            &mut samples,
+            Signal::Syscall,
+            &DutyScale::WHOLE,
+        );
         assert_eq!(totals[0].1.count, 40);
+    }
+
+    #[test]
+    fn a_thread_its_observation_slowed_is_scaled_for_running_faster_unobserved() {
+        let total = |tid: u32, count: u64| {
+            (
+                TotalKey {
+                    tgid: 1,
+                    tid,
+                    signal: Signal::Syscall as u8,
+                    ..TotalKey::default()
+                },
+                TotalValue {
+                    count,
+                    ..TotalValue::default()
+                },
+            )
+        };
+        // Attached 1 s of 4; each syscall cost its thread 1 us in the programs: thread 2's
+        // 200,000 syscalls cost it a fifth of its time, thread 3's 10 almost nothing.
+        let scale = DutyScale {
+            period: Duration::from_secs(4),
+            attached: Duration::from_secs(1),
+            cost_per_event: Duration::from_micros(1),
+        };
+        let mut totals = vec![total(2, 100_000), total(2, 100_000), total(3, 10)];
+        scale_drained(&mut totals, &mut [], Signal::Syscall, &scale);
+        // 1 + 3 / (1 - 0.2) = 4.75 for thread 2, over both its syscalls.
+        assert_eq!(totals[0].1.count, 475_000);
+        assert_eq!(totals[1].1.count, 475_000);
+        assert_eq!(totals[2].1.count, 40);
+        // A measurement that makes a thread spend everything in the programs is capped.
+        assert!((scale.factor(10_000_000) - 7.0).abs() < 1e-9);
     }
 
     #[test]

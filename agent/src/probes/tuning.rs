@@ -16,6 +16,8 @@ use super::{ProbeError, Probes};
 pub struct ProbeCost {
     /// `sys_enter`/`sys_exit` serving the syscall signal (its sampling).
     pub syscall: Duration,
+    /// How many times those two ran (each syscall seen runs both).
+    pub syscall_runs: u64,
     /// The scheduler programs (off-CPU stacks' threshold).
     pub scheduler: Duration,
     /// The kernel lock programs (lock stacks' threshold).
@@ -34,6 +36,7 @@ impl ProbeCost {
     pub fn minus(&self, earlier: &Self) -> Self {
         Self {
             syscall: self.syscall.saturating_sub(earlier.syscall),
+            syscall_runs: self.syscall_runs.saturating_sub(earlier.syscall_runs),
             scheduler: self.scheduler.saturating_sub(earlier.scheduler),
             lock: self.lock.saturating_sub(earlier.lock),
             other: self.other.saturating_sub(earlier.other),
@@ -77,7 +80,10 @@ impl Probes {
                 continue;
             };
             let slot = match name {
-                "sys_enter_btf" | "sys_exit_btf" if syscall_signal => &mut cost.syscall,
+                "sys_enter_btf" | "sys_exit_btf" if syscall_signal => {
+                    cost.syscall_runs += info.run_count();
+                    &mut cost.syscall
+                }
                 "sched_switch_out_btf"
                 | "sched_switch_in_btf"
                 | "rseq_update_btf"

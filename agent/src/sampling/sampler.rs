@@ -20,7 +20,11 @@ use super::{
     shutdown,
 };
 use crate::{
-    aggregate::{accumulate::Accumulator, calibrate, period::PeriodProfile},
+    aggregate::{
+        accumulate::Accumulator,
+        calibrate::{self, DutyScale},
+        period::PeriodProfile,
+    },
     config::{Config, SignalName},
     metrics::METRICS,
     naming,
@@ -208,16 +212,17 @@ pub fn sample(
             guard.tick(&mut probes);
         }
         if now >= next_drain {
+            let drained_at = Instant::now();
             let scale = guard
                 .as_ref()
-                .map_or(1.0, |g| g.syscall_scale(Instant::now()));
-            let drained = drain_journaled(&mut probes, &mut journal, scale)?;
+                .map_or(DutyScale::WHOLE, |g| g.syscall_scale(&probes, drained_at));
+            let drained = drain_journaled(&mut probes, &mut journal, &scale)?;
             ingest(&mut accumulator, drained);
             next_drain += config.drain_interval;
             sink.drained(&accumulator, started.elapsed());
             if let Some(guard) = &mut guard {
                 guard.check(&mut probes);
-                guard.new_period(&mut probes, config.drain_interval);
+                guard.new_period(&mut probes, config.drain_interval, drained_at);
             }
         }
         if let (Some(close), Some(every)) = (next_close, sink.interval())
@@ -240,10 +245,10 @@ pub fn sample(
     if let Some(notifier) = &notifier {
         warn_unsent(notifier.stopping());
     }
-    let scale = guard
-        .as_ref()
-        .map_or(1.0, |g| g.syscall_scale(Instant::now()));
-    let drained = drain_journaled(&mut probes, &mut journal, scale)?;
+    let scale = guard.as_ref().map_or(DutyScale::WHOLE, |g| {
+        g.syscall_scale(&probes, Instant::now())
+    });
+    let drained = drain_journaled(&mut probes, &mut journal, &scale)?;
     ingest(&mut accumulator, drained);
     let ended = Instant::now();
     drop(probes);
@@ -267,7 +272,7 @@ pub fn sample(
 fn drain_journaled(
     probes: &mut Probes,
     journal: &mut Option<journal::Lane>,
-    syscall_scale: f64,
+    syscall_scale: &DutyScale,
 ) -> anyhow::Result<Drained> {
     let drained = scaled(probes.drain()?, syscall_scale);
     if let Some(lane) = journal {
@@ -368,9 +373,9 @@ fn warn_unsent(sent: std::io::Result<()>) {
     }
 }
 
-/// A drained generation with the syscall signal's totals scaled by `syscall_scale` (the
-/// overhead guard's duty cycle).
-fn scaled(mut drained: Drained, syscall_scale: f64) -> Drained {
+/// A drained generation with the syscall signal's totals scaled for the overhead guard's
+/// duty cycle.
+fn scaled(mut drained: Drained, syscall_scale: &DutyScale) -> Drained {
     calibrate::scale_drained(
         &mut drained.totals,
         &mut drained.samples,

@@ -18,27 +18,34 @@ pub(super) struct DutyCycle {
 }
 
 impl DutyCycle {
-    /// A period starting at `start`, with the programs attached throughout.
-    pub(super) fn new(start: Instant) -> Self {
+    /// A period starting at `start` (the drain that began it: what the programs see from
+    /// then on is in this period), with the programs attached from then on or not.
+    pub(super) fn new(start: Instant, attached: bool) -> Self {
         Self {
             start,
             window: None,
             opened: false,
-            attached_since: Some(start),
+            attached_since: attached.then_some(start),
             attached: Duration::ZERO,
         }
     }
 
-    /// Plans a window of 1/`duty` of `interval` at a random offset; `attached`: whether
-    /// the programs are attached now.
-    pub(super) fn plan(&mut self, interval: Duration, duty: u32, attached: bool) {
+    /// Plans, at `now`, a window of 1/`duty` of `interval` at a random offset in what is
+    /// left of the period (the drain that started it took a while to ingest).
+    pub(super) fn plan(&mut self, interval: Duration, duty: u32, now: Instant) {
         let length = interval / duty;
-        let slack = interval.saturating_sub(length);
+        let slack = interval.saturating_sub(now.saturating_duration_since(self.start) + length);
         let draw = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), self.start);
         let offset = slack.mul_f64((draw % 1024) as f64 / 1024.0);
-        let open = self.start + offset;
+        let open = now + offset;
         self.window = Some((open, open + length));
-        self.attached_since = attached.then_some(self.start);
+    }
+
+    /// The programs were attached (again) at `now`, for the rest of the period.
+    pub(super) fn attached_at(&mut self, now: Instant) {
+        if self.attached_since.is_none() {
+            self.attached_since = Some(now);
+        }
     }
 
     /// Whether to attach (`Some(true)`) or detach (`Some(false)`) the programs now: they
@@ -68,21 +75,13 @@ impl DutyCycle {
         }
     }
 
-    /// The period up to `drained_at` over the time the programs were attached in it.
-    pub(super) fn scale(&self, drained_at: Instant) -> f64 {
-        if self.window.is_none() {
-            return 1.0;
-        }
+    /// The period up to `drained_at` and the time the programs were attached in it.
+    pub(super) fn span(&self, drained_at: Instant) -> (Duration, Duration) {
         let attached = self.attached
             + self.attached_since.map_or(Duration::ZERO, |since| {
                 drained_at.saturating_duration_since(since)
             });
-        let period = drained_at.saturating_duration_since(self.start);
-        if attached.is_zero() {
-            // The window never opened (a short period): nothing was seen to scale.
-            return 1.0;
-        }
-        period.as_secs_f64() / attached.as_secs_f64()
+        (drained_at.saturating_duration_since(self.start), attached)
     }
 }
 
@@ -94,8 +93,8 @@ mod tests {
 
     /// A cycle of 1/`duty` planned from attached programs, its window's open and close.
     fn planned(duty: u32) -> (DutyCycle, Instant, Instant) {
-        let mut cycle = DutyCycle::new(Instant::now());
-        cycle.plan(INTERVAL, duty, true);
+        let mut cycle = DutyCycle::new(Instant::now(), true);
+        cycle.plan(INTERVAL, duty, cycle.start);
         let (open, close) = cycle.window.expect("a window");
         (cycle, open, close)
     }
@@ -117,7 +116,8 @@ mod tests {
         }
         assert_eq!(cycle.due(close), Some(false));
         assert_eq!(cycle.due(close + INTERVAL / 8), None);
-        let scale = cycle.scale(cycle.start + INTERVAL);
+        let (period, attached) = cycle.span(cycle.start + INTERVAL);
+        let scale = period.as_secs_f64() / attached.as_secs_f64();
         assert!((scale - 4.0).abs() < 0.01, "scale {scale}");
     }
 
@@ -134,13 +134,15 @@ mod tests {
         assert!(moved_open >= open);
         assert_eq!(moved_close - moved_open, INTERVAL / 16);
         assert_eq!(cycle.due(moved_close), Some(false));
-        assert!(cycle.scale(moved_close + INTERVAL / 2) > 1.0);
+        let (period, attached) = cycle.span(moved_close + INTERVAL / 2);
+        assert!(attached < period);
     }
 
     #[test]
     fn without_a_window_nothing_moves_and_nothing_scales() {
-        let mut cycle = DutyCycle::new(Instant::now());
+        let mut cycle = DutyCycle::new(Instant::now(), true);
         assert_eq!(cycle.due(cycle.start + INTERVAL), None);
-        assert!((cycle.scale(cycle.start + INTERVAL) - 1.0).abs() < f64::EPSILON);
+        let (period, attached) = cycle.span(cycle.start + INTERVAL);
+        assert_eq!(period, attached);
     }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use self::duty::DutyCycle;
 pub use self::levers::{Lever, Settings};
 use crate::{
+    aggregate::calibrate::DutyScale,
     metrics::METRICS,
     probes::{ProbeCost, Probes},
 };
@@ -73,8 +74,10 @@ pub struct Guard {
     since: Instant,
     agent_cpu: Duration,
     probes: ProbeCost,
-    /// The syscall programs' duty cycle in the drain period under way.
+    /// The syscall programs' duty cycle in the drain period under way, and the probes'
+    /// run time when it started.
     cycle: DutyCycle,
+    cycle_runs: ProbeCost,
     /// What the guard did since the last profile closed.
     notes: Vec<String>,
     /// Whether the start-up period has been measured (and left out).
@@ -126,7 +129,8 @@ impl Guard {
             since: now,
             agent_cpu: own_cpu_time(),
             probes: probes.run_time(),
-            cycle: DutyCycle::new(now),
+            cycle: DutyCycle::new(now, true),
+            cycle_runs: probes.run_time(),
             notes: Vec::new(),
             warmed_up: false,
             costs: Vec::new(),
@@ -146,24 +150,38 @@ impl Guard {
         }
     }
 
-    /// What the syscall signal's drained totals are scaled by: the drain period over the
-    /// part of it the syscall programs were attached (1 without a duty cycle).
-    pub fn syscall_scale(&self, drained_at: Instant) -> f64 {
-        self.cycle.scale(drained_at)
+    /// What the syscall signal's drained totals stand for: the drain period, the part of
+    /// it the syscall programs were attached, and what they cost a syscall meanwhile.
+    pub fn syscall_scale(&self, probes: &Probes, drained_at: Instant) -> DutyScale {
+        let (period, attached) = self.cycle.span(drained_at);
+        let spent = probes.run_time().minus(&self.cycle_runs);
+        // Each syscall seen runs both programs.
+        let syscalls = u32::try_from(spent.syscall_runs / 2).unwrap_or(u32::MAX);
+        DutyScale {
+            period,
+            attached,
+            cost_per_event: spent.syscall.checked_div(syscalls).unwrap_or_default(),
+        }
     }
 
-    /// Starts the next drain period (of `interval`): under a duty cycle, the syscall
-    /// programs' window in it starts at a random offset, so it does not always fall on
-    /// the same moment after a drain, when the agent itself is busiest.
-    pub fn new_period(&mut self, probes: &mut Probes, interval: Duration) {
+    /// Starts the next drain period (of `interval`), begun by the drain at `drained_at`
+    /// (events since then are in it, however long that drain took to ingest): under a
+    /// duty cycle, the syscall programs' window in it starts at a random offset, so it
+    /// does not always fall on the same moment after a drain, when the agent itself is
+    /// busiest.
+    pub fn new_period(&mut self, probes: &mut Probes, interval: Duration, drained_at: Instant) {
         let duty = u32::try_from(self.settings.duty).unwrap_or(u32::MAX).max(1);
-        self.cycle = DutyCycle::new(Instant::now());
+        self.cycle = DutyCycle::new(drained_at, probes.syscall_attached());
+        self.cycle_runs = probes.run_time();
+        let now = Instant::now();
         if duty > 1 {
-            self.cycle.plan(interval, duty, probes.syscall_attached());
+            self.cycle.plan(interval, duty, now);
         } else if !probes.syscall_attached() {
-            self.cycle.attached_since = Some(self.cycle.start);
-            if let Err(err) = probes.attach_syscall_programs(true) {
-                tracing::warn!("overhead guard: attaching the syscall programs again: {err}");
+            match probes.attach_syscall_programs(true) {
+                Ok(()) => self.cycle.attached_at(Instant::now()),
+                Err(err) => {
+                    tracing::warn!("overhead guard: attaching the syscall programs again: {err}");
+                }
             }
         }
         self.tick(probes);
