@@ -270,6 +270,31 @@ const BINARIES_PER_LANE: usize = 32;
 /// per-binary frame cache means it is parsed again only for offsets not seen before.
 const SOURCE_BYTES_PER_LANE: u64 = 24 << 20;
 
+/// Most DWARF (uncompressed) of a source a lane keeps parsed between jobs, whatever its
+/// file's size: blazesym holds the sections decompressed and its tables built from
+/// them. On a busy host that is libc's debug file (4 MB compressed, 10 MB of DWARF;
+/// 12-20 MB resident while kept, a 15 MB burst and 35 ms of CPU to parse), which sees a
+/// few new offsets nearly every second: the resolver asks for such a source's new
+/// offsets once a profile period, when it settles, and the lane drops it after.
+const KEPT_DWARF_BYTES: u64 = 4 << 20;
+
+/// What a symbol source counts against a lane's budget (its file's `file_bytes`), or
+/// `None` if a lane does not keep it between jobs (more DWARF than
+/// [`KEPT_DWARF_BYTES`] to symbolize with, at most `dwarf_max`).
+fn counted_bytes(file_bytes: u64, file: &BinaryFile, dwarf_max: u64) -> Option<u64> {
+    let dwarf = file.dwarf_bytes();
+    let large_dwarf = dwarf <= dwarf_max && dwarf > KEPT_DWARF_BYTES;
+    (!large_dwarf && file_bytes <= SOURCE_BYTES_PER_LANE).then_some(file_bytes)
+}
+
+/// Whether a lane keeps `file`'s parsed symbol source between jobs. A source it does
+/// not keep is parsed again for every job.
+pub fn kept_between_jobs(file: &BinaryFile, dwarf_max: u64) -> bool {
+    let source = file.debug.as_ref().map_or(&file.file, |debug| &debug.file);
+    let file_bytes = source.metadata().map_or(0, |meta| meta.len());
+    counted_bytes(file_bytes, file, dwarf_max).is_some()
+}
+
 struct Kept {
     symbolizer: Blazesym,
     used: Instant,
@@ -298,9 +323,14 @@ impl LaneSymbolizers {
     /// that parsed DWARF leaves free goes back to the kernel: glibc would otherwise keep
     /// the arena at its high-water mark (24 MB after one large debug build).
     fn trim(&mut self) {
-        let mut evicted = false;
+        // A source over the budget on its own goes first, not the others before it.
+        let before = self.by_binary.len();
+        self.by_binary
+            .retain(|_, kept| kept.source_bytes <= SOURCE_BYTES_PER_LANE);
+        let mut evicted = self.by_binary.len() < before;
         loop {
-            let bytes: u64 = self.by_binary.values().map(|k| k.source_bytes).sum();
+            let bytes =
+                (self.by_binary.values()).fold(0u64, |sum, k| sum.saturating_add(k.source_bytes));
             if self.by_binary.len() <= BINARIES_PER_LANE && bytes <= SOURCE_BYTES_PER_LANE {
                 break;
             }
@@ -351,14 +381,27 @@ pub fn symbolize_offsets(
     let module = file.path.to_string();
     let source_file = file.debug.as_ref().map_or(&file.file, |debug| &debug.file);
     let source_fd = source_file.as_raw_fd();
-    let source_bytes = source_file.metadata().map_or(0, |meta| meta.len());
+    let file_bytes = source_file.metadata().map_or(0, |meta| meta.len());
     // Through the agent's own descriptor: works whatever namespace the binary lives in,
     // and after it was deleted or its process exited.
     let mut elf = Elf::new(format!("/proc/self/fd/{source_fd}"));
     elf.debug_syms = file.dwarf_bytes() <= dwarf_max;
+    // Not kept: more than any budget, so the lane drops it after this job.
+    let source_bytes = counted_bytes(file_bytes, file, dwarf_max).unwrap_or(u64::MAX);
     let source = Source::Elf(elf);
     let vaddrs: Vec<Option<u64>> = offsets.iter().map(|&o| file.info.vaddr_of(o)).collect();
     let valid: Vec<u64> = vaddrs.iter().flatten().copied().collect();
+    if !lane.by_binary.contains_key(&binary) {
+        tracing::debug!(
+            "symbolizing {} offsets of {module}: parsing its symbol source ({file_bytes} bytes{})",
+            valid.len(),
+            if source_bytes == u64::MAX {
+                ", not kept after the job"
+            } else {
+                ""
+            }
+        );
+    }
     let symbolizer = lane.get(binary, source_bytes);
     let results = match symbolizer.symbolize(&source, Input::VirtOffset(&valid)) {
         Ok(results) => results,
@@ -460,6 +503,25 @@ mod tests {
             (None, None),
             "{frame:?}"
         );
+    }
+
+    #[test]
+    fn a_source_over_the_budget_goes_without_evicting_the_others() {
+        let mut lane = LaneSymbolizers::default();
+        let kept = |lane: &LaneSymbolizers| {
+            let mut ids: Vec<u32> = lane.by_binary.keys().copied().collect();
+            ids.sort_unstable();
+            ids
+        };
+        let _ = lane.get(1, 4 << 20);
+        let _ = lane.get(2, 4 << 20);
+        let _ = lane.get(3, SOURCE_BYTES_PER_LANE + 1);
+        lane.trim();
+        assert_eq!(kept(&lane), [1, 2]);
+        // Over the budget together: the least recently used goes.
+        let _ = lane.get(4, 20 << 20);
+        lane.trim();
+        assert_eq!(kept(&lane), [2, 4]);
     }
 
     #[test]

@@ -47,11 +47,15 @@ pub struct Binary {
     pub truncated_stacks: u64,
     /// Why symbolization failed for its last batch, if it did.
     pub error: Option<String>,
+    /// Whether its parsed symbol source is too large for a lane to keep between jobs:
+    /// its offsets are then asked for once a period, when the period settles.
+    pub parsed_per_job: bool,
 }
 
 impl Binary {
-    pub fn new(key: BinaryKey, file: Arc<BinaryFile>) -> Self {
+    pub fn new(key: BinaryKey, file: Arc<BinaryFile>, dwarf_max: u64) -> Self {
         Self {
+            parsed_per_job: !symbolize::kept_between_jobs(&file, dwarf_max),
             key,
             file,
             frames: HashMap::new(),
@@ -109,7 +113,8 @@ impl Resolver {
             let id = self.next_binary;
             self.next_binary += 1;
             self.by_key.insert(key.clone(), id);
-            self.binaries.insert(id, Binary::new(key, file));
+            let binary = Binary::new(key, file, self.settings.dwarf_max);
+            self.binaries.insert(id, binary);
             id
         };
         self.files.insert(file_id, FileState::Ready(id));
@@ -136,10 +141,12 @@ impl Resolver {
         }
     }
 
-    pub(super) fn request_symbols(&mut self) {
+    /// Submits the offsets wanted to the lanes: of a binary parsed for every job, only
+    /// when the period is `settling` (one parse a period, not one a drain).
+    pub(super) fn request_symbols(&mut self, settling: bool) {
         let dwarf_max = self.settings.dwarf_max;
         for (&id, binary) in &mut self.binaries {
-            if binary.wanted.is_empty() {
+            if binary.wanted.is_empty() || (binary.parsed_per_job && !settling) {
                 continue;
             }
             let offsets = std::mem::take(&mut binary.wanted);
@@ -325,5 +332,46 @@ impl Resolver {
             let files = &self.files;
             opening.retain(|file| files.contains_key(file));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        process::procfs::{find_mapping, parse_maps},
+        symbols::resolver::ResolverSettings,
+    };
+
+    #[test]
+    fn a_binary_parsed_for_every_job_is_symbolized_once_a_period() {
+        let maps = std::fs::read("/proc/self/maps").expect("own maps");
+        let mappings = parse_maps(&maps).expect("own maps parse").code;
+        let here = a_binary_parsed_for_every_job_is_symbolized_once_a_period as *const () as u64;
+        let mapping = find_mapping(&mappings, here).expect("mapped");
+        let file_id = mapping.file.expect("a file");
+        let binary = binaries::open_binary(std::process::id(), mapping).expect("opens");
+        // This test binary (a debug build, over 24 MB) is larger than a lane's budget.
+        assert!(!symbolize::kept_between_jobs(&binary, u64::MAX));
+        let mut resolver = Resolver::new(ResolverSettings::default());
+        resolver.add_binary(file_id, Arc::new(binary));
+        let Some(FileState::Ready(id)) = resolver.files.get(&file_id) else {
+            panic!("the binary is registered");
+        };
+        let id = *id;
+        let offset = mapping.file_offset(here);
+        resolver.want(file_id, offset);
+        // A drain's poll leaves its offsets for the period's end.
+        resolver.poll();
+        assert_eq!(resolver.binaries[&id].wanted, [offset]);
+        assert_eq!(resolver.shared.in_flight.load(Ordering::Relaxed), 0);
+        resolver.settle();
+        let (frames, _) = &resolver.binaries[&id].frames[&offset];
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.function.contains("a_binary_parsed_for_every_job")),
+            "{frames:?}"
+        );
     }
 }

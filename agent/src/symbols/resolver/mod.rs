@@ -215,9 +215,13 @@ impl Resolver {
     /// Applies what the lanes reported, normalizes stacks whose process is now known and
     /// asks for the symbols still missing. Never blocks.
     pub fn poll(&mut self) {
+        self.poll_for(false);
+    }
+
+    fn poll_for(&mut self, settling: bool) {
         self.apply_reports();
         self.normalize_pending(false);
-        self.request_symbols();
+        self.request_symbols(settling);
     }
 
     fn apply(&mut self, outcome: Outcome) {
@@ -341,7 +345,7 @@ impl Resolver {
     pub fn settle(&mut self) {
         let deadline = Instant::now() + self.settings.settle_budget;
         loop {
-            self.poll();
+            self.poll_for(true);
             if self.unresolved() == 0 || Instant::now() >= deadline {
                 break;
             }
