@@ -253,15 +253,14 @@ impl Accumulator {
             self.keep_histograms,
         );
 
+        // The samples' table is consumed here (freed once they are grouped), not held
+        // next to the groups and the profile while it is built.
         let mut groups: HashMap<TotalKey, Vec<(SampleKey, SampleValue)>> = HashMap::new();
-        for (key, value) in &samples {
+        for (key, value) in samples {
             if key.signal == Signal::OnCpu as u8 {
-                self.add_oncpu(&mut profile, key, value);
+                self.add_oncpu(&mut profile, &key, &value);
             } else {
-                groups
-                    .entry(group_of(key))
-                    .or_default()
-                    .push((*key, *value));
+                groups.entry(group_of(&key)).or_default().push((key, value));
             }
         }
         sums::scale_sampled_syscalls(&mut totals);

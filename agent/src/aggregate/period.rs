@@ -17,10 +17,11 @@ use stallscope_profile::{Frame, FrameId, HashIndex, Histogram, Labels, Meta, Pro
 /// A label set: (key, value) string ids, in the keys' order.
 pub type LabelIds = Box<[(u32, u32)]>;
 
-/// One sample of a period: a stack, labels, and one signal's value and count.
+/// One sample of a period: a stack (its id in the period's stack table), labels, and
+/// one signal's value and count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeriodSample {
-    pub stack: Box<[FrameId]>,
+    pub stack: u32,
     pub labels: LabelIds,
     /// The sample type column of the value; the count is the next column, if any.
     pub column: usize,
@@ -39,6 +40,10 @@ pub struct PeriodProfile {
     string_ids: HashMap<Box<str>, u32>,
     samples: Vec<PeriodSample>,
     index: HashIndex,
+    /// The distinct stacks (a period's samples share a few thousand among tens of
+    /// thousands), indexed by their hash.
+    stacks: Vec<Box<[FrameId]>>,
+    stack_index: HashIndex,
 }
 
 impl PeriodProfile {
@@ -74,6 +79,19 @@ impl PeriodProfile {
         &self.samples
     }
 
+    /// Takes the samples out (and drops their index), for a conversion that frees each
+    /// as it goes.
+    pub fn take_samples(&mut self) -> Vec<PeriodSample> {
+        self.index = HashIndex::default();
+        self.stack_index = HashIndex::default();
+        std::mem::take(&mut self.samples)
+    }
+
+    /// The frames of a sample's stack id.
+    pub fn stack(&self, id: u32) -> &[FrameId] {
+        self.stacks.get(id as usize).map_or(&[], |stack| stack)
+    }
+
     /// The text of a string id of a sample's labels.
     pub fn string(&self, id: u32) -> &str {
         self.strings.get(id as usize).map_or("", |s| s)
@@ -87,6 +105,19 @@ impl PeriodProfile {
     /// Index of the sample type `kind`/`unit`, if present.
     pub fn sample_type_index(&self, kind: &str, unit: &str) -> Option<usize> {
         self.profile.sample_type_index(kind, unit)
+    }
+
+    fn stack_id(&mut self, stack: &[FrameId]) -> u32 {
+        let mut hasher = DefaultHasher::new();
+        stack.hash(&mut hasher);
+        let hash = hasher.finish();
+        let stacks = &self.stacks;
+        if let Some(index) = self.stack_index.find(hash, |i| *stacks[i] == *stack) {
+            return index as u32;
+        }
+        self.stack_index.insert(hash, self.stacks.len());
+        self.stacks.push(stack.into());
+        (self.stacks.len() - 1) as u32
     }
 
     fn string_id(&mut self, text: &str) -> u32 {
@@ -113,13 +144,14 @@ impl PeriodProfile {
             .iter()
             .map(|(key, value)| (self.string_id(key), self.string_id(value)))
             .collect();
+        let stack = self.stack_id(stack);
         let mut hasher = DefaultHasher::new();
         (column, stack, &labels).hash(&mut hasher);
         let hash = hasher.finish();
         let samples = &self.samples;
         let found = self.index.find(hash, |i| {
             let sample = &samples[i];
-            sample.column == column && *sample.stack == *stack && sample.labels == labels
+            sample.column == column && sample.stack == stack && sample.labels == labels
         });
         if let Some(index) = found {
             let sample = &mut self.samples[index];
@@ -129,7 +161,7 @@ impl PeriodProfile {
         }
         self.index.insert(hash, self.samples.len());
         self.samples.push(PeriodSample {
-            stack: stack.into(),
+            stack,
             labels,
             column,
             value,
@@ -171,7 +203,11 @@ impl PeriodProfile {
             if let Some(slot) = values.get_mut(sample.column + 1) {
                 *slot = sample.count;
             }
-            profile.add(sample.stack.to_vec(), self.labels(sample), &values);
+            profile.add(
+                self.stack(sample.stack).to_vec(),
+                self.labels(sample),
+                &values,
+            );
         }
         profile.frames = self.profile.frames;
         profile.histograms = self.profile.histograms;
@@ -216,6 +252,9 @@ mod tests {
             (15, 3)
         );
         assert_eq!(period.labels(&period.samples()[1]), d);
+        // One stack table entry per distinct stack.
+        assert_eq!(period.samples()[1].stack, period.samples()[0].stack);
+        assert_eq!(period.stack(period.samples()[2].stack), [b]);
         period.add_histogram(&Histogram::default());
         let profile = period.into_profile();
         assert!(profile.histograms.is_empty(), "not kept");

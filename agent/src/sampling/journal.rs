@@ -122,12 +122,18 @@ impl Journal {
     }
 
     /// Appends one drained generation (one write: a torn record is detected on reading).
+    /// The record is built in one buffer, its header filled in last: a drain's entries
+    /// are the agent's largest transient, not to be copied twice.
     pub fn append(&mut self, drained: &Drained, unix_ns: i64) -> io::Result<()> {
+        const HEADER: usize = 9;
         let mut body = Vec::with_capacity(
-            64 + drained.totals.len() * (size_of::<TotalKey>() + size_of::<TotalValue>())
+            HEADER
+                + 64
+                + drained.totals.len() * (size_of::<TotalKey>() + size_of::<TotalValue>())
                 + drained.samples.len() * (size_of::<SampleKey>() + size_of::<SampleValue>())
                 + drained.stacks.len() * (8 + size_of::<StackTrace>()),
         );
+        body.resize(HEADER, 0);
         body.extend_from_slice(&unix_ns.to_le_bytes());
         put_pairs(&mut body, &drained.totals);
         put_pairs(&mut body, &drained.samples);
@@ -141,13 +147,13 @@ impl Journal {
             body.extend_from_slice(&(name.len() as u16).to_le_bytes());
             body.extend_from_slice(name);
         }
-        let mut record = Vec::with_capacity(body.len() + 9);
-        record.push(RECORD);
-        record.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        record.extend_from_slice(&body);
+        let length = ((body.len() - HEADER) as u32).to_le_bytes();
+        let checksum = crc32fast::hash(&body[HEADER..]).to_le_bytes();
+        body[0] = RECORD;
+        body[1..5].copy_from_slice(&length);
+        body[5..HEADER].copy_from_slice(&checksum);
         let end = self.file.metadata()?.len();
-        write_at(&self.file, &record, end)
+        write_at(&self.file, &body, end)
     }
 }
 

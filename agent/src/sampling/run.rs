@@ -20,7 +20,7 @@ use crate::{
     metrics,
     probes::{self, ProbeError},
     stream::{
-        batch::{batch_from_period, batch_totals},
+        batch::encode_period,
         sender::{ClientTls, Sender, StreamSettings},
         spool::{Appended, Spool},
     },
@@ -152,14 +152,15 @@ impl Sink for StreamSink<'_> {
     }
 
     fn accept(&mut self, profile: PeriodProfile, last: bool) -> anyhow::Result<()> {
-        let batch = batch_from_period(&profile, &self.config.agent_id);
-        drop(profile);
-        batch_totals(&batch, &mut self.summary.totals);
+        let batch = encode_period(profile, &self.config.agent_id);
+        for (kind, total) in &batch.totals {
+            *self.summary.totals.entry(kind.clone()).or_default() += total;
+        }
         let appended = self
             .spool
             .lock()
             .map_err(|_| anyhow::anyhow!("the sender thread panicked while it held the spool"))?
-            .append(batch)?;
+            .append(batch.bytes, batch.start_unix_ns)?;
         self.summary.batches += 1;
         if let Appended::Stored(sequence) = appended {
             self.summary.last_sequence = Some(sequence);

@@ -4,8 +4,9 @@
 //! pairs: a value type followed by its `count` type (`off_cpu`/nanoseconds then
 //! `off_cpu_events`/count), named like the `signal` label (`off-cpu`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
+use prost::Message as _;
 use stallscope_profile::{Frame, FrameKind, SampleType};
 use stallscope_proto::v1;
 
@@ -86,8 +87,25 @@ fn wire_frame(frame: &Frame) -> v1::Frame {
     }
 }
 
-/// Converts one period's profile. The sequence and drop count are set by the spool.
-pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
+/// `Batch.samples`' field number in `stallscope.proto`.
+const SAMPLES_FIELD: u32 = 10;
+
+/// One period's batch, encoded (without its sequence and the spool's drop count, which
+/// the spool appends), and what it sums to per sample type.
+pub struct EncodedBatch {
+    pub bytes: Vec<u8>,
+    pub start_unix_ns: i64,
+    /// Per sample type (`kind/unit`), the sum over the batch: what the agent reports
+    /// at exit so its totals can be compared with the collector's.
+    pub totals: BTreeMap<String, i64>,
+}
+
+/// Encodes one period's profile as a wire batch, consuming it: each sample is encoded
+/// as it is converted and its label ids freed, so neither the period nor a decoded batch is whole in memory next to the
+/// encoding at the end of a period. The samples are encoded first and the rest of the
+/// batch (its tables, built meanwhile) after them: a protobuf message's fields may come
+/// in any order, and repeated ones keep theirs.
+pub fn encode_period(mut period: PeriodProfile, agent_id: &str) -> EncodedBatch {
     let pairs = signal_pairs(period.sample_types());
     let signal_of_column: HashMap<usize, (u32, bool)> = (pairs.iter().enumerate())
         .map(|(signal, (column, count, _))| (*column, (signal as u32, count.is_some())))
@@ -100,9 +118,15 @@ pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
     let mut frames = Vec::new();
     let mut frame_index: HashMap<u32, u32> = HashMap::new();
     let mut stacks: Vec<v1::Stack> = Vec::new();
-    let mut stack_index: HashMap<&[u32], u32> = HashMap::new();
-    let mut samples = Vec::with_capacity(period.samples().len());
-    for sample in period.samples() {
+    // The batch's index of each of the period's stack ids, once used.
+    let mut stack_index: Vec<Option<u32>> = Vec::new();
+    let period_samples = period.take_samples();
+    let mut totals: BTreeMap<String, i64> = BTreeMap::new();
+    // Per signal: its value and count summed, if it has samples.
+    let mut sums: Vec<Option<(i64, i64)>> = vec![None; pairs.len()];
+    let mut bytes = Vec::new();
+    let mut wire = v1::Sample::default();
+    for sample in period_samples {
         let Some(&(signal, counted)) = signal_of_column.get(&sample.column) else {
             continue;
         };
@@ -110,10 +134,14 @@ pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
         if sample.value == 0 && count == 0 {
             continue;
         }
-        let stack = if let Some(&index) = stack_index.get(&*sample.stack) {
+        let slot = sample.stack as usize;
+        if stack_index.len() <= slot {
+            stack_index.resize(slot + 1, None);
+        }
+        let stack = if let Some(index) = stack_index[slot] {
             index
         } else {
-            let ids = (sample.stack.iter())
+            let ids = (period.stack(sample.stack).iter())
                 .filter_map(|&id| {
                     let frame = period.frames().get(id as usize)?;
                     Some(*frame_index.entry(id).or_insert_with(|| {
@@ -124,24 +152,29 @@ pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
                 .collect();
             stacks.push(v1::Stack { frames: ids });
             let index = (stacks.len() - 1) as u32;
-            stack_index.insert(&sample.stack, index);
+            stack_index[slot] = Some(index);
             index
         };
-        let labels = (sample.labels.iter())
-            .flat_map(|&(key, value)| {
-                [
-                    strings.of_period(period, key),
-                    strings.of_period(period, value),
-                ]
-            })
-            .collect();
-        samples.push(v1::Sample {
-            stack,
-            signal,
-            labels,
-            value: sample.value,
-            count,
-        });
+        wire.labels.clear();
+        for &(key, value) in &sample.labels {
+            wire.labels.push(strings.of_period(&period, key));
+            wire.labels.push(strings.of_period(&period, value));
+        }
+        (wire.stack, wire.signal, wire.value, wire.count) = (stack, signal, sample.value, count);
+        prost::encoding::message::encode(SAMPLES_FIELD, &wire, &mut bytes);
+        let (value, counted) = sums[signal as usize].get_or_insert((0, 0));
+        (*value, *counted) = (*value + sample.value, *counted + count);
+    }
+    for ((_, _, signal), sum) in pairs.iter().zip(sums) {
+        let Some((value, count)) = sum else {
+            continue;
+        };
+        *totals
+            .entry(format!("{}/{}", signal.value_kind, signal.value_unit))
+            .or_default() += value;
+        *totals
+            .entry(format!("{}/{}", signal.count_kind, signal.count_unit))
+            .or_default() += count;
     }
     let meta = period.meta();
     // Change events (their labels share the string table) and the binaries table.
@@ -175,7 +208,7 @@ pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
             error: binary.error.clone().unwrap_or_default(),
         })
         .collect();
-    v1::Batch {
+    let rest = v1::Batch {
         agent_id: agent_id.to_owned(),
         host: meta.host.clone(),
         sequence: 0,
@@ -185,7 +218,7 @@ pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
         frames,
         stacks,
         strings: strings.list,
-        samples,
+        samples: Vec::new(),
         losses: (meta.losses.iter())
             .filter(|(_, count)| **count > 0)
             .map(|(reason, &count)| v1::Loss {
@@ -197,21 +230,12 @@ pub fn batch_from_period(period: &PeriodProfile, agent_id: &str) -> v1::Batch {
         spool_dropped_total: 0,
         events,
         binaries,
-    }
-}
-
-/// Per sample type (`kind/unit`), the sum over a batch: what the agent reports at exit
-/// so its totals can be compared with the collector's.
-pub fn batch_totals(batch: &v1::Batch, totals: &mut std::collections::BTreeMap<String, i64>) {
-    for sample in &batch.samples {
-        if let Some(signal) = batch.signals.get(sample.signal as usize) {
-            *totals
-                .entry(format!("{}/{}", signal.value_kind, signal.value_unit))
-                .or_default() += sample.value;
-            *totals
-                .entry(format!("{}/{}", signal.count_kind, signal.count_unit))
-                .or_default() += sample.count;
-        }
+    };
+    bytes.extend_from_slice(&rest.encode_to_vec());
+    EncodedBatch {
+        bytes,
+        start_unix_ns: meta.start_unix_ns,
+        totals,
     }
 }
 
@@ -260,7 +284,8 @@ mod tests {
             ..Default::default()
         });
         profile.set_meta(meta);
-        let batch = batch_from_period(&profile, "agent");
+        let encoded = encode_period(profile, "agent");
+        let batch = v1::Batch::decode(encoded.bytes.as_slice()).expect("decodes");
         let event = &batch.events[0];
         assert_eq!((event.kind.as_str(), event.previous_pid), ("deploy", 1));
         let label = |i: usize| batch.strings[event.labels[i] as usize].as_str();
@@ -286,9 +311,8 @@ mod tests {
         assert_eq!((batch.samples[1].signal, batch.samples[1].value), (1, 50));
         let sample_label = |i: usize| batch.strings[batch.samples[1].labels[i] as usize].as_str();
         assert_eq!((sample_label(0), sample_label(1)), ("signal", "on-cpu"));
-        let mut totals = std::collections::BTreeMap::new();
-        batch_totals(&batch, &mut totals);
-        assert_eq!(totals["off_cpu/nanoseconds"], 100);
-        assert_eq!(totals["on_cpu_samples/count"], 1);
+        assert_eq!(encoded.start_unix_ns, batch.start_unix_ns);
+        assert_eq!(encoded.totals["off_cpu/nanoseconds"], 100);
+        assert_eq!(encoded.totals["on_cpu_samples/count"], 1);
     }
 }

@@ -280,20 +280,29 @@ impl Spool {
         Ok(())
     }
 
-    /// Gives `batch` the next sequence number and the drop count, compresses it and
-    /// writes it durably. A full disk is a full spool: the oldest batches not in flight
-    /// are dropped (and counted) until the batch fits, and if none is left the batch
-    /// itself is dropped and counted.
-    pub fn append(&mut self, mut batch: v1::Batch) -> Result<Appended, SpoolError> {
+    /// Gives an encoded batch (`encoded`, from [`crate::stream::batch::encode_period`],
+    /// without a sequence or a drop count, for the period starting at `start_unix_ns`)
+    /// the next sequence number and the drop count, compresses it and writes it
+    /// durably. A full disk is a full spool: the oldest batches not in flight are dropped
+    /// (and counted) until the batch fits, and if none is left the batch itself is
+    /// dropped and counted.
+    pub fn append(
+        &mut self,
+        mut encoded: Vec<u8>,
+        start_unix_ns: i64,
+    ) -> Result<Appended, SpoolError> {
         let sequence = self.state.next_sequence;
-        batch.sequence = sequence;
+        // The sequence and the drop count, which a full disk changes between attempts,
+        // are appended to the encoding as their own fields (a protobuf message may carry
+        // a field after the others; the last one read counts).
+        let body = encoded.len();
         // Room first, so the count this batch carries includes every drop so far and
         // no drop happens after the last batch. The encoded size bounds the compressed
         // one closely enough for a byte limit.
-        self.make_room(batch.encoded_len() as u64);
-        let frame = loop {
-            batch.spool_dropped_total = self.state.dropped_total;
-            let encoded = batch.encode_to_vec();
+        self.make_room(body as u64);
+        let written = loop {
+            encoded.truncate(body);
+            append_spool_fields(&mut encoded, sequence, self.state.dropped_total);
             let compressed = zstd::bulk::compress(&encoded, ZSTD_LEVEL).map_err(io(&self.dir))?;
             let frame = v1::IngestFrame {
                 sequence,
@@ -304,7 +313,7 @@ impl Spool {
             // The batch goes first: after a crash between the two, `open` sees its file
             // and continues after it, so a sequence is never reused nor skipped.
             match write_durably(&self.dir, &self.batch_path(sequence), &frame) {
-                Ok(()) => break frame,
+                Ok(()) => break frame.len() as u64,
                 Err(err) if err.is_disk_full() => {
                     if !self.drop_oldest("disk full") {
                         self.state.dropped_total += 1;
@@ -321,9 +330,9 @@ impl Spool {
             }
         };
         self.state.next_sequence = sequence + 1;
-        self.state.last_period_start_unix_ns = batch.start_unix_ns;
-        self.batches.insert(sequence, frame.len() as u64);
-        self.bytes += frame.len() as u64;
+        self.state.last_period_start_unix_ns = start_unix_ns;
+        self.batches.insert(sequence, written);
+        self.bytes += written;
         self.save_state_making_room()?;
         self.publish();
         METRICS.batch_spooled();
@@ -406,6 +415,17 @@ impl Spool {
     }
 }
 
+/// `Batch.sequence`'s and `Batch.spool_dropped_total`'s field numbers in
+/// `stallscope.proto`.
+const SEQUENCE_FIELD: u32 = 3;
+const SPOOL_DROPPED_TOTAL_FIELD: u32 = 13;
+
+/// Appends the spool's fields to a batch encoded without them.
+fn append_spool_fields(encoded: &mut Vec<u8>, sequence: u64, dropped_total: u64) {
+    prost::encoding::uint64::encode(SEQUENCE_FIELD, &sequence, encoded);
+    prost::encoding::uint64::encode(SPOOL_DROPPED_TOTAL_FIELD, &dropped_total, encoded);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,16 +444,37 @@ mod tests {
         }
     }
 
+    fn append(spool: &mut Spool, batch: &v1::Batch) -> Result<Appended, SpoolError> {
+        spool.append(batch.encode_to_vec(), batch.start_unix_ns)
+    }
+
+    #[test]
+    fn the_spools_fields_appended_to_an_encoding_decode_as_its_fields() {
+        let mut batch = batch("h");
+        batch.events.push(v1::ChangeEvent {
+            kind: "deploy".into(),
+            ..v1::ChangeEvent::default()
+        });
+        batch.notes.push("a note".into());
+        let mut encoded = batch.encode_to_vec();
+        append_spool_fields(&mut encoded, 4, 300);
+        (batch.sequence, batch.spool_dropped_total) = (4, 300);
+        assert_eq!(
+            v1::Batch::decode(encoded.as_slice()).expect("decodes"),
+            batch
+        );
+    }
+
     #[test]
     fn sequences_survive_reopening_and_acks_delete() {
         let dir = dir("reopen");
         let mut spool = Spool::open(&dir, SpoolLimits::default()).expect("open");
         assert_eq!(
-            spool.append(batch("a")).expect("append"),
+            append(&mut spool, &batch("a")).expect("append"),
             Appended::Stored(0)
         );
         assert_eq!(
-            spool.append(batch("b")).expect("append"),
+            append(&mut spool, &batch("b")).expect("append"),
             Appended::Stored(1)
         );
         spool.acknowledge(0).expect("ack");
@@ -441,7 +482,7 @@ mod tests {
         let mut spool = Spool::open(&dir, SpoolLimits::default()).expect("reopen");
         assert_eq!(spool.pending(), [1]);
         assert_eq!(
-            spool.append(batch("c")).expect("append"),
+            append(&mut spool, &batch("c")).expect("append"),
             Appended::Stored(2)
         );
         let frame = spool.take_for_sending(1).expect("spooled");
@@ -459,7 +500,7 @@ mod tests {
         };
         let mut spool = Spool::open(&dir, limits).expect("open");
         for _ in 0..10 {
-            spool.append(batch("x")).expect("append");
+            append(&mut spool, &batch("x")).expect("append");
         }
         assert_eq!(spool.pending(), [7, 8, 9]);
         assert_eq!(spool.dropped_total(), 7);
@@ -473,7 +514,7 @@ mod tests {
         );
         // In-flight batches are not dropped.
         spool.take_for_sending(7).expect("spooled");
-        spool.append(batch("x")).expect("append");
+        append(&mut spool, &batch("x")).expect("append");
         assert_eq!(spool.pending(), [7, 9, 10]);
         assert_eq!(spool.dropped_total(), 8);
         drop(spool);
