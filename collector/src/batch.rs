@@ -545,22 +545,6 @@ fn frame_from_wire(frame: &v1::Frame) -> Frame {
     }
 }
 
-/// The wire form of a model frame (shared with storage, which keeps stacks in it).
-pub fn frame_to_wire(frame: &Frame) -> v1::Frame {
-    v1::Frame {
-        function: frame.function.clone(),
-        module: frame.module.clone().unwrap_or_default(),
-        file: frame.file.clone().unwrap_or_default(),
-        line: frame.line.unwrap_or(0),
-        address: frame.address,
-        kind: match frame.kind {
-            FrameKind::User => v1::FrameKind::User,
-            FrameKind::Kernel => v1::FrameKind::Kernel,
-            FrameKind::Synthetic => v1::FrameKind::Synthetic,
-        } as i32,
-    }
-}
-
 /// Stacks as storage keeps them: a protobuf `Stack`-like message of full frames.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StoredStack {
