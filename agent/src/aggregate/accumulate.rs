@@ -153,14 +153,13 @@ impl Accumulator {
             self.thread_names.insert(id, name);
         }
         self.peers.extend(drained.peers);
-        for (hash, stack) in drained.stacks {
+        for stack in drained.stacks {
             if stack.flags & STACK_USER != 0
                 && let Some(end) = StackEnd::of_flags(stack.flags)
             {
                 self.user_stack_ends[end as usize] += 1;
             }
-            let ips = &stack.ips[..(stack.len as usize).min(stack.ips.len())];
-            self.stacks.insert_raw(hash, ips);
+            self.stacks.insert_raw(stack.hash, &stack.ips);
         }
         self.stacks.bound_raw();
         let keep_histograms = self.keep_histograms;

@@ -105,15 +105,36 @@ pub fn read_hash_map<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     max_entries: u32,
 ) -> io::Result<Vec<(K, V)>> {
-    match read_batched(fd, max_entries) {
-        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => read_one_by_one(fd),
+    read_hash_map_as(fd, max_entries, |key: &K, value: &V| (*key, *value))
+}
+
+/// [`read_hash_map`], each entry converted by `convert` as it is read: a map of large
+/// values (1 KiB stacks) is never held whole in its map form.
+pub fn read_hash_map_as<K: Pod, V: Pod, T>(
+    fd: BorrowedFd<'_>,
+    max_entries: u32,
+    mut convert: impl FnMut(&K, &V) -> T,
+) -> io::Result<Vec<T>> {
+    match read_batched(fd, max_entries, &mut convert) {
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => read_one_by_one(fd, &mut convert),
         other => other,
     }
 }
 
-fn read_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<(K, V)>> {
-    // A batch must hold at least one whole hash bucket; a full map is always enough.
-    let chunk = max_entries.clamp(1, 4096) as usize;
+/// Values read per batch: about 1 MiB of them, between 64 and 4096 entries.
+fn batch_entries<V>(max_entries: u32) -> usize {
+    let by_size = ((1 << 20) / size_of::<V>().max(1)).clamp(64, 4096);
+    by_size.min(max_entries.max(1) as usize)
+}
+
+fn read_batched<K: Pod, V: Pod, T>(
+    fd: BorrowedFd<'_>,
+    max_entries: u32,
+    convert: &mut impl FnMut(&K, &V) -> T,
+) -> io::Result<Vec<T>> {
+    // A batch must hold at least one whole hash bucket; one that does not is read
+    // the slow way (ENOSPC below).
+    let chunk = batch_entries::<V>(max_entries);
     let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk);
     let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(chunk);
     keys.resize_with(chunk, MaybeUninit::uninit);
@@ -140,7 +161,7 @@ fn read_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Res
         let got = attr.count as usize;
         for i in 0..got.min(chunk) {
             // SAFETY: the kernel initialised the first `count` keys and values.
-            out.push(unsafe { (keys[i].assume_init(), values[i].assume_init()) });
+            out.push(unsafe { convert(keys[i].assume_init_ref(), values[i].assume_init_ref()) });
         }
         match result {
             Ok(()) => {
@@ -152,14 +173,17 @@ fn read_batched<K: Pod, V: Pod>(fd: BorrowedFd<'_>, max_entries: u32) -> io::Res
                 if err.raw_os_error() == Some(libc::ENOSPC) && chunk < max_entries as usize =>
             {
                 // One bucket holds more than a chunk: read it all the slow way.
-                return read_one_by_one(fd);
+                return read_one_by_one(fd, convert);
             }
             Err(err) => return Err(err),
         }
     }
 }
 
-fn read_one_by_one<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+fn read_one_by_one<K: Pod, V: Pod, T>(
+    fd: BorrowedFd<'_>,
+    convert: &mut impl FnMut(&K, &V) -> T,
+) -> io::Result<Vec<T>> {
     let mut out = Vec::new();
     let mut previous: Option<K> = None;
     loop {
@@ -188,7 +212,7 @@ fn read_one_by_one<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>
         };
         if bpf(BPF_MAP_LOOKUP_ELEM, &mut lookup).is_ok() {
             // SAFETY: LOOKUP succeeded and wrote a whole value.
-            out.push((key, unsafe { value.assume_init() }));
+            out.push(convert(&key, unsafe { value.assume_init_ref() }));
         }
         previous = Some(key);
     }

@@ -24,7 +24,7 @@ use crate::metrics::METRICS;
 pub struct Drained {
     pub totals: Vec<(TotalKey, TotalValue)>,
     pub samples: Vec<(SampleKey, SampleValue)>,
-    pub stacks: Vec<(u64, StackTrace)>,
+    pub stacks: Vec<DrainedStack>,
     /// Cumulative loss counters, summed over CPUs, indexed by [`agent_common::Loss::index`].
     pub losses: Vec<u64>,
     /// Names the probes recorded for the threads (and processes) in this generation.
@@ -33,6 +33,26 @@ pub struct Drained {
     pub peers: Vec<(u32, Peer)>,
     /// When the probes started loading: every wait they measure started after it.
     pub measuring_since: Option<Instant>,
+}
+
+/// A drained stack: its id in the probes' stack map, its `STACK_*` flags and its valid
+/// addresses only (the map's `StackTrace` is 1 KiB whatever the depth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainedStack {
+    pub hash: u64,
+    pub flags: u32,
+    pub ips: Box<[u64]>,
+}
+
+impl DrainedStack {
+    pub fn of_trace(hash: u64, trace: &StackTrace) -> Self {
+        let len = (trace.len as usize).min(trace.ips.len());
+        Self {
+            hash,
+            flags: trace.flags,
+            ips: trace.ips[..len].into(),
+        }
+    }
 }
 
 /// What an earlier agent left in the retired generation of the maps it pinned.
@@ -208,18 +228,20 @@ impl Probes {
                     source,
                 },
             )?;
-        let stacks: Vec<(u64, StackTrace)> =
-            bpf_sys::read_hash_map(self.stacks[slot].fd().as_fd(), self.sizes.stacks).map_err(
-                |source| ProbeError::Map {
-                    map: "STACKS",
-                    source,
-                },
-            )?;
+        let stacks = bpf_sys::read_hash_map_as(
+            self.stacks[slot].fd().as_fd(),
+            self.sizes.stacks,
+            |&hash, trace: &StackTrace| DrainedStack::of_trace(hash, trace),
+        )
+        .map_err(|source| ProbeError::Map {
+            map: "STACKS",
+            source,
+        })?;
         let mut unsettled = Unsettled {
             slot,
             totals: totals.iter().map(|(key, _)| *key).collect(),
             samples: samples.iter().map(|(key, _)| *key).collect(),
-            stacks: stacks.iter().map(|(key, _)| *key).collect(),
+            stacks: stacks.iter().map(|stack| stack.hash).collect(),
             ..Unsettled::default()
         };
         for (index, (entries, capacity)) in [
@@ -234,6 +256,13 @@ impl Probes {
         }
         unsettled.total_caches = self.read_total_caches(retired, &mut totals)?;
         unsettled.syscall_slots = self.read_syscall_cache(retired, &mut totals)?;
+        tracing::debug!(
+            "drained {} totals, {} samples, {} stacks ({} addresses)",
+            totals.len(),
+            samples.len(),
+            stacks.len(),
+            stacks.iter().map(|stack| stack.ips.len()).sum::<usize>()
+        );
         self.unsettled = Some(unsettled);
         let mut losses = vec![0u64; LOSS_COUNTERS as usize];
         for (index, total) in losses.iter_mut().enumerate() {

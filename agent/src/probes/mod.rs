@@ -34,7 +34,7 @@ use aya::{
 
 use self::{bpf_sys::Barrier, btf::Btf};
 pub use self::{
-    drain::{Drained, Leftover, is_network},
+    drain::{Drained, DrainedStack, Leftover, is_network},
     error::ProbeError,
     settings::{MapSizes, ProbeSettings, SchedHook, SchedHookChoice},
     tuning::ProbeCost,

@@ -2,7 +2,7 @@
 //! closes every batch interval (10 s by default) while the probes are drained every drain
 //! interval (1 s), so up to a batch interval of waits lives only in the agent's memory;
 //! a SIGKILL, an OOM kill or a crash would lose it. Each drained generation is therefore
-//! appended here (one `write`, checksummed) before it is aggregated, and the journal
+//! appended here (checksummed, its header written last) before it is aggregated, and the journal
 //! starts over once the batch covering it is in the spool. The next start finds what is
 //! left and spools it as the batch of the period it belongs to, unless the spool already
 //! holds that period (a crash between spooling and starting over).
@@ -14,17 +14,22 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Write as _},
+    io,
     path::{Path, PathBuf},
 };
 
 use agent_common::{Peer, SampleKey, SampleValue, StackTrace, TotalKey, TotalValue};
-use aya::Pod;
 
+use self::fields::{
+    RECORD_HEADER, Reader, RecordWriter, put_pairs, put_stacks, put_u64s, write_at,
+};
 use crate::probes::Drained;
 
+mod fields;
+
 const FILE_NAME: &str = "drains.journal";
-const MAGIC: &[u8; 8] = b"SSJRNL01";
+/// Version 2: stacks as their valid addresses only.
+const MAGIC: &[u8; 8] = b"SSJRNL02";
 const RECORD: u8 = 1;
 
 /// The entry layout the records were written with: sizes of every map entry type.
@@ -116,44 +121,37 @@ impl Journal {
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&layout().to_le_bytes());
         header.extend_from_slice(&period_start_unix_ns.to_le_bytes());
-        put_u64s(&mut header, reported_losses);
+        put_u64s(&mut header, reported_losses)?;
         // Positioned writes: `set_len(0)` does not move the file offset.
         write_at(&self.file, &header, 0)
     }
 
-    /// Appends one drained generation (one write: a torn record is detected on reading).
-    /// The record is built in one buffer, its header filled in last: a drain's entries
-    /// are the agent's largest transient, not to be copied twice.
+    /// Appends one drained generation. The record is streamed to the file through a
+    /// small buffer (a drain's entries are the agent's largest transient, not to be
+    /// copied whole) and its header, with the length and checksum, written last: a
+    /// record cut off at any point reads as torn.
     pub fn append(&mut self, drained: &Drained, unix_ns: i64) -> io::Result<()> {
-        const HEADER: usize = 9;
-        let mut body = Vec::with_capacity(
-            HEADER
-                + 64
-                + drained.totals.len() * (size_of::<TotalKey>() + size_of::<TotalValue>())
-                + drained.samples.len() * (size_of::<SampleKey>() + size_of::<SampleValue>())
-                + drained.stacks.len() * (8 + size_of::<StackTrace>()),
-        );
-        body.resize(HEADER, 0);
-        body.extend_from_slice(&unix_ns.to_le_bytes());
-        put_pairs(&mut body, &drained.totals);
-        put_pairs(&mut body, &drained.samples);
-        put_pairs(&mut body, &drained.stacks);
-        put_pairs(&mut body, &drained.peers);
-        put_u64s(&mut body, &drained.losses);
-        body.extend_from_slice(&(drained.names.len() as u32).to_le_bytes());
+        let start = self.file.metadata()?.len();
+        let mut out = RecordWriter::new(&self.file, start + RECORD_HEADER as u64);
+        out.put(&unix_ns.to_le_bytes())?;
+        put_pairs(&mut out, &drained.totals)?;
+        put_pairs(&mut out, &drained.samples)?;
+        put_stacks(&mut out, &drained.stacks)?;
+        put_pairs(&mut out, &drained.peers)?;
+        put_u64s(&mut out, &drained.losses)?;
+        out.put(&(drained.names.len() as u32).to_le_bytes())?;
         for (id, name) in &drained.names {
-            body.extend_from_slice(&id.to_le_bytes());
+            out.put(&id.to_le_bytes())?;
             let name = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
-            body.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            body.extend_from_slice(name);
+            out.put(&(name.len() as u16).to_le_bytes())?;
+            out.put(name)?;
         }
-        let length = ((body.len() - HEADER) as u32).to_le_bytes();
-        let checksum = crc32fast::hash(&body[HEADER..]).to_le_bytes();
-        body[0] = RECORD;
-        body[1..5].copy_from_slice(&length);
-        body[5..HEADER].copy_from_slice(&checksum);
-        let end = self.file.metadata()?.len();
-        write_at(&self.file, &body, end)
+        let (length, checksum) = out.finish()?;
+        let mut header = [0u8; RECORD_HEADER];
+        header[0] = RECORD;
+        header[1..5].copy_from_slice(&length.to_le_bytes());
+        header[5..].copy_from_slice(&checksum.to_le_bytes());
+        write_at(&self.file, &header, start)
     }
 }
 
@@ -222,89 +220,12 @@ impl Lane {
     }
 }
 
-fn write_at(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt as _;
-    file.write_all_at(bytes, offset)?;
-    // Not a flush to disk: the page cache outlives the process (see the module).
-    (&*file).flush()
-}
-
-fn put_u64s(out: &mut Vec<u8>, values: &[u64]) {
-    out.extend_from_slice(&(values.len() as u32).to_le_bytes());
-    for value in values {
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-}
-
-fn put_pairs<K: Pod, V: Pod>(out: &mut Vec<u8>, pairs: &[(K, V)]) {
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (key, value) in pairs {
-        out.extend_from_slice(pod_bytes(key));
-        out.extend_from_slice(pod_bytes(value));
-    }
-}
-
-fn pod_bytes<T: Pod>(value: &T) -> &[u8] {
-    // SAFETY: `Pod` types are `repr(C)` plain data without pointers; the probes' entry
-    // types spell out their padding, so every byte is initialized.
-    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
-}
-
-/// A cursor over a record's bytes; every read checks the length.
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.bytes.len() < n {
-            return None;
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Some(head)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    fn pod<T: Pod>(&mut self) -> Option<T> {
-        let bytes = self.take(size_of::<T>())?;
-        // SAFETY: exactly `size_of::<T>()` bytes, written from a `T` of the same layout
-        // (the header's layout hash matched); `Pod` types are valid for any bytes.
-        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-    }
-
-    fn pairs<K: Pod, V: Pod>(&mut self) -> Option<Vec<(K, V)>> {
-        let n = self.u32()? as usize;
-        let mut out = Vec::with_capacity(n.min(self.bytes.len()));
-        for _ in 0..n {
-            out.push((self.pod()?, self.pod()?));
-        }
-        Some(out)
-    }
-
-    fn u64s(&mut self) -> Option<Vec<u64>> {
-        let n = self.u32()? as usize;
-        (0..n).map(|_| self.u64()).collect()
-    }
-}
-
 fn decode_drain(body: &[u8]) -> Option<(i64, Drained)> {
     let mut r = Reader { bytes: body };
     let unix_ns = r.u64()? as i64;
     let totals = r.pairs()?;
     let samples = r.pairs()?;
-    let stacks = r.pairs()?;
+    let stacks = r.stacks()?;
     let peers = r.pairs()?;
     let losses = r.u64s()?;
     let names_len = r.u32()? as usize;
@@ -373,6 +294,7 @@ fn decode(bytes: &[u8]) -> Option<Recovered> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probes::DrainedStack;
 
     fn drained(n: u64) -> Drained {
         let key = TotalKey {
@@ -453,6 +375,45 @@ mod tests {
         assert_eq!(back.drains.len(), 1);
         assert_eq!(back.last_drain_unix_ns, 2_000);
         assert!(back.torn_bytes > 0);
+    }
+
+    #[test]
+    fn a_record_larger_than_the_buffer_comes_back_whole_and_without_its_header_is_torn() {
+        let dir = scratch("large");
+        let mut journal = Journal::start(&dir, 1_000, &[]).expect("start");
+        let mut large = drained(2);
+        large.stacks = (0..10_000u64)
+            .map(|hash| DrainedStack {
+                hash,
+                flags: 1,
+                ips: vec![hash, hash + 1, hash + 2].into(),
+            })
+            .collect();
+        journal.append(&large, 2_000).expect("append");
+        let path = Journal::path(&dir);
+        let first_end = fs::metadata(&path).expect("journal").len();
+        assert!(first_end > RecordWriter::BUFFER as u64, "spans buffers");
+        journal.append(&large, 3_000).expect("append");
+        let back = Journal::recover(&dir).expect("read").expect("two drains");
+        assert_eq!(back.drains.len(), 2);
+        let stacks = &back.drains[1].stacks;
+        assert_eq!(stacks.len(), 10_000);
+        assert_eq!(stacks[9_999].hash, 9_999);
+        assert_eq!(stacks[9_999].flags, 1);
+        assert_eq!(*stacks[9_999].ips, [9_999, 10_000, 10_001]);
+        // An agent killed after the body and before the header: a hole where the
+        // header goes, the whole body after it.
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        write_at(&file, &[0; RECORD_HEADER], first_end).expect("unwrite the header");
+        let back = Journal::recover(&dir)
+            .expect("read")
+            .expect("the first drain");
+        assert_eq!(back.drains.len(), 1);
+        assert_eq!(back.last_drain_unix_ns, 2_000);
+        assert_eq!(
+            back.torn_bytes as u64,
+            fs::metadata(&path).expect("journal").len() - first_end
+        );
     }
 
     #[test]
