@@ -419,14 +419,20 @@ impl Accumulator {
         (kernel, user)
     }
 
-    /// Function names of frames, innermost first, for classification.
+    /// Function names of frames of the shared table, innermost first, for
+    /// classification.
     pub(crate) fn function_names(&self, ids: &[FrameId]) -> Vec<&str> {
-        ids.iter()
-            .filter_map(|&id| self.profile.frames.get(id as usize))
-            .filter(|frame| frame.kind != FrameKind::Synthetic)
-            .map(|frame| frame.function.as_str())
-            .collect()
+        function_names(&self.profile.frames, ids)
     }
+}
+
+/// Function names of frames of `frames`, innermost first, for classification.
+pub(crate) fn function_names<'a>(frames: &'a [Frame], ids: &[FrameId]) -> Vec<&'a str> {
+    ids.iter()
+        .filter_map(|&id| frames.get(id as usize))
+        .filter(|frame| frame.kind != FrameKind::Synthetic)
+        .map(|frame| frame.function.as_str())
+        .collect()
 }
 
 /// The kernel's `execve` path (5.9+; `kernel_execve` when the kernel starts a program).

@@ -5,7 +5,7 @@
 //! CPU contention, the blocked part is classified from its stacks. Signals that keep
 //! histograms (run queue, lock, syscall, disk) get them too.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use agent_common::{
     ConnectOutcome, DiskOp, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_CONTEXT,
@@ -16,41 +16,16 @@ use stallscope_profile::{Frame, FrameId, Histogram, Labels, Meta};
 
 use crate::{
     aggregate::{
-        accumulate::Accumulator,
+        accumulate::{Accumulator, function_names},
         calibrate::{self, Calibrated, Part},
         cause::{self, Cause},
+        groups::{Member, group_of, group_order, split_run},
         period::PeriodProfile,
         sums::{self, Sums},
     },
     naming,
     probes::syscalls,
 };
-
-/// The totals entry a sample's amounts are calibrated against.
-fn group_of(key: &SampleKey) -> TotalKey {
-    let signal = key.signal;
-    // Syscall totals are per process and syscall; lock totals leave the address out.
-    let (tid, class, aux) = match Signal::from_u8(signal) {
-        Some(Signal::Syscall) => (0, 0, key.aux),
-        Some(Signal::Lock) => (key.tid, key.class, 0),
-        _ => (key.tid, key.class, key.aux),
-    };
-    // Off-CPU groups keep the wait hint (`detail`), like their totals.
-    let detail = if signal == Signal::OffCpu as u8 {
-        key.detail
-    } else {
-        0
-    };
-    TotalKey {
-        tgid: key.tgid,
-        tid,
-        signal,
-        class,
-        detail,
-        aux,
-        ..TotalKey::default()
-    }
-}
 
 /// The frame standing for the part of a group no stack accounts for.
 fn remainder_frame(signal: Signal, key: &TotalKey) -> String {
@@ -247,53 +222,55 @@ impl Accumulator {
             .chain(totals.keys().map(|k| k.tid))
             .collect();
         self.resolve_process_labels(tgids);
-        let mut profile = PeriodProfile::new(
-            self.profile.sample_types.clone(),
-            &self.profile.frames,
-            self.keep_histograms,
-        );
+        // The frame table goes with the period; the next one starts from the frames of
+        // the kernel stacks kept (`forget_beyond`).
+        let mut profile =
+            PeriodProfile::new(std::mem::take(&mut self.profile), self.keep_histograms);
 
-        // The samples' table is consumed here (freed once they are grouped), not held
-        // next to the groups and the profile while it is built.
-        let mut groups: HashMap<TotalKey, Vec<(SampleKey, SampleValue)>> = HashMap::new();
-        for (key, value) in samples {
+        // The samples by their totals group: references into the period's table, sorted
+        // (a copy grouped in a map of vectors cost up to 480 bytes a sample, most groups
+        // holding one, at the period's end).
+        let mut grouped: Vec<Member> = Vec::with_capacity(samples.len());
+        for (key, value) in &samples {
             if key.signal == Signal::OnCpu as u8 {
-                self.add_oncpu(&mut profile, &key, &value);
+                self.add_oncpu(&mut profile, key, value);
             } else {
-                groups.entry(group_of(&key)).or_default().push((key, value));
+                grouped.push((group_of(key), key, value));
             }
         }
+        grouped.sort_unstable_by_key(|(group, ..)| group_order(group));
         sums::scale_sampled_syscalls(&mut totals);
-        let empty = Sums::default();
-        let mut keys: Vec<&TotalKey> = totals.keys().collect();
-        keys.sort_unstable_by_key(|k| (k.signal, k.tgid, k.tid, k.class, k.aux));
-        for key in keys {
-            let total = totals.get(key).unwrap_or(&empty);
-            let members = groups.remove(key).unwrap_or_default();
-            self.add_group(&mut profile, key, total, &members);
+        let mut keys: Vec<(&TotalKey, &Sums)> = totals.iter().collect();
+        keys.sort_unstable_by_key(|(key, _)| group_order(key));
+        // Both in the same order: each group's members are the next run of `grouped`;
+        // runs whose totals are not there (lost to a full map) are kept as measured.
+        let mut rest = &grouped[..];
+        for (key, total) in keys {
+            while let Some(((group, ..), _)) = rest.split_first()
+                && group_order(group) < group_order(key)
+            {
+                let (members, after) = split_run(rest);
+                self.add_uncalibrated_group(&mut profile, members);
+                rest = after;
+            }
+            let (members, after) = match rest.first() {
+                Some((group, ..)) if group == key => split_run(rest),
+                _ => (&rest[..0], rest),
+            };
+            rest = after;
+            self.add_group(&mut profile, key, total, members);
             self.add_histogram(&mut profile, key, total);
         }
-        // Samples whose totals are not there (lost to a full map): kept as measured.
-        for (key, members) in groups {
-            let uncalibrated = Sums {
-                ns: members
-                    .iter()
-                    .map(|(_, v)| Part::from_value(v).uncalibrated().0)
-                    .sum(),
-                count: members
-                    .iter()
-                    .map(|(_, v)| Part::from_value(v).uncalibrated().1)
-                    .sum(),
-                ..Sums::default()
-            };
-            self.add_group(&mut profile, &key, &uncalibrated, &members);
+        while !rest.is_empty() {
+            let (members, after) = split_run(rest);
+            self.add_uncalibrated_group(&mut profile, members);
+            rest = after;
         }
-        // Frames interned while building belong to the shared table too.
-        self.profile.frames = profile.frames().to_vec();
+        drop(grouped);
         self.report_losses(&mut meta, &totals);
         self.report_identity(&mut meta);
         profile.set_meta(meta);
-        self.forget_beyond(&seen);
+        self.forget_beyond(&seen, &profile);
         profile
     }
 
@@ -303,10 +280,10 @@ impl Accumulator {
     /// the stacks and frames recent periods used. Without this, a host that starts
     /// threads and processes all day grew the agent by every name, stack and frame it
     /// ever saw.
-    fn forget_beyond(&mut self, seen: &HashSet<u32>) {
+    fn forget_beyond(&mut self, seen: &HashSet<u32>, period: &PeriodProfile) {
         self.thread_names.retain(|id, _| seen.contains(id));
         self.process_names.retain(|id, _| seen.contains(id));
-        self.stacks.end_period(&mut self.profile);
+        self.profile = (self.stacks).end_period(period.frames(), period.sample_types().to_vec());
         let (raw, kernel) = self.stacks.sizes();
         tracing::debug!(
             target: "stallscope::memory",
@@ -336,25 +313,48 @@ impl Accumulator {
         );
     }
 
+    /// A group of samples whose totals are not there (lost to a full map): kept as
+    /// measured.
+    fn add_uncalibrated_group(&self, profile: &mut PeriodProfile, members: &[Member]) {
+        let Some((key, ..)) = members.first() else {
+            return;
+        };
+        let uncalibrated = Sums {
+            ns: members
+                .iter()
+                .map(|(_, _, v)| Part::from_value(v).uncalibrated().0)
+                .sum(),
+            count: members
+                .iter()
+                .map(|(_, _, v)| Part::from_value(v).uncalibrated().1)
+                .sum(),
+            ..Sums::default()
+        };
+        self.add_group(profile, key, &uncalibrated, members);
+    }
+
     /// One totals group: its calibrated stack samples and the unattributed rest.
     fn add_group(
         &self,
         profile: &mut PeriodProfile,
         key: &TotalKey,
         total: &Sums,
-        members: &[(SampleKey, SampleValue)],
+        members: &[Member],
     ) {
         let Some(signal) = Signal::from_u8(key.signal) else {
             return;
         };
-        let parts: Vec<Part> = members.iter().map(|(_, v)| Part::from_value(v)).collect();
+        let parts: Vec<Part> = members
+            .iter()
+            .map(|(_, _, v)| Part::from_value(v))
+            .collect();
         let calibrated = calibrate::calibrate(total.ns, total.count, &parts);
         if signal == Signal::OffCpu {
             self.add_offcpu_group(profile, key, total, members, &calibrated);
             return;
         }
-        for ((sample, value), &(ns, count)) in members.iter().zip(&calibrated.parts) {
-            let labels = self.sample_labels(key, sample, value);
+        for (&(_, sample, _), &(ns, count)) in members.iter().zip(&calibrated.parts) {
+            let labels = self.sample_labels(key, sample, profile.frames());
             let (kernel, user) = self.stacks_of(sample);
             add(
                 profile,
@@ -379,8 +379,8 @@ impl Accumulator {
         }
     }
 
-    /// Labels of one stack sample of a group.
-    fn sample_labels(&self, group: &TotalKey, sample: &SampleKey, _value: &SampleValue) -> Labels {
+    /// Labels of one stack sample of a group (`frames`: the period's frame table).
+    fn sample_labels(&self, group: &TotalKey, sample: &SampleKey, frames: &[Frame]) -> Labels {
         let mut labels = group_labels(self, group);
         let signal = Signal::from_u8(sample.signal).unwrap_or(Signal::OffCpu);
         if sample.tid != group.tid {
@@ -394,7 +394,7 @@ impl Accumulator {
                     if matches!(kind, Some(LockKind::Futex | LockKind::FutexPi)) {
                         let (_, user) = self.stacks_of(sample);
                         let wait =
-                            cause::classify_futex_wait(sample.detail, self.function_names(user));
+                            cause::classify_futex_wait(sample.detail, function_names(frames, user));
                         labels.insert("lock_wait".into(), wait.label().into());
                     }
                 }
@@ -448,19 +448,19 @@ impl Accumulator {
         profile: &mut PeriodProfile,
         key: &TotalKey,
         total: &Sums,
-        members: &[(SampleKey, SampleValue)],
+        members: &[Member],
         calibrated: &Calibrated,
     ) {
         let state = OffCpuState::from_u8(key.class).unwrap_or(OffCpuState::Other);
         // Exact waits carry their own tails; the rest of the group's tail is spread over
         // the estimated parts and the unattributed rest, in proportion.
-        let exact_tail: u64 = members.iter().map(|(_, v)| v.tail_ns).sum();
-        let exact_ns: u64 = members.iter().map(|(_, v)| v.ns).sum();
+        let exact_tail: u64 = members.iter().map(|(_, _, v)| v.tail_ns).sum();
+        let exact_ns: u64 = members.iter().map(|(_, _, v)| v.ns).sum();
         let spread_tail = total.tail_ns.saturating_sub(exact_tail);
         let mut weights: Vec<u64> = members
             .iter()
             .zip(&calibrated.parts)
-            .map(|((_, v), &(ns, _))| ns.saturating_sub(v.ns))
+            .map(|((_, _, v), &(ns, _))| ns.saturating_sub(v.ns))
             .collect();
         weights.push(calibrated.unattributed_ns);
         let spread = if total.ns > exact_ns {
@@ -468,7 +468,7 @@ impl Accumulator {
         } else {
             vec![0; weights.len()]
         };
-        for (index, ((sample, value), &(ns, count))) in
+        for (index, (&(_, sample, value), &(ns, count))) in
             members.iter().zip(&calibrated.parts).enumerate()
         {
             let tail = (value.tail_ns + spread[index]).min(ns);
@@ -477,8 +477,8 @@ impl Accumulator {
             let (blocked_cause, evidence) = cause::classify_blocked(
                 state,
                 key.detail,
-                &self.function_names(kernel),
-                &self.function_names(user),
+                &function_names(profile.frames(), kernel),
+                &function_names(profile.frames(), user),
             );
             let mut labels = group_labels(self, key);
             if let Some(note) = stack_note(self, sample) {

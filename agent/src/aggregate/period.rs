@@ -3,26 +3,23 @@
 //! nearly each with its own label set of a dozen entries; kept as the profile model's
 //! owned label maps (a `BTreeMap<String, String>`, about 3 KB each) they were most of the
 //! agent's memory at the end of every period (150 MB on the soak's load). Here a sample is
-//! its stack, one value and count, and its labels as pairs of string ids: about 200 bytes.
+//! its stack, one value and count, and its labels as varint pairs of string ids in one
+//! arena: about 80 bytes (a boxed slice of pairs per sample cost about 160 with it).
 //! `run` turns a period into a wire batch directly (`stream::batch`), which already has a
 //! string table; `record` expands it into a [`Profile`] once, when it writes its file.
 
-use std::{
-    collections::HashMap,
-    hash::{DefaultHasher, Hash, Hasher},
-};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use stallscope_profile::{Frame, FrameId, HashIndex, Histogram, Labels, Meta, Profile, SampleType};
 
-/// A label set: (key, value) string ids, in the keys' order.
-pub type LabelIds = Box<[(u32, u32)]>;
-
-/// One sample of a period: a stack (its id in the period's stack table), labels, and
-/// one signal's value and count.
+/// One sample of a period: a stack (its id in the period's stack table), labels (in the
+/// period's label arena: [`PeriodProfile::label_ids`]), and one signal's value and count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeriodSample {
     pub stack: u32,
-    pub labels: LabelIds,
+    /// Where the sample's label pairs start in the label arena, and their bytes.
+    labels_at: u32,
+    labels_len: u32,
     /// The sample type column of the value; the count is the next column, if any.
     pub column: usize,
     pub value: i64,
@@ -37,7 +34,13 @@ pub struct PeriodProfile {
     profile: Profile,
     keep_histograms: bool,
     strings: Vec<Box<str>>,
-    string_ids: HashMap<Box<str>, u32>,
+    /// The strings' ids by their hash (each string is stored once, in `strings`).
+    string_index: HashIndex,
+    /// Every sample's label pairs, (key, value) string ids in the keys' order, as
+    /// varints: about 40 bytes a sample, where a boxed slice of pairs per sample cost
+    /// about 110 (a period holds tens of thousands of samples, nearly each with its own
+    /// label set).
+    label_arena: Vec<u8>,
     samples: Vec<PeriodSample>,
     index: HashIndex,
     /// The distinct stacks (a period's samples share a few thousand among tens of
@@ -47,11 +50,14 @@ pub struct PeriodProfile {
 }
 
 impl PeriodProfile {
-    /// An empty period with the frame table `frames`. Histograms are kept only when
-    /// `keep_histograms` (the wire batch does not carry them).
-    pub fn new(sample_types: Vec<SampleType>, frames: &[Frame], keep_histograms: bool) -> Self {
-        let mut profile = Profile::new(sample_types);
-        profile.frames = frames.to_vec();
+    /// An empty period over `table`'s frame table and sample types (taken over, not
+    /// copied: the accumulator's table becomes the period's). Histograms are kept only
+    /// when `keep_histograms` (the wire batch does not carry them).
+    pub fn new(table: Profile, keep_histograms: bool) -> Self {
+        let mut profile = table;
+        profile.samples.clear();
+        profile.histograms.clear();
+        profile.meta = Meta::default();
         Self {
             profile,
             keep_histograms,
@@ -84,6 +90,7 @@ impl PeriodProfile {
     pub fn take_samples(&mut self) -> Vec<PeriodSample> {
         self.index = HashIndex::default();
         self.stack_index = HashIndex::default();
+        self.string_index = HashIndex::default();
         std::mem::take(&mut self.samples)
     }
 
@@ -108,26 +115,11 @@ impl PeriodProfile {
     }
 
     fn stack_id(&mut self, stack: &[FrameId]) -> u32 {
-        let mut hasher = DefaultHasher::new();
-        stack.hash(&mut hasher);
-        let hash = hasher.finish();
-        let stacks = &self.stacks;
-        if let Some(index) = self.stack_index.find(hash, |i| *stacks[i] == *stack) {
-            return index as u32;
-        }
-        self.stack_index.insert(hash, self.stacks.len());
-        self.stacks.push(stack.into());
-        (self.stacks.len() - 1) as u32
+        intern_in(&mut self.stacks, &mut self.stack_index, stack)
     }
 
     fn string_id(&mut self, text: &str) -> u32 {
-        if let Some(&id) = self.string_ids.get(text) {
-            return id;
-        }
-        let id = u32::try_from(self.strings.len()).unwrap_or(u32::MAX);
-        self.strings.push(text.into());
-        self.string_ids.insert(text.into(), id);
-        id
+        intern_in(&mut self.strings, &mut self.string_index, text)
     }
 
     /// Adds `value` and `count` (in `column` and the one after it) to the sample with
@@ -140,20 +132,34 @@ impl PeriodProfile {
         value: i64,
         count: i64,
     ) {
-        let labels: LabelIds = labels
-            .iter()
-            .map(|(key, value)| (self.string_id(key), self.string_id(value)))
-            .collect();
+        let start = self.label_arena.len();
+        for (key, value) in labels {
+            let (key, value) = (self.string_id(key), self.string_id(value));
+            put_varint(&mut self.label_arena, key);
+            put_varint(&mut self.label_arena, value);
+        }
+        let (Ok(labels_at), Ok(labels_len)) = (
+            u32::try_from(start),
+            u32::try_from(self.label_arena.len() - start),
+        ) else {
+            // Over 4 GiB of labels in one period: not representable, and not plausible.
+            self.label_arena.truncate(start);
+            return;
+        };
         let stack = self.stack_id(stack);
+        let new_labels = &self.label_arena[start..];
         let mut hasher = DefaultHasher::new();
-        (column, stack, &labels).hash(&mut hasher);
+        (column, stack, new_labels).hash(&mut hasher);
         let hash = hasher.finish();
-        let samples = &self.samples;
+        let (samples, arena) = (&self.samples, &self.label_arena);
         let found = self.index.find(hash, |i| {
             let sample = &samples[i];
-            sample.column == column && sample.stack == stack && sample.labels == labels
+            sample.column == column
+                && sample.stack == stack
+                && label_bytes(arena, sample) == new_labels
         });
         if let Some(index) = found {
+            self.label_arena.truncate(start);
             let sample = &mut self.samples[index];
             sample.value = sample.value.saturating_add(value);
             sample.count = sample.count.saturating_add(count);
@@ -162,11 +168,18 @@ impl PeriodProfile {
         self.index.insert(hash, self.samples.len());
         self.samples.push(PeriodSample {
             stack,
-            labels,
+            labels_at,
+            labels_len,
             column,
             value,
             count,
         });
+    }
+
+    /// A sample's labels as (key, value) string ids ([`PeriodProfile::string`]).
+    pub fn label_ids(&self, sample: &PeriodSample) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let mut bytes = label_bytes(&self.label_arena, sample);
+        std::iter::from_fn(move || Some((take_varint(&mut bytes)?, take_varint(&mut bytes)?)))
     }
 
     /// Adds a histogram (merged into one with the same signal and labels), if this
@@ -184,10 +197,8 @@ impl PeriodProfile {
 
     /// The labels of a sample as a label map.
     pub fn labels(&self, sample: &PeriodSample) -> Labels {
-        sample
-            .labels
-            .iter()
-            .map(|&(key, value)| (self.string(key).to_owned(), self.string(value).to_owned()))
+        self.label_ids(sample)
+            .map(|(key, value)| (self.string(key).to_owned(), self.string(value).to_owned()))
             .collect()
     }
 
@@ -216,6 +227,54 @@ impl PeriodProfile {
     }
 }
 
+/// The id of `item` in `table` (whose positions `index` holds by hash), appended if new.
+fn intern_in<T>(table: &mut Vec<Box<T>>, index: &mut HashIndex, item: &T) -> u32
+where
+    T: Hash + PartialEq + ?Sized,
+    for<'a> &'a T: Into<Box<T>>,
+{
+    let mut hasher = DefaultHasher::new();
+    item.hash(&mut hasher);
+    let hash = hasher.finish();
+    if let Some(found) = index.find(hash, |i| *table[i] == *item) {
+        return found as u32;
+    }
+    index.insert(hash, table.len());
+    table.push(item.into());
+    u32::try_from(table.len() - 1).unwrap_or(u32::MAX)
+}
+
+/// The label bytes of `sample` in `arena`.
+fn label_bytes<'a>(arena: &'a [u8], sample: &PeriodSample) -> &'a [u8] {
+    let start = sample.labels_at as usize;
+    arena
+        .get(start..start + sample.labels_len as usize)
+        .unwrap_or(&[])
+}
+
+/// Appends `value` as a LEB128 varint.
+fn put_varint(out: &mut Vec<u8>, mut value: u32) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Reads a LEB128 varint off the front of `bytes`; `None` at the end.
+fn take_varint(bytes: &mut &[u8]) -> Option<u32> {
+    let mut value = 0u32;
+    for shift in (0..35).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        value |= u32::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +287,18 @@ mod tests {
     }
 
     #[test]
+    fn label_ids_come_back_from_their_varints() {
+        let mut arena = Vec::new();
+        let ids = [0, 1, 127, 128, 16_383, 16_384, u32::MAX];
+        for &id in &ids {
+            put_varint(&mut arena, id);
+        }
+        let mut bytes = &arena[..];
+        let back: Vec<u32> = std::iter::from_fn(|| take_varint(&mut bytes)).collect();
+        assert_eq!(back, ids);
+    }
+
+    #[test]
     fn equal_samples_merge_and_expand_into_the_profile_model() {
         let types = vec![
             SampleType::new("off_cpu", "nanoseconds"),
@@ -235,7 +306,7 @@ mod tests {
             SampleType::new("lock_wait", "nanoseconds"),
             SampleType::new("lock_wait_events", "count"),
         ];
-        let mut period = PeriodProfile::new(types, &[], false);
+        let mut period = PeriodProfile::new(Profile::new(types), false);
         let a = period.intern(Frame::synthetic("a"));
         let b = period.intern(Frame::synthetic("b"));
         let s = labels(&[("pid", "1"), ("state", "S")]);

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use stallscope_profile::{FrameId, Profile};
+use stallscope_profile::{Frame, FrameId, Profile, SampleType};
 
 use crate::symbols::KEEP_PERIODS;
 
@@ -97,9 +97,9 @@ impl StackCache {
     }
 
     /// Ends a profile period: forgets the stacks no sample used for [`KEEP_PERIODS`]
-    /// periods and rebuilds `table` (the shared frame table) with the frames of the kernel
-    /// stacks kept, renumbering them.
-    pub fn end_period(&mut self, table: &mut Profile) {
+    /// periods and returns the next shared frame table: the frames of the kernel stacks
+    /// kept, taken from the period's table `frames` and renumbered.
+    pub fn end_period(&mut self, frames: &[Frame], sample_types: Vec<SampleType>) -> Profile {
         let period = self.period;
         let recent = |kept_used: u32| period.wrapping_sub(kept_used) < KEEP_PERIODS;
         self.raw.retain(|_, kept| recent(kept.used));
@@ -108,16 +108,16 @@ impl StackCache {
         self.exec.retain(|hash| {
             kernel.contains_key(&(*hash, false)) || kernel.contains_key(&(*hash, true))
         });
-        let mut fresh = Profile::new(table.sample_types.clone());
+        let mut fresh = Profile::new(sample_types);
         for kept in self.kernel.values_mut() {
             for id in &mut kept.value {
-                if let Some(frame) = table.frames.get(*id as usize) {
+                if let Some(frame) = frames.get(*id as usize) {
                     *id = fresh.intern(frame.clone());
                 }
             }
         }
-        *table = fresh;
         self.period = self.period.wrapping_add(1);
+        fresh
     }
 
     /// Raw and symbolized kernel stacks held (for the daemon's memory figures).
@@ -146,7 +146,7 @@ mod tests {
             // Stack 1 and kernel stack 7 are used every period; 2 and 8 never again.
             assert!(cache.raw(1).is_some());
             assert!(cache.touch_kernel((7, false)));
-            cache.end_period(&mut table);
+            table = cache.end_period(&table.frames, Vec::new());
         }
         assert!(cache.raw(2).is_none(), "an unused raw stack is forgotten");
         assert!(cache.kernel((8, false)).is_none());
@@ -162,8 +162,8 @@ mod tests {
     fn a_flood_of_raw_stacks_keeps_only_the_current_period() {
         let mut cache = StackCache::default();
         cache.insert_raw(0, &[1]);
-        let mut table = Profile::default();
-        cache.end_period(&mut table);
+        let table = Profile::default();
+        cache.end_period(&table.frames, Vec::new());
         for hash in 1..=super::RAW_CAPACITY as u64 + 1 {
             cache.insert_raw(hash, &[hash]);
         }

@@ -152,7 +152,12 @@ impl Sink for StreamSink<'_> {
     }
 
     fn accept(&mut self, profile: PeriodProfile, last: bool) -> anyhow::Result<()> {
+        let (frames, samples) = (profile.frames().len(), profile.samples().len());
         let batch = encode_period(profile, &self.config.agent_id);
+        tracing::debug!(
+            "period of {samples} samples over {frames} frames encoded in {} bytes",
+            batch.bytes.len()
+        );
         for (kind, total) in &batch.totals {
             *self.summary.totals.entry(kind.clone()).or_default() += total;
         }

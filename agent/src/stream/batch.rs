@@ -156,7 +156,7 @@ pub fn encode_period(mut period: PeriodProfile, agent_id: &str) -> EncodedBatch 
             index
         };
         wire.labels.clear();
-        for &(key, value) in &sample.labels {
+        for (key, value) in period.label_ids(&sample) {
             wire.labels.push(strings.of_period(&period, key));
             wire.labels.push(strings.of_period(&period, value));
         }
@@ -253,7 +253,7 @@ mod tests {
             SampleType::new("on_cpu", "nanoseconds"),
             SampleType::new("on_cpu_samples", "count"),
         ];
-        let mut profile = PeriodProfile::new(types, &[], false);
+        let mut profile = PeriodProfile::new(stallscope_profile::Profile::new(types), false);
         let main = profile.intern(Frame::synthetic("main"));
         let read = profile.intern(Frame {
             kind: FrameKind::Kernel,
