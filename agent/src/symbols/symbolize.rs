@@ -6,7 +6,12 @@
 //! blazesym instance per binary, shared by every process that runs it.
 
 use std::{
-    collections::HashMap, ffi::OsStr, os::fd::AsRawFd, path::PathBuf, sync::Arc, time::Instant,
+    collections::HashMap,
+    ffi::OsStr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+    time::Instant,
 };
 
 use blazesym::symbolize::{
@@ -367,6 +372,10 @@ impl LaneSymbolizers {
 /// budget (`[symbols] dwarf_max_mb` raises or lowers it).
 pub const DWARF_MAX_BYTES: u64 = 16 << 20;
 
+/// Held while a lane parses a source it does not keep after the job (and until it
+/// dropped it).
+static PARSED_PER_JOB: Mutex<()> = Mutex::new(());
+
 /// Symbolizes file offsets of one binary (`binary` is its id in the agent's table), with
 /// DWARF if the binary's (or its debug file's) DWARF is at most `dwarf_max` bytes, else
 /// from its symbol table. Returns one entry per offset; an offset without a symbol gets
@@ -402,6 +411,13 @@ pub fn symbolize_offsets(
             }
         );
     }
+    // A source parsed for this job only is the lanes' largest transient: one at a time
+    // across the lanes, so two (libc's debug file and a 23 MB library, say) never add up.
+    let _one_at_a_time = (source_bytes == u64::MAX).then(|| {
+        PARSED_PER_JOB
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    });
     let symbolizer = lane.get(binary, source_bytes);
     let results = match symbolizer.symbolize(&source, Input::VirtOffset(&valid)) {
         Ok(results) => results,
