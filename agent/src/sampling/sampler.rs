@@ -231,6 +231,10 @@ pub fn sample(
             let mut notes = period_notes(&notes, guard.as_mut(), unwind.as_ref());
             notes.append(&mut once_notes);
             let meta = period.close(&host, &notes, Instant::now());
+            // The period's end is the agent's high-water mark (symbols settled, the
+            // profile assembled on top of a full period's sums): what the drains left
+            // free goes back first.
+            system::release_free_memory();
             let profile = accumulator.finish(meta);
             sink.accept(profile, false)?;
             // The period's sums and the profile are freed: give the memory back.
