@@ -16,7 +16,7 @@ use stallscope_proto::sd_notify::ServiceNotifier;
 
 use super::{
     guard::Guard,
-    journal::{self, Journal, Recovered},
+    journal::{self, Journal, Recovered, Recovery},
     shutdown,
 };
 use crate::{
@@ -141,9 +141,16 @@ pub fn sample(
     });
     let mut once_notes = std::mem::take(&mut probes.pin_notes);
     let journal_dir = sink.journal_dir().map(Path::to_owned);
-    if let Some(dir) = &journal_dir
-        && let Some(mut recovered) = Journal::recover(dir)?
-    {
+    let recovery = match &journal_dir {
+        Some(dir) => Journal::recover(dir)?,
+        None => Recovery::Nothing,
+    };
+    if let Recovery::Refused(why) = &recovery {
+        once_notes.push(format!(
+            "the drain journal an earlier agent left is {why}: its drains (up to one batch interval) are lost"
+        ));
+    }
+    if let Some(mut recovered) = recovery.drains() {
         if leftover
             .as_ref()
             .is_some_and(|left| left.journaled_at == Some(recovered.last_drain_unix_ns))

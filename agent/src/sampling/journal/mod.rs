@@ -10,7 +10,7 @@
 //! The journal is written without `fsync`: it survives the agent's death, which is what
 //! it is for, not the host's (the page cache goes with the host, and so do the waits).
 //! Records are the probes' own map entries, so a journal of another entry layout is
-//! refused (and counted as a gap), never misread.
+//! refused, never misread: the first profile of the new agent notes the gap.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -60,6 +60,26 @@ pub struct Recovered {
     pub torn_bytes: usize,
 }
 
+/// What a start finds in the journal directory.
+pub enum Recovery {
+    /// No journal, or one without drains.
+    Nothing,
+    /// A journal this agent cannot read (another format or map entry layout: an
+    /// upgrade): its drains are lost, and the first profile says so.
+    Refused(&'static str),
+    Drains(Recovered),
+}
+
+impl Recovery {
+    /// The recovered drains, if any.
+    pub fn drains(self) -> Option<Recovered> {
+        match self {
+            Self::Drains(recovered) => Some(recovered),
+            Self::Nothing | Self::Refused(_) => None,
+        }
+    }
+}
+
 /// The open journal of the current period.
 pub struct Journal {
     file: File,
@@ -70,13 +90,12 @@ impl Journal {
         dir.join(FILE_NAME)
     }
 
-    /// Reads what an earlier run left in `dir`: `Ok(None)` when there is nothing (no
-    /// journal, or one without drains); an error names the file and what to do.
-    pub fn recover(dir: &Path) -> anyhow::Result<Option<Recovered>> {
+    /// Reads what an earlier run left in `dir`; an error names the file and what to do.
+    pub fn recover(dir: &Path) -> anyhow::Result<Recovery> {
         let path = Self::path(dir);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Recovery::Nothing),
             Err(err) => anyhow::bail!(
                 "reading the drain journal {}: {err} (remove it to start without it)",
                 path.display()
@@ -247,20 +266,28 @@ fn decode_drain(body: &[u8]) -> Option<(i64, Drained)> {
     Some((unix_ns, drained))
 }
 
-/// The header and every whole record of a journal; `None` if it holds no drain or was
-/// written with another entry layout (logged: that period is a gap).
-fn decode(bytes: &[u8]) -> Option<Recovered> {
+/// The header and every whole record of a journal, or why it is refused (another
+/// format or entry layout: logged, and that period is a gap the first profile notes).
+fn decode(bytes: &[u8]) -> Recovery {
     let mut r = Reader { bytes };
-    if r.take(MAGIC.len())? != MAGIC {
-        tracing::warn!("the drain journal is not one this agent writes; its drains are lost");
-        return None;
+    let refused = match (r.take(MAGIC.len()), r.u64()) {
+        (Some(magic), _) if magic != MAGIC => Some("not in this agent's format"),
+        (Some(_), Some(layout_id)) if layout_id != layout() => {
+            Some("written with another map entry layout")
+        }
+        (Some(_), Some(_)) => None,
+        // Shorter than its own header: nothing was journaled.
+        (None, _) | (Some(_), None) => return Recovery::Nothing,
+    };
+    if let Some(why) = refused {
+        tracing::warn!("the drain journal left by an earlier agent is {why}; its drains are lost");
+        return Recovery::Refused(why);
     }
-    if r.u64()? != layout() {
-        tracing::warn!(
-            "the drain journal was written by an agent with another map entry layout; its drains are lost"
-        );
-        return None;
-    }
+    decode_records(r).map_or(Recovery::Nothing, Recovery::Drains)
+}
+
+/// The period header and the whole records after a journal's format header.
+fn decode_records(mut r: Reader<'_>) -> Option<Recovered> {
     let period_start_unix_ns = r.u64()? as i64;
     let reported_losses = r.u64s()?;
     let mut recovered = Recovered {
@@ -329,15 +356,18 @@ mod tests {
     #[test]
     fn drains_come_back_as_written_and_a_restart_forgets_them() {
         let dir = scratch("roundtrip");
-        assert!(Journal::recover(&dir).expect("read").is_none());
+        assert!(Journal::recover(&dir).expect("read").drains().is_none());
         let mut journal = Journal::start(&dir, 1_000, &[5, 0, 1]).expect("start");
         assert!(
-            Journal::recover(&dir).expect("read").is_none(),
+            Journal::recover(&dir).expect("read").drains().is_none(),
             "no drain yet"
         );
         journal.append(&drained(2), 2_000).expect("append");
         journal.append(&drained(3), 3_000).expect("append");
-        let back = Journal::recover(&dir).expect("read").expect("two drains");
+        let back = Journal::recover(&dir)
+            .expect("read")
+            .drains()
+            .expect("two drains");
         assert_eq!(back.period_start_unix_ns, 1_000);
         assert_eq!(back.last_drain_unix_ns, 3_000);
         assert_eq!(back.reported_losses, vec![5, 0, 1]);
@@ -349,9 +379,12 @@ mod tests {
         assert_eq!(d.names, vec![(43, "worker-1".to_owned())]);
         assert_eq!(d.peers.len(), 1);
         journal.restart(4_000, &[6]).expect("restart");
-        assert!(Journal::recover(&dir).expect("read").is_none());
+        assert!(Journal::recover(&dir).expect("read").drains().is_none());
         journal.append(&drained(1), 5_000).expect("append");
-        let back = Journal::recover(&dir).expect("read").expect("one drain");
+        let back = Journal::recover(&dir)
+            .expect("read")
+            .drains()
+            .expect("one drain");
         assert_eq!(back.period_start_unix_ns, 4_000);
         assert_eq!(back.drains.len(), 1);
     }
@@ -371,6 +404,7 @@ mod tests {
             .expect("tear");
         let back = Journal::recover(&dir)
             .expect("read")
+            .drains()
             .expect("the whole record");
         assert_eq!(back.drains.len(), 1);
         assert_eq!(back.last_drain_unix_ns, 2_000);
@@ -394,7 +428,10 @@ mod tests {
         let first_end = fs::metadata(&path).expect("journal").len();
         assert!(first_end > RecordWriter::BUFFER as u64, "spans buffers");
         journal.append(&large, 3_000).expect("append");
-        let back = Journal::recover(&dir).expect("read").expect("two drains");
+        let back = Journal::recover(&dir)
+            .expect("read")
+            .drains()
+            .expect("two drains");
         assert_eq!(back.drains.len(), 2);
         let stacks = &back.drains[1].stacks;
         assert_eq!(stacks.len(), 10_000);
@@ -407,6 +444,7 @@ mod tests {
         write_at(&file, &[0; RECORD_HEADER], first_end).expect("unwrite the header");
         let back = Journal::recover(&dir)
             .expect("read")
+            .drains()
             .expect("the first drain");
         assert_eq!(back.drains.len(), 1);
         assert_eq!(back.last_drain_unix_ns, 2_000);
@@ -420,6 +458,22 @@ mod tests {
     fn garbage_is_refused_not_misread() {
         let dir = scratch("garbage");
         fs::write(Journal::path(&dir), b"not a journal at all").expect("write");
-        assert!(Journal::recover(&dir).expect("read").is_none());
+        assert!(matches!(
+            Journal::recover(&dir).expect("read"),
+            Recovery::Refused("not in this agent's format")
+        ));
+        // The format of an earlier version, with another entry layout.
+        let mut other = MAGIC.to_vec();
+        other.extend_from_slice(&(layout() ^ 1).to_le_bytes());
+        fs::write(Journal::path(&dir), &other).expect("write");
+        assert!(matches!(
+            Journal::recover(&dir).expect("read"),
+            Recovery::Refused("written with another map entry layout")
+        ));
+        fs::write(Journal::path(&dir), b"SSJ").expect("write");
+        assert!(matches!(
+            Journal::recover(&dir).expect("read"),
+            Recovery::Nothing
+        ));
     }
 }
