@@ -346,6 +346,11 @@ mod tests {
         }
     }
 
+    /// The drains an earlier run left in `dir`, if it left any.
+    fn recovered(dir: &Path) -> Option<Recovered> {
+        Journal::recover(dir).expect("read").drains()
+    }
+
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("journal-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -356,18 +361,12 @@ mod tests {
     #[test]
     fn drains_come_back_as_written_and_a_restart_forgets_them() {
         let dir = scratch("roundtrip");
-        assert!(Journal::recover(&dir).expect("read").drains().is_none());
+        assert!(recovered(&dir).is_none());
         let mut journal = Journal::start(&dir, 1_000, &[5, 0, 1]).expect("start");
-        assert!(
-            Journal::recover(&dir).expect("read").drains().is_none(),
-            "no drain yet"
-        );
+        assert!(recovered(&dir).is_none(), "no drain yet");
         journal.append(&drained(2), 2_000).expect("append");
         journal.append(&drained(3), 3_000).expect("append");
-        let back = Journal::recover(&dir)
-            .expect("read")
-            .drains()
-            .expect("two drains");
+        let back = recovered(&dir).expect("two drains");
         assert_eq!(back.period_start_unix_ns, 1_000);
         assert_eq!(back.last_drain_unix_ns, 3_000);
         assert_eq!(back.reported_losses, vec![5, 0, 1]);
@@ -379,12 +378,9 @@ mod tests {
         assert_eq!(d.names, vec![(43, "worker-1".to_owned())]);
         assert_eq!(d.peers.len(), 1);
         journal.restart(4_000, &[6]).expect("restart");
-        assert!(Journal::recover(&dir).expect("read").drains().is_none());
+        assert!(recovered(&dir).is_none());
         journal.append(&drained(1), 5_000).expect("append");
-        let back = Journal::recover(&dir)
-            .expect("read")
-            .drains()
-            .expect("one drain");
+        let back = recovered(&dir).expect("one drain");
         assert_eq!(back.period_start_unix_ns, 4_000);
         assert_eq!(back.drains.len(), 1);
     }
@@ -402,10 +398,7 @@ mod tests {
             .open(&path)
             .and_then(|f| f.set_len(len - 5))
             .expect("tear");
-        let back = Journal::recover(&dir)
-            .expect("read")
-            .drains()
-            .expect("the whole record");
+        let back = recovered(&dir).expect("the whole record");
         assert_eq!(back.drains.len(), 1);
         assert_eq!(back.last_drain_unix_ns, 2_000);
         assert!(back.torn_bytes > 0);
@@ -428,10 +421,7 @@ mod tests {
         let first_end = fs::metadata(&path).expect("journal").len();
         assert!(first_end > RecordWriter::BUFFER as u64, "spans buffers");
         journal.append(&large, 3_000).expect("append");
-        let back = Journal::recover(&dir)
-            .expect("read")
-            .drains()
-            .expect("two drains");
+        let back = recovered(&dir).expect("two drains");
         assert_eq!(back.drains.len(), 2);
         let stacks = &back.drains[1].stacks;
         assert_eq!(stacks.len(), 10_000);
@@ -442,10 +432,7 @@ mod tests {
         // header goes, the whole body after it.
         let file = OpenOptions::new().write(true).open(&path).expect("open");
         write_at(&file, &[0; RECORD_HEADER], first_end).expect("unwrite the header");
-        let back = Journal::recover(&dir)
-            .expect("read")
-            .drains()
-            .expect("the first drain");
+        let back = recovered(&dir).expect("the first drain");
         assert_eq!(back.drains.len(), 1);
         assert_eq!(back.last_drain_unix_ns, 2_000);
         assert_eq!(
