@@ -43,8 +43,9 @@ assert_no_padding! {
     StackTrace { len, flags, ips }
     ThreadState {
         off_since_ns, woken_ns, lock_since_ns, lock_addr, syscall_since_ns, futex_uaddr,
-        file_lock_ino, tgid, tid, syscall_nr, syscall_epoch, file_lock_dev, file_lock_holder, state,
-        flags, lock_kind, wait_hint, futex_kind, file_lock_kind, pad,
+        file_lock_ino, socket_since_ns, tgid, tid, syscall_nr, syscall_epoch, socket_fd,
+        socket_nr, file_lock_dev, file_lock_holder, state, flags, lock_kind, wait_hint,
+        futex_kind, file_lock_kind, pad,
     }
     TpThreadState { off_since_ns, tgid, state, pad, kstack, ustack }
     PendingWait {
@@ -81,7 +82,7 @@ const _: () = assert!(size_of::<TotalValue>() == 8 * (4 + HIST_BUCKETS));
 const _: () = assert!(size_of::<SampleKey>() == 56);
 const _: () = assert!(size_of::<SampleValue>() == 40);
 const _: () = assert!(size_of::<StackTrace>() == 8 + 8 * MAX_STACK_DEPTH);
-const _: () = assert!(size_of::<ThreadState>() == 7 * 8 + 6 * 4 + 8);
+const _: () = assert!(size_of::<ThreadState>() == 8 * 8 + 8 * 4 + 8);
 const _: () = assert!(size_of::<TpThreadState>() == 32);
 const _: () = assert!(size_of::<DiskRequestKey>() == 16);
 const _: () = assert!(size_of::<DiskRequest>() == 48);

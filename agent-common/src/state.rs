@@ -21,12 +21,18 @@ pub struct ThreadState {
     /// The inode number of the file lock the kernel deferred this thread's request for
     /// (set by the file-lock tracepoints, cleared at the request's next attempt).
     pub file_lock_ino: u64,
+    /// When the socket syscall in progress first blocked (network signal); zero if none.
+    pub socket_since_ns: u64,
     pub tgid: u32,
     pub tid: u32,
     /// Number of the syscall in progress.
     pub syscall_nr: u32,
     /// `Tuning::syscall_epoch` when it was entered.
     pub syscall_epoch: u32,
+    /// The descriptor of the socket syscall that blocked (for `poll`, its one descriptor).
+    pub socket_fd: u32,
+    /// The number of that syscall.
+    pub socket_nr: u32,
     /// The device (kernel `dev_t`) of that file's filesystem.
     pub file_lock_dev: u32,
     /// The process holding (or queued ahead for) the conflicting lock; zero if unknown.
@@ -79,12 +85,12 @@ pub const THREAD_KERNEL: u8 = 1 << 2;
 /// [`ThreadState::flags`]: the thread's user stack was walked at its last switch-out (no
 /// rseq) and sits in the per-thread snapshot.
 pub const THREAD_USER_SNAPSHOT: u8 = 1 << 3;
-/// [`ThreadState::flags`]: a syscall is in progress (syscall signal).
+/// [`ThreadState::flags`]: a syscall timed by the syscall signal is in progress.
 pub const THREAD_IN_SYSCALL: u8 = 1 << 4;
-/// [`ThreadState::flags`]: the syscall in progress is timed for the syscall signal (all
-/// are, unless the signal samples one in N; the network signal times socket syscalls
-/// regardless).
-pub const THREAD_SYSCALL_TIMED: u8 = 1 << 5;
+/// [`ThreadState::flags`]: the thread blocked inside a socket syscall (network signal);
+/// the wait ends when it returns to user space (`rseq_update`), or at switch-in for a
+/// thread without rseq.
+pub const THREAD_SOCKET_WAIT: u8 = 1 << 5;
 
 /// Per-thread state of the classic-tracepoint fallback (a hash map keyed by thread id):
 /// stacks are walked at switch-out, so their hashes travel with the state.

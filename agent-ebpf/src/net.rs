@@ -5,12 +5,14 @@
 //!   context (inside `connect`), where both its stacks are taken and the socket is
 //!   remembered with its peer; SYN_SENT -> ESTABLISHED (or -> CLOSE: refused, timed out,
 //!   aborted) ends the connect, usually in softirq context, from what was remembered.
-//! - Socket waits: at `sys_exit` (see `syscall.rs`) of a receive, send, poll or connect
-//!   syscall that lasted at least `socket_wait_min_ns`, the syscall's descriptor is
-//!   followed to its socket and peer. Every such wait is added to the exact totals of
+//! - Socket waits: a thread switched out inside a receive, send, poll or connect syscall
+//!   (its saved user registers say which, and on which descriptor; see `sched_btf.rs`)
+//!   waits on a socket from then until it returns to user space (`rseq_update`; at
+//!   switch-in for a thread without rseq). A wait of at least `socket_wait_min_ns` is
+//!   followed from its descriptor to the socket and peer, added to the exact totals of
 //!   (thread, operation, peer); waits at or above the stack threshold get the user stack
 //!   (in the thread's own context), shorter ones are threshold-sampled like off-CPU waits.
-//!   Nothing is done for the syscalls that did not wait.
+//!   Syscalls that do not block cost nothing: no syscall is hooked.
 //! - RTT: `tcp_probe` (every segment received on an established socket) samples a
 //!   socket's `srtt_us` at most once per `tcp_rtt_interval_ns`, into a per-peer
 //!   histogram. Retransmits (`tcp_retransmit_skb`) count per peer and TCP state; listen
@@ -22,10 +24,11 @@
 
 use agent_common::{
     ConnectOutcome, Direction, EST_COUNT_FP_SHIFT, FD_SYSCALLS_LEN, FdKind,
-    PEER_DIRECTION_INFERRED, Peer, SampleKey, SampleValue, Signal, SocketInfo, SocketOp, TcpEvent,
-    TotalKey,
+    PEER_DIRECTION_INFERRED, Peer, SampleKey, SampleValue, Signal, SocketInfo, SocketOp,
+    THREAD_SOCKET_WAIT, TcpEvent, ThreadState, TotalKey,
 };
 use aya_ebpf::{
+    EbpfContext,
     bindings::task_struct,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
@@ -37,10 +40,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    kernel::{fd_file, file_kind, read_ptr, syscall_arg},
+    kernel::{fd_file, file_kind, read_ptr},
     maps::{
-        SLOT_NET, SLOT_SYSCALL, add_sample, add_total, capture_current_stack, config, generation,
-        owns, remember_comm, wanted, wants,
+        SLOT_NET, add_sample, add_total, capture_current_stack, config, generation, owns,
+        remember_comm, wanted, wants,
     },
 };
 
@@ -70,12 +73,6 @@ const TCP_CLOSE: i32 = 7;
 #[inline(always)]
 fn socket_op(nr: u32) -> u8 {
     SOCKET_SYSCALLS.get(nr).copied().unwrap_or(0)
-}
-
-/// Whether syscall `nr` can wait on a socket (receive, send, poll, connect).
-#[inline(always)]
-pub fn is_socket_syscall(nr: u32) -> bool {
-    socket_op(nr) != SocketOp::None as u8
 }
 
 #[inline(always)]
@@ -308,30 +305,54 @@ fn socket_info(sk: u64) -> Option<*mut SocketInfo> {
     SOCKETS.get_ptr_mut(sk)
 }
 
-/// A syscall of the current thread ended after `wait_ns`: if it was a socket operation
-/// that waited, a socket wait on that socket's peer (called from `sys_exit`).
+/// The current thread blocks inside syscall `nr` (arguments `arg0`, `arg1`, from its saved
+/// user registers): if that is a socket operation, its socket wait starts now. Called at
+/// switch-out, in the thread's own context (a `poll` descriptor is read from its memory).
 #[inline(always)]
-pub fn socket_wait(
-    ctx: &BtfTracePointContext,
-    generation: u32,
-    task: *mut task_struct,
-    (tgid, tid): (u32, u32),
-    nr: u32,
-    wait_ns: u64,
-) {
+pub fn socket_wait_begin(thread: &mut ThreadState, nr: u32, (arg0, arg1): (u64, u64), now: u64) {
     let op = socket_op(nr);
-    if op == SocketOp::None as u8
-        || wait_ns < config!(socket_wait_min_ns)
-        || config!(sock_walk) == 0
-    {
+    if op == SocketOp::None as u8 {
         return;
     }
     let fd = if op == SocketOp::Poll as u8 {
-        poll_fd(ctx)
+        poll_fd(arg0, arg1)
     } else {
-        syscall_arg(ctx, 0)
+        arg0
     };
-    let file = fd_file(task, fd);
+    if fd > u64::from(u32::MAX) {
+        return;
+    }
+    thread.socket_since_ns = now;
+    thread.socket_nr = nr;
+    thread.socket_fd = fd as u32;
+    thread.flags |= THREAD_SOCKET_WAIT;
+}
+
+/// The socket wait of `thread` (see [`socket_wait_begin`]) ended at `now`: if it lasted
+/// long enough, a socket wait on that socket's peer. `ustack` gives the thread's user
+/// stack, asked only for a wait that gets a sample. `task` is the thread's task.
+#[inline(always)]
+pub fn socket_wait_end<C: EbpfContext>(
+    ctx: &C,
+    generation: u32,
+    task: *mut task_struct,
+    thread: &mut ThreadState,
+    now: u64,
+    ustack: impl FnOnce() -> u64,
+) {
+    thread.flags &= !THREAD_SOCKET_WAIT;
+    let since = thread.socket_since_ns;
+    thread.socket_since_ns = 0;
+    if since == 0 || since > now {
+        return;
+    }
+    let wait_ns = now - since;
+    if wait_ns < config!(socket_wait_min_ns) || config!(sock_walk) == 0 {
+        return;
+    }
+    let (tgid, tid, nr) = (thread.tgid, thread.tid, thread.socket_nr);
+    let op = socket_op(nr);
+    let file = fd_file(task, u64::from(thread.socket_fd));
     if file == 0 || file_kind(file) != FdKind::Socket {
         return;
     }
@@ -386,7 +407,7 @@ pub fn socket_wait(
     let sample = SampleKey {
         tgid,
         tid,
-        ustack: capture_current_stack(ctx, Signal::SocketWait, generation, SLOT_SYSCALL, true),
+        ustack: ustack(),
         signal: Signal::SocketWait as u8,
         class: op,
         aux: peer_id,
@@ -399,11 +420,10 @@ pub fn socket_wait(
 /// The descriptor of a `poll`/`ppoll` on exactly one descriptor (`u64::MAX` otherwise),
 /// read from the caller's `pollfd`, in its own context.
 #[inline(always)]
-fn poll_fd(ctx: &BtfTracePointContext) -> u64 {
-    if syscall_arg(ctx, 1) != 1 {
+fn poll_fd(fds: u64, nfds: u64) -> u64 {
+    if nfds != 1 {
         return u64::MAX;
     }
-    let fds = syscall_arg(ctx, 0);
     // SAFETY: a fault-tolerant read of the current thread's own memory (`pollfd.fd`).
     match unsafe { bpf_probe_read_user(fds as *const i32) } {
         Ok(fd) if fd >= 0 => fd as u64,

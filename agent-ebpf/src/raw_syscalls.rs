@@ -1,12 +1,11 @@
-//! The raw syscall hooks, `sys_enter` and `sys_exit` (BTF raw tracepoints), shared by the
-//! syscall signal (`syscall.rs`) and the network signal's socket waits (`net.rs`):
-//! `sys_enter` keeps the syscall's number and start time in the thread's state, `sys_exit`
-//! hands its duration to each family that wants it. With only the network signal on,
-//! `sys_enter` keeps state for the socket syscalls alone. When the syscall signal samples
+//! The raw syscall hooks of the syscall signal, `sys_enter` and `sys_exit` (BTF raw
+//! tracepoints): `sys_enter` keeps the syscall's number and start time in the thread's
+//! state, `sys_exit` hands its duration to `syscall.rs`. When the signal samples
 //! (`syscall_sample_every` > 1), `sys_enter` only counts the syscalls it does not time,
-//! with no clock read and no thread state.
+//! with no clock read and no thread state. (The network signal's socket waits need no
+//! syscall hook: they start when a thread blocks inside a socket syscall, `net.rs`.)
 
-use agent_common::{Signal, THREAD_IN_SYSCALL, THREAD_SYSCALL_TIMED};
+use agent_common::{Signal, THREAD_IN_SYSCALL};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_prandom_u32},
     macros::btf_tracepoint,
@@ -15,7 +14,6 @@ use aya_ebpf::{
 
 use crate::{
     maps::{generation, owns, tuned, wanted, wanted_target_current, wants},
-    net::{is_socket_syscall, socket_wait},
     syscall::{count_untimed_syscall, syscall_latency},
     threads::{current_task, thread_of, thread_or_create},
 };
@@ -51,9 +49,7 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
         }
         count_untimed_syscall(&ctx, generation(), tgid, nr);
     }
-    // The network signal needs only the socket syscalls: every other untimed syscall
-    // skips the thread state.
-    if !timed && !(wants(Signal::SocketWait) && is_socket_syscall(nr)) {
+    if !timed {
         return 0;
     }
     let task = current_task();
@@ -69,11 +65,6 @@ pub fn sys_enter_btf(ctx: BtfTracePointContext) -> i32 {
     thread.syscall_nr = nr;
     thread.syscall_epoch = tuned!(syscall_epoch);
     thread.flags |= THREAD_IN_SYSCALL;
-    if timed {
-        thread.flags |= THREAD_SYSCALL_TIMED;
-    } else {
-        thread.flags &= !THREAD_SYSCALL_TIMED;
-    }
     0
 }
 
@@ -90,8 +81,7 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
     if thread.flags & THREAD_IN_SYSCALL == 0 {
         return 0;
     }
-    let timed = thread.flags & THREAD_SYSCALL_TIMED != 0;
-    thread.flags &= !(THREAD_IN_SYSCALL | THREAD_SYSCALL_TIMED);
+    thread.flags &= !THREAD_IN_SYSCALL;
     if thread.syscall_epoch != tuned!(syscall_epoch) {
         // Entered before the programs were detached: its exit may be another syscall's.
         return 0;
@@ -102,14 +92,9 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let duration = now - thread.syscall_since_ns;
-    let generation = generation();
-    let nr = thread.syscall_nr;
-    let ids = (thread.tgid, thread.tid);
-    if timed && wants(Signal::Syscall) {
-        syscall_latency(&ctx, generation, task, ids, nr, duration);
-    }
-    if wants(Signal::SocketWait) {
-        socket_wait(&ctx, generation, task, ids, nr, duration);
+    if wants(Signal::Syscall) {
+        let ids = (thread.tgid, thread.tid);
+        syscall_latency(&ctx, generation(), task, ids, thread.syscall_nr, duration);
     }
     0
 }

@@ -25,9 +25,9 @@ use agent_common::{
     EST_COUNT_FP_SHIFT, FLAG_KERNEL_THREAD, FLAG_KSTACK_FAILED, FLAG_NO_OFFCPU,
     FLAG_USER_LEAF_ONLY, FLAG_USTACK_FAILED, LockKind, Loss, NO_STACK, OffCpuState, PendingWait,
     RunQueueKind, SampleKey, SampleValue, Signal, StackTrace, THREAD_HAS_RSEQ, THREAD_KERNEL,
-    THREAD_PENDING, THREAD_USER_SNAPSHOT, ThreadState, TotalKey, WAIT_HINT_FILE_LOCK,
-    WAIT_HINT_FUTEX, WAIT_HINT_FUTEX_CONDVAR, WAIT_HINT_FUTEX_LOCK, WAIT_HINT_KERNEL_LOCK,
-    WAIT_HINT_NONE,
+    THREAD_PENDING, THREAD_SOCKET_WAIT, THREAD_USER_SNAPSHOT, ThreadState, TotalKey,
+    WAIT_HINT_FILE_LOCK, WAIT_HINT_FUTEX, WAIT_HINT_FUTEX_CONDVAR, WAIT_HINT_FUTEX_LOCK,
+    WAIT_HINT_KERNEL_LOCK, WAIT_HINT_NONE,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -47,10 +47,11 @@ use aya_ebpf::{
 
 use crate::{
     maps::{
-        COMMS, SLOT_RSEQ, SLOT_SCHED, add_offcpu_total, add_sample, add_total,
+        COMMS, SLOT_RSEQ, SLOT_SCHED, SLOT_SYSCALL, add_offcpu_total, add_sample, add_total,
         capture_current_stack, config, count_loss, generation, owns, scratch, set_leaf, set_len,
         store_stack, tuned, wanted, wants,
     },
+    net::{socket_wait_begin, socket_wait_end},
     task_storage::TaskStorage,
     threads::{read_task_u32, read_task_u64, thread_of, thread_or_create},
 };
@@ -121,15 +122,19 @@ fn futex_wait(uaddr: u64, value: u32) -> UserWait {
     }
 }
 
-/// What the current thread waits for, if it is inside a futex wait syscall or waits for
-/// a file lock the kernel deferred (`file_lock`: the thread's note of it, kind and
-/// inode): from its saved user registers (a syscall entry saves the return address in
-/// both `cx` and `ip` and the flags in both `r11` and `flags`, which tells it apart from
-/// an interrupt). The futex operation and the value waited on tell a lock acquire from
-/// other waits.
+/// The syscall a switched-out thread is inside, from its saved user registers: its
+/// number and first three arguments.
+struct Syscall {
+    nr: u32,
+    args: [u64; 3],
+}
+
+/// The syscall `task` (the current task) is inside, if its saved user registers are a
+/// syscall entry's: it saves the return address in both `cx` and `ip` and the flags in
+/// both `r11` and `flags`, which tells it apart from an interrupt or a fault.
 #[cfg(not(bpf_target_arch = "aarch64"))]
 #[inline(always)]
-fn user_wait_of(task: *mut task_struct, file_lock: (u8, u64)) -> Option<UserWait> {
+fn syscall_of(task: *mut task_struct) -> Option<Syscall> {
     // SAFETY: `task` is the current task's BTF pointer.
     let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
     if regs.is_null() {
@@ -142,7 +147,25 @@ fn user_wait_of(task: *mut task_struct, file_lock: (u8, u64)) -> Option<UserWait
     if cs & 3 != 3 || cx != ip || r11 != flags {
         return None;
     }
-    let nr = orig_ax as u32;
+    Some(Syscall {
+        nr: orig_ax as u32,
+        args: [di, si, dx],
+    })
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+fn syscall_of(_task: *mut task_struct) -> Option<Syscall> {
+    None
+}
+
+/// What a thread blocked inside `call` waits for, if that is a futex wait syscall, or a
+/// file lock the kernel deferred (`file_lock`: the thread's note of it, kind and inode).
+/// The futex operation and the value waited on tell a lock acquire from other waits.
+#[inline(always)]
+fn user_wait_of(call: &Syscall, file_lock: (u8, u64)) -> Option<UserWait> {
+    let nr = call.nr;
+    let [di, si, dx] = call.args;
     let (file_kind, inode) = file_lock;
     // A deferred flock or record lock is waited for inside `flock` or `fcntl` (a request
     // interrupted by a signal leaves its note behind: outside them it means nothing); a
@@ -190,12 +213,6 @@ fn user_wait_of(task: *mut task_struct, file_lock: (u8, u64)) -> Option<UserWait
     } else {
         None
     }
-}
-
-#[cfg(bpf_target_arch = "aarch64")]
-#[inline(always)]
-fn user_wait_of(_task: *mut task_struct, _file_lock: (u8, u64)) -> Option<UserWait> {
-    None
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
@@ -315,11 +332,24 @@ pub fn rseq_update_btf(ctx: BtfTracePointContext) -> i32 {
     let Some(thread) = thread_of(task) else {
         return 0;
     };
+    if thread.flags & (THREAD_PENDING | THREAD_SOCKET_WAIT) == 0 {
+        return 0;
+    }
+    let generation = generation();
+    let mut ustack = None;
     if thread.flags & THREAD_PENDING != 0 {
         thread.flags &= !THREAD_PENDING;
-        let generation = generation();
-        let ustack = capture_current_stack(&ctx, Signal::OffCpu, generation, SLOT_RSEQ, true);
-        finalize_pending(&ctx, generation, thread.tid, ustack, 0);
+        let stack = capture_current_stack(&ctx, Signal::OffCpu, generation, SLOT_RSEQ, true);
+        finalize_pending(&ctx, generation, thread.tid, stack, 0);
+        ustack = Some(stack);
+    }
+    if thread.flags & THREAD_SOCKET_WAIT != 0 {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        socket_wait_end(&ctx, generation, task, thread, now, || match ustack {
+            Some(stack) => stack,
+            None => capture_current_stack(&ctx, Signal::SocketWait, generation, SLOT_SYSCALL, true),
+        });
     }
     0
 }
@@ -369,22 +399,35 @@ fn switch_out(
     };
     thread.futex_uaddr = 0;
     let want_lock = wants(Signal::Lock);
-    if (want_lock || wants(Signal::OffCpu))
+    let want_offcpu = wants(Signal::OffCpu);
+    // A socket wait starts at the first switch-out inside the syscall and lasts until the
+    // return to user space: a thread that blocks again inside it keeps its start.
+    let socket_starts = wants(Signal::SocketWait) && thread.flags & THREAD_SOCKET_WAIT == 0;
+    if (want_lock || want_offcpu || socket_starts)
         && thread.state != OffCpuState::Runnable as u8
         && thread.flags & THREAD_KERNEL == 0
-        && let Some(wait) = user_wait_of(prev, (thread.file_lock_kind, thread.file_lock_ino))
+        && let Some(call) = syscall_of(prev)
     {
-        if thread.wait_hint == WAIT_HINT_NONE {
-            thread.wait_hint = wait.hint;
+        if socket_starts {
+            socket_wait_begin(thread, call.nr, (call.args[0], call.args[1]), now);
         }
-        // Blocked on a kernel lock inside the syscall (the mmap lock, taken by a fault on
-        // the futex word): a kernel lock wait, which `contention_end` counts. Not twice.
-        if want_lock && thread.lock_since_ns == 0 {
-            thread.futex_uaddr = wait.object;
-            thread.futex_kind = wait.kind as u8;
+        if (want_lock || want_offcpu)
+            && let Some(wait) = user_wait_of(&call, (thread.file_lock_kind, thread.file_lock_ino))
+        {
+            if thread.wait_hint == WAIT_HINT_NONE {
+                thread.wait_hint = wait.hint;
+            }
+            // Blocked on a kernel lock inside the syscall (the mmap lock, taken by a fault
+            // on the futex word): a kernel lock wait, which `contention_end` counts. Not
+            // twice.
+            if want_lock && thread.lock_since_ns == 0 {
+                thread.futex_uaddr = wait.object;
+                thread.futex_kind = wait.kind as u8;
+            }
         }
     }
-    let stacks_wanted = wants(Signal::OffCpu) || wants(Signal::Lock);
+    // User stacks: for the off-CPU and lock waits, and for a socket wait in progress.
+    let stacks_wanted = want_offcpu || want_lock || thread.flags & THREAD_SOCKET_WAIT != 0;
     if !stacks_wanted || thread.flags & (THREAD_HAS_RSEQ | THREAD_KERNEL) != 0 {
         return;
     }
@@ -432,6 +475,20 @@ fn switch_in(ctx: &BtfTracePointContext, generation: u32, now: u64, next: *mut t
     let Some(thread) = thread_of(next) else {
         return;
     };
+    if thread.flags & (THREAD_SOCKET_WAIT | THREAD_HAS_RSEQ) == THREAD_SOCKET_WAIT {
+        // A socket wait of a thread without rseq: its return to user space is not seen,
+        // so the wait ends here, with the user stack walked at its switch-out.
+        let snapshot = thread.flags & THREAD_USER_SNAPSHOT != 0;
+        socket_wait_end(ctx, generation, next, thread, now, || {
+            match USER_SNAPSHOT.lookup(next) {
+                // SAFETY: the thread's storage; it is off CPU, nobody else writes it.
+                Some(stack) if snapshot => {
+                    store_stack(ctx, Signal::SocketWait, generation, unsafe { &*stack })
+                }
+                _ => NO_STACK,
+            }
+        });
+    }
     let off_since = thread.off_since_ns;
     let woken = thread.woken_ns;
     thread.off_since_ns = 0;

@@ -1,14 +1,15 @@
 //! End to end, as root, on the real kernel: network waits injected between two network
 //! namespaces the tests create (and remove), measured by the workload and by the agent.
 //! Connect latency against a full listener, socket waits on a slow and a fast peer (IPv4
-//! and IPv6), retransmits on a lossy path and smoothed RTT on a shaped one, each against
+//! and IPv6, and threads without rseq), retransmits on a lossy path and smoothed RTT on a shaped one, each against
 //! a control peer.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, process::Command};
 
 use stallscope_profile::{Histogram, Profile, Sample};
 use stallscope_tests::{
-    label, netlab::NetLab, record_profile, reported, require_root, value_index,
+    Workload, binary, binary_dir, label, netlab::NetLab, record_profile, record_started, reported,
+    require_root, value_index,
 };
 
 fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
@@ -127,8 +128,9 @@ fn connect_latency_against_a_full_listener_is_the_syn_timeout() {
 }
 
 /// A slow peer (30 ms per answer) and a fast one, 50 requests each, over the given
-/// address family.
-fn slow_and_fast_peer(tag: &str, ipv6: bool) {
+/// address family. Without rseq (glibc told not to register it), a thread's return to
+/// user space is not seen and its socket waits end when it is switched in.
+fn slow_and_fast_peer(tag: &str, ipv6: bool, rseq: bool) {
     let lab = lab(tag, 2);
     let server = |i: usize| -> SocketAddr {
         let text = if ipv6 {
@@ -139,19 +141,32 @@ fn slow_and_fast_peer(tag: &str, ipv6: bool) {
         text.parse().expect("socket address")
     };
     let (slow, fast) = (server(0).to_string(), server(1).to_string());
-    let (profile, exit) = record_profile(
+    let scenario = [
+        "net-peers",
+        &lab.client,
+        &lab.server,
+        &slow,
+        &fast,
+        "50",
+        "30",
+    ];
+    let mut command = Command::new(binary(&binary_dir(), "stallscope-workload").expect("workload"));
+    command.args(scenario);
+    if !rseq {
+        command.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
+    }
+    let workload = Workload::spawn(command).expect("workload starts");
+    let (profile, exit) = record_started(
         tag,
-        &[
-            "net-peers",
-            &lab.client,
-            &lab.server,
-            &slow,
-            &fast,
-            "50",
-            "30",
-        ],
+        workload,
         &format!("{tag}.pb.gz"),
         &["--signals", "socket-wait,offcpu"],
+    );
+    let rseq_size = reported(&exit.workload, "rseq_size");
+    assert_eq!(
+        rseq_size > 0.0,
+        rseq,
+        "glibc's rseq registration ({rseq_size} bytes) is not what the test asked for"
     );
     let injected = 50.0 * 30e6;
     let measured_slow = reported(&exit.workload, "slow_wait_ns");
@@ -160,10 +175,13 @@ fn slow_and_fast_peer(tag: &str, ipv6: bool) {
         "the workload itself waited {measured_slow} ns for the slow peer"
     );
     let wait = value_index(&profile, "socket_wait", "nanoseconds");
+    // The workload times its requests, not its connects (a fresh IPv6 path's first
+    // connect may wait a second for neighbour discovery).
     let of_peer = |peer: &str| {
         let peer = peer.to_owned();
         move |s: &Sample| {
             label(s, "signal") == "socket-wait"
+                && label(s, "op") != "connect"
                 && label(s, "peer") == peer
                 && label(s, "direction") == "client"
                 && label(s, "thread") == "requester"
@@ -212,7 +230,15 @@ fn socket_waits_are_attributed_to_the_slow_peer() {
     if !require_root("slow_peer") {
         return;
     }
-    slow_and_fast_peer("net-peers-v4", false);
+    slow_and_fast_peer("net-peers-v4", false, true);
+}
+
+#[test]
+fn socket_waits_of_threads_without_rseq() {
+    if !require_root("slow_peer_no_rseq") {
+        return;
+    }
+    slow_and_fast_peer("net-peers-no-rseq", false, false);
 }
 
 #[test]
@@ -220,7 +246,7 @@ fn socket_waits_are_attributed_to_the_slow_peer_over_ipv6() {
     if !require_root("slow_peer_ipv6") {
         return;
     }
-    slow_and_fast_peer("net-peers-v6", true);
+    slow_and_fast_peer("net-peers-v6", true, true);
 }
 
 #[test]

@@ -110,7 +110,7 @@ pub struct SyscallFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkFile {
-    /// Socket syscalls shorter than this are not socket waits.
+    /// Socket syscalls blocked for less than this are not socket waits.
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub min_wait: Option<Duration>,
     /// Socket waits at least this long always get stacks; shorter ones are sampled.

@@ -154,7 +154,7 @@ pub struct Config {
 pub const DEFAULT_STACK_THRESHOLD: Duration = Duration::from_millis(1);
 pub const DEFAULT_LOCK_THRESHOLD: Duration = Duration::from_micros(100);
 pub const DEFAULT_SYSCALL_THRESHOLD: Duration = Duration::from_millis(1);
-/// A socket syscall shorter than this did not wait for its peer (a loopback round trip
+/// A socket syscall blocked for less than this did not wait for its peer (a loopback round trip
 /// with a context switch takes longer).
 pub const DEFAULT_SOCKET_WAIT_MIN: Duration = Duration::from_micros(10);
 pub const DEFAULT_SOCKET_STACK_THRESHOLD: Duration = Duration::from_millis(1);

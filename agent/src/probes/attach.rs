@@ -373,8 +373,12 @@ pub fn attach_sched(
             ("sched_wakeup_btf", "sched_wakeup"),
             ("sched_wakeup_new_btf", "sched_wakeup_new"),
         ];
-        if signals.contains(&Signal::OffCpu) || signals.contains(&Signal::Lock) {
-            // Sampled waits take their user stack on the return to user space.
+        if signals.contains(&Signal::OffCpu)
+            || signals.contains(&Signal::Lock)
+            || signals.contains(&Signal::SocketWait)
+        {
+            // Sampled waits take their user stack on the return to user space, where
+            // socket waits end.
             programs.push(("rseq_update_btf", "rseq_update"));
         }
         // Thread names stay current across renames and execs (and outlive the threads).
@@ -461,7 +465,7 @@ pub fn attach_syscall(
 /// Network programs (BTF tracepoints): socket state changes for connects and the
 /// direction of connections, `tcp_probe` and `tcp_retransmit_skb` for the TCP signal,
 /// `kfree_skb` for listen overflows where the kernel reports them with the listener.
-/// Socket waits come from the syscall programs. Returns what serves each signal.
+/// Socket waits come from the scheduler programs. Returns what serves each signal.
 pub fn attach_net(
     ebpf: &mut Ebpf,
     btf: Option<(&Btf, &aya::Btf)>,
@@ -485,7 +489,7 @@ pub fn attach_net(
             )),
             Signal::SocketWait => hooks.push((
                 signal,
-                "tp_btf sys_enter + sys_exit on socket syscalls, peers from the fd's socket"
+                "tp_btf sched_switch (blocked inside a socket syscall) to rseq_update (back in user space), peers from the fd's socket"
                     .to_owned(),
             )),
             Signal::Tcp => {

@@ -216,7 +216,12 @@ impl Probes {
         config.flock_nr = nr("flock");
         config.fcntl_nr = nr("fcntl");
         // Futex waits are seen by the scheduler programs, so the lock signal needs them.
-        let sched = wants(Signal::OffCpu) || wants(Signal::RunQueue) || wants(Signal::Lock);
+        // Socket waits start when a thread blocks inside a socket syscall: the scheduler
+        // programs see them.
+        let sched = wants(Signal::OffCpu)
+            || wants(Signal::RunQueue)
+            || wants(Signal::Lock)
+            || wants(Signal::SocketWait);
         let use_btf_sched = sched
             && settings.sched_hook == SchedHookChoice::Auto
             && btf
@@ -359,16 +364,10 @@ impl Probes {
             attached.extend(file_lock_hook);
             hooks.push((Signal::Lock, attached.join(", ")));
         }
-        if wants(Signal::Syscall) || wants(Signal::SocketWait) {
-            let ids = attach::attach_syscall(&mut ebpf, btf_pair)?;
-            // Only the syscall signal's programs may be detached for a while (their
-            // totals then scaled): the network signal's socket waits need every one.
-            // Those stay with aya (the guard detaches them by id) and are not pinned.
-            if wants(Signal::Syscall) && !wants(Signal::SocketWait) {
-                syscall_links = Some(ids);
-            } else {
-                attach::take_btf_links(&mut ebpf, ids, &mut links)?;
-            }
+        if wants(Signal::Syscall) {
+            // The guard may detach these for a while (their totals then scaled): they stay
+            // with aya (the guard detaches them by id) and are not pinned.
+            syscall_links = Some(attach::attach_syscall(&mut ebpf, btf_pair)?);
             let mut fd_syscalls: Array<_, u8> =
                 Array::try_from(take_map(&mut ebpf, "FD_SYSCALLS")?).map_err(|source| {
                     ProbeError::MapApi {
@@ -386,16 +385,21 @@ impl Probes {
                         })?;
                 }
             }
-            if wants(Signal::Syscall) {
-                hooks.push((Signal::Syscall, "tp_btf sys_enter + sys_exit".to_owned()));
-            }
+            hooks.push((Signal::Syscall, "tp_btf sys_enter + sys_exit".to_owned()));
+        }
+        // Socket waits are seen by the BTF scheduler programs only.
+        let socket_waits_seen = sched_hook == Some(SchedHook::BtfTracepoint);
+        if wants(Signal::SocketWait) && !socket_waits_seen {
+            tracing::warn!(
+                "socket waits not recorded: they need the BTF sched_switch and rseq_update tracepoints (5.18+, --sched-hook auto)"
+            );
         }
         let network: Vec<Signal> = [Signal::Connect, Signal::SocketWait, Signal::Tcp]
             .into_iter()
-            .filter(|&signal| wants(signal))
+            .filter(|&signal| wants(signal) && (signal != Signal::SocketWait || socket_waits_seen))
             .collect();
         if !network.is_empty() {
-            if wants(Signal::SocketWait) {
+            if network.contains(&Signal::SocketWait) {
                 fill_socket_syscalls(&mut ebpf)?;
             }
             hooks.extend(attach::attach_net(

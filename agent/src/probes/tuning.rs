@@ -119,8 +119,8 @@ impl Probes {
         Ok(())
     }
 
-    /// Whether the guard may detach the syscall signal's programs (not when the network
-    /// signal's socket waits share them).
+    /// Whether the guard may detach the syscall signal's programs (whether they are
+    /// loaded).
     pub fn syscall_detachable(&self) -> bool {
         self.syscall_links.is_some()
     }

@@ -232,6 +232,19 @@ pub fn peers(
     }
     result("slow_wait_ns", totals[0]);
     result("fast_wait_ns", totals[1]);
+    result("rseq_size", rseq_size());
+}
+
+unsafe extern "C" {
+    /// glibc (2.35+): the size of the rseq area it registers for every thread, 0 when it
+    /// registers none (`GLIBC_TUNABLES=glibc.pthread.rseq=0`).
+    static __rseq_size: u32;
+}
+
+/// Whether glibc registered rseq for this process's threads (its registered size).
+fn rseq_size() -> u32 {
+    // SAFETY: a constant glibc sets before `main` and never changes.
+    unsafe { __rseq_size }
 }
 
 /// Sends `bytes` to `stream` in 16 KiB writes (the bulk-transfer marker).
