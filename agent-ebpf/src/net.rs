@@ -75,6 +75,12 @@ fn socket_op(nr: u32) -> u8 {
     SOCKET_SYSCALLS.get(nr).copied().unwrap_or(0)
 }
 
+/// Whether syscall `nr` can wait on a socket (receive, send, poll, connect).
+#[inline(always)]
+pub fn is_socket_syscall(nr: u32) -> bool {
+    socket_op(nr) != SocketOp::None as u8
+}
+
 #[inline(always)]
 fn read_u16(base: u64, offset: u32) -> u16 {
     // SAFETY: fault-tolerant read of a kernel object.

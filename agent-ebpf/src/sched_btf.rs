@@ -51,7 +51,7 @@ use crate::{
         capture_current_stack, config, count_loss, generation, owns, scratch, set_leaf, set_len,
         store_stack, tuned, wanted, wants,
     },
-    net::{socket_wait_begin, socket_wait_end},
+    net::{is_socket_syscall, socket_wait_begin, socket_wait_end},
     task_storage::TaskStorage,
     threads::{read_task_u32, read_task_u64, thread_of, thread_or_create},
 };
@@ -86,6 +86,9 @@ mod regs {
     /// di, orig_ax, ip, cs, flags.
     pub const SYSCALL_BLOCK_OFFSET: usize = 6 * 8;
     pub const SYSCALL_BLOCK_LEN: usize = 13;
+    /// `orig_ax`: the syscall number (for an exception, its error code; -1 for an
+    /// interrupt).
+    pub const ORIG_AX_OFFSET: usize = 15 * 8;
 }
 
 /// `FUTEX_CMD_MASK`: the operation without the private and clock flags.
@@ -129,15 +132,22 @@ struct Syscall {
     args: [u64; 3],
 }
 
-/// The syscall `task` (the current task) is inside, if its saved user registers are a
-/// syscall entry's: it saves the return address in both `cx` and `ip` and the flags in
-/// both `r11` and `flags`, which tells it apart from an interrupt or a fault.
+/// The syscall `task` (the current task) is inside, if `wanted` says yes to its number
+/// and its saved user registers are a syscall entry's: it saves the return address in
+/// both `cx` and `ip` and the flags in both `r11` and `flags`, which tells it apart from
+/// an interrupt or a fault. The number alone is read first: most switch-outs (a pipe
+/// read, a sleep) are in no syscall anyone wants.
 #[cfg(not(bpf_target_arch = "aarch64"))]
 #[inline(always)]
-fn syscall_of(task: *mut task_struct) -> Option<Syscall> {
+fn syscall_of(task: *mut task_struct, wanted: impl Fn(u32) -> bool) -> Option<Syscall> {
     // SAFETY: `task` is the current task's BTF pointer.
     let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
     if regs.is_null() {
+        return None;
+    }
+    // SAFETY: a fault-tolerant read of the saved user registers.
+    let nr: u64 = unsafe { bpf_probe_read_kernel(regs.add(regs::ORIG_AX_OFFSET).cast()) }.ok()?;
+    if !wanted(nr as u32) {
         return None;
     }
     // SAFETY: a fault-tolerant read of the saved user registers.
@@ -155,8 +165,14 @@ fn syscall_of(task: *mut task_struct) -> Option<Syscall> {
 
 #[cfg(bpf_target_arch = "aarch64")]
 #[inline(always)]
-fn syscall_of(_task: *mut task_struct) -> Option<Syscall> {
+fn syscall_of(_task: *mut task_struct, _wanted: impl Fn(u32) -> bool) -> Option<Syscall> {
     None
+}
+
+/// Whether syscall `nr` is one of the futex waits.
+#[inline(always)]
+fn is_futex_wait(nr: u32) -> bool {
+    nr == config!(futex_nr) || nr == config!(futex_wait_nr) || nr == config!(futex_waitv_nr)
 }
 
 /// What a thread blocked inside `call` waits for, if that is a futex wait syscall, or a
@@ -403,15 +419,20 @@ fn switch_out(
     // A socket wait starts at the first switch-out inside the syscall and lasts until the
     // return to user space: a thread that blocks again inside it keeps its start.
     let socket_starts = wants(Signal::SocketWait) && thread.flags & THREAD_SOCKET_WAIT == 0;
-    if (want_lock || want_offcpu || socket_starts)
+    let user_waits = want_lock || want_offcpu;
+    let file_lock = thread.file_lock_kind != 0;
+    let wanted = |nr: u32| {
+        (socket_starts && is_socket_syscall(nr)) || (user_waits && (file_lock || is_futex_wait(nr)))
+    };
+    if (user_waits || socket_starts)
         && thread.state != OffCpuState::Runnable as u8
         && thread.flags & THREAD_KERNEL == 0
-        && let Some(call) = syscall_of(prev)
+        && let Some(call) = syscall_of(prev, wanted)
     {
         if socket_starts {
             socket_wait_begin(thread, call.nr, (call.args[0], call.args[1]), now);
         }
-        if (want_lock || want_offcpu)
+        if user_waits
             && let Some(wait) = user_wait_of(&call, (thread.file_lock_kind, thread.file_lock_ino))
         {
             if thread.wait_hint == WAIT_HINT_NONE {
