@@ -29,6 +29,9 @@ pub struct RecordSummary {
 
 /// Records for `duration` (or until SIGINT/SIGTERM) and writes `output`.
 pub fn record(config: &Config, duration: Duration, output: &Path) -> anyhow::Result<RecordSummary> {
+    // Plain copies of compressed debug files go next to the output, which is writable.
+    let output_dir = output.parent().filter(|dir| !dir.as_os_str().is_empty());
+    crate::symbols::plain_dwarf::use_dir(output_dir.unwrap_or(Path::new(".")));
     let mut sink = FileSink {
         staged: Some(StagedOutput::create(output)?),
         signals: config.signals.iter().map(|s| s.as_str()).collect(),

@@ -52,6 +52,8 @@ pub fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
         None => None,
     };
     let spool = Spool::open(&config.spool_dir, config.spool_limits)?;
+    // The state directory also holds the (unnamed) plain copies of compressed debug files.
+    crate::symbols::plain_dwarf::use_dir(&config.spool_dir);
     let first_sequence = spool.next_sequence();
     let leftover = spool.pending().len();
     let spool = Arc::new(Mutex::new(spool));

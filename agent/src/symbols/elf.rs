@@ -10,6 +10,7 @@ use std::{
     io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use object::{Object, ObjectSection, ObjectSegment, read::ReadCache};
@@ -414,6 +415,19 @@ pub struct DebugFile {
     pub path: PathBuf,
     /// Bytes of its DWARF sections.
     pub dwarf_bytes: u64,
+    /// Its copy with compressed sections stored plain, made the first time its DWARF is
+    /// read (`None`: nothing compressed, or no copy could be made).
+    plain: OnceLock<Option<File>>,
+}
+
+impl DebugFile {
+    /// The file to read its DWARF from: the plain copy of a compressed one.
+    pub fn dwarf_source(&self) -> &File {
+        self.plain
+            .get_or_init(|| super::plain_dwarf::copy_of(&self.file, &self.path))
+            .as_ref()
+            .unwrap_or(&self.file)
+    }
 }
 
 /// Looks for the separate debug file of a binary at `path` (as its process sees it),
@@ -459,6 +473,7 @@ pub fn find_debug_file(roots: &[PathBuf], path: &str, info: &ElfInfo) -> Option<
             file,
             path: candidate,
             dwarf_bytes: debug.dwarf_bytes,
+            plain: OnceLock::new(),
         })
     })
 }

@@ -1,10 +1,12 @@
 //! Symbolization: binaries opened once and known by build-id (`binaries`, `elf`),
-//! addresses turned into frames (`symbolize`), deadline-bounded background work
+//! addresses turned into frames (`symbolize`, DWARF from plain copies of compressed debug
+//! files: `plain_dwarf`), deadline-bounded background work
 //! (`lanes`) and the resolver that drives it all without blocking a drain (`resolver`).
 
 pub mod binaries;
 pub mod elf;
 pub mod lanes;
+pub mod plain_dwarf;
 pub mod resolver;
 pub mod symbolize;
 

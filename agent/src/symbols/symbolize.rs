@@ -389,12 +389,17 @@ pub fn symbolize_offsets(
 ) -> Vec<(u64, Frames)> {
     let module = file.path.to_string();
     let source_file = file.debug.as_ref().map_or(&file.file, |debug| &debug.file);
-    let source_fd = source_file.as_raw_fd();
     let file_bytes = source_file.metadata().map_or(0, |meta| meta.len());
+    let with_dwarf = file.dwarf_bytes() <= dwarf_max;
+    // A debug file's DWARF from its plain copy if it is compressed (`plain_dwarf.rs`).
+    let parsed_file = match &file.debug {
+        Some(debug) if with_dwarf => debug.dwarf_source(),
+        _ => source_file,
+    };
     // Through the agent's own descriptor: works whatever namespace the binary lives in,
     // and after it was deleted or its process exited.
-    let mut elf = Elf::new(format!("/proc/self/fd/{source_fd}"));
-    elf.debug_syms = file.dwarf_bytes() <= dwarf_max;
+    let mut elf = Elf::new(format!("/proc/self/fd/{}", parsed_file.as_raw_fd()));
+    elf.debug_syms = with_dwarf;
     // Not kept: more than any budget, so the lane drops it after this job.
     let source_bytes = counted_bytes(file_bytes, file, dwarf_max).unwrap_or(u64::MAX);
     let source = Source::Elf(elf);
