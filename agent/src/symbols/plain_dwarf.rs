@@ -273,14 +273,19 @@ pub fn plain_copy(source: &File, dir: &Path) -> io::Result<Option<File>> {
 mod tests {
     use super::*;
 
-    /// Section names and contents of an ELF file, as `object` reads them (it inflates
-    /// compressed sections itself).
-    fn sections_of(file: &File) -> Vec<(String, Vec<u8>)> {
-        use object::{Object as _, ObjectSection as _};
+    fn bytes_of(file: &File) -> Vec<u8> {
         let mut bytes = Vec::new();
         ReadAt { file, at: 0 }
             .read_to_end(&mut bytes)
             .expect("reads");
+        bytes
+    }
+
+    /// Section names and contents of an ELF file, compressed ones inflated (read with
+    /// `object`, inflated here).
+    fn sections_of(file: &File) -> Vec<(String, Vec<u8>)> {
+        use object::{Object as _, ObjectSection as _};
+        let bytes = bytes_of(file);
         let elf = object::File::parse(&*bytes).expect("an ELF file");
         elf.sections()
             .map(|s| {
@@ -367,10 +372,7 @@ mod tests {
     /// symbol table.
     fn function_address(file: &File, part: &str) -> u64 {
         use object::{Object as _, ObjectSymbol as _, SymbolKind};
-        let mut bytes = Vec::new();
-        ReadAt { file, at: 0 }
-            .read_to_end(&mut bytes)
-            .expect("reads");
+        let bytes = bytes_of(file);
         let elf = object::File::parse(&*bytes).expect("an ELF file");
         elf.symbols()
             .find(|s| s.kind() == SymbolKind::Text && s.name().is_ok_and(|n| n.contains(part)))
