@@ -250,8 +250,8 @@ fn needs(signal: SignalName, btf: Option<&Btf>) -> String {
             has(btf.is_some_and(attach::btf_net_supported)),
             match signal {
                 SignalName::SocketWait => format!(
-                    ", BTF sys_enter/sys_exit ({})",
-                    has(btf.is_some_and(attach::btf_syscall_supported))
+                    ", BTF tracepoints sched_switch (5.18+) and rseq_update, where socket waits start and end ({})",
+                    has(btf.is_some_and(attach::btf_sched_supported))
                 ),
                 SignalName::Tcp => format!(
                     ", kfree_skb with the listener and reason TCP_LISTEN_OVERFLOW for listen overflows ({})",
