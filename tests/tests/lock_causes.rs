@@ -97,8 +97,21 @@ fn rust_mutex_contention_is_lock_without_any_user_frame_saying_so() {
     });
     assert!(
         idle > 100_000_000 && idle_as_lock < 1_000_000,
-        "the idle condvar waiter counted as lock: {idle_as_lock} ns of its {idle} ns off CPU"
+        "the idle condvar waiter counted as lock: {idle_as_lock} ns of its {idle} ns off CPU; \
+         off-CPU by thread and cause: {:?}; agent: {}",
+        off_cpu_by_thread(&profile, off),
+        exit.stderr
     );
+}
+
+/// Off-CPU nanoseconds per (thread, cause): where time went when a check fails.
+fn off_cpu_by_thread(profile: &Profile, off: usize) -> Vec<(String, String, i64)> {
+    let mut by = std::collections::BTreeMap::<(String, String), i64>::new();
+    for s in &profile.samples {
+        *by.entry((label(s, "thread").into(), label(s, "cause").into()))
+            .or_default() += s.values[off];
+    }
+    by.into_iter().map(|((t, c), ns)| (t, c, ns)).collect()
 }
 
 /// Records `file-lock MODE 4 40 10` and checks the lock signal and the off-CPU cause.
