@@ -175,12 +175,15 @@ pub fn plain_copy(source: &File, dir: &Path) -> io::Result<Option<File>> {
     if !sections.iter().any(Section::compressed) {
         return Ok(None);
     }
-    for section in sections.iter().filter(|s| s.compressed()) {
+    // Each compressed section's inflated size and alignment, from its `Elf64_Chdr`.
+    let mut inflated_as: Vec<Option<(u64, u64)>> = vec![None; sections.len()];
+    for (i, section) in sections.iter().enumerate().filter(|(_, s)| s.compressed()) {
         let mut chdr = [0u8; CHDR_LEN as usize];
         source.read_exact_at(&mut chdr, section.offset)?;
         if u32_at(&chdr, 0) != ELFCOMPRESS_ZLIB || section.size < CHDR_LEN {
             return Ok(None);
         }
+        inflated_as[i] = Some((u64_at(&chdr, 8), u64_at(&chdr, 16)));
     }
     // The ELF and program headers: everything before the first section's contents.
     let prefix = sections
@@ -218,10 +221,7 @@ pub fn plain_copy(source: &File, dir: &Path) -> io::Result<Option<File>> {
     let mut placed: Vec<Option<(u64, u64, u64, u64)>> = vec![None; sections.len()];
     for i in order {
         let section = &sections[i];
-        if section.compressed() {
-            let mut chdr = [0u8; CHDR_LEN as usize];
-            source.read_exact_at(&mut chdr, section.offset)?;
-            let (size, align) = (u64_at(&chdr, 8), u64_at(&chdr, 16));
+        if let Some((size, align)) = inflated_as[i] {
             out.align(align)?;
             let at = out.at;
             let compressed = ReadAt {
